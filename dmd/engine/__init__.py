@@ -1,0 +1,52 @@
+"""A pure-Python device-mapper library: the kernel's DM ioctl protocol.
+
+Standard library only, usable without the rest of dmd::
+
+    from dmd.engine import DM, DevId, DmFlags, TargetLine
+    with DM() as dm:
+        dm.device_create("demo")
+        dm.table_load(DevId.name("demo"), [TargetLine(0, 2048, "zero", "")])
+        dm.device_suspend(DevId.name("demo"), DmFlags(0))   # resume
+
+``dmd.engine.sim.SimDM`` offers the same interface without a kernel.
+"""
+
+from dmd.engine.dm import DM, CONTROL_PATH, carries_key, dev_majors
+from dmd.engine.types import (
+    DevId,
+    Device,
+    DeviceInfo,
+    DmError,
+    DmFlags,
+    InvalidArgument,
+    Table,
+    TargetLine,
+    TargetVersion,
+    UdevFlags,
+    validate_name,
+    validate_table,
+    validate_uuid,
+)
+from dmd.engine.udevsync import UdevSync, UdevTimeout
+
+__all__ = [
+    "CONTROL_PATH",
+    "DM",
+    "DevId",
+    "Device",
+    "DeviceInfo",
+    "DmError",
+    "DmFlags",
+    "InvalidArgument",
+    "Table",
+    "TargetLine",
+    "TargetVersion",
+    "UdevFlags",
+    "UdevSync",
+    "UdevTimeout",
+    "carries_key",
+    "dev_majors",
+    "validate_name",
+    "validate_table",
+    "validate_uuid",
+]

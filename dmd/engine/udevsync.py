@@ -1,0 +1,153 @@
+"""Knowing when udev is done with a device, without libdm's SysV semaphores.
+
+libdm passes a semaphore "cookie" in ``event_nr`` and blocks until udev's rules
+decrement it; those semaphores leak whenever a process dies in between. dmd
+only puts udev *flags* in the cookie's high half (so the rules treat our
+devices like dmsetup's) and then watches the result udev produces: the
+``/dev/mapper/<name>`` link pointing at the right dev_t and udev's database
+record naming it, which udevd writes after it has made the links.
+
+Without a running udevd (containers, initramfs, tests) the engine can create
+and remove the ``/dev/mapper`` nodes itself, as libdm's fallback does.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+import stat
+import time
+from pathlib import Path
+
+from dmd.engine.types import DM_UDEV_FLAGS_SHIFT, UdevFlags
+
+log = logging.getLogger(__name__)
+
+UDEV_CONTROL = Path("/run/udev/control")
+UDEV_DATA = Path("/run/udev/data")
+
+# What dmsetup sends when udev runs: udev owns the nodes (no library fallback)
+# and our uevent is the primary one, so 10-dm.rules and 13-dm-disk.rules run
+# in full (by-id links, blkid, systemd units).
+DEFAULT_UDEV_FLAGS = (
+    UdevFlags.DM_UDEV_PRIMARY_SOURCE_FLAG | UdevFlags.DM_UDEV_DISABLE_LIBRARY_FALLBACK
+)
+
+
+class UdevSync(enum.Enum):
+    """How the engine learns that a device's node is ready."""
+
+    WAIT = "wait"  # udevd runs: wait for its links and database record
+    NODES = "nodes"  # no udevd: create and remove /dev/mapper nodes ourselves
+    NONE = "none"  # neither: return as soon as the ioctl does
+
+    @classmethod
+    def detect(cls) -> UdevSync:
+        return cls.WAIT if UDEV_CONTROL.exists() else cls.NODES
+
+
+class UdevTimeout(TimeoutError):
+    """udev did not finish with a device in time."""
+
+
+def cookie(flags: UdevFlags = DEFAULT_UDEV_FLAGS) -> int:
+    """The ``event_nr`` value carrying udev flags and no semaphore."""
+    return int(flags) << DM_UDEV_FLAGS_SHIFT
+
+
+class NodeWatcher:
+    """Waits for (or makes) /dev/mapper nodes according to a UdevSync mode."""
+
+    def __init__(self, mode: UdevSync, dev_dir: Path = Path("/dev"),
+                 udev_data: Path = UDEV_DATA, timeout: float = 10.0) -> None:
+        self.mode = mode
+        self.mapper_dir = dev_dir / "mapper"
+        self.udev_data = udev_data
+        self.timeout = timeout
+
+    def node(self, name: str) -> Path:
+        return self.mapper_dir / name
+
+    def _node_is(self, name: str, device: tuple[int, int]) -> bool:
+        try:
+            st = os.stat(self.node(name))
+        except OSError:
+            return False
+        return stat.S_ISBLK(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == device
+
+    def _db_names(self, device: tuple[int, int], name: str) -> bool:
+        try:
+            record = (self.udev_data / f"b{device[0]}:{device[1]}").read_text()
+        except OSError:
+            return False
+        return f"S:mapper/{name}\n" in record or f"E:DM_NAME={name}\n" in record
+
+    def _poll(self, done: object, what: str, timeout: float | None) -> None:
+        assert callable(done)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        delay = 0.0005
+        while not done():
+            if time.monotonic() >= deadline:
+                raise UdevTimeout(f"udev did not finish {what} in time")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+    def appeared(self, name: str, device: tuple[int, int], timeout: float | None = None) -> None:
+        """After a resume: the node for *name* is usable."""
+        if self.mode is UdevSync.WAIT:
+            self._poll(
+                lambda: self._node_is(name, device) and self._db_names(device, name),
+                f"adding /dev/mapper/{name}",
+                timeout,
+            )
+        elif self.mode is UdevSync.NODES:
+            self._make_node(name, device)
+
+    def disappeared(self, name: str, device: tuple[int, int], timeout: float | None = None) -> None:
+        """After a remove: no node for *name* points at *device* any more."""
+        if self.mode is UdevSync.WAIT:
+            db = self.udev_data / f"b{device[0]}:{device[1]}"
+            self._poll(
+                lambda: not self._node_is(name, device) and not db.exists(),
+                f"removing /dev/mapper/{name}",
+                timeout,
+            )
+        elif self.mode is UdevSync.NODES:
+            self._drop_node(name, device)
+
+    def renamed(self, old: str, new: str, device: tuple[int, int],
+                timeout: float | None = None) -> None:
+        if self.mode is UdevSync.WAIT:
+            self._poll(
+                lambda: self._node_is(new, device)
+                and not self._node_is(old, device)
+                and self._db_names(device, new),
+                f"renaming /dev/mapper/{old} to {new}",
+                timeout,
+            )
+        elif self.mode is UdevSync.NODES:
+            self._drop_node(old, device)
+            self._make_node(new, device)
+
+    def _make_node(self, name: str, device: tuple[int, int]) -> None:
+        if self._node_is(name, device):
+            return
+        self.mapper_dir.mkdir(parents=True, exist_ok=True)
+        path = self.node(name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        os.mknod(path, 0o600 | stat.S_IFBLK, os.makedev(*device))
+        log.debug("made node %s for %d:%d", path, *device)
+
+    def _drop_node(self, name: str, device: tuple[int, int]) -> None:
+        if not self._node_is(name, device):
+            return
+        try:
+            self.node(name).unlink()
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
