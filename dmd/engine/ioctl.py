@@ -225,7 +225,9 @@ def unpack_deps(buf: bytes | bytearray | memoryview, start: int) -> list[int]:
     return list(struct.unpack_from(f"={count}Q", buf, start + DM_TARGET_DEPS.size))
 
 
-def unpack_versions(buf: bytes | bytearray | memoryview, start: int, end: int) -> list[TargetVersion]:
+def unpack_versions(
+    buf: bytes | bytearray | memoryview, start: int, end: int
+) -> list[TargetVersion]:
     """Decode DM_LIST_VERSIONS output; each ``next`` is relative to its own record."""
     data = bytes(buf[:end])
     versions: list[TargetVersion] = []

@@ -54,7 +54,7 @@ class DmError(OSError):
         super().__init__(err, f"{command}{where} failed: {name} ({os.strerror(err)})")
 
     def __reduce__(self) -> tuple[type[DmError], tuple[int, str, str | None]]:
-        return (DmError, (self.errno, self.command, self.device))
+        return (DmError, (self.errno or 0, self.command, self.device))
 
 
 class DmFlags(enum.IntFlag):
@@ -213,6 +213,7 @@ def validate_table(table: Iterable[Sequence[object]]) -> list[TargetLine]:
                 raise InvalidArgument(f"table line {index}: {field} must be an integer")
             if value < 0 or value >= 1 << 64:
                 raise InvalidArgument(f"table line {index}: {field} out of range")
+        assert isinstance(start, int) and isinstance(length, int)
         if not isinstance(target_type, str) or not isinstance(params, str):
             raise InvalidArgument(f"table line {index}: target type and params must be strings")
         if length == 0:

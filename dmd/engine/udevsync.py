@@ -13,6 +13,7 @@ and remove the ``/dev/mapper`` nodes itself, as libdm's fallback does.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import logging
@@ -136,10 +137,8 @@ class NodeWatcher:
             return
         self.mapper_dir.mkdir(parents=True, exist_ok=True)
         path = self.node(name)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        except FileNotFoundError:
-            pass
         os.mknod(path, 0o600 | stat.S_IFBLK, os.makedev(*device))
         log.debug("made node %s for %d:%d", path, *device)
 

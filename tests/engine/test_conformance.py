@@ -1,0 +1,335 @@
+"""One behaviour suite for every engine: SimDM (in memory and file-backed) on the
+host, and the real kernel through DM inside the lab.
+
+A test here states what the kernel does; where SimDM disagrees, SimDM is wrong.
+Every device is named dmdtest-* so the kernel fixtures can clean up after a
+failure. No test here clears a table and then renames (see KERNEL-LAB.md).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dmd.engine import DM, DevId, DmError, DmFlags, InvalidArgument, TargetLine
+from dmd.engine.sim import SimDM
+
+P = "dmdtest-"
+Engine = Any  # DM or SimDM: the same interface
+
+
+@pytest.fixture(params=["sim", "sim-file", pytest.param("kernel", marks=pytest.mark.kernel)])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    if request.param == "kernel":
+        yield request.getfixturevalue("clean_dm")
+    elif request.param == "sim-file":
+        yield SimDM(tmp_path / "kernel.json")
+    else:
+        yield SimDM()
+
+
+@pytest.fixture
+def disk(engine: Engine, request: pytest.FixtureRequest) -> Callable[[int], str]:
+    """``disk(size_mib)``: a backing block device path the engine can map."""
+    counter = itertools.count(10)
+    if isinstance(engine, DM):
+        loop: Callable[[int], str] = request.getfixturevalue("loop_device")
+        return loop
+
+    def make(size_mib: int = 16) -> str:
+        n = next(counter)
+        path = f"/dev/simdisk{n}"
+        engine.add_disk(path, 7, n, size_mib * 2048)
+        return path
+
+    return make
+
+
+def devnum(engine: Engine, path: str) -> tuple[int, int]:
+    if isinstance(engine, DM):
+        st = os.stat(path)
+        return os.major(st.st_rdev), os.minor(st.st_rdev)
+    return 7, int(path.removeprefix("/dev/simdisk"))
+
+
+def zero(sectors: int = 2048) -> list[TargetLine]:
+    return [TargetLine(0, sectors, "zero", "")]
+
+
+def active(engine: Engine, name: str, table: list[TargetLine] | None = None,
+           uuid: str | None = None, flags: DmFlags = DmFlags(0)) -> str:
+    engine.device_create(name, uuid)
+    engine.table_load(name, table or zero(), flags)
+    engine.device_suspend(name, DmFlags(0))
+    return name
+
+
+def errno_of(call: Callable[[], object]) -> int:
+    with pytest.raises(DmError) as caught:
+        call()
+    return caught.value.errno or 0
+
+
+def test_version_is_4(engine: Engine) -> None:
+    assert engine.version()[0] == 4
+
+
+def test_created_device_is_empty_and_listed(engine: Engine) -> None:
+    info = engine.device_create(P + "a", "DMDTEST-uuid-a")
+    assert (info.name, info.uuid) == (P + "a", "DMDTEST-uuid-a")
+    assert not info.suspended and not info.active_present and not info.inactive_present
+    assert info.open_count == 0 and info.target_count == 0
+    listed = {d.name: d for d in engine.list_devices()}
+    assert listed[P + "a"].device == info.device
+    assert listed[P + "a"].uuid == "DMDTEST-uuid-a"
+    assert listed[P + "a"].event_nr == info.event_nr
+
+
+def test_names_and_uuids_are_unique(engine: Engine) -> None:
+    engine.device_create(P + "a", "DMDTEST-u1")
+    assert errno_of(lambda: engine.device_create(P + "a")) == errno.EBUSY
+    assert errno_of(lambda: engine.device_create(P + "b", "DMDTEST-u1")) == errno.EBUSY
+    assert [d.name for d in engine.list_devices() if d.name.startswith(P)] == [P + "a"]
+
+
+@pytest.mark.parametrize("call", [
+    lambda e: e.device_info(P + "missing"),
+    lambda e: e.device_remove(P + "missing"),
+    lambda e: e.device_suspend(P + "missing", DmFlags.DM_SUSPEND),
+    lambda e: e.table_load(P + "missing", zero()),
+    lambda e: e.table_status(P + "missing"),
+    lambda e: e.table_clear(P + "missing"),
+    lambda e: e.table_deps(P + "missing"),
+    lambda e: e.device_rename(P + "missing", DevId.name(P + "other")),
+    lambda e: e.device_info(DevId.uuid("DMDTEST-missing")),
+])
+def test_missing_device_is_enxio(engine: Engine, call: Callable[[Engine], object]) -> None:
+    assert errno_of(lambda: call(engine)) == errno.ENXIO
+
+
+def test_load_then_resume_swaps_tables(engine: Engine) -> None:
+    engine.device_create(P + "a")
+    info = engine.table_load(P + "a", zero(4096))
+    assert info.inactive_present and not info.active_present
+    _, inactive = engine.table_status(
+        P + "a", DmFlags.DM_STATUS_TABLE | DmFlags.DM_QUERY_INACTIVE_TABLE)
+    assert inactive == [TargetLine(0, 4096, "zero", "")]
+    info = engine.device_suspend(P + "a", DmFlags(0))
+    assert info.active_present and not info.inactive_present and not info.suspended
+    info, live = engine.table_status(P + "a", DmFlags.DM_STATUS_TABLE)
+    assert live == [TargetLine(0, 4096, "zero", "")]
+    assert info.target_count == 1
+
+
+def test_reload_keeps_old_table_live_until_resume(engine: Engine) -> None:
+    active(engine, P + "a", zero(2048))
+    engine.table_load(P + "a", [TargetLine(0, 1024, "zero", ""),
+                                TargetLine(1024, 1024, "error", "")])
+    _, live = engine.table_status(P + "a", DmFlags.DM_STATUS_TABLE)
+    assert live == zero(2048)
+    engine.device_suspend(P + "a", DmFlags.DM_SUSPEND)
+    info = engine.device_suspend(P + "a", DmFlags(0))
+    assert info.target_count == 2 and not info.suspended
+
+
+def test_suspend_and_resume(engine: Engine) -> None:
+    active(engine, P + "a")
+    assert engine.device_suspend(P + "a", DmFlags.DM_SUSPEND).suspended
+    assert engine.device_info(P + "a").suspended
+    assert engine.device_suspend(P + "a", DmFlags.DM_SUSPEND).suspended  # idempotent
+    assert not engine.device_suspend(P + "a", DmFlags(0)).suspended
+    assert not engine.device_suspend(P + "a", DmFlags(0)).suspended  # idempotent
+
+
+def test_resume_without_any_table_is_a_no_op(engine: Engine) -> None:
+    engine.device_create(P + "a")
+    info = engine.device_suspend(P + "a", DmFlags(0))
+    assert not info.suspended and not info.active_present
+
+
+def test_read_only_table(engine: Engine) -> None:
+    engine.device_create(P + "a")
+    engine.table_load(P + "a", zero(), DmFlags.DM_READONLY)
+    assert engine.device_suspend(P + "a", DmFlags(0)).read_only
+    assert engine.device_info(P + "a").read_only
+    engine.table_load(P + "a", zero())
+    engine.device_suspend(P + "a", DmFlags(0))
+    assert not engine.device_info(P + "a").read_only
+
+
+def test_linear_reads_back_as_major_minor_with_deps(engine: Engine,
+                                                     disk: Callable[[int], str]) -> None:
+    path = disk(16)
+    major, minor = devnum(engine, path)
+    active(engine, P + "lin", [TargetLine(0, 8192, "linear", f"{path} 2048")])
+    _, table = engine.table_status(P + "lin", DmFlags.DM_STATUS_TABLE)
+    assert table == [TargetLine(0, 8192, "linear", f"{major}:{minor} 2048")]
+    assert engine.table_deps(P + "lin") == [(major, minor)]
+    _, status = engine.table_status(P + "lin")
+    assert status == [TargetLine(0, 8192, "linear", "")]
+
+
+def test_bad_table_is_refused_and_changes_nothing(engine: Engine,
+                                                  disk: Callable[[int], str]) -> None:
+    path = disk(16)
+    active(engine, P + "a")
+    too_far = [TargetLine(0, 8192, "linear", f"{path} {16 * 2048 - 100}")]
+    bad_tables = [too_far, [TargetLine(0, 8, "nosuchtarget", "")],
+                  [TargetLine(0, 8, "zero", "unexpected")],
+                  [TargetLine(0, 8, "linear", "/dev/dmdtest-nonexistent 0")]]
+    for table in bad_tables:
+        assert errno_of(lambda t=table: engine.table_load(P + "a", t)) in (
+            errno.EINVAL, errno.ENODEV, errno.ENXIO, errno.ENOENT)
+        info = engine.device_info(P + "a")
+        assert not info.inactive_present and info.active_present and not info.suspended
+    # and EINVAL specifically for the cases where nothing is looked up
+    assert errno_of(lambda: engine.table_load(P + "a", bad_tables[0])) == errno.EINVAL
+    assert errno_of(lambda: engine.table_load(P + "a", bad_tables[1])) == errno.EINVAL
+
+
+def test_striped(engine: Engine, disk: Callable[[int], str]) -> None:
+    a, b = disk(8), disk(8)
+    (ma, na), (mb, nb) = devnum(engine, a), devnum(engine, b)
+    active(engine, P + "s", [TargetLine(0, 16384, "striped", f"2 128 {a} 0 {b} 0")])
+    _, table = engine.table_status(P + "s", DmFlags.DM_STATUS_TABLE)
+    assert table[0].params == f"2 128 {ma}:{na} 0 {mb}:{nb} 0"
+    _, status = engine.table_status(P + "s")
+    assert status[0].params == f"2 {ma}:{na} {mb}:{nb} 1 AA"
+    assert sorted(engine.table_deps(P + "s")) == sorted([(ma, na), (mb, nb)])
+    bad = [TargetLine(0, 16383, "striped", f"2 128 {a} 0 {b} 0")]
+    assert errno_of(lambda: engine.table_load(P + "s", bad)) == errno.EINVAL
+
+
+def test_rename_and_set_uuid(engine: Engine) -> None:
+    active(engine, P + "a")
+    engine.device_create(P + "b")
+    info = engine.device_rename(P + "a", DevId.name(P + "c"))
+    assert info.name == P + "c"
+    assert errno_of(lambda: engine.device_info(P + "a")) == errno.ENXIO
+    assert errno_of(lambda: engine.device_rename(P + "c", DevId.name(P + "b"))) == errno.EBUSY
+    info = engine.device_rename(P + "c", DevId.uuid("DMDTEST-set"))
+    assert info.uuid == "DMDTEST-set" and info.name == P + "c"
+    assert engine.device_info(DevId.uuid("DMDTEST-set")).name == P + "c"
+    assert errno_of(
+        lambda: engine.device_rename(P + "c", DevId.uuid("DMDTEST-again"))) == errno.EINVAL
+    assert errno_of(
+        lambda: engine.device_rename(P + "b", DevId.uuid("DMDTEST-set"))) == errno.EBUSY
+
+
+def test_device_in_use_cannot_be_removed_unless_deferred(engine: Engine) -> None:
+    lower = active(engine, P + "lower")
+    lower_dev = engine.device_info(lower).device
+    active(engine, P + "upper", [TargetLine(0, 2048, "linear", f"/dev/mapper/{lower} 0")])
+    assert engine.table_deps(P + "upper") == [lower_dev]
+    assert engine.device_info(lower).open_count == 1
+    assert errno_of(lambda: engine.device_remove(lower)) == errno.EBUSY
+    info = engine.device_remove(lower, DmFlags.DM_DEFERRED_REMOVE)
+    assert info.flags & DmFlags.DM_DEFERRED_REMOVE
+    assert engine.device_info(lower).flags & DmFlags.DM_DEFERRED_REMOVE
+    engine.device_remove(P + "upper")
+    deadline = time.monotonic() + 10
+    while any(d.name == lower for d in engine.list_devices()):
+        assert time.monotonic() < deadline, "deferred remove never happened"
+        time.sleep(0.05)
+
+
+def test_inactive_table_holds_its_devices_open(engine: Engine) -> None:
+    lower = active(engine, P + "lower")
+    engine.device_create(P + "upper")
+    engine.table_load(P + "upper", [TargetLine(0, 2048, "linear", f"/dev/mapper/{lower} 0")])
+    assert engine.device_info(lower).open_count == 1
+    assert errno_of(lambda: engine.device_remove(lower)) == errno.EBUSY
+    engine.table_clear(P + "upper")
+    assert engine.device_info(lower).open_count == 0
+    engine.device_remove(lower)
+    engine.device_remove(P + "upper")
+
+
+def test_remove_suspended_device(engine: Engine) -> None:
+    active(engine, P + "a")
+    engine.device_suspend(P + "a", DmFlags.DM_SUSPEND)
+    engine.device_remove(P + "a")
+    assert all(d.name != P + "a" for d in engine.list_devices())
+
+
+def test_persistent_minor(engine: Engine) -> None:
+    major = engine.dev_majors()[0]
+    info = engine.device_create(P + "a", flags=DmFlags.DM_PERSISTENT_DEV, device=(major, 200))
+    assert info.device == (major, 200)
+    assert errno_of(lambda: engine.device_create(
+        P + "b", flags=DmFlags.DM_PERSISTENT_DEV, device=(major, 200))) == errno.EBUSY
+
+
+def test_message_to_target_without_messages_is_einval(engine: Engine) -> None:
+    active(engine, P + "a")
+    assert errno_of(lambda: engine.target_msg(P + "a", 0, "hello")) == errno.EINVAL
+
+
+def test_wait_returns_at_once_for_a_stale_event_number(engine: Engine) -> None:
+    active(engine, P + "a")
+    current = engine.device_info(P + "a").event_nr
+    info, _ = engine.device_wait(P + "a", event_nr=current + 1000)
+    assert info.event_nr == current
+
+
+def test_target_versions(engine: Engine) -> None:
+    names = {t.name for t in engine.list_versions()}
+    assert {"linear", "striped", "zero", "error"} <= names
+    assert engine.get_target_version("linear")[0] == 1
+    assert errno_of(lambda: engine.get_target_version("nosuchtarget")) in (
+        errno.EINVAL, errno.ENOENT)
+
+
+def test_many_devices_listed_in_few_ioctls(engine: Engine) -> None:
+    names = [f"{P}many-{i:04d}-" + "x" * 40 for i in range(300)]
+    for name in names:
+        engine.device_create(name, "DMDTEST-" + name)
+    before = engine.ioctl_count
+    listed = {d.name: d.uuid for d in engine.list_devices()}
+    first = engine.ioctl_count - before
+    before = engine.ioctl_count
+    engine.list_devices()
+    second = engine.ioctl_count - before
+    assert all(listed[n] == "DMDTEST-" + n for n in names)
+    assert first <= 2 and second == 1
+
+
+def test_remove_all_removes_unused_devices(tmp_path: Path) -> None:
+    # SimDM only: remove_all would take the lab's other devices with it.
+    engine = SimDM(tmp_path / "kernel.json")
+    lower = active(engine, P + "lower")
+    active(engine, P + "upper", [TargetLine(0, 2048, "linear", f"/dev/mapper/{lower} 0")])
+    engine.device_create(P + "lonely")
+    engine.remove_all()
+    assert engine.list_devices() == []
+
+
+@pytest.mark.parametrize("call", [
+    lambda e: e.device_create("x" * 128),
+    lambda e: e.device_create("a/b"),
+    lambda e: e.device_create("control"),
+    lambda e: e.device_create(".."),
+    lambda e: e.device_create("with space"),
+    lambda e: e.device_create(P + "u", "u" * 129),
+    lambda e: e.device_create(P + "f", flags=DmFlags(1 << 30)),
+    lambda e: e.table_load(P + "x", [TargetLine(8, 8, "zero", "")]),
+    lambda e: e.table_load(P + "x", [(0, 8, "zero", ""), (9, 8, "zero", "")]),
+    lambda e: e.table_load(P + "x", [(0, 0, "zero", "")]),
+    lambda e: e.table_load(P + "x", []),
+    lambda e: e.table_load(P + "x", [(0, 8, "bad type!", "")]),
+    lambda e: e.device_suspend(P + "x", DmFlags.DM_DEFERRED_REMOVE),
+    lambda e: e.device_remove(P + "x", DmFlags.DM_SUSPEND),
+])
+def test_invalid_input_is_refused_before_any_ioctl(engine: Engine,
+                                                   call: Callable[[Engine], object]) -> None:
+    before = engine.ioctl_count
+    with pytest.raises(InvalidArgument):
+        call(engine)
+    assert engine.ioctl_count == before

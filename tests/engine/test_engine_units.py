@@ -1,0 +1,146 @@
+"""Host-side unit tests of the engine: validation, key handling, errors, the sim file."""
+
+from __future__ import annotations
+
+import errno
+import pickle
+from pathlib import Path
+
+import pytest
+
+from dmd.engine import (
+    DM,
+    DevId,
+    DmError,
+    DmFlags,
+    InvalidArgument,
+    TargetLine,
+    carries_key,
+    validate_name,
+    validate_table,
+)
+from dmd.engine.sim import SimDM
+from dmd.engine.types import dev_t, major_minor
+from dmd.engine.udevsync import DEFAULT_UDEV_FLAGS, NodeWatcher, UdevSync, cookie
+
+KEY = "0123456789abcdef" * 4
+
+
+@pytest.mark.parametrize("name,rule", [
+    ("", "empty"), ("a" * 128, "at most 127"), ("a/b", "contains '/'"),
+    ("control", "reserved"), (".", "reserved"), ("..", "reserved"),
+    ("a b", "contains ' '"), ("é", "contains 'é'"),
+])
+def test_bad_names_say_which_rule(name: str, rule: str) -> None:
+    with pytest.raises(InvalidArgument, match=rule):
+        validate_name(name)
+
+
+def test_longest_names_are_fine() -> None:
+    assert validate_name("a" * 127) == "a" * 127
+    assert DevId.uuid("U" * 128).value == "U" * 128
+    with pytest.raises(InvalidArgument, match="at most 128"):
+        DevId.uuid("U" * 129)
+    assert validate_name("LVM-vg_lv#+-.:=@_9") == "LVM-vg_lv#+-.:=@_9"
+
+
+def test_tuples_are_tables() -> None:
+    assert validate_table([(0, 8, "zero", "")]) == [TargetLine(0, 8, "zero", "")]
+
+
+@pytest.mark.parametrize("table,rule", [
+    ([(1, 8, "zero", "")], "start at sector 0"),
+    ([(0, 8, "zero", ""), (16, 8, "zero", "")], "previous line ends at 8"),
+    ([(0, 0, "zero", "")], "must not be zero"),
+    ([(0, -1, "zero", "")], "out of range"),
+    ([(0, 1 << 64, "zero", "")], "out of range"),
+    ([(0, True, "zero", "")], "integer"),
+    ([(0, 8, "zero", "a\0b")], "NUL"),
+    ([(0, 8, "x" * 16, "")], "not a valid target"),
+    ([], "at least one line"),
+    (["0 8 zero"], "must be"),
+])
+def test_bad_tables_say_which_rule(table: list[object], rule: str) -> None:
+    with pytest.raises(InvalidArgument, match=rule):
+        validate_table(table)  # type: ignore[arg-type]
+
+
+def test_key_bearing_tables() -> None:
+    assert carries_key([TargetLine(0, 8, "crypt", f"aes-xts-plain64 {KEY} 0 7:0 0")])
+    assert carries_key([TargetLine(0, 8, "integrity",
+                                   f"7:0 0 32 J 1 internal_hash:hmac(sha256):{KEY}")])
+    assert not carries_key([TargetLine(0, 8, "integrity", "7:0 0 32 J 1 internal_hash:crc32c")])
+    assert not carries_key([TargetLine(0, 8, "linear", "7:0 0")])
+
+
+def test_dm_error_names_errno_command_device_and_pickles() -> None:
+    err = DmError(errno.EBUSY, "DM_DEV_REMOVE", "vol")
+    assert isinstance(err, OSError)
+    assert (err.errno, err.command, err.device) == (errno.EBUSY, "DM_DEV_REMOVE", "vol")
+    assert "EBUSY" in str(err) and "vol" in str(err)
+    again = pickle.loads(pickle.dumps(err))
+    assert (again.errno, again.command, again.device) == (errno.EBUSY, "DM_DEV_REMOVE", "vol")
+
+
+def test_dev_t_encoding_round_trips() -> None:
+    for major, minor in [(253, 0), (253, 255), (253, 256), (7, 1048575), (4095, 12)]:
+        assert major_minor(dev_t(major, minor)) == (major, minor)
+
+
+def test_udev_cookie_carries_primary_source_flag_and_no_semaphore() -> None:
+    value = cookie()
+    assert value & 0xFFFF == 0
+    assert (value >> 16) & 0x0040
+    assert value >> 16 == int(DEFAULT_UDEV_FLAGS)
+
+
+def test_opening_a_missing_control_node_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DmError) as caught:
+        DM(str(tmp_path / "control"))
+    assert caught.value.errno == errno.ENOENT
+    assert "control" in str(caught.value)
+
+
+def test_sim_file_survives_restart_and_reboot(tmp_path: Path) -> None:
+    path = tmp_path / "kernel.json"
+    first = SimDM(path)
+    first.device_create("keep", "UUID-keep")
+    first.table_load("keep", [TargetLine(0, 8, "zero", "")], DmFlags.DM_READONLY)
+    first.device_suspend("keep", DmFlags(0))
+    second = SimDM(path)
+    info = second.device_info("keep")
+    assert info.uuid == "UUID-keep" and info.read_only and info.active_present
+    second.device_create("other")
+    assert {d.name for d in first.list_devices()} == {"keep", "other"}
+    path.unlink()  # a reboot: the kernel forgets everything
+    assert SimDM(path).list_devices() == []
+
+
+def test_sim_wait_wakes_on_event() -> None:
+    import threading
+
+    sim = SimDM()
+    sim.device_create("w")
+    seen: list[int] = []
+    waiter = threading.Thread(target=lambda: seen.append(sim.device_wait("w")[0].event_nr))
+    waiter.start()
+    sim.trigger_event("w")
+    waiter.join(5)
+    assert seen == [1]
+
+
+def test_node_watcher_makes_and_drops_nodes_without_udev(tmp_path: Path) -> None:
+    if not hasattr(__import__("os"), "mknod"):
+        pytest.fail("os.mknod missing")
+    import os
+
+    if os.geteuid() != 0:
+        pytest.fail("the test suite runs as root (block nodes need CAP_MKNOD)")
+    nodes = NodeWatcher(UdevSync.NODES, tmp_path)
+    nodes.appeared("vol", (253, 7))
+    st = os.stat(tmp_path / "mapper" / "vol")
+    assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (253, 7)
+    nodes.renamed("vol", "vol2", (253, 7))
+    assert not (tmp_path / "mapper" / "vol").exists()
+    nodes.disappeared("vol2", (253, 7))
+    assert not (tmp_path / "mapper" / "vol2").exists()
