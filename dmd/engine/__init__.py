@@ -11,11 +11,11 @@ Standard library only, usable without the rest of dmd::
 ``dmd.engine.sim.SimDM`` offers the same interface without a kernel.
 """
 
-from dmd.engine.dm import DM, CONTROL_PATH, carries_key, dev_majors
+from dmd.engine.dm import CONTROL_PATH, DM, carries_key, dev_majors
 from dmd.engine.types import (
-    DevId,
     Device,
     DeviceInfo,
+    DevId,
     DmError,
     DmFlags,
     InvalidArgument,

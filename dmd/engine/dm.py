@@ -29,9 +29,9 @@ from pathlib import Path
 from dmd.engine import ioctl
 from dmd.engine.ioctl import DM_IOCTL_SIZE, Command, Header
 from dmd.engine.types import (
-    DevId,
     Device,
     DeviceInfo,
+    DevId,
     DmError,
     DmFlags,
     InvalidArgument,
