@@ -12,6 +12,13 @@ I/O for a long time:
 * ``device_remove``/``remove_all`` may flush; every call that waits for udev
   (resume, remove, rename) waits up to ``udev_timeout`` seconds.
 
+The clear-rename-remove kernel bug: on Debian's 6.1 and 6.12 kernels, clearing
+a loaded inactive table, then renaming the device, then removing it double-frees
+in dm_ima_measure_on_device_remove and corrupts kernel memory. ``DM`` remembers
+the devices it cleared and refuses to rename them (``UnsafeOperation``) until
+they are removed; removing them directly is safe. Another process can still
+walk into the bug: the guard covers what goes through this handle.
+
 Key material: tables of ``crypt`` and key-bearing ``integrity`` targets are
 loaded with ``DM_SECURE_DATA`` (the kernel wipes its copies), table reads are
 always made with it, and no exception or log line carries table parameters.
@@ -37,6 +44,7 @@ from dmd.engine.types import (
     InvalidArgument,
     TargetLine,
     TargetVersion,
+    UnsafeOperation,
     dev_t,
     major_minor,
     validate_flags,
@@ -126,6 +134,7 @@ class DM:
                                  timeout=udev_timeout)
         self._sizes: dict[Command, int] = {}
         self._sizes_lock = threading.Lock()
+        self._cleared: set[tuple[int, int]] = set()
         self.ioctl_count = 0  # for benchmarks and tests of the buffer-full retry
 
     # -- lifecycle ---------------------------------------------------------
@@ -268,6 +277,8 @@ class DM:
         flags = validate_flags(flags, DmFlags.DM_DEFERRED_REMOVE)
         header, _ = self._ioctl(Command.DM_DEV_REMOVE, dev, flags=flags, event_nr=cookie())
         info = self._info(header)
+        if not info.flags & DmFlags.DM_DEFERRED_REMOVE:
+            self._cleared.discard(info.device)
         if info.flags & DmFlags.DM_UEVENT_GENERATED:
             self.nodes.disappeared(info.name, info.device)
         log.info("removed %s", info.name or dev)
@@ -277,7 +288,16 @@ class DM:
         """Rename a device, or set its UUID when *new_id* is a ``DevId.uuid``."""
         dev = _as_devid(old_name)
         flags = DmFlags.DM_UUID if new_id.is_uuid else DmFlags(0)
-        old = dev.value if not dev.is_uuid else self.device_info(dev).name
+        old = dev.value
+        if dev.is_uuid or self._cleared:
+            current = self.device_info(dev)
+            old = current.name
+            if current.device in self._cleared:
+                raise UnsafeOperation(
+                    f"refusing to rename {old!r}: its inactive table was cleared, and renaming "
+                    "it now makes the kernel double free on remove "
+                    "(dm_ima_measure_on_device_remove, Linux 6.1-6.12); remove it instead"
+                )
         header, _ = self._ioctl(Command.DM_DEV_RENAME, dev, flags=flags, event_nr=cookie(),
                                 payload=ioctl.pack_string(new_id.value))
         info = self._info(header)
@@ -332,8 +352,11 @@ class DM:
         return self._info(header)
 
     def table_clear(self, id: DevId | str) -> DeviceInfo:
+        """Drop the inactive table. The device may not be renamed afterwards (see above)."""
         header, _ = self._ioctl(Command.DM_TABLE_CLEAR, _as_devid(id))
-        return self._info(header)
+        info = self._info(header)
+        self._cleared.add(info.device)
+        return info
 
     def table_deps(self, id: DevId | str, flags: DmFlags = DmFlags(0)) -> list[tuple[int, int]]:
         """The (major, minor) of every device the table uses."""

@@ -42,6 +42,7 @@ from dmd.engine.types import (
     InvalidArgument,
     TargetLine,
     TargetVersion,
+    UnsafeOperation,
     validate_flags,
     validate_name,
     validate_table,
@@ -99,6 +100,9 @@ class SimDM:
         self._stamp: tuple[int, int] | None = None
         self._changed = threading.Condition(self._lock)
         self.ioctl_count = 0
+        # Same guard as DM against the clear-rename-remove kernel bug, so a
+        # daemon behaves identically on the simulator.
+        self._cleared: set[int] = set()
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._locked():
@@ -379,12 +383,16 @@ class SimDM:
                     return self._info(k, dev)
                 raise _fail(errno.EBUSY, "DM_DEV_REMOVE", id)
             del k.devices[dev.name]
-            info = self._info(k, dev, DmFlags.DM_UEVENT_GENERATED)
-            return info
+            self._cleared.discard(dev.minor)
+            return self._info(k, dev, DmFlags.DM_UEVENT_GENERATED)
 
     def device_rename(self, old_name: DevId | str, new_id: DevId) -> DeviceInfo:
         with self._locked(write=True) as k:
             dev = self._find(k, old_name, "DM_DEV_RENAME")
+            if dev.minor in self._cleared:
+                raise UnsafeOperation(
+                    f"refusing to rename {dev.name!r}: its inactive table was cleared "
+                    "(kernel double free on remove, Linux 6.1-6.12); remove it instead")
             if new_id.is_uuid:
                 if dev.uuid:
                     raise _fail(errno.EINVAL, "DM_DEV_RENAME", old_name)
@@ -456,6 +464,7 @@ class SimDM:
         with self._locked(write=True) as k:
             dev = self._find(k, id, "DM_TABLE_CLEAR")
             dev.inactive, dev.inactive_ro = None, False
+            self._cleared.add(dev.minor)
             return self._info(k, dev)
 
     def table_deps(self, id: DevId | str, flags: DmFlags = DmFlags(0)) -> list[tuple[int, int]]:

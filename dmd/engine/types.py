@@ -38,6 +38,10 @@ class InvalidArgument(ValueError):
     """Input the kernel would reject or mangle, refused before any ioctl."""
 
 
+class UnsafeOperation(InvalidArgument):
+    """A request refused because it would walk into a known kernel bug."""
+
+
 class DmError(OSError):
     """A device-mapper ioctl failed in the kernel.
 
