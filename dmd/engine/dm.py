@@ -222,7 +222,8 @@ class DM:
         return self._info(header)
 
     def list_devices(self) -> list[Device]:
-        header, buf = self._ioctl(Command.DM_LIST_DEVICES)
+        # DM_UUID asks the kernel (4.37+) to append each device's UUID.
+        header, buf = self._ioctl(Command.DM_LIST_DEVICES, flags=DmFlags.DM_UUID)
         return [
             Device(e.name, major_minor(e.dev), e.event_nr, e.uuid)
             for e in ioctl.unpack_name_list(buf, header.data_start, header.data_size,

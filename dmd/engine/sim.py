@@ -281,12 +281,25 @@ class SimDM:
             if line.target_type == "zero":
                 ok = not args
             elif line.target_type == "linear":
-                ok = len(args) == 2 and args[1].isdigit() and self._fits(
-                    k, args[0], int(args[1]), line.length)
+                ok = len(args) == 2 and args[1].isdigit() and self._resolve(k, args[0]) is not None
             elif line.target_type == "striped":
                 ok = self._striped_ok(k, args, line.length)
             if not ok:
                 raise _fail(errno.EINVAL, "DM_TABLE_LOAD", dev)
+
+    def _areas_fit(self, k: _Kernel, table: list[list[object]]) -> bool:
+        """The kernel's device_area_is_invalid, run when a table is swapped in."""
+        for _start, length, ttype, params in table:
+            args = str(params).split()
+            if ttype == "linear" and not self._fits(k, args[0], int(args[1]), int(str(length))):
+                return False
+            if ttype == "striped":
+                stripes = int(args[0])
+                per_stripe = int(str(length)) // stripes
+                if not all(self._fits(k, ref, int(off), per_stripe)
+                           for ref, off in zip(args[2::2], args[3::2], strict=True)):
+                    return False
+        return True
 
     def _fits(self, k: _Kernel, ref: str, offset: int, length: int) -> bool:
         hit = self._resolve(k, ref)
@@ -300,10 +313,8 @@ class SimDM:
             return False
         if chunk < 8 or chunk & (chunk - 1) or length % stripes or (length // stripes) % chunk:
             return False
-        per_stripe = length // stripes
         pairs = zip(args[2::2], args[3::2], strict=True)
-        return all(off.isdigit() and self._fits(k, ref, int(off), per_stripe)
-                   for ref, off in pairs)
+        return all(off.isdigit() and self._resolve(k, ref) is not None for ref, off in pairs)
 
     def _normalize(self, k: _Kernel, params: str) -> str:
         """Print device references as the kernel does: major:minor."""
@@ -365,7 +376,7 @@ class SimDM:
                 if device is None:
                     raise InvalidArgument("DM_PERSISTENT_DEV needs device=(major, minor)")
                 if device[0] != SIM_MAJOR or device[1] in used:
-                    raise _fail(errno.EBUSY, "DM_DEV_CREATE", name)
+                    raise _fail(errno.ENXIO, "DM_DEV_CREATE", name)
                 minor = device[1]
             else:
                 minor = next(m for m in range(len(used) + 1) if m not in used)
@@ -419,6 +430,12 @@ class SimDM:
                 dev.suspended = True
                 return self._info(k, dev)
             extra = DmFlags(0)
+            if dev.inactive is not None and not self._areas_fit(k, dev.inactive):
+                # do_resume: suspend, fail the swap, drop the new table, and
+                # return with the device still suspended on its old table.
+                dev.suspended = True
+                dev.inactive, dev.inactive_ro = None, False
+                raise _fail(errno.EINVAL, "DM_DEV_SUSPEND", id)
             if dev.inactive is not None:
                 dev.live, dev.live_ro = dev.inactive, dev.inactive_ro
                 dev.inactive, dev.inactive_ro = None, False

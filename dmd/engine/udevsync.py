@@ -85,15 +85,32 @@ class NodeWatcher:
             return False
         return f"S:mapper/{name}\n" in record or f"E:DM_NAME={name}\n" in record
 
-    def _poll(self, done: object, what: str, timeout: float | None) -> None:
+    def _poll(self, done: object, what: str, timeout: float | None,
+              device: tuple[int, int] | None = None) -> None:
         assert callable(done)
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
         delay = 0.0005
         while not done():
             if time.monotonic() >= deadline:
-                raise UdevTimeout(f"udev did not finish {what} in time")
+                raise UdevTimeout(f"udev did not finish {what} within {limit:g} s"
+                                  + (f" ({self._describe(device)})" if device else ""))
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
+
+    def _describe(self, device: tuple[int, int]) -> str:
+        """What udev has done so far, for the timeout message."""
+        db = self.udev_data / f"b{device[0]}:{device[1]}"
+        try:
+            names = [ln[2:] for ln in db.read_text().splitlines()
+                     if ln.startswith(("S:mapper/", "E:DM_NAME="))]
+            record = f"udev record lists {names}"
+        except OSError:
+            record = "no udev record"
+        links = sorted(p.name for p in self.mapper_dir.iterdir()
+                       if p.name != "control" and self._node_is(p.name, device)
+                       ) if self.mapper_dir.is_dir() else []
+        return f"{record}; /dev/mapper links to {device[0]}:{device[1]}: {links}"
 
     def appeared(self, name: str, device: tuple[int, int], timeout: float | None = None) -> None:
         """After a resume: the node for *name* is usable."""
@@ -101,7 +118,7 @@ class NodeWatcher:
             self._poll(
                 lambda: self._node_is(name, device) and self._db_names(device, name),
                 f"adding /dev/mapper/{name}",
-                timeout,
+                timeout, device,
             )
         elif self.mode is UdevSync.NODES:
             self._make_node(name, device)
@@ -113,7 +130,7 @@ class NodeWatcher:
             self._poll(
                 lambda: not self._node_is(name, device) and not db.exists(),
                 f"removing /dev/mapper/{name}",
-                timeout,
+                timeout, device,
             )
         elif self.mode is UdevSync.NODES:
             self._drop_node(name, device)
@@ -126,7 +143,7 @@ class NodeWatcher:
                 and not self._node_is(old, device)
                 and self._db_names(device, new),
                 f"renaming /dev/mapper/{old} to {new}",
-                timeout,
+                timeout, device,
             )
         elif self.mode is UdevSync.NODES:
             self._drop_node(old, device)
