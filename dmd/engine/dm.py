@@ -276,12 +276,13 @@ class DM:
     def device_remove(self, id: DevId | str, flags: DmFlags = DmFlags(0)) -> DeviceInfo:
         dev = _as_devid(id)
         flags = validate_flags(flags, DmFlags.DM_DEFERRED_REMOVE)
-        header, _ = self._ioctl(Command.DM_DEV_REMOVE, dev, flags=flags, event_nr=cookie())
-        info = self._info(header)
-        if not info.flags & DmFlags.DM_DEFERRED_REMOVE:
-            self._cleared.discard(info.device)
-        if info.flags & DmFlags.DM_UEVENT_GENERATED:
-            self.nodes.disappeared(info.name, info.device)
+        with self.nodes.listening() as events:
+            header, _ = self._ioctl(Command.DM_DEV_REMOVE, dev, flags=flags, event_nr=cookie())
+            info = self._info(header)
+            if not info.flags & DmFlags.DM_DEFERRED_REMOVE:
+                self._cleared.discard(info.device)
+            if info.flags & DmFlags.DM_UEVENT_GENERATED:
+                self.nodes.disappeared(info.name, info.device, events)
         log.info("removed %s", info.name or dev)
         return info
 
@@ -299,12 +300,13 @@ class DM:
                     "it now makes the kernel double free on remove "
                     "(dm_ima_measure_on_device_remove, Linux 6.1-6.12); remove it instead"
                 )
-        header, _ = self._ioctl(Command.DM_DEV_RENAME, dev, flags=flags, event_nr=cookie(),
-                                payload=ioctl.pack_string(new_id.value))
-        info = self._info(header)
-        if not new_id.is_uuid and info.flags & DmFlags.DM_UEVENT_GENERATED \
-                and info.active_present:
-            self.nodes.renamed(old, new_id.value, info.device)
+        with self.nodes.listening() as events:
+            header, _ = self._ioctl(Command.DM_DEV_RENAME, dev, flags=flags, event_nr=cookie(),
+                                    payload=ioctl.pack_string(new_id.value))
+            info = self._info(header)
+            if not new_id.is_uuid and info.flags & DmFlags.DM_UEVENT_GENERATED \
+                    and info.active_present:
+                self.nodes.renamed(old, new_id.value, info.device, events)
         log.info("renamed %s to %s %s", dev, "uuid" if new_id.is_uuid else "name", new_id.value)
         return info
 
@@ -317,11 +319,13 @@ class DM:
             | DmFlags.DM_READONLY,
         )
         resuming = not flags & DmFlags.DM_SUSPEND
-        header, _ = self._ioctl(Command.DM_DEV_SUSPEND, dev, flags=flags,
-                                event_nr=cookie() if resuming else 0)
-        info = self._info(header)
-        if resuming and info.active_present and info.flags & DmFlags.DM_UEVENT_GENERATED:
-            self.nodes.appeared(info.name, info.device)
+        watch = self.nodes.listening() if resuming else contextlib.nullcontext(None)
+        with watch as events:
+            header, _ = self._ioctl(Command.DM_DEV_SUSPEND, dev, flags=flags,
+                                    event_nr=cookie() if resuming else 0)
+            info = self._info(header)
+            if resuming and info.active_present and info.flags & DmFlags.DM_UEVENT_GENERATED:
+                self.nodes.appeared(info.name, info.device, events)
         log.info("%s %s", "resumed" if resuming else "suspended", info.name)
         return info
 

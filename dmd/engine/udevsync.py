@@ -3,9 +3,13 @@
 libdm passes a semaphore "cookie" in ``event_nr`` and blocks until udev's rules
 decrement it; those semaphores leak whenever a process dies in between. dmd
 only puts udev *flags* in the cookie's high half (so the rules treat our
-devices like dmsetup's) and then watches the result udev produces: the
-``/dev/mapper/<name>`` link pointing at the right dev_t and udev's database
-record naming it, which udevd writes after it has made the links.
+devices like dmsetup's) and listens on udev's own netlink multicast group for
+the event udevd broadcasts once it has run every rule and RUN program for the
+device: a ``change`` carrying our DM_COOKIE and the device's name after a
+resume or rename, a ``remove`` after a remove. The socket is opened before the
+ioctl, so the event cannot slip by. If the socket cannot be had, or it
+overflows, dmd falls back to watching what udev leaves behind: the
+``/dev/mapper/<name>`` link on the right dev_t and udev's database record.
 
 Without a running udevd (containers, initramfs, tests) the engine can create
 and remove the ``/dev/mapper`` nodes itself, as libdm's fallback does.
@@ -18,8 +22,12 @@ import enum
 import errno
 import logging
 import os
+import select
+import socket
 import stat
+import struct
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dmd.engine.types import DM_UDEV_FLAGS_SHIFT, UdevFlags
@@ -58,6 +66,69 @@ def cookie(flags: UdevFlags = DEFAULT_UDEV_FLAGS) -> int:
     return int(flags) << DM_UDEV_FLAGS_SHIFT
 
 
+NETLINK_KOBJECT_UEVENT = 15
+UDEV_MONITOR_GROUP = 2  # udevd re-broadcasts processed events here (group 1 is the kernel's)
+_UDEV_MAGIC = 0xFEEDCAFE
+_UDEV_HEADER = struct.Struct("=8sIIII")  # prefix, magic (big-endian), header size, props off/len
+
+Properties = dict[str, str]
+
+
+def parse_udev_message(data: bytes) -> Properties | None:
+    """Decode one libudev monitor message; None for anything else."""
+    if len(data) < _UDEV_HEADER.size or not data.startswith(b"libudev\0"):
+        return None
+    _prefix, magic_be, _size, props_off, props_len = _UDEV_HEADER.unpack_from(data)
+    if socket.ntohl(magic_be) != _UDEV_MAGIC:
+        return None
+    props: Properties = {}
+    for item in data[props_off : props_off + props_len].split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            props[key.decode(errors="replace")] = value.decode(errors="replace")
+    return props
+
+
+class UdevEvents:
+    """A udev monitor socket opened before an ioctl, read after it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                  NETLINK_KOBJECT_UEVENT)
+        try:
+            # Room for a storm of other devices' events while we wait for ours.
+            self.sock.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)  # SO_RCVBUFFORCE
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.bind((0, UDEV_MONITOR_GROUP))
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def wait(self, match: Callable[[Properties], bool], deadline: float) -> bool:
+        """True once an event satisfies *match*; False on timeout or overflow."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            ready, _, _ = select.select([self.sock], [], [], left)
+            if not ready:
+                return False
+            try:
+                data = self.sock.recv(1 << 16)
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    return False  # events were lost: let the caller look instead
+                raise
+            props = parse_udev_message(data)
+            if props is not None and match(props):
+                return True
+
+
+def _is_device(props: Properties, device: tuple[int, int]) -> bool:
+    return props.get("MAJOR") == str(device[0]) and props.get("MINOR") == str(device[1])
+
+
 class NodeWatcher:
     """Waits for (or makes) /dev/mapper nodes according to a UdevSync mode."""
 
@@ -67,6 +138,29 @@ class NodeWatcher:
         self.mapper_dir = dev_dir / "mapper"
         self.udev_data = udev_data
         self.timeout = timeout
+
+    @contextlib.contextmanager
+    def listening(self) -> Iterator[UdevEvents | None]:
+        """Open udev's monitor socket for the span of one operation (WAIT mode)."""
+        events = None
+        if self.mode is UdevSync.WAIT:
+            try:
+                events = UdevEvents()
+            except OSError as exc:
+                log.debug("no udev monitor socket (%s): will poll instead", exc)
+        try:
+            yield events
+        finally:
+            if events is not None:
+                events.close()
+
+    def _event_then_poll(self, events: UdevEvents | None, match: Callable[[Properties], bool],
+                         done: Callable[[], bool], what: str, timeout: float | None,
+                         device: tuple[int, int]) -> None:
+        limit = self.timeout if timeout is None else timeout
+        if events is not None and events.wait(match, time.monotonic() + limit):
+            return
+        self._poll(done, what, 0.0 if events is not None else timeout, device)
 
     def node(self, name: str) -> Path:
         return self.mapper_dir / name
@@ -112,38 +206,44 @@ class NodeWatcher:
                        ) if self.mapper_dir.is_dir() else []
         return f"{record}; /dev/mapper links to {device[0]}:{device[1]}: {links}"
 
-    def appeared(self, name: str, device: tuple[int, int], timeout: float | None = None) -> None:
-        """After a resume: the node for *name* is usable."""
+    def appeared(self, name: str, device: tuple[int, int], events: UdevEvents | None = None,
+                 timeout: float | None = None) -> None:
+        """After a resume: udev has processed the device and its node is usable."""
         if self.mode is UdevSync.WAIT:
-            self._poll(
+            self._event_then_poll(
+                events,
+                lambda p: p.get("ACTION") == "change" and _is_device(p, device)
+                and "DM_COOKIE" in p and p.get("DM_NAME") == name,
                 lambda: self._node_is(name, device) and self._db_names(device, name),
-                f"adding /dev/mapper/{name}",
-                timeout, device,
+                f"adding /dev/mapper/{name}", timeout, device,
             )
         elif self.mode is UdevSync.NODES:
             self._make_node(name, device)
 
-    def disappeared(self, name: str, device: tuple[int, int], timeout: float | None = None) -> None:
-        """After a remove: no node for *name* points at *device* any more."""
+    def disappeared(self, name: str, device: tuple[int, int], events: UdevEvents | None = None,
+                    timeout: float | None = None) -> None:
+        """After a remove: udev has forgotten the device and its node."""
         if self.mode is UdevSync.WAIT:
             db = self.udev_data / f"b{device[0]}:{device[1]}"
-            self._poll(
+            self._event_then_poll(
+                events,
+                lambda p: p.get("ACTION") == "remove" and _is_device(p, device),
                 lambda: not self._node_is(name, device) and not db.exists(),
-                f"removing /dev/mapper/{name}",
-                timeout, device,
+                f"removing /dev/mapper/{name}", timeout, device,
             )
         elif self.mode is UdevSync.NODES:
             self._drop_node(name, device)
 
     def renamed(self, old: str, new: str, device: tuple[int, int],
-                timeout: float | None = None) -> None:
+                events: UdevEvents | None = None, timeout: float | None = None) -> None:
+        """After a rename: udev has processed the new name."""
         if self.mode is UdevSync.WAIT:
-            self._poll(
-                lambda: self._node_is(new, device)
-                and not self._node_is(old, device)
-                and self._db_names(device, new),
-                f"renaming /dev/mapper/{old} to {new}",
-                timeout, device,
+            self._event_then_poll(
+                events,
+                lambda p: p.get("ACTION") == "change" and _is_device(p, device)
+                and "DM_COOKIE" in p and p.get("DM_NAME") == new,
+                lambda: self._node_is(new, device) and self._db_names(device, new),
+                f"renaming /dev/mapper/{old} to {new}", timeout, device,
             )
         elif self.mode is UdevSync.NODES:
             self._drop_node(old, device)

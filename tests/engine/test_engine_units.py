@@ -144,3 +144,18 @@ def test_node_watcher_makes_and_drops_nodes_without_udev(tmp_path: Path) -> None
     assert not (tmp_path / "mapper" / "vol").exists()
     nodes.disappeared("vol2", (253, 7))
     assert not (tmp_path / "mapper" / "vol2").exists()
+
+
+def test_udev_monitor_messages_are_decoded() -> None:
+    import socket
+    import struct
+
+    from dmd.engine.udevsync import parse_udev_message
+
+    props = b"ACTION=change\0MAJOR=254\0MINOR=3\0DM_NAME=vol\0DM_COOKIE=6291456\0"
+    header = struct.pack("=8sIIIIIIII", b"libudev\0", socket.htonl(0xFEEDCAFE), 40, 40,
+                         len(props), 0, 0, 0, 0)
+    assert parse_udev_message(header + props) == {
+        "ACTION": "change", "MAJOR": "254", "MINOR": "3", "DM_NAME": "vol",
+        "DM_COOKIE": "6291456"}
+    assert parse_udev_message(b"add@/devices/virtual/block/dm-3\0ACTION=add\0") is None
