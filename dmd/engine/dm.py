@@ -26,6 +26,7 @@ always made with it, and no exception or log line carries table parameters.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
