@@ -27,6 +27,7 @@ always made with it, and no exception or log line carries table parameters.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -304,7 +305,10 @@ class DM:
         with self.nodes.listening() as events:
             header, _ = self._ioctl(Command.DM_DEV_RENAME, dev, flags=flags, event_nr=cookie(),
                                     payload=ioctl.pack_string(new_id.value))
-            info = self._info(header)
+            # The kernel answers with the name the request carried: report the new one.
+            info = dataclasses.replace(
+                self._info(header),
+                **({"uuid": new_id.value} if new_id.is_uuid else {"name": new_id.value}))
             if not new_id.is_uuid and info.flags & DmFlags.DM_UEVENT_GENERATED \
                     and info.active_present:
                 self.nodes.renamed(old, new_id.value, info.device, events)
