@@ -306,9 +306,11 @@ class DM:
             header, _ = self._ioctl(Command.DM_DEV_RENAME, dev, flags=flags, event_nr=cookie(),
                                     payload=ioctl.pack_string(new_id.value))
             # The kernel answers with the name the request carried: report the new one.
-            info = dataclasses.replace(
-                self._info(header),
-                **({"uuid": new_id.value} if new_id.is_uuid else {"name": new_id.value}))
+            info = self._info(header)
+            if new_id.is_uuid:
+                info = dataclasses.replace(info, uuid=new_id.value)
+            else:
+                info = dataclasses.replace(info, name=new_id.value)
             if not new_id.is_uuid and info.flags & DmFlags.DM_UEVENT_GENERATED \
                     and info.active_present:
                 self.nodes.renamed(old, new_id.value, info.device, events)
