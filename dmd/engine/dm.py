@@ -276,16 +276,29 @@ class DM:
         return info
 
     def device_remove(self, id: DevId | str, flags: DmFlags = DmFlags(0)) -> DeviceInfo:
+        """Remove a device; returns what it was, with the kernel's answer flags.
+
+        The kernel's reply to DM_DEV_REMOVE carries no device number, so the
+        device is looked up first: the udev wait and the kernel-bug guard both
+        need to know which dev_t went away.
+        """
         dev = _as_devid(id)
         flags = validate_flags(flags, DmFlags.DM_DEFERRED_REMOVE)
+        before = self.device_info(dev)
         with self.nodes.listening() as events:
             header, _ = self._ioctl(Command.DM_DEV_REMOVE, dev, flags=flags, event_nr=cookie())
-            info = self._info(header)
-            if not info.flags & DmFlags.DM_DEFERRED_REMOVE:
+            answer = ioctl.flags_of(header)
+            info = dataclasses.replace(
+                before,
+                flags=answer & (DmFlags.DM_UEVENT_GENERATED | DmFlags.DM_DEFERRED_REMOVE)
+                | before.flags & ~DmFlags.DM_DEFERRED_REMOVE,
+            )
+            if not answer & DmFlags.DM_DEFERRED_REMOVE:
                 self._cleared.discard(info.device)
-            if info.flags & DmFlags.DM_UEVENT_GENERATED:
+            if answer & DmFlags.DM_UEVENT_GENERATED:
                 self.nodes.disappeared(info.name, info.device, events)
-        log.info("removed %s", info.name or dev)
+        log.info("%s %s", "deferred removal of" if answer & DmFlags.DM_DEFERRED_REMOVE
+                 else "removed", info.name)
         return info
 
     def device_rename(self, old_name: DevId | str, new_id: DevId) -> DeviceInfo:

@@ -158,8 +158,10 @@ class NodeWatcher:
                          done: Callable[[], bool], what: str, timeout: float | None,
                          device: tuple[int, int]) -> None:
         limit = self.timeout if timeout is None else timeout
-        if events is not None and events.wait(match, time.monotonic() + limit):
-            return
+        if events is not None:
+            if events.wait(match, time.monotonic() + limit):
+                return
+            log.warning("udev's event for %s was not seen; checking its results instead", what)
         self._poll(done, what, 0.0 if events is not None else timeout, device)
 
     def node(self, name: str) -> Path:
