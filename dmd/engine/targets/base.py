@@ -108,13 +108,6 @@ class Words:
             raise self.error(f"{name} is not an unsigned integer")
         return int(value)
 
-    def signed(self, name: str) -> int:
-        value = self.word(name)
-        if not _INT.fullmatch(value):
-            self._pos -= 1
-            raise self.error(f"{name} is not an integer")
-        return int(value)
-
     def uint_or_dash(self, name: str) -> int | None:
         """An unsigned integer, or ``None`` for the kernel's "-" (not set)."""
         if self.peek() == "-":
