@@ -43,10 +43,13 @@ def _all_test_devices(dm: DM) -> list[str]:
 
 def remove_test_devices(dm: DM) -> None:
     """Remove every dmdtest- device, users before the devices they use."""
-    for _ in range(5):
+    for attempt in range(5):
         names = _all_test_devices(dm)
         if not names:
             return
+        if attempt:
+            # udev may still be probing a device a test wrote to (EBUSY): let it finish.
+            subprocess.run(["udevadm", "settle", "--timeout=10"], check=False)
         for name in names:
             with contextlib.suppress(DmError):
                 info = dm.device_info(name)
