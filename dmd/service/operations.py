@@ -1,0 +1,528 @@
+"""The service layer: every change to the kernel goes through here.
+
+Each operation runs the same way: validate -> take the device's lock ->
+journal the intent (durably, before the kernel is touched) -> the ioctl
+sequence, with rollback -> record -> mark the intent done -> publish a change.
+Kernel calls run in worker threads (they may wait on I/O or on udev); SQLite
+calls run on the state store's own thread; the event loop only routes.
+
+A fault hook (``fault``) is called before every step with the operation and
+the step number, so tests can stop an operation anywhere and check that
+recovery puts the kernel and the database back in agreement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from dmd.engine import (
+    DeviceInfo,
+    DevId,
+    DmError,
+    DmFlags,
+    TargetLine,
+    validate_name,
+    validate_table,
+    validate_uuid,
+)
+from dmd.engine import InvalidArgument as EngineInvalidArgument
+from dmd.service import errors
+from dmd.service.events import ChangeEvent, ChangeKind, EventBus
+from dmd.service.locks import DeviceLocks
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+FaultHook = Callable[[str, int], None]
+
+MAX_LABELS = 64
+MAX_LABEL_BYTES = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asked: the D-Bus layer fills this from the bus connection."""
+
+    uid: int
+    bus_name: str | None = None
+
+
+ROOT = Caller(uid=0)
+
+
+@dataclass(frozen=True, slots=True)
+class ManagedDevice:
+    """What the service layer asks the state store to remember."""
+
+    name: str
+    uuid: str | None
+    table: list[TargetLine]
+    read_only: bool
+    owner_uid: int
+    persistent: bool
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """The engine interface the service uses (DM and SimDM both provide it)."""
+
+    def device_create(self, name: str, uuid: str | None = ..., flags: DmFlags = ...,
+                      ) -> DeviceInfo: ...
+    def device_remove(self, id: DevId | str, flags: DmFlags = ...) -> DeviceInfo: ...
+    def device_rename(self, old_name: DevId | str, new_id: DevId) -> DeviceInfo: ...
+    def device_suspend(self, id: DevId | str, flags: DmFlags = ...) -> DeviceInfo: ...
+    def device_info(self, id: DevId | str) -> DeviceInfo: ...
+    def table_load(self, id: DevId | str, table: Sequence[Sequence[object]],
+                   flags: DmFlags = ...) -> DeviceInfo: ...
+    def table_clear(self, id: DevId | str) -> DeviceInfo: ...
+    def table_deps(self, id: DevId | str, flags: DmFlags = ...) -> list[tuple[int, int]]: ...
+    def table_status(self, id: DevId | str, flags: DmFlags = ...
+                     ) -> tuple[DeviceInfo, list[TargetLine]]: ...
+    def target_msg(self, id: DevId | str, sector: int | None, message: str
+                   ) -> tuple[DeviceInfo, str | None]: ...
+    def list_devices(self) -> Any: ...
+
+
+class Store(Protocol):
+    """The asynchronous state store interface the service uses."""
+
+    async def add_device(self, record: Any) -> None: ...
+    async def get_device(self, name: str) -> Any: ...
+    async def list_devices(self) -> list[Any]: ...
+    async def update_table(self, name: str, table: list[TargetLine], read_only: bool) -> None: ...
+    async def rename_device(self, old: str, new: str) -> None: ...
+    async def set_uuid(self, name: str, uuid: str) -> None: ...
+    async def set_labels(self, name: str, labels: dict[str, str]) -> None: ...
+    async def remove_device(self, name: str) -> None: ...
+    async def begin_intent(self, operation: str, device: str, args: dict[str, Any]) -> int: ...
+    async def advance_intent(self, intent_id: int, step: int) -> None: ...
+    async def finish_intent(self, intent_id: int, state: str) -> None: ...
+
+
+def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    if not isinstance(labels, Mapping):
+        raise errors.InvalidArgument("labels must be a string-to-string map")
+    if len(labels) > MAX_LABELS:
+        raise errors.InvalidArgument(f"at most {MAX_LABELS} labels")
+    for key, value in labels.items():
+        if not isinstance(key, str) or not isinstance(value, str) or not key:
+            raise errors.InvalidArgument("labels must map non-empty strings to strings")
+        if len(key.encode()) + len(value.encode()) > MAX_LABEL_BYTES:
+            raise errors.InvalidArgument(f"label {key!r} is longer than {MAX_LABEL_BYTES} bytes")
+    return dict(labels)
+
+
+def _validated(call: Callable[[], T]) -> T:
+    try:
+        return call()
+    except EngineInvalidArgument as exc:
+        raise errors.InvalidArgument(str(exc)) from None
+
+
+class Journal:
+    """One intent's life: begin (durable), steps, and an ending."""
+
+    def __init__(self, store: Store, fault: FaultHook | None, operation: str) -> None:
+        self.store, self.fault, self.operation = store, fault, operation
+        self.intent_id: int | None = None
+        self.step_no = 0
+
+    async def begin(self, device: str, args: dict[str, Any]) -> None:
+        self.intent_id = await self.store.begin_intent(self.operation, device, args)
+
+    async def step(self, number: int) -> None:
+        """Mark progress, then give the fault hook its chance to stop us here."""
+        self.step_no = number
+        assert self.intent_id is not None
+        await self.store.advance_intent(self.intent_id, number)
+        if self.fault is not None:
+            self.fault(self.operation, number)
+
+    async def finish(self, state: str) -> None:
+        assert self.intent_id is not None
+        await self.store.finish_intent(self.intent_id, state)
+
+
+class DeviceService:
+    def __init__(self, engine: Engine, store: Store, events: EventBus | None = None, *,
+                 workers: int = 8, fault: FaultHook | None = None) -> None:
+        self.engine = engine
+        self.store = store
+        self.events = events or EventBus()
+        self.locks = DeviceLocks()
+        self.fault = fault
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dmd-kernel")
+        self._in_flight: set[asyncio.Task[Any]] = set()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    async def kernel(self, call: Callable[..., T], *args: Any) -> T:
+        """Run one engine call on a worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call, *args)
+
+    def _publish(self, kind: ChangeKind, name: str, device: tuple[int, int] | None,
+                 operation: str) -> None:
+        self.events.publish(ChangeEvent(kind, name, device, operation))
+
+    async def _guard(self, operation: str, device: str, body: Callable[[], Awaitable[T]]) -> T:
+        """Run an operation body; map anything it raises into the taxonomy."""
+        try:
+            return await body()
+        except errors.ServiceError:
+            raise
+        except (DmError, EngineInvalidArgument, TimeoutError) as exc:
+            raise errors.from_engine(exc, device, operation) from None
+
+    # -- create ------------------------------------------------------------
+    async def create(self, name: str, table: Sequence[Sequence[object]], *,
+                     uuid: str | None = None, read_only: bool = False,
+                     persistent: bool = False, labels: Mapping[str, str] | None = None,
+                     caller: Caller = ROOT) -> DeviceInfo:
+        _validated(lambda: validate_name(name))
+        if uuid:
+            _validated(lambda: validate_uuid(uuid))
+        lines = _validated(lambda: validate_table(table))
+        clean_labels = check_labels(labels or {})
+        async with self.locks.hold(name):
+            if await self.store.get_device(name) is not None:
+                raise errors.AlreadyExists(f"dmd already manages a device named {name!r}")
+            journal = Journal(self.store, self.fault, "create")
+            await journal.begin(name, {"uuid": uuid, "read_only": read_only})
+            created = False
+            try:
+                await journal.step(1)
+                await self.kernel(self.engine.device_create, name, uuid)
+                created = True
+                await journal.step(2)
+                flags = DmFlags.DM_READONLY if read_only else DmFlags(0)
+                await self.kernel(self.engine.table_load, name, lines, flags)
+                await journal.step(3)
+                info = await self.kernel(self.engine.device_suspend, name, DmFlags(0))
+                await journal.step(4)
+                await self.store.add_device(ManagedDevice(
+                    name, uuid or None, lines, read_only, caller.uid, persistent, clean_labels))
+            except BaseException as exc:
+                if created:
+                    await self._remove_quietly(name)
+                await journal.finish("rolled_back")
+                if isinstance(exc, (DmError, EngineInvalidArgument, TimeoutError)):
+                    raise errors.from_engine(exc, name, "create") from None
+                raise
+            await journal.finish("done")
+        log.info("create %s: done (%d:%d)", name, *info.device)
+        self._publish(ChangeKind.ADDED, name, info.device, "create")
+        return info
+
+    async def _remove_quietly(self, name: str) -> None:
+        """Undo a half-made device; a half-made device must never stay behind."""
+        for _ in range(3):
+            try:
+                info = await self.kernel(self.engine.device_info, name)
+                if info.suspended:
+                    with contextlib.suppress(DmError):
+                        await self.kernel(self.engine.device_suspend, name, DmFlags(0))
+                await self.kernel(self.engine.device_remove, name)
+                return
+            except DmError as exc:
+                if exc.errno == 6:  # ENXIO: already gone
+                    return
+                log.warning("rollback of %s: remove failed (%s), retrying", name, exc)
+                await asyncio.sleep(0.1)
+        log.error("rollback of %s: could not remove the half-made device", name)
+
+    # -- reload ------------------------------------------------------------
+    async def reload(self, name: str, table: Sequence[Sequence[object]], *,
+                     read_only: bool | None = None, caller: Caller = ROOT) -> DeviceInfo:
+        """Replace the live table: load, suspend, resume. On any failure the old
+        table is live again and the device is resumed (unless it was suspended
+        before we started)."""
+        lines = _validated(lambda: validate_table(table))
+
+        async def body() -> DeviceInfo:
+            async with self.locks.hold(name):
+                before, old_table = await self.kernel(
+                    self.engine.table_status, name, DmFlags.DM_STATUS_TABLE)
+                ro = before.read_only if read_only is None else read_only
+                journal = Journal(self.store, self.fault, "reload")
+                await journal.begin(name, {"was_suspended": before.suspended})
+                try:
+                    await journal.step(1)
+                    flags = DmFlags.DM_READONLY if ro else DmFlags(0)
+                    await self.kernel(self.engine.table_load, name, lines, flags)
+                    await journal.step(2)
+                    await self.kernel(self.engine.device_suspend, name, DmFlags.DM_SUSPEND)
+                    await journal.step(3)
+                    info = await self.kernel(self.engine.device_suspend, name, DmFlags(0))
+                    await journal.step(4)
+                    if await self.store.get_device(name) is not None:
+                        await self.store.update_table(name, lines, ro)
+                except BaseException:
+                    await self._undo_reload(name, before, old_table)
+                    await journal.finish("rolled_back")
+                    raise
+                await journal.finish("done")
+                self._publish(ChangeKind.CHANGED, name, info.device, "reload")
+                return info
+
+        return await self._guard("reload", name, body)
+
+    async def _undo_reload(self, name: str, before: DeviceInfo,
+                           old_table: list[TargetLine]) -> None:
+        """Put the device back as it was: old table live, no stray inactive
+        table, resumed unless it was suspended before we started."""
+        try:
+            info, live = await self.kernel(self.engine.table_status, name,
+                                           DmFlags.DM_STATUS_TABLE)
+            if info.inactive_present:
+                await self.kernel(self.engine.table_clear, name)
+            if before.active_present and live != old_table:
+                flags = DmFlags.DM_READONLY if before.read_only else DmFlags(0)
+                await self.kernel(self.engine.table_load, name, old_table, flags)
+                await self.kernel(self.engine.device_suspend, name, DmFlags.DM_SUSPEND)
+                info = await self.kernel(self.engine.device_suspend, name, DmFlags(0))
+            info = await self.kernel(self.engine.device_info, name)
+            if info.suspended and not before.suspended:
+                await self.kernel(self.engine.device_suspend, name, DmFlags(0))
+        except DmError as exc:
+            log.error("reload %s: could not restore the old table: %s", name, exc)
+
+    # -- load / clear (raw, for clients that manage the sequence) ----------
+    async def load(self, name: str, table: Sequence[Sequence[object]], *,
+                   read_only: bool = False, caller: Caller = ROOT) -> DeviceInfo:
+        lines = _validated(lambda: validate_table(table))
+
+        async def body() -> DeviceInfo:
+            async with self.locks.hold(name):
+                flags = DmFlags.DM_READONLY if read_only else DmFlags(0)
+                info = await self.kernel(self.engine.table_load, name, lines, flags)
+            self._publish(ChangeKind.CHANGED, name, info.device, "load")
+            return info
+
+        return await self._guard("load", name, body)
+
+    async def clear(self, name: str, *, caller: Caller = ROOT) -> DeviceInfo:
+        async def body() -> DeviceInfo:
+            async with self.locks.hold(name):
+                info = await self.kernel(self.engine.table_clear, name)
+            self._publish(ChangeKind.CHANGED, name, info.device, "clear")
+            return info
+
+        return await self._guard("clear", name, body)
+
+    # -- suspend / resume --------------------------------------------------
+    async def suspend(self, name: str, *, noflush: bool = False, skip_lockfs: bool = False,
+                      caller: Caller = ROOT) -> DeviceInfo:
+        flags = DmFlags.DM_SUSPEND
+        if noflush:
+            flags |= DmFlags.DM_NOFLUSH
+        if skip_lockfs:
+            flags |= DmFlags.DM_SKIP_LOCKFS
+        return await self._simple("suspend", name, self.engine.device_suspend, flags)
+
+    async def resume(self, name: str, *, caller: Caller = ROOT) -> DeviceInfo:
+        """Resume; if a loaded table fails to go live, the device is resumed on
+        its old table and the error is reported."""
+        async def body() -> DeviceInfo:
+            async with self.locks.hold(name):
+                try:
+                    info = await self.kernel(self.engine.device_suspend, name, DmFlags(0))
+                except DmError:
+                    with contextlib.suppress(DmError):
+                        await self.kernel(self.engine.device_suspend, name, DmFlags(0))
+                    raise
+            self._publish(ChangeKind.CHANGED, name, info.device, "resume")
+            return info
+
+        return await self._guard("resume", name, body)
+
+    async def _simple(self, operation: str, name: str, call: Callable[..., DeviceInfo],
+                      *args: Any) -> DeviceInfo:
+        async def body() -> DeviceInfo:
+            async with self.locks.hold(name):
+                info = await self.kernel(call, name, *args)
+            self._publish(ChangeKind.CHANGED, name, info.device, operation)
+            return info
+
+        return await self._guard(operation, name, body)
+
+    # -- rename / set UUID -------------------------------------------------
+    async def rename(self, name: str, new_name: str, *, caller: Caller = ROOT) -> DeviceInfo:
+        _validated(lambda: validate_name(new_name))
+
+        async def body() -> DeviceInfo:
+            async with self.locks.hold(name, new_name):
+                if await self.store.get_device(new_name) is not None:
+                    raise errors.AlreadyExists(f"dmd already manages a device named {new_name!r}")
+                journal = Journal(self.store, self.fault, "rename")
+                await journal.begin(name, {"new_name": new_name})
+                renamed = False
+                try:
+                    await journal.step(1)
+                    info = await self.kernel(self.engine.device_rename, name,
+                                             DevId.name(new_name))
+                    renamed = True
+                    await journal.step(2)
+                    if await self.store.get_device(name) is not None:
+                        await self.store.rename_device(name, new_name)
+                except BaseException:
+                    if renamed:
+                        with contextlib.suppress(DmError):
+                            await self.kernel(self.engine.device_rename, new_name,
+                                              DevId.name(name))
+                    await journal.finish("rolled_back")
+                    raise
+                await journal.finish("done")
+            self._publish(ChangeKind.CHANGED, new_name, info.device, "rename")
+            return info
+
+        return await self._guard("rename", name, body)
+
+    async def set_uuid(self, name: str, uuid: str, *, caller: Caller = ROOT) -> DeviceInfo:
+        _validated(lambda: validate_uuid(uuid))
+
+        async def body() -> DeviceInfo:
+            async with self.locks.hold(name):
+                info = await self.kernel(self.engine.device_rename, name, DevId.uuid(uuid))
+                if await self.store.get_device(name) is not None:
+                    await self.store.set_uuid(name, uuid)
+            self._publish(ChangeKind.CHANGED, name, info.device, "set-uuid")
+            return info
+
+        return await self._guard("set-uuid", name, body)
+
+    # -- message -----------------------------------------------------------
+    async def message(self, name: str, sector: int, text: str, *,
+                      caller: Caller = ROOT) -> str:
+        async def body() -> str:
+            async with self.locks.hold(name):
+                info, out = await self.kernel(self.engine.target_msg, name, sector, text)
+            self._publish(ChangeKind.CHANGED, name, info.device, "message")
+            return out or ""
+
+        return await self._guard("message", name, body)
+
+    # -- remove ------------------------------------------------------------
+    async def holders(self, device: tuple[int, int]) -> list[str]:
+        """Names of the dm devices whose tables use *device*."""
+        names: list[str] = []
+        for other in await self.kernel(self.engine.list_devices):
+            with contextlib.suppress(DmError):
+                deps = set(await self.kernel(self.engine.table_deps, other.name))
+                deps |= set(await self.kernel(
+                    self.engine.table_deps, other.name, DmFlags.DM_QUERY_INACTIVE_TABLE))
+                if device in deps:
+                    names.append(other.name)
+        return sorted(names)
+
+    async def remove(self, name: str, *, force: bool = False, deferred: bool = False,
+                     caller: Caller = ROOT) -> DeviceInfo:
+        """Remove a device. An open device, or one other devices use, is refused
+        with the names of its users unless *deferred* (the kernel removes it
+        when the last user closes it) or *force* (its table is first replaced
+        by ``error`` so users fail fast instead of hanging, then deferred)."""
+        async def body() -> DeviceInfo:
+            async with self.locks.hold(name):
+                info = await self.kernel(self.engine.device_info, name)
+                if info.open_count and not (force or deferred):
+                    users = await self.holders(info.device)
+                    who = f"used by {', '.join(users)}" if users else (
+                        f"open {info.open_count} time(s)")
+                    raise errors.Busy(f"remove {name}: device is {who}")
+                journal = Journal(self.store, self.fault, "remove")
+                await journal.begin(name, {"force": force, "deferred": deferred})
+                try:
+                    await journal.step(1)
+                    if force and info.open_count and info.active_present:
+                        size = await self._size(name)
+                        await self.kernel(self.engine.table_load, name,
+                                          [TargetLine(0, size, "error", "")])
+                        await self.kernel(self.engine.device_suspend, name, DmFlags(0))
+                    if info.suspended:
+                        await self.kernel(self.engine.device_suspend, name, DmFlags(0))
+                    await journal.step(2)
+                    flags = DmFlags.DM_DEFERRED_REMOVE if (force or deferred) else DmFlags(0)
+                    gone = await self.kernel(self.engine.device_remove, name, flags)
+                except BaseException:
+                    await journal.finish("rolled_back")
+                    raise
+                # The kernel cannot undo a remove: from here on, roll forward.
+                try:
+                    await journal.step(3)
+                finally:
+                    if not gone.flags & DmFlags.DM_DEFERRED_REMOVE and \
+                            await self.store.get_device(name) is not None:
+                        await self.store.remove_device(name)
+                    await journal.finish("done")
+            kind = (ChangeKind.CHANGED if gone.flags & DmFlags.DM_DEFERRED_REMOVE
+                    else ChangeKind.REMOVED)
+            self._publish(kind, name, info.device, "remove")
+            return gone
+
+        return await self._guard("remove", name, body)
+
+    async def _size(self, name: str) -> int:
+        _, table = await self.kernel(self.engine.table_status, name, DmFlags.DM_STATUS_TABLE)
+        return sum(line.length for line in table)
+
+    async def remove_all_managed(self, *, caller: Caller = ROOT) -> list[str]:
+        """Remove every device dmd manages, users before the devices they use."""
+        removed: list[str] = []
+        pending = [r.name for r in await self.store.list_devices()]
+        for _ in range(len(pending) + 1):
+            progress = False
+            for name in list(pending):
+                try:
+                    await self.remove(name, caller=caller)
+                except errors.Busy:
+                    continue
+                except errors.NotFound:
+                    if await self.store.get_device(name) is not None:
+                        await self.store.remove_device(name)
+                pending.remove(name)
+                removed.append(name)
+                progress = True
+            if not pending or not progress:
+                break
+        if pending:
+            raise errors.Busy(f"could not remove {', '.join(sorted(pending))}: still in use")
+        return removed
+
+    # -- metadata ----------------------------------------------------------
+    async def set_labels(self, name: str, labels: Mapping[str, str], *,
+                         caller: Caller = ROOT) -> None:
+        clean = check_labels(labels)
+        async with self.locks.hold(name):
+            if await self.store.get_device(name) is None:
+                raise errors.NotFound(f"{name!r} is not managed by dmd (adopt it first)")
+            await self.store.set_labels(name, clean)
+        self._publish(ChangeKind.CHANGED, name, None, "set-labels")
+
+    async def adopt(self, name: str, *, persistent: bool = False,
+                    caller: Caller = ROOT) -> DeviceInfo:
+        """Start managing a device another tool made: record its live table."""
+        async def body() -> DeviceInfo:
+            async with self.locks.hold(name):
+                if await self.store.get_device(name) is not None:
+                    raise errors.AlreadyExists(f"dmd already manages {name!r}")
+                info, table = await self.kernel(
+                    self.engine.table_status, name, DmFlags.DM_STATUS_TABLE)
+                if not info.active_present:
+                    raise errors.InvalidArgument(f"{name!r} has no live table to adopt")
+                await self.store.add_device(ManagedDevice(
+                    name, info.uuid or None, table, info.read_only, caller.uid, persistent))
+            self._publish(ChangeKind.CHANGED, name, info.device, "adopt")
+            return info
+
+        return await self._guard("adopt", name, body)
+
+
+def default_workers() -> int:
+    return min(32, (os.cpu_count() or 1) + 4)

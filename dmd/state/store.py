@@ -1,0 +1,345 @@
+"""The state store: SQLite through SQLAlchemy, one writer thread.
+
+``StateStore`` is synchronous; ``AsyncStateStore`` runs every call of it on one
+dedicated thread, so the event loop never waits on SQLite and writes are
+serialized without SQLite's own locking having to arbitrate. Every commit is
+durable (WAL with ``synchronous=FULL``): an intent is on disk before the
+kernel is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dmd.engine import TargetLine
+from dmd.state.errors import RecordExists, RecordNotFound, StateError
+from dmd.state.models import DeviceRow, IntentRow, LabelRow
+from dmd.state.redact import redact_table
+
+DB_NAME = "dmd.sqlite3"
+MIGRATIONS = Path(__file__).parent / "migrations"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    name: str
+    uuid: str | None
+    table: list[TargetLine]
+    read_only: bool
+    owner_uid: int
+    persistent: bool
+    labels: dict[str, str] = field(default_factory=dict)
+    created_at: datetime | None = None
+    key_withheld: bool = False
+    drifted: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IntentRecord:
+    id: int
+    operation: str
+    device: str
+    args: dict[str, Any]
+    state: str
+    step: int
+    created_at: datetime
+    finished_at: datetime | None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _table_json(table: Sequence[Sequence[object]]) -> str:
+    return json.dumps([list(line) for line in table])
+
+
+def _table(raw: str) -> list[TargetLine]:
+    return [TargetLine(int(s), int(n), str(t), str(p)) for s, n, t, p in json.loads(raw)]
+
+
+def _device(row: DeviceRow) -> DeviceRecord:
+    return DeviceRecord(
+        name=row.name, uuid=row.uuid, table=_table(row.table_json), read_only=row.read_only,
+        owner_uid=row.owner_uid, persistent=row.persistent,
+        labels={label.key: label.value for label in row.labels},
+        created_at=row.created_at, key_withheld=row.key_withheld, drifted=row.drifted,
+    )
+
+
+def _intent(row: IntentRow) -> IntentRecord:
+    return IntentRecord(row.id, row.operation, row.device, json.loads(row.args_json),
+                        row.state, row.step, row.created_at, row.finished_at)
+
+
+def _alembic_config(engine: Engine) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["engine"] = engine
+    return config
+
+
+class StateStore:
+    """dmd's records in one SQLite file."""
+
+    def __init__(self, path: Path, engine: Engine) -> None:
+        self.path = path
+        self._engine = engine
+        self._session = sessionmaker(engine, expire_on_commit=False)
+
+    # -- opening -----------------------------------------------------------
+    @classmethod
+    def open(cls, state_dir: Path) -> StateStore:
+        """Open (or create) ``state_dir/dmd.sqlite3`` and bring its schema up to date.
+
+        Refuses, with a message naming the file, a database that is corrupt,
+        from a newer dmd, or not writable; never overwrites or recreates one.
+        """
+        state_dir = Path(state_dir)
+        path = state_dir / DB_NAME
+        try:
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"cannot create the state directory {state_dir}: {exc.strerror}; "
+                             "choose another with --state-dir") from None
+        if path.exists() and not path.is_file():
+            raise StateError(f"{path} is not a file; move it away or choose another --state-dir")
+        if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+            raise StateError(f"{path} is not readable and writable by this user; "
+                             "fix its permissions or run dmd as its owner")
+        engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 30})
+        event.listen(engine, "connect", _configure_connection)
+        try:
+            cls._migrate(path, engine)
+        except StateError:
+            engine.dispose()
+            raise
+        except (DatabaseError, sqlite3.DatabaseError) as exc:
+            engine.dispose()
+            reason = str(getattr(exc, "orig", exc))
+            if "readonly" in reason or "read-only" in reason:
+                raise StateError(f"{path} is not writable ({reason}); check the file system "
+                                 "and permissions, or choose another --state-dir") from None
+            raise StateError(f"{path} is not a usable dmd database ({reason}); dmd will not "
+                             "touch it: restore it from a backup or move it away to start "
+                             "with an empty state") from None
+        return cls(path, engine)
+
+    @staticmethod
+    def _migrate(path: Path, engine: Engine) -> None:
+        config = _alembic_config(engine)
+        script = ScriptDirectory.from_config(config)
+        known = {rev.revision for rev in script.walk_revisions()}
+        with engine.connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+            if current is None and connection.exec_driver_sql(
+                    "SELECT count(*) FROM sqlite_master WHERE type='table'").scalar():
+                raise StateError(f"{path} holds tables but no dmd schema version; it is not "
+                                 "a dmd database: move it away or choose another --state-dir")
+        if current is not None and current not in known:
+            raise StateError(f"{path} was written by a newer dmd (schema {current}); run that "
+                             "version, or restore a backup made before the upgrade")
+        if current != script.get_current_head():
+            with engine.begin() as connection:
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+        with engine.begin() as connection:  # proves the file is writable now, not later
+            connection.exec_driver_sql("PRAGMA user_version = 1")
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def schema_revision(self) -> str | None:
+        with self._engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+
+    def _write(self, work: Callable[[Session], T]) -> T:
+        with self._session() as session:
+            try:
+                result = work(session)
+                session.commit()
+            except IntegrityError:
+                session.rollback()
+                raise RecordExists("a device with that name or UUID is recorded already"
+                                   ) from None
+            return result
+
+    def _row(self, session: Session, name: str) -> DeviceRow:
+        row = session.scalar(select(DeviceRow).where(DeviceRow.name == name))
+        if row is None:
+            raise RecordNotFound(f"no record of a device named {name!r}")
+        return row
+
+    # -- devices -----------------------------------------------------------
+    def add_device(self, record: Any) -> None:
+        stored, withheld = redact_table(record.table)
+
+        def work(session: Session) -> None:
+            row = DeviceRow(
+                name=record.name, uuid=record.uuid or None, table_json=_table_json(stored),
+                read_only=record.read_only, owner_uid=record.owner_uid, created_at=_now(),
+                persistent=record.persistent, key_withheld=withheld, drifted=None,
+            )
+            row.labels = [LabelRow(key=k, value=v) for k, v in dict(record.labels).items()]
+            session.add(row)
+
+        self._write(work)
+
+    def get_device(self, name: str) -> DeviceRecord | None:
+        with self._session() as session:
+            row = session.scalar(select(DeviceRow).where(DeviceRow.name == name))
+            return _device(row) if row is not None else None
+
+    def list_devices(self) -> list[DeviceRecord]:
+        with self._session() as session:
+            return [_device(r) for r in session.scalars(select(DeviceRow).order_by(DeviceRow.id))]
+
+    def update_table(self, name: str, table: Sequence[TargetLine], read_only: bool) -> None:
+        stored, withheld = redact_table(table)
+
+        def work(session: Session) -> None:
+            row = self._row(session, name)
+            row.table_json, row.read_only, row.key_withheld = (
+                _table_json(stored), read_only, withheld)
+            row.drifted = None
+
+        self._write(work)
+
+    def rename_device(self, old: str, new: str) -> None:
+        self._write(lambda s: setattr(self._row(s, old), "name", new))
+
+    def set_uuid(self, name: str, uuid: str) -> None:
+        self._write(lambda s: setattr(self._row(s, name), "uuid", uuid))
+
+    def set_labels(self, name: str, labels: dict[str, str]) -> None:
+        def work(session: Session) -> None:
+            row = self._row(session, name)
+            row.labels = [LabelRow(key=k, value=v) for k, v in labels.items()]
+
+        self._write(work)
+
+    def set_drifted(self, name: str, reason: str | None) -> None:
+        self._write(lambda s: setattr(self._row(s, name), "drifted", reason))
+
+    def remove_device(self, name: str) -> None:
+        self._write(lambda s: s.delete(self._row(s, name)))
+
+    # -- the intent journal ------------------------------------------------
+    def begin_intent(self, operation: str, device: str, args: dict[str, Any]) -> int:
+        def work(session: Session) -> IntentRow:
+            row = IntentRow(operation=operation, device=device, args_json=json.dumps(args),
+                            state="pending", step=0, created_at=_now(), finished_at=None)
+            session.add(row)
+            session.flush()
+            return row
+
+        return self._write(work).id
+
+    def advance_intent(self, intent_id: int, step: int) -> None:
+        def work(session: Session) -> None:
+            row = session.get(IntentRow, intent_id)
+            if row is None:
+                raise RecordNotFound(f"no intent {intent_id}")
+            row.step = step
+
+        self._write(work)
+
+    def finish_intent(self, intent_id: int, state: str) -> None:
+        def work(session: Session) -> None:
+            row = session.get(IntentRow, intent_id)
+            if row is None:
+                raise RecordNotFound(f"no intent {intent_id}")
+            row.state, row.finished_at = state, _now()
+
+        self._write(work)
+
+    def pending_intents(self) -> list[IntentRecord]:
+        with self._session() as session:
+            rows = session.scalars(select(IntentRow).where(IntentRow.state == "pending")
+                                   .order_by(IntentRow.id))
+            return [_intent(r) for r in rows]
+
+
+def _configure_connection(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+    except sqlite3.DatabaseError as exc:
+        raise OperationalError("PRAGMA", {}, exc) from exc
+    finally:
+        cursor.close()
+
+
+class AsyncStateStore:
+    """``StateStore`` for the event loop: every call runs on one dedicated thread."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.sync = store
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dmd-state")
+
+    async def _run(self, call: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, call, *args)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+        self.sync.close()
+
+    async def add_device(self, record: Any) -> None:
+        await self._run(self.sync.add_device, record)
+
+    async def get_device(self, name: str) -> DeviceRecord | None:
+        return await self._run(self.sync.get_device, name)
+
+    async def list_devices(self) -> list[DeviceRecord]:
+        return await self._run(self.sync.list_devices)
+
+    async def update_table(self, name: str, table: list[TargetLine], read_only: bool) -> None:
+        await self._run(self.sync.update_table, name, table, read_only)
+
+    async def rename_device(self, old: str, new: str) -> None:
+        await self._run(self.sync.rename_device, old, new)
+
+    async def set_uuid(self, name: str, uuid: str) -> None:
+        await self._run(self.sync.set_uuid, name, uuid)
+
+    async def set_labels(self, name: str, labels: dict[str, str]) -> None:
+        await self._run(self.sync.set_labels, name, labels)
+
+    async def set_drifted(self, name: str, reason: str | None) -> None:
+        await self._run(self.sync.set_drifted, name, reason)
+
+    async def remove_device(self, name: str) -> None:
+        await self._run(self.sync.remove_device, name)
+
+    async def begin_intent(self, operation: str, device: str, args: dict[str, Any]) -> int:
+        return await self._run(self.sync.begin_intent, operation, device, args)
+
+    async def advance_intent(self, intent_id: int, step: int) -> None:
+        await self._run(self.sync.advance_intent, intent_id, step)
+
+    async def finish_intent(self, intent_id: int, state: str) -> None:
+        await self._run(self.sync.finish_intent, intent_id, state)
+
+    async def pending_intents(self) -> list[IntentRecord]:
+        return await self._run(self.sync.pending_intents)

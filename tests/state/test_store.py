@@ -1,0 +1,210 @@
+"""The state store on real SQLite files."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from alembic import command
+
+from dmd.engine import TargetLine
+from dmd.service.operations import ManagedDevice
+from dmd.state import AsyncStateStore, RecordExists, RecordNotFound, StateError, StateStore
+from dmd.state.store import DB_NAME, _alembic_config
+
+ZERO = [TargetLine(0, 2048, "zero", "")]
+KEY = "0123456789abcdef" * 4
+
+
+def record(name: str, uuid: str | None = None, table: list[TargetLine] = ZERO,
+           labels: dict[str, str] | None = None) -> ManagedDevice:
+    return ManagedDevice(name, uuid, table, False, 1000, True, labels or {})
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_fresh_database_is_wal_with_foreign_keys(tmp_path: Path) -> None:
+    store = StateStore.open(tmp_path / "state")
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
+    assert store.schema_revision() == "0002"
+    con = sqlite3.connect(tmp_path / "state" / DB_NAME)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
+    with store._engine.connect() as c:
+        assert c.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert c.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+
+
+def test_device_records_round_trip(tmp_path: Path) -> None:
+    store = StateStore.open(tmp_path)
+    store.add_device(record("a", "UUID-a", labels={"role": "db"}))
+    got = store.get_device("a")
+    assert got is not None and got.uuid == "UUID-a" and got.table == ZERO
+    assert got.labels == {"role": "db"} and got.owner_uid == 1000 and got.persistent
+    store.update_table("a", [TargetLine(0, 8, "error", "")], True)
+    store.rename_device("a", "b")
+    store.set_labels("b", {"x": "1"})
+    store.set_drifted("b", "changed by someone")
+    got = store.get_device("b")
+    assert got is not None and got.read_only and got.labels == {"x": "1"}
+    assert got.drifted == "changed by someone" and store.get_device("a") is None
+    store.remove_device("b")
+    assert store.list_devices() == []
+    with pytest.raises(RecordNotFound):
+        store.remove_device("b")
+
+
+def test_unique_names_and_uuids_change_nothing(tmp_path: Path) -> None:
+    store = StateStore.open(tmp_path)
+    store.add_device(record("a", "U"))
+    with pytest.raises(RecordExists):
+        store.add_device(record("a"))
+    with pytest.raises(RecordExists):
+        store.add_device(record("b", "U"))
+    store.add_device(record("c"))
+    with pytest.raises(RecordExists):
+        store.rename_device("c", "a")
+    assert [r.name for r in store.list_devices()] == ["a", "c"]
+
+
+def test_labels_go_with_their_device(tmp_path: Path) -> None:
+    store = StateStore.open(tmp_path)
+    store.add_device(record("a", labels={"k": "v"}))
+    store.remove_device("a")
+    con = sqlite3.connect(tmp_path / DB_NAME)
+    assert con.execute("SELECT count(*) FROM labels").fetchone()[0] == 0
+
+
+def test_keys_are_never_stored(tmp_path: Path) -> None:
+    store = StateStore.open(tmp_path)
+    crypt = [TargetLine(0, 2048, "crypt", f"aes-xts-plain64 {KEY} 0 7:0 0")]
+    keyring = [TargetLine(0, 2048, "crypt", "aes-xts-plain64 :64:logon:dmd:vol 0 7:0 0")]
+    integrity = [TargetLine(0, 2048, "integrity", f"7:0 0 32 J 1 internal_hash:hmac(sha256):{KEY}")]
+    store.add_device(record("c", table=crypt))
+    store.add_device(record("k", table=keyring))
+    store.add_device(record("i", table=integrity))
+    store.update_table("c", crypt, False)
+    c, k, i = (store.get_device(n) for n in "cki")
+    assert c is not None and c.key_withheld and c.table[0].params.split()[1] == "-"
+    assert k is not None and not k.key_withheld and ":64:logon:dmd:vol" in k.table[0].params
+    assert i is not None and i.key_withheld and "internal_hash:hmac(sha256):-" in i.table[0].params
+    store.close()
+    for path in tmp_path.iterdir():
+        assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_intents_journal(tmp_path: Path) -> None:
+    store = StateStore.open(tmp_path)
+    first = store.begin_intent("create", "a", {"uuid": None})
+    second = store.begin_intent("remove", "b", {})
+    store.advance_intent(first, 2)
+    store.finish_intent(second, "done")
+    pending = store.pending_intents()
+    assert [(p.id, p.operation, p.step, p.args) for p in pending] == [
+        (first, "create", 2, {"uuid": None})]
+
+
+def test_an_intent_is_on_disk_before_begin_returns(tmp_path: Path) -> None:
+    child = (
+        "import os, sys; from pathlib import Path; from dmd.state import StateStore\n"
+        "s = StateStore.open(Path(sys.argv[1])); s.begin_intent('reload', 'vol', {})\n"
+        "os._exit(1)\n"
+    )
+    subprocess.run([sys.executable, "-c", child, str(tmp_path)], check=False)
+    pending = StateStore.open(tmp_path).pending_intents()
+    assert [(p.operation, p.device) for p in pending] == [("reload", "vol")]
+
+
+def test_upgrade_from_the_first_schema_keeps_records(tmp_path: Path) -> None:
+    path = tmp_path / DB_NAME
+    from sqlalchemy import create_engine
+
+    engine = create_engine(f"sqlite:///{path}")
+    config = _alembic_config(engine)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+        connection.exec_driver_sql(
+            "INSERT INTO devices (id, name, uuid, table_json, read_only, owner_uid, created_at,"
+            " persistent, key_withheld) VALUES (1, 'old', 'U-old', '[[0, 8, \"zero\", \"\"]]',"
+            " 0, 0, '2026-01-01 00:00:00', 1, 0)")
+        connection.exec_driver_sql("INSERT INTO labels VALUES (1, 'k', 'v')")
+        connection.exec_driver_sql(
+            "INSERT INTO intents (operation, device, args_json, state, step, created_at)"
+            " VALUES ('create', 'old', '{}', 'pending', 1, '2026-01-01 00:00:00')")
+    engine.dispose()
+    store = StateStore.open(tmp_path)
+    assert store.schema_revision() == "0002"
+    old = store.get_device("old")
+    assert old is not None and old.uuid == "U-old" and old.labels == {"k": "v"}
+    assert old.table == [TargetLine(0, 8, "zero", "")] and old.drifted is None
+    assert [p.device for p in store.pending_intents()] == ["old"]
+
+
+def test_corrupt_database_is_refused_and_untouched(tmp_path: Path) -> None:
+    path = tmp_path / DB_NAME
+    path.write_bytes(b"this is not sqlite" * 100)
+    before = digest(path)
+    with pytest.raises(StateError, match=str(path)) as caught:
+        StateStore.open(tmp_path)
+    assert "move it away" in str(caught.value)
+    assert digest(path) == before
+
+
+def test_newer_schema_is_refused_and_untouched(tmp_path: Path) -> None:
+    StateStore.open(tmp_path).close()
+    path = tmp_path / DB_NAME
+    con = sqlite3.connect(path)
+    con.execute("UPDATE alembic_version SET version_num = '9999'")
+    con.commit()
+    con.close()
+    before = digest(path)
+    with pytest.raises(StateError, match="newer dmd") as caught:
+        StateStore.open(tmp_path)
+    assert str(path) in str(caught.value)
+    assert digest(path) == before
+
+
+def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
+    con = sqlite3.connect(tmp_path / DB_NAME)
+    con.execute("CREATE TABLE other (x)")
+    con.commit()
+    con.close()
+    with pytest.raises(StateError, match="not a dmd database"):
+        StateStore.open(tmp_path)
+
+
+def test_unusable_state_paths_are_refused(tmp_path: Path) -> None:
+    # Tests run as root, which permission bits do not stop: use paths that
+    # cannot work for anyone.
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StateError, match="cannot create the state directory"):
+        StateStore.open(blocker / "state")
+    (tmp_path / "dir" / DB_NAME).mkdir(parents=True)
+    with pytest.raises(StateError, match="not a file"):
+        StateStore.open(tmp_path / "dir")
+
+
+async def test_async_store_runs_on_one_thread_off_the_loop(tmp_path: Path) -> None:
+    store = AsyncStateStore(StateStore.open(tmp_path))
+    seen: set[int] = set()
+    original = store.sync.add_device
+
+    def spy(rec: ManagedDevice) -> None:
+        seen.add(threading.get_ident())
+        original(rec)
+
+    store.sync.add_device = spy  # type: ignore[method-assign]
+    await asyncio.gather(*(store.add_device(record(f"d{i}")) for i in range(20)))
+    assert len(seen) == 1 and threading.get_ident() not in seen
+    assert len(await store.list_devices()) == 20
+    store.close()
