@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from dmd.engine import DmFlags, TargetLine
+from dmd.engine import DM, DmFlags, TargetLine
 from dmd.engine.sim import SimDM
 from dmd.service import errors
 from dmd.service.events import ChangeKind
@@ -32,11 +32,26 @@ ZERO = [TargetLine(0, 2048, "zero", "")]
 TWO = [TargetLine(0, 1024, "zero", ""), TargetLine(1024, 1024, "error", "")]
 
 
-def open_service(tmp: Path, fault: Any = None) -> DeviceService:
-    sim = SimDM(tmp / "kernel.json")
-    sim.add_disk("/dev/simdisk1", 7, 1, 16 * 2048)
+P = "dmdtest-"  # every device name starts so, for the lab's clean-up
+
+
+def open_service(tmp: Path, fault: Any = None, kind: str = "sim") -> DeviceService:
+    """A service on SimDM (kernel in tmp/kernel.json) or on the lab's kernel."""
+    engine: Any
+    if kind == "kernel":
+        engine = DM()
+    else:
+        engine = SimDM(tmp / "kernel.json")
+        engine.add_disk("/dev/simdisk1", 7, 1, 16 * 2048)
     store = AsyncStateStore(StateStore.open(tmp / "state"))
-    return DeviceService(sim, store, fault=fault)
+    return DeviceService(engine, store, fault=fault)
+
+
+@pytest.fixture(params=["sim", pytest.param("kernel", marks=pytest.mark.kernel)])
+def kind(request: pytest.FixtureRequest) -> str:
+    if request.param == "kernel":
+        request.getfixturevalue("clean_dm")  # removes dmdtest- devices before and after
+    return str(request.param)
 
 
 @pytest.fixture
@@ -48,10 +63,12 @@ async def service(tmp_path: Path) -> AsyncIterator[DeviceService]:
 
 async def snapshot(svc: DeviceService) -> dict[str, Any]:
     """Everything that must agree: kernel devices and tables, records, intents."""
-    sim: SimDM = svc.engine  # type: ignore[assignment]
+    engine = svc.engine
     kernel = {}
-    for dev in sim.list_devices():
-        info, table = sim.table_status(dev.name, DmFlags.DM_STATUS_TABLE)
+    for dev in engine.list_devices():
+        if not dev.name.startswith(P) and isinstance(engine, DM):
+            continue  # the lab may hold devices that are not this test's
+        info, table = engine.table_status(dev.name, DmFlags.DM_STATUS_TABLE)
         kernel[dev.name] = (info.suspended, info.inactive_present, [tuple(t) for t in table])
     records = {r.name: [tuple(t) for t in r.table] for r in await svc.store.list_devices()}
     pending = [i.operation for i in await svc.store.pending_intents()]  # type: ignore[attr-defined]
@@ -143,16 +160,18 @@ async def test_labels_and_adopt(service: DeviceService) -> None:
     assert record is not None and record.labels == {"a": "b"}
 
 
-async def test_many_operations_at_once_equal_a_serial_order(service: DeviceService) -> None:
-    names = [f"vol{i}" for i in range(40)]
+async def test_many_operations_at_once_equal_a_serial_order(tmp_path: Path, kind: str) -> None:
+    service = open_service(tmp_path, None, kind)
+    names = [f"{P}vol{i}" for i in range(40)]
     await asyncio.gather(*(service.create(n, ZERO) for n in names))
     tables = [[TargetLine(0, 2048 + i, "zero", "")] for i in range(20)]
-    await asyncio.gather(*(service.reload("vol0", t) for t in tables))
+    await asyncio.gather(*(service.reload(P + "vol0", t) for t in tables))
     state = await snapshot(service)
+    service.close()
     assert set(state["kernel"]) == set(names) == set(state["records"])
-    live = state["kernel"]["vol0"][2]
+    live = state["kernel"][P + "vol0"][2]
     assert live in [[tuple(t) for t in table] for table in tables]
-    assert state["records"]["vol0"] == live
+    assert state["records"][P + "vol0"] == live
     assert not any(s or i for s, i, _ in state["kernel"].values())
 
 
@@ -161,10 +180,10 @@ class Boom(Exception):
 
 
 STEPS = {
-    "create": (lambda s: s.create("vol", ZERO, persistent=True)),
-    "reload": (lambda s: s.reload("base", TWO)),
-    "rename": (lambda s: s.rename("base", "renamed")),
-    "remove": (lambda s: s.remove("base")),
+    "create": (lambda s: s.create(P + "vol", ZERO, persistent=True)),
+    "reload": (lambda s: s.reload(P + "base", TWO)),
+    "rename": (lambda s: s.rename(P + "base", P + "renamed")),
+    "remove": (lambda s: s.remove(P + "base")),
 }
 
 
@@ -174,14 +193,14 @@ EVERY_STEP = [(op, k) for op, n in [("create", 4), ("reload", 4), ("remove", 3),
 
 
 @pytest.mark.parametrize(("operation", "step"), EVERY_STEP)
-async def test_error_at_any_step_rolls_back(tmp_path: Path, operation: str, step: int) -> None:
+async def test_error_at_any_step_rolls_back(tmp_path: Path, kind: str, operation: str,
+                                            step: int) -> None:
     def fault(op: str, number: int) -> None:
         if op == operation and number == step:
             raise Boom(f"{op} step {number}")
 
-    svc = open_service(tmp_path, fault)
-    svc.fault = None
-    await svc.create("base", ZERO)
+    svc = open_service(tmp_path, None, kind)
+    await svc.create(P + "base", ZERO)
     before = await snapshot(svc)
     svc.fault = fault
     try:
@@ -203,14 +222,14 @@ CHILD = textwrap.dedent("""
     from test_service import STEPS, open_service
     from pathlib import Path
 
-    operation, step = sys.argv[1], int(sys.argv[2])
+    operation, step, kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 
     def crash(op, number):
         if op == operation and number == step:
             os._exit(42)
 
     async def main():
-        svc = open_service(Path({tmp!r}), crash)
+        svc = open_service(Path({tmp!r}), crash, kind)
         await STEPS[operation](svc)
         svc.close()
 
@@ -219,17 +238,17 @@ CHILD = textwrap.dedent("""
 
 
 @pytest.mark.parametrize(("operation", "step"), EVERY_STEP)
-async def test_crash_at_any_step_then_recovery_agrees(tmp_path: Path, operation: str,
-                                                      step: int) -> None:
-    svc = open_service(tmp_path)
-    await svc.create("base", ZERO, persistent=True)
+async def test_crash_at_any_step_then_recovery_agrees(tmp_path: Path, kind: str,
+                                                      operation: str, step: int) -> None:
+    svc = open_service(tmp_path, None, kind)
+    await svc.create(P + "base", ZERO, persistent=True)
     svc.close()
     script = CHILD.format(tests=str(Path(__file__).parent), tmp=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-c", script, operation, str(step)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", script, operation, str(step), kind],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 42, proc.stderr  # it really died at that step
 
-    svc = open_service(tmp_path)
+    svc = open_service(tmp_path, None, kind)
     report = await recover(svc)
     state = await snapshot(svc)
     svc.close()
