@@ -20,7 +20,7 @@ from typing import Any
 
 from dmd.engine import TargetLine
 from dmd.engine.sim import SimDM
-from dmd.service.operations import DeviceService, ManagedDevice
+from dmd.service.operations import DeviceService
 from dmd.service.recovery import recover
 from dmd.state import AsyncStateStore, StateStore
 
