@@ -103,6 +103,10 @@ class SimDM:
         # Same guard as DM against the clear-rename-remove kernel bug, so a
         # daemon behaves identically on the simulator.
         self._cleared: set[int] = set()
+        # Who holds whom open, computed once per state for read-only calls:
+        # recomputing it per device made a scan of N devices cost O(N^2).
+        self._holders: dict[tuple[int, int], int] | None = None
+        self._reading = False
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._locked():
@@ -113,21 +117,34 @@ class SimDM:
     def _locked(self, write: bool = False) -> Iterator[_Kernel]:
         with self._lock:
             self.ioctl_count += 1
-            if self.path is None:
-                yield self._state
+            if write:
+                self._holders = None
+            self._reading = not write
+            try:
+                with self._locked_state(write) as state:
+                    yield state
+            finally:
+                self._reading = False
                 if write:
-                    self._reap_deferred(self._state)
-                    self._changed.notify_all()
-                return
-            lock_path = self.path.with_name(self.path.name + ".lock")
-            with open(lock_path, "a+") as lock_file:
-                fcntl.flock(lock_file, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
-                self._reload()
-                yield self._state
-                if write:
-                    self._reap_deferred(self._state)
-                    self._save()
-                    self._changed.notify_all()
+                    self._holders = None
+
+    @contextlib.contextmanager
+    def _locked_state(self, write: bool) -> Iterator[_Kernel]:
+        if self.path is None:
+            yield self._state
+            if write:
+                self._reap_deferred(self._state)
+                self._changed.notify_all()
+            return
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        with open(lock_path, "a+") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
+            self._reload()
+            yield self._state
+            if write:
+                self._reap_deferred(self._state)
+                self._save()
+                self._changed.notify_all()
 
     def _reap_deferred(self, k: _Kernel) -> None:
         """Finish deferred removes whose last opener went away (the kernel's
@@ -150,6 +167,7 @@ class SimDM:
         stamp = (st.st_mtime_ns, st.st_size)
         if stamp == self._stamp:
             return
+        self._holders = None
         raw = json.loads(self.path.read_text())
         self._state = _Kernel(
             devices={k: _Dev(**v) for k, v in raw["devices"].items()},
@@ -244,15 +262,23 @@ class SimDM:
                     found.append(hit[0])
         return found
 
+    def _holder_counts(self, k: _Kernel) -> dict[tuple[int, int], int]:
+        counts: dict[tuple[int, int], int] = {}
+        for other in k.devices.values():
+            for table in (other.live, other.inactive):
+                for dep in self._deps(k, table):
+                    if dep != (SIM_MAJOR, other.minor):
+                        counts[dep] = counts.get(dep, 0) + 1
+        return counts
+
     def _open_count(self, k: _Kernel, dev: _Dev) -> int:
-        me = (SIM_MAJOR, dev.minor)
-        held = sum(
-            1
-            for other in k.devices.values()
-            for table in (other.live, other.inactive)
-            if other is not dev and me in self._deps(k, table)
-        )
-        return held + dev.external_opens
+        if self._reading:
+            if self._holders is None:
+                self._holders = self._holder_counts(k)
+            counts = self._holders
+        else:
+            counts = self._holder_counts(k)
+        return counts.get((SIM_MAJOR, dev.minor), 0) + dev.external_opens
 
     def _info(self, k: _Kernel, dev: _Dev, extra: DmFlags = DmFlags(0),
               inactive: bool = False) -> DeviceInfo:
