@@ -67,13 +67,15 @@ async def journaling(ops: int) -> None:
 
 async def recovery(devices: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        sim = SimDM(Path(tmp) / "kernel.json")
+        sim = SimDM()  # filled in memory, then written to its file once
         state = StateStore.open(Path(tmp) / "state")
         # Fill both sides directly: this measures recovery, not creation.
         for i in range(devices):
             sim.device_create(f"m{i:05d}")
             sim.table_load(f"m{i:05d}", ZERO)
             sim.device_suspend(f"m{i:05d}")
+        sim.path = Path(tmp) / "kernel.json"
+        sim._save()
         with state._session() as session:  # one transaction for the bulk insert
             from dmd.state.models import DeviceRow
             from dmd.state.store import _now, _table_json
