@@ -31,6 +31,7 @@ import dataclasses
 import fcntl
 import logging
 import os
+import stat
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -250,6 +251,14 @@ class DM:
 
     def dev_majors(self) -> list[int]:
         return dev_majors()
+
+    def device_number(self, path: str) -> tuple[int, int] | None:
+        """(major, minor) of the block device at *path*, as tables print it."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return (os.major(st.st_rdev), os.minor(st.st_rdev)) if stat.S_ISBLK(st.st_mode) else None
 
     # -- per-device commands -----------------------------------------------
     def device_create(

@@ -387,6 +387,11 @@ class SimDM:
     def dev_majors(self) -> list[int]:
         return [SIM_MAJOR]
 
+    def device_number(self, path: str) -> tuple[int, int] | None:
+        with self._locked() as k:
+            hit = self._resolve(k, path)
+        return hit[0] if hit else None
+
     # -- per-device commands -----------------------------------------------
     def device_create(self, name: str, uuid: str | None = None, flags: DmFlags = DmFlags(0),
                       *, device: tuple[int, int] | None = None) -> DeviceInfo:

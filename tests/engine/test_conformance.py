@@ -172,6 +172,9 @@ def test_linear_reads_back_as_major_minor_with_deps(engine: Engine,
     _, table = engine.table_status(P + "lin", DmFlags.DM_STATUS_TABLE)
     assert table == [TargetLine(0, 8192, "linear", f"{major}:{minor} 2048")]
     assert engine.table_deps(P + "lin") == [(major, minor)]
+    assert engine.device_number(path) == (major, minor)
+    assert engine.device_number(f"/dev/mapper/{P}lin") == engine.device_info(P + "lin").device
+    assert engine.device_number("/dev/dmdtest-nonexistent") is None
     _, status = engine.table_status(P + "lin")
     assert status == [TargetLine(0, 8192, "linear", "")]
 

@@ -256,3 +256,20 @@ def test_crash_at_any_step_then_recovery_agrees(tmp_path: Path, kind: str,
     for name, (suspended, inactive, live) in state["kernel"].items():
         assert not suspended and not inactive, name
         assert live == state["records"][name], name
+
+
+async def test_recovery_reports_drift_and_keeps_the_record(service: DeviceService) -> None:
+    await service.create("lower", ZERO)
+    await service.create("upper", [TargetLine(0, 2048, "linear", "/dev/mapper/lower 0")])
+    await service.create("disk", [TargetLine(0, 2048, "linear", "/dev/simdisk1 0")])
+    report = await recover(service)
+    assert report.drifted == []  # paths and major:minor are the same device
+    sim: SimDM = service.engine  # type: ignore[assignment]
+    sim.table_load("disk", TWO)  # someone else changes it behind dmd's back
+    sim.device_suspend("disk", DmFlags(0))
+    report = await recover(service)
+    assert report.drifted == ["disk"]
+    record = await service.store.get_device("disk")
+    assert record is not None and record.drifted and record.table[0].target_type == "linear"
+    _, live = sim.table_status("disk", DmFlags.DM_STATUS_TABLE)
+    assert live == TWO  # reported, not overwritten
