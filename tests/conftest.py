@@ -9,8 +9,14 @@ lab that cannot boot fails that step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import shutil
+import signal
 import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -128,3 +134,130 @@ def dmsetup(*args: str) -> str:
     """Run dmsetup (the independent witness) and return its stdout."""
     return subprocess.run(["dmsetup", *args], check=True, capture_output=True,
                           text=True).stdout
+
+
+# -- bus fixtures: a private dbus-daemon, and dmd --sim serving on it -------
+
+BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+    <allow user="*"/>
+  </policy>
+</busconfig>
+"""
+
+
+@dataclasses.dataclass
+class PrivateBus:
+    address: str
+    env: dict[str, str]
+
+
+@pytest.fixture
+def private_bus(tmp_path: Path) -> Iterator[PrivateBus]:
+    """A real dbus-daemon of our own, torn down after the test."""
+    # Not under tmp_path: tests call as other users, who cannot enter it.
+    socket_dir = Path(tempfile.mkdtemp(prefix="dmd-bus-"))
+    socket_dir.chmod(0o755)
+    socket_path = socket_dir / "bus.sock"
+    config = tmp_path / "bus.conf"
+    config.write_text(BUS_CONFIG.format(socket=socket_path))
+    daemon = subprocess.Popen(
+        ["dbus-daemon", "--nofork", "--nopidfile", f"--config-file={config}",
+         "--print-address"], stdout=subprocess.PIPE, text=True)
+    assert daemon.stdout is not None
+    address = daemon.stdout.readline().strip()
+    assert address, "dbus-daemon printed no address"
+    env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=address)
+    try:
+        yield PrivateBus(address, env)
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=10)
+        shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class DmdProcess:
+    """dmd --sim on a private bus, as a separate process (as users run it)."""
+
+    bus: PrivateBus
+    sim: Path
+    state_dir: Path
+    log: Path
+    extra: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.bus.env
+
+    @property
+    def address(self) -> str:
+        return self.bus.address
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "dmd", "--bus", "session", "--sim", str(self.sim),
+                "--state-dir", str(self.state_dir), "--log-level", "debug", *self.extra]
+
+    def start(self, wait: bool = True) -> subprocess.Popen[bytes]:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(self.command(), env=self.env, stdout=log, stderr=log)
+        if wait:
+            self.wait_for_name()
+        return self.proc
+
+    def wait_for_name(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            owned = subprocess.run(
+                ["busctl", f"--address={self.address}", "status", "org.example.DeviceMapper"],
+                capture_output=True).returncode == 0
+            if owned:
+                return
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"dmd exited with {self.proc.returncode}:\n"
+                                     f"{self.log.read_text()}")
+            time.sleep(0.05)
+        raise AssertionError(f"dmd did not take its name in {timeout} s:\n{self.log.read_text()}")
+
+    def stop(self, signo: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signo)
+        return self.proc.wait(timeout=timeout)
+
+
+@pytest.fixture
+def make_dmd(private_bus: PrivateBus, tmp_path: Path) -> Iterator[Callable[..., DmdProcess]]:
+    """Start ``dmd --bus session --sim FILE [extra...]`` on the private bus;
+    every dmd still running at the end must stop cleanly on SIGTERM."""
+    started: list[DmdProcess] = []
+
+    def make(*extra: str) -> DmdProcess:
+        n = len(started)
+        dmd = DmdProcess(private_bus, tmp_path / f"kernel{n}.json", tmp_path / f"state{n}",
+                         tmp_path / f"dmd{n}.log", list(extra))
+        dmd.start()
+        started.append(dmd)
+        return dmd
+
+    yield make
+    for dmd in started:
+        if dmd.proc is not None and dmd.proc.poll() is None:
+            code = dmd.stop()
+            assert code == 0, f"dmd exited with {code} on SIGTERM:\n{dmd.log.read_text()}"
+
+
+@pytest.fixture
+def dmd_session(make_dmd: Callable[..., DmdProcess]) -> DmdProcess:
+    """A running ``dmd --bus session --sim FILE`` on a private bus."""
+    return make_dmd()

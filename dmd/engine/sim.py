@@ -28,6 +28,7 @@ import fcntl
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,8 +94,12 @@ def _fail(err: int, command: str, dev: object = None) -> DmError:
 class SimDM:
     """Drop-in replacement for ``dmd.engine.DM`` backed by a model."""
 
-    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None = None, *,
+                 flush_delay: float = 0.0) -> None:
         self.path = Path(path) if path is not None else None
+        # How long a suspend that flushes takes: on a real machine it waits
+        # for in-flight I/O, which is what makes reads-behind-writes matter.
+        self.flush_delay = flush_delay
         self._lock = threading.RLock()
         self._state = _Kernel()
         self._stamp: tuple[int, int] | None = None
@@ -455,6 +460,8 @@ class SimDM:
             DmFlags.DM_SUSPEND | DmFlags.DM_SKIP_LOCKFS | DmFlags.DM_NOFLUSH
             | DmFlags.DM_READONLY,
         )
+        if self.flush_delay and flags & DmFlags.DM_SUSPEND and not flags & DmFlags.DM_NOFLUSH:
+            time.sleep(self.flush_delay)
         with self._locked(write=True) as k:
             dev = self._find(k, id, "DM_DEV_SUSPEND")
             if flags & DmFlags.DM_SUSPEND:

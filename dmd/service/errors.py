@@ -76,3 +76,7 @@ def from_engine(exc: BaseException, device: str, operation: str) -> ServiceError
             f"{operation} {device}: kernel refused {exc.command}: {symbol} ({os.strerror(code)})",
             code)
     raise exc
+
+
+class ShuttingDown(ServiceError):
+    name = "ShuttingDown"

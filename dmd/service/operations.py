@@ -34,6 +34,7 @@ from dmd.engine import (
 )
 from dmd.engine import InvalidArgument as EngineInvalidArgument
 from dmd.service import errors
+from dmd.service.auth import ROOT, Action, Authorizer, Caller, RootOnly
 from dmd.service.events import ChangeEvent, ChangeKind, EventBus
 from dmd.service.locks import DeviceLocks
 
@@ -44,17 +45,6 @@ FaultHook = Callable[[str, int], None]
 
 MAX_LABELS = 64
 MAX_LABEL_BYTES = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Who asked: the D-Bus layer fills this from the bus connection."""
-
-    uid: int
-    bus_name: str | None = None
-
-
-ROOT = Caller(uid=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +78,8 @@ class Engine(Protocol):
     def target_msg(self, id: DevId | str, sector: int | None, message: str
                    ) -> tuple[DeviceInfo, str | None]: ...
     def list_devices(self) -> Any: ...
+    def list_versions(self) -> Any: ...
+    def version(self) -> tuple[int, int, int]: ...
     def device_number(self, path: str) -> tuple[int, int] | None: ...
 
 
@@ -154,8 +146,10 @@ class Journal:
 
 class DeviceService:
     def __init__(self, engine: Engine, store: Store, events: EventBus | None = None, *,
-                 workers: int = 8, fault: FaultHook | None = None) -> None:
+                 workers: int = 8, fault: FaultHook | None = None,
+                 authorizer: Authorizer | None = None) -> None:
         self.engine = engine
+        self.authorizer: Authorizer = authorizer or RootOnly()
         self.store = store
         self.events = events or EventBus()
         self.locks = DeviceLocks()
@@ -174,6 +168,13 @@ class DeviceService:
                  operation: str) -> None:
         self.events.publish(ChangeEvent(kind, name, device, operation))
 
+    async def authorize(self, caller: Caller, action: Action, device: str) -> None:
+        """Ask first, before any validation that could leak what exists.
+        Root, and the user dmd runs as (who could ptrace it anyway), need no
+        authority's word."""
+        if caller.uid not in (0, os.getuid()):
+            await self.authorizer.authorize(caller, action, device)
+
     async def _guard(self, operation: str, device: str, body: Callable[[], Awaitable[T]]) -> T:
         """Run an operation body; map anything it raises into the taxonomy."""
         try:
@@ -188,6 +189,7 @@ class DeviceService:
                      uuid: str | None = None, read_only: bool = False,
                      persistent: bool = False, labels: Mapping[str, str] | None = None,
                      caller: Caller = ROOT) -> DeviceInfo:
+        await self.authorize(caller, Action.CREATE, name)
         _validated(lambda: validate_name(name))
         if uuid:
             _validated(lambda: validate_uuid(uuid))
@@ -246,6 +248,7 @@ class DeviceService:
         """Replace the live table: load, suspend, resume. On any failure the old
         table is live again and the device is resumed (unless it was suspended
         before we started)."""
+        await self.authorize(caller, Action.MODIFY, name)
         lines = _validated(lambda: validate_table(table))
 
         async def body() -> DeviceInfo:
@@ -299,6 +302,7 @@ class DeviceService:
     # -- load / clear (raw, for clients that manage the sequence) ----------
     async def load(self, name: str, table: Sequence[Sequence[object]], *,
                    read_only: bool = False, caller: Caller = ROOT) -> DeviceInfo:
+        await self.authorize(caller, Action.MODIFY, name)
         lines = _validated(lambda: validate_table(table))
 
         async def body() -> DeviceInfo:
@@ -311,6 +315,7 @@ class DeviceService:
         return await self._guard("load", name, body)
 
     async def clear(self, name: str, *, caller: Caller = ROOT) -> DeviceInfo:
+        await self.authorize(caller, Action.MODIFY, name)
         async def body() -> DeviceInfo:
             async with self.locks.hold(name):
                 info = await self.kernel(self.engine.table_clear, name)
@@ -322,6 +327,7 @@ class DeviceService:
     # -- suspend / resume --------------------------------------------------
     async def suspend(self, name: str, *, noflush: bool = False, skip_lockfs: bool = False,
                       caller: Caller = ROOT) -> DeviceInfo:
+        await self.authorize(caller, Action.MODIFY, name)
         flags = DmFlags.DM_SUSPEND
         if noflush:
             flags |= DmFlags.DM_NOFLUSH
@@ -332,6 +338,7 @@ class DeviceService:
     async def resume(self, name: str, *, caller: Caller = ROOT) -> DeviceInfo:
         """Resume; if a loaded table fails to go live, the device is resumed on
         its old table and the error is reported."""
+        await self.authorize(caller, Action.MODIFY, name)
         async def body() -> DeviceInfo:
             async with self.locks.hold(name):
                 try:
@@ -357,6 +364,7 @@ class DeviceService:
 
     # -- rename / set UUID -------------------------------------------------
     async def rename(self, name: str, new_name: str, *, caller: Caller = ROOT) -> DeviceInfo:
+        await self.authorize(caller, Action.MODIFY, name)
         _validated(lambda: validate_name(new_name))
 
         async def body() -> DeviceInfo:
@@ -388,6 +396,7 @@ class DeviceService:
         return await self._guard("rename", name, body)
 
     async def set_uuid(self, name: str, uuid: str, *, caller: Caller = ROOT) -> DeviceInfo:
+        await self.authorize(caller, Action.MODIFY, name)
         _validated(lambda: validate_uuid(uuid))
 
         async def body() -> DeviceInfo:
@@ -403,6 +412,7 @@ class DeviceService:
     # -- message -----------------------------------------------------------
     async def message(self, name: str, sector: int, text: str, *,
                       caller: Caller = ROOT) -> str:
+        await self.authorize(caller, Action.MODIFY, name)
         async def body() -> str:
             async with self.locks.hold(name):
                 info, out = await self.kernel(self.engine.target_msg, name, sector, text)
@@ -430,6 +440,7 @@ class DeviceService:
         with the names of its users unless *deferred* (the kernel removes it
         when the last user closes it) or *force* (its table is first replaced
         by ``error`` so users fail fast instead of hanging, then deferred)."""
+        await self.authorize(caller, Action.REMOVE, name)
         async def body() -> DeviceInfo:
             async with self.locks.hold(name):
                 info = await self.kernel(self.engine.device_info, name)
@@ -476,6 +487,7 @@ class DeviceService:
 
     async def remove_all_managed(self, *, caller: Caller = ROOT) -> list[str]:
         """Remove every device dmd manages, users before the devices they use."""
+        await self.authorize(caller, Action.REMOVE, "*")
         removed: list[str] = []
         pending = [r.name for r in await self.store.list_devices()]
         for _ in range(len(pending) + 1):
@@ -500,6 +512,7 @@ class DeviceService:
     # -- metadata ----------------------------------------------------------
     async def set_labels(self, name: str, labels: Mapping[str, str], *,
                          caller: Caller = ROOT) -> None:
+        await self.authorize(caller, Action.MANAGE, name)
         clean = check_labels(labels)
         async with self.locks.hold(name):
             if await self.store.get_device(name) is None:
@@ -510,6 +523,7 @@ class DeviceService:
     async def adopt(self, name: str, *, persistent: bool = False,
                     caller: Caller = ROOT) -> DeviceInfo:
         """Start managing a device another tool made: record its live table."""
+        await self.authorize(caller, Action.MANAGE, name)
         async def body() -> DeviceInfo:
             async with self.locks.hold(name):
                 if await self.store.get_device(name) is not None:

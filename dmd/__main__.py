@@ -1,0 +1,3 @@
+from dmd.daemon import run
+
+run()

@@ -1,0 +1,223 @@
+"""dmd, the daemon: wiring and start-up order.
+
+1. Options; the engine (the kernel, or SimDM with --sim); the state store
+   (refuses a bad database with a message naming the file); a lock on the
+   state directory, so two dmds never share one database.
+2. Connect to the bus; fail early and clearly when another dmd owns the name.
+3. Recovery (finish or roll back interrupted operations, re-create persistent
+   devices), then a full scan of the kernel, then export one object per device.
+4. Only then take the name: a client that sees dmd sees a consistent dmd.
+5. SIGTERM/SIGINT: refuse new calls, let running ones finish, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dbus_fast import BusType, Message, NameFlag, RequestNameReply
+
+from dmd import __version__
+from dmd.dbus.bus import DmdBus
+from dmd.dbus.exporter import Exporter
+from dmd.dbus.handlers import DeviceHandlers, ManagerHandlers
+from dmd.dbus.interfaces import ManagerInterface
+from dmd.dbus.names import BUS_NAME, ROOT_PATH
+from dmd.dbus.polkit import PolkitAuthorizer
+from dmd.dbus.router import Router
+from dmd.service.inventory import Inventory
+from dmd.service.operations import DeviceService, default_workers
+from dmd.service.recovery import recover
+from dmd.state import AsyncStateStore, StateError, StateStore
+
+log = logging.getLogger("dmd")
+
+DEFAULT_STATE_DIR = Path("/var/lib/dmd")
+LOCK_NAME = "dmd.lock"
+
+
+class StartupError(Exception):
+    """dmd cannot start; the message says why and what to do."""
+
+
+@dataclass
+class Options:
+    bus: str
+    state_dir: Path
+    sim: Path | None
+    log_level: str
+    sim_flush_delay: float = 0.0
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(
+        prog="dmd", description="device-mapper daemon: org.example.DeviceMapper on D-Bus")
+    parser.add_argument("--bus", choices=("system", "session"), default="system",
+                        help="bus to serve on (default: system)")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="where dmd keeps its database (default: $STATE_DIRECTORY "
+                             f"or {DEFAULT_STATE_DIR}; with --sim: FILE.state)")
+    parser.add_argument("--sim", type=Path, default=None, metavar="FILE",
+                        help="use the simulated kernel kept in FILE (no root, no "
+                             "device-mapper needed)")
+    parser.add_argument("--sim-flush-delay", type=float, default=0.0, metavar="SECONDS",
+                        help="with --sim: how long a flushing suspend takes (to try "
+                             "clients against slow devices)")
+    parser.add_argument("--log-level", default="info",
+                        choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--version", action="version", version=f"dmd {__version__}")
+    args = parser.parse_args(argv)
+    state_dir = args.state_dir
+    if state_dir is None:
+        if args.sim is not None:
+            state_dir = args.sim.with_name(args.sim.name + ".state")
+        else:
+            # systemd's StateDirectory= tells us where it made the directory.
+            state_dir = Path(os.environ.get("STATE_DIRECTORY", DEFAULT_STATE_DIR))
+    return Options(args.bus, state_dir, args.sim, args.log_level, args.sim_flush_delay)
+
+
+def open_engine(options: Options) -> Any:
+    if options.sim is not None:
+        from dmd.engine.sim import SimDM
+        return SimDM(options.sim, flush_delay=options.sim_flush_delay)
+    from dmd.engine import DM
+    try:
+        return DM()
+    except OSError as exc:
+        raise StartupError(f"{exc}; to try dmd without device-mapper, use --sim FILE") from None
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold an exclusive lock on the state directory for dmd's lifetime."""
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StartupError(f"cannot use the state directory {state_dir}: {exc.strerror}; "
+                           "choose another with --state-dir") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StartupError(f"another dmd (pid {holder}) is using {state_dir}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+async def name_owner(bus: DmdBus, name: str) -> str | None:
+    reply = await bus.call(Message(
+        destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus", member="GetNameOwner", signature="s", body=[name]))
+    if reply is None or reply.error_name:
+        return None
+    return str(reply.body[0])
+
+
+class Daemon:
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        options = self.options
+        lock_fd = lock_state_dir(options.state_dir)
+        try:
+            store = StateStore.open(options.state_dir)
+        except StateError as exc:
+            raise StartupError(str(exc)) from None
+        engine = open_engine(options)
+        bus_type = BusType.SYSTEM if options.bus == "system" else BusType.SESSION
+        try:
+            bus = DmdBus(bus_type)
+            await bus.connect()
+        except Exception as exc:
+            raise StartupError(f"cannot connect to the {options.bus} bus: {exc}") from None
+        owner = await name_owner(bus, BUS_NAME)
+        if owner is not None:
+            bus.disconnect()
+            raise StartupError(f"{BUS_NAME} is already owned on the {options.bus} bus "
+                               f"(by {owner}): is another dmd running?")
+        async_store = AsyncStateStore(store)
+        service = DeviceService(engine, async_store, workers=default_workers(),
+                                authorizer=PolkitAuthorizer(bus))
+        try:
+            await self._serve(bus, service)
+        finally:
+            service.close()
+            async_store.close()
+            engine.close()
+            os.close(lock_fd)
+
+    async def _serve(self, bus: DmdBus, service: DeviceService) -> None:
+        report = await recover(service)
+        for what, names in vars(report).items():
+            if names:
+                log.info("recovery: %s: %s", what, ", ".join(names))
+        inventory = Inventory(service)
+        await inventory.rescan()
+        kernel_version = ".".join(map(str, await service.kernel(service.engine.version)))
+        manager = ManagerInterface(kernel_version, __version__)
+        bus.export(ROOT_PATH, manager)
+        exporter = Exporter(bus, inventory)
+        router = Router(bus, exporter, manager, ManagerHandlers(service, inventory),
+                        DeviceHandlers(service, inventory))
+        bus.add_message_handler(router.handle)
+        bus.quiet = False
+        reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        if reply is not RequestNameReply.PRIMARY_OWNER:
+            bus.disconnect()
+            raise StartupError(f"could not take {BUS_NAME} ({reply.name}): another dmd "
+                               "took it first, or the bus policy does not let this user "
+                               "own it (install data/dbus-policy)")
+        log.info("dmd %s serving %d device(s) as %s on the %s bus (dm %s)", __version__,
+                 len(inventory), BUS_NAME, self.options.bus, kernel_version)
+        disconnected = asyncio.ensure_future(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
+        stopping = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait({disconnected, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if disconnected.done():
+            stopping.cancel()
+            raise StartupError("lost the connection to the bus")
+        log.info("stopping: finishing %d call(s) in flight", len(router._in_flight))
+        await router.drain()
+        with contextlib.suppress(Exception):
+            await bus.release_name(BUS_NAME)
+        bus.disconnect()
+        disconnected.cancel()
+        log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    logging.basicConfig(
+        level=options.log_level.upper(), stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s")
+    daemon = Daemon(options)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for signo in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signo, daemon.stopping.set)
+        await daemon.run()
+
+    try:
+        asyncio.run(run())
+    except StartupError as exc:
+        print(f"dmd: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The bus connection dmd serves on, and who is calling.
+
+dbus-fast sends InterfacesAdded/InterfacesRemoved from the path of the object
+being exported; the D-Bus specification (and GDBusObjectManagerClient, and
+every client that subscribes with the manager's path) expects them from the
+ObjectManager's own path. DmdBus sends them from there, with the property
+values taken from the cached view rather than by calling every getter.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
+from dbus_fast.service import ServiceInterface
+
+from dmd.dbus.interfaces import DeviceInterface
+from dmd.dbus.names import OBJECT_MANAGER_INTERFACE, ROOT_PATH
+from dmd.service import errors
+
+log = logging.getLogger(__name__)
+
+
+class DmdBus(MessageBus):
+    def __init__(self, bus_type: BusType = BusType.SYSTEM, bus_address: str | None = None,
+                 ) -> None:
+        super().__init__(bus_address=bus_address, bus_type=bus_type)
+        # While the first scan is exported nobody can know our objects yet:
+        # one signal per device there would only cost time.
+        self.quiet = True
+        self._uids: OrderedDict[str, int] = OrderedDict()
+
+    def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
+        if self.quiet or not self.connected:
+            return
+        if isinstance(interface, DeviceInterface):
+            props: dict[str, Any] = interface.variants()
+        else:
+            props = {}
+        self.send(Message.new_signal(
+            ROOT_PATH, OBJECT_MANAGER_INTERFACE, "InterfacesAdded", "oa{sa{sv}}",
+            [path, {interface.name: props}]))
+
+    def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
+        if self.quiet or not self.connected:
+            return
+        self.send(Message.new_signal(
+            ROOT_PATH, OBJECT_MANAGER_INTERFACE, "InterfacesRemoved", "oas",
+            [path, removed_interfaces]))
+
+    async def call_checked(self, message: Message) -> Message:
+        """Call; a D-Bus error reply becomes an exception naming it."""
+        reply = await self.call(message)
+        assert reply is not None
+        if reply.message_type is MessageType.ERROR:
+            text = reply.body[0] if reply.body else ""
+            raise BusCallFailed(reply.error_name or "?", str(text))
+        return reply
+
+    async def caller_uid(self, sender: str) -> int:
+        """The uid behind a unique bus name, asked of the bus daemon (which
+        got it from the kernel): the only identity a caller cannot forge.
+        Unique names are never reused, so a small cache of them is safe."""
+        uid = self._uids.get(sender)
+        if uid is not None:
+            self._uids.move_to_end(sender)
+            return uid
+        try:
+            reply = await self.call_checked(Message(
+                destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus", member="GetConnectionUnixUser",
+                signature="s", body=[sender]))
+        except BusCallFailed as exc:
+            raise errors.NotAuthorized(f"cannot tell who {sender} is: {exc}") from None
+        uid = int(reply.body[0])
+        self._uids[sender] = uid
+        if len(self._uids) > 4096:
+            self._uids.popitem(last=False)
+        return uid
+
+
+class BusCallFailed(Exception):
+    def __init__(self, error_name: str, text: str) -> None:
+        super().__init__(f"{error_name}: {text}")
+        self.error_name = error_name

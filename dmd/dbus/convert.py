@@ -1,0 +1,133 @@
+"""Between D-Bus values and the service layer's: tables, options, properties.
+
+Everything a client sends is checked here before the service sees it, so a
+wrong type or an oversized value is an InvalidArgument that names the rule,
+never a crash deep inside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from dbus_fast import Variant
+
+from dmd.engine import TargetLine
+from dmd.service import errors
+from dmd.service.inventory import DeviceView
+
+# A table's text goes into one ioctl buffer; the kernel caps a table at a few
+# MiB of memory anyway. These limits keep one call from costing the daemon
+# more than a moment (validation is linear in them).
+MAX_TABLE_LINES = 65536
+MAX_TABLE_BYTES = 4 << 20
+MAX_STRING_BYTES = 65536
+
+# The properties of org.example.DeviceMapper.Device, in introspection order.
+DEVICE_PROPERTIES: dict[str, str] = {
+    "Name": "s",
+    "UUID": "s",
+    "Major": "u",
+    "Minor": "u",
+    "DevicePath": "s",
+    "Size": "t",
+    "Suspended": "b",
+    "ReadOnly": "b",
+    "OpenCount": "i",
+    "EventNumber": "u",
+    "LiveTable": "a(ttss)",
+    "InactiveTable": "a(ttss)",
+    "Dependencies": "a(uu)",
+    "Managed": "b",
+    "Persistent": "b",
+    "Labels": "a{ss}",
+    "Drifted": "b",
+}
+
+
+def table_out(table: tuple[TargetLine, ...] | list[TargetLine]) -> list[list[Any]]:
+    return [[line.start, line.length, line.target_type, line.params] for line in table]
+
+
+def device_properties(view: DeviceView) -> dict[str, Any]:
+    """Plain values of every Device property (no I/O: from the view)."""
+    return {
+        "Name": view.name,
+        "UUID": view.uuid,
+        "Major": view.device[0],
+        "Minor": view.device[1],
+        "DevicePath": f"/dev/mapper/{view.name}",
+        "Size": view.size_bytes,
+        "Suspended": view.suspended,
+        "ReadOnly": view.read_only,
+        "OpenCount": view.open_count,
+        "EventNumber": view.event_nr & 0xFFFFFFFF,
+        "LiveTable": table_out(view.live_table),
+        "InactiveTable": table_out(view.inactive_table),
+        "Dependencies": [list(dev) for dev in view.dependencies],
+        "Managed": view.managed,
+        "Persistent": view.persistent,
+        "Labels": dict(view.labels),
+        "Drifted": view.drifted,
+    }
+
+
+def as_variants(values: Mapping[str, Any]) -> dict[str, Variant]:
+    return {name: Variant(DEVICE_PROPERTIES[name], value) for name, value in values.items()}
+
+
+def check_string(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise errors.InvalidArgument(f"{what} must be a string")
+    if len(value) > MAX_STRING_BYTES:
+        raise errors.InvalidArgument(f"{what} is longer than {MAX_STRING_BYTES} bytes")
+    return value
+
+
+def table_in(raw: object) -> list[TargetLine]:
+    """An a(ttss) from the bus as TargetLines (contiguity etc. is checked by
+    the service; here only shape and size)."""
+    if not isinstance(raw, list):
+        raise errors.InvalidArgument("a table is an array of (start, length, type, params)")
+    if len(raw) > MAX_TABLE_LINES:
+        raise errors.InvalidArgument(f"a table has at most {MAX_TABLE_LINES} lines")
+    total = 0
+    lines: list[TargetLine] = []
+    for number, entry in enumerate(raw):
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 4):
+            raise errors.InvalidArgument(f"table line {number}: expected (ttss)")
+        start, length, target_type, params = entry
+        total += len(target_type) + len(params) + 40
+        if total > MAX_TABLE_BYTES:
+            raise errors.InvalidArgument(f"the table is larger than {MAX_TABLE_BYTES} bytes")
+        lines.append(TargetLine(start, length, target_type, params))
+    return lines
+
+
+# Options each method accepts: name -> D-Bus signature.
+OPTIONS: dict[str, dict[str, str]] = {
+    "CreateDevice": {"uuid": "s", "read-only": "b", "persistent": "b", "labels": "a{ss}"},
+    "LoadTable": {"read-only": "b"},
+    "Reload": {"read-only": "b"},
+    "Suspend": {"noflush": "b", "skip-lockfs": "b"},
+    "Remove": {"force": "b", "deferred": "b"},
+    "Adopt": {"persistent": "b"},
+}
+
+
+def options_in(method: str, raw: object) -> dict[str, Any]:
+    """An a{sv} of options, every key known to *method* and of its type."""
+    if not isinstance(raw, dict):
+        raise errors.InvalidArgument("options must be an a{sv}")
+    allowed = OPTIONS.get(method, {})
+    out: dict[str, Any] = {}
+    for key, variant in raw.items():
+        if key not in allowed:
+            known = ", ".join(sorted(allowed)) or "none"
+            raise errors.InvalidArgument(
+                f"{method}: unknown option {key!r} (known: {known})")
+        if not isinstance(variant, Variant) or variant.signature != allowed[key]:
+            raise errors.InvalidArgument(
+                f"{method}: option {key!r} must be of type {allowed[key]!r}")
+        out[key] = variant.value
+    return out

@@ -1,0 +1,27 @@
+"""The names of dmd's D-Bus API: one place, shared by the daemon and dmctl.
+
+This module is a contract: clients may import it, and it imports nothing.
+"""
+
+from __future__ import annotations
+
+BUS_NAME = "org.example.DeviceMapper"
+ROOT_PATH = "/org/example/DeviceMapper"
+DEVICES_PATH = ROOT_PATH + "/devices"
+MANAGER_INTERFACE = "org.example.DeviceMapper.Manager"
+DEVICE_INTERFACE = "org.example.DeviceMapper.Device"
+OBJECT_MANAGER_INTERFACE = "org.freedesktop.DBus.ObjectManager"
+PROPERTIES_INTERFACE = "org.freedesktop.DBus.Properties"
+ERROR_PREFIX = "org.example.DeviceMapper.Error."
+
+# polkit action ids, one per kind of change (see data/polkit/).
+ACTION_PREFIX = "org.example.devicemapper."
+ACTION_CREATE = ACTION_PREFIX + "create"
+ACTION_MODIFY = ACTION_PREFIX + "modify"
+ACTION_REMOVE = ACTION_PREFIX + "remove"
+ACTION_MANAGE = ACTION_PREFIX + "manage"
+
+
+def device_path(minor: int) -> str:
+    """Object path of the device with dm minor *minor*: a rename keeps it."""
+    return f"{DEVICES_PATH}/dm_{minor}"

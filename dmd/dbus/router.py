@@ -1,0 +1,140 @@
+"""Every method call on dmd's interfaces comes through here.
+
+The router checks the call's signature against the declared interface (a
+wrong type is an InvalidArgument, not dbus-fast's UnknownMethod), finds who is
+calling, runs the handler as a task so slow calls never block others, and
+turns every failure into a named error. GetManagedObjects is answered from
+the cached property values in one pass (dbus-fast's own handler re-checks the
+whole result after every object, quadratic in the number of devices).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dbus_fast import Message, MessageFlag, MessageType
+from dbus_fast.service import ServiceInterface
+
+from dmd.dbus.bus import DmdBus
+from dmd.dbus.exporter import Exporter
+from dmd.dbus.handlers import DeviceHandlers, ManagerHandlers
+from dmd.dbus.interfaces import DeviceInterface
+from dmd.dbus.names import (
+    DEVICE_INTERFACE,
+    DEVICES_PATH,
+    ERROR_PREFIX,
+    MANAGER_INTERFACE,
+    OBJECT_MANAGER_INTERFACE,
+    ROOT_PATH,
+)
+from dmd.service import errors
+from dmd.service.auth import Caller
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    handler: Handler
+    in_signature: str
+    out_signature: str
+    on_device: bool
+
+
+def _routes(interface: ServiceInterface, handlers: object, on_device: bool
+            ) -> dict[str, _Route]:
+    routes = {}
+    for method in interface.introspect().methods:
+        routes[method.name] = _Route(getattr(handlers, method.name), method.in_signature,
+                                     method.out_signature, on_device)
+    return routes
+
+
+def error_reply(msg: Message, exc: errors.ServiceError) -> Message:
+    return Message.new_error(msg, ERROR_PREFIX + exc.name, str(exc))
+
+
+class Router:
+    def __init__(self, bus: DmdBus, exporter: Exporter, manager: ServiceInterface,
+                 manager_handlers: ManagerHandlers, device_handlers: DeviceHandlers) -> None:
+        self.bus, self.exporter = bus, exporter
+        self._routes = {
+            MANAGER_INTERFACE: _routes(manager, manager_handlers, False),
+            DEVICE_INTERFACE: _routes(DeviceInterface({}), device_handlers, True),
+        }
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self.accepting = True
+
+    # -- dispatch (runs inside dbus-fast's reader callback: must not block) --
+    def handle(self, msg: Message) -> Message | bool | None:
+        if msg.message_type is not MessageType.METHOD_CALL:
+            return None
+        if msg.member == "GetManagedObjects" and msg.path == ROOT_PATH and \
+                msg.interface in (OBJECT_MANAGER_INTERFACE, None):
+            return self._managed_objects(msg)
+        route = self._find(msg)
+        if route is None:
+            return None
+        if msg.signature != route.in_signature:
+            return error_reply(msg, errors.InvalidArgument(
+                f"{msg.member} takes ({route.in_signature}), not ({msg.signature})"))
+        if not self.accepting:
+            return error_reply(msg, errors.ShuttingDown("dmd is shutting down"))
+        task = asyncio.get_running_loop().create_task(self._run(msg, route))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        return True
+
+    def _find(self, msg: Message) -> _Route | None:
+        path, member = msg.path or "", msg.member or ""
+        if path == ROOT_PATH:
+            candidates = [MANAGER_INTERFACE]
+        elif path.startswith(DEVICES_PATH + "/"):
+            candidates = [DEVICE_INTERFACE]
+        else:
+            return None
+        if msg.interface is not None and msg.interface not in candidates:
+            return None
+        return self._routes[candidates[0]].get(member)
+
+    def _managed_objects(self, msg: Message) -> Message:
+        body = {path: {DEVICE_INTERFACE: obj.variants()}
+                for path, obj in self.exporter.objects.items()}
+        return Message.new_method_return(msg, "a{oa{sa{sv}}}", [body])
+
+    # -- running -------------------------------------------------------------
+    async def _run(self, msg: Message, route: _Route) -> None:
+        try:
+            caller = Caller(
+                uid=await self.bus.caller_uid(msg.sender or ""), bus_name=msg.sender,
+                interactive=bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION))
+            args: list[Any] = list(msg.body)
+            if route.on_device:
+                name = self.exporter.name_at(msg.path or "")
+                if name is None:
+                    raise errors.NotFound(f"no device at {msg.path} (it was removed)")
+                args.insert(0, name)
+            result = await route.handler(caller, *args)
+            body = [] if not route.out_signature else [result]
+            reply = Message.new_method_return(msg, route.out_signature, body)
+        except errors.ServiceError as exc:
+            log.info("%s %s from %s: %s: %s", msg.member, msg.path, msg.sender, exc.name, exc)
+            reply = error_reply(msg, exc)
+        except Exception:
+            log.exception("%s %s from %s failed", msg.member, msg.path, msg.sender)
+            reply = Message.new_error(msg, ERROR_PREFIX + "Failed",
+                                      f"{msg.member}: internal error (see dmd's log)")
+        if not msg.flags & MessageFlag.NO_REPLY_EXPECTED and self.bus.connected:
+            self.bus.send(reply)
+
+    async def drain(self) -> None:
+        """Refuse new calls; wait for the ones already running to finish."""
+        self.accepting = False
+        while self._in_flight:
+            await asyncio.gather(*list(self._in_flight), return_exceptions=True)

@@ -1,0 +1,232 @@
+"""What the kernel holds, as dmd shows it: one view per device, whoever made it.
+
+The inventory is the read side of dmd. Clients read views (D-Bus properties,
+GetManagedObjects) without touching the kernel, so reads never wait behind a
+slow operation; the kernel is read only to refresh a view after a change
+(dmd's own, or a hint from udev) or on a rescan.
+
+Refreshes are coalesced per device name: while one is running, further
+requests for the same name mark it dirty and it runs once more, so a storm of
+hints costs one extra read per device, not one per hint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from dmd.engine import DmError, DmFlags, TargetLine
+from dmd.service.events import ChangeEvent, ChangeKind
+from dmd.service.operations import DeviceService
+from dmd.state.redact import redact_table
+
+log = logging.getLogger(__name__)
+
+SECTOR = 512
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    """One device as clients see it: key material is already redacted."""
+
+    name: str
+    uuid: str
+    device: tuple[int, int]
+    suspended: bool
+    read_only: bool
+    open_count: int
+    event_nr: int
+    live_table: tuple[TargetLine, ...]
+    inactive_table: tuple[TargetLine, ...]
+    dependencies: tuple[tuple[int, int], ...]
+    managed: bool = False
+    persistent: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+    drifted: bool = False
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(line.length for line in self.live_table) * SECTOR
+
+
+Listener = Callable[[ChangeKind, DeviceView | None, DeviceView | None], None]
+
+
+def _redacted(table: list[TargetLine]) -> tuple[TargetLine, ...]:
+    return tuple(redact_table(table)[0])
+
+
+class _Refresh:
+    __slots__ = ("again", "done")
+
+    def __init__(self) -> None:
+        self.again = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+class Inventory:
+    """Views of every device in the kernel, keyed by dev_t, kept fresh."""
+
+    def __init__(self, service: DeviceService) -> None:
+        self.service = service
+        self._views: dict[tuple[int, int], DeviceView] = {}
+        self._by_name: dict[str, tuple[int, int]] = {}
+        self._listeners: list[Listener] = []
+        self._refreshing: dict[str, _Refresh] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self.refresh_count = 0
+        service.events.subscribe(self._on_change)
+
+    # -- reading -----------------------------------------------------------
+    def __iter__(self) -> Iterator[DeviceView]:
+        return iter(list(self._views.values()))
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def get(self, name: str) -> DeviceView | None:
+        dev = self._by_name.get(name)
+        return None if dev is None else self._views.get(dev)
+
+    def by_device(self, device: tuple[int, int]) -> DeviceView | None:
+        return self._views.get(device)
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    # -- keeping fresh -----------------------------------------------------
+    def _on_change(self, event: ChangeEvent) -> None:
+        """Service events are hints: refresh in the background (callers that
+        must see the result first await refresh() themselves)."""
+        task = asyncio.get_running_loop().create_task(self.refresh(event.name))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def refresh(self, name: str) -> None:
+        """Re-read device *name* from the kernel; returns once a read that
+        started after this call has been applied."""
+        pending = self._refreshing.get(name)
+        if pending is not None:
+            pending.again = True
+            await asyncio.shield(pending.done)
+            return
+        pending = self._refreshing[name] = _Refresh()
+        try:
+            while True:
+                pending.again = False
+                await self._refresh_once(name)
+                if not pending.again:
+                    break
+        finally:
+            del self._refreshing[name]
+            pending.done.set_result(None)
+
+    async def _read(self, name: str, records: dict[str, Any] | None = None
+                    ) -> DeviceView | None:
+        """The device's view now, or None when the kernel has no such name.
+        *records* (managed records by name) spares a database read per device."""
+        kernel, engine = self.service.kernel, self.service.engine
+        try:
+            info, live = await kernel(engine.table_status, name, DmFlags.DM_STATUS_TABLE)
+            inactive: list[TargetLine] = []
+            if info.inactive_present:
+                _, inactive = await kernel(
+                    engine.table_status, name,
+                    DmFlags.DM_STATUS_TABLE | DmFlags.DM_QUERY_INACTIVE_TABLE)
+            deps = await kernel(engine.table_deps, name) if info.active_present else []
+        except DmError as exc:
+            if exc.errno == errno.ENXIO:
+                return None
+            raise
+        record = (records.get(name) if records is not None
+                  else await self.service.store.get_device(name))
+        return self._view(info, live, inactive, deps, record)
+
+    @staticmethod
+    def _view(info: Any, live: list[TargetLine], inactive: list[TargetLine],
+              deps: list[tuple[int, int]], record: Any) -> DeviceView:
+        return DeviceView(
+            name=info.name, uuid=info.uuid, device=info.device,
+            suspended=info.suspended, read_only=info.read_only,
+            open_count=info.open_count, event_nr=info.event_nr,
+            live_table=_redacted(live), inactive_table=_redacted(inactive),
+            dependencies=tuple(sorted(deps)),
+            managed=record is not None,
+            persistent=bool(record is not None and record.persistent),
+            labels=dict(record.labels) if record is not None else {},
+            drifted=bool(record is not None and record.drifted))
+
+    async def _refresh_once(self, name: str) -> None:
+        self.refresh_count += 1
+        try:
+            view = await self._read(name)
+        except DmError as exc:
+            log.warning("refresh %s: %s", name, exc)
+            return
+        if view is None:
+            self._drop_name(name)
+        else:
+            self._put(view)
+
+    async def rescan(self) -> None:
+        """Compare every view with the kernel: add, change and drop to match."""
+        listed = await self.service.kernel(self.service.engine.list_devices)
+        records = {r.name: r for r in await self.service.store.list_devices()}
+        seen: set[tuple[int, int]] = set()
+        for entry in listed:
+            seen.add(entry.device)
+            try:
+                view = await self._read(entry.name, records)
+            except DmError as exc:
+                log.warning("rescan %s: %s", entry.name, exc)
+                continue
+            if view is not None:
+                self._put(view)
+        for dev in [d for d in self._views if d not in seen]:
+            self._drop(dev)
+
+    # -- applying ----------------------------------------------------------
+    def _emit(self, kind: ChangeKind, before: DeviceView | None,
+              after: DeviceView | None) -> None:
+        subject = after if after is not None else before
+        for listener in list(self._listeners):
+            try:
+                listener(kind, before, after)
+            except Exception:
+                log.exception("inventory listener failed on %s",
+                              subject.name if subject is not None else "?")
+
+    def _put(self, view: DeviceView) -> None:
+        before = self._views.get(view.device)
+        if before is not None and before.name != view.name and \
+                self._by_name.get(before.name) == view.device:
+            del self._by_name[before.name]
+        # Another dev_t may still carry this name in our views (removed and
+        # re-made behind our back): the kernel says the name is here now.
+        stale = self._by_name.get(view.name)
+        if stale is not None and stale != view.device:
+            self._drop(stale)
+        self._views[view.device] = view
+        self._by_name[view.name] = view.device
+        if before is None:
+            self._emit(ChangeKind.ADDED, None, view)
+        elif before != view:
+            self._emit(ChangeKind.CHANGED, before, view)
+
+    def _drop_name(self, name: str) -> None:
+        dev = self._by_name.get(name)
+        if dev is not None:
+            self._drop(dev)
+
+    def _drop(self, dev: tuple[int, int]) -> None:
+        view = self._views.pop(dev, None)
+        if view is None:
+            return
+        if self._by_name.get(view.name) == dev:
+            del self._by_name[view.name]
+        self._emit(ChangeKind.REMOVED, view, None)
