@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,25 @@ log = logging.getLogger("dmd")
 
 DEFAULT_STATE_DIR = Path("/var/lib/dmd")
 LOCK_NAME = "dmd.lock"
+
+
+FAULT_ENV = "DMD_TEST_KILL_AT"
+
+
+def fault_from_environment() -> Callable[[str, int], None] | None:
+    """A test hook: ``DMD_TEST_KILL_AT=reload:2`` makes dmd SIGKILL itself at
+    step 2 of a reload, so tests can crash a real dmd mid-operation."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    operation, _, step = spec.partition(":")
+
+    def kill_at(op: str, number: int) -> None:
+        if op == operation and number == int(step):
+            log.warning("%s=%s: killing myself", FAULT_ENV, spec)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return kill_at
 
 
 class StartupError(Exception):
@@ -151,7 +171,8 @@ class Daemon:
                                f"(by {owner}): is another dmd running?")
         async_store = AsyncStateStore(store)
         service = DeviceService(engine, async_store, workers=default_workers(),
-                                authorizer=PolkitAuthorizer(bus))
+                                authorizer=PolkitAuthorizer(bus),
+                                fault=fault_from_environment())
         try:
             await self._serve(bus, service)
         finally:

@@ -64,20 +64,24 @@ async def _settle_intent(service: DeviceService, intent: Any, report: RecoveryRe
             await service._remove_quietly(name)
             state = "rolled_back"
     elif op == "reload":
+        # Step 3 issues the resume that swaps the new table in: from then on
+        # an absent inactive table means the swap happened and the kernel's
+        # live table is the new one; before it, the new table is dropped.
         info = await _info(service, name)
+        swapped = False
         if info is not None:
+            swapped = intent.step >= 3 and not info.inactive_present
             if info.inactive_present:
                 with contextlib.suppress(DmError):
                     await service.kernel(service.engine.table_clear, name)
             if not args.get("was_suspended"):
                 await _resume_if_suspended(service, name)
-            if record is not None:
+            if record is not None and swapped:
                 _, live = await service.kernel(
                     service.engine.table_status, name, DmFlags.DM_STATUS_TABLE)
-                if intent.step >= 4 and not carries_key(live):
-                    # The new table went live before the crash: the kernel is right.
+                if not carries_key(live):
                     await store.update_table(name, live, info.read_only)
-        state = "done" if intent.step >= 4 else "rolled_back"
+        state = "done" if swapped else "rolled_back"
     elif op == "rename":
         new_name = args.get("new_name", "")
         names = await _kernel_names(service)
