@@ -76,6 +76,7 @@ class Options:
     sim: Path | None
     log_level: str
     sim_flush_delay: float = 0.0
+    udev_timeout: float = 10.0
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -92,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--sim-flush-delay", type=float, default=0.0, metavar="SECONDS",
                         help="with --sim: how long a flushing suspend takes (to try "
                              "clients against slow devices)")
+    parser.add_argument("--udev-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="how long a create, resume, rename or remove waits for udev "
+                             "before failing with Timeout (default: 10)")
     parser.add_argument("--log-level", default="info",
                         choices=("debug", "info", "warning", "error"))
     parser.add_argument("--version", action="version", version=f"dmd {__version__}")
@@ -103,7 +107,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         else:
             # systemd's StateDirectory= tells us where it made the directory.
             state_dir = Path(os.environ.get("STATE_DIRECTORY", DEFAULT_STATE_DIR))
-    return Options(args.bus, state_dir, args.sim, args.log_level, args.sim_flush_delay)
+    return Options(args.bus, state_dir, args.sim, args.log_level, args.sim_flush_delay,
+                   args.udev_timeout)
 
 
 def open_engine(options: Options) -> Any:
@@ -112,7 +117,7 @@ def open_engine(options: Options) -> Any:
         return SimDM(options.sim, flush_delay=options.sim_flush_delay)
     from dmd.engine import DM
     try:
-        return DM()
+        return DM(udev_timeout=options.udev_timeout)
     except OSError as exc:
         raise StartupError(f"{exc}; to try dmd without device-mapper, use --sim FILE") from None
 

@@ -28,6 +28,7 @@ from dmd.engine import (
     DmError,
     DmFlags,
     TargetLine,
+    UdevTimeout,
     validate_name,
     validate_table,
     validate_uuid,
@@ -234,6 +235,10 @@ class DeviceService:
                     with contextlib.suppress(DmError):
                         await self.kernel(self.engine.device_suspend, name, DmFlags(0))
                 await self.kernel(self.engine.device_remove, name)
+                return
+            except UdevTimeout:
+                # The kernel removed it; only udev has not caught up.
+                log.warning("rollback of %s: removed, but udev has not finished", name)
                 return
             except DmError as exc:
                 if exc.errno == 6:  # ENXIO: already gone

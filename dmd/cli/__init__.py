@@ -1,0 +1,1 @@
+"""dmctl: a shell client for dmd, over D-Bus only."""
