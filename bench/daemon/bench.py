@@ -1,0 +1,188 @@
+"""Daemon benchmark in the kernel lab: dmd on the real system bus against dmsetup.
+
+Not a test: it measures. Run it with ``bench/run-daemon`` (boots the lab once
+and runs this inside, as root, with udevd and a system bus). Under emulation
+only ratios between programs of the same boot mean anything.
+
+Sections:
+  (a) create: ``busctl call ... CreateDevice`` against ``dmsetup create``, the
+      same zero table, each returning once udev is done, N devices one by
+      one; then remove (``busctl ... Remove`` against ``dmsetup remove``);
+  (b) recovery: M persistent devices made through dmd; dmd stopped; every
+      device removed (the "reboot"); then the time from starting dmd to dmd
+      owning its name with all M devices back, against dmsetup creating the
+      same M devices in one process (``dmsetup create --concise``), and the
+      start-up time with the M devices already present (scan only).
+Results are printed and written to .lab-results/bench-daemon.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+BUS_NAME = "org.example.DeviceMapper"
+ROOT_PATH = "/org/example/DeviceMapper"
+MANAGER = "org.example.DeviceMapper.Manager"
+DEVICE = "org.example.DeviceMapper.Device"
+PREFIX = "dmdbench-"
+
+
+def run(*args: str) -> str:
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+
+
+def busctl(*args: str) -> str:
+    return run("busctl", "--system", *args)
+
+
+def settle() -> None:
+    subprocess.run(["udevadm", "settle", "--timeout=300"], check=False)
+
+
+def remove_bench_devices() -> None:
+    settle()
+    for line in run("dmsetup", "ls").splitlines():
+        name = line.split()[0] if line.strip() else ""
+        if name.startswith(PREFIX):
+            subprocess.run(["dmsetup", "remove", "--retry", name], capture_output=True)
+    settle()
+
+
+class Dmd:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        """Start dmd; return the seconds until it owns its name."""
+        started = time.perf_counter()
+        with open(self.state_dir.parent / "dmd.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dmd", "--state-dir", str(self.state_dir),
+                 "--log-level", "warning"], stderr=log)
+        while subprocess.run(["busctl", "--system", "status", BUS_NAME],
+                             capture_output=True).returncode != 0:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"dmd exited with {self.proc.returncode}")
+            time.sleep(0.02)
+        return time.perf_counter() - started
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=120)
+        while subprocess.run(["busctl", "--system", "status", BUS_NAME],
+                             capture_output=True).returncode == 0:
+            time.sleep(0.02)
+
+
+def timed(label: str, names: list[str], step: Any) -> float:
+    started = time.perf_counter()
+    for name in names:
+        step(name)
+    elapsed = time.perf_counter() - started
+    print(f"  {label:<34} {elapsed:8.2f} s  {elapsed / len(names) * 1000:8.1f} ms/device")
+    return elapsed
+
+
+def bench_create(n: int) -> dict[str, float]:
+    print(f"(a) create and remove {n} devices, each returning once udev is done")
+    dm_names = [f"{PREFIX}s{i:04d}" for i in range(n)]
+    bus_names = [f"{PREFIX}b{i:04d}" for i in range(n)]
+    out: dict[str, float] = {}
+    out["dmsetup_create"] = timed("dmsetup create", dm_names, lambda name: run(
+        "dmsetup", "create", name, "--table", "0 2048 zero"))
+    out["busctl_create"] = timed("busctl call CreateDevice", bus_names, lambda name: busctl(
+        "call", BUS_NAME, ROOT_PATH, MANAGER, "CreateDevice", "sa(ttss)a{sv}", name, "1",
+        "0", "2048", "zero", "", "0"))
+    settle()
+    out["dmsetup_remove"] = timed("dmsetup remove", dm_names, lambda name: run(
+        "dmsetup", "remove", name))
+
+    def bus_remove(name: str) -> None:
+        path = busctl("call", BUS_NAME, ROOT_PATH, MANAGER, "GetDevice", "s", name).split('"')[1]
+        busctl("call", BUS_NAME, path, DEVICE, "Remove", "a{sv}", "0")
+
+    out["busctl_remove"] = timed("busctl call GetDevice + Remove", bus_names, bus_remove)
+    print(f"  ratio busctl/dmsetup: create {out['busctl_create'] / out['dmsetup_create']:.2f}, "
+          f"remove {out['busctl_remove'] / out['dmsetup_remove']:.2f}")
+    return out
+
+
+def bench_recovery(dmd: Dmd, m: int) -> dict[str, float]:
+    print(f"(b) start-up with {m} managed persistent devices")
+    names = [f"{PREFIX}p{i:05d}" for i in range(m)]
+    # Made through dmd, in one busctl process per device (not timed).
+    for name in names:
+        busctl("call", BUS_NAME, ROOT_PATH, MANAGER, "CreateDevice", "sa(ttss)a{sv}", name,
+               "1", "0", "2048", "zero", "", "1", "persistent", "b", "true")
+    dmd.stop()
+    out: dict[str, float] = {}
+    out["start_with_devices_present"] = dmd.start()
+    print(f"  dmd start, {m} devices present:     {out['start_with_devices_present']:8.2f} s")
+    dmd.stop()
+    remove_bench_devices()  # the reboot
+    out["start_recreating"] = dmd.start()
+    print(f"  dmd start, re-creating {m} devices: {out['start_recreating']:8.2f} s")
+    listed = [line.split()[0] for line in run("dmsetup", "ls").splitlines() if line.strip()]
+    back = sum(1 for name in listed if name.startswith(f"{PREFIX}p"))
+    assert back == m, f"only {back} of {m} devices came back"
+    dmd.stop()
+    remove_bench_devices()
+    concise = ";".join(f"{name},,,,0 2048 zero" for name in names)
+    started = time.perf_counter()
+    run("dmsetup", "create", "--concise", concise)
+    settle()
+    out["dmsetup_concise_create"] = time.perf_counter() - started
+    print(f"  dmsetup create --concise ({m}):      {out['dmsetup_concise_create']:8.2f} s")
+    print(f"  ratio dmd recovery / dmsetup: "
+          f"{out['start_recreating'] / out['dmsetup_concise_create']:.2f}")
+    remove_bench_devices()
+    return out
+
+
+def install_policy() -> None:
+    for conf in (ROOT / "data" / "dbus-policy").glob("*.conf"):
+        shutil.copy(conf, "/etc/dbus-1/system.d/")
+    busctl("call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+           "ReloadConfig")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=100, help="devices for (a)")
+    parser.add_argument("--m", type=int, default=1000, help="devices for (b)")
+    parser.add_argument("--json", type=Path, default=ROOT / ".lab-results" / "bench-daemon.json")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run inside the lab: bench/run-daemon")
+    install_policy()
+    remove_bench_devices()
+    state = Path(tempfile.mkdtemp(prefix="dmd-bench-")) / "state"
+    dmd = Dmd(state)
+    results: dict[str, Any] = {"kernel": os.uname().release, "n": args.n, "m": args.m}
+    print(f"dmd start-up (empty): {dmd.start():.2f} s")
+    try:
+        results["create"] = bench_create(args.n)
+        results["recovery"] = bench_recovery(dmd, args.m)
+    finally:
+        dmd.stop()
+        remove_bench_devices()
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written {args.json}")
+
+
+if __name__ == "__main__":
+    main()
