@@ -5,7 +5,9 @@
    state directory, so two dmds never share one database.
 2. Connect to the bus; fail early and clearly when another dmd owns the name.
 3. Recovery (finish or roll back interrupted operations, re-create persistent
-   devices), then a full scan of the kernel, then export one object per device.
+   devices); then the event sources open (udev's monitor socket, the armed
+   control handle), so whatever happens from here on is queued; then a full
+   scan of the kernel and of udev's database, then export one object per device.
 4. Only then take the name: a client that sees dmd sees a consistent dmd.
 5. SIGTERM/SIGINT: refuse new calls, let running ones finish, exit 0.
 """
@@ -20,7 +22,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +39,11 @@ from dmd.dbus.polkit import PolkitAuthorizer
 from dmd.dbus.router import Router
 from dmd.service.inventory import Inventory
 from dmd.service.operations import DeviceService, default_workers
+from dmd.service.reconcile import Reconciler
 from dmd.service.recovery import recover
 from dmd.state import AsyncStateStore, StateError, StateStore
+from dmd.udev.kernel import KernelEvents
+from dmd.udev.monitor import RECEIVE_BUFFER, UdevMonitor
 
 log = logging.getLogger("dmd")
 
@@ -77,6 +82,9 @@ class Options:
     log_level: str
     sim_flush_delay: float = 0.0
     udev_timeout: float = 10.0
+    audit_interval: float = 60.0
+    udev: bool = True
+    udev_buffer: int = RECEIVE_BUFFER
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -96,6 +104,15 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--udev-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="how long a create, resume, rename or remove waits for udev "
                              "before failing with Timeout (default: 10)")
+    parser.add_argument("--audit-interval", type=float, default=60.0, metavar="SECONDS",
+                        help="how often to compare every device with the kernel, for "
+                             "what no event reports (a suspend or a table load by another "
+                             "tool); 0: never (default: 60)")
+    parser.add_argument("--no-udev", action="store_true",
+                        help="do not listen to udev (devices lose their udev properties; "
+                             "kernel events and audits still follow other tools)")
+    parser.add_argument("--udev-buffer", type=int, default=RECEIVE_BUFFER, metavar="BYTES",
+                        help=argparse.SUPPRESS)  # tests force overflows with a tiny one
     parser.add_argument("--log-level", default="info",
                         choices=("debug", "info", "warning", "error"))
     parser.add_argument("--version", action="version", version=f"dmd {__version__}")
@@ -107,8 +124,10 @@ def parse_args(argv: list[str] | None = None) -> Options:
         else:
             # systemd's StateDirectory= tells us where it made the directory.
             state_dir = Path(os.environ.get("STATE_DIRECTORY", DEFAULT_STATE_DIR))
+    if args.audit_interval < 0:
+        parser.error("--audit-interval must not be negative")
     return Options(args.bus, state_dir, args.sim, args.log_level, args.sim_flush_delay,
-                   args.udev_timeout)
+                   args.udev_timeout, args.audit_interval, not args.no_udev, args.udev_buffer)
 
 
 def open_engine(options: Options) -> Any:
@@ -192,11 +211,56 @@ class Daemon:
             if names:
                 log.info("recovery: %s: %s", what, ", ".join(names))
         inventory = Inventory(service)
-        await inventory.rescan()
+        reconciler = Reconciler(inventory)
+        async with self._event_sources(reconciler) as udev:
+            await inventory.rescan()
+            if udev is not None:
+                for device, info in await asyncio.get_running_loop().run_in_executor(
+                        None, lambda: list(udev.known_devices())):
+                    inventory.apply_udev(device, info)
+            await self._publish_and_serve(bus, service, inventory, reconciler)
+
+    @contextlib.asynccontextmanager
+    async def _event_sources(self, reconciler: Reconciler) -> AsyncIterator[UdevMonitor | None]:
+        """Open the sources of news about other tools' changes; a simulated
+        kernel has none (its file is audited instead)."""
+        loop = asyncio.get_running_loop()
+        udev: UdevMonitor | None = None
+        kernel: KernelEvents | None = None
+        if self.options.sim is None:
+            kernel = KernelEvents(reconciler.kernel_event)
+            kernel.start(loop)
+            if self.options.udev:
+                udev = UdevMonitor(reconciler.udev_event, reconciler.overflow,
+                                   receive_buffer=self.options.udev_buffer)
+                udev.start()
+                udev.attach(loop)
+        audits = None
+        if self.options.audit_interval > 0:
+            audits = loop.create_task(self._audit_every(reconciler, self.options.audit_interval))
+        try:
+            yield udev
+        finally:
+            if audits is not None:
+                audits.cancel()
+            if udev is not None:
+                udev.close()
+            if kernel is not None:
+                kernel.close()
+
+    @staticmethod
+    async def _audit_every(reconciler: Reconciler, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            reconciler.request_audit()
+
+    async def _publish_and_serve(self, bus: DmdBus, service: DeviceService,
+                                 inventory: Inventory, reconciler: Reconciler) -> None:
         kernel_version = ".".join(map(str, await service.kernel(service.engine.version)))
         manager = ManagerInterface(kernel_version, __version__)
         bus.export(ROOT_PATH, manager)
         exporter = Exporter(bus, inventory)
+        reconciler.on_dm_event(exporter.dm_event)
         router = Router(bus, exporter, manager, ManagerHandlers(service, inventory),
                         DeviceHandlers(service, inventory))
         bus.add_message_handler(router.handle)

@@ -12,13 +12,15 @@ Sections:
       device removed (the "reboot"); then the time from starting dmd to dmd
       owning its name with all M devices back, against dmsetup creating the
       same M devices in one process (``dmsetup create --concise``), and the
-      start-up time with the M devices already present (scan only).
+      start-up time with the M devices already present (scan only);
+  (c), (d), (e): following other tools, against udisks2 (see events.py).
 Results are printed and written to .lab-results/bench-daemon.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -29,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from events import bench_events  # type: ignore[import-not-found]
 
 ROOT = Path(__file__).resolve().parents[2]
 BUS_NAME = "org.example.DeviceMapper"
@@ -163,6 +167,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=100, help="devices for (a)")
     parser.add_argument("--m", type=int, default=1000, help="devices for (b)")
+    parser.add_argument("--latency-n", type=int, default=20, help="devices for (c)")
+    parser.add_argument("--storm", type=int, default=500, help="devices for (d)")
+    parser.add_argument("--sections", default="abc",
+                        help="which sections to run: a, b, c (c includes d and e)")
     parser.add_argument("--json", type=Path, default=ROOT / ".lab-results" / "bench-daemon.json")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -174,8 +182,16 @@ def main() -> None:
     results: dict[str, Any] = {"kernel": os.uname().release, "n": args.n, "m": args.m}
     print(f"dmd start-up (empty): {dmd.start():.2f} s")
     try:
-        results["create"] = bench_create(args.n)
-        results["recovery"] = bench_recovery(dmd, args.m)
+        if "a" in args.sections:
+            results["create"] = bench_create(args.n)
+        if "b" in args.sections:
+            results["recovery"] = bench_recovery(dmd, args.m)
+        if "c" in args.sections:
+            if dmd.proc is None or dmd.proc.poll() is not None:
+                dmd.start()
+            assert dmd.proc is not None
+            results["events"] = asyncio.run(
+                bench_events(dmd.proc.pid, PREFIX, args.latency_n, args.storm))
     finally:
         dmd.stop()
         remove_bench_devices()

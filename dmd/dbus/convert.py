@@ -7,12 +7,15 @@ never a crash deep inside.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 from dbus_fast import Variant
 
+from dmd.engine import InvalidArgument as EngineInvalidArgument
 from dmd.engine import TargetLine
+from dmd.engine.targets import TargetFailed, parse_status
 from dmd.service import errors
 from dmd.service.inventory import DeviceView
 
@@ -42,6 +45,10 @@ DEVICE_PROPERTIES: dict[str, str] = {
     "Persistent": "b",
     "Labels": "a{ss}",
     "Drifted": "b",
+    "Symlinks": "as",
+    "FilesystemType": "s",
+    "FilesystemUUID": "s",
+    "UdevReady": "b",
 }
 
 
@@ -69,7 +76,69 @@ def device_properties(view: DeviceView) -> dict[str, Any]:
         "Persistent": view.persistent,
         "Labels": dict(view.labels),
         "Drifted": view.drifted,
+        "Symlinks": list(view.udev.symlinks),
+        "FilesystemType": view.udev.fs_type,
+        "FilesystemUUID": view.udev.fs_uuid,
+        "UdevReady": view.udev.ready,
     }
+
+
+def _typed_value(value: Any) -> Variant | None:
+    """A status field as a Variant: ints as t (x when negative), nested
+    records as a{sv}, tuples as arrays; None is left out."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return Variant("b", value)
+    if isinstance(value, int):
+        return Variant("x" if value < 0 else "t", value)
+    if isinstance(value, float):
+        return Variant("d", value)
+    if isinstance(value, str):
+        return Variant("s", value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return Variant("a{sv}", _typed_fields(value))
+    if isinstance(value, tuple | list):
+        items = [_typed_value(v) for v in value]
+        kept = [v for v in items if v is not None]
+        signatures = {v.signature for v in kept}
+        if len(signatures) == 1 and len(kept) == len(items):
+            sig = signatures.pop()
+            return Variant("a" + sig, [v.value for v in kept])
+        return Variant("av", kept)
+    return Variant("s", str(value))
+
+
+def _typed_fields(record: Any) -> dict[str, Variant]:
+    out = {}
+    for f in dataclasses.fields(record):
+        value = _typed_value(getattr(record, f.name))
+        if value is not None:
+            out[f.name.replace("_", "-")] = value
+    return out
+
+
+def typed_status_out(lines: list[TargetLine]) -> list[dict[str, Variant]]:
+    """One a{sv} per status line: start, length, target, state ("ok", the
+    kernel's failure word, or "unparsed" for targets without a model, or a
+    status this dmd cannot read), raw, and the target's own fields."""
+    out = []
+    for line in lines:
+        entry = {"start": Variant("t", line.start), "length": Variant("t", line.length),
+                 "target": Variant("s", line.target_type), "raw": Variant("s", line.params)}
+        try:
+            typed = parse_status(line.target_type, line.params)
+        except EngineInvalidArgument:
+            typed = line.params
+        if isinstance(typed, TargetFailed):
+            entry["state"] = Variant("s", typed.state)
+        elif isinstance(typed, str):
+            entry["state"] = Variant("s", "unparsed")
+        else:
+            entry["state"] = Variant("s", "ok")
+            entry.update(_typed_fields(typed))
+        out.append(entry)
+    return out
 
 
 def as_variants(values: Mapping[str, Any]) -> dict[str, Variant]:

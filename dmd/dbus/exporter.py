@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 
 from dmd.dbus.bus import DmdBus
-from dmd.dbus.convert import device_properties
+from dmd.dbus.convert import device_properties, table_out
 from dmd.dbus.interfaces import DeviceInterface
 from dmd.dbus.names import device_path
+from dmd.engine import TargetLine
 from dmd.service.events import ChangeKind
 from dmd.service.inventory import DeviceView, Inventory
 
@@ -54,3 +55,9 @@ class Exporter:
             if interface is not None:
                 self.bus.unexport(path, interface)
                 log.debug("unexport %s at %s", before.name, path)
+
+    def dm_event(self, view: DeviceView, status: list[TargetLine]) -> None:
+        """The kernel raised an event on *view*'s device: Event(event_nr, status)."""
+        interface = self.objects.get(device_path(view.device[1]))
+        if interface is not None:
+            interface.Event(view.event_nr & 0xFFFFFFFF, table_out(status))

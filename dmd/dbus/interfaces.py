@@ -33,6 +33,8 @@ Deps = Annotated[list[list[int]], DBusSignature("a(uu)")]
 Targets = Annotated[list[list[Any]], DBusSignature("a(s(uuu))")]
 Names = Annotated[list[str], DBusSignature("as")]
 EventBody = Annotated[list[Any], DBusSignature("ua(ttss)")]
+TypedStatus = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
+StrList = Annotated[list[str], DBusSignature("as")]
 
 
 def _routed() -> NoReturn:
@@ -130,6 +132,10 @@ class DeviceInterface(ServiceInterface):
         _routed()
 
     @dbus_method()
+    def GetTypedStatus(self, options: Options) -> TypedStatus:
+        _routed()
+
+    @dbus_method()
     def Remove(self, options: Options) -> None:
         _routed()
 
@@ -212,6 +218,22 @@ class DeviceInterface(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def Drifted(self) -> Bool:
         return bool(self.values["Drifted"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Symlinks(self) -> StrList:
+        return list(self.values["Symlinks"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def FilesystemType(self) -> Str:
+        return str(self.values["FilesystemType"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def FilesystemUUID(self) -> Str:
+        return str(self.values["FilesystemUUID"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def UdevReady(self) -> Bool:
+        return bool(self.values["UdevReady"])
 
 
 def _check_properties_match() -> None:

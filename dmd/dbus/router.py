@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dbus_fast import Message, MessageFlag, MessageType
+from dbus_fast import ErrorType, Message, MessageFlag, MessageType
 from dbus_fast.service import ServiceInterface
 
 from dmd.dbus.bus import DmdBus
@@ -75,9 +75,12 @@ class Router:
     def handle(self, msg: Message) -> Message | bool | None:
         if msg.message_type is not MessageType.METHOD_CALL:
             return None
-        if msg.member == "GetManagedObjects" and msg.path == ROOT_PATH and \
-                msg.interface in (OBJECT_MANAGER_INTERFACE, None):
-            return self._managed_objects(msg)
+        if msg.interface == OBJECT_MANAGER_INTERFACE or (
+                msg.interface is None and msg.member == "GetManagedObjects"
+                and msg.path == ROOT_PATH):
+            # dbus-fast would answer GetManagedObjects on any path with any
+            # arguments; only the root is an object manager, and it takes none.
+            return self._object_manager(msg)
         route = self._find(msg)
         if route is None:
             return None
@@ -102,6 +105,18 @@ class Router:
         if msg.interface is not None and msg.interface not in candidates:
             return None
         return self._routes[candidates[0]].get(member)
+
+    def _object_manager(self, msg: Message) -> Message:
+        if msg.path != ROOT_PATH:
+            return Message.new_error(msg, ErrorType.UNKNOWN_OBJECT.value,
+                                     f"{msg.path} is not an object manager ({ROOT_PATH} is)")
+        if msg.member != "GetManagedObjects":
+            return Message.new_error(msg, ErrorType.UNKNOWN_METHOD.value,
+                                     f"{OBJECT_MANAGER_INTERFACE} has no method {msg.member}")
+        if msg.signature != "":
+            return Message.new_error(msg, ErrorType.INVALID_ARGS.value,
+                                     f"GetManagedObjects takes no arguments, not ({msg.signature})")
+        return self._managed_objects(msg)
 
     def _managed_objects(self, msg: Message) -> Message:
         body = {path: {DEVICE_INTERFACE: obj.variants()}

@@ -13,6 +13,7 @@ Standard library only, usable without the rest of dmd::
 
 from dmd.engine.dm import CONTROL_PATH, DM, carries_key, dev_majors
 from dmd.engine.types import (
+    MAX_DEVICE_SECTORS,
     Device,
     DeviceInfo,
     DevId,
@@ -33,6 +34,7 @@ from dmd.engine.udevsync import UdevSync, UdevTimeout
 __all__ = [
     "CONTROL_PATH",
     "DM",
+    "MAX_DEVICE_SECTORS",
     "DevId",
     "Device",
     "DeviceInfo",

@@ -25,6 +25,9 @@ DM_MAX_TYPE_NAME = 16
 MAX_NAME_BYTES = DM_NAME_LEN - 1
 MAX_UUID_BYTES = DM_UUID_LEN - 1
 MAX_TARGET_TYPE_BYTES = DM_MAX_TYPE_NAME - 1
+# dm_table_add_target refuses a table ending past LLONG_MAX >> SECTOR_SHIFT:
+# the device's size in bytes must fit a signed 64-bit loff_t.
+MAX_DEVICE_SECTORS = ((1 << 63) - 1) >> 9
 
 # libdm's udev-safe set (libdm/libdm-common.c, _is_whitelisted_char plus the
 # characters it never mangles). Anything else gets mangled by libdm and makes
@@ -234,6 +237,11 @@ def validate_table(table: Iterable[Sequence[object]]) -> list[TargetLine]:
         if "\0" in params:
             raise InvalidArgument(f"table line {index}: params must not contain NUL")
         expected_start = start + length
+        if expected_start > MAX_DEVICE_SECTORS:
+            raise InvalidArgument(
+                f"table line {index} ends at sector {expected_start}, past the largest "
+                f"device the kernel takes ({MAX_DEVICE_SECTORS} sectors)"
+            )
         lines.append(TargetLine(start, length, target_type, params))
     if not lines:
         raise InvalidArgument("a table needs at least one line")

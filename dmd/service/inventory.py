@@ -8,6 +8,11 @@ slow operation; the kernel is read only to refresh a view after a change
 Refreshes are coalesced per device name: while one is running, further
 requests for the same name mark it dirty and it runs once more, so a storm of
 hints costs one extra read per device, not one per hint.
+
+A refresh prompted by something other than dmd's own call (udev, a kernel
+event, an audit) also checks a managed device for drift, holding the device's
+lock: dmd's own operation on it has then finished and updated its record, so
+only a change made behind dmd's back is flagged.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ import asyncio
 import errno
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from dmd.engine import DmError, DmFlags, TargetLine
+from dmd.engine import DmError, DmFlags, InvalidArgument, TargetLine
+from dmd.service.drift import live_differs
 from dmd.service.events import ChangeEvent, ChangeKind
 from dmd.service.operations import DeviceService
 from dmd.state.redact import redact_table
@@ -27,6 +33,18 @@ from dmd.state.redact import redact_table
 log = logging.getLogger(__name__)
 
 SECTOR = 512
+
+
+@dataclass(frozen=True, slots=True)
+class UdevInfo:
+    """What udev knows of a device, from its database or its last uevent."""
+
+    symlinks: tuple[str, ...] = ()
+    fs_type: str = ""
+    fs_uuid: str = ""
+    # udev has processed the device and its rules ran in full (dm's rules
+    # disable the rest while a device is not ready, e.g. made without a table).
+    ready: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +65,7 @@ class DeviceView:
     persistent: bool = False
     labels: dict[str, str] = field(default_factory=dict)
     drifted: bool = False
+    udev: UdevInfo = UdevInfo()
 
     @property
     def size_bytes(self) -> int:
@@ -61,10 +80,11 @@ def _redacted(table: list[TargetLine]) -> tuple[TargetLine, ...]:
 
 
 class _Refresh:
-    __slots__ = ("again", "done")
+    __slots__ = ("again", "check_drift", "done")
 
     def __init__(self) -> None:
         self.again = False
+        self.check_drift = False
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
@@ -77,6 +97,7 @@ class Inventory:
         self._by_name: dict[str, tuple[int, int]] = {}
         self._listeners: list[Listener] = []
         self._refreshing: dict[str, _Refresh] = {}
+        self._udev: dict[tuple[int, int], UdevInfo] = {}
         self._background: set[asyncio.Task[None]] = set()
         self.refresh_count = 0
         service.events.subscribe(self._on_change)
@@ -107,19 +128,23 @@ class Inventory:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def refresh(self, name: str) -> None:
+    async def refresh(self, name: str, *, check_drift: bool = False) -> None:
         """Re-read device *name* from the kernel; returns once a read that
-        started after this call has been applied."""
+        started after this call has been applied. *check_drift*: the change
+        may not be dmd's (see the module's docstring)."""
         pending = self._refreshing.get(name)
         if pending is not None:
             pending.again = True
+            pending.check_drift |= check_drift
             await asyncio.shield(pending.done)
             return
         pending = self._refreshing[name] = _Refresh()
+        pending.check_drift = check_drift
         try:
             while True:
                 pending.again = False
-                await self._refresh_once(name)
+                check, pending.check_drift = pending.check_drift, False
+                await self._refresh_once(name, check)
                 if not pending.again:
                     break
         finally:
@@ -143,12 +168,13 @@ class Inventory:
             if exc.errno == errno.ENXIO:
                 return None
             raise
+        except InvalidArgument:  # a name the kernel could not hold
+            return None
         record = (records.get(name) if records is not None
                   else await self.service.store.get_device(name))
         return self._view(info, live, inactive, deps, record)
 
-    @staticmethod
-    def _view(info: Any, live: list[TargetLine], inactive: list[TargetLine],
+    def _view(self, info: Any, live: list[TargetLine], inactive: list[TargetLine],
               deps: list[tuple[int, int]], record: Any) -> DeviceView:
         return DeviceView(
             name=info.name, uuid=info.uuid, device=info.device,
@@ -159,12 +185,19 @@ class Inventory:
             managed=record is not None,
             persistent=bool(record is not None and record.persistent),
             labels=dict(record.labels) if record is not None else {},
-            drifted=bool(record is not None and record.drifted))
+            drifted=bool(record is not None and record.drifted),
+            udev=self._udev.get(info.device, UdevInfo()))
 
-    async def _refresh_once(self, name: str) -> None:
+    async def _refresh_once(self, name: str, check_drift: bool) -> None:
         self.refresh_count += 1
         try:
-            view = await self._read(name)
+            if check_drift:
+                async with self.service.locks.hold(name):
+                    view = await self._read(name)
+                    if view is not None and view.managed and not view.drifted:
+                        view = await self._check_drift(view)
+            else:
+                view = await self._read(name)
         except DmError as exc:
             log.warning("refresh %s: %s", name, exc)
             return
@@ -172,6 +205,30 @@ class Inventory:
             self._drop_name(name)
         else:
             self._put(view)
+
+    async def _check_drift(self, view: DeviceView) -> DeviceView:
+        record = await self.service.store.get_device(view.name)
+        if record is None or not view.live_table or \
+                not await live_differs(self.service, view.live_table, list(record.table)):
+            return view
+        log.warning("drift %s: its live table was changed outside dmd", view.name)
+        await self.service.store.set_drifted(view.name, "live table changed outside dmd")
+        return replace(view, drifted=True)
+
+    def apply_udev(self, device: tuple[int, int], info: UdevInfo | None) -> None:
+        """Take what udev says of *device* (None: udev forgot it)."""
+        if info is None:
+            self._udev.pop(device, None)
+            info = UdevInfo()
+        else:
+            self._udev[device] = info
+        view = self._views.get(device)
+        if view is not None and view.udev != info:
+            self._put(replace(view, udev=info))
+
+    def drop_device(self, device: tuple[int, int]) -> None:
+        """Forget *device*: the kernel no longer has it."""
+        self._drop(device)
 
     async def rescan(self) -> None:
         """Compare every view with the kernel: add, change and drop to match."""

@@ -260,6 +260,12 @@ class DeviceService:
             async with self.locks.hold(name):
                 before, old_table = await self.kernel(
                     self.engine.table_status, name, DmFlags.DM_STATUS_TABLE)
+                if before.inactive_present:
+                    # Loading ours would throw that table away (and a rollback
+                    # could not bring it back): someone is mid-way through a
+                    # load/resume of their own.
+                    raise errors.Busy(
+                        f"{name} has an inactive table loaded; resume or clear it first")
                 ro = before.read_only if read_only is None else read_only
                 journal = Journal(self.store, self.fault, "reload")
                 await journal.begin(name, {"was_suspended": before.suspended})
@@ -341,21 +347,47 @@ class DeviceService:
         return await self._simple("suspend", name, self.engine.device_suspend, flags)
 
     async def resume(self, name: str, *, caller: Caller = ROOT) -> DeviceInfo:
-        """Resume; if a loaded table fails to go live, the device is resumed on
-        its old table and the error is reported."""
+        """Resume. If a loaded table fails to go live, the kernel throws it away
+        and leaves the device suspended; dmd resumes the device on its old
+        table and loads the refused table back, so the call changes nothing
+        but reports the error."""
         await self.authorize(caller, Action.MODIFY, name)
         async def body() -> DeviceInfo:
             async with self.locks.hold(name):
+                before, pending = await self.kernel(
+                    self.engine.table_status, name,
+                    DmFlags.DM_STATUS_TABLE | DmFlags.DM_QUERY_INACTIVE_TABLE)
+                live_before: list[TargetLine] = []
+                if before.inactive_present:
+                    _, live_before = await self.kernel(
+                        self.engine.table_status, name, DmFlags.DM_STATUS_TABLE)
                 try:
                     info = await self.kernel(self.engine.device_suspend, name, DmFlags(0))
                 except DmError:
                     with contextlib.suppress(DmError):
                         await self.kernel(self.engine.device_suspend, name, DmFlags(0))
+                    if before.inactive_present:
+                        await self._restore_inactive(name, pending, before.read_only,
+                                                     live_before)
                     raise
             self._publish(ChangeKind.CHANGED, name, info.device, "resume")
             return info
 
         return await self._guard("resume", name, body)
+
+    async def _restore_inactive(self, name: str, pending: list[TargetLine], read_only: bool,
+                                live_before: list[TargetLine]) -> None:
+        """Load *pending* back as the inactive table, unless it went live after all
+        (a target can refuse in preresume after the swap)."""
+        try:
+            info, live = await self.kernel(self.engine.table_status, name,
+                                           DmFlags.DM_STATUS_TABLE)
+            if info.inactive_present or live != live_before:
+                return
+            flags = DmFlags.DM_READONLY if read_only else DmFlags(0)
+            await self.kernel(self.engine.table_load, name, pending, flags)
+        except (DmError, EngineInvalidArgument) as exc:
+            log.warning("resume %s: could not load the refused table back: %s", name, exc)
 
     async def _simple(self, operation: str, name: str, call: Callable[..., DeviceInfo],
                       *args: Any) -> DeviceInfo:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dmd.engine import DmError, DmFlags, TargetLine, carries_key
+from dmd.service.drift import live_differs
 from dmd.service.operations import DeviceService
-from dmd.state.redact import redact_table
 
 log = logging.getLogger(__name__)
 
@@ -107,19 +107,6 @@ async def _settle_intent(service: DeviceService, intent: Any, report: RecoveryRe
     log.info("recovery: %s -> %s", label, state)
 
 
-async def _as_kernel_prints(service: DeviceService, table: list[TargetLine]) -> list[TargetLine]:
-    """The recorded table with device paths as the kernel prints them (major:minor)."""
-    out = []
-    for line in table:
-        tokens = []
-        for token in line.params.split():
-            number = (await service.kernel(service.engine.device_number, token)
-                      if token.startswith("/dev/") else None)
-            tokens.append(f"{number[0]}:{number[1]}" if number else token)
-        out.append(TargetLine(line.start, line.length, line.target_type, " ".join(tokens)))
-    return out
-
-
 def _uses(table: list[TargetLine]) -> set[str]:
     """Names of dm devices a table refers to by /dev/mapper path."""
     return {token.removeprefix("/dev/mapper/") for line in table
@@ -168,8 +155,7 @@ async def recover(service: DeviceService) -> RecoveryReport:
         if info is None or not info.active_present:
             continue
         _, live = await service.kernel(service.engine.table_status, name, DmFlags.DM_STATUS_TABLE)
-        expected = await _as_kernel_prints(service, list(record.table))
-        if redact_table(live)[0] != redact_table(expected)[0]:
+        if await live_differs(service, live, list(record.table)):
             report.drifted.append(name)
             await store.set_drifted(name, "live table differs from the recorded one")
             log.warning("recovery: %s drifted: its live table is not the one dmd recorded", name)

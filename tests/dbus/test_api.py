@@ -44,6 +44,8 @@ async def test_create_returns_object_with_every_property(client: Client) -> None
         "ReadOnly": False, "OpenCount": 0, "EventNumber": props["EventNumber"],
         "LiveTable": [[0, 2048, "zero", ""]], "InactiveTable": [], "Dependencies": [],
         "Managed": True, "Persistent": True, "Labels": {"role": "data"}, "Drifted": False,
+        # A simulated kernel has no udev.
+        "Symlinks": [], "FilesystemType": "", "FilesystemUUID": "", "UdevReady": False,
     }
     assert await client.manager("GetDevice", "s", "one") == path
 

@@ -18,7 +18,15 @@ from typing import Any
 
 import pytest
 
-from dmd.engine import DM, DevId, DmError, DmFlags, InvalidArgument, TargetLine
+from dmd.engine import (
+    DM,
+    MAX_DEVICE_SECTORS,
+    DevId,
+    DmError,
+    DmFlags,
+    InvalidArgument,
+    TargetLine,
+)
 from dmd.engine.sim import SimDM
 
 P = "dmdtest-"
@@ -126,6 +134,19 @@ def test_load_then_resume_swaps_tables(engine: Engine) -> None:
     info, live = engine.table_status(P + "a", DmFlags.DM_STATUS_TABLE)
     assert live == [TargetLine(0, 4096, "zero", "")]
     assert info.target_count == 1
+
+
+def test_largest_device_the_kernel_takes(engine: Engine) -> None:
+    """A table may end at LLONG_MAX >> 9 sectors (the byte size fits a loff_t);
+    one sector more is refused before any ioctl."""
+    engine.device_create(P + "big")
+    engine.table_load(P + "big", zero(MAX_DEVICE_SECTORS))
+    engine.device_suspend(P + "big", DmFlags(0))
+    _, live = engine.table_status(P + "big", DmFlags.DM_STATUS_TABLE)
+    assert live == [TargetLine(0, MAX_DEVICE_SECTORS, "zero", "")]
+    with pytest.raises(InvalidArgument, match="largest device"):
+        engine.table_load(P + "big", zero(MAX_DEVICE_SECTORS + 1))
+    engine.device_remove(P + "big")
 
 
 def test_reload_keeps_old_table_live_until_resume(engine: Engine) -> None:

@@ -1,0 +1,34 @@
+"""Whether a managed device's live table is still the one dmd recorded.
+
+The kernel prints a table back in its own words (device paths become
+major:minor), and key material is compared redacted: a record may hold the
+table without its key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from dmd.engine import TargetLine
+from dmd.service.operations import DeviceService
+from dmd.state.redact import redact_table
+
+
+async def as_kernel_prints(service: DeviceService,
+                           table: Sequence[TargetLine]) -> list[TargetLine]:
+    """The recorded table with device paths as the kernel prints them (major:minor)."""
+    out = []
+    for line in table:
+        tokens = []
+        for token in line.params.split():
+            number = (await service.kernel(service.engine.device_number, token)
+                      if token.startswith("/dev/") else None)
+            tokens.append(f"{number[0]}:{number[1]}" if number else token)
+        out.append(TargetLine(line.start, line.length, line.target_type, " ".join(tokens)))
+    return out
+
+
+async def live_differs(service: DeviceService, live: Sequence[TargetLine],
+                       recorded: Sequence[TargetLine]) -> bool:
+    expected = await as_kernel_prints(service, recorded)
+    return redact_table(list(live))[0] != redact_table(expected)[0]

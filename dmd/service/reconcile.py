@@ -1,0 +1,212 @@
+"""Keeping the inventory equal to the kernel when others change it.
+
+dmd shares the kernel with LVM, cryptsetup, multipath and people running
+dmsetup. Three kinds of news arrive, all of them hints (the kernel is the
+truth, read again before anything is shown):
+
+- kernel events: DM_DEV_ARM_POLL on a control handle wakes dmd when a device
+  is created, removed or renamed, a table goes live, or a target raises an
+  event. A *sync* lists the devices (one ioctl, with each one's event number)
+  and refreshes only the ones that are new, renamed, still without a table,
+  or whose event number moved; devices no longer listed are dropped.
+- uevents from udev: they carry udev's view (symlinks, filesystem), and a
+  change uevent follows every resume, including the swap of a new table,
+  which moves no event number. The named device is refreshed.
+- an audit at a long interval: a sync plus each device's status flags and
+  live table, for what neither source reports (a suspend or a table load by
+  another tool) and for whatever a lost event hid.
+
+Requests are coalesced: while a sync runs, any number of further requests
+make it run once more, so a storm of hundreds of events costs a handful of
+listings and one refresh per device that changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from dmd.engine import DmError, DmFlags, TargetLine
+from dmd.service.events import ChangeKind
+from dmd.service.inventory import DeviceView, Inventory, UdevInfo
+from dmd.state.redact import redact_table
+
+log = logging.getLogger(__name__)
+
+# How many refreshes a sync runs at once: the engine's worker pool bounds the
+# ioctls anyway; this only bounds the tasks.
+REFRESH_BATCH = 16
+
+DmEventListener = Callable[[DeviceView, list[TargetLine]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class UdevEvent:
+    """One uevent for a dm device, as the udev door hands it over."""
+
+    action: str  # "add", "change", "remove", ...
+    device: tuple[int, int]
+    name: str | None  # DM_NAME; None when udev's dm rules have not named it
+    info: UdevInfo
+
+
+class Coalesced:
+    """Runs an async job on request; requests made while it runs make it run
+    once more after, never concurrently and never more than once more."""
+
+    def __init__(self, job: Callable[[], Awaitable[None]], what: str) -> None:
+        self._job, self._what = job, what
+        self._task: asyncio.Task[None] | None = None
+        self._again = False
+        self.runs = 0
+
+    def request(self) -> None:
+        if self._task is not None:
+            self._again = True
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                self._again = False
+                self.runs += 1
+                try:
+                    await self._job()
+                except Exception:
+                    log.exception("%s failed", self._what)
+                if not self._again:
+                    break
+        finally:
+            self._task = None
+
+    async def idle(self) -> None:
+        """Wait until no run is in progress or pending."""
+        while self._task is not None:
+            await asyncio.shield(self._task)
+
+
+class Reconciler:
+    def __init__(self, inventory: Inventory) -> None:
+        self.inventory = inventory
+        self.service = inventory.service
+        self._sync = Coalesced(self.sync, "sync")
+        self._audit = Coalesced(self.audit, "audit")
+        self._dm_event_listeners: list[DmEventListener] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        inventory.subscribe(self._on_view)
+
+    def on_dm_event(self, listener: DmEventListener) -> None:
+        self._dm_event_listeners.append(listener)
+
+    # -- hints in ------------------------------------------------------------
+    def kernel_event(self) -> None:
+        self._sync.request()
+
+    def udev_event(self, event: UdevEvent) -> None:
+        self.inventory.apply_udev(event.device, None if event.action == "remove"
+                                  else event.info)
+        if event.action == "remove" or event.name is None:
+            self._sync.request()
+        else:
+            self._spawn(self.inventory.refresh(event.name, check_drift=True))
+
+    def overflow(self) -> None:
+        """Some hints were lost: compare everything."""
+        log.warning("events were lost; auditing every device")
+        self._audit.request()
+
+    def request_audit(self) -> None:
+        self._audit.request()
+
+    async def settled(self) -> None:
+        """Wait until every hint received so far has been acted on."""
+        while self._tasks or self._sync._task or self._audit._task:
+            await self._sync.idle()
+            await self._audit.idle()
+            if self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    @property
+    def syncs(self) -> int:
+        return self._sync.runs
+
+    @property
+    def audits(self) -> int:
+        return self._audit.runs
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- comparing -----------------------------------------------------------
+    async def sync(self) -> None:
+        """Refresh every device that is new, renamed or has a new event number;
+        drop the ones the kernel no longer lists."""
+        listed = await self.service.kernel(self.service.engine.list_devices)
+        stale: list[str] = []
+        seen: set[tuple[int, int]] = set()
+        for entry in listed:
+            seen.add(entry.device)
+            view = self.inventory.by_device(entry.device)
+            # No live table yet: most likely made a moment ago, its table is
+            # coming (a swap moves no event number, so it would go unseen).
+            if view is None or view.name != entry.name or not view.live_table or (
+                    entry.event_nr is not None and entry.event_nr != view.event_nr):
+                stale.append(entry.name)
+        for device in [v.device for v in self.inventory if v.device not in seen]:
+            self.inventory.drop_device(device)
+        await self._refresh_all(stale)
+
+    async def audit(self) -> None:
+        """A sync, then each device's status flags and live table against its
+        view (one ioctl a device)."""
+        await self.sync()
+        stale: list[str] = []
+        for view in self.inventory:
+            try:
+                info, live = await self.service.kernel(
+                    self.service.engine.table_status, view.name, DmFlags.DM_STATUS_TABLE)
+            except DmError:
+                stale.append(view.name)  # gone or renamed: the refresh says which
+                continue
+            if (info.device != view.device or info.suspended != view.suspended
+                    or info.open_count != view.open_count or info.event_nr != view.event_nr
+                    or info.inactive_present != bool(view.inactive_table)
+                    or info.active_present != bool(view.live_table)
+                    or info.uuid != view.uuid
+                    or tuple(redact_table(live)[0]) != view.live_table):
+                stale.append(view.name)
+        await self._refresh_all(stale)
+
+    async def _refresh_all(self, stale: list[str]) -> None:
+        for i in range(0, len(stale), REFRESH_BATCH):
+            await asyncio.gather(*(self.inventory.refresh(name, check_drift=True)
+                                   for name in stale[i:i + REFRESH_BATCH]))
+
+    def _on_view(self, kind: ChangeKind, before: DeviceView | None,
+                 after: DeviceView | None) -> None:
+        # Whichever refresh saw it first (a uevent's, a sync's, dmd's own):
+        # a device whose event number moved had a kernel event.
+        if kind is ChangeKind.CHANGED and before is not None and after is not None \
+                and after.event_nr != before.event_nr:
+            self._spawn(self._dm_event(after))
+
+    async def _dm_event(self, view: DeviceView) -> None:
+        """The kernel raised an event on *view*'s device: tell listeners, with
+        the status that goes with it."""
+        try:
+            _, status = await self.service.kernel(self.service.engine.table_status,
+                                                  view.name, DmFlags(0))
+        except DmError as exc:
+            log.info("event %s: status unreadable: %s", view.name, exc)
+            return
+        log.info("event %s: event number %d", view.name, view.event_nr)
+        for listener in list(self._dm_event_listeners):
+            try:
+                listener(view, status)
+            except Exception:
+                log.exception("event listener failed on %s", view.name)

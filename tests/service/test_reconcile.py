@@ -1,0 +1,183 @@
+"""The reconciler keeps the inventory equal to the kernel when another tool
+changes it: on SimDM (the other tool is a second SimDM on the same file) and
+on the lab's kernel (the other tool is a second control handle).
+
+Syncs and audits are called directly here; what triggers them (kernel events,
+uevents, the audit timer) is tested with a real dmd in tests/lab.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_service import ZERO, P, open_service
+
+from dmd.engine import DM, DevId, DmFlags, TargetLine
+from dmd.engine.sim import SimDM
+from dmd.service.inventory import DeviceView, Inventory, UdevInfo
+from dmd.service.operations import DeviceService
+from dmd.service.reconcile import Reconciler, UdevEvent
+
+OTHER_TABLE = [TargetLine(0, 4096, "error", "")]
+
+
+@pytest.fixture(params=["sim", pytest.param("kernel", marks=pytest.mark.kernel)])
+def kind(request: pytest.FixtureRequest) -> str:
+    if request.param == "kernel":
+        request.getfixturevalue("clean_dm")
+    return str(request.param)
+
+
+class World:
+    """A service, its inventory and reconciler, and another tool on the same kernel."""
+
+    def __init__(self, service: DeviceService, other: Any) -> None:
+        self.service, self.other = service, other
+        self.inventory = Inventory(service)
+        self.reconciler = Reconciler(inventory=self.inventory)
+
+    def mine(self) -> dict[str, DeviceView]:
+        return {v.name: v for v in self.inventory if v.name.startswith(P)}
+
+    def other_create(self, name: str, table: list[TargetLine] = ZERO) -> None:
+        self.other.device_create(name)
+        self.other.table_load(name, table)
+        self.other.device_suspend(name, DmFlags(0))
+
+
+@pytest.fixture
+async def world(kind: str, tmp_path: Path) -> AsyncIterator[World]:
+    service = open_service(tmp_path, kind=kind)
+    other: Any = DM() if kind == "kernel" else SimDM(tmp_path / "kernel.json")
+    w = World(service, other)
+    await w.inventory.rescan()
+    yield w
+    await w.reconciler.settled()
+    other.close()
+    service.close()
+
+
+async def test_sync_follows_external_create_rename_and_remove(world: World) -> None:
+    world.other_create(P + "a")
+    world.other_create(P + "b")
+    await world.reconciler.sync()
+    assert set(world.mine()) == {P + "a", P + "b"}
+    device = world.mine()[P + "a"].device
+
+    world.other.device_rename(P + "a", DevId.name(P + "c"))
+    world.other.device_remove(P + "b")
+    await world.reconciler.sync()
+    assert set(world.mine()) == {P + "c"}
+    assert world.mine()[P + "c"].device == device  # the same device, renamed
+    assert not world.mine()[P + "c"].managed
+
+
+async def test_audit_finds_what_no_event_reports(world: World) -> None:
+    """A suspend or a table load by another tool moves no event number; the
+    audit compares each device's flags."""
+    world.other_create(P + "a")
+    await world.reconciler.sync()
+    world.other.device_suspend(P + "a", DmFlags.DM_SUSPEND)
+    world.other.table_load(P + "a", OTHER_TABLE)
+    await world.reconciler.audit()
+    view = world.mine()[P + "a"]
+    assert view.suspended
+    assert list(view.inactive_table) == OTHER_TABLE
+    world.other.device_suspend(P + "a", DmFlags(0))
+    await world.reconciler.audit()
+    view = world.mine()[P + "a"]
+    assert not view.suspended and list(view.live_table) == OTHER_TABLE
+
+
+async def test_external_reload_of_a_managed_device_is_drift_not_fixed(world: World) -> None:
+    await world.service.create(P + "m", ZERO)
+    await world.inventory.refresh(P + "m")
+    assert not world.mine()[P + "m"].drifted
+    world.other.table_load(P + "m", OTHER_TABLE)
+    world.other.device_suspend(P + "m", DmFlags(0))
+    await world.reconciler.audit()
+    view = world.mine()[P + "m"]
+    assert view.drifted and list(view.live_table) == OTHER_TABLE  # shown, not undone
+    record = await world.service.store.get_device(P + "m")
+    assert record is not None and record.drifted
+    assert list(record.table) == ZERO  # the record keeps what dmd made
+
+
+async def test_own_changes_racing_syncs_are_not_drift(world: World) -> None:
+    await world.service.create(P + "m", ZERO)
+    tables = [[TargetLine(0, 2048 + 8 * i, "zero", "")] for i in range(1, 6)]
+
+    async def syncing() -> None:
+        for _ in range(40):
+            await world.reconciler.audit()
+            await asyncio.sleep(0)
+
+    async def reloading() -> None:
+        for table in tables:
+            await world.service.reload(P + "m", table)
+
+    await asyncio.gather(syncing(), reloading())
+    await world.reconciler.audit()
+    view = world.mine()[P + "m"]
+    assert list(view.live_table) == tables[-1]
+    assert not view.drifted
+
+
+async def test_udev_news_reaches_the_view(world: World) -> None:
+    world.other_create(P + "a")
+    await world.reconciler.sync()
+    device = world.mine()[P + "a"].device
+    info = UdevInfo(symlinks=("/dev/disk/by-id/dm-name-" + P + "a",), fs_type="ext4",
+                    fs_uuid="u-1", ready=True)
+    world.reconciler.udev_event(UdevEvent("change", device, P + "a", info))
+    await world.reconciler.settled()
+    assert world.mine()[P + "a"].udev == info
+    world.other.device_remove(P + "a")
+    world.reconciler.udev_event(UdevEvent("remove", device, P + "a", UdevInfo()))
+    await world.reconciler.settled()
+    assert P + "a" not in world.mine()
+
+
+# -- simulator only: what the lab tests with real targets and real storms -------
+
+async def test_event_number_move_is_reported_with_status(tmp_path: Path) -> None:
+    service = open_service(tmp_path)
+    other = SimDM(tmp_path / "kernel.json")
+    world = World(service, other)
+    seen: list[tuple[str, int, list[TargetLine]]] = []
+    world.reconciler.on_dm_event(lambda v, status: seen.append((v.name, v.event_nr, status)))
+    world.other_create(P + "a")
+    await world.inventory.rescan()
+    other.trigger_event(P + "a")
+    await world.reconciler.sync()
+    await world.reconciler.settled()
+    assert seen == [(P + "a", 1, [TargetLine(0, 2048, "zero", "")])]
+    service.close()
+
+
+async def test_a_storm_costs_one_refresh_per_device(tmp_path: Path) -> None:
+    service = open_service(tmp_path)
+    other = SimDM(tmp_path / "kernel.json")
+    world = World(service, other)
+    await world.inventory.rescan()
+    n = 300
+    for i in range(n):
+        world.other_create(f"{P}s{i}")
+    before = world.inventory.refresh_count
+    for _ in range(n):  # one hint per device, as the kernel's events would come
+        world.reconciler.kernel_event()
+    await world.reconciler.settled()
+    assert len(world.mine()) == n
+    assert world.reconciler.syncs <= 2
+    assert world.inventory.refresh_count - before == n
+    for i in range(n):
+        other.device_remove(f"{P}s{i}")
+        world.reconciler.kernel_event()
+    await world.reconciler.settled()
+    assert world.mine() == {}
+    assert world.inventory.refresh_count - before == n  # drops need no reads
+    service.close()
