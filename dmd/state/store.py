@@ -18,23 +18,26 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Connection, Engine, create_engine, event, select
 from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dmd.engine import TargetLine
 from dmd.state.errors import RecordExists, RecordNotFound, StateError
-from dmd.state.models import DeviceRow, IntentRow, LabelRow
+from dmd.state.models import Base, DeviceRow, IntentRow, LabelRow
 from dmd.state.redact import redact_table
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 DB_NAME = "dmd.sqlite3"
 MIGRATIONS = Path(__file__).parent / "migrations"
+# The newest revision in migrations/versions (a test keeps the two in step). A
+# database already there, or a new one, is opened without importing Alembic:
+# that import alone cost several seconds of every start in the lab VM.
+HEAD_REVISION = "0002"
 T = TypeVar("T")
 
 
@@ -91,10 +94,21 @@ def _intent(row: IntentRow) -> IntentRecord:
 
 
 def _alembic_config(engine: Engine) -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["engine"] = engine
     return config
+
+
+def _current_revision(connection: Connection) -> str | None:
+    if not connection.exec_driver_sql(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='alembic_version'"
+    ).scalar():
+        return None
+    revision = connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+    return None if revision is None else str(revision)
 
 
 class StateStore:
@@ -145,31 +159,55 @@ class StateStore:
 
     @staticmethod
     def _migrate(path: Path, engine: Engine) -> None:
-        config = _alembic_config(engine)
-        script = ScriptDirectory.from_config(config)
-        known = {rev.revision for rev in script.walk_revisions()}
         with engine.connect() as connection:
-            current = MigrationContext.configure(connection).get_current_revision()
+            current = _current_revision(connection)
             if current is None and connection.exec_driver_sql(
                     "SELECT count(*) FROM sqlite_master WHERE type='table'").scalar():
                 raise StateError(f"{path} holds tables but no dmd schema version; it is not "
                                  "a dmd database: move it away or choose another --state-dir")
-        if current is not None and current not in known:
-            raise StateError(f"{path} was written by a newer dmd (schema {current}); run that "
-                             "version, or restore a backup made before the upgrade")
-        if current != script.get_current_head():
-            with engine.begin() as connection:
-                config.attributes["connection"] = connection
-                command.upgrade(config, "head")
+        if current is None:
+            StateStore._create_schema(engine)
+        elif current != HEAD_REVISION:
+            StateStore._upgrade(path, engine, current)
         with engine.begin() as connection:  # proves the file is writable now, not later
             connection.exec_driver_sql("PRAGMA user_version = 1")
+
+    @staticmethod
+    def _create_schema(engine: Engine) -> None:
+        """Make the newest schema in one transaction, stamped with its revision
+        (Alembic's "create_all, then stamp"): a start killed half-way leaves an
+        empty file, not tables without a version that dmd would then refuse."""
+        with engine.connect() as connection:
+            # pysqlite would run the CREATEs outside any transaction.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            Base.metadata.create_all(connection)
+            connection.exec_driver_sql(
+                "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL, "
+                "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))")
+            connection.exec_driver_sql(
+                "INSERT INTO alembic_version (version_num) VALUES (?)", (HEAD_REVISION,))
+            connection.commit()
+
+    @staticmethod
+    def _upgrade(path: Path, engine: Engine, current: str) -> None:
+        from alembic import command
+        from alembic.script import ScriptDirectory
+
+        config = _alembic_config(engine)
+        script = ScriptDirectory.from_config(config)
+        if current not in {rev.revision for rev in script.walk_revisions()}:
+            raise StateError(f"{path} was written by a newer dmd (schema {current}); run that "
+                             "version, or restore a backup made before the upgrade")
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
 
     def close(self) -> None:
         self._engine.dispose()
 
     def schema_revision(self) -> str | None:
         with self._engine.connect() as connection:
-            return MigrationContext.configure(connection).get_current_revision()
+            return _current_revision(connection)
 
     def _write(self, work: Callable[[Session], T], durable: bool = True) -> T:
         """Run *work* in one transaction. Durable commits fsync the WAL; the

@@ -208,3 +208,88 @@ async def test_async_store_runs_on_one_thread_off_the_loop(tmp_path: Path) -> No
     assert len(seen) == 1 and threading.get_ident() not in seen
     assert len(await store.list_devices()) == 20
     store.close()
+
+
+def _schema(path: Path) -> dict[str, object]:
+    """Every table's columns, indexes and foreign keys, as SQLite reports them."""
+    con = sqlite3.connect(path)
+    try:
+        tables = [name for (name,) in con.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+        schema: dict[str, object] = {}
+        for table in tables:
+            indexes = sorted(
+                (unique, [column for _, _, column in con.execute(f"PRAGMA index_info('{name}')")])
+                for _, name, unique, *_ in con.execute(f"PRAGMA index_list('{table}')"))
+            schema[table] = {
+                "columns": [row[1:] for row in con.execute(f"PRAGMA table_info('{table}')")],
+                "indexes": indexes,
+                "foreign_keys": [row[2:] for row in con.execute(
+                    f"PRAGMA foreign_key_list('{table}')")],
+            }
+        return schema
+    finally:
+        con.close()
+
+
+def test_head_revision_is_the_newest_migration(tmp_path: Path) -> None:
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import create_engine
+
+    from dmd.state.store import HEAD_REVISION
+
+    config = _alembic_config(create_engine(f"sqlite:///{tmp_path / 'x'}"))
+    assert ScriptDirectory.from_config(config).get_current_head() == HEAD_REVISION
+
+
+def test_a_new_database_has_the_schema_the_migrations_make(tmp_path: Path) -> None:
+    from sqlalchemy import create_engine
+
+    StateStore.open(tmp_path / "new").close()
+    migrated = tmp_path / "migrated" / DB_NAME
+    migrated.parent.mkdir()
+    engine = create_engine(f"sqlite:///{migrated}")
+    config = _alembic_config(engine)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+    engine.dispose()
+    made = _schema(tmp_path / "new" / DB_NAME)
+    assert set(made) == {"alembic_version", "devices", "intents", "labels"}
+    assert made == _schema(migrated)
+    store = StateStore.open(migrated.parent)
+    assert store.schema_revision() == "0002"
+    store.add_device(record("a", "U-a", labels={"k": "v"}))
+    assert store.get_device("a") is not None
+
+
+def test_start_killed_while_creating_the_database_leaves_it_usable(tmp_path: Path) -> None:
+    child = (
+        "import os, sys\n"
+        "from sqlalchemy import Engine, event\n"
+        "from dmd.state import StateStore\n"
+        "@event.listens_for(Engine, 'after_cursor_execute')\n"
+        "def die(conn, cursor, statement, *rest):\n"
+        "    if statement.lstrip().startswith('CREATE TABLE labels'):\n"
+        "        os._exit(9)\n"
+        "StateStore.open(sys.argv[1])\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", child, str(tmp_path)], check=False)
+    assert killed.returncode == 9
+    store = StateStore.open(tmp_path)
+    assert store.schema_revision() == "0002"
+    store.add_device(record("a"))
+    assert [d.name for d in store.list_devices()] == ["a"]
+
+
+def test_opening_a_current_or_new_database_does_not_import_alembic(tmp_path: Path) -> None:
+    child = (
+        "import sys\n"
+        "from dmd.state import StateStore\n"
+        "StateStore.open(sys.argv[1]).close()\n"
+        "StateStore.open(sys.argv[1]).close()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", child, str(tmp_path)], check=True,
+                          capture_output=True, text=True)
+    assert done.stdout.strip() == "[]"
