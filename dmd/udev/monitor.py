@@ -14,6 +14,7 @@ import asyncio
 import errno
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -68,6 +69,7 @@ class UdevMonitor:
         self._context = pyudev.Context()
         self._receive_buffer = receive_buffer
         self._monitor: pyudev.Monitor | None = None
+        self._socket: socket.socket | None = None  # a dup of the monitor's, to read SO_ERROR
         self._loop: asyncio.AbstractEventLoop | None = None
         self.events = 0
         self.overflows = 0
@@ -83,6 +85,7 @@ class UdevMonitor:
             log.warning("udev monitor: receive buffer stays small: %s", exc)
         monitor.start()
         self._monitor = monitor
+        self._socket = socket.fromfd(monitor.fileno(), socket.AF_NETLINK, socket.SOCK_RAW)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start handing events over from *loop*."""
@@ -102,7 +105,19 @@ class UdevMonitor:
     def close(self) -> None:
         if self._monitor is not None and self._loop is not None:
             self._loop.remove_reader(self._monitor.fileno())
-        self._monitor = None
+        if self._socket is not None:
+            self._socket.close()
+        self._monitor = self._socket = None
+
+    def _overflowed(self, exc: OSError) -> bool:
+        """Whether *exc* means lost uevents. The overflow comes as ENOBUFS from
+        recvmsg, or, when pyudev's poll sees it first, as a bare "Error while
+        polling" (POLLERR) with the ENOBUFS left pending on the socket."""
+        if exc.errno == errno.ENOBUFS:
+            return True
+        if exc.errno is None and self._socket is not None:
+            return self._socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ENOBUFS
+        return False
 
     def _readable(self) -> None:
         monitor = self._monitor
@@ -112,7 +127,7 @@ class UdevMonitor:
             try:
                 device = monitor.poll(timeout=0)
             except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
+                if self._overflowed(exc):
                     self.overflows += 1
                     log.warning("udev monitor overflowed: uevents were lost")
                     self._on_lost()
