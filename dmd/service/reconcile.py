@@ -24,6 +24,7 @@ listings and one refresh per device that changed.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -152,14 +153,56 @@ class Reconciler:
         for entry in listed:
             seen.add(entry.device)
             view = self.inventory.by_device(entry.device)
+            if view is not None and view.managed and view.name != entry.name:
+                await self._follow_rename(view.name, entry.name)
             # No live table yet: most likely made a moment ago, its table is
             # coming (a swap moves no event number, so it would go unseen).
             if view is None or view.name != entry.name or not view.live_table or (
                     entry.event_nr is not None and entry.event_nr != view.event_nr):
                 stale.append(entry.name)
-        for device in [v.device for v in self.inventory if v.device not in seen]:
-            self.inventory.drop_device(device)
+        for view in [v for v in self.inventory if v.device not in seen]:
+            if view.managed:
+                await self._follow_remove(view.name)
+            self.inventory.drop_device(view.device)
         await self._refresh_all(stale)
+
+    # -- managed devices changed by others: records follow the kernel ---------
+    async def _follow_rename(self, old: str, new: str) -> None:
+        """Another tool renamed a managed device: its record takes the new
+        name (and says so), so dmd's records never name what is not there."""
+        store = self.service.store
+        async with self.service.locks.hold(old, new):
+            # dmd's own rename holds both locks and has moved the record already.
+            if await store.get_device(old) is None or await store.get_device(new) is not None:
+                return
+            await store.rename_device(old, new)
+            await store.set_drifted(new, f"renamed outside dmd (was {old!r})")
+        log.warning("drift %s: renamed outside dmd (was %s); its record follows", new, old)
+
+    async def _follow_remove(self, name: str) -> None:
+        """Another tool removed a managed device. A persistent one keeps its
+        record (dmd re-creates it at its next start) and is marked drifted;
+        any other's record goes, as the device did."""
+        store = self.service.store
+        async with self.service.locks.hold(name):
+            if await self._present(name):
+                return  # dmd's own remove-and-recreate, or a race: the kernel has it
+            record = await store.get_device(name)
+            if record is None:
+                return
+            if record.persistent:
+                await store.set_drifted(name, "removed outside dmd; re-created at dmd's next start")
+                log.warning("drift %s: removed outside dmd; kept (persistent)", name)
+            else:
+                await store.remove_device(name)
+                log.warning("drift %s: removed outside dmd; its record is dropped", name)
+
+    async def _present(self, name: str) -> bool:
+        try:
+            await self.service.kernel(self.service.engine.device_info, name)
+        except DmError as exc:
+            return exc.errno != errno.ENXIO  # in doubt, a record is kept
+        return True
 
     async def audit(self) -> None:
         """A sync, then each device's status flags and live table against its

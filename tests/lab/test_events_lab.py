@@ -274,3 +274,27 @@ async def test_killing_udevd_is_survived(quiet_dmd: SystemDmd, watcher: Watcher)
     with DM(udev_sync=UdevSync.NONE) as other:
         other.device_remove(T + "noudev")
     await watcher.until(lambda o: T + "noudev" not in o and T + "udevback" not in o)
+
+
+async def test_raid1_leg_failing_on_flakey_raises_event(
+        quiet_dmd: SystemDmd, watcher: Watcher, loop_device: Callable[[int], str]) -> None:
+    """A raid1 whose second leg is a dm-flakey device that fails all I/O: the
+    first resync write fails, md marks the leg dead and dm-raid raises an
+    event, which reaches the bus as Event with the raid's status."""
+    a, b = loop_device(16), loop_device(16)
+    dmsetup("create", T + "flaky", "--table", f"0 32768 flakey {b} 0 0 1")
+    dmsetup("create", T + "raid", "--table",
+            f"0 16384 raid raid1 3 0 region_size 1024 2 - {a} - /dev/mapper/{T}flaky")
+    objects = await watcher.until(lambda o: T + "raid" in o)
+    raid_path = objects[T + "raid"]["path"]
+
+    def dead_leg(o: dict[str, dict[str, Any]]) -> bool:
+        return any(s.member == "Event" and s.path == raid_path and
+                   s.body[1][0][3].split()[2] == "AD" for s in watcher.signals)
+
+    objects = await watcher.until(dead_leg, timeout=120)
+    assert objects[T + "raid"]["EventNumber"] >= 1
+    (typed,) = await watcher.call(raid_path, DEVICE_INTERFACE, "GetTypedStatus", "a{sv}", [{}])
+    assert typed[0]["health"].value == "AD"
+    dmsetup("remove", T + "raid")
+    dmsetup("remove", T + "flaky")

@@ -181,3 +181,47 @@ async def test_a_storm_costs_one_refresh_per_device(tmp_path: Path) -> None:
     assert world.mine() == {}
     assert world.inventory.refresh_count - before == n  # drops need no reads
     service.close()
+
+
+async def test_records_follow_a_managed_device_renamed_or_removed_outside(
+        world: World) -> None:
+    store = world.service.store
+    await world.service.create(P + "keep", ZERO, persistent=True)
+    await world.service.create(P + "temp", ZERO)
+    await world.service.create(P + "old", ZERO)
+    await world.reconciler.sync()
+    world.other.device_rename(P + "old", DevId.name(P + "new"))
+    world.other.device_remove(P + "keep")
+    world.other.device_remove(P + "temp")
+    await world.reconciler.sync()
+    assert set(world.mine()) == {P + "new"}
+    assert world.mine()[P + "new"].managed and world.mine()[P + "new"].drifted
+    renamed = await store.get_device(P + "new")
+    assert renamed is not None and "renamed outside dmd" in (renamed.drifted or "")
+    assert await store.get_device(P + "old") is None
+    kept = await store.get_device(P + "keep")  # persistent: comes back at the next start
+    assert kept is not None and "removed outside dmd" in (kept.drifted or "")
+    assert await store.get_device(P + "temp") is None
+
+
+async def test_own_renames_and_removes_racing_syncs_leave_records_alone(
+        world: World) -> None:
+    store = world.service.store
+    await world.service.create(P + "r0", ZERO, persistent=True)
+
+    async def syncing() -> None:
+        for _ in range(30):
+            await world.reconciler.sync()
+            await asyncio.sleep(0)
+
+    async def renaming() -> None:
+        for i in range(1, 6):
+            await world.service.rename(P + f"r{i - 1}", P + f"r{i}")
+        await world.service.create(P + "gone", ZERO)
+        await world.service.remove(P + "gone")
+
+    await asyncio.gather(syncing(), renaming())
+    await world.reconciler.sync()
+    record = await store.get_device(P + "r5")
+    assert record is not None and not record.drifted
+    assert [r.name for r in await store.list_devices()] == [P + "r5"]
