@@ -82,7 +82,8 @@ class Options:
     log_level: str
     sim_flush_delay: float = 0.0
     udev_timeout: float = 10.0
-    audit_interval: float = 60.0
+    audit_interval: float = 600.0
+    sync_interval: float = 60.0
     udev: bool = True
     udev_buffer: int = RECEIVE_BUFFER
 
@@ -104,10 +105,13 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--udev-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="how long a create, resume, rename or remove waits for udev "
                              "before failing with Timeout (default: 10)")
-    parser.add_argument("--audit-interval", type=float, default=60.0, metavar="SECONDS",
-                        help="how often to compare every device with the kernel, for "
+    parser.add_argument("--sync-interval", type=float, default=60.0, metavar="SECONDS",
+                        help="how often to list the kernel's devices (one ioctl) and "
+                             "refresh any that a lost event hid; 0: never (default: 60)")
+    parser.add_argument("--audit-interval", type=float, default=600.0, metavar="SECONDS",
+                        help="how often to read every device's status and table, for "
                              "what no event reports (a suspend or a table load by another "
-                             "tool); 0: never (default: 60)")
+                             "tool); 0: never (default: 600)")
     parser.add_argument("--no-udev", action="store_true",
                         help="do not listen to udev (devices lose their udev properties; "
                              "kernel events and audits still follow other tools)")
@@ -124,10 +128,11 @@ def parse_args(argv: list[str] | None = None) -> Options:
         else:
             # systemd's StateDirectory= tells us where it made the directory.
             state_dir = Path(os.environ.get("STATE_DIRECTORY", DEFAULT_STATE_DIR))
-    if args.audit_interval < 0:
-        parser.error("--audit-interval must not be negative")
+    if args.audit_interval < 0 or args.sync_interval < 0:
+        parser.error("--audit-interval and --sync-interval must not be negative")
     return Options(args.bus, state_dir, args.sim, args.log_level, args.sim_flush_delay,
-                   args.udev_timeout, args.audit_interval, not args.no_udev, args.udev_buffer)
+                   args.udev_timeout, args.audit_interval, args.sync_interval,
+                   not args.no_udev, args.udev_buffer)
 
 
 def open_engine(options: Options) -> Any:
@@ -235,24 +240,26 @@ class Daemon:
                                    receive_buffer=self.options.udev_buffer)
                 udev.start()
                 udev.attach(loop)
-        audits = None
-        if self.options.audit_interval > 0:
-            audits = loop.create_task(self._audit_every(reconciler, self.options.audit_interval))
+        timers = [loop.create_task(self._every(interval, request))
+                  for interval, request in ((self.options.sync_interval, reconciler.request_sync),
+                                            (self.options.audit_interval,
+                                             reconciler.request_audit))
+                  if interval > 0]
         try:
             yield udev
         finally:
-            if audits is not None:
-                audits.cancel()
+            for timer in timers:
+                timer.cancel()
             if udev is not None:
                 udev.close()
             if kernel is not None:
                 kernel.close()
 
     @staticmethod
-    async def _audit_every(reconciler: Reconciler, interval: float) -> None:
+    async def _every(interval: float, request: Callable[[], None]) -> None:
         while True:
             await asyncio.sleep(interval)
-            reconciler.request_audit()
+            request()
 
     async def _publish_and_serve(self, bus: DmdBus, service: DeviceService,
                                  inventory: Inventory, reconciler: Reconciler) -> None:

@@ -12,9 +12,10 @@ truth, read again before anything is shown):
 - uevents from udev: they carry udev's view (symlinks, filesystem), and a
   change uevent follows every resume, including the swap of a new table,
   which moves no event number. The named device is refreshed.
-- an audit at a long interval: a sync plus each device's status flags and
+- timers: a sync every minute (one ioctl) for whatever a lost event hid,
+  and an audit every ten minutes: a sync plus each device's status flags and
   live table, for what neither source reports (a suspend or a table load by
-  another tool) and for whatever a lost event hid.
+  another tool).
 
 Requests are coalesced: while a sync runs, any number of further requests
 make it run once more, so a storm of hundreds of events costs a handful of
@@ -28,8 +29,9 @@ import errno
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
-from dmd.engine import DmError, DmFlags, TargetLine
+from dmd.engine import DeviceInfo, DmError, DmFlags, TargetLine
 from dmd.service.events import ChangeKind
 from dmd.service.inventory import DeviceView, Inventory, UdevInfo
 from dmd.state.redact import redact_table
@@ -40,7 +42,32 @@ log = logging.getLogger(__name__)
 # ioctls anyway; this only bounds the tasks.
 REFRESH_BATCH = 16
 
+# How many devices an audit reads in one worker job.
+AUDIT_BATCH = 128
+
 DmEventListener = Callable[[DeviceView, list[TargetLine]], None]
+
+
+def _read_statuses(engine: Any, names: list[str]
+                   ) -> list[tuple[DeviceInfo, list[TargetLine]] | None]:
+    """Each device's flags and live table, None for one the kernel no longer
+    has under that name (runs on a worker thread)."""
+    out: list[tuple[DeviceInfo, list[TargetLine]] | None] = []
+    for name in names:
+        try:
+            out.append(engine.table_status(name, DmFlags.DM_STATUS_TABLE))
+        except DmError:
+            out.append(None)
+    return out
+
+
+def _differs(view: DeviceView, info: DeviceInfo, live: list[TargetLine]) -> bool:
+    return (info.device != view.device or info.suspended != view.suspended
+            or info.open_count != view.open_count or info.event_nr != view.event_nr
+            or info.inactive_present != bool(view.inactive_table)
+            or info.active_present != bool(view.live_table)
+            or info.uuid != view.uuid
+            or tuple(redact_table(live)[0]) != view.live_table)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +145,9 @@ class Reconciler:
         """Some hints were lost: compare everything."""
         log.warning("events were lost; auditing every device")
         self._audit.request()
+
+    def request_sync(self) -> None:
+        self._sync.request()
 
     def request_audit(self) -> None:
         self._audit.request()
@@ -206,23 +236,18 @@ class Reconciler:
 
     async def audit(self) -> None:
         """A sync, then each device's status flags and live table against its
-        view (one ioctl a device)."""
+        view (one ioctl a device, AUDIT_BATCH of them to a worker job: an
+        audit of 1,000 devices is a few thread hand-overs, not thousands)."""
         await self.sync()
+        views = list(self.inventory)
         stale: list[str] = []
-        for view in self.inventory:
-            try:
-                info, live = await self.service.kernel(
-                    self.service.engine.table_status, view.name, DmFlags.DM_STATUS_TABLE)
-            except DmError:
-                stale.append(view.name)  # gone or renamed: the refresh says which
-                continue
-            if (info.device != view.device or info.suspended != view.suspended
-                    or info.open_count != view.open_count or info.event_nr != view.event_nr
-                    or info.inactive_present != bool(view.inactive_table)
-                    or info.active_present != bool(view.live_table)
-                    or info.uuid != view.uuid
-                    or tuple(redact_table(live)[0]) != view.live_table):
-                stale.append(view.name)
+        for i in range(0, len(views), AUDIT_BATCH):
+            batch = views[i:i + AUDIT_BATCH]
+            read = await self.service.kernel(_read_statuses, self.service.engine,
+                                             [view.name for view in batch])
+            for view, status in zip(batch, read, strict=True):
+                if status is None or _differs(view, *status):
+                    stale.append(view.name)  # gone or renamed: the refresh says which
         await self._refresh_all(stale)
 
     async def _refresh_all(self, stale: list[str]) -> None:

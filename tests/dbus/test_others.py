@@ -131,16 +131,19 @@ def wakeups(pid: int) -> int:
 
 
 async def test_idle_dmd_never_wakes_up(make_dmd: Callable[..., Any]) -> None:
-    """With audits off and nothing happening, dmd sleeps: no timer, no polling."""
-    dmd = make_dmd("--audit-interval", "0")
+    """With its timers off and nothing happening, dmd sleeps: no polling."""
+    dmd = make_dmd("--audit-interval", "0", "--sync-interval", "0")
     await asyncio.sleep(0.5)  # let start-up finish
     before = wakeups(dmd.proc.pid)
     await asyncio.sleep(2.0)
     assert wakeups(dmd.proc.pid) - before == 0
 
 
-async def test_idle_dmd_wakes_up_only_for_audits(make_dmd: Callable[..., Any]) -> None:
-    dmd = make_dmd("--audit-interval", "0.5")
+@pytest.mark.parametrize("timer", ["--audit-interval", "--sync-interval"])
+async def test_idle_dmd_wakes_up_only_for_its_timers(make_dmd: Callable[..., Any],
+                                                     timer: str) -> None:
+    others = {"--audit-interval", "--sync-interval"} - {timer}
+    dmd = make_dmd(timer, "0.5", *(arg for other in others for arg in (other, "0")))
     await asyncio.sleep(0.5)
     before = wakeups(dmd.proc.pid)
     await asyncio.sleep(2.0)

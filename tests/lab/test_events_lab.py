@@ -1,9 +1,9 @@
 """Other tools change the kernel behind dmd's back; the bus follows.
 
 dmd runs as root on the lab's system bus with the real kernel and udevd.
-Most tests run it with audits off (--audit-interval 0), so what they see came
-from the kernel's events and udev's uevents alone; a suspend and a bare table
-load raise neither, and are found by the audit.
+Most tests run it with its timers off (--audit-interval 0 --sync-interval 0),
+so what they see came from the kernel's events and udev's uevents alone; a
+suspend and a bare table load raise neither, and are found by the audit.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def start_dmd(tmp_path: Path, *args: str) -> SystemDmd:
 @pytest.fixture
 def quiet_dmd(clean_dm: DM, tmp_path: Path) -> Iterator[SystemDmd]:
     """dmd with audits off: only events move the bus."""
-    dmd = start_dmd(tmp_path, "--audit-interval", "0")
+    dmd = start_dmd(tmp_path, "--audit-interval", "0", "--sync-interval", "0")
     try:
         yield dmd
     finally:
@@ -196,7 +196,8 @@ async def test_udev_overflow_is_recovered(clean_dm: DM, tmp_path: Path,
                                           watcher: Watcher) -> None:
     """A receive buffer of a few KiB overflows in a storm of 100 devices: dmd
     says so and audits, and ends agreeing with the kernel."""
-    dmd = start_dmd(tmp_path, "--audit-interval", "0", "--udev-buffer", "4096")
+    dmd = start_dmd(tmp_path, "--audit-interval", "0", "--sync-interval", "0",
+                    "--udev-buffer", "4096")
     names = [f"{T}ovf{i:03}" for i in range(100)]
     try:
         subprocess.run(["udevadm", "control", "--stop-exec-queue"], check=True)

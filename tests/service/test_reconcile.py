@@ -225,3 +225,41 @@ async def test_own_renames_and_removes_racing_syncs_leave_records_alone(
     record = await store.get_device(P + "r5")
     assert record is not None and not record.drifted
     assert [r.name for r in await store.list_devices()] == [P + "r5"]
+
+
+@pytest.fixture
+async def sim_world(tmp_path: Path) -> AsyncIterator[World]:
+    service = open_service(tmp_path, kind="sim")
+    w = World(service, SimDM(tmp_path / "kernel.json"))
+    await w.inventory.rescan()
+    yield w
+    await w.reconciler.settled()
+    w.other.close()
+    service.close()
+
+
+async def test_an_audit_of_many_devices_is_a_few_worker_jobs(sim_world: World) -> None:
+    """An idle dmd's timers must stay cheap: an audit reads its devices in
+    batches, one worker hand-over per batch, not one per device. (The count
+    does not depend on the engine: SimDM only.)"""
+    world = sim_world
+    names = [f"{P}many{i:03}" for i in range(300)]
+    for name in names:
+        world.other_create(name)
+    await world.reconciler.sync()
+    assert set(names) <= set(world.mine())
+    world.other.device_suspend(names[-1], DmFlags.DM_SUSPEND)
+    calls = 0
+    kernel = world.service.kernel
+
+    async def counting(call: Any, *args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await kernel(call, *args)
+
+    world.service.kernel = counting  # type: ignore[method-assign]
+    await world.reconciler.audit()
+    assert world.mine()[names[-1]].suspended  # the audit still finds what changed
+    # one listing, ceil(300 / 128) = 3 status batches, one refresh of the
+    # suspended device (a few ioctls), and nothing per unchanged device
+    assert calls < 10, calls
