@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import io
 import logging
 import os
 import signal
@@ -295,6 +296,17 @@ class Daemon:
         log.info("stopped")
 
 
+def log_tasks() -> None:
+    """SIGUSR1: log where every task waits, for a dmd that seems stuck
+    (thread dumps would show only the idle event loop)."""
+    tasks = asyncio.all_tasks()
+    log.warning("SIGUSR1: %d tasks", len(tasks))
+    for task in tasks:
+        out = io.StringIO()
+        task.print_stack(limit=8, file=out)
+        log.warning("%s", out.getvalue().rstrip())
+
+
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     logging.basicConfig(
@@ -306,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for signo in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signo, daemon.stopping.set)
+        loop.add_signal_handler(signal.SIGUSR1, log_tasks)
         await daemon.run()
 
     try:

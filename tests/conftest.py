@@ -158,6 +158,7 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
 class PrivateBus:
     address: str
     env: dict[str, str]
+    pid: int  # the dbus-daemon's
 
 
 @pytest.fixture
@@ -177,7 +178,7 @@ def private_bus(tmp_path: Path) -> Iterator[PrivateBus]:
     assert address, "dbus-daemon printed no address"
     env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=address)
     try:
-        yield PrivateBus(address, env)
+        yield PrivateBus(address, env, daemon.pid)
     finally:
         daemon.terminate()
         daemon.wait(timeout=10)

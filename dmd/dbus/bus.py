@@ -5,11 +5,19 @@ being exported; the D-Bus specification (and GDBusObjectManagerClient, and
 every client that subscribes with the manager's path) expects them from the
 ObjectManager's own path. DmdBus sends them from there, with the property
 values taken from the cached view rather than by calling every getter.
+
+dbus-fast's writer (5.2.0, as dbus-next's before it) takes EAGAIN from a full
+socket buffer for a dead connection and drops the bus: a storm of a thousand
+devices removed by another tool, while the bus daemon is busy, did that in
+the lab. DmdBus hands its writer a socket whose send says "nothing sent" on
+EAGAIN, so the writer waits for the socket to drain as it does after a
+partial send.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from collections import OrderedDict
 from typing import Any
 
@@ -24,6 +32,22 @@ from dmd.service import errors
 log = logging.getLogger(__name__)
 
 
+class _SendOrWait:
+    """A socket whose send() returns 0 where the real one raises EAGAIN."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def send(self, data: Any) -> int:
+        try:
+            return self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
 class DmdBus(MessageBus):
     def __init__(self, bus_type: BusType = BusType.SYSTEM, bus_address: str | None = None,
                  ) -> None:
@@ -32,6 +56,13 @@ class DmdBus(MessageBus):
         # one signal per device there would only cost time.
         self.quiet = True
         self._uids: OrderedDict[str, int] = OrderedDict()
+
+    async def connect(self) -> DmdBus:
+        await super().connect()
+        writer = self._writer
+        assert writer is not None and self._sock is not None
+        writer.sock = _SendOrWait(self._sock)  # type: ignore[assignment]
+        return self
 
     def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
         if self.quiet or not self.connected:

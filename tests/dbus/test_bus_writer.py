@@ -1,0 +1,81 @@
+"""dmd's bus connection survives a full socket buffer.
+
+A bus daemon that stops reading for a moment (busy with a storm of other
+traffic) fills the sending socket's buffer; the next send gets EAGAIN. dmd
+must wait for the socket to drain and lose nothing. dbus-fast's own writer
+drops the connection instead: the second test says so, and fails the day
+dbus-fast fixes it (then DmdBus's work-around can go).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from typing import Any
+
+from dbus_fast import Message
+from dbus_fast.aio import MessageBus
+
+from dmd.dbus.bus import DmdBus
+from tests.conftest import PrivateBus
+
+SIGNALS = 2000
+PAYLOAD = "x" * 1024  # 2,000 signals: ~2 MiB, far past a 4 KiB send buffer
+
+
+async def flood(bus: MessageBus, private_bus: PrivateBus) -> int:
+    """Send SIGNALS signals while the bus daemon is stopped; return how many
+    a listener received once it runs again."""
+    listener = await MessageBus(bus_address=private_bus.address).connect()
+    received = 0
+
+    def count(msg: Message) -> None:
+        nonlocal received
+        if msg.member == "Flood":
+            received += 1
+
+    listener.add_message_handler(count)
+    await listener.call(Message(
+        destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+        body=["type='signal',member='Flood'"]))
+    assert bus._sock is not None
+    bus._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    os.kill(private_bus.pid, signal.SIGSTOP)
+    try:
+        for i in range(SIGNALS):
+            try:
+                bus.send(Message.new_signal("/test", "org.example.Test", "Flood", "us",
+                                            [i, PAYLOAD]))
+            except OSError:
+                break  # dropped: the socket is closed under the writer
+            if i % 100 == 0:
+                await asyncio.sleep(0)  # let the writer run into the full buffer
+    finally:
+        os.kill(private_bus.pid, signal.SIGCONT)
+    for _ in range(200):
+        if received == SIGNALS or not bus.connected:
+            break
+        await asyncio.sleep(0.05)
+    listener.disconnect()
+    return received
+
+
+async def test_dmd_bus_waits_out_a_full_socket_buffer(private_bus: PrivateBus) -> None:
+    bus: Any = await DmdBus(bus_address=private_bus.address).connect()
+    try:
+        assert await flood(bus, private_bus) == SIGNALS
+        assert bus.connected
+    finally:
+        bus.disconnect()
+
+
+async def test_dbus_fast_alone_still_drops_the_connection(private_bus: PrivateBus) -> None:
+    bus = await MessageBus(bus_address=private_bus.address).connect()
+    try:
+        await flood(bus, private_bus)
+        assert not bus.connected
+    finally:
+        bus.disconnect()
