@@ -73,6 +73,16 @@ def remove_bench_devices() -> None:
     settle()
 
 
+async def call_dmd(bus: MessageBus, path: str, interface: str, member: str,
+                   signature: str, body: list[Any]) -> list[Any]:
+    """One method call to dmd; anything but a reply stops the bench."""
+    reply = await bus.call(Message(destination=BUS_NAME, path=path, interface=interface,
+                                   member=member, signature=signature, body=body))
+    assert reply is not None and reply.message_type is MessageType.METHOD_RETURN, (
+        member, body[:1], reply and reply.body)
+    return list(reply.body)
+
+
 async def create_through_dmd(names: list[str], in_flight: int = 8) -> None:
     """CreateDevice (persistent) for every name, a few calls at once (not timed)."""
     bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
@@ -81,14 +91,9 @@ async def create_through_dmd(names: list[str], in_flight: int = 8) -> None:
 
         async def worker() -> None:
             while queue:
-                name = queue.pop()
-                reply = await bus.call(Message(
-                    destination=BUS_NAME, path=ROOT_PATH, interface=MANAGER,
-                    member="CreateDevice", signature="sa(ttss)a{sv}",
-                    body=[name, [[0, 2048, "zero", ""]],
-                          {"persistent": Variant("b", True)}]))
-                assert reply is not None and reply.message_type is MessageType.METHOD_RETURN, (
-                    name, reply and reply.body)
+                await call_dmd(bus, ROOT_PATH, MANAGER, "CreateDevice", "sa(ttss)a{sv}",
+                               [queue.pop(), [[0, 2048, "zero", ""]],
+                                {"persistent": Variant("b", True)}])
 
         await asyncio.gather(*(worker() for _ in range(in_flight)))
     finally:
@@ -179,26 +184,17 @@ async def create_remove_in_process(names: list[str]) -> tuple[float, float]:
     """What a service or GUI sees: one connection kept open, CreateDevice then
     (after all are made) Remove, one call at a time."""
     bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
-
-    async def call(path: str, interface: str, member: str, signature: str,
-                   body: list[Any]) -> Any:
-        reply = await bus.call(Message(destination=BUS_NAME, path=path, interface=interface,
-                                       member=member, signature=signature, body=body))
-        assert reply is not None and reply.message_type is MessageType.METHOD_RETURN, (
-            member, reply and reply.body)
-        return reply.body
-
     try:
         started = time.perf_counter()
-        paths = [(await call(ROOT_PATH, MANAGER, "CreateDevice", "sa(ttss)a{sv}",
-                             [name, [[0, 2048, "zero", ""]], {}]))[0] for name in names]
+        paths = [(await call_dmd(bus, ROOT_PATH, MANAGER, "CreateDevice", "sa(ttss)a{sv}",
+                                 [name, [[0, 2048, "zero", ""]], {}]))[0] for name in names]
         create = time.perf_counter() - started
         print(f"  {'connected client CreateDevice':<34} {create:8.2f} s  "
               f"{create / len(names) * 1000:8.1f} ms/device")
         settle()
         started = time.perf_counter()
         for path in paths:
-            await call(path, DEVICE, "Remove", "a{sv}", [{}])
+            await call_dmd(bus, path, DEVICE, "Remove", "a{sv}", [{}])
         remove = time.perf_counter() - started
         print(f"  {'connected client Remove':<34} {remove:8.2f} s  "
               f"{remove / len(names) * 1000:8.1f} ms/device")

@@ -29,11 +29,11 @@ import errno
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from dmd.engine import DeviceInfo, DmError, DmFlags, TargetLine
 from dmd.service.events import ChangeKind
 from dmd.service.inventory import DeviceView, Inventory, UdevInfo
+from dmd.service.operations import Engine
 from dmd.state.redact import redact_table
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ AUDIT_BATCH = 128
 DmEventListener = Callable[[DeviceView, list[TargetLine]], None]
 
 
-def _read_statuses(engine: Any, names: list[str]
+def _read_statuses(engine: Engine, names: list[str]
                    ) -> list[tuple[DeviceInfo, list[TargetLine]] | None]:
     """Each device's flags and live table, None for one the kernel no longer
     has under that name (runs on a worker thread)."""
@@ -215,11 +215,13 @@ class Reconciler:
         any other's record goes, as the device did."""
         store = self.service.store
         async with self.service.locks.hold(name):
-            if await self._present(name):
-                return  # dmd's own remove-and-recreate, or a race: the kernel has it
+            # The record first: after dmd's own remove it is gone already,
+            # and the kernel need not be asked.
             record = await store.get_device(name)
             if record is None:
                 return
+            if await self._present(name):
+                return  # dmd's own remove-and-recreate, or a race: the kernel has it
             if record.persistent:
                 await store.set_drifted(name, "removed outside dmd; re-created at dmd's next start")
                 log.warning("drift %s: removed outside dmd; kept (persistent)", name)
