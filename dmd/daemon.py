@@ -89,12 +89,20 @@ class Options:
     udev_buffer: int = RECEIVE_BUFFER
 
 
-def parse_args(argv: list[str] | None = None) -> Options:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dmd", description="device-mapper daemon: org.example.DeviceMapper on D-Bus")
+        prog="dmd",
+        description=f"The device-mapper daemon: owns /dev/mapper/control and serves every "
+        f"mapped device as {BUS_NAME} on D-Bus (one object per device), keeps what it "
+        "made in an SQLite database, and follows changes other tools make. Run it as "
+        "root on the system bus (systemctl start dmd), or as anyone with --bus session "
+        "--sim FILE.",
+        epilog="Signals: SIGTERM or SIGINT refuse new calls, let running ones finish and "
+        "exit 0; SIGUSR1 logs where every task is waiting. Exit status 1: dmd could not "
+        "start (the message says why) or lost its bus.")
     parser.add_argument("--bus", choices=("system", "session"), default="system",
                         help="bus to serve on (default: system)")
-    parser.add_argument("--state-dir", type=Path, default=None,
+    parser.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
                         help="where dmd keeps its database (default: $STATE_DIRECTORY "
                              f"or {DEFAULT_STATE_DIR}; with --sim: FILE.state)")
     parser.add_argument("--sim", type=Path, default=None, metavar="FILE",
@@ -119,8 +127,16 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--udev-buffer", type=int, default=RECEIVE_BUFFER, metavar="BYTES",
                         help=argparse.SUPPRESS)  # tests force overflows with a tiny one
     parser.add_argument("--log-level", default="info",
-                        choices=("debug", "info", "warning", "error"))
-    parser.add_argument("--version", action="version", version=f"dmd {__version__}")
+                        choices=("debug", "info", "warning", "error"),
+                        help="the least important messages logged to stderr (the journal "
+                             "under systemd) (default: info)")
+    parser.add_argument("--version", action="version", version=f"dmd {__version__}",
+                        help="print dmd's version and exit")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    parser = build_parser()
     args = parser.parse_args(argv)
     state_dir = args.state_dir
     if state_dir is None:
@@ -284,16 +300,33 @@ class Daemon:
         disconnected = asyncio.ensure_future(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
         stopping = asyncio.ensure_future(self.stopping.wait())
         await asyncio.wait({disconnected, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if disconnected.done():
+        if not stopping.done():
             stopping.cancel()
-            raise StartupError("lost the connection to the bus")
+            raise StartupError(f"lost the connection to the bus ({bus_loss(disconnected)})")
         log.info("stopping: finishing %d call(s) in flight", len(router._in_flight))
         await router.drain()
-        with contextlib.suppress(Exception):
-            await bus.release_name(BUS_NAME)
+        # Closing the connection releases the name (the bus daemon announces
+        # it); a ReleaseName call first would only be one more write that fails
+        # when the bus is going away too.
+        if disconnected.done() or not bus.connected:
+            log.warning("stopped; the bus connection had already closed (%s)",
+                        bus_loss(disconnected))
+        else:
+            log.info("stopped")
         bus.disconnect()
         disconnected.cancel()
-        log.info("stopped")
+
+
+def bus_loss(disconnected: asyncio.Future[Any]) -> str:
+    """Why the bus connection ended, in a few words."""
+    if not disconnected.done():
+        return "closed"
+    if disconnected.cancelled():
+        return "cancelled"
+    exc = disconnected.exception()
+    if exc is None:
+        return "closed by the bus"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def log_tasks() -> None:

@@ -336,65 +336,107 @@ async def cmd_monitor(c: Client, a: argparse.Namespace) -> None:
 Verb = Callable[[Client, argparse.Namespace], Coroutine[Any, Any, None]]
 
 
+def common_options(p: argparse.ArgumentParser, defaults: bool) -> None:
+    """The options every verb takes, before or after it (`dmctl ls --json`, as
+    with dmsetup or systemctl). A verb's copy has no default, so that it never
+    overwrites what was given before the verb."""
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    p.add_argument("--session", action="store_true", default=default(False),
+                   help="talk to a dmd on the session bus (dmd --bus session), not the "
+                        "system bus")
+    p.add_argument("--json", action="store_true", default=default(False),
+                   help="print JSON instead of text (one object per line for monitor)")
+    p.add_argument("--timeout", type=float, default=default(120.0), metavar="SECONDS",
+                   help="give up on a call after SECONDS (default: 120)")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dmctl", description="talk to dmd over D-Bus")
-    p.add_argument("--session", action="store_true", help="dmd on the session bus")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per call")
+    p = argparse.ArgumentParser(
+        prog="dmctl", description="dmsetup's verbs, spoken to dmd over D-Bus. Anyone may "
+        "read; changes need root, or a user polkit allows.",
+        epilog="Errors are one line on stderr; the exit status is 1 for a failed call "
+        "and 2 for a usage error. `dmctl VERB --help` describes a verb.")
+    common_options(p, defaults=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="VERB")
 
     def verb(name: str, fn: Verb, help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help)
+        sp = sub.add_parser(name, help=help, description=help)
+        common_options(sp, defaults=False)
         sp.set_defaults(fn=fn)
         return sp
 
     def table_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("table_file", nargs="?", help="table file (default: stdin)")
-        sp.add_argument("--table", help="table text; lines separated by newlines or \\n")
-        sp.add_argument("-r", "--readonly", action="store_true")
+        sp.add_argument("table_file", nargs="?", metavar="TABLE_FILE",
+                        help="read the table from this file (default: --table, else stdin)")
+        sp.add_argument("--table", metavar="TEXT",
+                        help="the table as text, dmsetup's syntax (START LENGTH TARGET "
+                             "PARAMS); lines separated by newlines or \\n")
+        sp.add_argument("-r", "--readonly", action="store_true",
+                        help="load the table read-only")
+
+    def name_arg(sp: argparse.ArgumentParser, optional: bool = False) -> None:
+        if optional:
+            sp.add_argument("name", nargs="?", metavar="NAME",
+                            help="the device (default: every device)")
+        else:
+            sp.add_argument("name", metavar="NAME", help="the device's name")
 
     verb("ls", cmd_ls, "list devices")
     for name, fn, what in (("info", cmd_info, "device details"),
                            ("table", cmd_table, "live tables"),
                            ("status", cmd_status, "status lines"),
                            ("deps", cmd_deps, "devices a table uses")):
-        verb(name, fn, what).add_argument("name", nargs="?")
+        name_arg(verb(name, fn, what), optional=True)
     sp = verb("create", cmd_create, "create a device (managed by dmd)")
-    sp.add_argument("name")
+    name_arg(sp)
     table_args(sp)
-    sp.add_argument("-u", "--uuid")
-    sp.add_argument("--persistent", action="store_true", help="re-create after a reboot")
-    sp.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("-u", "--uuid", help="the device's UUID (default: none)")
+    sp.add_argument("--persistent", action="store_true",
+                    help="re-create the device when dmd starts and finds it missing "
+                         "(after a reboot)")
+    sp.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                    help="a label kept with dmd's record of the device (repeatable)")
     for name, what in (("load", "load an inactive table"),
                        ("reload", "replace the live table (load, suspend, resume)")):
         sp = verb(name, cmd_load, what)
-        sp.add_argument("name")
+        name_arg(sp)
         table_args(sp)
     sp = verb("suspend", cmd_suspend, "suspend a device")
-    sp.add_argument("name")
-    sp.add_argument("--noflush", action="store_true")
-    sp.add_argument("--nolockfs", action="store_true")
-    verb("resume", cmd_resume, "resume a device").add_argument("name")
-    verb("clear", cmd_clear, "clear the inactive table").add_argument("name")
+    name_arg(sp)
+    sp.add_argument("--noflush", action="store_true",
+                    help="do not flush queued I/O first (it stays queued)")
+    sp.add_argument("--nolockfs", action="store_true",
+                    help="do not freeze a mounted filesystem first")
+    name_arg(verb("resume", cmd_resume, "resume a device"))
+    name_arg(verb("clear", cmd_clear, "clear the inactive table"))
     sp = verb("rename", cmd_rename, "rename, or set the UUID")
-    sp.add_argument("name")
-    sp.add_argument("new_name", nargs="?")
-    sp.add_argument("--setuuid", metavar="UUID")
+    name_arg(sp)
+    sp.add_argument("new_name", nargs="?", metavar="NEW_NAME", help="the new name")
+    sp.add_argument("--setuuid", metavar="UUID",
+                    help="set the UUID of a device that has none, instead of renaming")
     sp = verb("message", cmd_message, "send a target message")
-    sp.add_argument("name")
-    sp.add_argument("sector", type=int)
-    sp.add_argument("message", nargs="+")
+    name_arg(sp)
+    sp.add_argument("sector", type=int, metavar="SECTOR",
+                    help="a sector inside the target to send to (0 for most)")
+    sp.add_argument("message", nargs="+", metavar="WORD", help="the message")
     sp = verb("remove", cmd_remove, "remove a device")
-    sp.add_argument("name")
-    sp.add_argument("-f", "--force", action="store_true")
-    sp.add_argument("--deferred", action="store_true")
+    name_arg(sp)
+    sp.add_argument("-f", "--force", action="store_true",
+                    help="if the device is open: make its I/O fail at once (an error "
+                         "table), then remove it when its last user closes it")
+    sp.add_argument("--deferred", action="store_true",
+                    help="if the device is open, remove it when its last user closes it")
     verb("remove-all-managed", cmd_remove_all_managed, "remove every device dmd manages")
     sp = verb("adopt", cmd_adopt, "let dmd manage a device another tool made")
-    sp.add_argument("name")
-    sp.add_argument("--persistent", action="store_true")
+    name_arg(sp)
+    sp.add_argument("--persistent", action="store_true",
+                    help="re-create the device when dmd starts and finds it missing")
     sp = verb("label", cmd_label, "set a managed device's labels")
-    sp.add_argument("name")
-    sp.add_argument("labels", nargs="*", metavar="KEY=VALUE")
+    name_arg(sp)
+    sp.add_argument("labels", nargs="*", metavar="KEY=VALUE",
+                    help="the labels, replacing all the old ones (none: clear them)")
     verb("targets", cmd_targets, "target types the kernel offers")
     verb("version", cmd_version, "dmd and driver versions")
     verb("monitor", cmd_monitor, "print dmd's signals until interrupted")

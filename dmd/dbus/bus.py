@@ -16,6 +16,7 @@ partial send.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from collections import OrderedDict
@@ -64,6 +65,30 @@ class DmdBus(MessageBus):
         writer.sock = _SendOrWait(self._sock)  # type: ignore[assignment]
         return self
 
+    def send(self, msg: Message) -> asyncio.Future[None]:  # type: ignore[override]
+        """Most sends are never awaited (replies, signals, dbus-fast's own
+        calls). A write that fails because the bus went away is the loss of
+        the connection, reported once where dmd waits for it, not as an
+        asyncio "exception was never retrieved" traceback per message. (The
+        base class's stub says send returns None; the aio bus returns this
+        Future.)"""
+        # dbus-fast's own send, with the future made here: when the bus is
+        # gone, its writer fails the write (EPIPE), closes the socket and
+        # then raises EBADF re-arming it, and the future it made is lost.
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_consume_send_error)
+        if not self.connected or self._writer is None:
+            future.set_exception(ConnectionError("the bus connection is closed"))
+            return future
+        if not msg.serial:
+            msg.serial = self.next_serial()
+        try:
+            self._writer.schedule_write(msg, future)
+        except OSError as exc:
+            if not future.done():
+                future.set_exception(exc)
+        return future
+
     def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
         if self.quiet or not self.connected:
             return
@@ -111,6 +136,11 @@ class DmdBus(MessageBus):
         if len(self._uids) > 4096:
             self._uids.popitem(last=False)
         return uid
+
+
+def _consume_send_error(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("send failed: %r", future.exception())
 
 
 class BusCallFailed(Exception):

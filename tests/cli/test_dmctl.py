@@ -67,7 +67,7 @@ def test_change_verbs(dmd_session: Any) -> None:
     ok(dmd_session, "load", "b", "--table", "0 10 zero")
     assert "LIVE & INACTIVE" in ok(dmd_session, "info", "b")
     ok(dmd_session, "clear", "b")
-    # dmd refuses a rename after a clear (the kernel bug in KERNEL-LAB.md).
+    # dmd refuses a rename after a clear (the kernel bug in docs/kernel-lab.md).
     refused = dmctl(dmd_session, "rename", "b", "c")
     assert refused.returncode == 1 and "double free" in refused.stderr
     ok(dmd_session, "label", "b", "x=1", "y=2")

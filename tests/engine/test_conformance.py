@@ -3,7 +3,7 @@ host, and the real kernel through DM inside the lab.
 
 A test here states what the kernel does; where SimDM disagrees, SimDM is wrong.
 Every device is named dmdtest-* so the kernel fixtures can clean up after a
-failure. No test here clears a table and then renames (see KERNEL-LAB.md).
+failure. No test here clears a table and then renames (see docs/kernel-lab.md).
 """
 
 from __future__ import annotations

@@ -184,7 +184,7 @@ def test_create_fails_with_timeout_and_leaves_nothing_when_udev_is_stuck(
 def mutating_calls(path: str) -> list[tuple[str, list[str]]]:
     """Every mutating method, in an order that works on one zero device."""
     # Rename comes before ClearTable: dmd refuses a rename after a clear on
-    # the same device (the kernel bug in KERNEL-LAB.md).
+    # the same device (the kernel bug in docs/kernel-lab.md).
     return [
         ("SetUUID", [path, DEVICE_INTERFACE, "SetUUID", "sa{sv}", "DMDTEST-auth", "0"]),
         ("Rename", [path, DEVICE_INTERFACE, "Rename", "sa{sv}", "dmdtest-auth2", "0"]),

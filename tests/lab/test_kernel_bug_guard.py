@@ -1,4 +1,4 @@
-"""dmd's decision about the clear-rename-remove kernel bug (see KERNEL-LAB.md).
+"""dmd's decision about the clear-rename-remove kernel bug (see docs/kernel-lab.md).
 
 Loading a table, clearing it, renaming the device and removing it double-frees
 in dm_ima_measure_on_device_remove on Debian's 6.1 and 6.12 kernels. The engine

@@ -32,6 +32,9 @@ def test_files_land_where_debian_looks(staged: Path) -> None:
         "usr/share/dbus-1/interfaces/org.example.DeviceMapper.Device.xml",
         "usr/share/dbus-1/interfaces/org.example.DeviceMapper.Manager.xml",
         "etc/systemd/system/dmd.service",
+        "usr/local/share/man/man8/dmd.8",
+        "usr/local/share/man/man8/dmctl.8",
+        "usr/local/share/bash-completion/completions/dmctl",
     ]:
         assert (staged / path).is_file(), path
 
