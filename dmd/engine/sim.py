@@ -25,13 +25,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import heapq
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from dmd.engine.dm import carries_key
 from dmd.engine.types import (
@@ -64,6 +67,21 @@ SIM_TARGETS: dict[str, tuple[int, int, int]] = {
 }
 
 
+_DEVICE_REF = re.compile(r"^(\d+):(\d+)$")
+
+
+def _table_refs(table: list[list[object]] | None) -> list[tuple[int, int]]:
+    """The major:minor references in a stored table (device paths were
+    turned into major:minor when it was loaded, as the kernel prints them)."""
+    refs: list[tuple[int, int]] = []
+    for line in table or []:
+        for token in str(line[3]).split():
+            m = _DEVICE_REF.match(token)
+            if m and (ref := (int(m[1]), int(m[2]))) not in refs:
+                refs.append(ref)
+    return refs
+
+
 @dataclass
 class _Dev:
     name: str
@@ -79,12 +97,98 @@ class _Dev:
     deferred_remove: bool = False
     size_sectors: int = 0
 
+    def __setattr__(self, attr: str, value: object) -> None:
+        owner: _Devices | None = self.__dict__.get("_owner")
+        if owner is None:
+            object.__setattr__(self, attr, value)
+        else:
+            owner.changing(self, attr, value)
+
+    def record(self) -> dict[str, object]:
+        return {f: self.__dict__[f] for f in _DEV_FIELDS}
+
+
+_DEV_FIELDS = tuple(f.name for f in fields(_Dev))
+
+
+class _Devices(dict[str, _Dev]):
+    """The devices by name, with what every write needs kept up to date as
+    they change (so no call costs O(number of devices)): which names changed
+    since the last save, the minors and UUIDs in use, how many tables refer
+    to each device, and which devices wait for a deferred remove."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dirty: set[str] = set()
+        self.minors: set[int] = set()
+        self._free_minors: list[int] = []  # a heap; may hold minors taken since
+        self._next_minor = 0
+        self.uuids: dict[str, str] = {}
+        self.refs: dict[tuple[int, int], int] = {}
+        self.deferred: set[str] = set()
+
+    def __setitem__(self, name: str, dev: _Dev) -> None:
+        assert name == dev.name and name not in self
+        super().__setitem__(name, dev)
+        object.__setattr__(dev, "_owner", self)
+        self.dirty.add(name)
+        self.minors.add(dev.minor)
+        if dev.uuid:
+            self.uuids[dev.uuid] = name
+        for table in (dev.live, dev.inactive):
+            self._count(table, dev, 1)
+        if dev.deferred_remove:
+            self.deferred.add(name)
+
+    def __delitem__(self, name: str) -> None:
+        dev = self[name]
+        super().__delitem__(name)
+        object.__setattr__(dev, "_owner", None)
+        self.dirty.add(name)
+        self.minors.discard(dev.minor)
+        heapq.heappush(self._free_minors, dev.minor)
+        self.uuids.pop(dev.uuid, None)
+        for table in (dev.live, dev.inactive):
+            self._count(table, dev, -1)
+        self.deferred.discard(name)
+
+    def changing(self, dev: _Dev, attr: str, value: object) -> None:
+        assert attr not in ("name", "minor"), "re-key the device instead"
+        if attr in ("live", "inactive"):
+            self._count(getattr(dev, attr), dev, -1)
+            self._count(value, dev, 1)  # type: ignore[arg-type]
+        elif attr == "uuid":
+            self.uuids.pop(dev.uuid, None)
+            if value:
+                self.uuids[str(value)] = dev.name
+        elif attr == "deferred_remove":
+            (self.deferred.add if value else self.deferred.discard)(dev.name)
+        object.__setattr__(dev, attr, value)
+        self.dirty.add(dev.name)
+
+    def _count(self, table: list[list[object]] | None, dev: _Dev, delta: int) -> None:
+        for ref in _table_refs(table):
+            if ref != (SIM_MAJOR, dev.minor):
+                self.refs[ref] = self.refs.get(ref, 0) + delta
+
+    def lowest_free_minor(self) -> int:
+        """The kernel's idr_alloc: the lowest minor not in use. Every minor
+        below _next_minor that is free was freed, so it is in the heap."""
+        while self._free_minors and self._free_minors[0] in self.minors:
+            heapq.heappop(self._free_minors)
+        while self._next_minor in self.minors:
+            self._next_minor += 1
+        if self._free_minors:
+            return min(self._free_minors[0], self._next_minor)
+        return self._next_minor
+
 
 @dataclass
 class _Kernel:
-    devices: dict[str, _Dev] = field(default_factory=dict)
+    devices: _Devices = field(default_factory=_Devices)
     # path -> [major, minor, size in sectors]
     disks: dict[str, list[int]] = field(default_factory=dict)
+    dirty_disks: set[str] = field(default_factory=set)
 
 
 def _fail(err: int, command: str, dev: object = None) -> DmError:
@@ -102,54 +206,57 @@ class SimDM:
         self.flush_delay = flush_delay
         self._lock = threading.RLock()
         self._state = _Kernel()
-        self._stamp: tuple[int, int] | None = None
+        # Where this process has read the file up to: (st_dev, st_ino), the
+        # offset after the last complete line, and the lines since the snapshot.
+        self._file_id: tuple[int, int] | None = None
+        self._offset = 0
+        self._log_lines = 0
         self._changed = threading.Condition(self._lock)
         self.ioctl_count = 0
         # Same guard as DM against the clear-rename-remove kernel bug, so a
         # daemon behaves identically on the simulator.
         self._cleared: set[int] = set()
-        # Who holds whom open, computed once per state for read-only calls:
-        # recomputing it per device made a scan of N devices cost O(N^2).
-        self._holders: dict[tuple[int, int], int] | None = None
-        self._reading = False
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._locked():
                 pass
 
     # -- persistence -------------------------------------------------------
+    # The file is JSON lines: a snapshot of the whole kernel ({"devices": ...,
+    # "disks": ...}), then one line per device or disk that changed after it
+    # ({"dev": name, "v": fields or null}, {"disk": path, "v": [...] or null}).
+    # A write appends the lines of what it changed, under an exclusive flock;
+    # every call first reads what other processes appended since its last
+    # call. When the log outgrows the kernel it describes, a write replaces
+    # the file with a new snapshot (atomically; readers see a new inode and
+    # read it whole). So a change costs what it changed, not the whole kernel.
     @contextlib.contextmanager
     def _locked(self, write: bool = False) -> Iterator[_Kernel]:
         with self._lock:
             self.ioctl_count += 1
-            if write:
-                self._holders = None
-            self._reading = not write
-            try:
-                with self._locked_state(write) as state:
-                    yield state
-            finally:
-                self._reading = False
-                if write:
-                    self._holders = None
-
-    @contextlib.contextmanager
-    def _locked_state(self, write: bool) -> Iterator[_Kernel]:
-        if self.path is None:
-            yield self._state
-            if write:
-                self._reap_deferred(self._state)
-                self._changed.notify_all()
-            return
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        with open(lock_path, "a+") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
-            self._reload()
-            yield self._state
-            if write:
-                self._reap_deferred(self._state)
-                self._save()
-                self._changed.notify_all()
+            if self.path is None:
+                try:
+                    yield self._state
+                finally:
+                    if write:
+                        self._reap_deferred(self._state)
+                        self._state.devices.dirty.clear()
+                        self._state.dirty_disks.clear()
+                        self._changed.notify_all()
+                return
+            lock_path = self.path.with_name(self.path.name + ".lock")
+            with open(lock_path, "a+") as lock_file:
+                fcntl.flock(lock_file, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
+                self._catch_up()
+                try:
+                    yield self._state
+                finally:
+                    # Also after an error: a refused call may have changed
+                    # nothing, or (as the kernel's failed resume) something.
+                    if write:
+                        self._reap_deferred(self._state)
+                        self._append_changes()
+                        self._changed.notify_all()
 
     def _reap_deferred(self, k: _Kernel) -> None:
         """Finish deferred removes whose last opener went away (the kernel's
@@ -157,46 +264,108 @@ class SimDM:
         progress = True
         while progress:
             progress = False
-            for dev in list(k.devices.values()):
-                if dev.deferred_remove and self._open_count(k, dev) == 0:
-                    del k.devices[dev.name]
+            for name in list(k.devices.deferred):
+                dev = k.devices[name]
+                if self._open_count(k, dev) == 0:
+                    del k.devices[name]
                     progress = True
 
-    def _reload(self) -> None:
+    def _catch_up(self) -> None:
         assert self.path is not None
         try:
             st = os.stat(self.path)
-        except FileNotFoundError:
-            self._state, self._stamp = _Kernel(), None
+        except FileNotFoundError:  # never written, or a "reboot"
+            if self._file_id is not None or self._state.devices or self._state.disks:
+                self._state = _Kernel()
+            self._file_id, self._offset, self._log_lines = None, 0, 0
             return
-        stamp = (st.st_mtime_ns, st.st_size)
-        if stamp == self._stamp:
+        file_id = (st.st_dev, st.st_ino)
+        if file_id != self._file_id or st.st_size < self._offset:
+            self._state, self._offset, self._log_lines = _Kernel(), 0, -1
+            self._file_id = file_id
+        if st.st_size == self._offset:
             return
-        self._holders = None
-        raw = json.loads(self.path.read_text())
-        self._state = _Kernel(
-            devices={k: _Dev(**v) for k, v in raw["devices"].items()},
-            disks={k: list(v) for k, v in raw["disks"].items()},
-        )
-        self._stamp = stamp
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        # A writer killed mid-line leaves a torn last line: it is not part of
+        # the kernel, and the next writer cuts it off.
+        complete = data[:data.rfind(b"\n") + 1]
+        for line in complete.splitlines():
+            self._apply(json.loads(line))
+        self._offset += len(complete)
+        self._state.devices.dirty.clear()
+        self._state.dirty_disks.clear()
+
+    def _apply(self, change: dict[str, Any]) -> None:
+        k = self._state
+        self._log_lines += 1
+        if "devices" in change:  # a snapshot
+            self._state = k = _Kernel()
+            for name, fields_ in change["devices"].items():
+                k.devices[name] = _Dev(**fields_)
+            k.disks = {path: list(v) for path, v in change["disks"].items()}
+            self._log_lines = 0
+        elif "dev" in change:
+            name = change["dev"]
+            if name in k.devices:
+                del k.devices[name]
+            if change["v"] is not None:
+                k.devices[name] = _Dev(**change["v"])
+        elif "disk" in change:
+            if change["v"] is None:
+                k.disks.pop(change["disk"], None)
+            else:
+                k.disks[change["disk"]] = list(change["v"])
+
+    def _append_changes(self) -> None:
+        assert self.path is not None
+        k = self._state
+        if not k.devices.dirty and not k.dirty_disks:
+            return
+        if self._file_id is None or self._log_lines > max(1024, 2 * len(k.devices)):
+            self._save()
+            return
+        lines: list[dict[str, Any]] = [
+            {"dev": name, "v": k.devices[name].record() if name in k.devices else None}
+            for name in sorted(k.devices.dirty)]
+        lines += [{"disk": path, "v": k.disks.get(path)} for path in sorted(k.dirty_disks)]
+        data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+        with open(self.path, "r+b") as f:
+            f.truncate(self._offset)  # a torn line of a killed writer, if any
+            f.seek(self._offset)
+            f.write(data)
+        self._offset += len(data)
+        self._log_lines += len(lines)
+        k.devices.dirty.clear()
+        k.dirty_disks.clear()
 
     def _save(self) -> None:
+        """Replace the file with a snapshot of the whole kernel."""
         assert self.path is not None
+        k = self._state
         tmp = self.path.with_name(self.path.name + ".tmp")
-        data = {
-            "devices": {k: asdict(v) for k, v in self._state.devices.items()},
-            "disks": self._state.disks,
-        }
-        tmp.write_text(json.dumps(data))
+        data = (json.dumps({"devices": {name: dev.record() for name, dev in k.devices.items()},
+                            "disks": k.disks}) + "\n").encode()
+        tmp.write_bytes(data)
         os.replace(tmp, self.path)
         st = os.stat(self.path)
-        self._stamp = (st.st_mtime_ns, st.st_size)
+        self._file_id, self._offset, self._log_lines = (st.st_dev, st.st_ino), len(data), 0
+        k.devices.dirty.clear()
+        k.dirty_disks.clear()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole simulated kernel as plain data (what a snapshot line holds)."""
+        with self._locked() as k:
+            return {"devices": {name: dev.record() for name, dev in sorted(k.devices.items())},
+                    "disks": dict(k.disks)}
 
     # -- test hooks (no kernel counterpart) --------------------------------
     def add_disk(self, path: str, major: int, minor: int, size_sectors: int) -> None:
         """Declare a backing block device that tables may reference."""
         with self._locked(write=True) as k:
             k.disks[path] = [major, minor, size_sectors]
+            k.dirty_disks.add(path)
 
     def open_device(self, id: DevId | str, count: int = 1) -> None:
         """Pretend a process opened (count > 0) or closed (count < 0) the device."""
@@ -224,9 +393,8 @@ class SimDM:
     def _find(k: _Kernel, id: DevId | str, command: str) -> _Dev:
         dev = id if isinstance(id, DevId) else DevId.name(id)
         if dev.is_uuid:
-            for d in k.devices.values():
-                if d.uuid == dev.value:
-                    return d
+            if dev.value in k.devices.uuids:
+                return k.devices[k.devices.uuids[dev.value]]
         elif dev.value in k.devices:
             return k.devices[dev.value]
         raise _fail(errno.ENXIO, command, dev)
@@ -267,23 +435,9 @@ class SimDM:
                     found.append(hit[0])
         return found
 
-    def _holder_counts(self, k: _Kernel) -> dict[tuple[int, int], int]:
-        counts: dict[tuple[int, int], int] = {}
-        for other in k.devices.values():
-            for table in (other.live, other.inactive):
-                for dep in self._deps(k, table):
-                    if dep != (SIM_MAJOR, other.minor):
-                        counts[dep] = counts.get(dep, 0) + 1
-        return counts
-
-    def _open_count(self, k: _Kernel, dev: _Dev) -> int:
-        if self._reading:
-            if self._holders is None:
-                self._holders = self._holder_counts(k)
-            counts = self._holders
-        else:
-            counts = self._holder_counts(k)
-        return counts.get((SIM_MAJOR, dev.minor), 0) + dev.external_opens
+    @staticmethod
+    def _open_count(k: _Kernel, dev: _Dev) -> int:
+        return k.devices.refs.get((SIM_MAJOR, dev.minor), 0) + dev.external_opens
 
     def _info(self, k: _Kernel, dev: _Dev, extra: DmFlags = DmFlags(0),
               inactive: bool = False) -> DeviceInfo:
@@ -405,17 +559,16 @@ class SimDM:
             validate_uuid(uuid)
         flags = validate_flags(flags, DmFlags.DM_PERSISTENT_DEV | DmFlags.DM_READONLY)
         with self._locked(write=True) as k:
-            if name in k.devices or (uuid and any(d.uuid == uuid for d in k.devices.values())):
+            if name in k.devices or (uuid and uuid in k.devices.uuids):
                 raise _fail(errno.EBUSY, "DM_DEV_CREATE", name)
-            used = {d.minor for d in k.devices.values()}
             if flags & DmFlags.DM_PERSISTENT_DEV:
                 if device is None:
                     raise InvalidArgument("DM_PERSISTENT_DEV needs device=(major, minor)")
-                if device[0] != SIM_MAJOR or device[1] in used:
+                if device[0] != SIM_MAJOR or device[1] in k.devices.minors:
                     raise _fail(errno.ENXIO, "DM_DEV_CREATE", name)
                 minor = device[1]
             else:
-                minor = next(m for m in range(len(used) + 1) if m not in used)
+                minor = k.devices.lowest_free_minor()
             dev = _Dev(name=name, uuid=uuid or "", minor=minor)
             k.devices[name] = dev
             return self._info(k, dev)
@@ -443,14 +596,14 @@ class SimDM:
             if new_id.is_uuid:
                 if dev.uuid:
                     raise _fail(errno.EINVAL, "DM_DEV_RENAME", old_name)
-                if any(d.uuid == new_id.value for d in k.devices.values()):
+                if new_id.value in k.devices.uuids:
                     raise _fail(errno.EBUSY, "DM_DEV_RENAME", old_name)
                 dev.uuid = new_id.value
             else:
                 if new_id.value in k.devices:
                     raise _fail(errno.EBUSY, "DM_DEV_RENAME", old_name)
                 del k.devices[dev.name]
-                dev.name = new_id.value
+                dev.name = new_id.value  # not owned between the two: no index to move
                 k.devices[dev.name] = dev
             return self._info(k, dev, DmFlags.DM_UEVENT_GENERATED)
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import re
 import string
 from collections.abc import Callable
@@ -60,7 +59,7 @@ from dmd.dbus.names import (
     device_path,
 )
 from dmd.engine import MAX_DEVICE_SECTORS, InvalidArgument, validate_name, validate_uuid
-from dmd.engine.sim import SIM_TARGETS
+from dmd.engine.sim import SIM_TARGETS, SimDM
 
 U64 = (1 << 64) - 1
 CALL_TIMEOUT = 10.0  # seconds; every call must be answered well within this
@@ -761,10 +760,7 @@ class Fuzzer:
         (objects,) = await self.ok(ROOT_PATH, OBJECT_MANAGER_INTERFACE, "GetManagedObjects")
         (props,) = await self.ok(ROOT_PATH, PROPERTIES_INTERFACE, "GetAll", "s",
                                  [MANAGER_INTERFACE])
-        try:
-            kernel = json.loads(self.sim.read_text())
-        except FileNotFoundError:
-            kernel = {}
+        kernel = SimDM(self.sim).snapshot()
         return State(plain(objects), plain(props), kernel)
 
     def resolve(self, call: Call, state: State) -> str:

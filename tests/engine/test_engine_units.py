@@ -162,3 +162,57 @@ def test_udev_monitor_messages_are_decoded() -> None:
         "ACTION": "change", "MAJOR": "254", "MINOR": "3", "DM_NAME": "vol",
         "DM_COOKIE": "6291456"}
     assert parse_udev_message(b"add@/devices/virtual/block/dm-3\0ACTION=add\0") is None
+
+
+def test_sim_file_appends_what_changed_and_compacts(tmp_path: Path) -> None:
+    path = tmp_path / "kernel.json"
+    sim = SimDM(path)
+    for i in range(300):
+        sim.device_create(f"d{i:04d}")
+    before = path.stat().st_size
+    sim.device_create("one-more")
+    grown = path.stat().st_size - before
+    assert 0 < grown < 400, grown  # one device's line, not the 300 others
+    other = SimDM(path)
+    assert len(other.list_devices()) == 301
+    # Enough changes to outgrow the kernel: the file becomes one snapshot again.
+    for _ in range(700):
+        sim.open_device("one-more", 1)
+    inode = path.stat().st_ino
+    for _ in range(700):
+        sim.open_device("one-more", 1)
+    assert path.stat().st_ino != inode  # replaced by a snapshot
+    assert len(path.read_text().splitlines()) < 700
+    # The other process follows both the appends and the replacement.
+    assert other.device_info("one-more").open_count == 1400
+    other.device_remove("d0000")
+    assert "d0000" not in {d.name for d in sim.list_devices()}
+
+
+def test_sim_file_survives_a_writer_killed_mid_line(tmp_path: Path) -> None:
+    path = tmp_path / "kernel.json"
+    sim = SimDM(path)
+    sim.device_create("kept")
+    sim.device_create("second")
+    with path.open("ab") as f:
+        f.write(b'{"dev": "torn", "v": {"na')  # a writer died here
+    reader = SimDM(path)
+    assert {d.name for d in reader.list_devices()} == {"kept", "second"}
+    reader.device_create("after")
+    fresh = SimDM(path)
+    assert {d.name for d in fresh.list_devices()} == {"kept", "second", "after"}
+    assert all(line.startswith("{") and line.endswith("}")
+               for line in path.read_text().splitlines())
+
+
+def test_sim_lowest_free_minor_like_the_kernel() -> None:
+    sim = SimDM()
+    minors = {n: sim.device_create(n).device[1] for n in ("a", "b", "c", "d")}
+    assert list(minors.values()) == [0, 1, 2, 3]
+    sim.device_remove("b")
+    sim.device_remove("c")
+    assert sim.device_create("e").device[1] == 1
+    sim.device_create("p", flags=DmFlags.DM_PERSISTENT_DEV, device=(253, 20))
+    sim.device_remove("p")
+    assert sim.device_create("f").device[1] == 2  # not 20: the lowest free
+    assert sim.device_create("g").device[1] == 4
