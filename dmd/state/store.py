@@ -10,17 +10,19 @@ kernel is touched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, select
+from sqlalchemy import Connection, Engine, create_engine, event, select, update
 from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -118,6 +120,17 @@ class StateStore:
         self.path = path
         self._engine = engine
         self._session = sessionmaker(engine, expire_on_commit=False)
+        # Inside batch(): the one transaction every write joins, and what the
+        # caches below learn once it is committed.
+        self._batch: Session | None = None
+        self._batch_learnt: list[Callable[[], None]] = []
+        # Caches of the devices table, for the reads every operation makes
+        # ("is this name managed?", the record of the device just changed):
+        # the names of all records, and the records read since they last
+        # changed. Only this store writes the file (dmd locks its state
+        # directory), and every write says what it changed (_learn).
+        self._names: set[str] | None = None
+        self._records: dict[str, DeviceRecord] = {}
 
     # -- opening -----------------------------------------------------------
     @classmethod
@@ -209,10 +222,67 @@ class StateStore:
         with self._engine.connect() as connection:
             return _current_revision(connection)
 
-    def _write(self, work: Callable[[Session], T], durable: bool = True) -> T:
+    @contextlib.contextmanager
+    def batch(self, durable: bool) -> Iterator[None]:
+        """One transaction for every write made inside (group commit): each
+        write runs in a savepoint of its own, so one that fails (a name
+        recorded already) undoes only itself, and all of them are committed,
+        with one fsync if *durable*, when the block ends. Nothing is visible
+        to readers, or durable, before that."""
+        assert self._batch is None, "batches do not nest"
+        with self._session() as session:
+            session.connection().exec_driver_sql(
+                f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._batch = session
+            try:
+                yield
+                session.commit()
+                for learn in self._batch_learnt:
+                    learn()
+            finally:
+                self._batch = None
+                self._batch_learnt = []
+
+    def _learn(self, *names: str, added: str | None = None, removed: str | None = None
+               ) -> None:
+        """After a committed write: forget the cached records of *names*, and
+        keep the set of names up to date."""
+        def learn() -> None:
+            for name in names:
+                self._records.pop(name, None)
+            if self._names is not None:
+                if removed is not None:
+                    self._names.discard(removed)
+                if added is not None:
+                    self._names.add(added)
+
+        if self._batch is not None:
+            self._batch_learnt.append(learn)
+        else:
+            learn()
+
+    def _known_names(self) -> set[str]:
+        if self._names is None:
+            with self._session() as session:
+                self._names = set(session.scalars(select(DeviceRow.name)))
+        return self._names
+
+    def _write(self, work: Callable[[Session], T], durable: bool = True,
+               may_conflict: bool = True) -> T:
         """Run *work* in one transaction. Durable commits fsync the WAL; the
         others survive a crashed dmd but not a power cut, and are made durable
-        by the next durable commit (the WAL is written in order)."""
+        by the next durable commit (the WAL is written in order). In a batch,
+        a write that *may_conflict* with a unique name or UUID runs in a
+        savepoint of its own."""
+        if self._batch is not None:
+            if not may_conflict:
+                return work(self._batch)
+            try:
+                with self._batch.begin_nested():
+                    return work(self._batch)
+            except IntegrityError:
+                raise RecordExists("a device with that name or UUID is recorded already"
+                                   ) from None
         with self._session() as session:
             try:
                 # pysqlite opens the transaction only at the first write, so the
@@ -245,13 +315,23 @@ class StateStore:
             )
             row.labels = [LabelRow(key=k, value=v) for k, v in dict(record.labels).items()]
             session.add(row)
+            session.flush()  # a name or UUID recorded already fails here, in the savepoint
 
         self._write(work)
+        self._learn(record.name, added=record.name)
 
     def get_device(self, name: str) -> DeviceRecord | None:
+        if name not in self._known_names():
+            return None
+        cached = self._records.get(name)
+        if cached is not None:
+            return cached
         with self._session() as session:
             row = session.scalar(select(DeviceRow).where(DeviceRow.name == name))
-            return _device(row) if row is not None else None
+            record = _device(row) if row is not None else None
+        if record is not None:
+            self._records[name] = record
+        return record
 
     def list_devices(self) -> list[DeviceRecord]:
         with self._session() as session:
@@ -267,12 +347,23 @@ class StateStore:
             row.drifted = None
 
         self._write(work)
+        self._learn(name)
 
     def rename_device(self, old: str, new: str) -> None:
-        self._write(lambda s: setattr(self._row(s, old), "name", new))
+        def work(session: Session) -> None:
+            self._row(session, old).name = new
+            session.flush()
+
+        self._write(work)
+        self._learn(old, new, added=new, removed=old)
 
     def set_uuid(self, name: str, uuid: str) -> None:
-        self._write(lambda s: setattr(self._row(s, name), "uuid", uuid))
+        def work(session: Session) -> None:
+            self._row(session, name).uuid = uuid
+            session.flush()
+
+        self._write(work)
+        self._learn(name)
 
     def set_labels(self, name: str, labels: dict[str, str]) -> None:
         def work(session: Session) -> None:
@@ -280,12 +371,16 @@ class StateStore:
             row.labels = [LabelRow(key=k, value=v) for k, v in labels.items()]
 
         self._write(work)
+        self._learn(name)
 
     def set_drifted(self, name: str, reason: str | None) -> None:
-        self._write(lambda s: setattr(self._row(s, name), "drifted", reason))
+        self._write(lambda s: setattr(self._row(s, name), "drifted", reason),
+                    may_conflict=False)
+        self._learn(name)
 
     def remove_device(self, name: str) -> None:
-        self._write(lambda s: s.delete(self._row(s, name)))
+        self._write(lambda s: s.delete(self._row(s, name)), may_conflict=False)
+        self._learn(name, removed=name)
 
     # -- the intent journal ------------------------------------------------
     def begin_intent(self, operation: str, device: str, args: dict[str, Any]) -> int:
@@ -296,17 +391,20 @@ class StateStore:
             session.flush()
             return row
 
-        return self._write(work).id
+        return self._write(work, may_conflict=False).id
 
     def advance_intent(self, intent_id: int, step: int) -> None:
         def work(session: Session) -> None:
-            row = session.get(IntentRow, intent_id)
-            if row is None:
+            # One UPDATE, not the ORM's load-modify-flush: every operation
+            # makes several of these.
+            done = session.execute(update(IntentRow).where(IntentRow.id == intent_id)
+                                   .values(step=step).execution_options(
+                                       synchronize_session=False))
+            if done.rowcount != 1:  # type: ignore[attr-defined]
                 raise RecordNotFound(f"no intent {intent_id}")
-            row.step = step
 
         # Progress marks only refine what recovery reads from the kernel anyway.
-        self._write(work, durable=False)
+        self._write(work, durable=False, may_conflict=False)
 
     def finish_intent(self, intent_id: int, state: str) -> None:
         def work(session: Session) -> None:
@@ -315,7 +413,7 @@ class StateStore:
                 raise RecordNotFound(f"no intent {intent_id}")
             row.state, row.finished_at = state, _now()
 
-        self._write(work)
+        self._write(work, may_conflict=False)
 
     def pending_intents(self) -> list[IntentRecord]:
         with self._session() as session:
@@ -338,21 +436,62 @@ def _configure_connection(dbapi_connection: Any, _record: Any) -> None:
 
 
 class AsyncStateStore:
-    """``StateStore`` for the event loop: every call runs on one dedicated thread."""
+    """``StateStore`` for the event loop: every call runs on one dedicated thread.
+
+    Writes are committed in groups: a write waits in a queue while the
+    thread is busy, and everything queued by then goes into the next
+    transaction (StateStore.batch), with one fsync for all. A write's
+    awaitable returns once its transaction is committed, so "the intent is on
+    disk before the kernel is touched" holds for each operation, while many
+    concurrent operations share the cost of a commit.
+    """
 
     def __init__(self, store: StateStore) -> None:
         self.sync = store
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dmd-state")
+        self._queue: list[tuple[Callable[[], Any], bool, asyncio.Future[Any]]] = []
+        self._queue_lock = threading.Lock()
+        self._flush_scheduled = False
+        self.commits = 0  # transactions committed by _flush (for tests and benches)
 
     async def _run(self, call: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, call, *args)
+
+    async def _write(self, call: Callable[..., T], *args: Any, durable: bool = True) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        with self._queue_lock:
+            self._queue.append((lambda: call(*args), durable, future))
+            schedule = not self._flush_scheduled
+            self._flush_scheduled = True
+        if schedule:
+            self._thread.submit(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        """On the store's thread: commit everything queued, as one transaction."""
+        with self._queue_lock:
+            batch, self._queue = self._queue, []
+            self._flush_scheduled = False
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            with self.sync.batch(durable=any(durable for _, durable, _ in batch)):
+                for call, _, _ in batch:
+                    try:
+                        outcomes.append((True, call()))
+                    except Exception as exc:  # handed to its caller
+                        outcomes.append((False, exc))
+            self.commits += 1
+        except Exception as exc:  # the commit failed, so every write in it did
+            outcomes = [(False, exc)] * len(batch)
+        for (_, _, future), (ok, value) in zip(batch, outcomes, strict=True):
+            future.get_loop().call_soon_threadsafe(_settle, future, ok, value)
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
         self.sync.close()
 
     async def add_device(self, record: Any) -> None:
-        await self._run(self.sync.add_device, record)
+        await self._write(self.sync.add_device, record)
 
     async def get_device(self, name: str) -> DeviceRecord | None:
         return await self._run(self.sync.get_device, name)
@@ -361,31 +500,42 @@ class AsyncStateStore:
         return await self._run(self.sync.list_devices)
 
     async def update_table(self, name: str, table: list[TargetLine], read_only: bool) -> None:
-        await self._run(self.sync.update_table, name, table, read_only)
+        await self._write(self.sync.update_table, name, table, read_only)
 
     async def rename_device(self, old: str, new: str) -> None:
-        await self._run(self.sync.rename_device, old, new)
+        await self._write(self.sync.rename_device, old, new)
 
     async def set_uuid(self, name: str, uuid: str) -> None:
-        await self._run(self.sync.set_uuid, name, uuid)
+        await self._write(self.sync.set_uuid, name, uuid)
 
     async def set_labels(self, name: str, labels: dict[str, str]) -> None:
-        await self._run(self.sync.set_labels, name, labels)
+        await self._write(self.sync.set_labels, name, labels)
 
     async def set_drifted(self, name: str, reason: str | None) -> None:
-        await self._run(self.sync.set_drifted, name, reason)
+        await self._write(self.sync.set_drifted, name, reason)
 
     async def remove_device(self, name: str) -> None:
-        await self._run(self.sync.remove_device, name)
+        await self._write(self.sync.remove_device, name)
 
     async def begin_intent(self, operation: str, device: str, args: dict[str, Any]) -> int:
-        return await self._run(self.sync.begin_intent, operation, device, args)
+        return await self._write(self.sync.begin_intent, operation, device, args)
 
     async def advance_intent(self, intent_id: int, step: int) -> None:
-        await self._run(self.sync.advance_intent, intent_id, step)
+        # Progress marks only refine what recovery reads from the kernel: not
+        # fsynced (a later durable commit makes them durable too).
+        await self._write(self.sync.advance_intent, intent_id, step, durable=False)
 
     async def finish_intent(self, intent_id: int, state: str) -> None:
-        await self._run(self.sync.finish_intent, intent_id, state)
+        await self._write(self.sync.finish_intent, intent_id, state)
 
     async def pending_intents(self) -> list[IntentRecord]:
         return await self._run(self.sync.pending_intents)
+
+
+def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if future.cancelled():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
