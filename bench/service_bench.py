@@ -20,6 +20,7 @@ from typing import Any
 
 from dmd.engine import TargetLine
 from dmd.engine.sim import SimDM
+from dmd.service.kernel import KernelWorkers
 from dmd.service.operations import DeviceService
 from dmd.service.recovery import recover
 from dmd.state import AsyncStateStore, StateStore
@@ -54,7 +55,7 @@ async def journaling(ops: int) -> None:
         for label, wrap in (("journal", lambda s: s), ("no journal", unjournaled)):
             work = Path(tmp) / label.replace(" ", "-")
             store = wrap(AsyncStateStore(StateStore.open(work)))
-            service = DeviceService(SimDM(), store)
+            service = DeviceService(KernelWorkers(SimDM()), store)
             results[label] = await churn(service, ops)
             service.close()
             store.close()
@@ -86,7 +87,7 @@ async def recovery(devices: int) -> None:
                 for i in range(devices))
             session.commit()
         state.close()
-        service = DeviceService(SimDM(Path(tmp) / "kernel.json"),
+        service = DeviceService(KernelWorkers(SimDM(Path(tmp) / "kernel.json")),
                                 AsyncStateStore(StateStore.open(Path(tmp) / "state")))
         start = time.perf_counter()
         report = await recover(service)

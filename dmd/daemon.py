@@ -38,12 +38,14 @@ from dmd.dbus.interfaces import ManagerInterface
 from dmd.dbus.names import BUS_NAME, ROOT_PATH
 from dmd.dbus.polkit import PolkitAuthorizer
 from dmd.dbus.router import Router
+from dmd.engine.interface import Engine
 from dmd.service.inventory import Inventory
+from dmd.service.kernel import KernelWorkers
+from dmd.service.kernel_events import KernelEventWatcher
 from dmd.service.operations import DeviceService, default_workers
 from dmd.service.reconcile import Reconciler
 from dmd.service.recovery import recover
 from dmd.state import AsyncStateStore, StateError, StateStore
-from dmd.udev.kernel import KernelEvents
 from dmd.udev.monitor import RECEIVE_BUFFER, UdevMonitor
 
 log = logging.getLogger("dmd")
@@ -152,7 +154,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    not args.no_udev, args.udev_buffer)
 
 
-def open_engine(options: Options) -> Any:
+def open_engine(options: Options) -> Engine:
     if options.sim is not None:
         from dmd.engine.sim import SimDM
         return SimDM(options.sim, flush_delay=options.sim_flush_delay)
@@ -216,7 +218,7 @@ class Daemon:
             raise StartupError(f"{BUS_NAME} is already owned on the {options.bus} bus "
                                f"(by {owner}): is another dmd running?")
         async_store = AsyncStateStore(store)
-        service = DeviceService(engine, async_store, workers=default_workers(),
+        service = DeviceService(KernelWorkers(engine, default_workers()), async_store,
                                 authorizer=PolkitAuthorizer(bus),
                                 fault=fault_from_environment())
         try:
@@ -234,7 +236,7 @@ class Daemon:
                 log.info("recovery: %s: %s", what, ", ".join(names))
         inventory = Inventory(service)
         reconciler = Reconciler(inventory)
-        async with self._event_sources(reconciler) as udev:
+        async with self._event_sources(service.kernel.engine, reconciler) as udev:
             await inventory.rescan()
             if udev is not None:
                 for device, info in await asyncio.get_running_loop().run_in_executor(
@@ -243,20 +245,20 @@ class Daemon:
             await self._publish_and_serve(bus, service, inventory, reconciler)
 
     @contextlib.asynccontextmanager
-    async def _event_sources(self, reconciler: Reconciler) -> AsyncIterator[UdevMonitor | None]:
-        """Open the sources of news about other tools' changes; a simulated
-        kernel has none (its file is audited instead)."""
+    async def _event_sources(self, engine: Engine, reconciler: Reconciler
+                             ) -> AsyncIterator[UdevMonitor | None]:
+        """Open the sources of news about other tools' changes: the engine's
+        events (the simulator raises them too), udev (not for a simulated
+        kernel), the timers."""
         loop = asyncio.get_running_loop()
         udev: UdevMonitor | None = None
-        kernel: KernelEvents | None = None
-        if self.options.sim is None:
-            kernel = KernelEvents(reconciler.kernel_event)
-            kernel.start(loop)
-            if self.options.udev:
-                udev = UdevMonitor(reconciler.udev_event, reconciler.overflow,
-                                   receive_buffer=self.options.udev_buffer)
-                udev.start()
-                udev.attach(loop)
+        kernel = KernelEventWatcher(engine, reconciler.kernel_event)
+        kernel.start(loop)
+        if self.options.sim is None and self.options.udev:
+            udev = UdevMonitor(reconciler.udev_event, reconciler.overflow,
+                               receive_buffer=self.options.udev_buffer)
+            udev.start()
+            udev.attach(loop)
         timers = [loop.create_task(self._every(interval, request))
                   for interval, request in ((self.options.sync_interval, reconciler.request_sync),
                                             (self.options.audit_interval,
@@ -269,8 +271,7 @@ class Daemon:
                 timer.cancel()
             if udev is not None:
                 udev.close()
-            if kernel is not None:
-                kernel.close()
+            kernel.close()
 
     @staticmethod
     async def _every(interval: float, request: Callable[[], None]) -> None:
@@ -280,7 +281,7 @@ class Daemon:
 
     async def _publish_and_serve(self, bus: DmdBus, service: DeviceService,
                                  inventory: Inventory, reconciler: Reconciler) -> None:
-        kernel_version = ".".join(map(str, await service.kernel(service.engine.version)))
+        kernel_version = ".".join(map(str, await service.kernel(Engine.version)))
         manager = ManagerInterface(kernel_version, __version__)
         bus.export(ROOT_PATH, manager)
         exporter = Exporter(bus, inventory)

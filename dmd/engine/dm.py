@@ -249,6 +249,11 @@ class DM:
         """Arm the control fd: poll() on ``fileno()`` reports the next DM event."""
         self._ioctl(Command.DM_DEV_ARM_POLL)
 
+    def open_events(self) -> ArmedControl:
+        """The kernel's global DM event: a control handle of its own (the
+        armed state belongs to the open file), armed."""
+        return ArmedControl(DM(self.path, udev_sync=UdevSync.NONE))
+
     def dev_majors(self) -> list[int]:
         return dev_majors()
 
@@ -426,3 +431,22 @@ class DM:
         if header.flags & DmFlags.DM_DATA_OUT:
             out = ioctl.unpack_string(buf, header.data_start, header.data_size)
         return self._info(header), out
+
+
+class ArmedControl:
+    """A control handle armed with DM_DEV_ARM_POLL: readable at the next
+    event. Arming never waits, so acknowledge() may run on an event loop."""
+
+    def __init__(self, dm: DM) -> None:
+        self._dm = dm
+        dm.arm_poll()
+
+    def fileno(self) -> int:
+        return self._dm.fileno()
+
+    def acknowledge(self) -> None:
+        self._dm.arm_poll()
+
+    def close(self) -> None:
+        self._dm.close()
+

@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dmd.engine.dm import carries_key
 from dmd.engine.types import (
@@ -216,6 +216,10 @@ class SimDM:
         # Same guard as DM against the clear-rename-remove kernel bug, so a
         # daemon behaves identically on the simulator.
         self._cleared: set[int] = set()
+        # DM's global event: set by the calls that raise it, sent when the
+        # call's changes are saved (see open_events).
+        self._event_raised = False
+        self._event_sources: list[_SimEvents] = []
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._locked():
@@ -242,6 +246,7 @@ class SimDM:
                         self._reap_deferred(self._state)
                         self._state.devices.dirty.clear()
                         self._state.dirty_disks.clear()
+                        self._send_event()
                         self._changed.notify_all()
                 return
             lock_path = self.path.with_name(self.path.name + ".lock")
@@ -256,6 +261,7 @@ class SimDM:
                     if write:
                         self._reap_deferred(self._state)
                         self._append_changes()
+                        self._send_event()
                         self._changed.notify_all()
 
     def _reap_deferred(self, k: _Kernel) -> None:
@@ -268,7 +274,43 @@ class SimDM:
                 dev = k.devices[name]
                 if self._open_count(k, dev) == 0:
                     del k.devices[name]
+                    self._event_raised = True
                     progress = True
+
+    # -- DM's global event -------------------------------------------------
+    # In memory, each event source is a pipe this object writes to. With a
+    # file, the event travels through a FIFO beside it (FILE.events), so a
+    # change made by another process (another tool, in tests) wakes dmd as
+    # the kernel's event would.
+    def open_events(self) -> _SimEvents:
+        with self._lock:
+            source = _SimEvents(self._fifo())
+            if self.path is None:
+                self._event_sources.append(source)
+            return source
+
+    def _fifo(self) -> Path | None:
+        return None if self.path is None else self.path.with_name(self.path.name + ".events")
+
+    def _send_event(self) -> None:
+        if not self._event_raised:
+            return
+        self._event_raised = False
+        fifo = self._fifo()
+        if fifo is None:
+            for source in self._event_sources:
+                source.notify()
+            return
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # no FIFO, or nobody listening (ENXIO): nobody to tell
+            return
+        try:
+            os.write(fd, b"!")
+        except BlockingIOError:
+            pass  # full: an event is pending already
+        finally:
+            os.close(fd)
 
     def _catch_up(self) -> None:
         assert self.path is not None
@@ -377,6 +419,7 @@ class SimDM:
         """Raise the device's event number, as a target reporting an event does."""
         with self._locked(write=True) as k:
             self._find(k, id, "event").event_nr += 1
+            self._event_raised = True
 
     # -- lifecycle, as DM --------------------------------------------------
     def close(self) -> None:
@@ -522,6 +565,7 @@ class SimDM:
                 for dev in list(k.devices.values()):
                     if self._open_count(k, dev) == 0:
                         del k.devices[dev.name]
+                        self._event_raised = True
                         progress = True
                     elif flags & DmFlags.DM_DEFERRED_REMOVE:
                         dev.deferred_remove = True
@@ -571,6 +615,7 @@ class SimDM:
                 minor = k.devices.lowest_free_minor()
             dev = _Dev(name=name, uuid=uuid or "", minor=minor)
             k.devices[name] = dev
+            self._event_raised = True
             return self._info(k, dev)
 
     def device_remove(self, id: DevId | str, flags: DmFlags = DmFlags(0)) -> DeviceInfo:
@@ -584,6 +629,7 @@ class SimDM:
                 raise _fail(errno.EBUSY, "DM_DEV_REMOVE", id)
             del k.devices[dev.name]
             self._cleared.discard(dev.minor)
+            self._event_raised = True
             return self._info(k, dev, DmFlags.DM_UEVENT_GENERATED)
 
     def device_rename(self, old_name: DevId | str, new_id: DevId) -> DeviceInfo:
@@ -605,6 +651,7 @@ class SimDM:
                 del k.devices[dev.name]
                 dev.name = new_id.value  # not owned between the two: no index to move
                 k.devices[dev.name] = dev
+            self._event_raised = True
             return self._info(k, dev, DmFlags.DM_UEVENT_GENERATED)
 
     def device_suspend(self, id: DevId | str, flags: DmFlags = DmFlags(0)) -> DeviceInfo:
@@ -630,6 +677,7 @@ class SimDM:
             if dev.inactive is not None:
                 dev.live, dev.live_ro = dev.inactive, dev.inactive_ro
                 dev.inactive, dev.inactive_ro = None, False
+                self._event_raised = True  # a table swapped in
                 dev.size_sectors = sum(int(str(line[1])) for line in dev.live)
                 dev.suspended = True
             if dev.suspended:
@@ -708,6 +756,40 @@ class SimDM:
             raise _fail(errno.EINVAL, "DM_TARGET_MSG", id)
 
 
+class _SimEvents:
+    """SimDM's KernelEventSource: readable once an event was sent."""
+
+    def __init__(self, fifo: Path | None) -> None:
+        self._write_fd = -1
+        if fifo is None:
+            self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self._keep_open = -1
+        else:
+            with contextlib.suppress(FileExistsError):
+                os.mkfifo(fifo, 0o600)
+            self._read_fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            # Held open so that the FIFO never reads as hung up between writers.
+            self._keep_open = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def notify(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._write_fd, b"!")
+
+    def acknowledge(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read_fd, 4096):
+                pass
+
+    def close(self) -> None:
+        for fd in (self._read_fd, self._write_fd, self._keep_open):
+            if fd >= 0:
+                os.close(fd)
+        self._read_fd = self._write_fd = self._keep_open = -1
+
+
 def _status(target_type: str, params: str) -> str:
     """STATUSTYPE_INFO for the few targets whose status needs no I/O model."""
     if target_type == "striped":
@@ -715,3 +797,12 @@ def _status(target_type: str, params: str) -> str:
         devs = args[2::2]
         return f"{len(devs)} {' '.join(devs)} 1 {'A' * len(devs)}"
     return ""
+
+
+if TYPE_CHECKING:
+    from dmd.engine.dm import DM
+    from dmd.engine.interface import Engine
+
+    def _both_are_engines(dm: DM, sim: SimDM) -> tuple[Engine, Engine]:
+        return dm, sim  # mypy checks each against the Protocol
+

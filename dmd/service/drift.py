@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from dmd.engine import TargetLine
+from dmd.engine.interface import Engine
 from dmd.service.operations import DeviceService
 from dmd.state.redact import redact_table
 
@@ -21,7 +22,7 @@ async def as_kernel_prints(service: DeviceService,
     for line in table:
         tokens = []
         for token in line.params.split():
-            number = (await service.kernel(service.engine.device_number, token)
+            number = (await service.kernel(Engine.device_number, token)
                       if token.startswith("/dev/") else None)
             tokens.append(f"{number[0]}:{number[1]}" if number else token)
         out.append(TargetLine(line.start, line.length, line.target_type, " ".join(tokens)))

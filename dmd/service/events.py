@@ -1,10 +1,18 @@
-"""In-process change events: the service layer publishes, the bus side listens."""
+"""In-process change events: the service layer publishes, the bus side listens.
+
+Two kinds of listener. A subscriber hears every ChangeEvent as it happens.
+A settler is awaited by every operation before it returns, with the names
+of the devices it touched, succeeded or not: the inventory is the settler,
+so that when a caller gets its answer, what dmd shows (the bus's objects and
+signals) already holds the change. That rule lives here, below every front
+end, so none of them has to remember it.
+"""
 
 from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -25,6 +33,7 @@ class ChangeEvent:
 
 
 Subscriber = Callable[[ChangeEvent], None]
+Settler = Callable[[list[str]], Awaitable[None]]
 
 
 class EventBus:
@@ -33,6 +42,7 @@ class EventBus:
 
     def __init__(self) -> None:
         self._subscribers: list[Subscriber] = []
+        self._settlers: list[Settler] = []
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
         self._subscribers.append(subscriber)
@@ -44,3 +54,15 @@ class EventBus:
                 subscriber(event)
             except Exception:
                 log.exception("subscriber failed on %s %s", event.kind.value, event.name)
+
+    def add_settler(self, settler: Settler) -> Callable[[], None]:
+        self._settlers.append(settler)
+        return lambda: self._settlers.remove(settler)
+
+    async def settle(self, names: list[str]) -> None:
+        """Wait until every settler has taken in the current state of *names*."""
+        for settler in list(self._settlers):
+            try:
+                await settler(names)
+            except Exception:
+                log.exception("settling %s failed", ", ".join(names))

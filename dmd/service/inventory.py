@@ -24,9 +24,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from dmd.engine import DmError, DmFlags, InvalidArgument, TargetLine
+from dmd.engine import DmError, DmFlags, InvalidArgument, TargetLine, validate_name
+from dmd.engine.interface import Engine
+from dmd.service import errors
 from dmd.service.drift import live_differs
-from dmd.service.events import ChangeEvent, ChangeKind
+from dmd.service.events import ChangeKind
 from dmd.service.operations import DeviceService
 from dmd.state.redact import redact_table
 
@@ -98,9 +100,10 @@ class Inventory:
         self._listeners: list[Listener] = []
         self._refreshing: dict[str, _Refresh] = {}
         self._udev: dict[tuple[int, int], UdevInfo] = {}
-        self._background: set[asyncio.Task[None]] = set()
         self.refresh_count = 0
-        service.events.subscribe(self._on_change)
+        # Every operation of the service returns only once its devices are
+        # read again here (see dmd.service.events): one read per change.
+        service.events.add_settler(self._settle)
 
     # -- reading -----------------------------------------------------------
     def __iter__(self) -> Iterator[DeviceView]:
@@ -120,13 +123,25 @@ class Inventory:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
 
+    async def find(self, name: str) -> DeviceView:
+        """The view of device *name*; one the kernel has but udev or an event
+        has not told us of yet is read first."""
+        try:
+            validate_name(name)
+        except InvalidArgument as exc:
+            raise errors.InvalidArgument(str(exc)) from None
+        view = self.get(name)
+        if view is None:
+            await self.refresh(name)
+            view = self.get(name)
+        if view is None:
+            raise errors.NotFound(f"no device {name!r}")
+        return view
+
     # -- keeping fresh -----------------------------------------------------
-    def _on_change(self, event: ChangeEvent) -> None:
-        """Service events are hints: refresh in the background (callers that
-        must see the result first await refresh() themselves)."""
-        task = asyncio.get_running_loop().create_task(self.refresh(event.name))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    async def _settle(self, names: list[str]) -> None:
+        for name in names:
+            await self.refresh(name)
 
     async def refresh(self, name: str, *, check_drift: bool = False) -> None:
         """Re-read device *name* from the kernel; returns once a read that
@@ -155,15 +170,14 @@ class Inventory:
                     ) -> DeviceView | None:
         """The device's view now, or None when the kernel has no such name.
         *records* (managed records by name) spares a database read per device."""
-        kernel, engine = self.service.kernel, self.service.engine
+        kernel = self.service.kernel
         try:
-            info, live = await kernel(engine.table_status, name, DmFlags.DM_STATUS_TABLE)
+            info, live = await kernel(Engine.table_status, name, DmFlags.DM_STATUS_TABLE)
             inactive: list[TargetLine] = []
             if info.inactive_present:
-                _, inactive = await kernel(
-                    engine.table_status, name,
+                _, inactive = await kernel(Engine.table_status, name,
                     DmFlags.DM_STATUS_TABLE | DmFlags.DM_QUERY_INACTIVE_TABLE)
-            deps = await kernel(engine.table_deps, name) if info.active_present else []
+            deps = await kernel(Engine.table_deps, name) if info.active_present else []
         except DmError as exc:
             if exc.errno == errno.ENXIO:
                 return None
@@ -232,7 +246,7 @@ class Inventory:
 
     async def rescan(self) -> None:
         """Compare every view with the kernel: add, change and drop to match."""
-        listed = await self.service.kernel(self.service.engine.list_devices)
+        listed = await self.service.kernel(Engine.list_devices)
         records = {r.name: r for r in await self.service.store.list_devices()}
         seen: set[tuple[int, int]] = set()
         for entry in listed:

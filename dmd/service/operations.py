@@ -18,7 +18,6 @@ import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -28,15 +27,18 @@ from dmd.engine import (
     DmError,
     DmFlags,
     TargetLine,
+    TargetVersion,
     UdevTimeout,
     validate_name,
     validate_table,
     validate_uuid,
 )
 from dmd.engine import InvalidArgument as EngineInvalidArgument
+from dmd.engine.interface import Engine
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Authorizer, Caller, RootOnly
 from dmd.service.events import ChangeEvent, ChangeKind, EventBus
+from dmd.service.kernel import KernelWorkers
 from dmd.service.locks import DeviceLocks
 
 log = logging.getLogger(__name__)
@@ -59,29 +61,6 @@ class ManagedDevice:
     owner_uid: int
     persistent: bool
     labels: dict[str, str] = field(default_factory=dict)
-
-
-class Engine(Protocol):
-    """The engine interface the service uses (DM and SimDM both provide it)."""
-
-    def device_create(self, name: str, uuid: str | None = ..., flags: DmFlags = ...,
-                      ) -> DeviceInfo: ...
-    def device_remove(self, id: DevId | str, flags: DmFlags = ...) -> DeviceInfo: ...
-    def device_rename(self, old_name: DevId | str, new_id: DevId) -> DeviceInfo: ...
-    def device_suspend(self, id: DevId | str, flags: DmFlags = ...) -> DeviceInfo: ...
-    def device_info(self, id: DevId | str) -> DeviceInfo: ...
-    def table_load(self, id: DevId | str, table: Sequence[Sequence[object]],
-                   flags: DmFlags = ...) -> DeviceInfo: ...
-    def table_clear(self, id: DevId | str) -> DeviceInfo: ...
-    def table_deps(self, id: DevId | str, flags: DmFlags = ...) -> list[tuple[int, int]]: ...
-    def table_status(self, id: DevId | str, flags: DmFlags = ...
-                     ) -> tuple[DeviceInfo, list[TargetLine]]: ...
-    def target_msg(self, id: DevId | str, sector: int | None, message: str
-                   ) -> tuple[DeviceInfo, str | None]: ...
-    def list_devices(self) -> Any: ...
-    def list_versions(self) -> Any: ...
-    def version(self) -> tuple[int, int, int]: ...
-    def device_number(self, path: str) -> tuple[int, int] | None: ...
 
 
 class Store(Protocol):
@@ -146,24 +125,18 @@ class Journal:
 
 
 class DeviceService:
-    def __init__(self, engine: Engine, store: Store, events: EventBus | None = None, *,
-                 workers: int = 8, fault: FaultHook | None = None,
-                 authorizer: Authorizer | None = None) -> None:
-        self.engine = engine
+    def __init__(self, kernel: KernelWorkers, store: Store, events: EventBus | None = None, *,
+                 fault: FaultHook | None = None, authorizer: Authorizer | None = None) -> None:
+        self.kernel = kernel
         self.authorizer: Authorizer = authorizer or RootOnly()
         self.store = store
         self.events = events or EventBus()
         self.locks = DeviceLocks()
         self.fault = fault
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dmd-kernel")
         self._in_flight: set[asyncio.Task[Any]] = set()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
-
-    async def kernel(self, call: Callable[..., T], *args: Any) -> T:
-        """Run one engine call on a worker thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, call, *args)
+        self.kernel.close()
 
     def _publish(self, kind: ChangeKind, name: str, device: tuple[int, int] | None,
                  operation: str) -> None:
@@ -176,14 +149,24 @@ class DeviceService:
         if caller.uid not in (0, os.getuid()):
             await self.authorizer.authorize(caller, action, device)
 
-    async def _guard(self, operation: str, device: str, body: Callable[[], Awaitable[T]]) -> T:
-        """Run an operation body; map anything it raises into the taxonomy."""
+    async def _guard(self, operation: str, device: str, body: Callable[[], Awaitable[T]], *,
+                     renamed_to: str | None = None) -> T:
+        """Run an operation body; map anything it raises into the taxonomy.
+        Then, succeeded or not (a failed call may still have moved the
+        kernel), let the settlers take in the device: under *renamed_to* if
+        the body succeeded."""
+        succeeded = False
         try:
-            return await body()
+            result = await body()
+            succeeded = True
+            return result
         except errors.ServiceError:
             raise
         except (DmError, EngineInvalidArgument, TimeoutError) as exc:
             raise errors.from_engine(exc, device, operation) from None
+        finally:
+            await self.events.settle(
+                [renamed_to if succeeded and renamed_to is not None else device])
 
     # -- create ------------------------------------------------------------
     async def create(self, name: str, table: Sequence[Sequence[object]], *,
@@ -196,6 +179,15 @@ class DeviceService:
             _validated(lambda: validate_uuid(uuid))
         lines = _validated(lambda: validate_table(table))
         clean_labels = check_labels(labels or {})
+        try:
+            return await self._create(name, lines, uuid or None, read_only, persistent,
+                                      clean_labels, caller)
+        finally:
+            await self.events.settle([name])
+
+    async def _create(self, name: str, lines: list[TargetLine], uuid: str | None,
+                      read_only: bool, persistent: bool, clean_labels: dict[str, str],
+                      caller: Caller) -> DeviceInfo:
         async with self.locks.hold(name):
             if await self.store.get_device(name) is not None:
                 raise errors.AlreadyExists(f"dmd already manages a device named {name!r}")
@@ -204,16 +196,16 @@ class DeviceService:
             created = False
             try:
                 await journal.step(1)
-                await self.kernel(self.engine.device_create, name, uuid)
+                await self.kernel(Engine.device_create, name, uuid)
                 created = True
                 await journal.step(2)
                 flags = DmFlags.DM_READONLY if read_only else DmFlags(0)
-                await self.kernel(self.engine.table_load, name, lines, flags)
+                await self.kernel(Engine.table_load, name, lines, flags)
                 await journal.step(3)
-                info = await self.kernel(self.engine.device_suspend, name, DmFlags(0))
+                info = await self.kernel(Engine.device_suspend, name, DmFlags(0))
                 await journal.step(4)
                 await self.store.add_device(ManagedDevice(
-                    name, uuid or None, lines, read_only, caller.uid, persistent, clean_labels))
+                    name, uuid, lines, read_only, caller.uid, persistent, clean_labels))
             except BaseException as exc:
                 if created:
                     await self._remove_quietly(name)
@@ -230,11 +222,11 @@ class DeviceService:
         """Undo a half-made device; a half-made device must never stay behind."""
         for _ in range(3):
             try:
-                info = await self.kernel(self.engine.device_info, name)
+                info = await self.kernel(Engine.device_info, name)
                 if info.suspended:
                     with contextlib.suppress(DmError):
-                        await self.kernel(self.engine.device_suspend, name, DmFlags(0))
-                await self.kernel(self.engine.device_remove, name)
+                        await self.kernel(Engine.device_suspend, name, DmFlags(0))
+                await self.kernel(Engine.device_remove, name)
                 return
             except UdevTimeout:
                 # The kernel removed it; only udev has not caught up.
@@ -258,8 +250,8 @@ class DeviceService:
 
         async def body() -> DeviceInfo:
             async with self.locks.hold(name):
-                before, old_table = await self.kernel(
-                    self.engine.table_status, name, DmFlags.DM_STATUS_TABLE)
+                before, old_table = await self.kernel(Engine.table_status, name,
+                                                      DmFlags.DM_STATUS_TABLE)
                 if before.inactive_present:
                     # Loading ours would throw that table away (and a rollback
                     # could not bring it back): someone is mid-way through a
@@ -272,11 +264,11 @@ class DeviceService:
                 try:
                     await journal.step(1)
                     flags = DmFlags.DM_READONLY if ro else DmFlags(0)
-                    await self.kernel(self.engine.table_load, name, lines, flags)
+                    await self.kernel(Engine.table_load, name, lines, flags)
                     await journal.step(2)
-                    await self.kernel(self.engine.device_suspend, name, DmFlags.DM_SUSPEND)
+                    await self.kernel(Engine.device_suspend, name, DmFlags.DM_SUSPEND)
                     await journal.step(3)
-                    info = await self.kernel(self.engine.device_suspend, name, DmFlags(0))
+                    info = await self.kernel(Engine.device_suspend, name, DmFlags(0))
                     await journal.step(4)
                     if await self.store.get_device(name) is not None:
                         await self.store.update_table(name, lines, ro)
@@ -295,18 +287,18 @@ class DeviceService:
         """Put the device back as it was: old table live, no stray inactive
         table, resumed unless it was suspended before we started."""
         try:
-            info, live = await self.kernel(self.engine.table_status, name,
+            info, live = await self.kernel(Engine.table_status, name,
                                            DmFlags.DM_STATUS_TABLE)
             if info.inactive_present:
-                await self.kernel(self.engine.table_clear, name)
+                await self.kernel(Engine.table_clear, name)
             if before.active_present and live != old_table:
                 flags = DmFlags.DM_READONLY if before.read_only else DmFlags(0)
-                await self.kernel(self.engine.table_load, name, old_table, flags)
-                await self.kernel(self.engine.device_suspend, name, DmFlags.DM_SUSPEND)
-                info = await self.kernel(self.engine.device_suspend, name, DmFlags(0))
-            info = await self.kernel(self.engine.device_info, name)
+                await self.kernel(Engine.table_load, name, old_table, flags)
+                await self.kernel(Engine.device_suspend, name, DmFlags.DM_SUSPEND)
+                info = await self.kernel(Engine.device_suspend, name, DmFlags(0))
+            info = await self.kernel(Engine.device_info, name)
             if info.suspended and not before.suspended:
-                await self.kernel(self.engine.device_suspend, name, DmFlags(0))
+                await self.kernel(Engine.device_suspend, name, DmFlags(0))
         except DmError as exc:
             log.error("reload %s: could not restore the old table: %s", name, exc)
 
@@ -319,7 +311,7 @@ class DeviceService:
         async def body() -> DeviceInfo:
             async with self.locks.hold(name):
                 flags = DmFlags.DM_READONLY if read_only else DmFlags(0)
-                info = await self.kernel(self.engine.table_load, name, lines, flags)
+                info = await self.kernel(Engine.table_load, name, lines, flags)
             self._publish(ChangeKind.CHANGED, name, info.device, "load")
             return info
 
@@ -329,7 +321,7 @@ class DeviceService:
         await self.authorize(caller, Action.MODIFY, name)
         async def body() -> DeviceInfo:
             async with self.locks.hold(name):
-                info = await self.kernel(self.engine.table_clear, name)
+                info = await self.kernel(Engine.table_clear, name)
             self._publish(ChangeKind.CHANGED, name, info.device, "clear")
             return info
 
@@ -344,7 +336,7 @@ class DeviceService:
             flags |= DmFlags.DM_NOFLUSH
         if skip_lockfs:
             flags |= DmFlags.DM_SKIP_LOCKFS
-        return await self._simple("suspend", name, self.engine.device_suspend, flags)
+        return await self._simple("suspend", name, flags)
 
     async def resume(self, name: str, *, caller: Caller = ROOT) -> DeviceInfo:
         """Resume. If a loaded table fails to go live, the kernel throws it away
@@ -354,18 +346,17 @@ class DeviceService:
         await self.authorize(caller, Action.MODIFY, name)
         async def body() -> DeviceInfo:
             async with self.locks.hold(name):
-                before, pending = await self.kernel(
-                    self.engine.table_status, name,
+                before, pending = await self.kernel(Engine.table_status, name,
                     DmFlags.DM_STATUS_TABLE | DmFlags.DM_QUERY_INACTIVE_TABLE)
                 live_before: list[TargetLine] = []
                 if before.inactive_present:
-                    _, live_before = await self.kernel(
-                        self.engine.table_status, name, DmFlags.DM_STATUS_TABLE)
+                    _, live_before = await self.kernel(Engine.table_status, name,
+                                                       DmFlags.DM_STATUS_TABLE)
                 try:
-                    info = await self.kernel(self.engine.device_suspend, name, DmFlags(0))
+                    info = await self.kernel(Engine.device_suspend, name, DmFlags(0))
                 except DmError:
                     with contextlib.suppress(DmError):
-                        await self.kernel(self.engine.device_suspend, name, DmFlags(0))
+                        await self.kernel(Engine.device_suspend, name, DmFlags(0))
                     if before.inactive_present:
                         await self._restore_inactive(name, pending, before.read_only,
                                                      live_before)
@@ -380,20 +371,19 @@ class DeviceService:
         """Load *pending* back as the inactive table, unless it went live after all
         (a target can refuse in preresume after the swap)."""
         try:
-            info, live = await self.kernel(self.engine.table_status, name,
+            info, live = await self.kernel(Engine.table_status, name,
                                            DmFlags.DM_STATUS_TABLE)
             if info.inactive_present or live != live_before:
                 return
             flags = DmFlags.DM_READONLY if read_only else DmFlags(0)
-            await self.kernel(self.engine.table_load, name, pending, flags)
+            await self.kernel(Engine.table_load, name, pending, flags)
         except (DmError, EngineInvalidArgument) as exc:
             log.warning("resume %s: could not load the refused table back: %s", name, exc)
 
-    async def _simple(self, operation: str, name: str, call: Callable[..., DeviceInfo],
-                      *args: Any) -> DeviceInfo:
+    async def _simple(self, operation: str, name: str, flags: DmFlags) -> DeviceInfo:
         async def body() -> DeviceInfo:
             async with self.locks.hold(name):
-                info = await self.kernel(call, name, *args)
+                info = await self.kernel(Engine.device_suspend, name, flags)
             self._publish(ChangeKind.CHANGED, name, info.device, operation)
             return info
 
@@ -413,7 +403,7 @@ class DeviceService:
                 renamed = False
                 try:
                     await journal.step(1)
-                    info = await self.kernel(self.engine.device_rename, name,
+                    info = await self.kernel(Engine.device_rename, name,
                                              DevId.name(new_name))
                     renamed = True
                     await journal.step(2)
@@ -422,7 +412,7 @@ class DeviceService:
                 except BaseException:
                     if renamed:
                         with contextlib.suppress(DmError):
-                            await self.kernel(self.engine.device_rename, new_name,
+                            await self.kernel(Engine.device_rename, new_name,
                                               DevId.name(name))
                     await journal.finish("rolled_back")
                     raise
@@ -430,7 +420,7 @@ class DeviceService:
             self._publish(ChangeKind.CHANGED, new_name, info.device, "rename")
             return info
 
-        return await self._guard("rename", name, body)
+        return await self._guard("rename", name, body, renamed_to=new_name)
 
     async def set_uuid(self, name: str, uuid: str, *, caller: Caller = ROOT) -> DeviceInfo:
         await self.authorize(caller, Action.MODIFY, name)
@@ -438,7 +428,7 @@ class DeviceService:
 
         async def body() -> DeviceInfo:
             async with self.locks.hold(name):
-                info = await self.kernel(self.engine.device_rename, name, DevId.uuid(uuid))
+                info = await self.kernel(Engine.device_rename, name, DevId.uuid(uuid))
                 if await self.store.get_device(name) is not None:
                     await self.store.set_uuid(name, uuid)
             self._publish(ChangeKind.CHANGED, name, info.device, "set-uuid")
@@ -452,7 +442,7 @@ class DeviceService:
         await self.authorize(caller, Action.MODIFY, name)
         async def body() -> str:
             async with self.locks.hold(name):
-                info, out = await self.kernel(self.engine.target_msg, name, sector, text)
+                info, out = await self.kernel(Engine.target_msg, name, sector, text)
             self._publish(ChangeKind.CHANGED, name, info.device, "message")
             return out or ""
 
@@ -462,11 +452,11 @@ class DeviceService:
     async def holders(self, device: tuple[int, int]) -> list[str]:
         """Names of the dm devices whose tables use *device*."""
         names: list[str] = []
-        for other in await self.kernel(self.engine.list_devices):
+        for other in await self.kernel(Engine.list_devices):
             with contextlib.suppress(DmError):
-                deps = set(await self.kernel(self.engine.table_deps, other.name))
-                deps |= set(await self.kernel(
-                    self.engine.table_deps, other.name, DmFlags.DM_QUERY_INACTIVE_TABLE))
+                deps = set(await self.kernel(Engine.table_deps, other.name))
+                deps |= set(await self.kernel(Engine.table_deps, other.name,
+                                              DmFlags.DM_QUERY_INACTIVE_TABLE))
                 if device in deps:
                     names.append(other.name)
         return sorted(names)
@@ -480,7 +470,7 @@ class DeviceService:
         await self.authorize(caller, Action.REMOVE, name)
         async def body() -> DeviceInfo:
             async with self.locks.hold(name):
-                info = await self.kernel(self.engine.device_info, name)
+                info = await self.kernel(Engine.device_info, name)
                 if info.open_count and not (force or deferred):
                     users = await self.holders(info.device)
                     who = f"used by {', '.join(users)}" if users else (
@@ -492,14 +482,14 @@ class DeviceService:
                     await journal.step(1)
                     if force and info.open_count and info.active_present:
                         size = await self._size(name)
-                        await self.kernel(self.engine.table_load, name,
+                        await self.kernel(Engine.table_load, name,
                                           [TargetLine(0, size, "error", "")])
-                        await self.kernel(self.engine.device_suspend, name, DmFlags(0))
+                        await self.kernel(Engine.device_suspend, name, DmFlags(0))
                     if info.suspended:
-                        await self.kernel(self.engine.device_suspend, name, DmFlags(0))
+                        await self.kernel(Engine.device_suspend, name, DmFlags(0))
                     await journal.step(2)
                     flags = DmFlags.DM_DEFERRED_REMOVE if (force or deferred) else DmFlags(0)
-                    gone = await self.kernel(self.engine.device_remove, name, flags)
+                    gone = await self.kernel(Engine.device_remove, name, flags)
                 except BaseException:
                     await journal.finish("rolled_back")
                     raise
@@ -519,7 +509,7 @@ class DeviceService:
         return await self._guard("remove", name, body)
 
     async def _size(self, name: str) -> int:
-        _, table = await self.kernel(self.engine.table_status, name, DmFlags.DM_STATUS_TABLE)
+        _, table = await self.kernel(Engine.table_status, name, DmFlags.DM_STATUS_TABLE)
         return sum(line.length for line in table)
 
     async def remove_all_managed(self, *, caller: Caller = ROOT) -> list[str]:
@@ -546,6 +536,19 @@ class DeviceService:
             raise errors.Busy(f"could not remove {', '.join(sorted(pending))}: still in use")
         return removed
 
+    # -- reads that go to the kernel ----------------------------------------
+    async def status(self, name: str) -> list[TargetLine]:
+        """The device's status lines, as its targets report them now."""
+        try:
+            _, lines = await self.kernel(Engine.table_status, name, DmFlags(0))
+        except (DmError, EngineInvalidArgument) as exc:
+            raise errors.from_engine(exc, name, "status") from None
+        return lines
+
+    async def target_versions(self) -> list[TargetVersion]:
+        """The target types the kernel offers (loaded modules)."""
+        return await self.kernel(Engine.list_versions)
+
     # -- metadata ----------------------------------------------------------
     async def set_labels(self, name: str, labels: Mapping[str, str], *,
                          caller: Caller = ROOT) -> None:
@@ -556,6 +559,7 @@ class DeviceService:
                 raise errors.NotFound(f"{name!r} is not managed by dmd (adopt it first)")
             await self.store.set_labels(name, clean)
         self._publish(ChangeKind.CHANGED, name, None, "set-labels")
+        await self.events.settle([name])
 
     async def adopt(self, name: str, *, persistent: bool = False,
                     caller: Caller = ROOT) -> DeviceInfo:
@@ -565,8 +569,7 @@ class DeviceService:
             async with self.locks.hold(name):
                 if await self.store.get_device(name) is not None:
                     raise errors.AlreadyExists(f"dmd already manages {name!r}")
-                info, table = await self.kernel(
-                    self.engine.table_status, name, DmFlags.DM_STATUS_TABLE)
+                info, table = await self.kernel(Engine.table_status, name, DmFlags.DM_STATUS_TABLE)
                 if not info.active_present:
                     raise errors.InvalidArgument(f"{name!r} has no live table to adopt")
                 await self.store.add_device(ManagedDevice(

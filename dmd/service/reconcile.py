@@ -31,9 +31,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from dmd.engine import DeviceInfo, DmError, DmFlags, TargetLine
+from dmd.engine.interface import Engine
 from dmd.service.events import ChangeKind
 from dmd.service.inventory import DeviceView, Inventory, UdevInfo
-from dmd.service.operations import Engine
 from dmd.state.redact import redact_table
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ class Reconciler:
     async def sync(self) -> None:
         """Refresh every device that is new, renamed or has a new event number;
         drop the ones the kernel no longer lists."""
-        listed = await self.service.kernel(self.service.engine.list_devices)
+        listed = await self.service.kernel(Engine.list_devices)
         stale: list[str] = []
         seen: set[tuple[int, int]] = set()
         for entry in listed:
@@ -231,7 +231,7 @@ class Reconciler:
 
     async def _present(self, name: str) -> bool:
         try:
-            await self.service.kernel(self.service.engine.device_info, name)
+            await self.service.kernel(Engine.device_info, name)
         except DmError as exc:
             return exc.errno != errno.ENXIO  # in doubt, a record is kept
         return True
@@ -245,7 +245,7 @@ class Reconciler:
         stale: list[str] = []
         for i in range(0, len(views), AUDIT_BATCH):
             batch = views[i:i + AUDIT_BATCH]
-            read = await self.service.kernel(_read_statuses, self.service.engine,
+            read = await self.service.kernel(_read_statuses,
                                              [view.name for view in batch])
             for view, status in zip(batch, read, strict=True):
                 if status is None or _differs(view, *status):
@@ -269,7 +269,7 @@ class Reconciler:
         """The kernel raised an event on *view*'s device: tell listeners, with
         the status that goes with it."""
         try:
-            _, status = await self.service.kernel(self.service.engine.table_status,
+            _, status = await self.service.kernel(Engine.table_status,
                                                   view.name, DmFlags(0))
         except DmError as exc:
             log.info("event %s: status unreadable: %s", view.name, exc)

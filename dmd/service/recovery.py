@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dmd.engine import DmError, DmFlags, TargetLine, carries_key
+from dmd.engine.interface import Engine
 from dmd.service.drift import live_differs
 from dmd.service.operations import DeviceService
 
@@ -33,12 +34,12 @@ class RecoveryReport:
 
 
 async def _kernel_names(service: DeviceService) -> set[str]:
-    return {d.name for d in await service.kernel(service.engine.list_devices)}
+    return {d.name for d in await service.kernel(Engine.list_devices)}
 
 
 async def _info(service: DeviceService, name: str) -> Any:
     try:
-        return await service.kernel(service.engine.device_info, name)
+        return await service.kernel(Engine.device_info, name)
     except DmError:
         return None
 
@@ -47,7 +48,7 @@ async def _resume_if_suspended(service: DeviceService, name: str) -> None:
     info = await _info(service, name)
     if info is not None and info.suspended:
         with contextlib.suppress(DmError):
-            await service.kernel(service.engine.device_suspend, name, DmFlags(0))
+            await service.kernel(Engine.device_suspend, name, DmFlags(0))
         log.info("recovery: resumed %s, left suspended by an interrupted operation", name)
 
 
@@ -73,12 +74,11 @@ async def _settle_intent(service: DeviceService, intent: Any, report: RecoveryRe
             swapped = intent.step >= 3 and not info.inactive_present
             if info.inactive_present:
                 with contextlib.suppress(DmError):
-                    await service.kernel(service.engine.table_clear, name)
+                    await service.kernel(Engine.table_clear, name)
             if not args.get("was_suspended"):
                 await _resume_if_suspended(service, name)
             if record is not None and swapped:
-                _, live = await service.kernel(
-                    service.engine.table_status, name, DmFlags.DM_STATUS_TABLE)
+                _, live = await service.kernel(Engine.table_status, name, DmFlags.DM_STATUS_TABLE)
                 if not carries_key(live):
                     await store.update_table(name, live, info.read_only)
         state = "done" if swapped else "rolled_back"
@@ -139,10 +139,10 @@ async def recover(service: DeviceService) -> RecoveryReport:
                 log.error("recovery: %s needs its key, which dmd does not store", name)
                 continue
             try:
-                await service.kernel(service.engine.device_create, name, record.uuid)
-                await service.kernel(service.engine.table_load, name, list(record.table),
+                await service.kernel(Engine.device_create, name, record.uuid)
+                await service.kernel(Engine.table_load, name, list(record.table),
                                      DmFlags.DM_READONLY if record.read_only else DmFlags(0))
-                await service.kernel(service.engine.device_suspend, name, DmFlags(0))
+                await service.kernel(Engine.device_suspend, name, DmFlags(0))
                 report.recreated.append(name)
                 log.info("recovery: re-created persistent device %s", name)
             except DmError as exc:
@@ -154,7 +154,7 @@ async def recover(service: DeviceService) -> RecoveryReport:
         info = await _info(service, name)
         if info is None or not info.active_present:
             continue
-        _, live = await service.kernel(service.engine.table_status, name, DmFlags.DM_STATUS_TABLE)
+        _, live = await service.kernel(Engine.table_status, name, DmFlags.DM_STATUS_TABLE)
         if await live_differs(service, live, list(record.table)):
             report.drifted.append(name)
             await store.set_drifted(name, "live table differs from the recorded one")

@@ -1,6 +1,8 @@
 """Other tools change the (simulated) kernel behind dmd's back: the bus
-follows. A second SimDM on dmd's sim file plays the other tool; a simulated
-kernel has no events, so dmd finds changes by its audit (--audit-interval)."""
+follows. A second SimDM on dmd's sim file plays the other tool. The simulator
+raises device-mapper's global event as the kernel does (through a FIFO beside
+its file), so creates, removes, renames and table swaps reach dmd at once;
+what no event reports (a suspend) is found by the audit (--audit-interval)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from dbus_fast import BusType, Variant
 from dbus_fast.aio import MessageBus
 
 from dmd.dbus.names import device_path
-from dmd.engine import DmFlags, TargetLine
+from dmd.engine import DevId, DmFlags, TargetLine
 from dmd.engine.sim import SimDM
 
 AUDIT = 0.2  # seconds
@@ -148,3 +150,24 @@ async def test_idle_dmd_wakes_up_only_for_its_timers(make_dmd: Callable[..., Any
     before = wakeups(dmd.proc.pid)
     await asyncio.sleep(2.0)
     assert 0 < wakeups(dmd.proc.pid) - before < 200
+
+
+async def test_external_changes_arrive_by_kernel_event_without_timers(
+        make_dmd: Callable[..., Any]) -> None:
+    """With the sync and the audit off, only the simulated kernel's event can
+    tell dmd: a create, a rename and a remove by another process reach the bus."""
+    dmd = make_dmd("--audit-interval", "0", "--sync-interval", "0", "--no-udev")
+    bus = await MessageBus(bus_address=dmd.address, bus_type=BusType.SESSION).connect()
+    client = Client(bus)
+    await client.watch()
+    sim = SimDM(dmd.sim)
+    create(sim, "evented", [TargetLine(0, 2048, "zero", "")])
+    await until(lambda: members(client, "InterfacesAdded"), timeout=5)
+    sim.device_rename("evented", DevId.name("renamed"))
+    await until(lambda: any(s.member == "PropertiesChanged" and
+                            unvariant(s.body[1]).get("Name") == "renamed"
+                            for s in client.signals), timeout=5)
+    sim.device_remove("renamed")
+    await until(lambda: members(client, "InterfacesRemoved"), timeout=5)
+    assert await client.managed_objects() == {}
+    bus.disconnect()

@@ -257,9 +257,37 @@ async def test_an_audit_of_many_devices_is_a_few_worker_jobs(sim_world: World) -
         calls += 1
         return await kernel(call, *args)
 
-    world.service.kernel = counting  # type: ignore[method-assign]
-    await world.reconciler.audit()
+    world.service.kernel = counting  # type: ignore[assignment]
+    try:
+        await world.reconciler.audit()
+    finally:
+        world.service.kernel = kernel
     assert world.mine()[names[-1]].suspended  # the audit still finds what changed
     # one listing, ceil(300 / 128) = 3 status batches, one refresh of the
     # suspended device (a few ioctls), and nothing per unchanged device
     assert calls < 10, calls
+
+
+async def test_each_change_reads_the_device_once_and_is_shown_on_return(
+        sim_world: World) -> None:
+    """The service settles the inventory before an operation returns (no
+    front end has to), with one read of the device per change."""
+    world = sim_world
+    service, inventory = world.service, world.inventory
+    for step, call in [
+        ("create", lambda: service.create(P + "once", ZERO)),
+        ("reload", lambda: service.reload(P + "once", [TargetLine(0, 4096, "zero", "")])),
+        ("suspend", lambda: service.suspend(P + "once")),
+        ("resume", lambda: service.resume(P + "once")),
+        ("rename", lambda: service.rename(P + "once", P + "twice")),
+    ]:
+        before = inventory.refresh_count
+        await call()
+        assert inventory.refresh_count - before == 1, step
+    view = inventory.get(P + "twice")
+    assert view is not None and view.size_bytes == 4096 * 512 and not view.suspended
+    assert inventory.get(P + "once") is None
+    before = inventory.refresh_count
+    await service.remove(P + "twice")
+    assert inventory.refresh_count - before == 1
+    assert inventory.get(P + "twice") is None

@@ -22,6 +22,7 @@ from dmd.engine import DM, DmFlags, TargetLine
 from dmd.engine.sim import SimDM
 from dmd.service import errors
 from dmd.service.events import ChangeKind
+from dmd.service.kernel import KernelWorkers
 from dmd.service.operations import DeviceService
 from dmd.service.recovery import recover
 from dmd.state import AsyncStateStore, StateStore
@@ -42,7 +43,7 @@ def open_service(tmp: Path, fault: Any = None, kind: str = "sim") -> DeviceServi
         engine = SimDM(tmp / "kernel.json")
         engine.add_disk("/dev/simdisk1", 7, 1, 16 * 2048)
     store = AsyncStateStore(StateStore.open(tmp / "state"))
-    return DeviceService(engine, store, fault=fault)
+    return DeviceService(KernelWorkers(engine), store, fault=fault)
 
 
 @pytest.fixture(params=["sim", pytest.param("kernel", marks=pytest.mark.kernel)])
@@ -61,7 +62,7 @@ async def service(tmp_path: Path) -> AsyncIterator[DeviceService]:
 
 async def snapshot(svc: DeviceService) -> dict[str, Any]:
     """Everything that must agree: kernel devices and tables, records, intents."""
-    engine = svc.engine
+    engine = svc.kernel.engine
     kernel = {}
     for dev in engine.list_devices():
         if not dev.name.startswith(P) and isinstance(engine, DM):
@@ -146,7 +147,7 @@ async def test_remove_all_managed_goes_top_down(service: DeviceService) -> None:
 
 
 async def test_labels_and_adopt(service: DeviceService) -> None:
-    sim: SimDM = service.engine  # type: ignore[assignment]
+    sim: SimDM = service.kernel.engine  # type: ignore[assignment]
     sim.device_create("foreign")
     sim.table_load("foreign", ZERO)
     sim.device_suspend("foreign", DmFlags(0))
@@ -264,7 +265,7 @@ async def test_recovery_reports_drift_and_keeps_the_record(service: DeviceServic
     await service.create("disk", [TargetLine(0, 2048, "linear", "/dev/simdisk1 0")])
     report = await recover(service)
     assert report.drifted == []  # paths and major:minor are the same device
-    sim: SimDM = service.engine  # type: ignore[assignment]
+    sim: SimDM = service.kernel.engine  # type: ignore[assignment]
     sim.table_load("disk", TWO)  # someone else changes it behind dmd's back
     sim.device_suspend("disk", DmFlags(0))
     report = await recover(service)
