@@ -130,12 +130,6 @@ def make_device(clean_dm: DM) -> Callable[..., str]:
     return make
 
 
-def dmsetup(*args: str) -> str:
-    """Run dmsetup (the independent witness) and return its stdout."""
-    return subprocess.run(["dmsetup", *args], check=True, capture_output=True,
-                          text=True).stdout
-
-
 # -- bus fixtures: a private dbus-daemon, and dmd --sim serving on it -------
 
 BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"

@@ -8,7 +8,7 @@ never a crash deep inside.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from dbus_fast import Variant
@@ -26,61 +26,45 @@ MAX_TABLE_LINES = 65536
 MAX_TABLE_BYTES = 4 << 20
 MAX_STRING_BYTES = 65536
 
-# The properties of org.example.DeviceMapper.Device, in introspection order.
-DEVICE_PROPERTIES: dict[str, str] = {
-    "Name": "s",
-    "UUID": "s",
-    "Major": "u",
-    "Minor": "u",
-    "DevicePath": "s",
-    "Size": "t",
-    "Suspended": "b",
-    "ReadOnly": "b",
-    "OpenCount": "i",
-    "EventNumber": "u",
-    "LiveTable": "a(ttss)",
-    "InactiveTable": "a(ttss)",
-    "Dependencies": "a(uu)",
-    "Managed": "b",
-    "Persistent": "b",
-    "Labels": "a{ss}",
-    "Drifted": "b",
-    "Symlinks": "as",
-    "FilesystemType": "s",
-    "FilesystemUUID": "s",
-    "UdevReady": "b",
-}
-
-
 def table_out(table: tuple[TargetLine, ...] | list[TargetLine]) -> list[list[Any]]:
     return [[line.start, line.length, line.target_type, line.params] for line in table]
 
 
+# The properties of org.example.DeviceMapper.Device: the one list. Each is
+# (its D-Bus signature, its value taken from the view). DeviceInterface's
+# property declarations, the introspection XML and the variants sent in
+# signals and GetManagedObjects are all made from it.
+DEVICE_PROPERTY_SOURCES: dict[str, tuple[str, Callable[[DeviceView], Any]]] = {
+    "Name": ("s", lambda v: v.name),
+    "UUID": ("s", lambda v: v.uuid),
+    "Major": ("u", lambda v: v.device[0]),
+    "Minor": ("u", lambda v: v.device[1]),
+    "DevicePath": ("s", lambda v: f"/dev/mapper/{v.name}"),
+    "Size": ("t", lambda v: v.size_bytes),
+    "Suspended": ("b", lambda v: v.suspended),
+    "ReadOnly": ("b", lambda v: v.read_only),
+    "OpenCount": ("i", lambda v: v.open_count),
+    "EventNumber": ("u", lambda v: v.event_nr & 0xFFFFFFFF),
+    "LiveTable": ("a(ttss)", lambda v: table_out(v.live_table)),
+    "InactiveTable": ("a(ttss)", lambda v: table_out(v.inactive_table)),
+    "Dependencies": ("a(uu)", lambda v: [list(dev) for dev in v.dependencies]),
+    "Managed": ("b", lambda v: v.managed),
+    "Persistent": ("b", lambda v: v.persistent),
+    "Labels": ("a{ss}", lambda v: dict(v.labels)),
+    "Drifted": ("b", lambda v: v.drifted),
+    "Symlinks": ("as", lambda v: list(v.udev.symlinks)),
+    "FilesystemType": ("s", lambda v: v.udev.fs_type),
+    "FilesystemUUID": ("s", lambda v: v.udev.fs_uuid),
+    "UdevReady": ("b", lambda v: v.udev.ready),
+}
+# Name -> signature.
+DEVICE_PROPERTIES: dict[str, str] = {
+    name: signature for name, (signature, _) in DEVICE_PROPERTY_SOURCES.items()}
+
+
 def device_properties(view: DeviceView) -> dict[str, Any]:
     """Plain values of every Device property (no I/O: from the view)."""
-    return {
-        "Name": view.name,
-        "UUID": view.uuid,
-        "Major": view.device[0],
-        "Minor": view.device[1],
-        "DevicePath": f"/dev/mapper/{view.name}",
-        "Size": view.size_bytes,
-        "Suspended": view.suspended,
-        "ReadOnly": view.read_only,
-        "OpenCount": view.open_count,
-        "EventNumber": view.event_nr & 0xFFFFFFFF,
-        "LiveTable": table_out(view.live_table),
-        "InactiveTable": table_out(view.inactive_table),
-        "Dependencies": [list(dev) for dev in view.dependencies],
-        "Managed": view.managed,
-        "Persistent": view.persistent,
-        "Labels": dict(view.labels),
-        "Drifted": view.drifted,
-        "Symlinks": list(view.udev.symlinks),
-        "FilesystemType": view.udev.fs_type,
-        "FilesystemUUID": view.udev.fs_uuid,
-        "UdevReady": view.udev.ready,
-    }
+    return {name: value(view) for name, (_, value) in DEVICE_PROPERTY_SOURCES.items()}
 
 
 def _typed_value(value: Any) -> Variant | None:

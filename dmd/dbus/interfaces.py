@@ -151,97 +151,17 @@ class DeviceInterface(ServiceInterface):
     def Event(self, event_nr: U32, status: Table) -> EventBody:
         return [event_nr, status]
 
-    @dbus_property(access=PropertyAccess.READ)
-    def Name(self) -> Str:
-        return str(self.values["Name"])
 
-    @dbus_property(access=PropertyAccess.READ)
-    def UUID(self) -> Str:
-        return str(self.values["UUID"])
+def _device_property(name: str, signature: str) -> Any:
+    """A read-only property served from ``values`` (declared from
+    DEVICE_PROPERTIES, the one list of them)."""
+    def getter(self: DeviceInterface) -> Any:
+        return self.values[name]
 
-    @dbus_property(access=PropertyAccess.READ)
-    def Major(self) -> U32:
-        return int(self.values["Major"])
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Minor(self) -> U32:
-        return int(self.values["Minor"])
-
-    @dbus_property(access=PropertyAccess.READ)
-    def DevicePath(self) -> Str:
-        return str(self.values["DevicePath"])
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Size(self) -> U64:
-        return int(self.values["Size"])
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Suspended(self) -> Bool:
-        return bool(self.values["Suspended"])
-
-    @dbus_property(access=PropertyAccess.READ)
-    def ReadOnly(self) -> Bool:
-        return bool(self.values["ReadOnly"])
-
-    @dbus_property(access=PropertyAccess.READ)
-    def OpenCount(self) -> I32:
-        return int(self.values["OpenCount"])
-
-    @dbus_property(access=PropertyAccess.READ)
-    def EventNumber(self) -> U32:
-        return int(self.values["EventNumber"])
-
-    @dbus_property(access=PropertyAccess.READ)
-    def LiveTable(self) -> Table:
-        return list(self.values["LiveTable"])
-
-    @dbus_property(access=PropertyAccess.READ)
-    def InactiveTable(self) -> Table:
-        return list(self.values["InactiveTable"])
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Dependencies(self) -> Deps:
-        return list(self.values["Dependencies"])
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Managed(self) -> Bool:
-        return bool(self.values["Managed"])
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Persistent(self) -> Bool:
-        return bool(self.values["Persistent"])
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Labels(self) -> Labels:
-        return dict(self.values["Labels"])
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Drifted(self) -> Bool:
-        return bool(self.values["Drifted"])
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Symlinks(self) -> StrList:
-        return list(self.values["Symlinks"])
-
-    @dbus_property(access=PropertyAccess.READ)
-    def FilesystemType(self) -> Str:
-        return str(self.values["FilesystemType"])
-
-    @dbus_property(access=PropertyAccess.READ)
-    def FilesystemUUID(self) -> Str:
-        return str(self.values["FilesystemUUID"])
-
-    @dbus_property(access=PropertyAccess.READ)
-    def UdevReady(self) -> Bool:
-        return bool(self.values["UdevReady"])
+    getter.__name__ = getter.__qualname__ = name
+    getter.__annotations__ = {"return": signature}
+    return dbus_property(access=PropertyAccess.READ)(getter)
 
 
-def _check_properties_match() -> None:
-    """DEVICE_PROPERTIES (used to build signals and GetManagedObjects without
-    calling getters) must say exactly what the declarations say."""
-    declared = {p.name: p.signature for p in DeviceInterface({}).introspect().properties}
-    if declared != DEVICE_PROPERTIES:
-        raise AssertionError(f"DEVICE_PROPERTIES disagrees with DeviceInterface: {declared}")
-
-
-_check_properties_match()
+for _name, _signature in DEVICE_PROPERTIES.items():
+    setattr(DeviceInterface, _name, _device_property(_name, _signature))

@@ -11,7 +11,8 @@ Standard library only, usable without the rest of dmd::
 ``dmd.engine.sim.SimDM`` offers the same interface without a kernel.
 """
 
-from dmd.engine.dm import CONTROL_PATH, DM, carries_key, dev_majors
+from dmd.engine.dm import CONTROL_PATH, DM, dev_majors
+from dmd.engine.keys import carries_key, redact_table
 from dmd.engine.types import (
     MAX_DEVICE_SECTORS,
     Device,
@@ -50,6 +51,7 @@ __all__ = [
     "UnsafeOperation",
     "carries_key",
     "dev_majors",
+    "redact_table",
     "validate_name",
     "validate_table",
     "validate_uuid",

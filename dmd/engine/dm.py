@@ -31,13 +31,13 @@ import dataclasses
 import fcntl
 import logging
 import os
-import stat
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from dmd.engine import ioctl
 from dmd.engine.ioctl import DM_IOCTL_SIZE, Command, Header
+from dmd.engine.keys import carries_key
 from dmd.engine.types import (
     Device,
     DeviceInfo,
@@ -48,6 +48,7 @@ from dmd.engine.types import (
     TargetLine,
     TargetVersion,
     UnsafeOperation,
+    block_device_number,
     dev_t,
     major_minor,
     validate_flags,
@@ -73,22 +74,6 @@ _FIRST_OUTPUT_SIZE = 16 * 1024
 # worked is remembered so the next call needs one.
 _GROWTH = 16
 _MAX_BUFFER = 256 * 1024 * 1024
-
-_SECURE_INTEGRITY_ARGS = ("internal_hash:", "journal_crypt:", "journal_mac:")
-
-
-def carries_key(table: Iterable[TargetLine]) -> bool:
-    """True when a table holds key material (crypt, keyed integrity)."""
-    for line in table:
-        if line.target_type == "crypt":
-            return True
-        if line.target_type == "integrity" and any(
-            arg.startswith(_SECURE_INTEGRITY_ARGS) and arg.count(":") >= 2
-            for arg in line.params.split()
-        ):
-            return True
-    return False
-
 
 def _as_devid(dev: DevId | str) -> DevId:
     return dev if isinstance(dev, DevId) else DevId.name(dev)
@@ -259,11 +244,7 @@ class DM:
 
     def device_number(self, path: str) -> tuple[int, int] | None:
         """(major, minor) of the block device at *path*, as tables print it."""
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        return (os.major(st.st_rdev), os.minor(st.st_rdev)) if stat.S_ISBLK(st.st_mode) else None
+        return block_device_number(path)
 
     # -- per-device commands -----------------------------------------------
     def device_create(

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dmd.engine.dm import carries_key
+from dmd.engine.keys import carries_key
 from dmd.engine.types import (
     Device,
     DeviceInfo,

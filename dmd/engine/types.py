@@ -13,6 +13,7 @@ import enum
 import errno as errno_mod
 import os
 import re
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -302,3 +303,15 @@ def dev_t(major: int, minor: int) -> int:
 def major_minor(dev: int) -> tuple[int, int]:
     """Decode the kernel's huge_encode_dev form."""
     return ((dev & 0xFFF00) >> 8, (dev & 0xFF) | ((dev >> 12) & 0xFFF00))
+
+
+def block_device_number(path: str) -> tuple[int, int] | None:
+    """(major, minor) of the block device at *path*, as tables print it;
+    None when *path* is missing or not a block device."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISBLK(st.st_mode):
+        return None
+    return os.major(st.st_rdev), os.minor(st.st_rdev)

@@ -18,8 +18,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from dmd.engine import (
     DeviceInfo,
@@ -38,46 +37,28 @@ from dmd.engine.interface import Engine
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Authorizer, Caller, RootOnly
 from dmd.service.events import ChangeEvent, ChangeKind, EventBus
+from dmd.service.journal import (
+    CreateArgs,
+    CreateStep,
+    FaultHook,
+    Journal,
+    ReloadArgs,
+    ReloadStep,
+    RemoveArgs,
+    RemoveStep,
+    RenameArgs,
+    RenameStep,
+    intent,
+)
 from dmd.service.kernel import KernelWorkers
 from dmd.service.locks import DeviceLocks
+from dmd.state import AsyncStateStore, ManagedDevice
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-FaultHook = Callable[[str, int], None]
-
 MAX_LABELS = 64
 MAX_LABEL_BYTES = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class ManagedDevice:
-    """What the service layer asks the state store to remember."""
-
-    name: str
-    uuid: str | None
-    table: list[TargetLine]
-    read_only: bool
-    owner_uid: int
-    persistent: bool
-    labels: dict[str, str] = field(default_factory=dict)
-
-
-class Store(Protocol):
-    """The asynchronous state store interface the service uses."""
-
-    async def add_device(self, record: Any) -> None: ...
-    async def get_device(self, name: str) -> Any: ...
-    async def list_devices(self) -> list[Any]: ...
-    async def update_table(self, name: str, table: list[TargetLine], read_only: bool) -> None: ...
-    async def rename_device(self, old: str, new: str) -> None: ...
-    async def set_uuid(self, name: str, uuid: str) -> None: ...
-    async def set_labels(self, name: str, labels: dict[str, str]) -> None: ...
-    async def remove_device(self, name: str) -> None: ...
-    async def set_drifted(self, name: str, reason: str | None) -> None: ...
-    async def begin_intent(self, operation: str, device: str, args: dict[str, Any]) -> int: ...
-    async def advance_intent(self, intent_id: int, step: int) -> None: ...
-    async def finish_intent(self, intent_id: int, state: str) -> None: ...
 
 
 def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
@@ -100,33 +81,10 @@ def _validated(call: Callable[[], T]) -> T:
         raise errors.InvalidArgument(str(exc)) from None
 
 
-class Journal:
-    """One intent's life: begin (durable), steps, and an ending."""
-
-    def __init__(self, store: Store, fault: FaultHook | None, operation: str) -> None:
-        self.store, self.fault, self.operation = store, fault, operation
-        self.intent_id: int | None = None
-        self.step_no = 0
-
-    async def begin(self, device: str, args: dict[str, Any]) -> None:
-        self.intent_id = await self.store.begin_intent(self.operation, device, args)
-
-    async def step(self, number: int) -> None:
-        """Mark progress, then give the fault hook its chance to stop us here."""
-        self.step_no = number
-        assert self.intent_id is not None
-        await self.store.advance_intent(self.intent_id, number)
-        if self.fault is not None:
-            self.fault(self.operation, number)
-
-    async def finish(self, state: str) -> None:
-        assert self.intent_id is not None
-        await self.store.finish_intent(self.intent_id, state)
-
-
 class DeviceService:
-    def __init__(self, kernel: KernelWorkers, store: Store, events: EventBus | None = None, *,
-                 fault: FaultHook | None = None, authorizer: Authorizer | None = None) -> None:
+    def __init__(self, kernel: KernelWorkers, store: AsyncStateStore,
+                 events: EventBus | None = None, *, fault: FaultHook | None = None,
+                 authorizer: Authorizer | None = None) -> None:
         self.kernel = kernel
         self.authorizer: Authorizer = authorizer or RootOnly()
         self.store = store
@@ -191,34 +149,30 @@ class DeviceService:
         async with self.locks.hold(name):
             if await self.store.get_device(name) is not None:
                 raise errors.AlreadyExists(f"dmd already manages a device named {name!r}")
-            journal = Journal(self.store, self.fault, "create")
-            await journal.begin(name, {"uuid": uuid, "read_only": read_only})
-            created = False
+            async def undo(journal: Journal) -> None:
+                if journal.step >= CreateStep.TABLE:  # the device was made
+                    await self.remove_quietly(name)
+
             try:
-                await journal.step(1)
-                await self.kernel(Engine.device_create, name, uuid)
-                created = True
-                await journal.step(2)
-                flags = DmFlags.DM_READONLY if read_only else DmFlags(0)
-                await self.kernel(Engine.table_load, name, lines, flags)
-                await journal.step(3)
-                info = await self.kernel(Engine.device_suspend, name, DmFlags(0))
-                await journal.step(4)
-                await self.store.add_device(ManagedDevice(
-                    name, uuid, lines, read_only, caller.uid, persistent, clean_labels))
-            except BaseException as exc:
-                if created:
-                    await self._remove_quietly(name)
-                await journal.finish("rolled_back")
-                if isinstance(exc, (DmError, EngineInvalidArgument, TimeoutError)):
-                    raise errors.from_engine(exc, name, "create") from None
-                raise
-            await journal.finish("done")
+                async with intent(self.store, self.fault, "create", name,
+                                  CreateArgs(uuid, read_only), undo) as journal:
+                    await journal.mark(CreateStep.DEVICE)
+                    await self.kernel(Engine.device_create, name, uuid)
+                    await journal.mark(CreateStep.TABLE)
+                    flags = DmFlags.DM_READONLY if read_only else DmFlags(0)
+                    await self.kernel(Engine.table_load, name, lines, flags)
+                    await journal.mark(CreateStep.RESUME)
+                    info = await self.kernel(Engine.device_suspend, name, DmFlags(0))
+                    await journal.mark(CreateStep.RECORD)
+                    await self.store.add_device(ManagedDevice(
+                        name, uuid, lines, read_only, caller.uid, persistent, clean_labels))
+            except (DmError, EngineInvalidArgument, TimeoutError) as exc:
+                raise errors.from_engine(exc, name, "create") from None
         log.info("create %s: done (%d:%d)", name, *info.device)
         self._publish(ChangeKind.ADDED, name, info.device, "create")
         return info
 
-    async def _remove_quietly(self, name: str) -> None:
+    async def remove_quietly(self, name: str) -> None:
         """Undo a half-made device; a half-made device must never stay behind."""
         for _ in range(3):
             try:
@@ -259,24 +213,21 @@ class DeviceService:
                     raise errors.Busy(
                         f"{name} has an inactive table loaded; resume or clear it first")
                 ro = before.read_only if read_only is None else read_only
-                journal = Journal(self.store, self.fault, "reload")
-                await journal.begin(name, {"was_suspended": before.suspended})
-                try:
-                    await journal.step(1)
+                async def undo(_: Journal) -> None:
+                    await self._undo_reload(name, before, old_table)
+
+                async with intent(self.store, self.fault, "reload", name,
+                                  ReloadArgs(before.suspended), undo) as journal:
+                    await journal.mark(ReloadStep.LOAD)
                     flags = DmFlags.DM_READONLY if ro else DmFlags(0)
                     await self.kernel(Engine.table_load, name, lines, flags)
-                    await journal.step(2)
+                    await journal.mark(ReloadStep.SUSPEND)
                     await self.kernel(Engine.device_suspend, name, DmFlags.DM_SUSPEND)
-                    await journal.step(3)
+                    await journal.mark(ReloadStep.RESUME)
                     info = await self.kernel(Engine.device_suspend, name, DmFlags(0))
-                    await journal.step(4)
+                    await journal.mark(ReloadStep.RECORD)
                     if await self.store.get_device(name) is not None:
                         await self.store.update_table(name, lines, ro)
-                except BaseException:
-                    await self._undo_reload(name, before, old_table)
-                    await journal.finish("rolled_back")
-                    raise
-                await journal.finish("done")
                 self._publish(ChangeKind.CHANGED, name, info.device, "reload")
                 return info
 
@@ -398,25 +349,18 @@ class DeviceService:
             async with self.locks.hold(name, new_name):
                 if await self.store.get_device(new_name) is not None:
                     raise errors.AlreadyExists(f"dmd already manages a device named {new_name!r}")
-                journal = Journal(self.store, self.fault, "rename")
-                await journal.begin(name, {"new_name": new_name})
-                renamed = False
-                try:
-                    await journal.step(1)
-                    info = await self.kernel(Engine.device_rename, name,
-                                             DevId.name(new_name))
-                    renamed = True
-                    await journal.step(2)
+                async def undo(journal: Journal) -> None:
+                    if journal.step >= RenameStep.RECORD:  # renamed in the kernel
+                        with contextlib.suppress(DmError):
+                            await self.kernel(Engine.device_rename, new_name, DevId.name(name))
+
+                async with intent(self.store, self.fault, "rename", name,
+                                  RenameArgs(new_name), undo) as journal:
+                    await journal.mark(RenameStep.RENAME)
+                    info = await self.kernel(Engine.device_rename, name, DevId.name(new_name))
+                    await journal.mark(RenameStep.RECORD)
                     if await self.store.get_device(name) is not None:
                         await self.store.rename_device(name, new_name)
-                except BaseException:
-                    if renamed:
-                        with contextlib.suppress(DmError):
-                            await self.kernel(Engine.device_rename, new_name,
-                                              DevId.name(name))
-                    await journal.finish("rolled_back")
-                    raise
-                await journal.finish("done")
             self._publish(ChangeKind.CHANGED, new_name, info.device, "rename")
             return info
 
@@ -476,10 +420,9 @@ class DeviceService:
                     who = f"used by {', '.join(users)}" if users else (
                         f"open {info.open_count} time(s)")
                     raise errors.Busy(f"remove {name}: device is {who}")
-                journal = Journal(self.store, self.fault, "remove")
-                await journal.begin(name, {"force": force, "deferred": deferred})
-                try:
-                    await journal.step(1)
+                async with intent(self.store, self.fault, "remove", name,
+                                  RemoveArgs(force, deferred)) as journal:
+                    await journal.mark(RemoveStep.PREPARE)
                     if force and info.open_count and info.active_present:
                         size = await self._size(name)
                         await self.kernel(Engine.table_load, name,
@@ -487,20 +430,16 @@ class DeviceService:
                         await self.kernel(Engine.device_suspend, name, DmFlags(0))
                     if info.suspended:
                         await self.kernel(Engine.device_suspend, name, DmFlags(0))
-                    await journal.step(2)
+                    await journal.mark(RemoveStep.REMOVE)
                     flags = DmFlags.DM_DEFERRED_REMOVE if (force or deferred) else DmFlags(0)
                     gone = await self.kernel(Engine.device_remove, name, flags)
-                except BaseException:
-                    await journal.finish("rolled_back")
-                    raise
-                # The kernel cannot undo a remove: from here on, roll forward.
-                try:
-                    await journal.step(3)
-                finally:
-                    if not gone.flags & DmFlags.DM_DEFERRED_REMOVE and \
-                            await self.store.get_device(name) is not None:
-                        await self.store.remove_device(name)
-                    await journal.finish("done")
+                    journal.no_way_back()
+                    try:
+                        await journal.mark(RemoveStep.RECORD)
+                    finally:
+                        if not gone.flags & DmFlags.DM_DEFERRED_REMOVE and \
+                                await self.store.get_device(name) is not None:
+                            await self.store.remove_device(name)
             kind = (ChangeKind.CHANGED if gone.flags & DmFlags.DM_DEFERRED_REMOVE
                     else ChangeKind.REMOVED)
             self._publish(kind, name, info.device, "remove")

@@ -19,6 +19,7 @@ from typing import Any
 from dmd.engine import DmError, DmFlags, TargetLine, carries_key
 from dmd.engine.interface import Engine
 from dmd.service.drift import live_differs
+from dmd.service.journal import ReloadArgs, ReloadStep, RenameArgs
 from dmd.service.operations import DeviceService
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,6 @@ async def _resume_if_suspended(service: DeviceService, name: str) -> None:
 
 async def _settle_intent(service: DeviceService, intent: Any, report: RecoveryReport) -> None:
     store, name, op = service.store, intent.device, intent.operation
-    args = intent.args or {}
     record = await store.get_device(name)
     label = f"{op} {name} (intent {intent.id}, step {intent.step})"
     if op == "create":
@@ -62,20 +62,20 @@ async def _settle_intent(service: DeviceService, intent: Any, report: RecoveryRe
             await _resume_if_suspended(service, name)
             state = "done"
         else:
-            await service._remove_quietly(name)
+            await service.remove_quietly(name)
             state = "rolled_back"
     elif op == "reload":
-        # Step 3 issues the resume that swaps the new table in: from then on
-        # an absent inactive table means the swap happened and the kernel's
-        # live table is the new one; before it, the new table is dropped.
+        # From ReloadStep.RESUME on, an absent inactive table means the swap
+        # happened and the kernel's live table is the new one; before it,
+        # the new table is dropped.
         info = await _info(service, name)
         swapped = False
         if info is not None:
-            swapped = intent.step >= 3 and not info.inactive_present
+            swapped = intent.step >= ReloadStep.RESUME and not info.inactive_present
             if info.inactive_present:
                 with contextlib.suppress(DmError):
                     await service.kernel(Engine.table_clear, name)
-            if not args.get("was_suspended"):
+            if not ReloadArgs.from_json(intent.args).was_suspended:
                 await _resume_if_suspended(service, name)
             if record is not None and swapped:
                 _, live = await service.kernel(Engine.table_status, name, DmFlags.DM_STATUS_TABLE)
@@ -83,7 +83,7 @@ async def _settle_intent(service: DeviceService, intent: Any, report: RecoveryRe
                     await store.update_table(name, live, info.read_only)
         state = "done" if swapped else "rolled_back"
     elif op == "rename":
-        new_name = args.get("new_name", "")
+        new_name = RenameArgs.from_json(intent.args).new_name
         names = await _kernel_names(service)
         if new_name in names and name not in names:
             if record is not None:
@@ -116,7 +116,7 @@ def _uses(table: list[TargetLine]) -> set[str]:
 async def recover(service: DeviceService) -> RecoveryReport:
     report = RecoveryReport()
     store = service.store
-    for intent in sorted(await store.pending_intents(), key=lambda i: i.id):  # type: ignore[attr-defined]
+    for intent in sorted(await store.pending_intents(), key=lambda i: i.id):
         try:
             await _settle_intent(service, intent, report)
         except Exception:
@@ -146,7 +146,7 @@ async def recover(service: DeviceService) -> RecoveryReport:
                 report.recreated.append(name)
                 log.info("recovery: re-created persistent device %s", name)
             except DmError as exc:
-                await service._remove_quietly(name)
+                await service.remove_quietly(name)
                 report.failed.append(name)
                 log.error("recovery: could not re-create %s: %s", name, exc)
 

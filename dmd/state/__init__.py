@@ -2,12 +2,19 @@
 
 from dmd.state.errors import RecordExists, RecordNotFound, StateError
 from dmd.state.redact import redact_table
-from dmd.state.store import AsyncStateStore, DeviceRecord, IntentRecord, StateStore
+from dmd.state.store import (
+    AsyncStateStore,
+    DeviceRecord,
+    IntentRecord,
+    ManagedDevice,
+    StateStore,
+)
 
 __all__ = [
     "AsyncStateStore",
     "DeviceRecord",
     "IntentRecord",
+    "ManagedDevice",
     "RecordExists",
     "RecordNotFound",
     "StateError",

@@ -44,7 +44,22 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
+class ManagedDevice:
+    """A device to remember: what the service layer hands to add_device."""
+
+    name: str
+    uuid: str | None
+    table: list[TargetLine]
+    read_only: bool
+    owner_uid: int
+    persistent: bool
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceRecord:
+    """A device remembered: what was added, and what dmd learnt since."""
+
     name: str
     uuid: str | None
     table: list[TargetLine]
@@ -304,7 +319,7 @@ class StateStore:
         return row
 
     # -- devices -----------------------------------------------------------
-    def add_device(self, record: Any) -> None:
+    def add_device(self, record: ManagedDevice) -> None:
         stored, withheld = redact_table(record.table)
 
         def work(session: Session) -> None:
@@ -490,7 +505,7 @@ class AsyncStateStore:
         self._thread.shutdown(wait=True)
         self.sync.close()
 
-    async def add_device(self, record: Any) -> None:
+    async def add_device(self, record: ManagedDevice) -> None:
         await self._write(self.sync.add_device, record)
 
     async def get_device(self, name: str) -> DeviceRecord | None:

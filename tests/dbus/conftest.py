@@ -19,6 +19,7 @@ from dmd.dbus.names import (
     PROPERTIES_INTERFACE,
     ROOT_PATH,
 )
+from tests.helpers import plain
 
 
 class CallError(Exception):
@@ -79,14 +80,6 @@ class Client:
         return {path: {k: plain(v.value) for k, v in ifaces[DEVICE_INTERFACE].items()}
                 for path, ifaces in body[0].items()}
 
-
-def plain(value: Any) -> Any:
-    """Structs arrive as tuples, arrays as lists: compare as lists."""
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    return value
 
 
 def _variants(options: dict[str, Any]) -> dict[str, Variant]:

@@ -9,17 +9,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Client  # type: ignore[import-not-found]
-from dbus_fast import BusType, Variant
+from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 
 from dmd.dbus.names import device_path
 from dmd.engine import DevId, DmFlags, TargetLine
 from dmd.engine.sim import SimDM
+from tests.helpers import unvariant, wakeups
 
 AUDIT = 0.2  # seconds
 
@@ -44,15 +44,6 @@ async def until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
 def members(client: Client, member: str) -> list[Any]:
     return [s for s in client.signals if s.member == member]
 
-
-def unvariant(value: Any) -> Any:
-    if isinstance(value, Variant):
-        return unvariant(value.value)
-    if isinstance(value, dict):
-        return {k: unvariant(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [unvariant(v) for v in value]
-    return value
 
 
 def create(sim: SimDM, name: str, table: list[TargetLine]) -> None:
@@ -121,15 +112,6 @@ async def test_typed_status(fast_audit: tuple[Any, Client, SimDM]) -> None:
     assert lines[1] == {"start": 4096, "length": 8, "target": "zero", "raw": "",
                         "state": "unparsed"}
 
-
-def wakeups(pid: int) -> int:
-    """Context switches of every thread of *pid* so far: each is a wake-up."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for line in (task / "status").read_text().splitlines():
-            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                total += int(line.split()[1])
-    return total
 
 
 async def test_idle_dmd_never_wakes_up(make_dmd: Callable[..., Any]) -> None:

@@ -663,7 +663,7 @@ def _fake_block_stat(monkeypatch: pytest.MonkeyPatch, devices: dict[str, tuple[i
             return _BlockStat(os.makedev(*devices[path]))
         return real_stat(path, *args, **kwargs)
 
-    monkeypatch.setattr("dmd.engine.targets.base.os.stat", fake_stat)
+    monkeypatch.setattr(os, "stat", fake_stat)
 
 
 def test_device_numbers(monkeypatch: pytest.MonkeyPatch) -> None:

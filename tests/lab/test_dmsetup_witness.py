@@ -16,14 +16,11 @@ from pathlib import Path
 import pytest
 
 from dmd.engine import DM, DevId, DmFlags, TargetLine
+from tests.helpers import dmsetup
 
 pytestmark = pytest.mark.kernel
 P = "dmdtest-"
 
-
-def dmsetup(*args: str) -> str:
-    return subprocess.run(["dmsetup", *args], check=True, capture_output=True,
-                          text=True).stdout
 
 
 def dmsetup_info(name: str) -> dict[str, str]:

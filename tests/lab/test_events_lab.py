@@ -29,6 +29,7 @@ from dmd.dbus.names import (
     ROOT_PATH,
 )
 from dmd.engine import DM, DmFlags, TargetLine, UdevSync
+from tests.helpers import plain
 
 pytestmark = pytest.mark.kernel
 
@@ -76,12 +77,6 @@ class Watcher:
             assert time.monotonic() < deadline, f"timed out; the bus shows {sorted(objects)}"
             await asyncio.sleep(0.1)
 
-
-def plain(value: Any) -> Any:
-    """Structs arrive as tuples, arrays as lists: compare as lists."""
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    return value
 
 
 def start_dmd(tmp_path: Path, *args: str) -> SystemDmd:

@@ -12,14 +12,12 @@ a crypt or integrity line carries key material, and exceptions end up in logs.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import stat
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar, Self, TypeVar
 
-from dmd.engine.types import InvalidArgument
+from dmd.engine.types import InvalidArgument, block_device_number
 
 __all__ = [
     "DEV",
@@ -288,10 +286,10 @@ def device_number(ref: str) -> tuple[int, int]:
     match = _DEVNUM.fullmatch(ref)
     if match:
         return int(match[1]), int(match[2])
-    st = os.stat(ref)
-    if not stat.S_ISBLK(st.st_mode):
+    number = block_device_number(ref)
+    if number is None:
         raise InvalidArgument(f"{ref!r} is not a block device")
-    return os.major(st.st_rdev), os.minor(st.st_rdev)
+    return number
 
 
 def device_text(ref: str) -> str:

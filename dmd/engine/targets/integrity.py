@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Self
 
+from dmd.engine.keys import KEYED_INTEGRITY_ARGS
 from dmd.engine.targets.base import (
     DEV,
     Part,
@@ -47,7 +48,7 @@ _VALUE_OPTIONS: tuple[tuple[str, str], ...] = (
 )
 _FLAGS_EARLY = ("recalculate", "reset_recalculate", "allow_discards")
 _FLAGS_LATE = ("fix_padding", "fix_hmac", "legacy_recalculate")
-_ALGS = ("internal_hash", "journal_crypt", "journal_mac")
+_ALGS = KEYED_INTEGRITY_ARGS
 
 
 @dataclass(frozen=True)

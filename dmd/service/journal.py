@@ -1,0 +1,140 @@
+"""The intent journal's vocabulary, shared by the operations that write it
+and the recovery that reads it after a crash.
+
+An operation records its intent (durably) before touching the kernel, marks
+each step before taking it, and ends the intent as done or rolled back. The
+steps of each operation are named here, with what recovery may conclude
+from the last one marked, and so are the arguments each intent carries: an
+operation and recovery cannot disagree on a number or a key.
+
+The fault hook (tests) is called after each mark with the operation's name
+and the step's number: ``DMD_TEST_KILL_AT=reload:3`` kills dmd there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Protocol, TypeVar
+
+FaultHook = Callable[[str, int], None]
+
+
+class CreateStep(enum.IntEnum):
+    DEVICE = 1  # DM_DEV_CREATE next
+    TABLE = 2  # the device exists; its table is loaded next
+    RESUME = 3  # resumed next: the table goes live
+    RECORD = 4  # live; the record is written next
+
+
+class ReloadStep(enum.IntEnum):
+    LOAD = 1  # the new table goes into the inactive slot next
+    SUSPEND = 2
+    # The resume that swaps the new table in is issued next. From here on, a
+    # device without an inactive table has the new table live.
+    RESUME = 3
+    RECORD = 4
+
+
+class RenameStep(enum.IntEnum):
+    RENAME = 1  # DM_DEV_RENAME next
+    RECORD = 2  # renamed in the kernel; the record follows next
+
+
+class RemoveStep(enum.IntEnum):
+    PREPARE = 1  # resume (and, with force, an error table) next
+    REMOVE = 2  # DM_DEV_REMOVE next
+    RECORD = 3  # removed: the kernel cannot undo it, so the record follows
+
+
+@dataclass(frozen=True)
+class IntentArgs:
+    """What an intent carries beyond its operation and device."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls: type[A], raw: dict[str, Any] | None) -> A:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (raw or {}).items() if k in known})
+
+
+A = TypeVar("A", bound=IntentArgs)
+
+
+@dataclass(frozen=True)
+class CreateArgs(IntentArgs):
+    uuid: str | None = None
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class ReloadArgs(IntentArgs):
+    was_suspended: bool = False
+
+
+@dataclass(frozen=True)
+class RenameArgs(IntentArgs):
+    new_name: str = ""
+
+
+@dataclass(frozen=True)
+class RemoveArgs(IntentArgs):
+    force: bool = False
+    deferred: bool = False
+
+
+class IntentStore(Protocol):
+    async def begin_intent(self, operation: str, device: str, args: dict[str, Any]) -> int: ...
+    async def advance_intent(self, intent_id: int, step: int) -> None: ...
+    async def finish_intent(self, intent_id: int, state: str) -> None: ...
+
+
+class Journal:
+    """One intent's life. ``step`` is the last step marked (0 before any)."""
+
+    def __init__(self, store: IntentStore, fault: FaultHook | None, operation: str,
+                 intent_id: int) -> None:
+        self.store, self.fault, self.operation = store, fault, operation
+        self.intent_id = intent_id
+        self.step = 0
+        self.beyond_undo = False
+
+    def no_way_back(self) -> None:
+        """The kernel has done what cannot be undone (a remove): from here on
+        the operation rolls forward, and ends as done even if a later step
+        fails."""
+        self.beyond_undo = True
+
+    async def mark(self, step: enum.IntEnum) -> None:
+        """Mark progress, then give the fault hook its chance to stop us here."""
+        self.step = int(step)
+        await self.store.advance_intent(self.intent_id, self.step)
+        if self.fault is not None:
+            self.fault(self.operation, self.step)
+
+
+@contextlib.asynccontextmanager
+async def intent(store: IntentStore, fault: FaultHook | None, operation: str, device: str,
+                 args: IntentArgs, rollback: Callable[[Journal], Awaitable[None]] | None = None,
+                 ) -> AsyncIterator[Journal]:
+    """Begin an intent (durable before the body touches the kernel), run the
+    body, and end it: done if the body returned; rolled back, after
+    *rollback* (which reads ``journal.step`` to know how far it got), if it
+    raised (or done all the same, past ``no_way_back``)."""
+    journal = Journal(store, fault, operation,
+                      await store.begin_intent(operation, device, args.to_json()))
+    try:
+        yield journal
+    except BaseException:
+        if journal.beyond_undo:
+            await store.finish_intent(journal.intent_id, "done")
+        else:
+            if rollback is not None:
+                await rollback(journal)
+            await store.finish_intent(journal.intent_id, "rolled_back")
+        raise
+    await store.finish_intent(journal.intent_id, "done")
