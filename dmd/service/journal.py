@@ -13,6 +13,7 @@ and the step's number: ``DMD_TEST_KILL_AT=reload:3`` kills dmd there.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -87,9 +88,17 @@ class RemoveArgs(IntentArgs):
     deferred: bool = False
 
 
+# The marks recovery reads (it settles every other case from what the kernel
+# holds): the operation waits until these are committed before the step they
+# announce. Any other mark is queued and committed with the next write, in
+# order, which spares a round trip to the store's thread per step.
+RECOVERY_READS: frozenset[tuple[str, int]] = frozenset({("reload", ReloadStep.RESUME)})
+
+
 class IntentStore(Protocol):
     async def begin_intent(self, operation: str, device: str, args: dict[str, Any]) -> int: ...
     async def advance_intent(self, intent_id: int, step: int) -> None: ...
+    def advance_intent_soon(self, intent_id: int, step: int) -> asyncio.Future[None]: ...
     async def finish_intent(self, intent_id: int, state: str) -> None: ...
 
 
@@ -102,6 +111,7 @@ class Journal:
         self.intent_id = intent_id
         self.step = 0
         self.beyond_undo = False
+        self._queued: list[asyncio.Future[None]] = []
 
     def no_way_back(self) -> None:
         """The kernel has done what cannot be undone (a remove): from here on
@@ -112,9 +122,18 @@ class Journal:
     async def mark(self, step: enum.IntEnum) -> None:
         """Mark progress, then give the fault hook its chance to stop us here."""
         self.step = int(step)
-        await self.store.advance_intent(self.intent_id, self.step)
+        if (self.operation, self.step) in RECOVERY_READS:
+            await self.store.advance_intent(self.intent_id, self.step)
+        else:
+            self._queued.append(self.store.advance_intent_soon(self.intent_id, self.step))
         if self.fault is not None:
             self.fault(self.operation, self.step)
+
+    async def marks_written(self) -> None:
+        """Wait for the queued marks (so that their errors are not lost)."""
+        queued, self._queued = self._queued, []
+        for future in queued:
+            await future
 
 
 @contextlib.asynccontextmanager
@@ -129,7 +148,10 @@ async def intent(store: IntentStore, fault: FaultHook | None, operation: str, de
                       await store.begin_intent(operation, device, args.to_json()))
     try:
         yield journal
+        await journal.marks_written()
     except BaseException:
+        with contextlib.suppress(Exception):  # the failure being handled comes first
+            await journal.marks_written()
         if journal.beyond_undo:
             await store.finish_intent(journal.intent_id, "done")
         else:

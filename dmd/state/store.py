@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, select, update
+from sqlalchemy import Connection, Engine, create_engine, event, insert, select, update
 from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -258,13 +258,16 @@ class StateStore:
                 self._batch = None
                 self._batch_learnt = []
 
-    def _learn(self, *names: str, added: str | None = None, removed: str | None = None
-               ) -> None:
-        """After a committed write: forget the cached records of *names*, and
-        keep the set of names up to date."""
+    def _learn(self, *names: str, added: str | None = None, removed: str | None = None,
+               record: DeviceRecord | None = None) -> None:
+        """After a committed write: forget the cached records of *names* (or
+        keep *record*, the one just written), and keep the set of names up
+        to date."""
         def learn() -> None:
             for name in names:
                 self._records.pop(name, None)
+            if record is not None:
+                self._records[record.name] = record
             if self._names is not None:
                 if removed is not None:
                     self._names.discard(removed)
@@ -322,7 +325,7 @@ class StateStore:
     def add_device(self, record: ManagedDevice) -> None:
         stored, withheld = redact_table(record.table)
 
-        def work(session: Session) -> None:
+        def work(session: Session) -> DeviceRecord:
             row = DeviceRow(
                 name=record.name, uuid=record.uuid or None, table_json=_table_json(stored),
                 read_only=record.read_only, owner_uid=record.owner_uid, created_at=_now(),
@@ -331,9 +334,10 @@ class StateStore:
             row.labels = [LabelRow(key=k, value=v) for k, v in dict(record.labels).items()]
             session.add(row)
             session.flush()  # a name or UUID recorded already fails here, in the savepoint
+            return _device(row)
 
-        self._write(work)
-        self._learn(record.name, added=record.name)
+        added = self._write(work)
+        self._learn(record.name, added=record.name, record=added)
 
     def get_device(self, name: str) -> DeviceRecord | None:
         if name not in self._known_names():
@@ -398,37 +402,35 @@ class StateStore:
         self._learn(name, removed=name)
 
     # -- the intent journal ------------------------------------------------
+    # The journal's writes are single statements, not the ORM's
+    # load-modify-flush: every operation makes several of them.
     def begin_intent(self, operation: str, device: str, args: dict[str, Any]) -> int:
-        def work(session: Session) -> IntentRow:
-            row = IntentRow(operation=operation, device=device, args_json=json.dumps(args),
-                            state="pending", step=0, created_at=_now(), finished_at=None)
-            session.add(row)
-            session.flush()
-            return row
+        def work(session: Session) -> int:
+            done = session.execute(insert(IntentRow).values(
+                operation=operation, device=device, args_json=json.dumps(args),
+                state="pending", step=0, created_at=_now(), finished_at=None))
+            return int(done.inserted_primary_key[0])  # type: ignore[attr-defined]
 
-        return self._write(work, may_conflict=False).id
+        return self._write(work, may_conflict=False)
 
-    def advance_intent(self, intent_id: int, step: int) -> None:
+    def _update_intent(self, intent_id: int, **values: Any) -> Callable[[Session], None]:
         def work(session: Session) -> None:
-            # One UPDATE, not the ORM's load-modify-flush: every operation
-            # makes several of these.
             done = session.execute(update(IntentRow).where(IntentRow.id == intent_id)
-                                   .values(step=step).execution_options(
+                                   .values(**values).execution_options(
                                        synchronize_session=False))
             if done.rowcount != 1:  # type: ignore[attr-defined]
                 raise RecordNotFound(f"no intent {intent_id}")
 
+        return work
+
+    def advance_intent(self, intent_id: int, step: int) -> None:
         # Progress marks only refine what recovery reads from the kernel anyway.
-        self._write(work, durable=False, may_conflict=False)
+        self._write(self._update_intent(intent_id, step=step), durable=False,
+                    may_conflict=False)
 
     def finish_intent(self, intent_id: int, state: str) -> None:
-        def work(session: Session) -> None:
-            row = session.get(IntentRow, intent_id)
-            if row is None:
-                raise RecordNotFound(f"no intent {intent_id}")
-            row.state, row.finished_at = state, _now()
-
-        self._write(work, may_conflict=False)
+        self._write(self._update_intent(intent_id, state=state, finished_at=_now()),
+                    may_conflict=False)
 
     def pending_intents(self) -> list[IntentRecord]:
         with self._session() as session:
@@ -473,6 +475,12 @@ class AsyncStateStore:
         return await asyncio.get_running_loop().run_in_executor(self._thread, call, *args)
 
     async def _write(self, call: Callable[..., T], *args: Any, durable: bool = True) -> T:
+        return await self._enqueue(call, *args, durable=durable)
+
+    def _enqueue(self, call: Callable[..., T], *args: Any, durable: bool = True
+                 ) -> asyncio.Future[T]:
+        """Queue a write now (writes commit in the order they were queued);
+        the future settles once its transaction is committed."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         with self._queue_lock:
             self._queue.append((lambda: call(*args), durable, future))
@@ -480,7 +488,7 @@ class AsyncStateStore:
             self._flush_scheduled = True
         if schedule:
             self._thread.submit(self._flush)
-        return await future
+        return future
 
     def _flush(self) -> None:
         """On the store's thread: commit everything queued, as one transaction."""
@@ -539,6 +547,11 @@ class AsyncStateStore:
         # Progress marks only refine what recovery reads from the kernel: not
         # fsynced (a later durable commit makes them durable too).
         await self._write(self.sync.advance_intent, intent_id, step, durable=False)
+
+    def advance_intent_soon(self, intent_id: int, step: int) -> asyncio.Future[None]:
+        """Queue a progress mark without waiting for its commit: it is written
+        before anything queued after it (the intent's end, the record)."""
+        return self._enqueue(self.sync.advance_intent, intent_id, step, durable=False)
 
     async def finish_intent(self, intent_id: int, state: str) -> None:
         await self._write(self.sync.finish_intent, intent_id, state)
