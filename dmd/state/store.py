@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, insert, select, update
+from sqlalchemy import Connection, Engine, create_engine, event, select
 from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -86,6 +86,15 @@ class IntentRecord:
 
 def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _sql_time(moment: datetime) -> str:
+    """A time as SQLAlchemy writes a DateTime into SQLite, for raw statements."""
+    return moment.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _sql_now() -> str:
+    return _sql_time(_now())
 
 
 def _table_json(table: Sequence[Sequence[object]]) -> str:
@@ -324,19 +333,29 @@ class StateStore:
     # -- devices -----------------------------------------------------------
     def add_device(self, record: ManagedDevice) -> None:
         stored, withheld = redact_table(record.table)
+        labels = dict(record.labels)
+        added = DeviceRecord(
+            name=record.name, uuid=record.uuid or None, table=stored,
+            read_only=record.read_only, owner_uid=record.owner_uid,
+            persistent=record.persistent, labels=labels, created_at=_now(),
+            key_withheld=withheld, drifted=None)
 
-        def work(session: Session) -> DeviceRecord:
-            row = DeviceRow(
-                name=record.name, uuid=record.uuid or None, table_json=_table_json(stored),
-                read_only=record.read_only, owner_uid=record.owner_uid, created_at=_now(),
-                persistent=record.persistent, key_withheld=withheld, drifted=None,
-            )
-            row.labels = [LabelRow(key=k, value=v) for k, v in dict(record.labels).items()]
-            session.add(row)
-            session.flush()  # a name or UUID recorded already fails here, in the savepoint
-            return _device(row)
+        def work(session: Session) -> None:
+            # Straight to the driver, as the journal's writes: one per create.
+            assert added.created_at is not None
+            connection = session.connection()
+            done = connection.exec_driver_sql(
+                "INSERT INTO devices (name, uuid, table_json, read_only, owner_uid, "
+                "created_at, persistent, key_withheld) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (added.name, added.uuid, _table_json(stored), int(added.read_only),
+                 added.owner_uid, _sql_time(added.created_at),
+                 int(added.persistent), int(withheld)))
+            if labels:
+                connection.exec_driver_sql(
+                    "INSERT INTO labels (device_id, key, value) VALUES (?, ?, ?)",
+                    [(done.lastrowid, k, v) for k, v in labels.items()])
 
-        added = self._write(work)
+        self._write(work)
         self._learn(record.name, added=record.name, record=added)
 
     def get_device(self, name: str) -> DeviceRecord | None:
@@ -402,35 +421,38 @@ class StateStore:
         self._learn(name, removed=name)
 
     # -- the intent journal ------------------------------------------------
-    # The journal's writes are single statements, not the ORM's
-    # load-modify-flush: every operation makes several of them.
+    # The journal's writes are single SQL statements handed to the driver:
+    # every operation makes several, and the ORM's load-modify-flush (or even
+    # compiling a Core statement) was most of the store thread's time.
     def begin_intent(self, operation: str, device: str, args: dict[str, Any]) -> int:
         def work(session: Session) -> int:
-            done = session.execute(insert(IntentRow).values(
-                operation=operation, device=device, args_json=json.dumps(args),
-                state="pending", step=0, created_at=_now(), finished_at=None))
-            return int(done.inserted_primary_key[0])  # type: ignore[attr-defined]
+            done = session.connection().exec_driver_sql(
+                "INSERT INTO intents (operation, device, args_json, state, step, created_at) "
+                "VALUES (?, ?, ?, 'pending', 0, ?)",
+                (operation, device, json.dumps(args), _sql_now()))
+            return int(done.lastrowid)
 
         return self._write(work, may_conflict=False)
 
-    def _update_intent(self, intent_id: int, **values: Any) -> Callable[[Session], None]:
+    @staticmethod
+    def _update_intent(intent_id: int, sql: str, values: tuple[Any, ...]
+                       ) -> Callable[[Session], None]:
         def work(session: Session) -> None:
-            done = session.execute(update(IntentRow).where(IntentRow.id == intent_id)
-                                   .values(**values).execution_options(
-                                       synchronize_session=False))
-            if done.rowcount != 1:  # type: ignore[attr-defined]
+            done = session.connection().exec_driver_sql(sql, (*values, intent_id))
+            if done.rowcount != 1:
                 raise RecordNotFound(f"no intent {intent_id}")
 
         return work
 
     def advance_intent(self, intent_id: int, step: int) -> None:
         # Progress marks only refine what recovery reads from the kernel anyway.
-        self._write(self._update_intent(intent_id, step=step), durable=False,
-                    may_conflict=False)
+        self._write(self._update_intent(intent_id, "UPDATE intents SET step = ? WHERE id = ?",
+                                        (step,)), durable=False, may_conflict=False)
 
     def finish_intent(self, intent_id: int, state: str) -> None:
-        self._write(self._update_intent(intent_id, state=state, finished_at=_now()),
-                    may_conflict=False)
+        self._write(self._update_intent(
+            intent_id, "UPDATE intents SET state = ?, finished_at = ? WHERE id = ?",
+            (state, _sql_now())), may_conflict=False)
 
     def pending_intents(self) -> list[IntentRecord]:
         with self._session() as session:
