@@ -52,7 +52,10 @@ MD_REFERENCE = re.compile(r"(?<![\w/.$}-])((?:\.\./)*[\w.-][\w./-]*\.md)\b")
 
 
 def test_every_markdown_file_referred_to_is_in_the_repository() -> None:
-    tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=PROJECT,
+    # -c safe.directory: scripts/test runs as root (through sudo) in a checkout
+    # that may belong to the user who cloned it.
+    tracked = subprocess.run(["git", "-c", "safe.directory=*", "ls-files", "-co",
+                              "--exclude-standard"], cwd=PROJECT,
                              capture_output=True, text=True, check=True).stdout.split()
     missing = []
     for name in tracked:
