@@ -12,7 +12,8 @@ Sections:
   (d) with udev sync: DM() (waits for udev's node and database record)
       against dmsetup create/remove (libdm's semaphore cookies);
   (e) list_devices() with many devices: ioctls per call on a cold and a warm
-      handle, time against the C floor's DM_LIST_DEVICES and `dmsetup ls`.
+      handle, time against the C floor's DM_LIST_DEVICES and `dmsetup ls`;
+  (f) (a) and (b) with udev's queue running, not paused.
 Results are printed and written to .lab-results/bench-engine.json.
 """
 
@@ -88,11 +89,12 @@ def udev_paused() -> Any:
         subprocess.run(["udevadm", "control", "--start-exec-queue"], check=True)
 
 
-def c_cycle(floor: str, n: int, prefix: str) -> dict[str, float]:
-    with udev_paused():
+def c_cycle(floor: str, n: int, prefix: str, *, pause: bool = True) -> dict[str, float]:
+    paused = udev_paused if pause else contextlib.nullcontext
+    with paused():
         made = key_values(run(floor, "create", str(n), prefix))
     settle()
-    with udev_paused():
+    with paused():
         gone = key_values(run(floor, "remove", str(n), prefix))
     settle()
     assert made["ioctls"] + gone["ioctls"] == 4 * n, (made, gone)
@@ -206,6 +208,29 @@ def with_udev(n: int) -> dict[str, Any]:
     return {"n": n, "engine_mode": mode.value, "engine": e, "dmsetup": d}
 
 
+def udev_running(floor: str, n: int, repeat: int) -> dict[str, Any]:
+    """(a) and (b) again with udev's queue running: udev's workers compete
+    for the CPUs with whichever loop is timed, as on a busy machine."""
+    print(f"\n(f) {n} devices: (a) and (b) with udev running, not paused, nobody "
+          f"waiting for it (best of {repeat})")
+    c_runs: list[dict[str, float]] = []
+    e_runs: list[dict[str, float]] = []
+    with DM(udev_sync=UdevSync.NONE) as dm:
+        for _ in range(repeat):
+            c_runs.append(c_cycle(floor, n, PREFIX + "fc-", pause=False))
+            settle()
+            e_runs.append(engine_cycle(dm, n, PREFIX + "fe-", pause=False))
+            settle()
+    c, e = best(c_runs), best(e_runs)
+    print(HEADER)
+    print(row("(a) C floor, raw ioctls, udev running", c, n))
+    print(row("(b) dmd engine DM(udev_sync=NONE), udev running", e, n))
+    print(f"  engine/C = {ratio(total(e), total(c))}"
+          f" (create {ratio(e['create'], c['create'])}, remove {ratio(e['remove'], c['remove'])})")
+    return {"n": n, "repeat": repeat, "c_floor": c, "engine": e,
+            "c_runs": c_runs, "engine_runs": e_runs}
+
+
 def listing(floor: str, n: int, repeat: int) -> dict[str, Any]:
     print(f"\n(e) list_devices() with {n} devices (udev's queue paused while they exist)")
     prefix = PREFIX + "l-"
@@ -259,6 +284,9 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs of (a), (b); list calls [3]")
     ap.add_argument("--floor", default=str(ROOT / "bench/engine/build/dm_floor"),
                     help="the compiled dm_floor.c")
+    ap.add_argument("--n-running", type=int, default=40, help="devices for (f) [40]")
+    ap.add_argument("--sections", default="adef",
+                    help="which to run: a (a-c), d, e, f [adef]")
     ap.add_argument("--json", default=str(ROOT / ".lab-results/bench-engine.json"))
     args = ap.parse_args()
 
@@ -275,9 +303,14 @@ def main() -> int:
     started = time.perf_counter()
     results: dict[str, Any] = {"kernel": platform.release(), "dm_version": version}
     try:
-        results["no_udev_wait"] = no_udev_wait(args.floor, args.n, args.repeat)
-        results["udev"] = with_udev(args.n_udev)
-        results["list"] = listing(args.floor, args.n_list, max(args.repeat, 10))
+        if "a" in args.sections:
+            results["no_udev_wait"] = no_udev_wait(args.floor, args.n, args.repeat)
+        if "d" in args.sections:
+            results["udev"] = with_udev(args.n_udev)
+        if "e" in args.sections:
+            results["list"] = listing(args.floor, args.n_list, max(args.repeat, 10))
+        if "f" in args.sections:
+            results["udev_running"] = udev_running(args.floor, args.n_running, args.repeat)
     finally:
         cleanup()
     print(f"\nbench: done in {time.perf_counter() - started:.0f} s")
