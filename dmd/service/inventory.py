@@ -29,7 +29,7 @@ from dmd.engine.interface import Engine
 from dmd.service import errors
 from dmd.service.drift import live_differs
 from dmd.service.events import ChangeKind
-from dmd.service.operations import DeviceService
+from dmd.service.operations import DeviceService, validated
 from dmd.state.redact import redact_table
 
 log = logging.getLogger(__name__)
@@ -126,10 +126,7 @@ class Inventory:
     async def find(self, name: str) -> DeviceView:
         """The view of device *name*; one the kernel has but udev or an event
         has not told us of yet is read first."""
-        try:
-            validate_name(name)
-        except InvalidArgument as exc:
-            raise errors.InvalidArgument(str(exc)) from None
+        validated(lambda: validate_name(name))
         view = self.get(name)
         if view is None:
             await self.refresh(name)

@@ -52,7 +52,7 @@ from dmd.service.journal import (
 )
 from dmd.service.kernel import KernelWorkers
 from dmd.service.locks import DeviceLocks
-from dmd.state import AsyncStateStore, ManagedDevice
+from dmd.state import AsyncStateStore, DeviceRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,7 +74,8 @@ def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
     return dict(labels)
 
 
-def _validated(call: Callable[[], T]) -> T:
+def validated(call: Callable[[], T]) -> T:
+    """*call*'s result; the engine's refusal of an argument as the service's."""
     try:
         return call()
     except EngineInvalidArgument as exc:
@@ -132,16 +133,13 @@ class DeviceService:
                      persistent: bool = False, labels: Mapping[str, str] | None = None,
                      caller: Caller = ROOT) -> DeviceInfo:
         await self.authorize(caller, Action.CREATE, name)
-        _validated(lambda: validate_name(name))
+        validated(lambda: validate_name(name))
         if uuid:
-            _validated(lambda: validate_uuid(uuid))
-        lines = _validated(lambda: validate_table(table))
+            validated(lambda: validate_uuid(uuid))
+        lines = validated(lambda: validate_table(table))
         clean_labels = check_labels(labels or {})
-        try:
-            return await self._create(name, lines, uuid or None, read_only, persistent,
-                                      clean_labels, caller)
-        finally:
-            await self.events.settle([name])
+        return await self._guard("create", name, lambda: self._create(
+            name, lines, uuid or None, read_only, persistent, clean_labels, caller))
 
     async def _create(self, name: str, lines: list[TargetLine], uuid: str | None,
                       read_only: bool, persistent: bool, clean_labels: dict[str, str],
@@ -153,21 +151,18 @@ class DeviceService:
                 if journal.step >= CreateStep.TABLE:  # the device was made
                     await self.remove_quietly(name)
 
-            try:
-                async with intent(self.store, self.fault, "create", name,
-                                  CreateArgs(uuid, read_only), undo) as journal:
-                    await journal.mark(CreateStep.DEVICE)
-                    await self.kernel(Engine.device_create, name, uuid)
-                    await journal.mark(CreateStep.TABLE)
-                    flags = DmFlags.DM_READONLY if read_only else DmFlags(0)
-                    await self.kernel(Engine.table_load, name, lines, flags)
-                    await journal.mark(CreateStep.RESUME)
-                    info = await self.kernel(Engine.device_suspend, name, DmFlags(0))
-                    await journal.mark(CreateStep.RECORD)
-                    await self.store.add_device(ManagedDevice(
-                        name, uuid, lines, read_only, caller.uid, persistent, clean_labels))
-            except (DmError, EngineInvalidArgument, TimeoutError) as exc:
-                raise errors.from_engine(exc, name, "create") from None
+            async with intent(self.store, self.fault, "create", name,
+                              CreateArgs(uuid, read_only), undo) as journal:
+                await journal.mark(CreateStep.DEVICE)
+                await self.kernel(Engine.device_create, name, uuid)
+                await journal.mark(CreateStep.TABLE)
+                flags = DmFlags.DM_READONLY if read_only else DmFlags(0)
+                await self.kernel(Engine.table_load, name, lines, flags)
+                await journal.mark(CreateStep.RESUME)
+                info = await self.kernel(Engine.device_suspend, name, DmFlags(0))
+                await journal.mark(CreateStep.RECORD)
+                await self.store.add_device(DeviceRecord(
+                    name, uuid, lines, read_only, caller.uid, persistent, clean_labels))
         log.info("create %s: done (%d:%d)", name, *info.device)
         self._publish(ChangeKind.ADDED, name, info.device, "create")
         return info
@@ -200,7 +195,7 @@ class DeviceService:
         table is live again and the device is resumed (unless it was suspended
         before we started)."""
         await self.authorize(caller, Action.MODIFY, name)
-        lines = _validated(lambda: validate_table(table))
+        lines = validated(lambda: validate_table(table))
 
         async def body() -> DeviceInfo:
             async with self.locks.hold(name):
@@ -257,7 +252,7 @@ class DeviceService:
     async def load(self, name: str, table: Sequence[Sequence[object]], *,
                    read_only: bool = False, caller: Caller = ROOT) -> DeviceInfo:
         await self.authorize(caller, Action.MODIFY, name)
-        lines = _validated(lambda: validate_table(table))
+        lines = validated(lambda: validate_table(table))
 
         async def body() -> DeviceInfo:
             async with self.locks.hold(name):
@@ -343,7 +338,7 @@ class DeviceService:
     # -- rename / set UUID -------------------------------------------------
     async def rename(self, name: str, new_name: str, *, caller: Caller = ROOT) -> DeviceInfo:
         await self.authorize(caller, Action.MODIFY, name)
-        _validated(lambda: validate_name(new_name))
+        validated(lambda: validate_name(new_name))
 
         async def body() -> DeviceInfo:
             async with self.locks.hold(name, new_name):
@@ -368,7 +363,7 @@ class DeviceService:
 
     async def set_uuid(self, name: str, uuid: str, *, caller: Caller = ROOT) -> DeviceInfo:
         await self.authorize(caller, Action.MODIFY, name)
-        _validated(lambda: validate_uuid(uuid))
+        validated(lambda: validate_uuid(uuid))
 
         async def body() -> DeviceInfo:
             async with self.locks.hold(name):
@@ -511,7 +506,7 @@ class DeviceService:
                 info, table = await self.kernel(Engine.table_status, name, DmFlags.DM_STATUS_TABLE)
                 if not info.active_present:
                     raise errors.InvalidArgument(f"{name!r} has no live table to adopt")
-                await self.store.add_device(ManagedDevice(
+                await self.store.add_device(DeviceRecord(
                     name, info.uuid or None, table, info.read_only, caller.uid, persistent))
             self._publish(ChangeKind.CHANGED, name, info.device, "adopt")
             return info

@@ -6,7 +6,6 @@ from dmd.state.store import (
     AsyncStateStore,
     DeviceRecord,
     IntentRecord,
-    ManagedDevice,
     StateStore,
 )
 
@@ -14,7 +13,6 @@ __all__ = [
     "AsyncStateStore",
     "DeviceRecord",
     "IntentRecord",
-    "ManagedDevice",
     "RecordExists",
     "RecordNotFound",
     "StateError",

@@ -44,21 +44,10 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
-class ManagedDevice:
-    """A device to remember: what the service layer hands to add_device."""
-
-    name: str
-    uuid: str | None
-    table: list[TargetLine]
-    read_only: bool
-    owner_uid: int
-    persistent: bool
-    labels: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
 class DeviceRecord:
-    """A device remembered: what was added, and what dmd learnt since."""
+    """A device dmd manages. The service layer hands the first seven fields
+    to add_device; the store sets the others (when, whether a key was
+    withheld, drift)."""
 
     name: str
     uuid: str | None
@@ -331,25 +320,24 @@ class StateStore:
         return row
 
     # -- devices -----------------------------------------------------------
-    def add_device(self, record: ManagedDevice) -> None:
+    def add_device(self, record: DeviceRecord) -> None:
         stored, withheld = redact_table(record.table)
         labels = dict(record.labels)
+        created = _now()
         added = DeviceRecord(
             name=record.name, uuid=record.uuid or None, table=stored,
             read_only=record.read_only, owner_uid=record.owner_uid,
-            persistent=record.persistent, labels=labels, created_at=_now(),
+            persistent=record.persistent, labels=labels, created_at=created,
             key_withheld=withheld, drifted=None)
 
         def work(session: Session) -> None:
             # Straight to the driver, as the journal's writes: one per create.
-            assert added.created_at is not None
             connection = session.connection()
             done = connection.exec_driver_sql(
                 "INSERT INTO devices (name, uuid, table_json, read_only, owner_uid, "
                 "created_at, persistent, key_withheld) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (added.name, added.uuid, _table_json(stored), int(added.read_only),
-                 added.owner_uid, _sql_time(added.created_at),
-                 int(added.persistent), int(withheld)))
+                 added.owner_uid, _sql_time(created), int(added.persistent), int(withheld)))
             if labels:
                 connection.exec_driver_sql(
                     "INSERT INTO labels (device_id, key, value) VALUES (?, ?, ?)",
@@ -535,7 +523,7 @@ class AsyncStateStore:
         self._thread.shutdown(wait=True)
         self.sync.close()
 
-    async def add_device(self, record: ManagedDevice) -> None:
+    async def add_device(self, record: DeviceRecord) -> None:
         await self._write(self.sync.add_device, record)
 
     async def get_device(self, name: str) -> DeviceRecord | None:

@@ -14,8 +14,14 @@ import pytest
 from alembic import command
 
 from dmd.engine import TargetLine
-from dmd.service.operations import ManagedDevice
-from dmd.state import AsyncStateStore, RecordExists, RecordNotFound, StateError, StateStore
+from dmd.state import (
+    AsyncStateStore,
+    DeviceRecord,
+    RecordExists,
+    RecordNotFound,
+    StateError,
+    StateStore,
+)
 from dmd.state.store import DB_NAME, _alembic_config
 
 ZERO = [TargetLine(0, 2048, "zero", "")]
@@ -23,8 +29,8 @@ KEY = "0123456789abcdef" * 4
 
 
 def record(name: str, uuid: str | None = None, table: list[TargetLine] = ZERO,
-           labels: dict[str, str] | None = None) -> ManagedDevice:
-    return ManagedDevice(name, uuid, table, False, 1000, True, labels or {})
+           labels: dict[str, str] | None = None) -> DeviceRecord:
+    return DeviceRecord(name, uuid, table, False, 1000, True, labels or {})
 
 
 def digest(path: Path) -> str:
@@ -199,7 +205,7 @@ async def test_async_store_runs_on_one_thread_off_the_loop(tmp_path: Path) -> No
     seen: set[int] = set()
     original = store.sync.add_device
 
-    def spy(rec: ManagedDevice) -> None:
+    def spy(rec: DeviceRecord) -> None:
         seen.add(threading.get_ident())
         original(rec)
 
