@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -41,6 +42,12 @@ log = logging.getLogger(__name__)
 # How many refreshes a sync runs at once: the engine's worker pool bounds the
 # ioctls anyway; this only bounds the tasks.
 REFRESH_BATCH = 16
+
+# The share of time syncs may take while kernel events keep coming. Every
+# change dmd makes itself is already read back by the operation (the service
+# settles it), so a sync is only for others' changes; at 10,000 devices a
+# listing costs tens of milliseconds and dmd's own creates fire an event each.
+SYNC_DUTY = 0.2
 
 # How many devices an audit reads in one worker job.
 AUDIT_BATCH = 128
@@ -82,10 +89,19 @@ class UdevEvent:
 
 class Coalesced:
     """Runs an async job on request; requests made while it runs make it run
-    once more after, never concurrently and never more than once more."""
+    once more after, never concurrently and never more than once more.
 
-    def __init__(self, job: Callable[[], Awaitable[None]], what: str) -> None:
+    *duty*: the largest share of time back-to-back runs may take. A run that
+    took t seconds and was asked for again waits t * (1 - duty) / duty before
+    the next, so a job whose cost grows with the number of devices (a listing)
+    cannot take over the daemon while dmd's own operations keep the kernel's
+    event firing; with few devices t is tiny and so is the wait."""
+
+    def __init__(self, job: Callable[[], Awaitable[None]], what: str,
+                 duty: float = 1.0) -> None:
+        assert 0 < duty <= 1
         self._job, self._what = job, what
+        self._rest = (1 - duty) / duty
         self._task: asyncio.Task[None] | None = None
         self._again = False
         self.runs = 0
@@ -101,12 +117,15 @@ class Coalesced:
             while True:
                 self._again = False
                 self.runs += 1
+                started = time.monotonic()
                 try:
                     await self._job()
                 except Exception:
                     log.exception("%s failed", self._what)
                 if not self._again:
                     break
+                if self._rest:
+                    await asyncio.sleep((time.monotonic() - started) * self._rest)
         finally:
             self._task = None
 
@@ -120,7 +139,7 @@ class Reconciler:
     def __init__(self, inventory: Inventory) -> None:
         self.inventory = inventory
         self.service = inventory.service
-        self._sync = Coalesced(self.sync, "sync")
+        self._sync = Coalesced(self.sync, "sync", SYNC_DUTY)
         self._audit = Coalesced(self.audit, "audit")
         self._dm_event_listeners: list[DmEventListener] = []
         self._tasks: set[asyncio.Task[None]] = set()

@@ -291,3 +291,45 @@ async def test_each_change_reads_the_device_once_and_is_shown_on_return(
     await service.remove(P + "twice")
     assert inventory.refresh_count - before == 1
     assert inventory.get(P + "twice") is None
+
+
+async def test_back_to_back_syncs_take_at_most_their_duty_share() -> None:
+    """A job asked for again while it runs rests between runs, so a listing
+    whose cost grows with the device count cannot take over the loop."""
+    from dmd.service.reconcile import Coalesced
+
+    busy = 0.0
+    runs: list[float] = []
+
+    async def job() -> None:
+        nonlocal busy
+        runs.append(asyncio.get_running_loop().time())
+        if len(runs) < 4:
+            coalesced.request()  # an event arrives during every run
+        started = asyncio.get_running_loop().time()
+        await asyncio.sleep(0.02)
+        busy += asyncio.get_running_loop().time() - started
+
+    coalesced = Coalesced(job, "test", duty=0.25)
+    began = asyncio.get_running_loop().time()
+    coalesced.request()
+    await coalesced.idle()
+    elapsed = asyncio.get_running_loop().time() - began
+    assert coalesced.runs == 4
+    assert busy / elapsed <= 0.25 * 1.2 + 0.05  # 3 rests of 3x each run
+    assert elapsed >= 4 * 0.02 + 3 * 0.06 - 0.01
+
+
+async def test_a_single_request_runs_at_once_and_does_not_rest() -> None:
+    from dmd.service.reconcile import Coalesced
+
+    ran = asyncio.Event()
+
+    async def job() -> None:
+        ran.set()
+
+    coalesced = Coalesced(job, "test", duty=0.01)
+    began = asyncio.get_running_loop().time()
+    coalesced.request()
+    await coalesced.idle()
+    assert ran.is_set() and asyncio.get_running_loop().time() - began < 0.05
