@@ -11,6 +11,7 @@ Standard library only, usable without the rest of dmd::
 ``dmd.engine.sim.SimDM`` offers the same interface without a kernel.
 """
 
+from dmd.engine.blockdev import BlockDevice, NotABlockDevice
 from dmd.engine.dm import CONTROL_PATH, DM, dev_majors
 from dmd.engine.keys import carries_key, redact_table
 from dmd.engine.types import (
@@ -36,12 +37,14 @@ __all__ = [
     "CONTROL_PATH",
     "DM",
     "MAX_DEVICE_SECTORS",
+    "BlockDevice",
     "DevId",
     "Device",
     "DeviceInfo",
     "DmError",
     "DmFlags",
     "InvalidArgument",
+    "NotABlockDevice",
     "Table",
     "TargetLine",
     "TargetVersion",

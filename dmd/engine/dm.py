@@ -35,7 +35,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from dmd.engine import ioctl
+from dmd.engine import blockdev, ioctl
+from dmd.engine.blockdev import BlockDevice
 from dmd.engine.ioctl import DM_IOCTL_SIZE, Command, Header
 from dmd.engine.keys import carries_key
 from dmd.engine.types import (
@@ -245,6 +246,17 @@ class DM:
     def device_number(self, path: str) -> tuple[int, int] | None:
         """(major, minor) of the block device at *path*, as tables print it."""
         return block_device_number(path)
+
+    def block_device(self, path: str) -> BlockDevice:
+        """Size, in-use state and signature of *path* (NotABlockDevice if it
+        is none)."""
+        return blockdev.probe(path)
+
+    def wipe(self, path: str, offset: int, length: int) -> None:
+        """Zero *length* bytes of block device *path* from byte *offset* (a
+        new thin pool's metadata must start zeroed, or the kernel opens what
+        was there before)."""
+        blockdev.wipe(path, offset, length)
 
     # -- per-device commands -----------------------------------------------
     def device_create(

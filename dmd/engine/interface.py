@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from dmd.engine.blockdev import BlockDevice
 from dmd.engine.types import Device, DeviceInfo, DevId, DmFlags, TargetLine, TargetVersion
 
 
@@ -42,6 +43,8 @@ class Engine(Protocol):
     def open_events(self) -> KernelEventSource: ...
     def dev_majors(self) -> list[int]: ...
     def device_number(self, path: str) -> tuple[int, int] | None: ...
+    def block_device(self, path: str) -> BlockDevice: ...
+    def wipe(self, path: str, offset: int, length: int) -> None: ...
 
     # -- per-device commands ----------------------------------------------------
     def device_create(self, name: str, uuid: str | None = ..., flags: DmFlags = ...,

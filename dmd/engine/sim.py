@@ -15,9 +15,18 @@ atomically after each change and re-read when another process changed it),
 so devices outlive the daemon as they do on a real machine; deleting the file
 is a reboot. Backing disks are declared with ``add_disk``.
 
-Not modelled: I/O, target status beyond a few simple targets, messages
-(every message fails with EINVAL, like a target without a message handler),
-and target-specific parameter checks beyond linear, striped, zero and error.
+Thin pools are modelled as far as a pool manager needs them: a pool's
+metadata (its transaction id and thin ids) lives where the kernel keeps it,
+on the metadata device's backing disk, so it outlives the pool's devices and
+a wipe of the metadata's first block makes a new pool; the pool's messages
+(create_thin, create_snap, delete, set_transaction_id) with the kernel's
+errno for each mistake; thin tables that must name an existing thin id; the
+status lines of both targets. Blocks are never used up: no I/O is modelled.
+
+Not modelled: I/O, target status beyond striped, thin-pool and thin,
+messages to other targets (they fail with EINVAL, like a target without a
+message handler), and target-specific parameter checks beyond linear,
+striped, zero, error, thin-pool and thin.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dmd.engine.blockdev import BlockDevice, NotABlockDevice
 from dmd.engine.keys import carries_key
 from dmd.engine.types import (
     Device,
@@ -186,9 +196,21 @@ class _Devices(dict[str, _Dev]):
 @dataclass
 class _Kernel:
     devices: _Devices = field(default_factory=_Devices)
-    # path -> [major, minor, size in sectors]
-    disks: dict[str, list[int]] = field(default_factory=dict)
+    # path -> [major, minor, size in sectors, signature or None]
+    disks: dict[str, list[Any]] = field(default_factory=dict)
     dirty_disks: set[str] = field(default_factory=set)
+    # Thin pools' metadata, by where it lives ("major:minor+offset" of the
+    # disk under the metadata device): {"tid": int, "thins": [ids]}.
+    pools: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dirty_pools: set[str] = field(default_factory=set)
+
+    def clean(self) -> None:
+        self.devices.dirty.clear()
+        self.dirty_disks.clear()
+        self.dirty_pools.clear()
+
+
+MAX_THIN_ID = (1 << 24) - 1
 
 
 def _fail(err: int, command: str, dev: object = None) -> DmError:
@@ -244,8 +266,7 @@ class SimDM:
                 finally:
                     if write:
                         self._reap_deferred(self._state)
-                        self._state.devices.dirty.clear()
-                        self._state.dirty_disks.clear()
+                        self._state.clean()
                         self._send_event()
                         self._changed.notify_all()
                 return
@@ -317,7 +338,8 @@ class SimDM:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:  # never written, or a "reboot"
-            if self._file_id is not None or self._state.devices or self._state.disks:
+            if self._file_id is not None or self._state.devices or self._state.disks \
+                    or self._state.pools:
                 self._state = _Kernel()
             self._file_id, self._offset, self._log_lines = None, 0, 0
             return
@@ -336,8 +358,7 @@ class SimDM:
         for line in complete.splitlines():
             self._apply(json.loads(line))
         self._offset += len(complete)
-        self._state.devices.dirty.clear()
-        self._state.dirty_disks.clear()
+        self._state.clean()
 
     def _apply(self, change: dict[str, Any]) -> None:
         k = self._state
@@ -347,6 +368,7 @@ class SimDM:
             for name, fields_ in change["devices"].items():
                 k.devices[name] = _Dev(**fields_)
             k.disks = {path: list(v) for path, v in change["disks"].items()}
+            k.pools = dict(change.get("pools", {}))
             self._log_lines = 0
         elif "dev" in change:
             name = change["dev"]
@@ -359,11 +381,16 @@ class SimDM:
                 k.disks.pop(change["disk"], None)
             else:
                 k.disks[change["disk"]] = list(change["v"])
+        elif "pool" in change:
+            if change["v"] is None:
+                k.pools.pop(change["pool"], None)
+            else:
+                k.pools[change["pool"]] = change["v"]
 
     def _append_changes(self) -> None:
         assert self.path is not None
         k = self._state
-        if not k.devices.dirty and not k.dirty_disks:
+        if not k.devices.dirty and not k.dirty_disks and not k.dirty_pools:
             return
         if self._file_id is None or self._log_lines > max(1024, 2 * len(k.devices)):
             self._save()
@@ -372,6 +399,7 @@ class SimDM:
             {"dev": name, "v": k.devices[name].record() if name in k.devices else None}
             for name in sorted(k.devices.dirty)]
         lines += [{"disk": path, "v": k.disks.get(path)} for path in sorted(k.dirty_disks)]
+        lines += [{"pool": key, "v": k.pools.get(key)} for key in sorted(k.dirty_pools)]
         data = "".join(json.dumps(line) + "\n" for line in lines).encode()
         with open(self.path, "r+b") as f:
             f.truncate(self._offset)  # a torn line of a killed writer, if any
@@ -379,8 +407,7 @@ class SimDM:
             f.write(data)
         self._offset += len(data)
         self._log_lines += len(lines)
-        k.devices.dirty.clear()
-        k.dirty_disks.clear()
+        k.clean()
 
     def _save(self) -> None:
         """Replace the file with a snapshot of the whole kernel."""
@@ -388,25 +415,26 @@ class SimDM:
         k = self._state
         tmp = self.path.with_name(self.path.name + ".tmp")
         data = (json.dumps({"devices": {name: dev.record() for name, dev in k.devices.items()},
-                            "disks": k.disks}) + "\n").encode()
+                            "disks": k.disks, "pools": k.pools}) + "\n").encode()
         tmp.write_bytes(data)
         os.replace(tmp, self.path)
         st = os.stat(self.path)
         self._file_id, self._offset, self._log_lines = (st.st_dev, st.st_ino), len(data), 0
-        k.devices.dirty.clear()
-        k.dirty_disks.clear()
+        k.clean()
 
     def snapshot(self) -> dict[str, Any]:
         """The whole simulated kernel as plain data (what a snapshot line holds)."""
         with self._locked() as k:
             return {"devices": {name: dev.record() for name, dev in sorted(k.devices.items())},
-                    "disks": dict(k.disks)}
+                    "disks": dict(k.disks), "pools": dict(k.pools)}
 
     # -- test hooks (no kernel counterpart) --------------------------------
-    def add_disk(self, path: str, major: int, minor: int, size_sectors: int) -> None:
-        """Declare a backing block device that tables may reference."""
+    def add_disk(self, path: str, major: int, minor: int, size_sectors: int,
+                 signature: str | None = None) -> None:
+        """Declare a backing block device that tables may reference;
+        *signature*: what a probe of its first blocks finds ("ext4", ...)."""
         with self._locked(write=True) as k:
-            k.disks[path] = [major, minor, size_sectors]
+            k.disks[path] = [major, minor, size_sectors, signature]
             k.dirty_disks.add(path)
 
     def open_device(self, id: DevId | str, count: int = 1) -> None:
@@ -445,7 +473,7 @@ class SimDM:
     def _resolve(self, k: _Kernel, ref: str) -> tuple[tuple[int, int], int] | None:
         """A device reference in params -> ((major, minor), size) or None."""
         if ref in k.disks:
-            major, minor, size = k.disks[ref]
+            major, minor, size = k.disks[ref][:3]
             return (major, minor), size
         candidates: list[tuple[str | None, str | None]] = [(ref, None)]
         if ref.startswith("/dev/mapper/"):
@@ -464,7 +492,7 @@ class SimDM:
                 for d in k.devices.values():
                     if major == SIM_MAJOR and d.minor == minor:
                         return (major, minor), d.size_sectors
-                for dmaj, dmin, size in k.disks.values():
+                for dmaj, dmin, size, *_ in k.disks.values():
                     if (dmaj, dmin) == (major, minor):
                         return (major, minor), size
         return None
@@ -512,14 +540,160 @@ class SimDM:
                 ok = len(args) == 2 and args[1].isdigit() and self._resolve(k, args[0]) is not None
             elif line.target_type == "striped":
                 ok = self._striped_ok(k, args, line.length)
+            elif line.target_type == "thin-pool":
+                ok = self._pool_params_ok(k, args)
+            elif line.target_type == "thin":
+                self._check_thin(k, args, dev)
             if not ok:
                 raise _fail(errno.EINVAL, "DM_TABLE_LOAD", dev)
+
+    # -- thin pools ----------------------------------------------------------
+    def _backing(self, k: _Kernel, ref: str, offset: int = 0) -> str | None:
+        """Where the first sector of device *ref* lives: "major:minor+offset"
+        of a disk, following linear tables down (the pool's metadata lives
+        there, not in the dm device, which may come and go)."""
+        hit = self._resolve(k, ref)
+        if hit is None:
+            return None
+        (major, minor), _ = hit
+        if major == SIM_MAJOR:
+            dev = next((d for d in k.devices.values() if d.minor == minor), None)
+            table = dev.live if dev is not None else None
+            if table and table[0][2] == "linear" and int(str(table[0][0])) == 0:
+                target, start = str(table[0][3]).split()
+                return self._backing(k, target, offset + int(start))
+        return f"{major}:{minor}+{offset}"
+
+    def _pool_params_ok(self, k: _Kernel, args: list[str]) -> bool:
+        if len(args) < 4 or not all(a.isdigit() for a in args[2:4]):
+            return False
+        block = int(args[2])
+        if not (128 <= block <= 2 * 1024 * 1024 and block % 128 == 0):
+            return False
+        return all(self._resolve(k, ref) is not None for ref in args[:2])
+
+    def _pool_key(self, k: _Kernel, table: list[list[object]] | None) -> str | None:
+        """The metadata key of the pool a thin-pool table drives."""
+        if not table or len(table) != 1 or table[0][2] != "thin-pool":
+            return None
+        return self._backing(k, str(table[0][3]).split()[0])
+
+    def _pool_of(self, k: _Kernel, ref: str) -> tuple[str, dict[str, Any]] | None:
+        """The pool whose device *ref* is (its live or loaded thin-pool table)."""
+        hit = self._resolve(k, ref)
+        if hit is None or hit[0][0] != SIM_MAJOR:
+            return None
+        dev = next((d for d in k.devices.values() if d.minor == hit[0][1]), None)
+        for table in (dev.live, dev.inactive) if dev is not None else ():
+            key = self._pool_key(k, table)
+            if key is not None and key in k.pools:
+                return key, k.pools[key]
+        return None
+
+    def _check_thin(self, k: _Kernel, args: list[str], dev: DevId) -> None:
+        if len(args) not in (2, 3) or not args[1].isdigit():
+            raise _fail(errno.EINVAL, "DM_TABLE_LOAD", dev)
+        pool = self._pool_of(k, args[0])
+        if pool is None:
+            raise _fail(errno.EINVAL, "DM_TABLE_LOAD", dev)
+        if int(args[1]) not in pool[1]["thins"]:
+            raise _fail(errno.ENODATA, "DM_TABLE_LOAD", dev)  # __open_device
+
+    def _open_pool(self, k: _Kernel, table: list[list[object]]) -> None:
+        """pool_ctr: a metadata device whose first block is zero is formatted."""
+        key = self._pool_key(k, table)
+        if key is not None and key not in k.pools:
+            k.pools[key] = {"tid": 0, "thins": []}
+            k.dirty_pools.add(key)
+
+    def _thin_opens(self, k: _Kernel, minor: int, thin_id: int) -> int:
+        """How many loaded tables (live or not) hold thin *thin_id* of the pool
+        device *minor* open: the kernel refuses to delete such a thin."""
+        count = 0
+        for dev in k.devices.values():
+            for table in (dev.live, dev.inactive):
+                for line in table or []:
+                    if line[2] == "thin":
+                        pool_ref, ident = str(line[3]).split()[:2]
+                        if pool_ref == f"{SIM_MAJOR}:{minor}" and int(ident) == thin_id:
+                            count += 1
+        return count
+
+    def _pool_message(self, k: _Kernel, dev: _Dev, message: str) -> None:
+        """pool_message in dm-thin.c; each message commits on its own."""
+        key = self._pool_key(k, dev.live)
+        if key is None or key not in k.pools:
+            raise _fail(errno.EINVAL, "DM_TARGET_MSG", dev.name)
+        pool = k.pools[key]
+        words = message.split()
+        def ident(word: str) -> int:
+            if not word.isdigit() or int(word) > MAX_THIN_ID:
+                raise _fail(errno.EINVAL, "DM_TARGET_MSG", dev.name)
+            return int(word)
+        thins: list[int] = list(pool["thins"])
+        if words[0] == "create_thin" and len(words) == 2:
+            new = ident(words[1])
+            if new in thins:
+                raise _fail(errno.EEXIST, "DM_TARGET_MSG", dev.name)
+            thins.append(new)
+        elif words[0] == "create_snap" and len(words) == 3:
+            new, origin = ident(words[1]), ident(words[2])
+            if new in thins:
+                raise _fail(errno.EEXIST, "DM_TARGET_MSG", dev.name)
+            if origin not in thins:
+                raise _fail(errno.ENODATA, "DM_TARGET_MSG", dev.name)
+            thins.append(new)
+        elif words[0] == "delete" and len(words) == 2:
+            gone = ident(words[1])
+            if gone not in thins:
+                raise _fail(errno.ENODATA, "DM_TARGET_MSG", dev.name)
+            if self._thin_opens(k, dev.minor, gone):
+                raise _fail(errno.EBUSY, "DM_TARGET_MSG", dev.name)
+            thins.remove(gone)
+        elif words[0] == "set_transaction_id" and len(words) == 3 \
+                and words[1].isdigit() and words[2].isdigit():
+            if int(words[1]) != pool["tid"]:
+                raise _fail(errno.EINVAL, "DM_TARGET_MSG", dev.name)
+            pool = {**pool, "tid": int(words[2])}
+        else:
+            raise _fail(errno.EINVAL, "DM_TARGET_MSG", dev.name)
+        k.pools[key] = {**pool, "thins": sorted(thins)}
+        k.dirty_pools.add(key)
+
+    def _pool_status(self, k: _Kernel, dev: _Dev, params: str) -> str:
+        args = params.split()
+        pool = k.pools.get(self._pool_key(k, dev.live) or "", {"tid": 0, "thins": []})
+        meta = self._resolve(k, args[0])
+        meta_blocks = min((meta[1] if meta else 0) // 8, 255 * (1 << 14))
+        data_blocks = sum(int(str(line[1])) for line in dev.live or []) // int(args[2])
+        features = args[5:5 + int(args[4])] if len(args) > 4 else []
+        policy = "error_if_no_space" if "error_if_no_space" in features else "queue_if_no_space"
+        discards = ("ignore_discard" if "ignore_discard" in features else
+                    "no_discard_passdown" if "no_discard_passdown" in features
+                    else "discard_passdown")
+        mode = "ro" if "read_only" in features else "rw"
+        used_meta = 10 + len(pool["thins"])
+        return (f"{pool['tid']} {used_meta}/{meta_blocks} 0/{data_blocks} - {mode} "
+                f"{discards} {policy} - {min(meta_blocks // 4, 4096)}")
+
+    def wipe(self, path: str, offset: int, length: int) -> None:
+        """As DM.wipe: pool metadata that started there is gone (the model
+        keeps no other data)."""
+        with self._locked(write=True) as k:
+            key = self._backing(k, path, offset // 512)
+            if key is None:
+                raise _fail(errno.ENOENT, "wipe", path)
+            if key in k.pools:
+                del k.pools[key]
+                k.dirty_pools.add(key)
 
     def _areas_fit(self, k: _Kernel, table: list[list[object]]) -> bool:
         """The kernel's device_area_is_invalid, run when a table is swapped in."""
         for _start, length, ttype, params in table:
             args = str(params).split()
             if ttype == "linear" and not self._fits(k, args[0], int(args[1]), int(str(length))):
+                return False
+            if ttype == "thin-pool" and not self._fits(k, args[1], 0, int(str(length))):
                 return False
             if ttype == "striped":
                 stripes = int(args[0])
@@ -594,6 +768,14 @@ class SimDM:
         with self._locked() as k:
             hit = self._resolve(k, path)
         return hit[0] if hit else None
+
+    def block_device(self, path: str) -> BlockDevice:
+        with self._locked() as k:
+            if path not in k.disks:
+                raise NotABlockDevice(f"{path}: no such block device")
+            major, minor, size, signature = (k.disks[path] + [None])[:4]
+            in_use = k.devices.refs.get((major, minor), 0) > 0
+            return BlockDevice(path, (major, minor), size * 512, in_use, signature)
 
     # -- per-device commands -----------------------------------------------
     def device_create(self, name: str, uuid: str | None = None, flags: DmFlags = DmFlags(0),
@@ -714,6 +896,7 @@ class SimDM:
             dev.inactive = [[ln.start, ln.length, ln.target_type,
                              self._normalize(k, ln.params)] for ln in lines]
             dev.inactive_ro = bool(flags & DmFlags.DM_READONLY)
+            self._open_pool(k, dev.inactive)
             return self._info(k, dev)
 
     def table_clear(self, id: DevId | str) -> DeviceInfo:
@@ -742,7 +925,9 @@ class SimDM:
             table = (dev.inactive if inactive else dev.live) or []
             lines = [
                 TargetLine(int(str(s)), int(str(n)), str(t),
-                           str(p) if flags & DmFlags.DM_STATUS_TABLE else _status(str(t), str(p)))
+                           str(p) if flags & DmFlags.DM_STATUS_TABLE else
+                           self._pool_status(k, dev, str(p)) if t == "thin-pool" and not inactive
+                           else _status(str(t), str(p)))
                 for s, n, t, p in table
             ]
             return self._info(k, dev, inactive=inactive), lines
@@ -751,8 +936,11 @@ class SimDM:
                    ) -> tuple[DeviceInfo, str | None]:
         if not isinstance(message, str) or not message or "\0" in message:
             raise InvalidArgument("a message must be a non-empty string without NUL")
-        with self._locked() as k:
-            self._find(k, id, "DM_TARGET_MSG")
+        with self._locked(write=True) as k:
+            dev = self._find(k, id, "DM_TARGET_MSG")
+            if dev.live and len(dev.live) == 1 and dev.live[0][2] == "thin-pool":
+                self._pool_message(k, dev, message)
+                return self._info(k, dev), None
             raise _fail(errno.EINVAL, "DM_TARGET_MSG", id)
 
 
@@ -796,6 +984,8 @@ def _status(target_type: str, params: str) -> str:
         args = params.split()
         devs = args[2::2]
         return f"{len(devs)} {' '.join(devs)} 1 {'A' * len(devs)}"
+    if target_type == "thin":
+        return "0 -"  # nothing mapped: the model does no I/O
     return ""
 
 

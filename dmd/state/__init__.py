@@ -1,6 +1,7 @@
 """dmd's own metadata: managed devices, labels, the intent journal (SQLite)."""
 
 from dmd.state.errors import RecordExists, RecordNotFound, StateError
+from dmd.state.pool_records import PoolLayout, PoolRecord, Segment, VolumeRecord
 from dmd.state.redact import redact_table
 from dmd.state.store import (
     AsyncStateStore,
@@ -13,9 +14,13 @@ __all__ = [
     "AsyncStateStore",
     "DeviceRecord",
     "IntentRecord",
+    "PoolLayout",
+    "PoolRecord",
     "RecordExists",
     "RecordNotFound",
+    "Segment",
     "StateError",
     "StateStore",
+    "VolumeRecord",
     "redact_table",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, Integer, String, Text
+from sqlalchemy import BigInteger, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -53,3 +53,43 @@ class IntentRow(Base):
     step: Mapped[int]
     created_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
+
+
+class PoolRow(Base):
+    """A thin pool dmd laid out and owns (revision 0003). ``layout_json``
+    holds its devices and segments: the document that will also be written
+    on the pool's own devices."""
+
+    __tablename__ = "pools"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True)
+    owner_uid: Mapped[int]
+    block_sectors: Mapped[int]
+    on_full: Mapped[str] = mapped_column(String(16))
+    low_water_percent: Mapped[int]
+    transaction_id: Mapped[int]
+    next_thin_id: Mapped[int]
+    layout_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime]
+
+
+class VolumeRow(Base):
+    """A thin volume of a pool (revision 0003); its thin id is unique in the
+    pool and never handed out twice (the pool's next_thin_id only grows)."""
+
+    __tablename__ = "volumes"
+    __table_args__ = (UniqueConstraint("pool_id", "name"), UniqueConstraint("pool_id", "thin_id"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True)
+    pool_id: Mapped[int] = mapped_column(ForeignKey("pools.id", ondelete="RESTRICT"))
+    name: Mapped[str] = mapped_column(String(64))
+    thin_id: Mapped[int]
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    origin_uuid: Mapped[str | None] = mapped_column(String(36))
+    owner_uid: Mapped[int]
+    labels_json: Mapped[str] = mapped_column(Text)
+    active: Mapped[bool]
+    created_at: Mapped[datetime]

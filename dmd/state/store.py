@@ -28,7 +28,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dmd.engine import TargetLine
 from dmd.state.errors import RecordExists, RecordNotFound, StateError
-from dmd.state.models import Base, DeviceRow, IntentRow, LabelRow
+from dmd.state.models import Base, DeviceRow, IntentRow, LabelRow, PoolRow, VolumeRow
+from dmd.state.pool_records import (
+    PoolRecord,
+    VolumeRecord,
+    pool_record,
+    volume_record,
+    volume_values,
+)
 from dmd.state.redact import redact_table
 
 if TYPE_CHECKING:
@@ -39,7 +46,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # The newest revision in migrations/versions (a test keeps the two in step). A
 # database already there, or a new one, is opened without importing Alembic:
 # that import alone cost several seconds of every start in the lab VM.
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 T = TypeVar("T")
 
 
@@ -408,6 +415,74 @@ class StateStore:
         self._write(lambda s: s.delete(self._row(s, name)), may_conflict=False)
         self._learn(name, removed=name)
 
+    # -- pools and volumes ---------------------------------------------------
+    def _pool_row(self, session: Session, name: str) -> PoolRow:
+        row = session.scalar(select(PoolRow).where(PoolRow.name == name))
+        if row is None:
+            raise RecordNotFound(f"no record of a pool named {name!r}")
+        return row
+
+    def add_pool(self, record: PoolRecord) -> None:
+        def work(session: Session) -> None:
+            session.add(PoolRow(
+                name=record.name, uuid=record.uuid, owner_uid=record.owner_uid,
+                block_sectors=record.block_sectors, on_full=record.on_full,
+                low_water_percent=record.low_water_percent,
+                transaction_id=record.transaction_id, next_thin_id=record.next_thin_id,
+                layout_json=record.layout.to_json(), created_at=_now()))
+            session.flush()
+
+        self._write(work)
+
+    def list_pools(self) -> list[PoolRecord]:
+        with self._session() as session:
+            return [pool_record(r) for r in session.scalars(select(PoolRow).order_by(PoolRow.id))]
+
+    def get_pool(self, name: str) -> PoolRecord | None:
+        with self._session() as session:
+            row = session.scalar(select(PoolRow).where(PoolRow.name == name))
+            return pool_record(row) if row is not None else None
+
+    def remove_pool(self, name: str) -> None:
+        self._write(lambda s: s.delete(self._pool_row(s, name)), may_conflict=False)
+
+    def list_volumes(self, pool: str | None = None) -> list[VolumeRecord]:
+        with self._session() as session:
+            query = select(VolumeRow, PoolRow.name).join(PoolRow, VolumeRow.pool_id == PoolRow.id)
+            if pool is not None:
+                query = query.where(PoolRow.name == pool)
+            return [volume_record(v, p) for v, p in session.execute(query.order_by(VolumeRow.id))]
+
+    def pool_change(self, pool: str, *, transaction_id: int | None = None,
+                    next_thin_id: int | None = None, add: VolumeRecord | None = None,
+                    update: VolumeRecord | None = None, remove: str | None = None) -> None:
+        """One transaction for what a pool operation records at its end: the
+        pool's new transaction id (and next thin id) with the volume it
+        added, changed or removed (by UUID), so the two never disagree."""
+        def work(session: Session) -> None:
+            row = self._pool_row(session, pool)
+            if transaction_id is not None:
+                row.transaction_id = transaction_id
+            if next_thin_id is not None:
+                row.next_thin_id = max(row.next_thin_id, next_thin_id)
+            if add is not None:
+                session.add(VolumeRow(
+                    uuid=add.uuid, pool_id=row.id, thin_id=add.thin_id,
+                    origin_uuid=add.origin_uuid, created_at=_now(), **volume_values(add)))
+            if update is not None:
+                volume = session.scalar(select(VolumeRow).where(VolumeRow.uuid == update.uuid))
+                if volume is None:
+                    raise RecordNotFound(f"no record of volume {update.uuid}")
+                for key, value in volume_values(update).items():
+                    setattr(volume, key, value)
+            if remove is not None:
+                volume = session.scalar(select(VolumeRow).where(VolumeRow.uuid == remove))
+                if volume is not None:
+                    session.delete(volume)
+            session.flush()
+
+        self._write(work)
+
     # -- the intent journal ------------------------------------------------
     # The journal's writes are single SQL statements handed to the driver:
     # every operation makes several, and the ORM's load-modify-flush (or even
@@ -568,6 +643,29 @@ class AsyncStateStore:
 
     async def pending_intents(self) -> list[IntentRecord]:
         return await self._run(self.sync.pending_intents)
+
+    async def add_pool(self, record: PoolRecord) -> None:
+        await self._write(self.sync.add_pool, record)
+
+    async def list_pools(self) -> list[PoolRecord]:
+        return await self._run(self.sync.list_pools)
+
+    async def get_pool(self, name: str) -> PoolRecord | None:
+        return await self._run(self.sync.get_pool, name)
+
+    async def remove_pool(self, name: str) -> None:
+        await self._write(self.sync.remove_pool, name)
+
+    async def list_volumes(self, pool: str | None = None) -> list[VolumeRecord]:
+        return await self._run(self.sync.list_volumes, pool)
+
+    async def pool_change(self, pool: str, *, transaction_id: int | None = None,
+                          next_thin_id: int | None = None, add: VolumeRecord | None = None,
+                          update: VolumeRecord | None = None, remove: str | None = None
+                          ) -> None:
+        await self._write(lambda: self.sync.pool_change(
+            pool, transaction_id=transaction_id, next_thin_id=next_thin_id, add=add,
+            update=update, remove=remove))
 
 
 def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:

@@ -374,3 +374,137 @@ def test_invalid_input_is_refused_before_any_ioctl(engine: Engine,
     with pytest.raises(InvalidArgument):
         call(engine)
     assert engine.ioctl_count == before
+
+
+# -- thin pools: what a pool manager relies on ---------------------------------
+
+def _thin_pool(engine: Engine, disk: Callable[[int], str], suffix: str = "",
+               wipe: bool = True, backing: str | None = None) -> tuple[str, str]:
+    """A pool on one disk: metadata in its first 4 MiB, data after it.
+    Returns (pool device name, the disk)."""
+    from dmd.engine.targets.thin import ThinPoolParams
+
+    backing = backing or disk(64)
+    meta, data, pool = (f"{P}tmeta{suffix}", f"{P}tdata{suffix}", f"{P}pool{suffix}")
+    active(engine, meta, [TargetLine(0, 8192, "linear", f"{backing} 0")])
+    active(engine, data, [TargetLine(0, 122880, "linear", f"{backing} 8192")])
+    if wipe:
+        engine.wipe(backing, 0, 4096)
+    params = ThinPoolParams(f"/dev/mapper/{meta}", f"/dev/mapper/{data}", 128, 0)
+    active(engine, pool, [TargetLine(0, 122880, "thin-pool", params.to_params())])
+    return pool, backing
+
+
+def _pool_status(engine: Engine, pool: str) -> Any:
+    from dmd.engine.targets import parse_status
+
+    _, lines = engine.table_status(pool)
+    return parse_status("thin-pool", lines[0].params)
+
+
+def _msg_errno(engine: Engine, pool: str, message: str) -> int:
+    with pytest.raises(DmError) as caught:
+        engine.target_msg(pool, 0, message)
+    return caught.value.errno
+
+
+def _remove_pool(engine: Engine, suffix: str = "") -> None:
+    for name in (f"{P}pool{suffix}", f"{P}tdata{suffix}", f"{P}tmeta{suffix}"):
+        engine.device_remove(name)
+
+
+def test_thin_pool_messages_and_their_errors(engine: Engine,
+                                             disk: Callable[[int], str]) -> None:
+    from dmd.engine.targets import thin
+
+    pool, _ = _thin_pool(engine, disk)
+    status = _pool_status(engine, pool)
+    assert status.transaction_id == 0 and status.mode == "rw"
+    assert status.total_data_blocks == 122880 // 128
+    assert status.used_data_blocks == 0 and not status.needs_check
+    engine.target_msg(pool, 0, thin.create_thin(0))
+    assert _msg_errno(engine, pool, thin.create_thin(0)) == errno.EEXIST
+    engine.target_msg(pool, 0, thin.create_snap(1, 0))
+    assert _msg_errno(engine, pool, thin.create_snap(1, 0)) == errno.EEXIST
+    assert _msg_errno(engine, pool, thin.create_snap(2, 7)) == errno.ENODATA
+    assert _msg_errno(engine, pool, thin.delete(7)) == errno.ENODATA
+    assert _msg_errno(engine, pool, f"create_thin {1 << 24}") == errno.EINVAL
+    assert _msg_errno(engine, pool, "create_thin x") == errno.EINVAL
+    assert _msg_errno(engine, pool, "no_such_message 1") == errno.EINVAL
+    # The transaction id moves only from the value it has.
+    assert _msg_errno(engine, pool, thin.set_transaction_id(5, 6)) == errno.EINVAL
+    engine.target_msg(pool, 0, thin.set_transaction_id(0, 1))
+    assert _pool_status(engine, pool).transaction_id == 1
+    engine.target_msg(pool, 0, thin.delete(1))
+    assert _msg_errno(engine, pool, thin.delete(1)) == errno.ENODATA
+
+
+def test_thin_device_needs_an_existing_id_and_holds_it(engine: Engine,
+                                                       disk: Callable[[int], str]) -> None:
+    from dmd.engine.targets import parse_status, thin
+
+    pool, _ = _thin_pool(engine, disk)
+    engine.target_msg(pool, 0, thin.create_thin(3))
+    volume = f"{P}thin3"
+    engine.device_create(volume)
+    with pytest.raises(DmError) as caught:
+        engine.table_load(volume, [TargetLine(0, 4096, "thin", f"/dev/mapper/{pool} 4")])
+    assert caught.value.errno == errno.ENODATA
+    engine.table_load(volume, [TargetLine(0, 1 << 30, "thin", f"/dev/mapper/{pool} 3")])
+    engine.device_suspend(volume, DmFlags(0))
+    # A thin id with a table (live or loaded) cannot be deleted.
+    assert _msg_errno(engine, pool, thin.delete(3)) == errno.EBUSY
+    _, lines = engine.table_status(volume)
+    status = parse_status("thin", lines[0].params)
+    assert status.mapped_sectors == 0 and status.highest_mapped_sector is None
+    # The pool is held open by its thin device.
+    with pytest.raises(DmError) as busy:
+        engine.device_remove(pool)
+    assert busy.value.errno == errno.EBUSY
+    engine.device_remove(volume)
+    engine.target_msg(pool, 0, thin.delete(3))
+
+
+def test_pool_metadata_outlives_its_devices_until_wiped(engine: Engine,
+                                                        disk: Callable[[int], str]) -> None:
+    from dmd.engine.targets import thin
+
+    pool, backing = _thin_pool(engine, disk)
+    engine.target_msg(pool, 0, thin.create_thin(5))
+    engine.target_msg(pool, 0, thin.set_transaction_id(0, 9))
+    _remove_pool(engine)
+    # The same disk, devices made again: the kernel opens the pool it finds.
+    pool, _ = _thin_pool(engine, disk, wipe=False, backing=backing)
+    assert _pool_status(engine, pool).transaction_id == 9
+    assert _msg_errno(engine, pool, thin.create_thin(5)) == errno.EEXIST
+    _remove_pool(engine)
+    # Zeroed metadata is a new, empty pool.
+    pool, _ = _thin_pool(engine, disk, wipe=True, backing=backing)
+    assert _pool_status(engine, pool).transaction_id == 0
+    engine.target_msg(pool, 0, thin.create_thin(5))
+
+
+def test_pool_with_a_bad_block_size_is_refused(engine: Engine,
+                                               disk: Callable[[int], str]) -> None:
+    backing = disk(64)
+    meta = active(engine, f"{P}tmeta", [TargetLine(0, 8192, "linear", f"{backing} 0")])
+    data = active(engine, f"{P}tdata", [TargetLine(0, 122880, "linear", f"{backing} 8192")])
+    engine.wipe(backing, 0, 4096)
+    engine.device_create(f"{P}pool")
+    with pytest.raises(DmError) as caught:
+        engine.table_load(f"{P}pool", [TargetLine(
+            0, 122880, "thin-pool", f"/dev/mapper/{meta} /dev/mapper/{data} 100 0")])
+    assert caught.value.errno == errno.EINVAL
+
+
+def test_block_device_facts(engine: Engine, disk: Callable[[int], str]) -> None:
+    from dmd.engine import NotABlockDevice
+
+    backing = disk(16)
+    facts = engine.block_device(backing)
+    assert facts.size_bytes == 16 << 20 and facts.device == devnum(engine, backing)
+    assert not facts.in_use and facts.signature is None
+    active(engine, f"{P}user", [TargetLine(0, 2048, "linear", f"{backing} 0")])
+    assert engine.block_device(backing).in_use
+    with pytest.raises(NotABlockDevice):
+        engine.block_device("/dev/null" if isinstance(engine, DM) else "/dev/nothing")

@@ -134,3 +134,69 @@ class ThinStatus(TargetStatus):
         mapped = words.uint("mapped sectors")
         highest = words.uint_or_dash("highest mapped sector")
         return cls(mapped, highest, words.rest())
+
+
+# -- the pool's messages (thin-provisioning.rst, "Pool messages") -------------
+# The kernel commits the pool's metadata after every message, so each one is
+# durable on its own; a sequence of them is made atomic by the transaction id
+# (see set_transaction_id), which is how LVM and dmd's pools protect thin ids.
+
+MAX_THIN_ID = (1 << 24) - 1  # MAX_DEV_ID in dm-thin.c
+
+# THIN_METADATA_MAX_SECTORS in dm-thin-metadata.h: 255 index blocks of 2^14
+# entries, 4 KiB blocks; a larger metadata device is only used up to this.
+MAX_METADATA_SECTORS = 255 * (1 << 14) * 8
+MIN_METADATA_SECTORS = 2 * 2048  # thin-provisioning.rst: "round it up to 2MB"
+MIN_BLOCK_SECTORS = 128  # 64 KiB: DATA_DEV_BLOCK_SIZE_MIN_SECTORS
+MAX_BLOCK_SECTORS = 2 * 1024 * 1024  # 1 GiB: DATA_DEV_BLOCK_SIZE_MAX_SECTORS
+
+
+def _thin_id(value: int, what: str = "thin id") -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_THIN_ID:
+        raise ValueError(f"{what} must be an integer from 0 to {MAX_THIN_ID}, not {value!r}")
+    return value
+
+
+def create_thin(thin_id: int) -> str:
+    """A new, empty thin device *thin_id* in the pool."""
+    return f"create_thin {_thin_id(thin_id)}"
+
+
+def create_snap(thin_id: int, origin_id: int) -> str:
+    """Thin device *thin_id* as a snapshot of *origin_id*. If the origin is
+    active it must be suspended while this is sent (its in-flight writes
+    would otherwise race the copy of its mappings)."""
+    return f"create_snap {_thin_id(thin_id)} {_thin_id(origin_id, 'origin id')}"
+
+
+def delete(thin_id: int) -> str:
+    """Drop thin device *thin_id* and free the blocks only it maps."""
+    return f"delete {_thin_id(thin_id)}"
+
+
+def set_transaction_id(current: int, new: int) -> str:
+    """Replace the pool's transaction id *current* by *new* (the kernel
+    refuses it when the pool's id is not *current*)."""
+    for value in (current, new):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 64:
+            raise ValueError(f"a transaction id is a 64-bit unsigned integer, not {value!r}")
+    return f"set_transaction_id {current} {new}"
+
+
+def metadata_sectors(data_sectors: int, block_sectors: int) -> int:
+    """The metadata device size the kernel's documentation recommends for a
+    pool of *data_sectors* in blocks of *block_sectors*: 48 bytes a data
+    block, at least 2 MiB, at most what the kernel can use; rounded up to a
+    4 KiB metadata block."""
+    if block_sectors <= 0 or data_sectors <= 0:
+        raise ValueError("sizes must be positive")
+    wanted = -(-48 * (data_sectors // block_sectors) // 512)
+    wanted = min(max(wanted, MIN_METADATA_SECTORS), MAX_METADATA_SECTORS)
+    return -(-wanted // 8) * 8
+
+
+def valid_block_sectors(block_sectors: int) -> bool:
+    """The kernel takes a data block size that is a multiple of 64 KiB
+    from 64 KiB to 1 GiB."""
+    return (MIN_BLOCK_SECTORS <= block_sectors <= MAX_BLOCK_SECTORS
+            and block_sectors % MIN_BLOCK_SECTORS == 0)

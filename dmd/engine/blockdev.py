@@ -1,0 +1,111 @@
+"""What a block device holds before dmd takes it: size, whether anyone has
+it open, and which signature its first blocks carry.
+
+A pool manager must not lay a pool over a filesystem, an LVM physical
+volume, a LUKS header, a RAID member or another pool. udev's ``ID_FS_TYPE``
+says so only where udev has probed (and blkid is not a dependency), so the
+few signatures that matter are read here, from the places their formats
+put them. "In use" is the kernel's answer to an exclusive open: a mounted
+filesystem, a device-mapper table or an md array holding the device makes
+``O_EXCL`` fail with EBUSY.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+BLKGETSIZE64 = 0x80081272
+
+# (offset, magic, name): enough of libblkid's table for what a pool must not
+# overwrite. The pool's own header is first, so a device of another dmd pool
+# is named as such.
+POOL_MAGIC = b"DMDPOOL\x01"
+SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
+    (0, POOL_MAGIC, "dmd_pool"),
+    (0, b"LUKS\xba\xbe", "crypto_LUKS"),
+    (0, b"SKUL\xba\xbe", "crypto_LUKS"),  # LUKS2 secondary header
+    (0, b"XFSB", "xfs"),
+    (0x438, b"\x53\xef", "ext4"),  # ext2/3/4 superblock magic at 1024 + 56
+    (0x10040, b"_BHRfS_M", "btrfs"),
+    (512, b"LABELONE", "LVM2_member"),  # the label is in one of sectors 0-3
+    (0, b"LABELONE", "LVM2_member"),
+    (1024, b"LABELONE", "LVM2_member"),
+    (1536, b"LABELONE", "LVM2_member"),
+    (4096, b"\xfc\x4e\x2b\xa9", "linux_raid_member"),  # md 1.2 superblock
+    (0, b"\xfc\x4e\x2b\xa9", "linux_raid_member"),  # md 1.1
+    (4086, b"SWAPSPACE2", "swap"),
+    (0x8001, b"CD001", "iso9660"),
+    (0x36, b"FAT", "vfat"),
+    (0x52, b"FAT32", "vfat"),
+    (512, b"EFI PART", "gpt"),
+)
+PROBE_BYTES = 0x10048
+
+
+@dataclass(frozen=True, slots=True)
+class BlockDevice:
+    path: str
+    device: tuple[int, int]
+    size_bytes: int
+    in_use: bool
+    signature: str | None  # what probe_signature found, or None
+
+
+class NotABlockDevice(ValueError):
+    pass
+
+
+def probe_signature(head: bytes) -> str | None:
+    """The first signature found in *head* (a device's first bytes)."""
+    for offset, magic, name in SIGNATURES:
+        if head[offset:offset + len(magic)] == magic:
+            return name
+    if len(head) >= 512 and head[510:512] == b"\x55\xaa" and any(
+            head[446 + 16 * i + 4] for i in range(4)):
+        return "dos"  # an MBR partition table with at least one partition
+    return None
+
+
+def probe(path: str) -> BlockDevice:
+    """Size, in-use state and signature of block device *path*."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise NotABlockDevice(f"{path}: no such file") from None
+    if not stat.S_ISBLK(st.st_mode):
+        raise NotABlockDevice(f"{path} is not a block device")
+    device = (os.major(st.st_rdev), os.minor(st.st_rdev))
+    in_use = False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+        in_use = True
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, BLKGETSIZE64, buf)
+        size = struct.unpack("=Q", buf)[0]
+        head = os.pread(fd, min(PROBE_BYTES, size), 0)
+    finally:
+        os.close(fd)
+    return BlockDevice(path, device, size, in_use, probe_signature(head))
+
+
+def wipe(path: str, offset: int, length: int) -> None:
+    """Write zeros over *length* bytes of *path* from *offset*, durably."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        zeros = bytes(min(length, 1 << 20))
+        done = 0
+        while done < length:
+            done += os.pwrite(fd, zeros[:length - done], offset + done)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,98 @@
+"""Records of pools and their volumes, as the service layer sees them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from dmd.state.models import PoolRow, VolumeRow
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """*length* sectors of the pool's device number *device* from *start*."""
+
+    device: int
+    start: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class PoolLayout:
+    """Where a pool lives: its devices (as the admin named them, with their
+    size when taken) and the segments of them its metadata and data use."""
+
+    devices: tuple[str, ...]
+    sizes: tuple[int, ...]  # bytes
+    metadata: tuple[Segment, ...]
+    data: tuple[Segment, ...]
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "devices": list(self.devices), "sizes": list(self.sizes),
+            "metadata": [[s.device, s.start, s.length] for s in self.metadata],
+            "data": [[s.device, s.start, s.length] for s in self.data]})
+
+    @classmethod
+    def from_json(cls, raw: str) -> PoolLayout:
+        doc = json.loads(raw)
+        return cls(tuple(doc["devices"]), tuple(doc["sizes"]),
+                   tuple(Segment(*s) for s in doc["metadata"]),
+                   tuple(Segment(*s) for s in doc["data"]))
+
+    @property
+    def data_sectors(self) -> int:
+        return sum(s.length for s in self.data)
+
+    @property
+    def metadata_sectors(self) -> int:
+        return sum(s.length for s in self.metadata)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolRecord:
+    name: str
+    uuid: str
+    owner_uid: int
+    block_sectors: int
+    on_full: str  # "queue" or "error"
+    low_water_percent: int
+    transaction_id: int
+    next_thin_id: int
+    layout: PoolLayout
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeRecord:
+    uuid: str
+    pool: str  # the pool's name
+    name: str
+    thin_id: int
+    size_bytes: int
+    origin_uuid: str | None
+    owner_uid: int
+    labels: dict[str, str] = field(default_factory=dict)
+    active: bool = True
+    created_at: datetime | None = None
+
+
+def pool_record(row: PoolRow) -> PoolRecord:
+    return PoolRecord(row.name, row.uuid, row.owner_uid, row.block_sectors, row.on_full,
+                      row.low_water_percent, row.transaction_id, row.next_thin_id,
+                      PoolLayout.from_json(row.layout_json), row.created_at)
+
+
+def volume_record(row: VolumeRow, pool_name: str) -> VolumeRecord:
+    return VolumeRecord(row.uuid, pool_name, row.name, row.thin_id, row.size_bytes,
+                        row.origin_uuid, row.owner_uid, json.loads(row.labels_json),
+                        row.active, row.created_at)
+
+
+def volume_values(record: VolumeRecord) -> dict[str, Any]:
+    """The columns of *record* that an update may change."""
+    return {"name": record.name, "size_bytes": record.size_bytes,
+            "labels_json": json.dumps(record.labels), "active": record.active,
+            "owner_uid": record.owner_uid}
