@@ -20,6 +20,8 @@ ACTION_CREATE = ACTION_PREFIX + "create"
 ACTION_MODIFY = ACTION_PREFIX + "modify"
 ACTION_REMOVE = ACTION_PREFIX + "remove"
 ACTION_MANAGE = ACTION_PREFIX + "manage"
+ACTION_POOL = ACTION_PREFIX + "pool"
+ACTION_VOLUME = ACTION_PREFIX + "volume"
 
 
 def device_path(minor: int) -> str:

@@ -37,6 +37,8 @@ class Action(enum.Enum):
     MODIFY = "modify"
     REMOVE = "remove"
     MANAGE = "manage"
+    POOL = "pool"  # create, grow and destroy pools
+    VOLUME = "volume"  # create volumes; change one's own
 
 
 class Authorizer(Protocol):

@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol, TypeVar
 
 FaultHook = Callable[[str, int], None]
+log = logging.getLogger(__name__)
 
 
 class CreateStep(enum.IntEnum):
@@ -48,6 +50,49 @@ class RemoveStep(enum.IntEnum):
     PREPARE = 1  # resume (and, with force, an error table) next
     REMOVE = 2  # DM_DEV_REMOVE next
     RECORD = 3  # removed: the kernel cannot undo it, so the record follows
+
+
+# -- pools and volumes --------------------------------------------------------
+# Thin ids are protected by the pool's transaction id, as LVM does it: the
+# intent (with the id the pool moves from and to) is durable before the first
+# message, the messages go, then set_transaction_id, then the records. After a
+# crash, the kernel's transaction id says which side of that line the pool is
+# on: the old id means the messages are undone, the new one that they are kept
+# and the records are finished. (The kernel commits after every message.)
+
+class PoolCreateStep(enum.IntEnum):
+    WIPE = 1  # the devices' first MiB and the metadata's start are zeroed next
+    DEVICES = 2  # the metadata and data devices are made next
+    POOL = 3  # the thin-pool device is made next
+    RECORD = 4
+
+
+class VolumeCreateStep(enum.IntEnum):
+    MESSAGE = 1  # create_thin next
+    TRANSACTION = 2  # set_transaction_id next
+    RECORD = 3  # the pool is at the new id; the volume's record is written next
+    ACTIVATE = 4  # its device is made next
+
+
+class SnapshotStep(enum.IntEnum):
+    SUSPEND = 1  # the origin's device is suspended next (if active)
+    MESSAGE = 2  # create_snap next
+    TRANSACTION = 3
+    RESUME = 4  # the origin resumes next (on every path)
+    RECORD = 5
+    ACTIVATE = 6
+
+
+class VolumeDeleteStep(enum.IntEnum):
+    DEACTIVATE = 1  # the volume's device is removed next
+    MESSAGE = 2  # delete next: from here on the delete rolls forward
+    TRANSACTION = 3
+    RECORD = 4
+
+
+class PoolDestroyStep(enum.IntEnum):
+    DEVICES = 1  # the pool's devices are removed next
+    RECORD = 2
 
 
 @dataclass(frozen=True)
@@ -86,6 +131,19 @@ class RenameArgs(IntentArgs):
 class RemoveArgs(IntentArgs):
     force: bool = False
     deferred: bool = False
+
+
+@dataclass(frozen=True)
+class PoolArgs(IntentArgs):
+    """A pool operation: the pool, and for thin-id changes the transaction id
+    it moves from, the thin id, and the volume's record as it will be."""
+
+    pool: str = ""
+    transaction_from: int = 0
+    thin_id: int = -1
+    volume: dict[str, Any] | None = None  # a VolumeRecord's fields
+    origin_uuid: str | None = None
+    layout: str | None = None  # pool-create: the PoolLayout's JSON
 
 
 # The marks recovery reads (it settles every other case from what the kernel
@@ -139,11 +197,15 @@ class Journal:
 @contextlib.asynccontextmanager
 async def intent(store: IntentStore, fault: FaultHook | None, operation: str, device: str,
                  args: IntentArgs, rollback: Callable[[Journal], Awaitable[None]] | None = None,
+                 roll_forward: Callable[[Journal], Awaitable[None]] | None = None,
                  ) -> AsyncIterator[Journal]:
     """Begin an intent (durable before the body touches the kernel), run the
     body, and end it: done if the body returned; rolled back, after
     *rollback* (which reads ``journal.step`` to know how far it got), if it
-    raised (or done all the same, past ``no_way_back``)."""
+    raised. Past ``no_way_back`` a failure is finished by *roll_forward*
+    instead (the same steps recovery would take) and the intent is done; if
+    that fails too, the intent stays pending for recovery. The body's
+    exception is raised either way."""
     journal = Journal(store, fault, operation,
                       await store.begin_intent(operation, device, args.to_json()))
     try:
@@ -153,6 +215,12 @@ async def intent(store: IntentStore, fault: FaultHook | None, operation: str, de
         with contextlib.suppress(Exception):  # the failure being handled comes first
             await journal.marks_written()
         if journal.beyond_undo:
+            if roll_forward is not None:
+                try:
+                    await roll_forward(journal)
+                except Exception:
+                    log.exception("%s %s: could not finish; recovery will", operation, device)
+                    raise
             await store.finish_intent(journal.intent_id, "done")
         else:
             if rollback is not None:

@@ -93,6 +93,10 @@ class DeviceService:
         self.locks = DeviceLocks()
         self.fault = fault
         self._in_flight: set[asyncio.Task[Any]] = set()
+        # Device names a higher layer owns (pools): prefix -> the owner, as
+        # named in errors. Only a call that names the same owner may change
+        # such a device, so a raw call cannot corrupt a pool.
+        self.claims: dict[str, str] = {}
 
     def close(self) -> None:
         self.kernel.close()
@@ -100,6 +104,15 @@ class DeviceService:
     def _publish(self, kind: ChangeKind, name: str, device: tuple[int, int] | None,
                  operation: str) -> None:
         self.events.publish(ChangeEvent(kind, name, device, operation))
+
+    def check_claim(self, name: str, claim: str | None) -> None:
+        for prefix, owner in self.claims.items():
+            if name.startswith(prefix) and claim != owner:
+                raise errors.Busy(f"{name!r} belongs to {owner}: change it through the "
+                                  "pool's or the volume's object")
+
+    def claimed(self, name: str) -> bool:
+        return any(name.startswith(prefix) for prefix in self.claims)
 
     async def authorize(self, caller: Caller, action: Action, device: str) -> None:
         """Ask first, before any validation that could leak what exists.
@@ -131,8 +144,10 @@ class DeviceService:
     async def create(self, name: str, table: Sequence[Sequence[object]], *,
                      uuid: str | None = None, read_only: bool = False,
                      persistent: bool = False, labels: Mapping[str, str] | None = None,
-                     caller: Caller = ROOT) -> DeviceInfo:
+                     caller: Caller = ROOT,
+                     claim: str | None = None) -> DeviceInfo:
         await self.authorize(caller, Action.CREATE, name)
+        self.check_claim(name, claim)
         validated(lambda: validate_name(name))
         if uuid:
             validated(lambda: validate_uuid(uuid))
@@ -190,11 +205,13 @@ class DeviceService:
 
     # -- reload ------------------------------------------------------------
     async def reload(self, name: str, table: Sequence[Sequence[object]], *,
-                     read_only: bool | None = None, caller: Caller = ROOT) -> DeviceInfo:
+                     read_only: bool | None = None, caller: Caller = ROOT,
+                     claim: str | None = None) -> DeviceInfo:
         """Replace the live table: load, suspend, resume. On any failure the old
         table is live again and the device is resumed (unless it was suspended
         before we started)."""
         await self.authorize(caller, Action.MODIFY, name)
+        self.check_claim(name, claim)
         lines = validated(lambda: validate_table(table))
 
         async def body() -> DeviceInfo:
@@ -250,8 +267,10 @@ class DeviceService:
 
     # -- load / clear (raw, for clients that manage the sequence) ----------
     async def load(self, name: str, table: Sequence[Sequence[object]], *,
-                   read_only: bool = False, caller: Caller = ROOT) -> DeviceInfo:
+                   read_only: bool = False, caller: Caller = ROOT,
+                   claim: str | None = None) -> DeviceInfo:
         await self.authorize(caller, Action.MODIFY, name)
+        self.check_claim(name, claim)
         lines = validated(lambda: validate_table(table))
 
         async def body() -> DeviceInfo:
@@ -263,8 +282,10 @@ class DeviceService:
 
         return await self._guard("load", name, body)
 
-    async def clear(self, name: str, *, caller: Caller = ROOT) -> DeviceInfo:
+    async def clear(self, name: str, *, caller: Caller = ROOT,
+                    claim: str | None = None) -> DeviceInfo:
         await self.authorize(caller, Action.MODIFY, name)
+        self.check_claim(name, claim)
         async def body() -> DeviceInfo:
             async with self.locks.hold(name):
                 info = await self.kernel(Engine.table_clear, name)
@@ -275,8 +296,10 @@ class DeviceService:
 
     # -- suspend / resume --------------------------------------------------
     async def suspend(self, name: str, *, noflush: bool = False, skip_lockfs: bool = False,
-                      caller: Caller = ROOT) -> DeviceInfo:
+                      caller: Caller = ROOT,
+                      claim: str | None = None) -> DeviceInfo:
         await self.authorize(caller, Action.MODIFY, name)
+        self.check_claim(name, claim)
         flags = DmFlags.DM_SUSPEND
         if noflush:
             flags |= DmFlags.DM_NOFLUSH
@@ -284,12 +307,14 @@ class DeviceService:
             flags |= DmFlags.DM_SKIP_LOCKFS
         return await self._simple("suspend", name, flags)
 
-    async def resume(self, name: str, *, caller: Caller = ROOT) -> DeviceInfo:
+    async def resume(self, name: str, *, caller: Caller = ROOT,
+                     claim: str | None = None) -> DeviceInfo:
         """Resume. If a loaded table fails to go live, the kernel throws it away
         and leaves the device suspended; dmd resumes the device on its old
         table and loads the refused table back, so the call changes nothing
         but reports the error."""
         await self.authorize(caller, Action.MODIFY, name)
+        self.check_claim(name, claim)
         async def body() -> DeviceInfo:
             async with self.locks.hold(name):
                 before, pending = await self.kernel(Engine.table_status, name,
@@ -336,9 +361,12 @@ class DeviceService:
         return await self._guard(operation, name, body)
 
     # -- rename / set UUID -------------------------------------------------
-    async def rename(self, name: str, new_name: str, *, caller: Caller = ROOT) -> DeviceInfo:
+    async def rename(self, name: str, new_name: str, *, caller: Caller = ROOT,
+                     claim: str | None = None) -> DeviceInfo:
         await self.authorize(caller, Action.MODIFY, name)
+        self.check_claim(name, claim)
         validated(lambda: validate_name(new_name))
+        self.check_claim(new_name, claim)
 
         async def body() -> DeviceInfo:
             async with self.locks.hold(name, new_name):
@@ -361,8 +389,10 @@ class DeviceService:
 
         return await self._guard("rename", name, body, renamed_to=new_name)
 
-    async def set_uuid(self, name: str, uuid: str, *, caller: Caller = ROOT) -> DeviceInfo:
+    async def set_uuid(self, name: str, uuid: str, *, caller: Caller = ROOT,
+                       claim: str | None = None) -> DeviceInfo:
         await self.authorize(caller, Action.MODIFY, name)
+        self.check_claim(name, claim)
         validated(lambda: validate_uuid(uuid))
 
         async def body() -> DeviceInfo:
@@ -377,8 +407,10 @@ class DeviceService:
 
     # -- message -----------------------------------------------------------
     async def message(self, name: str, sector: int, text: str, *,
-                      caller: Caller = ROOT) -> str:
+                      caller: Caller = ROOT,
+                      claim: str | None = None) -> str:
         await self.authorize(caller, Action.MODIFY, name)
+        self.check_claim(name, claim)
         async def body() -> str:
             async with self.locks.hold(name):
                 info, out = await self.kernel(Engine.target_msg, name, sector, text)
@@ -401,12 +433,14 @@ class DeviceService:
         return sorted(names)
 
     async def remove(self, name: str, *, force: bool = False, deferred: bool = False,
-                     caller: Caller = ROOT) -> DeviceInfo:
+                     caller: Caller = ROOT,
+                     claim: str | None = None) -> DeviceInfo:
         """Remove a device. An open device, or one other devices use, is refused
         with the names of its users unless *deferred* (the kernel removes it
         when the last user closes it) or *force* (its table is first replaced
         by ``error`` so users fail fast instead of hanging, then deferred)."""
         await self.authorize(caller, Action.REMOVE, name)
+        self.check_claim(name, claim)
         async def body() -> DeviceInfo:
             async with self.locks.hold(name):
                 info = await self.kernel(Engine.device_info, name)
@@ -450,7 +484,8 @@ class DeviceService:
         """Remove every device dmd manages, users before the devices they use."""
         await self.authorize(caller, Action.REMOVE, "*")
         removed: list[str] = []
-        pending = [r.name for r in await self.store.list_devices()]
+        # A pool's devices go with the pool (Pool.Destroy), not with this.
+        pending = [r.name for r in await self.store.list_devices() if not self.claimed(r.name)]
         for _ in range(len(pending) + 1):
             progress = False
             for name in list(pending):
@@ -485,8 +520,10 @@ class DeviceService:
 
     # -- metadata ----------------------------------------------------------
     async def set_labels(self, name: str, labels: Mapping[str, str], *,
-                         caller: Caller = ROOT) -> None:
+                         caller: Caller = ROOT,
+                         claim: str | None = None) -> None:
         await self.authorize(caller, Action.MANAGE, name)
+        self.check_claim(name, claim)
         clean = check_labels(labels)
         async with self.locks.hold(name):
             if await self.store.get_device(name) is None:
@@ -496,9 +533,11 @@ class DeviceService:
         await self.events.settle([name])
 
     async def adopt(self, name: str, *, persistent: bool = False,
-                    caller: Caller = ROOT) -> DeviceInfo:
+                    caller: Caller = ROOT,
+                    claim: str | None = None) -> DeviceInfo:
         """Start managing a device another tool made: record its live table."""
         await self.authorize(caller, Action.MANAGE, name)
+        self.check_claim(name, claim)
         async def body() -> DeviceInfo:
             async with self.locks.hold(name):
                 if await self.store.get_device(name) is not None:

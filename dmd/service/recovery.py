@@ -21,6 +21,7 @@ from dmd.engine.interface import Engine
 from dmd.service.drift import live_differs
 from dmd.service.journal import ReloadArgs, ReloadStep, RenameArgs
 from dmd.service.operations import DeviceService
+from dmd.service.pools import POOL_OPERATIONS
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,8 @@ async def recover(service: DeviceService) -> RecoveryReport:
     report = RecoveryReport()
     store = service.store
     for intent in sorted(await store.pending_intents(), key=lambda i: i.id):
+        if intent.operation in POOL_OPERATIONS:
+            continue  # settled by dmd.service.pool_recovery, after the devices
         try:
             await _settle_intent(service, intent, report)
         except Exception:

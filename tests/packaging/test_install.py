@@ -42,8 +42,11 @@ def test_files_land_where_debian_looks(staged: Path) -> None:
 def test_polkit_actions_are_the_ones_dmd_asks_for(staged: Path) -> None:
     tree = ElementTree.parse(staged / "usr/share/polkit-1/actions/org.example.devicemapper.policy")
     ids = {a.get("id") for a in tree.getroot().iter("action")}
-    assert ids == {names.ACTION_CREATE, names.ACTION_MODIFY, names.ACTION_REMOVE,
-                   names.ACTION_MANAGE}
+    from dmd.service.auth import Action
+
+    assert ids == {names.ACTION_PREFIX + action.value for action in Action}
+    assert ids >= {names.ACTION_CREATE, names.ACTION_MODIFY, names.ACTION_REMOVE,
+                   names.ACTION_MANAGE, names.ACTION_POOL, names.ACTION_VOLUME}
     for action in tree.getroot().iter("action"):
         assert action.findtext("defaults/allow_any") == "no"
 

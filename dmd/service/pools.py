@@ -1,0 +1,621 @@
+"""Pools and volumes: what a service asks for ("20 GiB from that pool"),
+made of thin-provisioning devices it never has to learn about.
+
+A pool is laid out by dmd over whole devices an admin hands it: each device
+keeps its first 4 MiB for the pool's own description (written there by a
+later revision; zeroed now), the metadata device takes the size the
+kernel's documentation asks for from the first device, and the data device
+is everything else. Its device-mapper devices are named after it:
+
+    P-tmeta  P-tdata  P-tpool   and one  P-V  per active volume V
+
+and claimed (``DeviceService.claims``): raw device calls on them are refused
+with Busy, naming the pool. Every device is a persistent managed device, so
+after a reboot the service's recovery re-creates them in order (each after
+the devices its table names).
+
+Thin ids are handed out from the pool's ``next_thin_id`` (made durable
+before the id is used, and only ever raised), and every change to the set of
+thin ids moves the pool's transaction id by one, as described in
+dmd.service.journal; ``recover_pools`` reads it after a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import re
+import uuid as uuidlib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from dmd.engine import DmError, NotABlockDevice, TargetLine
+from dmd.engine.interface import Engine
+from dmd.engine.targets import parse_status
+from dmd.engine.targets.thin import (
+    MAX_THIN_ID,
+    ThinPoolParams,
+    ThinPoolStatus,
+    create_snap,
+    create_thin,
+    delete,
+    metadata_sectors,
+    set_transaction_id,
+    valid_block_sectors,
+)
+from dmd.engine.types import MAX_DEVICE_SECTORS
+from dmd.service import errors
+from dmd.service.auth import ROOT, Action, Caller
+from dmd.service.journal import (
+    Journal,
+    PoolArgs,
+    PoolCreateStep,
+    PoolDestroyStep,
+    SnapshotStep,
+    VolumeCreateStep,
+    VolumeDeleteStep,
+    intent,
+)
+from dmd.service.locks import DeviceLocks
+from dmd.service.operations import DeviceService, check_labels
+from dmd.state import PoolLayout, PoolRecord, Segment, VolumeRecord
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"^[A-Za-z0-9_.+]{1,64}$")  # no "-": device names are POOL-VOLUME
+HEADER_SECTORS = 8192  # 4 MiB at the start of every pool device
+MIN_DEVICE_BYTES = 16 << 20
+DEFAULT_BLOCK_SECTORS = 128  # 64 KiB, LVM's default for thin pools
+WIPE_BYTES = 1 << 20
+POOL_OPERATIONS = frozenset({"pool-create", "pool-destroy", "volume-create",
+                             "volume-snapshot", "volume-delete"})
+
+
+@dataclass(frozen=True, slots=True)
+class PoolState:
+    """What the kernel says of a pool now (None where the pool is not active)."""
+
+    transaction_id: int | None
+    data_used_bytes: int
+    data_total_bytes: int
+    metadata_used_bytes: int
+    metadata_total_bytes: int
+    mode: str  # ok, out-of-data-space, read-only, needs-check, inactive
+
+
+def check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or not NAME.match(name) or name in (".", ".."):
+        raise errors.InvalidArgument(
+            f"a {what} name is 1 to 64 letters, digits, '_', '.' or '+', not {name!r}")
+    return name
+
+
+def check_size(size_bytes: int) -> int:
+    """A volume size in bytes, rounded up to whole 512-byte sectors."""
+    if not isinstance(size_bytes, int) or isinstance(size_bytes, bool) or size_bytes <= 0:
+        raise errors.InvalidArgument(f"a volume size is a positive number of bytes, "
+                                     f"not {size_bytes!r}")
+    sectors = -(-size_bytes // 512)
+    if sectors > MAX_DEVICE_SECTORS:
+        raise errors.InvalidArgument(
+            f"{size_bytes} bytes is larger than the kernel's largest device "
+            f"({MAX_DEVICE_SECTORS * 512} bytes)")
+    return sectors * 512
+
+
+def tpool(pool: str) -> str:
+    return f"{pool}-tpool"
+
+
+def volume_device(pool: str, volume: str) -> str:
+    return f"{pool}-{volume}"
+
+
+def layout(devices: list[tuple[str, int]], block_sectors: int) -> PoolLayout:
+    """Metadata from the first device after its header, data over the rest
+    of it and every other device, in whole data blocks."""
+    usable = [(size // 512) - HEADER_SECTORS for _, size in devices]
+    total = sum(usable)
+    meta = metadata_sectors(total, block_sectors)
+    if meta >= usable[0]:
+        raise errors.InvalidArgument(
+            f"{devices[0][0]} is too small for the pool's metadata ({meta * 512} bytes)")
+    data: list[Segment] = [Segment(0, HEADER_SECTORS + meta, usable[0] - meta)]
+    data += [Segment(i, HEADER_SECTORS, n) for i, n in enumerate(usable) if i > 0]
+    extra = sum(s.length for s in data) % block_sectors
+    while extra:  # whole blocks only: trim the tail
+        last = data[-1]
+        cut = min(extra, last.length)
+        data[-1:] = [replace(last, length=last.length - cut)] if last.length > cut else []
+        extra -= cut
+    if sum(s.length for s in data) < block_sectors:
+        raise errors.InvalidArgument("the devices leave no room for data")
+    return PoolLayout(tuple(p for p, _ in devices), tuple(s for _, s in devices),
+                      (Segment(0, HEADER_SECTORS, meta),), tuple(data))
+
+
+def _linear(layout_: PoolLayout, segments: tuple[Segment, ...]) -> list[TargetLine]:
+    lines, at = [], 0
+    for seg in segments:
+        lines.append(TargetLine(at, seg.length, "linear",
+                                f"{layout_.devices[seg.device]} {seg.start}"))
+        at += seg.length
+    return lines
+
+
+def _pool_table(record: PoolRecord) -> list[TargetLine]:
+    data = record.layout.data_sectors
+    low_water = data // record.block_sectors * record.low_water_percent // 100
+    params = ThinPoolParams(f"/dev/mapper/{record.name}-tmeta",
+                            f"/dev/mapper/{record.name}-tdata", record.block_sectors,
+                            low_water, error_if_no_space=record.on_full == "error")
+    return [TargetLine(0, data, "thin-pool", params.to_params())]
+
+
+def _thin_table(pool: str, thin_id: int, size_bytes: int) -> list[TargetLine]:
+    return [TargetLine(0, size_bytes // 512, "thin", f"/dev/mapper/{tpool(pool)} {thin_id}")]
+
+
+def _volume_uuid(volume_uuid: str) -> str:
+    return f"DMD-VOL-{volume_uuid}"
+
+
+class PoolService:
+    """Pools and volumes over the device service; the only writer of both."""
+
+    def __init__(self, devices: DeviceService) -> None:
+        self.devices = devices
+        self.kernel = devices.kernel
+        self.store = devices.store
+        self.fault = devices.fault
+        self.locks = DeviceLocks()
+
+    @staticmethod
+    def owner(pool: str) -> str:
+        return f"pool {pool!r}"
+
+    async def start(self) -> None:
+        """Claim the names of every recorded pool."""
+        for pool in await self.store.list_pools():
+            self._claim(pool.name)
+
+    def _claim(self, pool: str) -> None:
+        self.devices.claims[f"{pool}-"] = self.owner(pool)
+
+    def _release(self, pool: str) -> None:
+        self.devices.claims.pop(f"{pool}-", None)
+
+    async def _authorize(self, caller: Caller, action: Action, subject: str,
+                         owner_uid: int | None = None) -> None:
+        await self.devices.authorize(caller, action, subject)
+        if owner_uid is not None and caller.uid not in (0, owner_uid):
+            raise errors.NotAuthorized(
+                f"{subject} belongs to uid {owner_uid}; uid {caller.uid} may not change it")
+
+    # -- reads -----------------------------------------------------------------
+    async def pools(self) -> list[PoolRecord]:
+        return await self.store.list_pools()
+
+    async def pool(self, name: str) -> PoolRecord:
+        record = await self.store.get_pool(name)
+        if record is None:
+            raise errors.NotFound(f"no pool named {name!r}")
+        return record
+
+    async def volumes(self, pool: str | None = None) -> list[VolumeRecord]:
+        return await self.store.list_volumes(pool)
+
+    async def volume(self, pool: str, name: str) -> VolumeRecord:
+        for volume in await self.store.list_volumes(pool):
+            if volume.name == name:
+                return volume
+        await self.pool(pool)
+        raise errors.NotFound(f"no volume {name!r} in pool {pool!r}")
+
+    async def pool_state(self, pool: str) -> PoolState:
+        record = await self.pool(pool)
+        try:
+            _, lines = await self.kernel(Engine.table_status, tpool(pool))
+        except DmError:
+            return PoolState(None, 0, record.layout.data_sectors * 512, 0,
+                             record.layout.metadata_sectors * 512, "inactive")
+        status = parse_status("thin-pool", lines[0].params)
+        assert isinstance(status, ThinPoolStatus)
+        block = record.block_sectors * 512
+        mode = ("needs-check" if status.needs_check else "read-only" if status.mode == "ro"
+                else "out-of-data-space" if status.mode == "out_of_data_space" else "ok")
+        return PoolState(status.transaction_id, status.used_data_blocks * block,
+                         status.total_data_blocks * block, status.used_metadata_blocks * 4096,
+                         status.total_metadata_blocks * 4096, mode)
+
+    async def _kernel_tid(self, pool: str) -> int:
+        state = await self.pool_state(pool)
+        if state.transaction_id is None:
+            raise errors.Busy(f"pool {pool!r} is not active")
+        return state.transaction_id
+
+    # -- pools -------------------------------------------------------------------
+    async def create_pool(self, name: str, paths: list[str], *, force: bool = False,
+                          block_size: int | None = None, on_full: str = "queue",
+                          low_water_percent: int = 20, caller: Caller = ROOT) -> PoolRecord:
+        await self._authorize(caller, Action.POOL, name)
+        check_name(name, "pool")
+        if not isinstance(paths, list) or not paths or len(set(paths)) != len(paths):
+            raise errors.InvalidArgument("a pool needs one or more distinct devices")
+        block_sectors = DEFAULT_BLOCK_SECTORS if block_size is None else block_size // 512
+        if block_size is not None and (block_size % 512 or not valid_block_sectors(
+                block_sectors)):
+            raise errors.InvalidArgument(
+                f"block-size must be a multiple of 64 KiB from 64 KiB to 1 GiB, not {block_size}")
+        if on_full not in ("queue", "error"):
+            raise errors.InvalidArgument(f"on-full is 'queue' or 'error', not {on_full!r}")
+        if not isinstance(low_water_percent, int) or not 0 <= low_water_percent <= 99:
+            raise errors.InvalidArgument("low-water is a percentage from 0 to 99")
+        async with self.locks.hold(name):
+            if await self.store.get_pool(name) is not None:
+                raise errors.AlreadyExists(f"a pool named {name!r} exists")
+            sized = await self._check_devices(paths, force)
+            plan = layout(sized, block_sectors)
+            record = PoolRecord(name, str(uuidlib.uuid4()), caller.uid, block_sectors, on_full,
+                                low_water_percent, 0, 0, plan)
+            for suffix in ("tmeta", "tdata", "tpool"):
+                if (await self.devices.store.get_device(f"{name}-{suffix}")) is not None:
+                    raise errors.AlreadyExists(f"a device named {name}-{suffix} exists")
+            self._claim(name)
+            try:
+                await self._make_pool(record)
+            except BaseException:
+                self._release(name)
+                raise
+        log.info("pool-create %s: %d device(s), %d bytes of data", name, len(paths),
+                 plan.data_sectors * 512)
+        return record
+
+    async def _check_devices(self, paths: list[str], force: bool) -> list[tuple[str, int]]:
+        taken = {p: pool.name for pool in await self.store.list_pools()
+                 for p in pool.layout.devices}
+        sized = []
+        for path in paths:
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise errors.InvalidArgument(f"a pool device is an absolute path, not {path!r}")
+            if path in taken:
+                raise errors.Busy(f"{path} is a device of pool {taken[path]!r}")
+            try:
+                facts = await self.kernel(Engine.block_device, path)
+            except NotABlockDevice as exc:
+                raise errors.InvalidArgument(str(exc)) from None
+            except OSError as exc:
+                raise errors.InvalidArgument(f"{path}: {exc.strerror}") from None
+            if facts.in_use:
+                raise errors.Busy(f"{path} is in use (mounted, or held by another device)")
+            if facts.signature == "dmd_pool" or (facts.signature and not force):
+                raise errors.Busy(
+                    f"{path} carries a {facts.signature} signature; pass force to overwrite it"
+                    if facts.signature != "dmd_pool" else f"{path} belongs to another dmd pool")
+            if facts.size_bytes < MIN_DEVICE_BYTES:
+                raise errors.InvalidArgument(
+                    f"{path} is {facts.size_bytes} bytes; a pool device needs at least "
+                    f"{MIN_DEVICE_BYTES}")
+            sized.append((path, facts.size_bytes))
+        return sized
+
+    async def _make_pool(self, record: PoolRecord) -> None:
+        name, plan, claim = record.name, record.layout, self.owner(record.name)
+
+        async def undo(journal: Journal) -> None:
+            await self._remove_pool_devices(name)
+            if journal.step >= PoolCreateStep.POOL:  # the kernel may have formatted it
+                await self._wipe_metadata(plan)
+
+        async with intent(self.store, self.fault, "pool-create", name,
+                          PoolArgs(pool=name, layout=plan.to_json()), undo) as journal:
+            await journal.mark(PoolCreateStep.WIPE)
+            for path in plan.devices:
+                await self.kernel(Engine.wipe, path, 0, WIPE_BYTES)
+            await self._wipe_metadata(plan)
+            await journal.mark(PoolCreateStep.DEVICES)
+            await self.devices.create(f"{name}-tmeta", _linear(plan, plan.metadata),
+                                      uuid=f"DMD-POOL-{record.uuid}-tmeta", persistent=True,
+                                      claim=claim)
+            await self.devices.create(f"{name}-tdata", _linear(plan, plan.data),
+                                      uuid=f"DMD-POOL-{record.uuid}-tdata", persistent=True,
+                                      claim=claim)
+            await journal.mark(PoolCreateStep.POOL)
+            await self.devices.create(tpool(name), _pool_table(record),
+                                      uuid=f"DMD-POOL-{record.uuid}-tpool", persistent=True,
+                                      claim=claim)
+            await journal.mark(PoolCreateStep.RECORD)
+            await self.store.add_pool(record)
+
+    async def _wipe_metadata(self, plan: PoolLayout) -> None:
+        """Zero the start of the pool's metadata: the kernel then sees no pool
+        there (a new one is formatted, an old one cannot come back)."""
+        meta = plan.metadata[0]
+        await self.kernel(Engine.wipe, plan.devices[meta.device], meta.start * 512,
+                          WIPE_BYTES)
+
+    async def _remove_pool_devices(self, pool: str) -> None:
+        """Remove the pool's devices, volumes first; each is tried."""
+        claim = self.owner(pool)
+        names = [d.name for d in await self.kernel(Engine.list_devices)]
+        internal = {f"{pool}-{s}" for s in ("tpool", "tdata", "tmeta")}
+        order = sorted(n for n in names if n.startswith(f"{pool}-") and n not in internal)
+        order += [n for n in (tpool(pool), f"{pool}-tdata", f"{pool}-tmeta") if n in names]
+        for device in order:
+            with contextlib.suppress(errors.NotFound):
+                await self.devices.remove(device, claim=claim)
+        for record in await self.store.list_devices():
+            if record.name in internal:
+                await self.store.remove_device(record.name)
+
+    async def destroy_pool(self, name: str, *, force: bool = False,
+                           caller: Caller = ROOT) -> None:
+        """Remove the pool, its devices and records. Refused while it has
+        volumes, unless *force* (then they go too, data and all)."""
+        async with self.locks.hold(name):
+            record = await self.pool(name)
+            await self._authorize(caller, Action.POOL, name, record.owner_uid)
+            volumes = await self.store.list_volumes(name)
+            if volumes and not force:
+                raise errors.Busy(f"pool {name!r} has {len(volumes)} volume(s); delete them "
+                                  "first or pass force")
+            claim = self.owner(name)
+            for volume in volumes:  # refuse before anything goes if one is open
+                device = volume_device(name, volume.name)
+                with contextlib.suppress(DmError):
+                    info = await self.kernel(Engine.device_info, device)
+                    if info.open_count:
+                        raise errors.Busy(f"volume {volume.name!r} is open")
+            async def finish(_: Journal) -> None:
+                await self.finish_destroy(record)
+
+            async with intent(self.store, self.fault, "pool-destroy", name,
+                              PoolArgs(pool=name), roll_forward=finish) as journal:
+                journal.no_way_back()
+                await journal.mark(PoolDestroyStep.DEVICES)
+                for volume in volumes:
+                    device = volume_device(name, volume.name)
+                    with contextlib.suppress(errors.NotFound):
+                        await self.devices.remove(device, claim=claim)
+                await self._remove_pool_devices(name)
+                await self._wipe_metadata(record.layout)
+                await journal.mark(PoolDestroyStep.RECORD)
+                for volume in volumes:
+                    await self.store.pool_change(name, remove=volume.uuid)
+                await self.store.remove_pool(name)
+            self._release(name)
+        log.info("pool-destroy %s: done", name)
+
+    async def finish_destroy(self, record: PoolRecord) -> None:
+        """Finish a destroy from wherever it stopped."""
+        claim = self.owner(record.name)
+        volumes = await self.store.list_volumes(record.name)
+        for volume in volumes:
+            with contextlib.suppress(errors.NotFound):
+                await self.devices.remove(volume_device(record.name, volume.name), claim=claim)
+        await self._remove_pool_devices(record.name)
+        await self._wipe_metadata(record.layout)
+        for volume in volumes:
+            await self.store.pool_change(record.name, remove=volume.uuid)
+        if await self.store.get_pool(record.name) is not None:
+            await self.store.remove_pool(record.name)
+        self._release(record.name)
+
+    # -- volumes ---------------------------------------------------------------
+    async def _new_thin_id(self, pool: PoolRecord) -> int:
+        """The next thin id, durably taken before anything uses it."""
+        thin_id = pool.next_thin_id
+        if thin_id > MAX_THIN_ID:
+            raise errors.Busy(f"pool {pool.name!r} has used every thin id")
+        await self.store.pool_change(pool.name, next_thin_id=thin_id + 1)
+        return thin_id
+
+    async def _send(self, pool: str, message: str) -> None:
+        await self.devices.message(tpool(pool), 0, message, claim=self.owner(pool))
+
+    async def _commit_tid(self, pool: str, current: int) -> int:
+        await self._send(pool, set_transaction_id(current, current + 1))
+        return current + 1
+
+    async def create_volume(self, pool: str, name: str, size_bytes: int, *,
+                            labels: Mapping[str, str] | None = None,
+                            caller: Caller = ROOT) -> VolumeRecord:
+        await self._authorize(caller, Action.VOLUME, f"{pool}/{name}")
+        check_name(name, "volume")
+        size = check_size(size_bytes)
+        clean_labels = check_labels(labels or {})
+        async with self.locks.hold(pool):
+            record = await self.pool(pool)
+            if any(v.name == name for v in await self.store.list_volumes(pool)):
+                raise errors.AlreadyExists(f"pool {pool!r} has a volume named {name!r}")
+            tid = await self._kernel_tid(pool)
+            thin_id = await self._new_thin_id(record)
+            volume = VolumeRecord(str(uuidlib.uuid4()), pool, name, thin_id, size, None,
+                                  caller.uid, clean_labels, True)
+            await self._add_thin(record, volume, tid, create_thin(thin_id), "volume-create")
+        log.info("volume-create %s/%s: thin id %d, %d bytes", pool, name, thin_id, size)
+        return volume
+
+    async def _add_thin(self, pool: PoolRecord, volume: VolumeRecord, tid: int,
+                        message: str, operation: str, *, snapshot: bool = False,
+                        origin_device: str | None = None) -> None:
+        """The protocol shared by create and snapshot (see the module);
+        *origin_device*: the snapshot's origin device, if it is active."""
+        name = pool.name
+        claim = self.owner(name)
+        steps: Any = SnapshotStep if snapshot else VolumeCreateStep
+        suspended = False
+
+        async def undo(journal: Journal) -> None:
+            if suspended:
+                assert origin_device is not None
+                with contextlib.suppress(errors.ServiceError):
+                    await self.devices.resume(origin_device, claim=claim)
+            await self._undo_thin(name, volume, recorded=journal.step >= steps.ACTIVATE)
+
+        args = PoolArgs(pool=name, transaction_from=tid, thin_id=volume.thin_id,
+                        volume=_volume_json(volume), origin_uuid=volume.origin_uuid)
+        async with intent(self.store, self.fault, operation, f"{name}/{volume.name}",
+                          args, undo) as journal:
+            if snapshot:
+                await journal.mark(SnapshotStep.SUSPEND)
+            if origin_device is not None:
+                await self.devices.suspend(origin_device, claim=claim)
+                suspended = True
+            await journal.mark(steps.MESSAGE)
+            await self._send(name, message)
+            await journal.mark(steps.TRANSACTION)
+            await self._commit_tid(name, tid)
+            if snapshot:
+                await journal.mark(SnapshotStep.RESUME)
+            if origin_device is not None:
+                await self.devices.resume(origin_device, claim=claim)
+                suspended = False
+            await journal.mark(steps.RECORD)
+            await self.store.pool_change(name, transaction_id=tid + 1, add=volume)
+            if volume.active:
+                await journal.mark(steps.ACTIVATE)
+                await self._activate(volume)
+
+    async def _undo_thin(self, pool: str, volume: VolumeRecord, *, recorded: bool) -> None:
+        """Take a thin id back out (deleting what is not there is fine) and
+        leave the records at the kernel's transaction id."""
+        claim = self.owner(pool)
+        with contextlib.suppress(errors.NotFound):
+            await self.devices.remove(volume_device(pool, volume.name), claim=claim)
+        try:
+            await self._send(pool, delete(volume.thin_id))
+        except errors.ServiceError as exc:
+            if not _is_errno(exc, errno.ENODATA):
+                log.error("volume %s/%s: could not delete thin id %d: %s", pool, volume.name,
+                          volume.thin_id, exc)
+                raise
+        tid = await self._kernel_tid(pool)
+        tid = await self._commit_tid(pool, tid)
+        await self.store.pool_change(pool, transaction_id=tid,
+                                     remove=volume.uuid if recorded else None)
+
+    async def _activate(self, volume: VolumeRecord) -> None:
+        await self.devices.create(
+            volume_device(volume.pool, volume.name),
+            _thin_table(volume.pool, volume.thin_id, volume.size_bytes),
+            uuid=_volume_uuid(volume.uuid), persistent=True, claim=self.owner(volume.pool))
+
+    async def snapshot(self, pool: str, origin: str, name: str, *,
+                       activate: bool = True, labels: Mapping[str, str] | None = None,
+                       caller: Caller = ROOT) -> VolumeRecord:
+        """A new volume holding *origin*'s data as it is now. An active origin
+        is suspended for the moment of the copy and resumed on every path."""
+        check_name(name, "volume")
+        clean_labels = check_labels(labels or {})
+        async with self.locks.hold(pool):
+            record = await self.pool(pool)
+            source = await self.volume(pool, origin)
+            await self._authorize(caller, Action.VOLUME, f"{pool}/{origin}", source.owner_uid)
+            if any(v.name == name for v in await self.store.list_volumes(pool)):
+                raise errors.AlreadyExists(f"pool {pool!r} has a volume named {name!r}")
+            tid = await self._kernel_tid(pool)
+            thin_id = await self._new_thin_id(record)
+            volume = VolumeRecord(str(uuidlib.uuid4()), pool, name, thin_id, source.size_bytes,
+                                  source.uuid, caller.uid, clean_labels, activate)
+            origin_device = volume_device(pool, origin) if source.active else None
+            await self._add_thin(record, volume, tid, create_snap(thin_id, source.thin_id),
+                                 "volume-snapshot", snapshot=True, origin_device=origin_device)
+        log.info("volume-snapshot %s/%s of %s: thin id %d", pool, name, origin, thin_id)
+        return volume
+
+    async def delete_volume(self, pool: str, name: str, *, caller: Caller = ROOT) -> None:
+        """Remove the volume's device, delete its thin id, drop its record."""
+        async with self.locks.hold(pool):
+            volume = await self.volume(pool, name)
+            await self._authorize(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
+            tid = await self._kernel_tid(pool)
+            claim = self.owner(pool)
+
+            async def finish(_: Journal) -> None:
+                await self.finish_delete(volume, tid)
+
+            async with intent(self.store, self.fault, "volume-delete", f"{pool}/{name}",
+                              PoolArgs(pool=pool, transaction_from=tid,
+                                       thin_id=volume.thin_id, volume=_volume_json(volume)),
+                              roll_forward=finish) as journal:
+                await journal.mark(VolumeDeleteStep.DEACTIVATE)
+                with contextlib.suppress(errors.NotFound):
+                    await self.devices.remove(volume_device(pool, name), claim=claim)
+                journal.no_way_back()
+                await journal.mark(VolumeDeleteStep.MESSAGE)
+                await self._send(pool, delete(volume.thin_id))
+                await journal.mark(VolumeDeleteStep.TRANSACTION)
+                await self._commit_tid(pool, tid)
+                await journal.mark(VolumeDeleteStep.RECORD)
+                await self.store.pool_change(pool, transaction_id=tid + 1, remove=volume.uuid)
+        log.info("volume-delete %s/%s: thin id %d deleted", pool, name, volume.thin_id)
+
+    async def finish_delete(self, volume: VolumeRecord, start: int) -> None:
+        """Finish a delete from wherever it stopped (recovery, or an error past
+        the device's removal): each step is skipped if it was done."""
+        pool = volume.pool
+        with contextlib.suppress(errors.NotFound):
+            await self.devices.remove(volume_device(pool, volume.name), claim=self.owner(pool))
+        tid = await self._kernel_tid(pool)
+        if tid == start:
+            try:
+                await self._send(pool, delete(volume.thin_id))
+            except errors.Kernel as exc:
+                if exc.errno != errno.ENODATA:  # ENODATA: deleted already
+                    raise
+            tid = await self._commit_tid(pool, start)
+        await self.store.pool_change(pool, transaction_id=tid, remove=volume.uuid)
+
+    async def resize_volume(self, pool: str, name: str, size_bytes: int, *,
+                            shrink: bool = False, caller: Caller = ROOT) -> VolumeRecord:
+        size = check_size(size_bytes)
+        async with self.locks.hold(pool):
+            volume = await self.volume(pool, name)
+            await self._authorize(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
+            if size < volume.size_bytes and not shrink:
+                raise errors.InvalidArgument(
+                    f"{size} bytes is smaller than {name!r} ({volume.size_bytes} bytes); "
+                    "shrinking loses the data past the new end: pass shrink to do it")
+            resized = replace(volume, size_bytes=size)
+            if volume.active:
+                await self.devices.reload(volume_device(pool, name),
+                                          _thin_table(pool, volume.thin_id, size),
+                                          claim=self.owner(pool))
+            await self.store.pool_change(pool, update=resized)
+        log.info("volume-resize %s/%s: %d -> %d bytes", pool, name, volume.size_bytes, size)
+        return resized
+
+    async def set_active(self, pool: str, name: str, active: bool, *,
+                         caller: Caller = ROOT) -> VolumeRecord:
+        """Activate (make its device) or deactivate (remove it; data and record
+        stay) a volume."""
+        async with self.locks.hold(pool):
+            volume = await self.volume(pool, name)
+            await self._authorize(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
+            changed = replace(volume, active=active)
+            device = volume_device(pool, name)
+            present = await self.devices.store.get_device(device) is not None
+            if active and not present:
+                await self._activate(volume)
+            elif not active and present:
+                await self.devices.remove(device, claim=self.owner(pool))
+            if changed != volume:
+                await self.store.pool_change(pool, update=changed)
+        return changed
+
+
+def _volume_json(volume: VolumeRecord) -> dict[str, Any]:
+    raw = asdict(volume)
+    raw.pop("created_at", None)
+    return raw
+
+
+def volume_from_json(raw: dict[str, Any]) -> VolumeRecord:
+    return VolumeRecord(**raw)
+
+
+def _is_errno(exc: errors.ServiceError, number: int) -> bool:
+    return isinstance(exc, errors.Kernel) and exc.errno == number

@@ -1,0 +1,316 @@
+"""Pools and volumes on SimDM and a real SQLite file: the operations, the
+refusals, and faults at every step of every operation (an exception: rolled
+back in-process; a crash: a forked child dies there and a fresh service
+recovers). Afterwards the pool's thin ids are exactly the recorded volumes',
+the recorded transaction id is the kernel's, nothing is suspended, and every
+active volume has its device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dmd.engine import DmFlags, TargetLine
+from dmd.engine.sim import SimDM
+from dmd.service import errors
+from dmd.service.auth import Caller
+from dmd.service.kernel import KernelWorkers
+from dmd.service.operations import DeviceService
+from dmd.service.pool_recovery import recover_pools
+from dmd.service.pools import PoolService
+from dmd.service.recovery import recover
+from dmd.state import AsyncStateStore, StateStore
+
+GIB = 1 << 30
+DISKS = ["/dev/simdisk1", "/dev/simdisk2", "/dev/simdisk3"]
+
+
+def open_pools(tmp: Path, fault: Any = None) -> PoolService:
+    engine = SimDM(tmp / "kernel.json")
+    for i, path in enumerate(DISKS, start=1):
+        if path not in engine.snapshot()["disks"]:
+            engine.add_disk(path, 7, i, 256 * 2048)
+    engine.add_disk("/dev/simext4", 7, 9, 256 * 2048, signature="ext4")
+    store = AsyncStateStore(StateStore.open(tmp / "state"))
+    return PoolService(DeviceService(KernelWorkers(engine), store, fault=fault))
+
+
+def close(pools: PoolService) -> None:
+    pools.devices.close()
+    pools.store.close()
+
+
+@pytest.fixture
+async def pools(tmp_path: Path) -> AsyncIterator[PoolService]:
+    svc = open_pools(tmp_path)
+    yield svc
+    close(svc)
+
+
+async def state(pools: PoolService) -> dict[str, Any]:
+    """Everything that must agree, as plain data."""
+    engine: SimDM = pools.kernel.engine  # type: ignore[assignment]
+    kernel = {}
+    for dev in engine.list_devices():
+        info, table = engine.table_status(dev.name, DmFlags.DM_STATUS_TABLE)
+        kernel[dev.name] = (info.suspended, info.inactive_present, [tuple(t) for t in table])
+    return {
+        "kernel": kernel,
+        "devices": sorted(r.name for r in await pools.store.list_devices()),
+        "pools": {p.name: p.transaction_id for p in await pools.store.list_pools()},
+        "volumes": sorted((v.pool, v.name, v.thin_id, v.size_bytes, v.active)
+                          for v in await pools.store.list_volumes()),
+        "thins": {k: sorted(v["thins"]) for k, v in engine.snapshot()["pools"].items()},
+        "pending": [i.operation for i in await pools.store.pending_intents()],
+    }
+
+
+async def assert_agree(pools: PoolService) -> dict[str, Any]:
+    now = await state(pools)
+    assert now["pending"] == []
+    assert sorted(now["kernel"]) == now["devices"], now
+    assert not any(s or i for s, i, _ in now["kernel"].values()), "suspended or half-loaded"
+    for pool in await pools.store.list_pools():
+        pool_state = await pools.pool_state(pool.name)
+        assert pool_state.transaction_id == pool.transaction_id, now
+        volumes = await pools.store.list_volumes(pool.name)
+        assert max((v.thin_id for v in volumes), default=-1) < pool.next_thin_id
+        [thins] = [t for t in now["thins"].values() if set(t) == {v.thin_id for v in volumes}] \
+            or [None]
+        assert thins is not None, f"pool thin ids {now['thins']} != records {volumes}"
+        for volume in volumes:
+            assert (f"{pool.name}-{volume.name}" in now["kernel"]) == volume.active
+    return now
+
+
+async def test_pool_volume_snapshot_resize_delete(pools: PoolService) -> None:
+    pool = await pools.create_pool("tank", DISKS[:2])
+    assert pool.layout.data_sectors % pool.block_sectors == 0
+    assert {"tank-tmeta", "tank-tdata", "tank-tpool"} <= set((await state(pools))["kernel"])
+    data = await pools.create_volume("tank", "data", 20 * GIB, labels={"app": "db"})
+    assert data.thin_id == 0 and data.size_bytes == 20 * GIB
+    snap = await pools.snapshot("tank", "data", "data.snap")
+    assert snap.thin_id == 1 and snap.origin_uuid == data.uuid
+    assert snap.size_bytes == data.size_bytes
+    grown = await pools.resize_volume("tank", "data", 30 * GIB)
+    assert grown.size_bytes == 30 * GIB
+    now = await assert_agree(pools)
+    assert now["kernel"]["tank-data"][2] == [(0, 30 * GIB // 512, "thin", "253:2 0")]
+    assert (await pools.pool_state("tank")).transaction_id == 2
+    await pools.set_active("tank", "data.snap", False)
+    assert "tank-data.snap" not in (await assert_agree(pools))["kernel"]
+    await pools.set_active("tank", "data.snap", True)
+    await pools.delete_volume("tank", "data")
+    now = await assert_agree(pools)
+    assert [v[1] for v in now["volumes"]] == ["data.snap"]
+    # Ids are never handed out twice, even after a delete.
+    again = await pools.create_volume("tank", "data", GIB)
+    assert again.thin_id == 2
+    with pytest.raises(errors.Busy, match="volume"):
+        await pools.destroy_pool("tank")
+    await pools.destroy_pool("tank", force=True)
+    now = await state(pools)
+    assert now["kernel"] == {} and now["devices"] == [] and now["pools"] == {}
+    assert now["volumes"] == [] and now["thins"] == {}  # the metadata was wiped
+    # The devices are free for a new pool.
+    await pools.create_pool("tank", DISKS[:2])
+
+
+async def test_pool_spans_devices(pools: PoolService) -> None:
+    pool = await pools.create_pool("wide", DISKS, block_size=256 << 10)
+    assert pool.block_sectors == 512
+    assert [s.device for s in pool.layout.data] == [0, 1, 2]
+    assert pool.layout.data_sectors % 512 == 0
+    state_ = await pools.pool_state("wide")
+    assert state_.data_total_bytes == pool.layout.data_sectors * 512
+    assert state_.mode == "ok" and state_.transaction_id == 0
+
+
+async def bad_inputs(pools: PoolService) -> list[tuple[type[Exception], Callable[[], Awaitable[Any]]]]:
+    return [
+        (errors.InvalidArgument, lambda: pools.create_volume("tank", "v", 0)),
+        (errors.InvalidArgument, lambda: pools.create_volume("tank", "v", 1 << 63)),
+        (errors.InvalidArgument, lambda: pools.create_volume("tank", "v", -1)),
+        (errors.InvalidArgument, lambda: pools.create_volume("tank", "a-b", GIB)),
+        (errors.InvalidArgument, lambda: pools.create_volume("tank", "", GIB)),
+        (errors.NotFound, lambda: pools.create_volume("nosuch", "v", GIB)),
+        (errors.AlreadyExists, lambda: pools.create_volume("tank", "taken", GIB)),
+        (errors.AlreadyExists, lambda: pools.snapshot("tank", "taken", "taken")),
+        (errors.NotFound, lambda: pools.snapshot("tank", "nosuch", "s")),
+        (errors.InvalidArgument, lambda: pools.resize_volume("tank", "taken", GIB // 2)),
+        (errors.NotFound, lambda: pools.delete_volume("tank", "nosuch")),
+        (errors.Busy, lambda: pools.create_pool("other", [DISKS[0]])),  # in tank
+        (errors.Busy, lambda: pools.create_pool("other", ["/dev/simext4"])),  # ext4
+        (errors.InvalidArgument, lambda: pools.create_pool("other", ["/dev/nothing"])),
+        (errors.InvalidArgument, lambda: pools.create_pool("other", ["relative"])),
+        (errors.InvalidArgument, lambda: pools.create_pool("other", [])),
+        (errors.InvalidArgument, lambda: pools.create_pool("other", [DISKS[2], DISKS[2]])),
+        (errors.InvalidArgument, lambda: pools.create_pool("o", [DISKS[2]], block_size=4096)),
+        (errors.InvalidArgument, lambda: pools.create_pool("o", [DISKS[2]], on_full="drop")),
+        (errors.AlreadyExists, lambda: pools.create_pool("tank", [DISKS[2]])),
+        (errors.InvalidArgument, lambda: pools.create_pool("bad-name", [DISKS[2]])),
+    ]
+
+
+async def test_bad_input_gets_a_named_error_and_changes_nothing(pools: PoolService) -> None:
+    await pools.create_pool("tank", DISKS[:2])
+    await pools.create_volume("tank", "taken", GIB)
+    before = await state(pools)
+    for kind, call in await bad_inputs(pools):
+        with pytest.raises(kind):
+            await call()
+        assert await state(pools) == before, call
+    # With force, a signature does not stop it.
+    await pools.create_pool("other", ["/dev/simext4"], force=True)
+
+
+async def test_raw_calls_on_a_pools_devices_are_refused(pools: PoolService) -> None:
+    await pools.create_pool("tank", DISKS[:1])
+    await pools.create_volume("tank", "v", GIB)
+    before = await state(pools)
+    raw = pools.devices
+    for call in (lambda: raw.remove("tank-tpool"), lambda: raw.remove("tank-v"),
+                 lambda: raw.message("tank-tpool", 0, "delete 0"),
+                 lambda: raw.reload("tank-v", [TargetLine(0, 8, "zero", "")]),
+                 lambda: raw.suspend("tank-tmeta"), lambda: raw.rename("tank-v", "mine"),
+                 lambda: raw.create("tank-new", [TargetLine(0, 8, "zero", "")])):
+        with pytest.raises(errors.Busy, match="pool 'tank'"):
+            await call()
+    assert await raw.remove_all_managed() == []
+    assert await state(pools) == before
+
+
+async def test_only_the_owner_changes_a_volume(pools: PoolService) -> None:
+    from dmd.service.auth import Action
+
+    class Allow:
+        async def authorize(self, caller: Caller, action: Action, device: str) -> None:
+            if action is Action.POOL:
+                raise errors.NotAuthorized("pools are for admins")
+
+    pools.devices.authorizer = Allow()
+    await pools.create_pool("tank", DISKS[:1])
+    alice, bob = Caller(uid=1001), Caller(uid=1002)
+    with pytest.raises(errors.NotAuthorized):
+        await pools.create_pool("mine", DISKS[1:2], caller=alice)
+    await pools.create_volume("tank", "alice", GIB, caller=alice)
+    with pytest.raises(errors.NotAuthorized):
+        await pools.delete_volume("tank", "alice", caller=bob)
+    with pytest.raises(errors.NotAuthorized):
+        await pools.snapshot("tank", "alice", "stolen", caller=bob)
+    with pytest.raises(errors.NotAuthorized):
+        await pools.resize_volume("tank", "alice", 2 * GIB, caller=bob)
+    await pools.snapshot("tank", "alice", "alice.1", caller=alice)
+    await pools.delete_volume("tank", "alice", caller=alice)
+
+
+class Boom(Exception):
+    pass
+
+
+OPERATIONS: dict[str, Callable[[PoolService], Awaitable[Any]]] = {
+    "pool-create": lambda p: p.create_pool("new", [DISKS[2]]),
+    "volume-create": lambda p: p.create_volume("tank", "fresh", GIB),
+    "volume-snapshot": lambda p: p.snapshot("tank", "base", "base.snap"),
+    "volume-delete": lambda p: p.delete_volume("tank", "base"),
+    "pool-destroy": lambda p: p.destroy_pool("tank", force=True),
+}
+STEPS = {"pool-create": 4, "volume-create": 4, "volume-snapshot": 6, "volume-delete": 4,
+         "pool-destroy": 2}
+EVERY_STEP = [(op, k) for op, n in STEPS.items() for k in range(1, n + 1)]
+# Past these steps an operation rolls forward (the kernel cannot undo it).
+ROLLS_FORWARD = {("volume-delete", k) for k in (2, 3, 4)} | {("pool-destroy", 1),
+                                                             ("pool-destroy", 2)}
+
+
+async def prepare(tmp: Path) -> None:
+    pools = open_pools(tmp)
+    await pools.create_pool("tank", DISKS[:2])
+    await pools.create_volume("tank", "base", GIB)
+    close(pools)
+
+
+def outcome(before: dict[str, Any], after: dict[str, Any], done: bool) -> None:
+    """The operation either happened whole or not at all."""
+    if not done:
+        # Undone: the same devices, records and thin ids (the transaction id
+        # may have moved on: an undo is a transaction of its own).
+        for key in ("kernel", "devices", "volumes"):
+            assert after[key] == before[key], key
+        assert sorted(after["thins"].values()) == sorted(before["thins"].values())
+
+
+@pytest.mark.parametrize(("operation", "step"), EVERY_STEP)
+async def test_error_at_any_step_leaves_all_or_nothing(tmp_path: Path, operation: str,
+                                                       step: int) -> None:
+    await prepare(tmp_path)
+
+    def fault(op: str, number: int) -> None:
+        if op == operation and number == step:
+            raise Boom(f"{op} step {number}")
+
+    pools = open_pools(tmp_path)
+    await pools.start()
+    before = await state(pools)
+    pools.devices.fault = pools.fault = fault
+    try:
+        with pytest.raises(Boom):
+            await OPERATIONS[operation](pools)
+        pools.devices.fault = pools.fault = None
+        after = await assert_agree(pools)
+        outcome(before, after, (operation, step) in ROLLS_FORWARD)
+    finally:
+        close(pools)
+
+
+@pytest.mark.parametrize(("operation", "step"), EVERY_STEP)
+def test_crash_at_any_step_then_recovery_agrees(tmp_path: Path, operation: str,
+                                                step: int) -> None:
+    asyncio.run(prepare(tmp_path))
+
+    async def before_crash() -> dict[str, Any]:
+        pools = open_pools(tmp_path)
+        try:
+            return await state(pools)
+        finally:
+            close(pools)
+
+    before = asyncio.run(before_crash())
+    pid = os.fork()
+    if pid == 0:
+        try:
+            def crash(op: str, number: int) -> None:
+                if op == operation and number == step:
+                    os._exit(42)
+
+            async def child() -> None:
+                pools = open_pools(tmp_path, crash)
+                pools.fault = crash
+                await pools.start()
+                await OPERATIONS[operation](pools)
+
+            asyncio.run(child())
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 42, "the child did not die at that step"
+
+    async def restart() -> dict[str, Any]:
+        pools = open_pools(tmp_path)
+        try:
+            report = await recover(pools.devices)
+            await recover_pools(pools, report)
+            assert not report.failed, report
+            return await assert_agree(pools)
+        finally:
+            close(pools)
+
+    after = asyncio.run(restart())
+    done = after["volumes"] != before["volumes"] or after["pools"].keys() != before["pools"].keys()
+    outcome(before, after, done)
