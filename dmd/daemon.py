@@ -32,17 +32,17 @@ from dbus_fast import BusType, Message, NameFlag, RequestNameReply
 
 from dmd import __version__
 from dmd.dbus.bus import DmdBus
-from dmd.dbus.exporter import Exporter
-from dmd.dbus.handlers import DeviceHandlers, ManagerHandlers
 from dmd.dbus.interfaces import ManagerInterface
 from dmd.dbus.names import BUS_NAME, ROOT_PATH
 from dmd.dbus.polkit import PolkitAuthorizer
-from dmd.dbus.router import Router
+from dmd.dbus.publish import publish
 from dmd.engine.interface import Engine
 from dmd.service.inventory import Inventory
 from dmd.service.kernel import KernelWorkers
 from dmd.service.kernel_events import KernelEventWatcher
 from dmd.service.operations import DeviceService, default_workers
+from dmd.service.pool_recovery import recover_pools
+from dmd.service.pools import PoolService
 from dmd.service.reconcile import Reconciler
 from dmd.service.recovery import recover
 from dmd.state import AsyncStateStore, StateError, StateStore
@@ -230,7 +230,9 @@ class Daemon:
             os.close(lock_fd)
 
     async def _serve(self, bus: DmdBus, service: DeviceService) -> None:
+        pools = PoolService(service)
         report = await recover(service)
+        await recover_pools(pools, report)
         for what, names in vars(report).items():
             if names:
                 log.info("recovery: %s: %s", what, ", ".join(names))
@@ -242,7 +244,7 @@ class Daemon:
                 for device, info in await asyncio.get_running_loop().run_in_executor(
                         None, lambda: list(udev.known_devices())):
                     inventory.apply_udev(device, info)
-            await self._publish_and_serve(bus, service, inventory, reconciler)
+            await self._publish_and_serve(bus, service, pools, inventory, reconciler)
 
     @contextlib.asynccontextmanager
     async def _event_sources(self, engine: Engine, reconciler: Reconciler
@@ -279,15 +281,13 @@ class Daemon:
             await asyncio.sleep(interval)
             request()
 
-    async def _publish_and_serve(self, bus: DmdBus, service: DeviceService,
+    async def _publish_and_serve(self, bus: DmdBus, service: DeviceService, pools: PoolService,
                                  inventory: Inventory, reconciler: Reconciler) -> None:
         kernel_version = ".".join(map(str, await service.kernel(Engine.version)))
         manager = ManagerInterface(kernel_version, __version__)
         bus.export(ROOT_PATH, manager)
-        exporter = Exporter(bus, inventory)
+        router, exporter, pool_exporter = await publish(bus, manager, service, pools, inventory)
         reconciler.on_dm_event(exporter.dm_event)
-        router = Router(bus, exporter, manager, ManagerHandlers(service, inventory),
-                        DeviceHandlers(service, inventory))
         bus.add_message_handler(router.handle)
         bus.quiet = False
         reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
@@ -306,6 +306,8 @@ class Daemon:
             raise StartupError(f"lost the connection to the bus ({bus_loss(disconnected)})")
         log.info("stopping: finishing %d call(s) in flight", len(router._in_flight))
         await router.drain()
+        await pools.jobs.drain()
+        pool_exporter.close()
         # Closing the connection releases the name (the bus daemon announces
         # it); a ReleaseName call first would only be one more write that fails
         # when the bus is going away too.

@@ -26,7 +26,7 @@ from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface
 
-from dmd.dbus.interfaces import DeviceInterface
+from dmd.dbus.interfaces import CachedObject
 from dmd.dbus.names import OBJECT_MANAGER_INTERFACE, ROOT_PATH
 from dmd.service import errors
 
@@ -92,7 +92,7 @@ class DmdBus(MessageBus):
     def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
         if self.quiet or not self.connected:
             return
-        if isinstance(interface, DeviceInterface):
+        if isinstance(interface, CachedObject):
             props: dict[str, Any] = interface.variants()
         else:
             props = {}

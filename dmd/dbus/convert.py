@@ -125,8 +125,9 @@ def typed_status_out(lines: list[TargetLine]) -> list[dict[str, Variant]]:
     return out
 
 
-def as_variants(values: Mapping[str, Any]) -> dict[str, Variant]:
-    return {name: Variant(DEVICE_PROPERTIES[name], value) for name, value in values.items()}
+def as_variants(values: Mapping[str, Any], signatures: Mapping[str, str] = DEVICE_PROPERTIES
+                ) -> dict[str, Variant]:
+    return {name: Variant(signatures[name], value) for name, value in values.items()}
 
 
 def check_string(value: object, what: str) -> str:
@@ -165,6 +166,11 @@ OPTIONS: dict[str, dict[str, str]] = {
     "Suspend": {"noflush": "b", "skip-lockfs": "b"},
     "Remove": {"force": "b", "deferred": "b"},
     "Adopt": {"persistent": "b"},
+    "CreatePool": {"force": "b", "block-size": "t", "on-full": "s", "low-water": "u"},
+    "CreateVolume": {"labels": "a{ss}"},
+    "Snapshot": {"labels": "a{ss}", "activate": "b"},
+    "Resize": {"shrink": "b"},
+    "Destroy": {"force": "b"},
 }
 
 

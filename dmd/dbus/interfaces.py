@@ -1,4 +1,4 @@
-"""The two interfaces dmd exports, as dbus-fast declarations.
+"""The interfaces dmd exports, as dbus-fast declarations.
 
 These classes are the single source of the API's shape: introspection, the
 shipped XML in data/dbus-interfaces/ and the router's signature checks all
@@ -18,7 +18,14 @@ from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 from dmd.dbus.convert import DEVICE_PROPERTIES, as_variants
-from dmd.dbus.names import DEVICE_INTERFACE, MANAGER_INTERFACE
+from dmd.dbus.names import (
+    DEVICE_INTERFACE,
+    JOB_INTERFACE,
+    MANAGER_INTERFACE,
+    POOL_INTERFACE,
+    VOLUME_INTERFACE,
+)
+from dmd.dbus.pool_convert import JOB_PROPERTIES, POOL_PROPERTIES, VOLUME_PROPERTIES
 
 Str = Annotated[str, DBusSignature("s")]
 Bool = Annotated[bool, DBusSignature("b")]
@@ -35,6 +42,8 @@ Names = Annotated[list[str], DBusSignature("as")]
 EventBody = Annotated[list[Any], DBusSignature("ua(ttss)")]
 TypedStatus = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
 StrList = Annotated[list[str], DBusSignature("as")]
+ObjectAndJob = Annotated[list[str], DBusSignature("oo")]
+Timeout = Annotated[float, DBusSignature("d")]
 
 
 def _routed() -> NoReturn:
@@ -63,6 +72,14 @@ class ManagerInterface(ServiceInterface):
     def RemoveAllManaged(self, options: Options) -> Names:
         _routed()
 
+    @dbus_method()
+    def CreatePool(self, name: Str, devices: StrList, options: Options) -> ObjectAndJob:
+        _routed()
+
+    @dbus_method()
+    def GetPool(self, name: Str) -> Path:
+        _routed()
+
     @dbus_property(access=PropertyAccess.READ)
     def KernelVersion(self) -> Str:
         return self._kernel_version
@@ -72,11 +89,15 @@ class ManagerInterface(ServiceInterface):
         return self._version
 
 
-class DeviceInterface(ServiceInterface):
-    """One mapped device; ``values`` holds the current property values."""
+class CachedObject(ServiceInterface):
+    """An object whose properties are served from ``values`` (kept current
+    by an exporter); PROPERTIES maps each name to its signature."""
+
+    INTERFACE = ""
+    PROPERTIES: dict[str, str] = {}
 
     def __init__(self, values: dict[str, Any]) -> None:
-        super().__init__(DEVICE_INTERFACE)
+        super().__init__(self.INTERFACE)
         self.values = values
         self._variants: dict[str, Variant] | None = None
 
@@ -92,8 +113,15 @@ class DeviceInterface(ServiceInterface):
         """Every property as a Variant, built once per change: GetManagedObjects
         with thousands of devices costs a dictionary lookup per device."""
         if self._variants is None:
-            self._variants = as_variants(self.values)
+            self._variants = as_variants(self.values, self.PROPERTIES)
         return self._variants
+
+
+class DeviceInterface(CachedObject):
+    """One mapped device."""
+
+    INTERFACE = DEVICE_INTERFACE
+    PROPERTIES = DEVICE_PROPERTIES
 
     @dbus_method()
     def LoadTable(self, table: Table, options: Options) -> None:
@@ -152,10 +180,73 @@ class DeviceInterface(ServiceInterface):
         return [event_nr, status]
 
 
-def _device_property(name: str, signature: str) -> Any:
-    """A read-only property served from ``values`` (declared from
-    DEVICE_PROPERTIES, the one list of them)."""
-    def getter(self: DeviceInterface) -> Any:
+class PoolInterface(CachedObject):
+    """A thin pool dmd laid out; its volumes are objects of their own."""
+
+    INTERFACE = POOL_INTERFACE
+    PROPERTIES = POOL_PROPERTIES
+
+    @dbus_method()
+    def CreateVolume(self, name: Str, size: U64, options: Options) -> ObjectAndJob:
+        _routed()
+
+    @dbus_method()
+    def Destroy(self, options: Options) -> Path:
+        _routed()
+
+
+class VolumeInterface(CachedObject):
+    """A volume of a pool: what a service asked for, without thin ids."""
+
+    INTERFACE = VOLUME_INTERFACE
+    PROPERTIES = VOLUME_PROPERTIES
+
+    @dbus_method()
+    def Snapshot(self, name: Str, options: Options) -> ObjectAndJob:
+        _routed()
+
+    @dbus_method()
+    def Resize(self, size: U64, options: Options) -> Path:
+        _routed()
+
+    @dbus_method()
+    def Delete(self, options: Options) -> Path:
+        _routed()
+
+    @dbus_method()
+    def Activate(self, options: Options) -> Path:
+        _routed()
+
+    @dbus_method()
+    def Deactivate(self, options: Options) -> Path:
+        _routed()
+
+
+class JobInterface(CachedObject):
+    """Work that outlives its call: its end is the Completed signal and the
+    State property (a finished job stays readable for a while)."""
+
+    INTERFACE = JOB_INTERFACE
+    PROPERTIES = JOB_PROPERTIES
+
+    @dbus_method()
+    def Cancel(self, options: Options) -> None:
+        _routed()
+
+    @dbus_method()
+    def Wait(self, timeout: Timeout) -> Bool:
+        _routed()
+
+    @dbus_signal()
+    def Completed(self, success: Bool, error_name: Str, error_message: Str
+                  ) -> Annotated[list[Any], DBusSignature("bss")]:
+        return [success, error_name, error_message]
+
+
+def _cached_property(name: str, signature: str) -> Any:
+    """A read-only property served from ``values`` (declared from the
+    class's PROPERTIES, the one list of them)."""
+    def getter(self: CachedObject) -> Any:
         return self.values[name]
 
     getter.__name__ = getter.__qualname__ = name
@@ -163,5 +254,6 @@ def _device_property(name: str, signature: str) -> Any:
     return dbus_property(access=PropertyAccess.READ)(getter)
 
 
-for _name, _signature in DEVICE_PROPERTIES.items():
-    setattr(DeviceInterface, _name, _device_property(_name, _signature))
+for _cls in (DeviceInterface, PoolInterface, VolumeInterface, JobInterface):
+    for _name, _signature in _cls.PROPERTIES.items():
+        setattr(_cls, _name, _cached_property(_name, _signature))

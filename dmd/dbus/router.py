@@ -12,22 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from dbus_fast import ErrorType, Message, MessageFlag, MessageType
 from dbus_fast.service import ServiceInterface
+from dbus_fast.signature import get_signature_tree
 
 from dmd.dbus.bus import DmdBus
-from dmd.dbus.exporter import Exporter
-from dmd.dbus.handlers import DeviceHandlers, ManagerHandlers
-from dmd.dbus.interfaces import DeviceInterface
+from dmd.dbus.interfaces import CachedObject
 from dmd.dbus.names import (
-    DEVICE_INTERFACE,
-    DEVICES_PATH,
     ERROR_PREFIX,
-    MANAGER_INTERFACE,
     OBJECT_MANAGER_INTERFACE,
     ROOT_PATH,
 )
@@ -39,20 +35,44 @@ log = logging.getLogger(__name__)
 Handler = Callable[..., Awaitable[Any]]
 
 
+Resolver = Callable[[str], "list[Any] | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectKind:
+    """One kind of object: its interface's methods are *handlers*' methods.
+    Objects live at ROOT_PATH (*prefix* None) or under *prefix*; *resolve*
+    turns an object's path into the arguments its handlers take first (the
+    device's name, the pool's, ...) or None when the object is gone."""
+
+    prototype: ServiceInterface
+    handlers: object
+    prefix: str | None = None
+    resolve: Resolver | None = None
+
+
+class HasObjects(Protocol):
+    @property
+    def objects(self) -> Mapping[str, CachedObject]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class _Route:
     handler: Handler
     in_signature: str
     out_signature: str
-    on_device: bool
+    outputs: int
+    resolve: Resolver | None
 
 
-def _routes(interface: ServiceInterface, handlers: object, on_device: bool
-            ) -> dict[str, _Route]:
+def _routes(kind: ObjectKind) -> dict[str, _Route]:
     routes = {}
-    for method in interface.introspect().methods:
-        routes[method.name] = _Route(getattr(handlers, method.name), method.in_signature,
-                                     method.out_signature, on_device)
+    for method in kind.prototype.introspect().methods:
+        if not hasattr(kind.handlers, method.name):
+            continue  # another kind's handlers serve it (one interface, two services)
+        outputs = len(get_signature_tree(method.out_signature).types)
+        routes[method.name] = _Route(getattr(kind.handlers, method.name), method.in_signature,
+                                     method.out_signature, outputs, kind.resolve)
     return routes
 
 
@@ -61,13 +81,18 @@ def error_reply(msg: Message, exc: errors.ServiceError) -> Message:
 
 
 class Router:
-    def __init__(self, bus: DmdBus, exporter: Exporter, manager: ServiceInterface,
-                 manager_handlers: ManagerHandlers, device_handlers: DeviceHandlers) -> None:
-        self.bus, self.exporter = bus, exporter
-        self._routes = {
-            MANAGER_INTERFACE: _routes(manager, manager_handlers, False),
-            DEVICE_INTERFACE: _routes(DeviceInterface({}), device_handlers, True),
-        }
+    def __init__(self, bus: DmdBus, kinds: list[ObjectKind], sources: list[HasObjects]) -> None:
+        self.bus, self.sources = bus, sources
+        self._routes: dict[str, dict[str, _Route]] = {}
+        self._prefixes: dict[str | None, str] = {}  # path prefix -> interface
+        for kind in kinds:
+            routes = self._routes.setdefault(kind.prototype.name, {})
+            routes.update(_routes(kind))
+            self._prefixes[kind.prefix] = kind.prototype.name
+        for kind in kinds:
+            missing = {m.name for m in kind.prototype.introspect().methods} - set(
+                self._routes[kind.prototype.name])
+            assert not missing, f"{kind.prototype.name}: no handler for {sorted(missing)}"
         self._in_flight: set[asyncio.Task[None]] = set()
         self.accepting = True
 
@@ -97,14 +122,15 @@ class Router:
     def _find(self, msg: Message) -> _Route | None:
         path, member = msg.path or "", msg.member or ""
         if path == ROOT_PATH:
-            candidates = [MANAGER_INTERFACE]
-        elif path.startswith(DEVICES_PATH + "/"):
-            candidates = [DEVICE_INTERFACE]
+            interface = self._prefixes.get(None)
         else:
+            # Any path under a kind's prefix is that kind's (one that names
+            # no object gets NotFound from dmd, not UnknownMethod).
+            interface = next((name for prefix, name in self._prefixes.items()
+                              if prefix is not None and path.startswith(prefix + "/")), None)
+        if interface is None or (msg.interface is not None and msg.interface != interface):
             return None
-        if msg.interface is not None and msg.interface not in candidates:
-            return None
-        return self._routes[candidates[0]].get(member)
+        return self._routes[interface].get(member)
 
     def _object_manager(self, msg: Message) -> Message:
         if msg.path != ROOT_PATH:
@@ -119,8 +145,8 @@ class Router:
         return self._managed_objects(msg)
 
     def _managed_objects(self, msg: Message) -> Message:
-        body = {path: {DEVICE_INTERFACE: obj.variants()}
-                for path, obj in self.exporter.objects.items()}
+        body = {path: {obj.name: obj.variants()}
+                for source in self.sources for path, obj in source.objects.items()}
         return Message.new_method_return(msg, "a{oa{sa{sv}}}", [body])
 
     # -- running -------------------------------------------------------------
@@ -130,13 +156,13 @@ class Router:
                 uid=await self.bus.caller_uid(msg.sender or ""), bus_name=msg.sender,
                 interactive=bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION))
             args: list[Any] = list(msg.body)
-            if route.on_device:
-                name = self.exporter.name_at(msg.path or "")
-                if name is None:
-                    raise errors.NotFound(f"no device at {msg.path} (it was removed)")
-                args.insert(0, name)
+            if route.resolve is not None:
+                subject = route.resolve(msg.path or "")
+                if subject is None:
+                    raise errors.NotFound(f"no object at {msg.path} (it was removed)")
+                args[:0] = subject
             result = await route.handler(caller, *args)
-            body = [] if not route.out_signature else [result]
+            body = [] if not route.outputs else [result] if route.outputs == 1 else list(result)
             reply = Message.new_method_return(msg, route.out_signature, body)
         except errors.ServiceError as exc:
             log.info("%s %s from %s: %s: %s", msg.member, msg.path, msg.sender, exc.name, exc)

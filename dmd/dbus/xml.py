@@ -13,11 +13,18 @@ from xml.etree import ElementTree
 from dbus_fast import introspection as intr
 from dbus_fast.service import ServiceInterface
 
-from dmd.dbus.interfaces import DeviceInterface, ManagerInterface
+from dmd.dbus.interfaces import (
+    DeviceInterface,
+    JobInterface,
+    ManagerInterface,
+    PoolInterface,
+    VolumeInterface,
+)
 
 
 def interfaces() -> list[ServiceInterface]:
-    return [ManagerInterface("", ""), DeviceInterface({})]
+    return [ManagerInterface("", ""), DeviceInterface({}), PoolInterface({}),
+            VolumeInterface({}), JobInterface({})]
 
 
 DOCTYPE = ('<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Introspection 1.0//EN"\n'

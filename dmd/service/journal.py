@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol, TypeVar
 
+from dmd.service.jobs import cancel_point, progress
+
 FaultHook = Callable[[str, int], None]
 log = logging.getLogger(__name__)
 
@@ -186,6 +188,8 @@ class Journal:
             self._queued.append(self.store.advance_intent_soon(self.intent_id, self.step))
         if self.fault is not None:
             self.fault(self.operation, self.step)
+        cancel_point(self.beyond_undo)
+        progress(self.step / (len(type(step)) + 1))
 
     async def marks_written(self) -> None:
         """Wait for the queued marks (so that their errors are not lost)."""

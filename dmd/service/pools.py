@@ -27,7 +27,7 @@ import errno
 import logging
 import re
 import uuid as uuidlib
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -48,6 +48,7 @@ from dmd.engine.targets.thin import (
 from dmd.engine.types import MAX_DEVICE_SECTORS
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
+from dmd.service.jobs import Job, Jobs
 from dmd.service.journal import (
     Journal,
     PoolArgs,
@@ -162,8 +163,18 @@ def _volume_uuid(volume_uuid: str) -> str:
     return f"DMD-VOL-{volume_uuid}"
 
 
+Accept = Callable[[Any], None]
+
+
+def _ignore(_: Any) -> None:
+    pass
+
+
 class PoolService:
-    """Pools and volumes over the device service; the only writer of both."""
+    """Every method that changes something calls *accept* with its subject
+    once the request can no longer be refused (validated, intent durable):
+    a Job (dmd.service.jobs) answers its caller then. The only writer of
+    pools and volumes."""
 
     def __init__(self, devices: DeviceService) -> None:
         self.devices = devices
@@ -171,6 +182,48 @@ class PoolService:
         self.store = devices.store
         self.fault = devices.fault
         self.locks = DeviceLocks()
+        # Subjects mid-operation, shown while their records are not final:
+        # uuid -> (volume, "creating" | "deleting"); name -> (pool, state).
+        self.pending: dict[str, tuple[VolumeRecord, str]] = {}
+        self.pending_pools: dict[str, tuple[PoolRecord, str]] = {}
+        self._settlers: list[Callable[[str], Awaitable[None]]] = []
+        self.jobs = Jobs()
+
+    async def as_job(self, operation: str, caller: Caller,
+                     call: Callable[[Accept], Awaitable[Any]]) -> tuple[Job, Any]:
+        """Run *call(accept)* (one of the methods below, given its accept) as a
+        Job: returns once it is accepted, with the job and its subject."""
+        return await self.jobs.start(operation, caller.uid, call)
+
+    def add_settler(self, settler: Callable[[str], Awaitable[None]]) -> None:
+        """*settler(pool)* runs after every change to a pool or its volumes,
+        before the change's caller hears of it (the bus shows it then)."""
+        self._settlers.append(settler)
+
+    async def _settle(self, pool: str) -> None:
+        for settler in list(self._settlers):
+            try:
+                await settler(pool)
+            except Exception:
+                log.exception("pool %s: settling the change failed", pool)
+
+    async def _accepted(self, pool: str, subject: Any, accept: Accept) -> None:
+        await self._settle(pool)
+        accept(subject)
+
+    @contextlib.asynccontextmanager
+    async def _changing(self, pool: str) -> AsyncIterator[None]:
+        """One change at a time to a pool; settled however it ends."""
+        async with self.locks.hold(pool):
+            try:
+                yield
+            finally:
+                # The lock makes this operation the only one on the pool, so
+                # whatever is pending in it is this operation's.
+                for key in [k for k, (v, _) in self.pending.items() if v.pool == pool]:
+                    del self.pending[key]
+                self.pending_pools.pop(pool, None)
+                await self._settle(pool)
 
     @staticmethod
     def owner(pool: str) -> str:
@@ -239,7 +292,8 @@ class PoolService:
     # -- pools -------------------------------------------------------------------
     async def create_pool(self, name: str, paths: list[str], *, force: bool = False,
                           block_size: int | None = None, on_full: str = "queue",
-                          low_water_percent: int = 20, caller: Caller = ROOT) -> PoolRecord:
+                          low_water_percent: int = 20, caller: Caller = ROOT,
+                          accept: Accept = _ignore) -> PoolRecord:
         await self._authorize(caller, Action.POOL, name)
         check_name(name, "pool")
         if not isinstance(paths, list) or not paths or len(set(paths)) != len(paths):
@@ -253,7 +307,7 @@ class PoolService:
             raise errors.InvalidArgument(f"on-full is 'queue' or 'error', not {on_full!r}")
         if not isinstance(low_water_percent, int) or not 0 <= low_water_percent <= 99:
             raise errors.InvalidArgument("low-water is a percentage from 0 to 99")
-        async with self.locks.hold(name):
+        async with self._changing(name):
             if await self.store.get_pool(name) is not None:
                 raise errors.AlreadyExists(f"a pool named {name!r} exists")
             sized = await self._check_devices(paths, force)
@@ -265,7 +319,7 @@ class PoolService:
                     raise errors.AlreadyExists(f"a device named {name}-{suffix} exists")
             self._claim(name)
             try:
-                await self._make_pool(record)
+                await self._make_pool(record, accept)
             except BaseException:
                 self._release(name)
                 raise
@@ -301,7 +355,7 @@ class PoolService:
             sized.append((path, facts.size_bytes))
         return sized
 
-    async def _make_pool(self, record: PoolRecord) -> None:
+    async def _make_pool(self, record: PoolRecord, accept: Accept) -> None:
         name, plan, claim = record.name, record.layout, self.owner(record.name)
 
         async def undo(journal: Journal) -> None:
@@ -311,6 +365,8 @@ class PoolService:
 
         async with intent(self.store, self.fault, "pool-create", name,
                           PoolArgs(pool=name, layout=plan.to_json()), undo) as journal:
+            self.pending_pools[name] = (record, "creating")
+            await self._accepted(name, record, accept)
             await journal.mark(PoolCreateStep.WIPE)
             for path in plan.devices:
                 await self.kernel(Engine.wipe, path, 0, WIPE_BYTES)
@@ -351,10 +407,11 @@ class PoolService:
                 await self.store.remove_device(record.name)
 
     async def destroy_pool(self, name: str, *, force: bool = False,
-                           caller: Caller = ROOT) -> None:
+                           caller: Caller = ROOT,
+                           accept: Accept = _ignore) -> None:
         """Remove the pool, its devices and records. Refused while it has
         volumes, unless *force* (then they go too, data and all)."""
-        async with self.locks.hold(name):
+        async with self._changing(name):
             record = await self.pool(name)
             await self._authorize(caller, Action.POOL, name, record.owner_uid)
             volumes = await self.store.list_volumes(name)
@@ -373,6 +430,8 @@ class PoolService:
 
             async with intent(self.store, self.fault, "pool-destroy", name,
                               PoolArgs(pool=name), roll_forward=finish) as journal:
+                self.pending_pools[name] = (record, "destroying")
+                await self._accepted(name, record, accept)
                 journal.no_way_back()
                 await journal.mark(PoolDestroyStep.DEVICES)
                 for volume in volumes:
@@ -421,12 +480,13 @@ class PoolService:
 
     async def create_volume(self, pool: str, name: str, size_bytes: int, *,
                             labels: Mapping[str, str] | None = None,
-                            caller: Caller = ROOT) -> VolumeRecord:
+                            caller: Caller = ROOT,
+                            accept: Accept = _ignore) -> VolumeRecord:
         await self._authorize(caller, Action.VOLUME, f"{pool}/{name}")
         check_name(name, "volume")
         size = check_size(size_bytes)
         clean_labels = check_labels(labels or {})
-        async with self.locks.hold(pool):
+        async with self._changing(pool):
             record = await self.pool(pool)
             if any(v.name == name for v in await self.store.list_volumes(pool)):
                 raise errors.AlreadyExists(f"pool {pool!r} has a volume named {name!r}")
@@ -434,13 +494,14 @@ class PoolService:
             thin_id = await self._new_thin_id(record)
             volume = VolumeRecord(str(uuidlib.uuid4()), pool, name, thin_id, size, None,
                                   caller.uid, clean_labels, True)
-            await self._add_thin(record, volume, tid, create_thin(thin_id), "volume-create")
+            await self._add_thin(record, volume, tid, create_thin(thin_id), "volume-create",
+                                 accept=accept)
         log.info("volume-create %s/%s: thin id %d, %d bytes", pool, name, thin_id, size)
         return volume
 
     async def _add_thin(self, pool: PoolRecord, volume: VolumeRecord, tid: int,
                         message: str, operation: str, *, snapshot: bool = False,
-                        origin_device: str | None = None) -> None:
+                        origin_device: str | None = None, accept: Accept = _ignore) -> None:
         """The protocol shared by create and snapshot (see the module);
         *origin_device*: the snapshot's origin device, if it is active."""
         name = pool.name
@@ -459,6 +520,8 @@ class PoolService:
                         volume=_volume_json(volume), origin_uuid=volume.origin_uuid)
         async with intent(self.store, self.fault, operation, f"{name}/{volume.name}",
                           args, undo) as journal:
+            self.pending[volume.uuid] = (volume, "creating")
+            await self._accepted(name, volume, accept)
             if snapshot:
                 await journal.mark(SnapshotStep.SUSPEND)
             if origin_device is not None:
@@ -505,12 +568,13 @@ class PoolService:
 
     async def snapshot(self, pool: str, origin: str, name: str, *,
                        activate: bool = True, labels: Mapping[str, str] | None = None,
-                       caller: Caller = ROOT) -> VolumeRecord:
+                       caller: Caller = ROOT,
+                       accept: Accept = _ignore) -> VolumeRecord:
         """A new volume holding *origin*'s data as it is now. An active origin
         is suspended for the moment of the copy and resumed on every path."""
         check_name(name, "volume")
         clean_labels = check_labels(labels or {})
-        async with self.locks.hold(pool):
+        async with self._changing(pool):
             record = await self.pool(pool)
             source = await self.volume(pool, origin)
             await self._authorize(caller, Action.VOLUME, f"{pool}/{origin}", source.owner_uid)
@@ -522,13 +586,15 @@ class PoolService:
                                   source.uuid, caller.uid, clean_labels, activate)
             origin_device = volume_device(pool, origin) if source.active else None
             await self._add_thin(record, volume, tid, create_snap(thin_id, source.thin_id),
-                                 "volume-snapshot", snapshot=True, origin_device=origin_device)
+                                 "volume-snapshot", snapshot=True, origin_device=origin_device,
+                                 accept=accept)
         log.info("volume-snapshot %s/%s of %s: thin id %d", pool, name, origin, thin_id)
         return volume
 
-    async def delete_volume(self, pool: str, name: str, *, caller: Caller = ROOT) -> None:
+    async def delete_volume(self, pool: str, name: str, *, caller: Caller = ROOT,
+                            accept: Accept = _ignore) -> None:
         """Remove the volume's device, delete its thin id, drop its record."""
-        async with self.locks.hold(pool):
+        async with self._changing(pool):
             volume = await self.volume(pool, name)
             await self._authorize(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
             tid = await self._kernel_tid(pool)
@@ -541,6 +607,8 @@ class PoolService:
                               PoolArgs(pool=pool, transaction_from=tid,
                                        thin_id=volume.thin_id, volume=_volume_json(volume)),
                               roll_forward=finish) as journal:
+                self.pending[volume.uuid] = (volume, "deleting")
+                await self._accepted(pool, volume, accept)
                 await journal.mark(VolumeDeleteStep.DEACTIVATE)
                 with contextlib.suppress(errors.NotFound):
                     await self.devices.remove(volume_device(pool, name), claim=claim)
@@ -570,9 +638,10 @@ class PoolService:
         await self.store.pool_change(pool, transaction_id=tid, remove=volume.uuid)
 
     async def resize_volume(self, pool: str, name: str, size_bytes: int, *,
-                            shrink: bool = False, caller: Caller = ROOT) -> VolumeRecord:
+                            shrink: bool = False, caller: Caller = ROOT,
+                            accept: Accept = _ignore) -> VolumeRecord:
         size = check_size(size_bytes)
-        async with self.locks.hold(pool):
+        async with self._changing(pool):
             volume = await self.volume(pool, name)
             await self._authorize(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
             if size < volume.size_bytes and not shrink:
@@ -580,6 +649,7 @@ class PoolService:
                     f"{size} bytes is smaller than {name!r} ({volume.size_bytes} bytes); "
                     "shrinking loses the data past the new end: pass shrink to do it")
             resized = replace(volume, size_bytes=size)
+            await self._accepted(pool, resized, accept)
             if volume.active:
                 await self.devices.reload(volume_device(pool, name),
                                           _thin_table(pool, volume.thin_id, size),
@@ -589,13 +659,15 @@ class PoolService:
         return resized
 
     async def set_active(self, pool: str, name: str, active: bool, *,
-                         caller: Caller = ROOT) -> VolumeRecord:
+                         caller: Caller = ROOT,
+                         accept: Accept = _ignore) -> VolumeRecord:
         """Activate (make its device) or deactivate (remove it; data and record
         stay) a volume."""
-        async with self.locks.hold(pool):
+        async with self._changing(pool):
             volume = await self.volume(pool, name)
             await self._authorize(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
             changed = replace(volume, active=active)
+            await self._accepted(pool, changed, accept)
             device = volume_device(pool, name)
             present = await self.devices.store.get_device(device) is not None
             if active and not present:

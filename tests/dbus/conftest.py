@@ -78,7 +78,7 @@ class Client:
     async def managed_objects(self) -> dict[str, dict[str, Any]]:
         body = await self.call(ROOT_PATH, OBJECT_MANAGER_INTERFACE, "GetManagedObjects")
         return {path: {k: plain(v.value) for k, v in ifaces[DEVICE_INTERFACE].items()}
-                for path, ifaces in body[0].items()}
+                for path, ifaces in body[0].items() if DEVICE_INTERFACE in ifaces}
 
 
 

@@ -124,14 +124,15 @@ OPTS_T = ("e", "s", "v")
 LABELS_T = ("e", "s", "s")
 ARGS: dict[str, list[Any]] = {
     "CreateDevice": ["s", TABLE_T, OPTS_T], "GetDevice": ["s"], "ListTargets": [],
-    "RemoveAllManaged": [OPTS_T],
+    "RemoveAllManaged": [OPTS_T], "CreatePool": ["s", ("a", "s"), OPTS_T], "GetPool": ["s"],
     "LoadTable": [TABLE_T, OPTS_T], "ClearTable": [OPTS_T], "Reload": [TABLE_T, OPTS_T],
     "Suspend": [OPTS_T], "Resume": [OPTS_T], "Rename": ["s", OPTS_T],
     "SetUUID": ["s", OPTS_T], "Message": ["t", "s", OPTS_T], "GetStatus": [OPTS_T],
     "GetTypedStatus": [OPTS_T],
     "Remove": [OPTS_T], "Adopt": [OPTS_T], "SetLabels": [LABELS_T, OPTS_T],
 }
-MANAGER_METHODS = ("CreateDevice", "GetDevice", "ListTargets", "RemoveAllManaged")
+MANAGER_METHODS = ("CreateDevice", "GetDevice", "ListTargets", "RemoveAllManaged",
+                   "CreatePool", "GetPool")
 DEVICE_METHODS = tuple(m for m in ARGS if m not in MANAGER_METHODS)
 STANDARD_MEMBERS = {"Ping", "GetMachineId", "Introspect", "Get", "GetAll", "Set",
                     "GetManagedObjects"}
@@ -348,7 +349,9 @@ def right_types(method: str) -> st.SearchStrategy[dict[str, Variant]]:
     value = {"b": st.booleans().map(lambda b: Variant("b", b)),
              "s": safe_text.filter(lambda u: not refused_uuid(u)).map(lambda u: Variant("s", u)),
              "a{ss}": st.dictionaries(st.from_regex(r"[a-z]{1,8}", fullmatch=True), safe_text,
-                                      max_size=3).map(lambda d: Variant("a{ss}", d))}
+                                      max_size=3).map(lambda d: Variant("a{ss}", d)),
+             "t": st.integers(0, U64).map(lambda n: Variant("t", n)),
+             "u": st.integers(0, (1 << 32) - 1).map(lambda n: Variant("u", n))}
     if not allowed:
         return st.just({})
     return st.fixed_dictionaries({}, optional={k: value[s] for k, s in allowed.items()})
@@ -479,6 +482,9 @@ def option_calls(cheap: bool) -> st.SearchStrategy[Call]:
         opts = bad_options(method, cheap)
         if method == "RemoveAllManaged":
             return opts.map(lambda o: manager(method, "a{sv}", [o]))
+        if method == "CreatePool":
+            return opts.map(lambda o: manager(method, "sasa{sv}",
+                                              ["fuzzpool", ["/dev/nothing"], o]))
         if method == "CreateDevice":
             return st.nothing()  # in create_calls
         rest = {"LoadTable": good_tables.map(lambda t: [t]),
@@ -527,7 +533,8 @@ def wrong_signatures(draw: Any) -> Call:
                       ("a", ("r", ("u", "u", "s", "s"))), ("r", ("t", "t", "s", "s")),
                       ("a", TABLE_T), ("a", "s"), ("e", "t", ("r", ("t", "s", "s")))],
             OPTS_T: [LABELS_T, ("a", "v"), ("e", "u", "v"), "v", ("a", ("r", ("s", "v")))],
-            LABELS_T: [OPTS_T, ("a", "s"), ("e", "s", "v")]}
+            LABELS_T: [OPTS_T, ("a", "s"), ("e", "s", "v")],
+            ("a", "s"): ["s", ("a", "o"), ("a", "v"), ("a", ("a", "s")), OPTS_T]}
     how = draw(st.sampled_from(["drop", "add", "swap", "near", "random"]))
     types_ = list(declared)
     if how == "drop" and types_:

@@ -132,7 +132,10 @@ async def test_pool_spans_devices(pools: PoolService) -> None:
     assert state_.mode == "ok" and state_.transaction_id == 0
 
 
-async def bad_inputs(pools: PoolService) -> list[tuple[type[Exception], Callable[[], Awaitable[Any]]]]:
+Case = tuple[type[Exception], Callable[[], Awaitable[Any]]]
+
+
+async def bad_inputs(pools: PoolService) -> list[Case]:
     return [
         (errors.InvalidArgument, lambda: pools.create_volume("tank", "v", 0)),
         (errors.InvalidArgument, lambda: pools.create_volume("tank", "v", 1 << 63)),

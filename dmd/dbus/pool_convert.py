@@ -1,0 +1,75 @@
+"""The properties of Pool, Volume and Job objects: one list each (name ->
+signature), and how each is made from the service's records. The interface
+declarations, the introspection XML and the variants sent in signals and
+GetManagedObjects all come from these lists."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dmd.dbus.names import NO_OBJECT, device_path, pool_path, volume_path
+from dmd.service.jobs import Job
+from dmd.service.pools import PoolState
+from dmd.state import PoolRecord, VolumeRecord
+
+POOL_PROPERTIES: dict[str, str] = {
+    "Name": "s", "UUID": "s", "Devices": "as", "BlockSize": "t",
+    "DataUsed": "t", "DataTotal": "t", "MetadataUsed": "t", "MetadataTotal": "t",
+    "Mode": "s", "State": "s", "TransactionId": "t", "OnFull": "s",
+    "LowWaterPercent": "u", "Owner": "u",
+}
+
+VOLUME_PROPERTIES: dict[str, str] = {
+    "Name": "s", "UUID": "s", "Pool": "o", "PoolName": "s", "Size": "t", "Origin": "o",
+    "UsedBytes": "t", "State": "s", "Owner": "u", "Labels": "a{ss}", "Device": "o",
+    "DevicePath": "s",
+}
+
+JOB_PROPERTIES: dict[str, str] = {
+    "Operation": "s", "Objects": "ao", "StartedBy": "u", "StartTime": "t", "Progress": "d",
+    "State": "s", "ErrorName": "s", "ErrorMessage": "s", "Result": "o", "Cancellable": "b",
+}
+
+
+def pool_properties(record: PoolRecord, state: PoolState, lifecycle: str) -> dict[str, Any]:
+    """*lifecycle*: "creating", "active" or "destroying"."""
+    return {
+        "Name": record.name, "UUID": record.uuid, "Devices": list(record.layout.devices),
+        "BlockSize": record.block_sectors * 512,
+        "DataUsed": state.data_used_bytes, "DataTotal": state.data_total_bytes,
+        "MetadataUsed": state.metadata_used_bytes,
+        "MetadataTotal": state.metadata_total_bytes,
+        "Mode": state.mode, "State": lifecycle,
+        "TransactionId": state.transaction_id if state.transaction_id is not None
+        else record.transaction_id,
+        "OnFull": record.on_full, "LowWaterPercent": record.low_water_percent,
+        "Owner": record.owner_uid,
+    }
+
+
+def volume_properties(volume: VolumeRecord, pool_uuid: str, state: str, used_bytes: int,
+                      device_minor: int | None, known_uuids: set[str]) -> dict[str, Any]:
+    """*state*: creating, active, inactive or deleting. The origin is shown
+    while it exists."""
+    return {
+        "Name": volume.name, "UUID": volume.uuid, "Pool": pool_path(pool_uuid),
+        "PoolName": volume.pool, "Size": volume.size_bytes,
+        "Origin": volume_path(volume.origin_uuid) if volume.origin_uuid in known_uuids
+        else NO_OBJECT,
+        "UsedBytes": used_bytes, "State": state, "Owner": volume.owner_uid,
+        "Labels": dict(volume.labels),
+        "Device": device_path(device_minor) if device_minor is not None else NO_OBJECT,
+        "DevicePath": f"/dev/mapper/{volume.pool}-{volume.name}"
+        if device_minor is not None else "",
+    }
+
+
+def job_properties(job: Job, objects: list[str], result: str) -> dict[str, Any]:
+    return {
+        "Operation": job.operation, "Objects": objects, "StartedBy": job.started_by,
+        "StartTime": int(job.started_at * 1_000_000), "Progress": float(job.progress),
+        "State": job.state.value, "ErrorName": job.error_name,
+        "ErrorMessage": job.error_message, "Result": result,
+        "Cancellable": job.cancellable and job.state.value == "running",
+    }
+

@@ -1,0 +1,201 @@
+"""Keep one object per pool, per volume and per job in step with the service.
+
+The pool service settles every change through ``refresh`` before the
+change's caller hears of it (and before a job's end is announced), so a
+client that reads properties after a reply or a Completed signal sees the
+new state. Pool usage moves with writes nobody tells dmd about: it is read
+again on every change of the pool's devices (a thin-pool event raises the
+pool's event number) and every ``USAGE_INTERVAL`` seconds while pools exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from dmd.dbus.bus import DmdBus
+from dmd.dbus.interfaces import CachedObject, JobInterface, PoolInterface, VolumeInterface
+from dmd.dbus.names import NO_OBJECT, job_path, pool_path, volume_path
+from dmd.dbus.pool_convert import job_properties, pool_properties, volume_properties
+from dmd.engine import DmError
+from dmd.engine.interface import Engine
+from dmd.engine.targets import parse_status
+from dmd.engine.targets.thin import ThinStatus
+from dmd.service.events import ChangeKind
+from dmd.service.inventory import DeviceView, Inventory
+from dmd.service.jobs import Job, JobEvent
+from dmd.service.pools import PoolService, PoolState, volume_device
+from dmd.service.reconcile import Coalesced
+from dmd.state import PoolRecord, VolumeRecord
+
+log = logging.getLogger(__name__)
+
+USAGE_INTERVAL = 30.0
+
+
+def _used_bytes(engine: Engine, devices: list[str]) -> dict[str, int]:
+    """Mapped bytes of each thin device, in one worker job."""
+    used: dict[str, int] = {}
+    for name in devices:
+        with contextlib.suppress(DmError, ValueError):
+            _, lines = engine.table_status(name)
+            status = parse_status("thin", lines[0].params) if lines else None
+            if isinstance(status, ThinStatus):
+                used[name] = status.mapped_sectors * 512
+    return used
+
+
+class PoolExporter:
+    def __init__(self, bus: DmdBus, pools: PoolService, inventory: Inventory) -> None:
+        self.bus, self.pools, self.inventory = bus, pools, inventory
+        self.objects: dict[str, CachedObject] = {}
+        self._pool_of_path: dict[str, str] = {}  # pool object path -> pool name
+        self._volume_of_path: dict[str, tuple[str, str]] = {}  # -> (pool, volume)
+        self._paths_of_pool: dict[str, set[str]] = {}
+        self._job_results: dict[int, str] = {}
+        self._timer: asyncio.Task[None] | None = None
+        self._refreshers: dict[str, Coalesced] = {}
+        pools.add_settler(self.refresh)
+        pools.jobs.subscribe(self._on_job)
+        inventory.subscribe(self._on_device)
+
+    async def start(self) -> None:
+        for pool in await self.pools.store.list_pools():
+            await self.refresh(pool.name)
+        self._timer = asyncio.get_running_loop().create_task(self._usage_timer())
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    # -- lookups for the router ------------------------------------------------
+    def pool_at(self, path: str) -> str | None:
+        return self._pool_of_path.get(path)
+
+    def volume_at(self, path: str) -> tuple[str, str] | None:
+        return self._volume_of_path.get(path)
+
+    @staticmethod
+    def job_at(path: str) -> int | None:
+        tail = path.rsplit("/", 1)[-1]
+        return int(tail) if tail.isdigit() else None
+
+    # -- pools and volumes -----------------------------------------------------
+    async def refresh(self, pool: str) -> None:
+        """Make the pool's objects show what the service holds now."""
+        record = await self.pools.store.get_pool(pool)
+        lifecycle = "active"
+        pending = self.pools.pending_pools.get(pool)
+        if pending is not None:
+            record, lifecycle = pending[0], pending[1]
+        paths: set[str] = set()
+        if record is not None:
+            state = (await self.pools.pool_state(pool) if lifecycle != "creating"
+                     else PoolState(None, 0, record.layout.data_sectors * 512, 0,
+                                    record.layout.metadata_sectors * 512, "inactive"))
+            path = pool_path(record.uuid)
+            self._put(path, PoolInterface, pool_properties(record, state, lifecycle))
+            self._pool_of_path[path] = pool
+            paths.add(path)
+            paths |= await self._refresh_volumes(record)
+        for stale in self._paths_of_pool.get(pool, set()) - paths:
+            self._drop(stale)
+        self._paths_of_pool[pool] = paths
+
+    async def _refresh_volumes(self, pool: PoolRecord) -> set[str]:
+        volumes: dict[str, tuple[VolumeRecord, str]] = {
+            v.uuid: (v, "active" if v.active else "inactive")
+            for v in await self.pools.store.list_volumes(pool.name)}
+        for uuid, (volume, state) in self.pools.pending.items():
+            if volume.pool == pool.name:
+                volumes[uuid] = (volume, state)
+        active = [volume_device(pool.name, v.name) for v, state in volumes.values()
+                  if state != "inactive"]
+        used = await self.pools.kernel(_used_bytes, active) if active else {}
+        paths = set()
+        for uuid, (volume, state) in volumes.items():
+            device = volume_device(pool.name, volume.name)
+            view = self.inventory.get(device)
+            minor = view.device[1] if view is not None else None
+            if state == "active" and view is None:
+                state = "inactive"  # its device is missing (removed behind dmd's back)
+            path = volume_path(uuid)
+            self._put(path, VolumeInterface, volume_properties(
+                volume, pool.uuid, state, used.get(device, 0), minor, set(volumes)))
+            self._volume_of_path[path] = (pool.name, volume.name)
+            paths.add(path)
+        return paths
+
+    def _put(self, path: str, cls: type[CachedObject], values: dict[str, Any]) -> None:
+        obj = self.objects.get(path)
+        if obj is None:
+            obj = self.objects[path] = cls(values)
+            self.bus.export(path, obj)
+            return
+        changed = obj.update(values)
+        if changed:
+            obj.emit_properties_changed(changed)
+
+    def _drop(self, path: str) -> None:
+        obj = self.objects.pop(path, None)
+        self._pool_of_path.pop(path, None)
+        self._volume_of_path.pop(path, None)
+        if obj is not None:
+            self.bus.unexport(path, obj)
+
+    def _on_device(self, kind: ChangeKind, before: DeviceView | None,
+                   after: DeviceView | None) -> None:
+        """A pool's device changed (an event on the pool, a volume's device
+        made or removed): refresh that pool, unless its own operation is
+        running (it settles at its end)."""
+        view = after or before
+        if view is None or "-" not in view.name:
+            return
+        pool = view.name.split("-", 1)[0]
+        if pool in self._paths_of_pool and not self.pools.locks.busy(pool):
+            refresher = self._refreshers.get(pool)
+            if refresher is None:
+                refresher = self._refreshers[pool] = Coalesced(
+                    lambda: self._quiet_refresh(pool), f"pool {pool} refresh")
+            refresher.request()
+
+    async def _quiet_refresh(self, pool: str) -> None:
+        try:
+            await self.refresh(pool)
+        except Exception:
+            log.exception("pool %s: refresh failed", pool)
+
+    async def _usage_timer(self) -> None:
+        while True:
+            await asyncio.sleep(USAGE_INTERVAL)
+            for pool in list(self._paths_of_pool):
+                if not self.pools.locks.busy(pool):
+                    await self._quiet_refresh(pool)
+
+    # -- jobs --------------------------------------------------------------------
+    def _subject_path(self, subject: Any) -> str:
+        if isinstance(subject, VolumeRecord):
+            return volume_path(subject.uuid)
+        if isinstance(subject, PoolRecord):
+            return pool_path(subject.uuid)
+        return NO_OBJECT
+
+    def _job_values(self, job: Job) -> dict[str, Any]:
+        subject = self._subject_path(job.subject)
+        result = self._subject_path(job.result) if job.result is not None else NO_OBJECT
+        if result not in self.objects:
+            result = NO_OBJECT  # a deleted volume, a destroyed pool
+        return job_properties(job, [subject] if subject != NO_OBJECT else [], result)
+
+    def _on_job(self, job: Job, event: JobEvent) -> None:
+        path = job_path(job.id)
+        if event is JobEvent.FORGOTTEN:
+            self._drop(path)
+            return
+        self._put(path, JobInterface, self._job_values(job))
+        if event is JobEvent.FINISHED:
+            obj = self.objects[path]
+            assert isinstance(obj, JobInterface)
+            obj.Completed(job.state.value == "completed", job.error_name, job.error_message)

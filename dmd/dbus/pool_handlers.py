@@ -1,0 +1,122 @@
+"""Pool, Volume and Job methods (and the Manager's pool methods): convert,
+call the pool service, convert back. Changes run as Jobs: the reply (the
+subject's object and the job's) comes once the request is accepted, and the
+objects are on the bus by then."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dmd.dbus.convert import check_string, options_in
+from dmd.dbus.names import job_path, pool_path, volume_path
+from dmd.service import errors
+from dmd.service.auth import Caller
+from dmd.service.pools import PoolService
+
+
+def _size(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise errors.InvalidArgument(f"{what} must be a number of bytes")
+    return value
+
+
+class PoolHandlers:
+    """Manager.CreatePool/GetPool and the Pool interface; *pool* is the
+    pool's name, from its object."""
+
+    def __init__(self, pools: PoolService) -> None:
+        self.pools = pools
+
+    async def CreatePool(self, caller: Caller, name: str, devices: list[str],
+                         options: dict[str, Any]) -> list[str]:
+        opts = options_in("CreatePool", options)
+        paths = [check_string(d, "a device") for d in devices]
+        block = opts.get("block-size")
+        job, record = await self.pools.as_job("pool-create", caller, lambda accept:
+            self.pools.create_pool(
+                check_string(name, "name"), paths, force=opts.get("force", False),
+                block_size=block, on_full=opts.get("on-full", "queue"),
+                low_water_percent=opts.get("low-water", 20), caller=caller, accept=accept))
+        return [pool_path(record.uuid), job_path(job.id)]
+
+    async def GetPool(self, caller: Caller, name: str) -> str:
+        record = await self.pools.pool(check_string(name, "name"))
+        return pool_path(record.uuid)
+
+    async def CreateVolume(self, caller: Caller, pool: str, name: str, size: int,
+                           options: dict[str, Any]) -> list[str]:
+        opts = options_in("CreateVolume", options)
+        job, volume = await self.pools.as_job("volume-create", caller, lambda accept:
+            self.pools.create_volume(pool, check_string(name, "name"), _size(size, "size"),
+                                     labels=opts.get("labels"), caller=caller, accept=accept))
+        return [volume_path(volume.uuid), job_path(job.id)]
+
+    async def Destroy(self, caller: Caller, pool: str, options: dict[str, Any]) -> str:
+        opts = options_in("Destroy", options)
+        job, _ = await self.pools.as_job("pool-destroy", caller, lambda accept:
+            self.pools.destroy_pool(pool, force=opts.get("force", False), caller=caller,
+                                    accept=accept))
+        return job_path(job.id)
+
+
+class VolumeHandlers:
+    """The Volume interface; (*pool*, *volume*) come from its object."""
+
+    def __init__(self, pools: PoolService) -> None:
+        self.pools = pools
+
+    async def Snapshot(self, caller: Caller, pool: str, volume: str, name: str,
+                       options: dict[str, Any]) -> list[str]:
+        opts = options_in("Snapshot", options)
+        job, snap = await self.pools.as_job("volume-snapshot", caller, lambda accept:
+            self.pools.snapshot(pool, volume, check_string(name, "name"),
+                                activate=opts.get("activate", True), labels=opts.get("labels"),
+                                caller=caller, accept=accept))
+        return [volume_path(snap.uuid), job_path(job.id)]
+
+    async def Resize(self, caller: Caller, pool: str, volume: str, size: int,
+                     options: dict[str, Any]) -> str:
+        opts = options_in("Resize", options)
+        job, _ = await self.pools.as_job("volume-resize", caller, lambda accept:
+            self.pools.resize_volume(pool, volume, _size(size, "size"),
+                                     shrink=opts.get("shrink", False), caller=caller,
+                                     accept=accept))
+        return job_path(job.id)
+
+    async def Delete(self, caller: Caller, pool: str, volume: str,
+                     options: dict[str, Any]) -> str:
+        options_in("Delete", options)
+        job, _ = await self.pools.as_job("volume-delete", caller, lambda accept:
+            self.pools.delete_volume(pool, volume, caller=caller, accept=accept))
+        return job_path(job.id)
+
+    async def Activate(self, caller: Caller, pool: str, volume: str,
+                       options: dict[str, Any]) -> str:
+        options_in("Activate", options)
+        job, _ = await self.pools.as_job("volume-activate", caller, lambda accept:
+            self.pools.set_active(pool, volume, True, caller=caller, accept=accept))
+        return job_path(job.id)
+
+    async def Deactivate(self, caller: Caller, pool: str, volume: str,
+                         options: dict[str, Any]) -> str:
+        options_in("Deactivate", options)
+        job, _ = await self.pools.as_job("volume-deactivate", caller, lambda accept:
+            self.pools.set_active(pool, volume, False, caller=caller, accept=accept))
+        return job_path(job.id)
+
+
+class JobHandlers:
+    def __init__(self, pools: PoolService) -> None:
+        self.pools = pools
+
+    async def Cancel(self, caller: Caller, job_id: int, options: dict[str, Any]) -> None:
+        options_in("Cancel", options)
+        job = self.pools.jobs.get(job_id)
+        if caller.uid not in (0, job.started_by):
+            raise errors.NotAuthorized(f"job {job_id} was started by uid {job.started_by}")
+        self.pools.jobs.cancel(job_id)
+
+    async def Wait(self, caller: Caller, job_id: int, timeout: float) -> bool:
+        if not isinstance(timeout, float) or not 0 <= timeout <= 3600:
+            raise errors.InvalidArgument("timeout is 0 to 3600 seconds")
+        return await self.pools.jobs.wait(job_id, timeout)

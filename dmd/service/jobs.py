@@ -1,0 +1,195 @@
+"""Long work as Jobs: a caller is answered as soon as its request is accepted
+(validated, and its intent durable), and learns the end from the Job.
+
+A job's body runs as its own task and calls ``accept(value)`` once nothing
+can refuse the request any more; ``Jobs.start`` returns then, with the job
+and that value. A body that fails before accepting raises to the caller as
+a plain error and leaves no job behind: bad input is an error reply, never a
+job that fails a moment later.
+
+Cancel is cooperative: it is honoured at the body's next journal step (see
+``cancel_point``), where the intent's rollback undoes what was done, and
+refused once the operation is past its way back. A finished job stays
+readable for ``retention`` seconds, so a client that looks late still
+learns how it ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dmd.service import errors
+
+log = logging.getLogger(__name__)
+
+RETENTION_SECONDS = 600.0
+
+
+class JobState(enum.Enum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class Cancelled(errors.ServiceError):
+    name = "Cancelled"
+
+
+@dataclass
+class Job:
+    id: int
+    operation: str
+    started_by: int
+    started_at: float  # time.time()
+    state: JobState = JobState.RUNNING
+    progress: float = 0.0
+    error_name: str = ""
+    error_message: str = ""
+    subject: Any = None  # what it works on (the record it accepted with)
+    result: Any = None
+    cancellable: bool = True
+    finished_at: float | None = None
+    _cancel_requested: bool = field(default=False, repr=False)
+    _jobs: Jobs | None = field(default=None, repr=False)
+
+
+class JobEvent(enum.Enum):
+    ADDED = "added"  # accepted: the job is there to be read
+    PROGRESS = "progress"
+    FINISHED = "finished"
+    FORGOTTEN = "forgotten"  # its retention ended
+
+
+JobListener = Callable[[Job, JobEvent], None]
+
+_current: contextvars.ContextVar[Job | None] = contextvars.ContextVar("dmd_job", default=None)
+
+
+def cancel_point(past_way_back: bool) -> None:
+    """Called at every journal step of the running job (if any): raise
+    Cancelled if a cancel was asked for and the step can still be undone."""
+    job = _current.get()
+    if job is None:
+        return
+    if past_way_back:
+        job.cancellable = False
+    elif job._cancel_requested:
+        raise Cancelled(f"{job.operation}: cancelled")
+
+
+def progress(fraction: float) -> None:
+    """The running job (if any) is *fraction* done."""
+    job = _current.get()
+    if job is not None and fraction > job.progress and job.state is JobState.RUNNING:
+        job.progress = min(fraction, 0.99)  # 1.0 is for the end
+        if job._jobs is not None and job.id in job._jobs._jobs:
+            job._jobs._tell(job, JobEvent.PROGRESS)
+
+
+class Jobs:
+    def __init__(self, retention: float = RETENTION_SECONDS) -> None:
+        self.retention = retention
+        self._jobs: dict[int, Job] = {}
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._listeners: list[JobListener] = []
+        self._next = 1
+
+    def subscribe(self, listener: JobListener) -> None:
+        self._listeners.append(listener)
+
+    def get(self, job_id: int) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise errors.NotFound(f"no job {job_id} (finished jobs are kept "
+                                  f"{self.retention:.0f} s)")
+        return job
+
+    def __iter__(self) -> Any:
+        return iter(list(self._jobs.values()))
+
+    async def start(self, operation: str, started_by: int,
+                    body: Callable[[Callable[[Any], None]], Awaitable[Any]]) -> tuple[Job, Any]:
+        """Run *body(accept)* as a job; return (job, accepted value) once it
+        accepts. If it fails first, its error is raised here."""
+        job = Job(self._next, operation, started_by, time.time(), _jobs=self)
+        self._next += 1
+        accepted: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def accept(value: Any) -> None:
+            if not accepted.done():
+                job.subject = value
+                self._jobs[job.id] = job
+                self._tell(job, JobEvent.ADDED)
+                accepted.set_result(value)
+
+        async def run() -> None:
+            _current.set(job)
+            try:
+                job.result = await body(accept)
+                job.state = JobState.COMPLETED
+                job.progress = 1.0
+            except Exception as exc:
+                if not accepted.done():
+                    accepted.set_exception(exc)
+                    return
+                job.state = JobState.CANCELLED if isinstance(exc, Cancelled) else JobState.FAILED
+                if isinstance(exc, errors.ServiceError):
+                    job.error_name, job.error_message = exc.name, str(exc)
+                else:
+                    log.exception("job %d (%s) failed", job.id, operation)
+                    job.error_name, job.error_message = "Failed", f"{operation}: internal error"
+            finally:
+                self._tasks.pop(job.id, None)
+            if not accepted.done():  # finished without accepting: accepted at its end
+                accept(job.result)
+            job.finished_at = time.time()
+            job.cancellable = False
+            self._tell(job, JobEvent.FINISHED)
+            asyncio.get_running_loop().call_later(self.retention, self._forget, job.id)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks[job.id] = task
+        return job, await accepted
+
+    def cancel(self, job_id: int) -> None:
+        job = self.get(job_id)
+        if job.state is not JobState.RUNNING:
+            raise errors.InvalidArgument(f"job {job_id} has ended ({job.state.value})")
+        if not job.cancellable:
+            raise errors.Busy(f"job {job_id} ({job.operation}) is past the point where it "
+                              "could be undone")
+        job._cancel_requested = True
+
+    async def wait(self, job_id: int, timeout: float) -> bool:
+        """True once the job has ended; False if *timeout* passed first."""
+        job = self.get(job_id)
+        task = self._tasks.get(job_id)
+        if job.state is JobState.RUNNING and task is not None:
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+            return bool(done)
+        return True
+
+    async def drain(self) -> None:
+        """Wait for every running job (at shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
+
+    def _tell(self, job: Job, event: JobEvent) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(job, event)
+            except Exception:
+                log.exception("job listener failed on job %d", job.id)
+
+    def _forget(self, job_id: int) -> None:
+        job = self._jobs.pop(job_id, None)
+        if job is not None:
+            self._tell(job, JobEvent.FORGOTTEN)

@@ -1,0 +1,213 @@
+"""Pools, volumes and jobs over a real dbus-daemon, against dmd --sim: the
+replies, the objects on the bus, the jobs and their signals, the refusals;
+and busctl, a client we did not write."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from typing import Any
+
+import pytest
+from conftest import CallError, Client  # type: ignore[import-not-found]
+from dbus_fast import Variant
+
+from dmd.dbus.names import (
+    BUS_NAME,
+    JOB_INTERFACE,
+    MANAGER_INTERFACE,
+    NO_OBJECT,
+    OBJECT_MANAGER_INTERFACE,
+    POOL_INTERFACE,
+    PROPERTIES_INTERFACE,
+    ROOT_PATH,
+    VOLUME_INTERFACE,
+)
+from dmd.engine.sim import SimDM
+from tests.helpers import plain
+
+GIB = 1 << 30
+
+
+@pytest.fixture
+def disks(dmd_session: Any) -> list[str]:
+    sim = SimDM(dmd_session.sim)
+    paths = [f"/dev/simdisk{i}" for i in (1, 2)]
+    for i, path in enumerate(paths, start=1):
+        sim.add_disk(path, 7, i, 512 * 2048)
+    sim.add_disk("/dev/simxfs", 7, 9, 512 * 2048, signature="xfs")
+    return paths
+
+
+async def props(client: Client, path: str, interface: str) -> dict[str, Any]:
+    body = await client.call(path, PROPERTIES_INTERFACE, "GetAll", "s", [interface])
+    return {k: plain(v.value) for k, v in body[0].items()}
+
+
+async def finished(client: Client, job: str) -> dict[str, Any]:
+    """Wait for the job; its properties at the end."""
+    (done,) = await client.call(job, JOB_INTERFACE, "Wait", "d", [30.0])
+    assert done
+    return await props(client, job, JOB_INTERFACE)
+
+
+async def create_pool(client: Client, name: str, devices: list[str], **opts: Variant
+                      ) -> tuple[str, str]:
+    pool, job = await client.call(ROOT_PATH, MANAGER_INTERFACE, "CreatePool", "sasa{sv}",
+                                  [name, devices, opts])
+    return str(pool), str(job)
+
+
+async def objects(client: Client) -> dict[str, dict[str, Any]]:
+    (body,) = await client.call(ROOT_PATH, OBJECT_MANAGER_INTERFACE, "GetManagedObjects")
+    return {path: {i: {k: plain(v.value) for k, v in p.items()} for i, p in ifaces.items()}
+            for path, ifaces in body.items()}
+
+
+async def test_pool_volume_snapshot_lifecycle(client: Client, disks: list[str]) -> None:
+    pool, job = await create_pool(client, "tank", disks)
+    # The reply comes once the request is accepted; the pool is on the bus then.
+    assert pool in await objects(client)
+    end = await finished(client, job)
+    assert end["State"] == "completed" and end["Result"] == pool and end["Objects"] == [pool]
+    assert end["Progress"] == 1.0 and not end["Cancellable"] and end["ErrorName"] == ""
+    p = await props(client, pool, POOL_INTERFACE)
+    assert p["Name"] == "tank" and p["State"] == "active" and p["Mode"] == "ok"
+    assert p["Devices"] == disks and p["BlockSize"] == 64 << 10 and p["DataUsed"] == 0
+    assert p["DataTotal"] > 900 << 20 and p["TransactionId"] == 0
+    (path,) = await client.call(ROOT_PATH, MANAGER_INTERFACE, "GetPool", "s", ["tank"])
+    assert path == pool
+
+    volume, job = await client.call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}",
+                                    ["data", 20 * GIB, {"labels": Variant("a{ss}", {"a": "b"})}])
+    assert (await finished(client, job))["State"] == "completed"
+    v = await props(client, volume, VOLUME_INTERFACE)
+    assert v["Name"] == "data" and v["Pool"] == pool and v["Size"] == 20 * GIB
+    assert v["State"] == "active" and v["Labels"] == {"a": "b"} and v["Origin"] == NO_OBJECT
+    assert v["DevicePath"] == "/dev/mapper/tank-data" and v["Device"] in await objects(client)
+    assert "ThinId" not in v  # services never learn thin ids
+
+    snap, job = await client.call(volume, VOLUME_INTERFACE, "Snapshot", "sa{sv}", ["data.1", {}])
+    assert (await finished(client, job))["State"] == "completed"
+    s = await props(client, snap, VOLUME_INTERFACE)
+    assert s["Origin"] == volume and s["Size"] == 20 * GIB and s["State"] == "active"
+    assert (await props(client, pool, POOL_INTERFACE))["TransactionId"] == 2
+
+    (job,) = await client.call(volume, VOLUME_INTERFACE, "Resize", "ta{sv}", [30 * GIB, {}])
+    assert (await finished(client, job))["State"] == "completed"
+    assert (await props(client, volume, VOLUME_INTERFACE))["Size"] == 30 * GIB
+    (job,) = await client.call(snap, VOLUME_INTERFACE, "Deactivate", "a{sv}", [{}])
+    assert (await finished(client, job))["State"] == "completed"
+    s = await props(client, snap, VOLUME_INTERFACE)
+    assert s["State"] == "inactive" and s["Device"] == NO_OBJECT and s["DevicePath"] == ""
+
+    (job,) = await client.call(volume, VOLUME_INTERFACE, "Delete", "a{sv}", [{}])
+    end = await finished(client, job)
+    assert end["State"] == "completed" and end["Result"] == NO_OBJECT
+    everything = await objects(client)
+    assert volume not in everything and snap in everything
+    # The snapshot outlives its origin, which it no longer points to.
+    assert (await props(client, snap, VOLUME_INTERFACE))["Origin"] == NO_OBJECT
+
+    with pytest.raises(CallError) as busy:
+        await client.call(pool, POOL_INTERFACE, "Destroy", "a{sv}", [{}])
+    assert busy.value.short == "Busy"
+    (job,) = await client.call(pool, POOL_INTERFACE, "Destroy", "a{sv}",
+                               [{"force": Variant("b", True)}])
+    assert (await finished(client, job))["State"] == "completed"
+    assert not [p for p, i in (await objects(client)).items()
+                if POOL_INTERFACE in i or VOLUME_INTERFACE in i]
+
+
+async def test_job_ends_with_a_completed_signal_and_stays_readable(
+        client: Client, disks: list[str]) -> None:
+    pool, job = await create_pool(client, "tank", disks[:1])
+    await finished(client, job)
+    _, job = await client.call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}",
+                               ["v", GIB, {}])
+    for _ in range(200):
+        done = [m for m in client.signals if m.path == job and m.member == "Completed"]
+        if done:
+            break
+        await asyncio.sleep(0.05)
+    assert done and done[0].body == [True, "", ""]
+    # Read after the end (a client that looked late).
+    assert (await props(client, job, JOB_INTERFACE))["State"] == "completed"
+    added = [m for m in client.signals if m.member == "InterfacesAdded" and m.body[0] == job]
+    assert added and added[0].path == ROOT_PATH
+
+
+async def test_bad_input_is_an_error_reply_and_changes_nothing(
+        client: Client, disks: list[str]) -> None:
+    pool, job = await create_pool(client, "tank", disks[:1])
+    await finished(client, job)
+    volume, job = await client.call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}",
+                                    ["taken", GIB, {}])
+    await finished(client, job)
+    before = await objects(client)
+    cases: list[tuple[str, str, str, str, list[Any], str]] = [
+        (pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", ["v", 0, {}], "InvalidArgument"),
+        (pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", ["v", 1 << 63, {}], "InvalidArgument"),
+        (pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", ["taken", GIB, {}], "AlreadyExists"),
+        (pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", ["a/b", GIB, {}], "InvalidArgument"),
+        (pool, POOL_INTERFACE, "CreateVolume", "sta{sv}",
+         ["v", GIB, {"size": Variant("t", 1)}], "InvalidArgument"),
+        (volume, VOLUME_INTERFACE, "Snapshot", "sa{sv}", ["taken", {}], "AlreadyExists"),
+        (volume, VOLUME_INTERFACE, "Resize", "ta{sv}", [GIB // 2, {}], "InvalidArgument"),
+        (ROOT_PATH, MANAGER_INTERFACE, "GetPool", "s", ["nosuch"], "NotFound"),
+        (ROOT_PATH, MANAGER_INTERFACE, "CreatePool", "sasa{sv}", ["other", disks[:1], {}],
+         "Busy"),  # a device of tank
+        (ROOT_PATH, MANAGER_INTERFACE, "CreatePool", "sasa{sv}",
+         ["other", ["/dev/simxfs"], {}], "Busy"),  # an xfs signature
+        (ROOT_PATH, MANAGER_INTERFACE, "CreatePool", "sasa{sv}",
+         ["other", ["/etc/passwd"], {}], "InvalidArgument"),  # not a block device
+        (ROOT_PATH, MANAGER_INTERFACE, "CreatePool", "sasa{sv}",
+         ["other", [disks[1]], {"block-size": Variant("t", 4096)}], "InvalidArgument"),
+        (pool + "x", POOL_INTERFACE, "CreateVolume", "sta{sv}", ["v", GIB, {}], "NotFound"),
+    ]
+    for path, interface, member, signature, body, error in cases:
+        with pytest.raises(CallError) as caught:
+            await client.call(path, interface, member, signature, body)
+        assert caught.value.short == error, (member, body, caught.value)
+        assert await objects(client) == before, (member, body)
+
+
+async def test_raw_device_calls_on_a_pool_are_busy(client: Client, disks: list[str]) -> None:
+    _, job = await create_pool(client, "tank", disks[:1])
+    await finished(client, job)
+    tpool = await client.manager("GetDevice", "s", "tank-tpool")
+    for member, signature, body in (("Remove", "a{sv}", [{}]),
+                                    ("Message", "tsa{sv}", [0, "delete 0", {}])):
+        with pytest.raises(CallError) as caught:
+            await client.call(tpool, "org.example.DeviceMapper.Device", member, signature, body)
+        assert caught.value.short == "Busy" and "pool 'tank'" in caught.value.text
+
+
+def busctl(address: str, *args: str) -> Any:
+    out = subprocess.run(["busctl", f"--address={address}", "--json=short", *args],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def test_busctl_creates_a_volume_and_waits_for_its_job(dmd_session: Any,
+                                                       disks: list[str]) -> None:
+    address = dmd_session.address
+    reply = busctl(address, "call", BUS_NAME, ROOT_PATH, MANAGER_INTERFACE, "CreatePool",
+                   "sasa{sv}", "tank", "1", disks[0], "0")
+    pool, job = reply["data"]
+    assert busctl(address, "call", BUS_NAME, job, JOB_INTERFACE, "Wait", "d", "30")["data"] == [
+        True]
+    reply = busctl(address, "call", BUS_NAME, pool, POOL_INTERFACE, "CreateVolume", "sta{sv}",
+                   "vm1", str(20 * GIB), "0")
+    volume, job = reply["data"]
+    busctl(address, "call", BUS_NAME, job, JOB_INTERFACE, "Wait", "d", "30")
+    state = busctl(address, "get-property", BUS_NAME, job, JOB_INTERFACE, "State")
+    assert state["data"] == "completed"
+    size = busctl(address, "get-property", BUS_NAME, volume, VOLUME_INTERFACE, "Size")
+    assert size["data"] == 20 * GIB
+    path = busctl(address, "get-property", BUS_NAME, volume, VOLUME_INTERFACE, "DevicePath")
+    assert path["data"] == "/dev/mapper/tank-vm1"
+
+
+
