@@ -17,6 +17,7 @@ from typing import Any, TextIO
 from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from dmd.cli import volumes
 from dmd.cli.tables import TableSyntaxError, format_table, parse_table
 from dmd.dbus.names import (
     BUS_NAME,
@@ -440,6 +441,7 @@ def parser() -> argparse.ArgumentParser:
     verb("targets", cmd_targets, "target types the kernel offers")
     verb("version", cmd_version, "dmd and driver versions")
     verb("monitor", cmd_monitor, "print dmd's signals until interrupted")
+    volumes.register(verb)
     return p
 
 

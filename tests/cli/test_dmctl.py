@@ -125,3 +125,32 @@ def test_monitor_prints_signals(dmd_session: Any) -> None:
     finally:
         monitor.terminate()
         monitor.wait(timeout=10)
+
+
+def test_pool_and_volume_verbs(dmd_session: Any) -> None:
+    from dmd.cli.volumes import parse_size
+    from dmd.engine.sim import SimDM
+
+    SimDM(dmd_session.sim).add_disk("/dev/simdisk1", 7, 1, 1024 * 2048)
+    assert "tank: " in ok(dmd_session, "pool-create", "tank", "/dev/simdisk1")
+    assert ok(dmd_session, "vol-create", "tank", "vm1", "20G", "--label", "app=vm") == \
+        "/dev/mapper/tank-vm1\n"
+    assert ok(dmd_session, "snapshot", "tank", "vm1", "vm1.snap", "--inactive") == \
+        "tank/vm1.snap (inactive)\n"
+    assert ok(dmd_session, "resize", "tank", "vm1", "30G") == "30.0G\n"
+    listed = json.loads(ok(dmd_session, "--json", "vols", "tank"))
+    assert [(v["Name"], v["State"], v["Size"]) for v in listed] == [
+        ("vm1", "active", 30 << 30), ("vm1.snap", "inactive", 20 << 30)]
+    assert "tank\tactive\tok\t" in ok(dmd_session, "pools")
+    ok(dmd_session, "activate", "tank", "vm1.snap")
+    ok(dmd_session, "vol-delete", "tank", "vm1")
+    assert [v["Name"] for v in json.loads(ok(dmd_session, "--json", "vols"))] == ["vm1.snap"]
+    refused = dmctl(dmd_session, "pool-destroy", "tank")
+    assert refused.returncode == 1 and "(Busy)" in refused.stderr
+    missing = dmctl(dmd_session, "vol-delete", "tank", "nosuch")
+    assert missing.returncode == 1 and "(NotFound)" in missing.stderr
+    bad = dmctl(dmd_session, "vol-create", "tank", "v", "lots")
+    assert bad.returncode == 2 and "not a size" in bad.stderr
+    job = ok(dmd_session, "pool-destroy", "tank", "--force", "--no-wait").strip()
+    assert job.startswith("/org/example/DeviceMapper/jobs/")
+    assert parse_size("1GB") == 10 ** 9 and parse_size("2KiB") == 2048

@@ -1,0 +1,246 @@
+"""dmctl's pool and volume verbs: the service-facing half of dmd.
+
+Every change runs as a Job on dmd's side; these verbs wait for it (showing
+its progress on a terminal) unless --no-wait, and fail with the job's error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from dbus_fast import Variant
+
+from dmd.dbus.names import (
+    JOB_INTERFACE,
+    MANAGER_INTERFACE,
+    OBJECT_MANAGER_INTERFACE,
+    POOL_INTERFACE,
+    PROPERTIES_INTERFACE,
+    ROOT_PATH,
+    VOLUME_INTERFACE,
+)
+
+if TYPE_CHECKING:
+    from dmd.cli.main import Client
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+          "p": 1 << 50, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "20G", "20GiB", "512M", "1073741824"; G is GiB (as lvcreate
+    and dmsetup read sizes), GB is 10^9."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 20G, 512MiB, 4096)")
+    number, prefix, suffix = match.groups()
+    unit = prefix.lower() + ("b" if suffix.lower() == "b" and prefix else "")
+    return int(number) * _UNITS[unit if unit in _UNITS else prefix.lower()]
+
+
+def human(size: int) -> str:
+    for unit, factor in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if size >= factor:
+            return f"{size / factor:.1f}{unit}"
+    return f"{size}B"
+
+
+async def _props(c: Client, path: str, interface: str) -> dict[str, Any]:
+    (values,) = await c.call(path, PROPERTIES_INTERFACE, "GetAll", "s", [interface])
+    return dict(values)
+
+
+async def _objects(c: Client, interface: str) -> dict[str, dict[str, Any]]:
+    (objects,) = await c.call(ROOT_PATH, OBJECT_MANAGER_INTERFACE, "GetManagedObjects")
+    return {path: dict(ifaces[interface]) for path, ifaces in objects.items()
+            if interface in ifaces}
+
+
+async def _pool_path(c: Client, pool: str) -> str:
+    (path,) = await c.call(ROOT_PATH, MANAGER_INTERFACE, "GetPool", "s", [pool])
+    return str(path)
+
+
+async def _volume_path(c: Client, pool: str, volume: str) -> str:
+    from dmd.cli.main import Failure
+
+    await _pool_path(c, pool)  # NotFound names the pool
+    for path, p in (await _objects(c, VOLUME_INTERFACE)).items():
+        if p["PoolName"] == pool and p["Name"] == volume:
+            return path
+    raise Failure(f"pool {pool!r} has no volume named {volume!r} (NotFound)")
+
+
+async def wait_job(c: Client, a: argparse.Namespace, job: str) -> dict[str, Any]:
+    """Wait for *job*; its final properties. A failed job is a Failure."""
+    from dmd.cli.main import Failure
+
+    show = sys.stderr.isatty() and not a.json
+    while True:
+        (done,) = await c.call(job, JOB_INTERFACE, "Wait", "d", [1.0])
+        props = await _props(c, job, JOB_INTERFACE)
+        if show:
+            sys.stderr.write(f"\r{props['Operation']}: {props['Progress'] * 100:3.0f}%")
+            sys.stderr.flush()
+        if done:
+            break
+    if show:
+        sys.stderr.write("\n")
+    if props["State"] != "completed":
+        raise Failure(f"{props['ErrorMessage']} ({props['ErrorName'] or props['State']})")
+    return props
+
+
+async def _run_job(c: Client, a: argparse.Namespace, job: str, subject: str | None,
+                   interface: str | None, text: Callable[[dict[str, Any]], str]) -> None:
+    from dmd.cli.main import emit
+
+    if a.no_wait:
+        emit(a, {"job": job, "object": subject}, job)
+        return
+    await wait_job(c, a, job)
+    props = await _props(c, subject, interface) if subject and interface else {}
+    emit(a, {"job": job, "object": subject, **props}, text(props))
+
+
+async def cmd_pool_create(c: Client, a: argparse.Namespace) -> None:
+    options: dict[str, Variant] = {}
+    if a.force:
+        options["force"] = Variant("b", True)
+    if a.block_size is not None:
+        options["block-size"] = Variant("t", a.block_size)
+    if a.on_full:
+        options["on-full"] = Variant("s", a.on_full)
+    if a.low_water is not None:
+        options["low-water"] = Variant("u", a.low_water)
+    pool, job = await c.call(ROOT_PATH, MANAGER_INTERFACE, "CreatePool", "sasa{sv}",
+                             [a.name, a.devices, options], mutating=True)
+    await _run_job(c, a, job, pool, POOL_INTERFACE,
+                   lambda p: f"{p['Name']}: {human(p['DataTotal'])} of data")
+
+
+async def cmd_pools(c: Client, a: argparse.Namespace) -> None:
+    from dmd.cli.main import emit
+
+    pools = sorted((await _objects(c, POOL_INTERFACE)).values(), key=lambda p: str(p["Name"]))
+    volumes = list((await _objects(c, VOLUME_INTERFACE)).values())
+    rows = [f"{p['Name']}\t{p['State']}\t{p['Mode']}\tdata {human(p['DataUsed'])}/"
+            f"{human(p['DataTotal'])}\tmetadata {human(p['MetadataUsed'])}/"
+            f"{human(p['MetadataTotal'])}\t"
+            f"{sum(1 for v in volumes if v['PoolName'] == p['Name'])} volume(s)" for p in pools]
+    emit(a, pools, "\n".join(rows) or "No pools")
+
+
+async def cmd_pool_destroy(c: Client, a: argparse.Namespace) -> None:
+    options = {"force": Variant("b", True)} if a.force else {}
+    (job,) = await c.call(await _pool_path(c, a.name), POOL_INTERFACE, "Destroy", "a{sv}",
+                          [options], mutating=True)
+    await _run_job(c, a, job, None, None, lambda _: "")
+
+
+async def cmd_vol_create(c: Client, a: argparse.Namespace) -> None:
+    from dmd.cli.main import labels_of
+
+    options = {"labels": Variant("a{ss}", labels_of(a.label))} if a.label else {}
+    volume, job = await c.call(await _pool_path(c, a.pool), POOL_INTERFACE, "CreateVolume",
+                               "sta{sv}", [a.name, a.size, options], mutating=True)
+    await _run_job(c, a, job, volume, VOLUME_INTERFACE, lambda p: p.get("DevicePath", ""))
+
+
+async def cmd_vols(c: Client, a: argparse.Namespace) -> None:
+    from dmd.cli.main import emit
+
+    if a.pool:
+        await _pool_path(c, a.pool)
+    volumes = sorted((v for v in (await _objects(c, VOLUME_INTERFACE)).values()
+                      if not a.pool or v["PoolName"] == a.pool),
+                     key=lambda v: (str(v["PoolName"]), str(v["Name"])))
+    rows = [f"{v['PoolName']}/{v['Name']}\t{v['State']}\t{human(v['Size'])}\tused "
+            f"{human(v['UsedBytes'])}\t{v['DevicePath'] or '-'}" for v in volumes]
+    emit(a, volumes, "\n".join(rows) or "No volumes")
+
+
+async def cmd_snapshot(c: Client, a: argparse.Namespace) -> None:
+    options = {"activate": Variant("b", False)} if a.inactive else {}
+    snap, job = await c.call(await _volume_path(c, a.pool, a.volume), VOLUME_INTERFACE,
+                             "Snapshot", "sa{sv}", [a.name, options], mutating=True)
+    await _run_job(c, a, job, snap, VOLUME_INTERFACE,
+                   lambda p: p.get("DevicePath") or f"{a.pool}/{a.name} (inactive)")
+
+
+async def cmd_resize(c: Client, a: argparse.Namespace) -> None:
+    options = {"shrink": Variant("b", True)} if a.shrink else {}
+    path = await _volume_path(c, a.pool, a.volume)
+    (job,) = await c.call(path, VOLUME_INTERFACE, "Resize", "ta{sv}", [a.size, options],
+                          mutating=True)
+    await _run_job(c, a, job, path, VOLUME_INTERFACE, lambda p: human(p["Size"]))
+
+
+async def cmd_vol_simple(c: Client, a: argparse.Namespace) -> None:
+    member = {"vol-delete": "Delete", "activate": "Activate", "deactivate": "Deactivate"}[
+        a.command]
+    path = await _volume_path(c, a.pool, a.volume)
+    (job,) = await c.call(path, VOLUME_INTERFACE, member, "a{sv}", [{}], mutating=True)
+    keeps = a.command != "vol-delete"
+    await _run_job(c, a, job, path if keeps else None, VOLUME_INTERFACE if keeps else None,
+                   lambda p: p.get("DevicePath", ""))
+
+
+Verb = Callable[["Client", argparse.Namespace], Coroutine[Any, Any, None]]
+
+
+def register(verb: Callable[[str, Verb, str], argparse.ArgumentParser]) -> None:
+    def no_wait(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--no-wait", action="store_true",
+                        help="print the job's object path and return at once")
+        return sp
+
+    def volume_args(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("pool", metavar="POOL", help="the pool's name")
+        sp.add_argument("volume", metavar="VOLUME", help="the volume's name")
+        return no_wait(sp)
+
+    sp = no_wait(verb("pool-create", cmd_pool_create,
+                      "lay a thin pool over whole devices (their data is overwritten)"))
+    sp.add_argument("name", metavar="NAME", help="the pool's name (letters, digits, _ . +)")
+    sp.add_argument("devices", nargs="+", metavar="DEVICE", help="block devices to use")
+    sp.add_argument("-f", "--force", action="store_true",
+                    help="overwrite a device that carries a signature (filesystem, LVM, ...)")
+    sp.add_argument("--block-size", type=parse_size, metavar="SIZE",
+                    help="data block size, a multiple of 64K up to 1G (default: 64K)")
+    sp.add_argument("--on-full", choices=("queue", "error"),
+                    help="when the pool is full: queue writes (default) or fail them at once")
+    sp.add_argument("--low-water", type=int, metavar="PERCENT",
+                    help="raise the pool's low-space event at PERCENT of data left "
+                         "(default: 20)")
+    verb("pools", cmd_pools, "list pools")
+    sp = no_wait(verb("pool-destroy", cmd_pool_destroy, "remove a pool and its devices"))
+    sp.add_argument("name", metavar="NAME", help="the pool's name")
+    sp.add_argument("-f", "--force", action="store_true",
+                    help="also when it has volumes (their data is lost)")
+    sp = no_wait(verb("vol-create", cmd_vol_create, "create a thin volume in a pool"))
+    sp.add_argument("pool", metavar="POOL", help="the pool's name")
+    sp.add_argument("name", metavar="NAME", help="the volume's name")
+    sp.add_argument("size", type=parse_size, metavar="SIZE",
+                    help="its size: bytes, or with K, M, G, T (powers of 1024)")
+    sp.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                    help="a label kept with the volume (repeatable)")
+    sp = verb("vols", cmd_vols, "list volumes")
+    sp.add_argument("pool", nargs="?", metavar="POOL", help="only this pool's")
+    sp = volume_args(verb("snapshot", cmd_snapshot, "snapshot a volume"))
+    sp.add_argument("name", metavar="NAME", help="the snapshot's name")
+    sp.add_argument("--inactive", action="store_true",
+                    help="do not make a device for the snapshot")
+    sp = volume_args(verb("resize", cmd_resize, "grow (or with --shrink, shrink) a volume"))
+    sp.add_argument("size", type=parse_size, metavar="SIZE", help="the new size")
+    sp.add_argument("--shrink", action="store_true",
+                    help="allow a smaller size (the data past the new end is lost)")
+    volume_args(verb("vol-delete", cmd_vol_simple, "delete a volume and its data"))
+    volume_args(verb("activate", cmd_vol_simple, "make a volume's device"))
+    volume_args(verb("deactivate", cmd_vol_simple,
+                     "remove a volume's device (its data and record stay)"))
