@@ -41,14 +41,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # -- kernel fixtures (used by tests marked "kernel", inside the lab) --------
 
 PREFIX = "dmdtest-"
+# Pools' device names are POOL-tmeta, POOL-VOLUME...; pool names have no "-",
+# so the lab's pools are named dmdtp*.
+POOL_PREFIX = "dmdtp"
 
 
 def _all_test_devices(dm: DM) -> list[str]:
-    return [d.name for d in dm.list_devices() if d.name.startswith(PREFIX)]
+    return [d.name for d in dm.list_devices()
+            if d.name.startswith(PREFIX) or d.name.startswith(POOL_PREFIX)]
 
 
 def remove_test_devices(dm: DM) -> None:
-    """Remove every dmdtest- device, users before the devices they use."""
+    """Remove every dmdtest- (and dmdtp*) device, users before the devices
+    they use."""
     for attempt in range(5):
         names = _all_test_devices(dm)
         if not names:

@@ -211,3 +211,39 @@ def test_busctl_creates_a_volume_and_waits_for_its_job(dmd_session: Any,
 
 
 
+
+
+async def test_pools_and_volumes_are_back_after_a_restart(dmd_session: Any,
+                                                          disks: list[str]) -> None:
+    from dbus_fast import BusType
+    from dbus_fast.aio import MessageBus
+
+    async def connect() -> tuple[MessageBus, Client]:
+        bus = MessageBus(bus_address=dmd_session.address, bus_type=BusType.SESSION)
+        await bus.connect()
+        return bus, Client(bus)
+
+    bus, client = await connect()
+    pool, job = await create_pool(client, "tank", disks)
+    await finished(client, job)
+    volume, job = await client.call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}",
+                                    ["vm", GIB, {}])
+    await finished(client, job)
+    before = {p: i for p, i in (await objects(client)).items()
+              if POOL_INTERFACE in i or VOLUME_INTERFACE in i}
+    bus.disconnect()
+    assert dmd_session.stop() == 0
+    dmd_session.start()
+    bus, client = await connect()
+    try:
+        after = {p: i for p, i in (await objects(client)).items()
+                 if POOL_INTERFACE in i or VOLUME_INTERFACE in i}
+        # The same objects at the same paths; only the device object's path may move.
+        for values in (*before.values(), *after.values()):
+            values.get(VOLUME_INTERFACE, {}).pop("Device", None)
+        assert after == before
+        assert (await client.call(ROOT_PATH, MANAGER_INTERFACE, "GetPool", "s", ["tank"])
+                ) == [pool]
+        assert (await props(client, volume, VOLUME_INTERFACE))["State"] == "active"
+    finally:
+        bus.disconnect()

@@ -315,6 +315,12 @@ def test_non_root_callers_need_polkit(system_dmd: SystemDmd) -> None:
 
 # -- SIGKILL in the middle of an operation ----------------------------------------
 
+def suspended_attr(attr: str) -> bool:
+    """dmsetup's attr column: (L)ive table, (I)nactive table, (s)uspended,
+    (r)ead-only or (w)ritable, then (o)pen, ...: "L-sw" is suspended."""
+    return attr[2:3] == "s"
+
+
 def records(state_dir: Path) -> dict[str, str]:
     with contextlib.closing(sqlite3.connect(state_dir / "dmd.sqlite3")) as db:
         return dict(db.execute("SELECT name, table_json FROM devices").fetchall())
@@ -334,7 +340,7 @@ def assert_agree(dmd: SystemDmd) -> None:
     for line in info.splitlines():
         name, _, attr = line.partition(":")
         if name.startswith("dmdtest-"):
-            assert "s" not in attr[:2], f"{name} left suspended ({attr})"
+            assert not suspended_attr(attr), f"{name} left suspended ({attr})"
     kernel = {line.split(":")[0] for line in dmsetup("table").splitlines()
               if line.startswith("dmdtest-")}
     recorded = records(dmd.state_dir)
