@@ -143,6 +143,15 @@ async def cmd_pool_destroy(c: Client, a: argparse.Namespace) -> None:
     await _run_job(c, a, job, None, None, lambda _: "")
 
 
+async def cmd_pool_add(c: Client, a: argparse.Namespace) -> None:
+    options = {"force": Variant("b", True)} if a.force else {}
+    path = await _pool_path(c, a.name)
+    (job,) = await c.call(path, POOL_INTERFACE, "AddDevice", "sa{sv}", [a.device, options],
+                          mutating=True)
+    await _run_job(c, a, job, path, POOL_INTERFACE,
+                   lambda p: f"{p['Name']}: {human(p['DataTotal'])} of data")
+
+
 async def cmd_vol_create(c: Client, a: argparse.Namespace) -> None:
     from dmd.cli.main import labels_of
 
@@ -219,6 +228,11 @@ def register(verb: Callable[[str, Verb, str], argparse.ArgumentParser]) -> None:
                     help="raise the pool's low-space event at PERCENT of data left "
                          "(default: 20)")
     verb("pools", cmd_pools, "list pools")
+    sp = no_wait(verb("pool-add", cmd_pool_add, "grow a pool's data over one more device"))
+    sp.add_argument("name", metavar="NAME", help="the pool's name")
+    sp.add_argument("device", metavar="DEVICE", help="the block device to add")
+    sp.add_argument("-f", "--force", action="store_true",
+                    help="overwrite a device that carries a signature")
     sp = no_wait(verb("pool-destroy", cmd_pool_destroy, "remove a pool and its devices"))
     sp.add_argument("name", metavar="NAME", help="the pool's name")
     sp.add_argument("-f", "--force", action="store_true",

@@ -171,6 +171,7 @@ OPTIONS: dict[str, dict[str, str]] = {
     "Snapshot": {"labels": "a{ss}", "activate": "b"},
     "Resize": {"shrink": "b"},
     "Destroy": {"force": "b"},
+    "AddDevice": {"force": "b"},
 }
 
 

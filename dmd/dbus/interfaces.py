@@ -191,6 +191,10 @@ class PoolInterface(CachedObject):
         _routed()
 
     @dbus_method()
+    def AddDevice(self, device: Str, options: Options) -> Path:
+        _routed()
+
+    @dbus_method()
     def Destroy(self, options: Options) -> Path:
         _routed()
 

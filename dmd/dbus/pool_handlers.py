@@ -51,6 +51,14 @@ class PoolHandlers:
                                      labels=opts.get("labels"), caller=caller, accept=accept))
         return [volume_path(volume.uuid), job_path(job.id)]
 
+    async def AddDevice(self, caller: Caller, pool: str, device: str,
+                        options: dict[str, Any]) -> str:
+        opts = options_in("AddDevice", options)
+        job, _ = await self.pools.as_job("pool-grow", caller, lambda accept:
+            self.pools.add_device(pool, check_string(device, "device"),
+                                  force=opts.get("force", False), caller=caller, accept=accept))
+        return job_path(job.id)
+
     async def Destroy(self, caller: Caller, pool: str, options: dict[str, Any]) -> str:
         opts = options_in("Destroy", options)
         job, _ = await self.pools.as_job("pool-destroy", caller, lambda accept:

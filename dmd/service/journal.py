@@ -92,6 +92,13 @@ class VolumeDeleteStep(enum.IntEnum):
     RECORD = 4
 
 
+class PoolGrowStep(enum.IntEnum):
+    WIPE = 1  # the new device's first MiB is zeroed next
+    DATA = 2  # the data device is reloaded with the new segment next
+    POOL = 3  # the pool's table is reloaded larger next: no way back after it
+    RECORD = 4
+
+
 class PoolDestroyStep(enum.IntEnum):
     DEVICES = 1  # the pool's devices are removed next
     RECORD = 2

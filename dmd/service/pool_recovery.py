@@ -20,6 +20,7 @@ from dmd.service.journal import PoolArgs
 from dmd.service.pools import (
     POOL_OPERATIONS,
     PoolService,
+    tpool,
     volume_device,
     volume_from_json,
 )
@@ -75,6 +76,18 @@ async def _settle(pools: PoolService, intent: IntentRecord) -> str | None:
             pools._claim(pool)
             await pools.finish_destroy(record)  # it began past its way back
         return "done"
+    if intent.operation == "pool-grow":
+        if record is None:
+            return "rolled_back"
+        assert args.layout is not None
+        grown = PoolLayout.from_json(args.layout)
+        pools._claim(pool)
+        _, table = await pools.kernel(Engine.table_status, tpool(pool), DmFlags.DM_STATUS_TABLE)
+        if sum(line.length for line in table) == grown.data_sectors:
+            await pools.store.pool_change(pool, layout=grown)  # the pool grew
+            return "done"
+        await pools._restore_data(record)
+        return "rolled_back"
     if record is None:
         return "rolled_back" if intent.operation != "volume-delete" else "done"
     pools._claim(pool)

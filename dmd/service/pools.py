@@ -54,6 +54,7 @@ from dmd.service.journal import (
     PoolArgs,
     PoolCreateStep,
     PoolDestroyStep,
+    PoolGrowStep,
     SnapshotStep,
     VolumeCreateStep,
     VolumeDeleteStep,
@@ -70,7 +71,7 @@ HEADER_SECTORS = 8192  # 4 MiB at the start of every pool device
 MIN_DEVICE_BYTES = 16 << 20
 DEFAULT_BLOCK_SECTORS = 128  # 64 KiB, LVM's default for thin pools
 WIPE_BYTES = 1 << 20
-POOL_OPERATIONS = frozenset({"pool-create", "pool-destroy", "volume-create",
+POOL_OPERATIONS = frozenset({"pool-create", "pool-destroy", "pool-grow", "volume-create",
                              "volume-snapshot", "volume-delete"})
 
 
@@ -461,6 +462,62 @@ class PoolService:
         if await self.store.get_pool(record.name) is not None:
             await self.store.remove_pool(record.name)
         self._release(record.name)
+
+    async def add_device(self, pool: str, path: str, *, force: bool = False,
+                         caller: Caller = ROOT, accept: Accept = _ignore) -> PoolRecord:
+        """Grow the pool's data over one more device: the data device is
+        reloaded with a segment of it, then the pool's table with the larger
+        size (the kernel grows a pool when its data device grew; it cannot
+        shrink one, so past that step the operation rolls forward)."""
+        async with self._changing(pool):
+            record = await self.pool(pool)
+            await self._authorize(caller, Action.POOL, pool, record.owner_uid)
+            if path in record.layout.devices:
+                raise errors.Busy(f"{path} is a device of pool {pool!r} already")
+            [(path, size)] = await self._check_devices([path], force)
+            usable = size // 512 - HEADER_SECTORS
+            usable -= usable % record.block_sectors
+            if usable < record.block_sectors:
+                raise errors.InvalidArgument(f"{path} leaves no room for data")
+            plan = record.layout
+            grown_layout = PoolLayout(
+                (*plan.devices, path), (*plan.sizes, size), plan.metadata,
+                (*plan.data, Segment(len(plan.devices), HEADER_SECTORS, usable)))
+            grown = replace(record, layout=grown_layout)
+            claim = self.owner(pool)
+
+            async def undo(journal: Journal) -> None:
+                if journal.step >= PoolGrowStep.POOL:
+                    await self._restore_data(record)
+
+            async def finish(_: Journal) -> None:
+                await self.store.pool_change(pool, layout=grown_layout)
+
+            async with intent(self.store, self.fault, "pool-grow", pool,
+                              PoolArgs(pool=pool, layout=grown_layout.to_json()), undo,
+                              roll_forward=finish) as journal:
+                await self._accepted(pool, grown, accept)
+                await journal.mark(PoolGrowStep.WIPE)
+                await self.kernel(Engine.wipe, path, 0, WIPE_BYTES)
+                await journal.mark(PoolGrowStep.DATA)
+                await self.devices.reload(f"{pool}-tdata", _linear(grown_layout,
+                                                                   grown_layout.data),
+                                          claim=claim)
+                await journal.mark(PoolGrowStep.POOL)
+                await self.devices.reload(tpool(pool), _pool_table(grown), claim=claim)
+                journal.no_way_back()
+                await journal.mark(PoolGrowStep.RECORD)
+                await self.store.pool_change(pool, layout=grown_layout)
+        log.info("pool-grow %s: %s added, %d bytes of data", pool, path,
+                 grown_layout.data_sectors * 512)
+        return grown
+
+    async def _restore_data(self, record: PoolRecord) -> None:
+        """Put the data device back as *record* lays it out (a grow that did
+        not reach the pool's table)."""
+        await self.devices.reload(f"{record.name}-tdata",
+                                  _linear(record.layout, record.layout.data),
+                                  claim=self.owner(record.name))
 
     # -- volumes ---------------------------------------------------------------
     async def _new_thin_id(self, pool: PoolRecord) -> int:

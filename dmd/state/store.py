@@ -30,6 +30,7 @@ from dmd.engine import TargetLine
 from dmd.state.errors import RecordExists, RecordNotFound, StateError
 from dmd.state.models import Base, DeviceRow, IntentRow, LabelRow, PoolRow, VolumeRow
 from dmd.state.pool_records import (
+    PoolLayout,
     PoolRecord,
     VolumeRecord,
     pool_record,
@@ -455,7 +456,8 @@ class StateStore:
 
     def pool_change(self, pool: str, *, transaction_id: int | None = None,
                     next_thin_id: int | None = None, add: VolumeRecord | None = None,
-                    update: VolumeRecord | None = None, remove: str | None = None) -> None:
+                    update: VolumeRecord | None = None, remove: str | None = None,
+                    layout: PoolLayout | None = None) -> None:
         """One transaction for what a pool operation records at its end: the
         pool's new transaction id (and next thin id) with the volume it
         added, changed or removed (by UUID), so the two never disagree."""
@@ -465,6 +467,8 @@ class StateStore:
                 row.transaction_id = transaction_id
             if next_thin_id is not None:
                 row.next_thin_id = max(row.next_thin_id, next_thin_id)
+            if layout is not None:
+                row.layout_json = layout.to_json()
             if add is not None:
                 session.add(VolumeRow(
                     uuid=add.uuid, pool_id=row.id, thin_id=add.thin_id,
@@ -661,11 +665,11 @@ class AsyncStateStore:
 
     async def pool_change(self, pool: str, *, transaction_id: int | None = None,
                           next_thin_id: int | None = None, add: VolumeRecord | None = None,
-                          update: VolumeRecord | None = None, remove: str | None = None
-                          ) -> None:
+                          update: VolumeRecord | None = None, remove: str | None = None,
+                          layout: PoolLayout | None = None) -> None:
         await self._write(lambda: self.sync.pool_change(
             pool, transaction_id=transaction_id, next_thin_id=next_thin_id, add=add,
-            update=update, remove=remove))
+            update=update, remove=remove, layout=layout))
 
 
 def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:

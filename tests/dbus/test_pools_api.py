@@ -247,3 +247,16 @@ async def test_pools_and_volumes_are_back_after_a_restart(dmd_session: Any,
         assert (await props(client, volume, VOLUME_INTERFACE))["State"] == "active"
     finally:
         bus.disconnect()
+
+
+async def test_add_device_grows_the_pool(client: Client, disks: list[str]) -> None:
+    pool, job = await create_pool(client, "tank", disks[:1])
+    await finished(client, job)
+    before = (await props(client, pool, POOL_INTERFACE))["DataTotal"]
+    (job,) = await client.call(pool, POOL_INTERFACE, "AddDevice", "sa{sv}", [disks[1], {}])
+    assert (await finished(client, job))["Operation"] == "pool-grow"
+    after = await props(client, pool, POOL_INTERFACE)
+    assert after["Devices"] == disks and after["DataTotal"] > before
+    with pytest.raises(CallError) as caught:
+        await client.call(pool, POOL_INTERFACE, "AddDevice", "sa{sv}", ["/dev/simxfs", {}])
+    assert caught.value.short == "Busy"

@@ -6,8 +6,8 @@ system bus (busctl as the client), with data written and read back:
   back with the origin resumed, the snapshot whole (a point in time of the
   writes) or absent, and the pool's thin ids and transaction id as recorded;
 - when the kernel loses every device (what a reboot does to device-mapper,
-  the disks keeping their data) dmd brings the pool and its volumes back
-  with their data;
+  the disks keeping their data) dmd brings the pool (grown over a second
+  device by AddDevice) and its volumes back with their data;
 - bad input gets a named error and changes nothing.
 """
 
@@ -271,7 +271,13 @@ def volume_paths() -> list[str]:
 
 def test_volumes_come_back_with_their_data_after_the_kernel_lost_them(
         dmd: SystemDmd, disks: list[str]) -> None:
-    pool = create_pool("dmdtp3", disks)
+    pool = create_pool("dmdtp3", disks[:1])
+    small = prop(pool, POOL_INTERFACE, "DataTotal")
+    (job,) = call(pool, POOL_INTERFACE, "AddDevice", "sa{sv}", disks[1], "0")
+    wait(job)  # the pool grows over a second device before the data goes in
+    assert prop(pool, POOL_INTERFACE, "DataTotal") > small
+    assert int(dmsetup("status", "dmdtp3-tpool").split()[5].split("/")[1]) * 64 * 1024 == \
+        prop(pool, POOL_INTERFACE, "DataTotal")
     one = create_volume(pool, "one", 32 * MIB)
     create_volume(pool, "two", 32 * MIB)
     sums = {name: write_pattern(f"/dev/mapper/dmdtp3-{name}", name.encode(), 8 * MIB)

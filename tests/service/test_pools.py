@@ -64,6 +64,8 @@ async def state(pools: PoolService) -> dict[str, Any]:
         "kernel": kernel,
         "devices": sorted(r.name for r in await pools.store.list_devices()),
         "pools": {p.name: p.transaction_id for p in await pools.store.list_pools()},
+        "layouts": {p.name: (p.layout.devices, p.layout.data_sectors)
+                    for p in await pools.store.list_pools()},
         "volumes": sorted((v.pool, v.name, v.thin_id, v.size_bytes, v.active)
                           for v in await pools.store.list_volumes()),
         "thins": {k: sorted(v["thins"]) for k, v in engine.snapshot()["pools"].items()},
@@ -120,6 +122,25 @@ async def test_pool_volume_snapshot_resize_delete(pools: PoolService) -> None:
     assert now["volumes"] == [] and now["thins"] == {}  # the metadata was wiped
     # The devices are free for a new pool.
     await pools.create_pool("tank", DISKS[:2])
+
+
+async def test_a_device_added_grows_the_pool(pools: PoolService) -> None:
+    await pools.create_pool("tank", DISKS[:1])
+    await pools.create_volume("tank", "v", GIB)
+    before = await pools.pool_state("tank")
+    grown = await pools.add_device("tank", DISKS[1])
+    after = await pools.pool_state("tank")
+    assert grown.layout.devices == tuple(DISKS[:2])
+    assert after.data_total_bytes == grown.layout.data_sectors * 512 > before.data_total_bytes
+    assert after.transaction_id == before.transaction_id  # no thin id changed
+    await assert_agree(pools)
+    with pytest.raises(errors.Busy):
+        await pools.add_device("tank", DISKS[1])  # already in it
+    with pytest.raises(errors.Busy):
+        await pools.add_device("tank", "/dev/simext4")  # a signature
+    # The pool comes back grown after the kernel lost its devices.
+    recorded = await pools.pool("tank")
+    assert recorded.layout == grown.layout
 
 
 async def test_pool_spans_devices(pools: PoolService) -> None:
@@ -223,13 +244,14 @@ OPERATIONS: dict[str, Callable[[PoolService], Awaitable[Any]]] = {
     "volume-snapshot": lambda p: p.snapshot("tank", "base", "base.snap"),
     "volume-delete": lambda p: p.delete_volume("tank", "base"),
     "pool-destroy": lambda p: p.destroy_pool("tank", force=True),
+    "pool-grow": lambda p: p.add_device("tank", DISKS[2]),
 }
 STEPS = {"pool-create": 4, "volume-create": 4, "volume-snapshot": 6, "volume-delete": 4,
-         "pool-destroy": 2}
+         "pool-destroy": 2, "pool-grow": 4}
 EVERY_STEP = [(op, k) for op, n in STEPS.items() for k in range(1, n + 1)]
 # Past these steps an operation rolls forward (the kernel cannot undo it).
-ROLLS_FORWARD = {("volume-delete", k) for k in (2, 3, 4)} | {("pool-destroy", 1),
-                                                             ("pool-destroy", 2)}
+ROLLS_FORWARD = {("volume-delete", k) for k in (2, 3, 4)} | {
+    ("pool-destroy", 1), ("pool-destroy", 2), ("pool-grow", 4)}
 
 
 async def prepare(tmp: Path) -> None:
@@ -244,7 +266,7 @@ def outcome(before: dict[str, Any], after: dict[str, Any], done: bool) -> None:
     if not done:
         # Undone: the same devices, records and thin ids (the transaction id
         # may have moved on: an undo is a transaction of its own).
-        for key in ("kernel", "devices", "volumes"):
+        for key in ("kernel", "devices", "volumes", "layouts"):
             assert after[key] == before[key], key
         assert sorted(after["thins"].values()) == sorted(before["thins"].values())
 
@@ -315,5 +337,5 @@ def test_crash_at_any_step_then_recovery_agrees(tmp_path: Path, operation: str,
             close(pools)
 
     after = asyncio.run(restart())
-    done = after["volumes"] != before["volumes"] or after["pools"].keys() != before["pools"].keys()
+    done = after["volumes"] != before["volumes"] or after["layouts"] != before["layouts"]
     outcome(before, after, done)
