@@ -306,6 +306,8 @@ def test_bad_input_is_refused_and_changes_nothing(dmd: SystemDmd, disks: list[st
     subprocess.run(["mkfs.ext4", "-q", mounted], check=True)
     formatted = loop_device(32)
     subprocess.run(["mkfs.ext4", "-q", formatted], check=True)
+    physical = loop_device(32)  # an LVM physical volume, made by LVM itself
+    subprocess.run(["pvcreate", "-q", physical], check=True, capture_output=True)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     subprocess.run(["mount", mounted, str(mnt)], check=True)
@@ -318,6 +320,8 @@ def test_bad_input_is_refused_and_changes_nothing(dmd: SystemDmd, disks: list[st
               ["dmdtp5", [formatted], {}]), "Busy"),
             ((ROOT_PATH, MANAGER_INTERFACE, "CreatePool", "sasa{sv}",
               ["dmdtp5", [disks[0]], {}]), "Busy"),
+            ((ROOT_PATH, MANAGER_INTERFACE, "CreatePool", "sasa{sv}",
+              ["dmdtp5", [physical], {}]), "Busy"),
             ((ROOT_PATH, MANAGER_INTERFACE, "CreatePool", "sasa{sv}",
               ["dmdtp5", ["/etc/passwd"], {}]), "InvalidArgument"),
             ((ROOT_PATH, MANAGER_INTERFACE, "CreatePool", "sasa{sv}",
@@ -340,3 +344,4 @@ def test_bad_input_is_refused_and_changes_nothing(dmd: SystemDmd, disks: list[st
         wait(job)
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+        subprocess.run(["pvremove", "-q", "-y", physical], check=False, capture_output=True)
