@@ -200,7 +200,11 @@ class _Kernel:
     disks: dict[str, list[Any]] = field(default_factory=dict)
     dirty_disks: set[str] = field(default_factory=set)
     # Thin pools' metadata, by where it lives ("major:minor+offset" of the
-    # disk under the metadata device): {"tid": int, "thins": [ids]}.
+    # disk under the metadata device): {"tid": int, "thins": [ids], "maps":
+    # {thin id: {block: data block}}, "refs": {data block: how many thins map
+    # it}, "free": [data blocks freed], "next": first never-used data block,
+    # "low": the low water event was raised since the last resume}. JSON
+    # keys are strings.
     pools: dict[str, dict[str, Any]] = field(default_factory=dict)
     dirty_pools: set[str] = field(default_factory=set)
 
@@ -603,7 +607,7 @@ class SimDM:
         """pool_ctr: a metadata device whose first block is zero is formatted."""
         key = self._pool_key(k, table)
         if key is not None and key not in k.pools:
-            k.pools[key] = {"tid": 0, "thins": []}
+            k.pools[key] = _new_pool()
             k.dirty_pools.add(key)
 
     def _thin_opens(self, k: _Kernel, minor: int, thin_id: int) -> int:
@@ -630,12 +634,16 @@ class SimDM:
             if not word.isdigit() or int(word) > MAX_THIN_ID:
                 raise _fail(errno.EINVAL, "DM_TARGET_MSG", dev.name)
             return int(word)
-        thins: list[int] = list(pool["thins"])
+        pool = _copy_pool(pool)
+        thins: list[int] = pool["thins"]
+        maps: dict[str, dict[str, int]] = pool["maps"]
+        refs: dict[str, int] = pool["refs"]
         if words[0] == "create_thin" and len(words) == 2:
             new = ident(words[1])
             if new in thins:
                 raise _fail(errno.EEXIST, "DM_TARGET_MSG", dev.name)
             thins.append(new)
+            maps[str(new)] = {}
         elif words[0] == "create_snap" and len(words) == 3:
             new, origin = ident(words[1]), ident(words[2])
             if new in thins:
@@ -643,6 +651,9 @@ class SimDM:
             if origin not in thins:
                 raise _fail(errno.ENODATA, "DM_TARGET_MSG", dev.name)
             thins.append(new)
+            maps[str(new)] = dict(maps.get(str(origin), {}))  # shares every block
+            for block in maps[str(new)].values():
+                refs[str(block)] += 1
         elif words[0] == "delete" and len(words) == 2:
             gone = ident(words[1])
             if gone not in thins:
@@ -650,6 +661,8 @@ class SimDM:
             if self._thin_opens(k, dev.minor, gone):
                 raise _fail(errno.EBUSY, "DM_TARGET_MSG", dev.name)
             thins.remove(gone)
+            for block in maps.pop(str(gone), {}).values():
+                _unref(pool, block)
         elif words[0] == "set_transaction_id" and len(words) == 3 \
                 and words[1].isdigit() and words[2].isdigit():
             if int(words[1]) != pool["tid"]:
@@ -662,7 +675,7 @@ class SimDM:
 
     def _pool_status(self, k: _Kernel, dev: _Dev, params: str) -> str:
         args = params.split()
-        pool = k.pools.get(self._pool_key(k, dev.live) or "", {"tid": 0, "thins": []})
+        pool = k.pools.get(self._pool_key(k, dev.live) or "", _new_pool())
         meta = self._resolve(k, args[0])
         meta_blocks = min((meta[1] if meta else 0) // 8, 255 * (1 << 14))
         data_blocks = sum(int(str(line[1])) for line in dev.live or []) // int(args[2])
@@ -671,10 +684,83 @@ class SimDM:
         discards = ("ignore_discard" if "ignore_discard" in features else
                     "no_discard_passdown" if "no_discard_passdown" in features
                     else "discard_passdown")
-        mode = "ro" if "read_only" in features else "rw"
-        used_meta = 10 + len(pool["thins"])
-        return (f"{pool['tid']} {used_meta}/{meta_blocks} 0/{data_blocks} - {mode} "
+        used = len(pool["refs"])
+        mode = ("ro" if "read_only" in features else
+                "out_of_data_space" if used >= data_blocks else "rw")
+        used_meta = 10 + len(pool["thins"]) + used // 64
+        return (f"{pool['tid']} {used_meta}/{meta_blocks} {used}/{data_blocks} - {mode} "
                 f"{discards} {policy} - {min(meta_blocks // 4, 4096)}")
+
+    def _thin_status(self, k: _Kernel, params: str) -> str:
+        pool_ref, ident = params.split()[:2]
+        found = self._pool_of(k, pool_ref)
+        mapping = found[1]["maps"].get(ident, {}) if found is not None else {}
+        if not mapping:
+            return "0 -"
+        block = self._block_sectors(k, pool_ref)
+        return f"{len(mapping) * block} {(max(map(int, mapping)) + 1) * block - 1}"
+
+    def _block_sectors(self, k: _Kernel, pool_ref: str) -> int:
+        hit = self._resolve(k, pool_ref)
+        assert hit is not None
+        dev = next(d for d in k.devices.values() if d.minor == hit[0][1])
+        return int(str((dev.live or dev.inactive or [[0, 0, "", "0 0 128"]])[0][3]).split()[2])
+
+    def write(self, id: DevId | str, sector: int, sectors: int) -> None:
+        """Pretend a process wrote *sectors* sectors at *sector* of thin device
+        *id* (the model keeps no data, only which blocks are mapped): each
+        block not mapped, or shared with a snapshot, gets a data block of its
+        own. A full pool fails the write with ENOSPC (``error_if_no_space``;
+        the kernel would otherwise queue it for ``no_space_timeout``, then
+        fail it with EIO: the model fails it with EIO at once). Reaching the
+        low water mark raises the pool device's event, once per resume."""
+        with self._locked(write=True) as k:
+            dev = self._find(k, id, "write")
+            if not dev.live or len(dev.live) != 1 or dev.live[0][2] != "thin":
+                raise _fail(errno.EINVAL, "write", id)
+            pool_ref, ident = str(dev.live[0][3]).split()[:2]
+            found = self._pool_of(k, pool_ref)
+            assert found is not None
+            key, pool = found[0], _copy_pool(found[1])
+            pool_dev = next(d for d in k.devices.values()
+                            if f"{SIM_MAJOR}:{d.minor}" == pool_ref)
+            assert pool_dev.live is not None
+            block = self._block_sectors(k, pool_ref)
+            pool_args = str(pool_dev.live[0][3]).split()
+            total = int(str(pool_dev.live[0][1])) // block
+            low_water = int(pool_args[3])
+            features = pool_args[5:5 + int(pool_args[4])] if len(pool_args) > 4 else []
+            mapping = pool["maps"].setdefault(ident, {})
+            try:
+                for index in range(sector // block, -(-(sector + sectors) // block)):
+                    current = mapping.get(str(index))
+                    if current is not None and pool["refs"][str(current)] == 1:
+                        continue  # its own block: written in place
+                    if pool["free"]:
+                        fresh = pool["free"].pop()
+                    elif pool["next"] < total:
+                        fresh, pool["next"] = pool["next"], pool["next"] + 1
+                    else:
+                        full = errno.ENOSPC if "error_if_no_space" in features else errno.EIO
+                        raise OSError(full, f"thin pool {pool_dev.name} is out of data space")
+                    if current is not None:
+                        _unref(pool, current)
+                    mapping[str(index)] = fresh
+                    pool["refs"][str(fresh)] = 1
+            finally:
+                if total - len(pool["refs"]) <= low_water and not pool["low"]:
+                    pool["low"] = True
+                    pool_dev.event_nr += 1
+                    self._event_raised = True
+                k.pools[key] = pool
+                k.dirty_pools.add(key)
+
+    def _rearm_low_water(self, k: _Kernel, table: list[list[object]] | None) -> None:
+        """pool_resume: the low water event may fire again."""
+        key = self._pool_key(k, table)
+        if key is not None and key in k.pools and k.pools[key].get("low"):
+            k.pools[key] = {**k.pools[key], "low": False}
+            k.dirty_pools.add(key)
 
     def wipe(self, path: str, offset: int, length: int) -> None:
         """As DM.wipe: pool metadata that started there is gone (the model
@@ -856,6 +942,8 @@ class SimDM:
                 dev.suspended = True
                 dev.inactive, dev.inactive_ro = None, False
                 raise _fail(errno.EINVAL, "DM_DEV_SUSPEND", id)
+            if dev.suspended or dev.inactive is not None:
+                self._rearm_low_water(k, dev.inactive or dev.live)
             if dev.inactive is not None:
                 dev.live, dev.live_ro = dev.inactive, dev.inactive_ro
                 dev.inactive, dev.inactive_ro = None, False
@@ -927,6 +1015,7 @@ class SimDM:
                 TargetLine(int(str(s)), int(str(n)), str(t),
                            str(p) if flags & DmFlags.DM_STATUS_TABLE else
                            self._pool_status(k, dev, str(p)) if t == "thin-pool" and not inactive
+                           else self._thin_status(k, str(p)) if t == "thin" and not inactive
                            else _status(str(t), str(p)))
                 for s, n, t, p in table
             ]
@@ -978,6 +1067,28 @@ class _SimEvents:
         self._read_fd = self._write_fd = self._keep_open = -1
 
 
+def _new_pool() -> dict[str, Any]:
+    return {"tid": 0, "thins": [], "maps": {}, "refs": {}, "free": [], "next": 0,
+            "low": False}
+
+
+def _copy_pool(pool: dict[str, Any]) -> dict[str, Any]:
+    """A pool's metadata to change (what is stored stays as it was if the
+    change fails half-way)."""
+    return {**_new_pool(), **pool, "thins": list(pool["thins"]),
+            "maps": {t: dict(m) for t, m in pool.get("maps", {}).items()},
+            "refs": dict(pool.get("refs", {})), "free": list(pool.get("free", []))}
+
+
+def _unref(pool: dict[str, Any], block: int) -> None:
+    left = pool["refs"][str(block)] - 1
+    if left:
+        pool["refs"][str(block)] = left
+    else:
+        del pool["refs"][str(block)]
+        pool["free"].append(block)
+
+
 def _status(target_type: str, params: str) -> str:
     """STATUSTYPE_INFO for the few targets whose status needs no I/O model."""
     if target_type == "striped":
@@ -985,7 +1096,7 @@ def _status(target_type: str, params: str) -> str:
         devs = args[2::2]
         return f"{len(devs)} {' '.join(devs)} 1 {'A' * len(devs)}"
     if target_type == "thin":
-        return "0 -"  # nothing mapped: the model does no I/O
+        return "0 -"  # an inactive table maps nothing yet
     return ""
 
 

@@ -91,13 +91,15 @@ class Coalesced:
     """Runs an async job on request; requests made while it runs make it run
     once more after, never concurrently and never more than once more.
 
-    *duty*: the largest share of time back-to-back runs may take. A run that
-    took t seconds and was asked for again waits t * (1 - duty) / duty before
-    the next, so a job whose cost grows with the number of devices (a listing)
+    *duty*: the largest share of time back-to-back runs may spend on their
+    overhead. A job returns the seconds of overhead it spent (or None: all
+    of it); asked for again, it waits overhead * (1 - duty) / duty before the
+    next run, so a cost that grows with the number of devices (a listing)
     cannot take over the daemon while dmd's own operations keep the kernel's
-    event firing; with few devices t is tiny and so is the wait."""
+    event firing, while the useful part (refreshing what changed) is not
+    held back. With few devices the overhead is tiny and so is the wait."""
 
-    def __init__(self, job: Callable[[], Awaitable[None]], what: str,
+    def __init__(self, job: Callable[[], Awaitable[float | None]], what: str,
                  duty: float = 1.0) -> None:
         assert 0 < duty <= 1
         self._job, self._what = job, what
@@ -118,14 +120,16 @@ class Coalesced:
                 self._again = False
                 self.runs += 1
                 started = time.monotonic()
+                overhead: float | None = None
                 try:
-                    await self._job()
+                    overhead = await self._job()
                 except Exception:
                     log.exception("%s failed", self._what)
                 if not self._again:
                     break
                 if self._rest:
-                    await asyncio.sleep((time.monotonic() - started) * self._rest)
+                    spent = time.monotonic() - started if overhead is None else overhead
+                    await asyncio.sleep(spent * self._rest)
         finally:
             self._task = None
 
@@ -193,9 +197,12 @@ class Reconciler:
         task.add_done_callback(self._tasks.discard)
 
     # -- comparing -----------------------------------------------------------
-    async def sync(self) -> None:
+    async def sync(self) -> float:
         """Refresh every device that is new, renamed or has a new event number;
-        drop the ones the kernel no longer lists."""
+        drop the ones the kernel no longer lists. Returns the seconds spent
+        finding them (the listing: its cost grows with every device), not
+        the refreshes (each one a device that needed it)."""
+        started = time.monotonic()
         listed = await self.service.kernel(Engine.list_devices)
         stale: list[str] = []
         seen: set[tuple[int, int]] = set()
@@ -213,7 +220,9 @@ class Reconciler:
             if view.managed:
                 await self._follow_remove(view.name)
             self.inventory.drop_device(view.device)
+        overhead = time.monotonic() - started
         await self._refresh_all(stale)
+        return overhead
 
     # -- managed devices changed by others: records follow the kernel ---------
     async def _follow_rename(self, old: str, new: str) -> None:

@@ -508,3 +508,118 @@ def test_block_device_facts(engine: Engine, disk: Callable[[int], str]) -> None:
     assert engine.block_device(backing).in_use
     with pytest.raises(NotABlockDevice):
         engine.block_device("/dev/null" if isinstance(engine, DM) else "/dev/nothing")
+
+
+def _write(engine: Engine, name: str, sector: int, sectors: int) -> None:
+    """Write *sectors* at *sector* of device *name* (the simulator is told)."""
+    if not isinstance(engine, DM):
+        engine.write(name, sector, sectors)
+        return
+    import mmap
+
+    fd = os.open(f"/dev/mapper/{name}", os.O_WRONLY | os.O_DIRECT)
+    try:
+        buffer = mmap.mmap(-1, sectors * 512)
+        buffer.write(b"\xa5" * (sectors * 512))
+        os.pwrite(fd, buffer, sector * 512)
+    finally:
+        os.close(fd)
+
+
+def _thin(engine: Engine, pool: str, thin_id: int, sectors: int = 1 << 16) -> str:
+    name = f"{P}thin{thin_id}"
+    return active(engine, name, [TargetLine(0, sectors, "thin", f"/dev/mapper/{pool} {thin_id}")])
+
+
+def _small_pool(engine: Engine, disk: Callable[[int], str], blocks: int, low_water: int,
+                features: str = "0") -> str:
+    backing = disk(16)
+    meta = active(engine, f"{P}tmeta", [TargetLine(0, 4096, "linear", f"{backing} 0")])
+    data = active(engine, f"{P}tdata",
+                  [TargetLine(0, blocks * 128, "linear", f"{backing} 4096")])
+    engine.wipe(backing, 0, 4096)
+    return active(engine, f"{P}pool", [TargetLine(
+        0, blocks * 128, "thin-pool",
+        f"/dev/mapper/{meta} /dev/mapper/{data} 128 {low_water} {features}")])
+
+
+def _used_blocks(engine: Engine, pool: str) -> int:
+    return int(_pool_status(engine, pool).used_data_blocks)
+
+
+def test_thin_writes_map_blocks_and_snapshots_share_them(
+        engine: Engine, disk: Callable[[int], str]) -> None:
+    from dmd.engine.targets import parse_status, thin
+
+    pool, _ = _thin_pool(engine, disk)
+    engine.target_msg(pool, 0, thin.create_thin(0))
+    origin = _thin(engine, pool, 0)
+    _write(engine, origin, 0, 128)  # block 0
+    _write(engine, origin, 5 * 128, 8)  # part of block 5: a block all the same
+    assert _used_blocks(engine, pool) == 2
+    _, lines = engine.table_status(origin)
+    status = parse_status("thin", lines[0].params)
+    assert status.mapped_sectors == 256 and status.highest_mapped_sector == 6 * 128 - 1
+    _write(engine, origin, 0, 8)  # its own block: in place
+    assert _used_blocks(engine, pool) == 2
+    engine.device_suspend(origin, DmFlags.DM_SUSPEND)  # as a snapshot must be taken
+    engine.target_msg(pool, 0, thin.create_snap(1, 0))
+    engine.device_suspend(origin, DmFlags(0))
+    assert _used_blocks(engine, pool) == 2  # shared
+    _write(engine, origin, 0, 8)  # shared with the snapshot: copied on write
+    assert _used_blocks(engine, pool) == 3
+    engine.target_msg(pool, 0, thin.delete(1))  # frees what only it held
+    assert _used_blocks(engine, pool) == 2
+    _remove_written(engine, origin)
+    engine.target_msg(pool, 0, thin.delete(0))
+    assert _used_blocks(engine, pool) == 0
+
+
+def _remove_written(engine: Engine, name: str) -> None:
+    """Remove a device just written to: on the kernel, closing it after a
+    write makes udev probe it, and the remove is EBUSY while blkid has it."""
+    import subprocess
+
+    for _ in range(100):
+        if isinstance(engine, DM):
+            subprocess.run(["udevadm", "settle"], check=False)
+        try:
+            engine.device_remove(name)
+            return
+        except DmError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+        time.sleep(0.2)
+    engine.device_remove(name)
+
+
+def test_low_water_mark_raises_the_pools_event_once(engine: Engine,
+                                                    disk: Callable[[int], str]) -> None:
+    from dmd.engine.targets import thin
+
+    pool = _small_pool(engine, disk, blocks=16, low_water=13)
+    engine.target_msg(pool, 0, thin.create_thin(0))
+    volume = _thin(engine, pool, 0)
+    before = engine.device_info(pool).event_nr
+    _write(engine, volume, 0, 2 * 128)  # 14 blocks free: above the mark
+    assert engine.device_info(pool).event_nr == before
+    _write(engine, volume, 2 * 128, 128)  # 13 free: at the mark
+    assert engine.device_info(pool).event_nr == before + 1
+    _write(engine, volume, 3 * 128, 128)
+    assert engine.device_info(pool).event_nr == before + 1  # once, until a resume
+
+
+def test_a_full_pool_that_errors_fails_writes_with_enospc(
+        engine: Engine, disk: Callable[[int], str]) -> None:
+    from dmd.engine.targets import thin
+
+    pool = _small_pool(engine, disk, blocks=4, low_water=0, features="1 error_if_no_space")
+    engine.target_msg(pool, 0, thin.create_thin(0))
+    volume = _thin(engine, pool, 0)
+    _write(engine, volume, 0, 4 * 128)
+    with pytest.raises(OSError) as full:
+        _write(engine, volume, 4 * 128, 128)
+    assert full.value.errno == errno.ENOSPC
+    status = _pool_status(engine, pool)
+    assert status.mode == "out_of_data_space" and status.used_data_blocks == 4
+    assert status.no_space_policy == "error_if_no_space"

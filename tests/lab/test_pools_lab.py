@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -260,6 +261,25 @@ def test_sigkill_while_snapshotting_a_volume_under_writes(dmd: SystemDmd, disks:
         assert point_in_time(generations(str(snap_device), blocks))
     status = dmsetup("status", "dmdtp2-tpool").split()
     assert int(status[3]) == prop(pool, POOL_INTERFACE, "TransactionId")
+    assert kernel_thin_ids("dmdtp2") == recorded_thin_ids(dmd.state_dir)
+
+
+def kernel_thin_ids(pool: str) -> set[int]:
+    """The thin ids in the pool's metadata, as thin_ls (thin-provisioning-tools)
+    reads them from a metadata snapshot of the live pool."""
+    dmsetup("message", f"{pool}-tpool", "0", "reserve_metadata_snap")
+    try:
+        out = subprocess.run(["thin_ls", "--no-headers", "-o", "DEV", "--metadata-snap",
+                              f"/dev/mapper/{pool}-tmeta"], capture_output=True, text=True,
+                             check=True).stdout
+    finally:
+        dmsetup("message", f"{pool}-tpool", "0", "release_metadata_snap")
+    return {int(word) for word in out.split()}
+
+
+def recorded_thin_ids(state_dir: Path) -> set[int]:
+    with contextlib.closing(sqlite3.connect(state_dir / "dmd.sqlite3")) as db:
+        return {int(row[0]) for row in db.execute("SELECT thin_id FROM volumes")}
 
 
 def volume_paths() -> list[str]:
@@ -295,6 +315,7 @@ def test_volumes_come_back_with_their_data_after_the_kernel_lost_them(
         assert checksum(f"/dev/mapper/dmdtp3-{name}", 8 * MIB) == expected, name
     assert prop(pool, POOL_INTERFACE, "TransactionId") == 3
     assert prop(one, VOLUME_INTERFACE, "State") == "active"
+    assert kernel_thin_ids("dmdtp3") == recorded_thin_ids(dmd.state_dir) == {0, 1, 2}
 
 
 def test_bad_input_is_refused_and_changes_nothing(dmd: SystemDmd, disks: list[str],
@@ -345,3 +366,37 @@ def test_bad_input_is_refused_and_changes_nothing(dmd: SystemDmd, disks: list[st
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
         subprocess.run(["pvremove", "-q", "-y", physical], check=False, capture_output=True)
+
+
+# volume-create 2: create_thin sent, the transaction not moved (undone);
+# volume-create 4: recorded, its device next (finished); volume-delete 2:
+# the device removed, the thin's delete next (finished: a delete rolls
+# forward once its device is gone).
+@pytest.mark.parametrize(("operation", "step", "exists_after"), [
+    ("volume-create", 2, False), ("volume-create", 4, True), ("volume-delete", 2, False)])
+def test_sigkill_during_volume_create_and_delete(dmd: SystemDmd, disks: list[str],
+                                                 operation: str, step: int,
+                                                 exists_after: bool) -> None:
+    pool = create_pool("dmdtp6", disks[:1])
+    keep = create_volume(pool, "keep", 8 * MIB)
+    kept = write_pattern("/dev/mapper/dmdtp6-keep", b"keep", 4 * MIB)
+    victim = create_volume(pool, "victim", 8 * MIB) if operation == "volume-delete" else None
+    settle()
+    dmd.stop()
+    dmd.start({"DMD_TEST_KILL_AT": f"{operation}:{step}"})
+    with contextlib.suppress(BusError):
+        if victim is None:
+            call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", "victim", str(8 * MIB), "0")
+        else:
+            call(victim, VOLUME_INTERFACE, "Delete", "a{sv}", "0")
+    assert dmd.wait_exit() == -signal.SIGKILL
+    dmd.start()
+    assert unfinished(dmd.state_dir) == 0
+    names = {prop(p, VOLUME_INTERFACE, "Name") for p in volume_paths()}
+    assert ("victim" in names) == exists_after == Path("/dev/mapper/dmdtp6-victim").exists()
+    assert checksum("/dev/mapper/dmdtp6-keep", 4 * MIB) == kept
+    status = dmsetup("status", "dmdtp6-tpool").split()
+    assert int(status[3]) == prop(pool, POOL_INTERFACE, "TransactionId")
+    assert kernel_thin_ids("dmdtp6") == recorded_thin_ids(dmd.state_dir)
+    create_volume(pool, "after", 8 * MIB)
+    assert prop(keep, VOLUME_INTERFACE, "State") == "active"

@@ -339,3 +339,15 @@ def test_crash_at_any_step_then_recovery_agrees(tmp_path: Path, operation: str,
     after = asyncio.run(restart())
     done = after["volumes"] != before["volumes"] or after["layouts"] != before["layouts"]
     outcome(before, after, done)
+
+
+async def test_pool_state_shows_what_volumes_use(pools: PoolService) -> None:
+    await pools.create_pool("tank", DISKS[:1])
+    await pools.create_volume("tank", "v", GIB)
+    sim: SimDM = pools.kernel.engine  # type: ignore[assignment]
+    sim.write("tank-v", 0, 10 * 128)  # ten 64 KiB blocks
+    await pools.snapshot("tank", "v", "v.snap")
+    sim.write("tank-v", 0, 128)  # one copied on write
+    state_ = await pools.pool_state("tank")
+    assert state_.data_used_bytes == 11 * (64 << 10) and state_.mode == "ok"
+    assert state_.metadata_used_bytes > 0

@@ -320,6 +320,29 @@ async def test_back_to_back_syncs_take_at_most_their_duty_share() -> None:
     assert elapsed >= 4 * 0.02 + 3 * 0.06 - 0.01
 
 
+async def test_only_the_overhead_a_job_reports_is_bounded() -> None:
+    """A sync's refreshes are the work it exists for: only its listing (the
+    overhead it returns) makes it rest."""
+    from dmd.service.reconcile import Coalesced
+
+    runs = 0
+
+    async def job() -> float:
+        nonlocal runs
+        runs += 1
+        if runs < 3:
+            coalesced.request()
+        await asyncio.sleep(0.05)  # refreshing: useful
+        return 0.001  # the listing
+
+    coalesced = Coalesced(job, "test", duty=0.1)
+    began = asyncio.get_running_loop().time()
+    coalesced.request()
+    await coalesced.idle()
+    assert runs == 3
+    assert asyncio.get_running_loop().time() - began < 3 * 0.05 + 0.1  # rests of 9 ms
+
+
 async def test_a_single_request_runs_at_once_and_does_not_rest() -> None:
     from dmd.service.reconcile import Coalesced
 
