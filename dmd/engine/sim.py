@@ -712,8 +712,9 @@ class SimDM:
         block not mapped, or shared with a snapshot, gets a data block of its
         own. A full pool fails the write with ENOSPC (``error_if_no_space``;
         the kernel would otherwise queue it for ``no_space_timeout``, then
-        fail it with EIO: the model fails it with EIO at once). Reaching the
-        low water mark raises the pool device's event, once per resume."""
+        fail it with EIO: the model fails it with EIO at once). An allocation
+        that starts with the free blocks at or below the low water mark raises
+        the pool device's event, once per resume."""
         with self._locked(write=True) as k:
             dev = self._find(k, id, "write")
             if not dev.live or len(dev.live) != 1 or dev.live[0][2] != "thin":
@@ -736,6 +737,12 @@ class SimDM:
                     current = mapping.get(str(index))
                     if current is not None and pool["refs"][str(current)] == 1:
                         continue  # its own block: written in place
+                    # alloc_data_block: the mark is checked against the free
+                    # blocks before this allocation, full pool included.
+                    if total - len(pool["refs"]) <= low_water and not pool["low"]:
+                        pool["low"] = True
+                        pool_dev.event_nr += 1
+                        self._event_raised = True
                     if pool["free"]:
                         fresh = pool["free"].pop()
                     elif pool["next"] < total:
@@ -748,10 +755,6 @@ class SimDM:
                     mapping[str(index)] = fresh
                     pool["refs"][str(fresh)] = 1
             finally:
-                if total - len(pool["refs"]) <= low_water and not pool["low"]:
-                    pool["low"] = True
-                    pool_dev.event_nr += 1
-                    self._event_raised = True
                 k.pools[key] = pool
                 k.dirty_pools.add(key)
 

@@ -601,11 +601,13 @@ def test_low_water_mark_raises_the_pools_event_once(engine: Engine,
     engine.target_msg(pool, 0, thin.create_thin(0))
     volume = _thin(engine, pool, 0)
     before = engine.device_info(pool).event_nr
-    _write(engine, volume, 0, 2 * 128)  # 14 blocks free: above the mark
+    # The kernel checks the mark against the free blocks before each
+    # allocation (alloc_data_block): 16, 15, 14 free, no event; 13 left after.
+    _write(engine, volume, 0, 3 * 128)
     assert engine.device_info(pool).event_nr == before
-    _write(engine, volume, 2 * 128, 128)  # 13 free: at the mark
+    _write(engine, volume, 3 * 128, 128)  # starts at 13 free: the mark
     assert engine.device_info(pool).event_nr == before + 1
-    _write(engine, volume, 3 * 128, 128)
+    _write(engine, volume, 4 * 128, 128)
     assert engine.device_info(pool).event_nr == before + 1  # once, until a resume
 
 
