@@ -419,7 +419,6 @@ class PoolService:
             if volumes and not force:
                 raise errors.Busy(f"pool {name!r} has {len(volumes)} volume(s); delete them "
                                   "first or pass force")
-            claim = self.owner(name)
             for volume in volumes:  # refuse before anything goes if one is open
                 device = volume_device(name, volume.name)
                 with contextlib.suppress(DmError):
@@ -435,33 +434,33 @@ class PoolService:
                 await self._accepted(name, record, accept)
                 journal.no_way_back()
                 await journal.mark(PoolDestroyStep.DEVICES)
-                for volume in volumes:
-                    device = volume_device(name, volume.name)
-                    with contextlib.suppress(errors.NotFound):
-                        await self.devices.remove(device, claim=claim)
-                await self._remove_pool_devices(name)
-                await self._wipe_metadata(record.layout)
+                await self._destroy_devices(record)
                 await journal.mark(PoolDestroyStep.RECORD)
-                for volume in volumes:
-                    await self.store.pool_change(name, remove=volume.uuid)
-                await self.store.remove_pool(name)
+                await self._destroy_records(record)
             self._release(name)
         log.info("pool-destroy %s: done", name)
 
     async def finish_destroy(self, record: PoolRecord) -> None:
-        """Finish a destroy from wherever it stopped."""
+        """Finish a destroy from wherever it stopped: each step is skipped if
+        it was done."""
+        await self._destroy_devices(record)
+        await self._destroy_records(record)
+        self._release(record.name)
+
+    async def _destroy_devices(self, record: PoolRecord) -> None:
+        """Remove the volumes' devices and the pool's, and zero its metadata."""
         claim = self.owner(record.name)
-        volumes = await self.store.list_volumes(record.name)
-        for volume in volumes:
+        for volume in await self.store.list_volumes(record.name):
             with contextlib.suppress(errors.NotFound):
                 await self.devices.remove(volume_device(record.name, volume.name), claim=claim)
         await self._remove_pool_devices(record.name)
         await self._wipe_metadata(record.layout)
-        for volume in volumes:
+
+    async def _destroy_records(self, record: PoolRecord) -> None:
+        for volume in await self.store.list_volumes(record.name):
             await self.store.pool_change(record.name, remove=volume.uuid)
         if await self.store.get_pool(record.name) is not None:
             await self.store.remove_pool(record.name)
-        self._release(record.name)
 
     async def add_device(self, pool: str, path: str, *, force: bool = False,
                          caller: Caller = ROOT, accept: Accept = _ignore) -> PoolRecord:
@@ -605,17 +604,22 @@ class PoolService:
         claim = self.owner(pool)
         with contextlib.suppress(errors.NotFound):
             await self.devices.remove(volume_device(pool, volume.name), claim=claim)
-        try:
-            await self._send(pool, delete(volume.thin_id))
-        except errors.ServiceError as exc:
-            if not _is_errno(exc, errno.ENODATA):
-                log.error("volume %s/%s: could not delete thin id %d: %s", pool, volume.name,
-                          volume.thin_id, exc)
-                raise
+        await self._delete_thin(pool, volume)
         tid = await self._kernel_tid(pool)
         tid = await self._commit_tid(pool, tid)
         await self.store.pool_change(pool, transaction_id=tid,
                                      remove=volume.uuid if recorded else None)
+
+    async def _delete_thin(self, pool: str, volume: VolumeRecord) -> None:
+        """Delete the volume's thin id; one the pool no longer has (ENODATA:
+        deleted already, or never made) is fine."""
+        try:
+            await self._send(pool, delete(volume.thin_id))
+        except errors.Kernel as exc:
+            if exc.errno != errno.ENODATA:
+                log.error("volume %s/%s: could not delete thin id %d: %s", pool, volume.name,
+                          volume.thin_id, exc)
+                raise
 
     async def _activate(self, volume: VolumeRecord) -> None:
         await self.devices.create(
@@ -686,11 +690,7 @@ class PoolService:
             await self.devices.remove(volume_device(pool, volume.name), claim=self.owner(pool))
         tid = await self._kernel_tid(pool)
         if tid == start:
-            try:
-                await self._send(pool, delete(volume.thin_id))
-            except errors.Kernel as exc:
-                if exc.errno != errno.ENODATA:  # ENODATA: deleted already
-                    raise
+            await self._delete_thin(pool, volume)
             tid = await self._commit_tid(pool, start)
         await self.store.pool_change(pool, transaction_id=tid, remove=volume.uuid)
 
@@ -745,6 +745,3 @@ def _volume_json(volume: VolumeRecord) -> dict[str, Any]:
 def volume_from_json(raw: dict[str, Any]) -> VolumeRecord:
     return VolumeRecord(**raw)
 
-
-def _is_errno(exc: errors.ServiceError, number: int) -> bool:
-    return isinstance(exc, errors.Kernel) and exc.errno == number
