@@ -112,15 +112,21 @@ def bench_lvm(device: str, n: int, size_mib: int, pool_mib: int) -> dict[str, fl
 
 
 class Dmd:
-    def __init__(self, state: Path) -> None:
-        self.state = state
+    def __init__(self, state: Path, profile: Path | None = None) -> None:
+        self.state, self.profile = state, profile
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        command = [sys.executable, "-m", "dmd", "--state-dir", str(self.state), "--log-level",
+                   "warning"]
+        if self.profile is not None:
+            # Wall-clock samples (--idle: waits on the kernel and udev count),
+            # every thread, as collapsed stacks.
+            command = [str(Path(sys.executable).parent / "py-spy"), "record", "--idle",
+                       "--threads", "--rate", "50", "--format", "raw", "-o", str(self.profile),
+                       "--", *command]
         with DMD_LOG.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dmd", "--state-dir", str(self.state), "--log-level",
-                 "warning"], stdout=log, stderr=log, cwd=ROOT)
+            self.proc = subprocess.Popen(command, stdout=log, stderr=log, cwd=ROOT)
         for _ in range(600):
             if subprocess.run(["busctl", "--system", "status", BUS_NAME],
                               capture_output=True).returncode == 0:
@@ -130,8 +136,11 @@ class Dmd:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=120)
+            pid = self.proc.pid
+            if self.profile is not None:  # dmd is py-spy's child: py-spy writes once it ends
+                pid = int(run("pgrep", "-P", str(pid)).split()[0])
+            os.kill(pid, signal.SIGTERM)
+            self.proc.wait(timeout=300)
 
 
 def wait_busctl(job: str) -> None:
@@ -207,6 +216,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100, help="operations of each kind")
     parser.add_argument("--size-mib", type=int, default=64, help="each volume's size")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="run dmd under py-spy, collapsed stacks written here")
+    parser.add_argument("--skip-lvm", action="store_true",
+                        help="dmd only (with --profile: no ratio is printed)")
     args = parser.parse_args()
     DMD_LOG.parent.mkdir(exist_ok=True)
     DMD_LOG.write_text("")
@@ -215,9 +228,10 @@ def main() -> None:
     lvm_disk, dmd_disk = loop(work, "lvm", pool_mib + 64), loop(work, "dmd", pool_mib + 64)
     figures: dict[str, Any] = {"n": args.n, "size_mib": args.size_mib}
     try:
-        print(f"LVM: {args.n} x lvcreate -T, lvcreate -s -kn, lvremove ...", flush=True)
-        figures["lvm"] = bench_lvm(lvm_disk, args.n, args.size_mib, pool_mib)
-        dmd = Dmd(work / "state")
+        if not args.skip_lvm:
+            print(f"LVM: {args.n} x lvcreate -T, lvcreate -s -kn, lvremove ...", flush=True)
+            figures["lvm"] = bench_lvm(lvm_disk, args.n, args.size_mib, pool_mib)
+        dmd = Dmd(work / "state", args.profile)
         dmd.start()
         try:
             pool, job = busctl("call", BUS_NAME, ROOT_PATH, MANAGER, "CreatePool", "sasa{sv}",
@@ -238,10 +252,13 @@ def main() -> None:
         settle()
         for disk in (lvm_disk, dmd_disk):
             subprocess.run(["losetup", "-d", disk], check=False)
-    lvm_ = figures["lvm"]
+    lvm_ = figures.get("lvm")
     print(f"\n{'per operation':<10} {'LVM':>9} {'dmd busctl':>18} {'dmd connected':>18}")
     for op in ("create", "snapshot", "delete"):
         b, c = figures["dmd_busctl"][op], figures["dmd_connected"][op]
+        if lvm_ is None:
+            print(f"{op:<10} {'-':>9} {b * 1000:8.0f}ms {c * 1000:17.0f}ms")
+            continue
         print(f"{op:<10} {lvm_[op] * 1000:7.0f}ms {b * 1000:8.0f}ms ({b / lvm_[op]:4.2f}x) "
               f"{c * 1000:8.0f}ms ({c / lvm_[op]:4.2f}x)")
     out = ROOT / ".lab-results" / "bench-pools.json"

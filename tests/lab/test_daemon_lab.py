@@ -15,104 +15,19 @@ import contextlib
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from lab_daemon import SystemDmd, busctl, call, dmsetup, records, suspended_attr, unfinished
 
 from dmd.dbus.names import BUS_NAME, DEVICE_INTERFACE, MANAGER_INTERFACE, ROOT_PATH
-from dmd.engine import DM
 
 pytestmark = pytest.mark.kernel
 
-PROJECT = Path(__file__).resolve().parents[2]
-POLICY = PROJECT / "data" / "dbus-policy" / "org.example.DeviceMapper.conf"
-POLKIT_ACTIONS = PROJECT / "data" / "polkit" / "org.example.devicemapper.policy"
 NOBODY = "65534"
-
-
-def busctl(*args: str, user: str | None = None, timeout: float = 60
-           ) -> subprocess.CompletedProcess[str]:
-    command = ["busctl", "--system", *args]
-    if user is not None:
-        command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *command]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-
-
-def call(*args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
-    return busctl("call", BUS_NAME, *args, user=user)
-
-
-def dmsetup(*args: str) -> str:
-    out = subprocess.run(["dmsetup", *args], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
-
-
-def install_policy() -> None:
-    """The bus policy (only root may own the name) and polkit's actions."""
-    shutil.copy(POLICY, "/etc/dbus-1/system.d/")
-    subprocess.run(["busctl", "--system", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
-                    "org.freedesktop.DBus", "ReloadConfig"], check=True, capture_output=True)
-    Path("/usr/share/polkit-1/actions").mkdir(parents=True, exist_ok=True)
-    shutil.copy(POLKIT_ACTIONS, "/usr/share/polkit-1/actions/")
-
-
-class SystemDmd:
-    def __init__(self, state_dir: Path, log: Path) -> None:
-        self.state_dir, self.log = state_dir, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, env: dict[str, str] | None = None, wait: bool = True,
-              args: tuple[str, ...] = ()) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dmd", "--state-dir", str(self.state_dir),
-                 "--log-level", "debug", *args], stdout=log, stderr=log,
-                env=dict(os.environ, **(env or {})))
-        if wait:
-            self.wait_for_name()
-
-    def wait_for_name(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if busctl("status", BUS_NAME).returncode == 0:
-                return
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"dmd exited {self.proc.returncode}:\n{self.log.read_text()}")
-            time.sleep(0.1)
-        raise AssertionError(f"dmd did not take {BUS_NAME}:\n{self.log.read_text()}")
-
-    def wait_exit(self, timeout: float = 60) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout=timeout)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            code = self.proc.wait(timeout=60)
-            assert code == 0, f"dmd exited {code} on SIGTERM:\n{self.log.read_text()}"
-        # The bus forgets the name a moment after the process is gone.
-        for _ in range(100):
-            if busctl("status", BUS_NAME).returncode != 0:
-                return
-            time.sleep(0.05)
-
-
-@pytest.fixture
-def system_dmd(clean_dm: DM, tmp_path: Path) -> Iterator[SystemDmd]:
-    install_policy()
-    dmd = SystemDmd(tmp_path / "state", tmp_path / "dmd.log")
-    dmd.start()
-    try:
-        yield dmd
-    finally:
-        dmd.stop()
 
 
 def create_args(name: str, table: tuple[int, int, str, str], *options: str) -> list[str]:
@@ -164,8 +79,8 @@ def test_dmsetup_devices_are_seen_and_adopted(system_dmd: SystemDmd) -> None:
 
 
 def test_create_fails_with_timeout_and_leaves_nothing_when_udev_is_stuck(
-        system_dmd: SystemDmd) -> None:
-    system_dmd.stop()
+        stopped_dmd: SystemDmd) -> None:
+    system_dmd = stopped_dmd
     system_dmd.start(args=("--udev-timeout", "2"))
     subprocess.run(["udevadm", "control", "--stop-exec-queue"], check=True)
     try:
@@ -315,23 +230,6 @@ def test_non_root_callers_need_polkit(system_dmd: SystemDmd) -> None:
 
 # -- SIGKILL in the middle of an operation ----------------------------------------
 
-def suspended_attr(attr: str) -> bool:
-    """dmsetup's attr column: (L)ive table, (I)nactive table, (s)uspended,
-    (r)ead-only or (w)ritable, then (o)pen, ...: "L-sw" is suspended."""
-    return attr[2:3] == "s"
-
-
-def records(state_dir: Path) -> dict[str, str]:
-    with contextlib.closing(sqlite3.connect(state_dir / "dmd.sqlite3")) as db:
-        return dict(db.execute("SELECT name, table_json FROM devices").fetchall())
-
-
-def unfinished(state_dir: Path) -> int:
-    with contextlib.closing(sqlite3.connect(state_dir / "dmd.sqlite3")) as db:
-        return int(db.execute("SELECT count(*) FROM intents WHERE state = 'pending'"
-                              ).fetchone()[0])
-
-
 def assert_agree(dmd: SystemDmd) -> None:
     """No unfinished intent, nothing suspended, every record has its device
     with the recorded table, and the bus shows what the kernel holds."""
@@ -349,13 +247,13 @@ def assert_agree(dmd: SystemDmd) -> None:
         assert prop(device_object(name), "Drifted") == "b false", name
 
 
-# Each case restarts dmd twice (seconds under emulation): the steps where the
+# Each case starts dmd twice (seconds under emulation): the steps where the
 # kernel holds a half-made device (2: created, no table) and where it is whole
 # but unrecorded (4); every step is covered on SimDM and by forked crashes in
 # tests/service.
 @pytest.mark.parametrize("step", [2, 4])
-def test_sigkill_during_create(system_dmd: SystemDmd, step: int) -> None:
-    system_dmd.stop()
+def test_sigkill_during_create(stopped_dmd: SystemDmd, step: int) -> None:
+    system_dmd = stopped_dmd
     system_dmd.start({"DMD_TEST_KILL_AT": f"create:{step}"})
     out = call(*create_args("dmdtest-crash", (0, 64, "zero", "")))
     assert out.returncode != 0  # the connection died with dmd
@@ -368,11 +266,11 @@ def test_sigkill_during_create(system_dmd: SystemDmd, step: int) -> None:
 
 # 2: new table loaded, suspend under way; 3: resume (the swap) issued.
 @pytest.mark.parametrize("step", [2, 3])
-def test_sigkill_during_reload(system_dmd: SystemDmd, step: int) -> None:
+def test_sigkill_during_reload(stopped_dmd: SystemDmd, step: int) -> None:
+    system_dmd = stopped_dmd
+    system_dmd.start({"DMD_TEST_KILL_AT": f"reload:{step}"})  # the create is not a reload
     out = call(*create_args("dmdtest-crash", (0, 64, "zero", "")))
     assert out.returncode == 0, out.stderr
-    system_dmd.stop()
-    system_dmd.start({"DMD_TEST_KILL_AT": f"reload:{step}"})
     path = device_object("dmdtest-crash")
     out = call(path, DEVICE_INTERFACE, "Reload", "a(ttss)a{sv}", "1", "0", "64", "error", "",
                "0")

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
-from test_daemon_lab import SystemDmd, dmsetup, install_policy  # type: ignore[import-not-found]
+from lab_daemon import SystemDmd, dmsetup, install_policy
 
 from dmd.dbus.names import (
     BUS_NAME,

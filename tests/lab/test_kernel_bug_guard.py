@@ -3,9 +3,9 @@
 Loading a table, clearing it, renaming the device and removing it double-frees
 in dm_ima_measure_on_device_remove on Debian's 6.1 and 6.12 kernels. The engine
 refuses the rename of a device whose inactive table it cleared, before any
-ioctl, and the device can still be removed safely. The kernel variant runs in a
-boot of its own: if the guard ever failed, the corruption would not spill
-into other tests.
+ioctl, and the device can still be removed safely. The kernel variant runs at the
+end of the lab's last boot: if the guard ever failed, the corruption would
+not spill into another test.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ P = "dmdtest-"
 
 
 @pytest.fixture(params=["sim", pytest.param(
-    "kernel", marks=[pytest.mark.kernel, pytest.mark.kernel_own_boot])])
+    "kernel", marks=[pytest.mark.kernel, pytest.mark.kernel_last])])
 def engine(request: pytest.FixtureRequest) -> Iterator[Any]:
     yield request.getfixturevalue("clean_dm") if request.param == "kernel" else SimDM()
 

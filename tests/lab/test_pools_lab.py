@@ -5,9 +5,7 @@ system bus (busctl as the client), with data written and read back:
 - dmd killed with SIGKILL while it snapshots a volume under write load comes
   back with the origin resumed, the snapshot whole (a point in time of the
   writes) or absent, and the pool's thin ids and transaction id as recorded;
-- when the kernel loses every device (what a reboot does to device-mapper,
-  the disks keeping their data) dmd brings the pool (grown over a second
-  device by AddDevice) and its volumes back with their data;
+- (a real reboot, with a pool grown by AddDevice: test_reboot_lab.py);
 - bad input gets a named error and changes nothing.
 """
 
@@ -24,14 +22,14 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from test_daemon_lab import SystemDmd, dmsetup, install_policy, suspended_attr, unfinished
+from lab_daemon import SystemDmd, dmsetup, suspended_attr, unfinished
 
 from dmd.dbus.names import (
     BUS_NAME,
@@ -42,7 +40,6 @@ from dmd.dbus.names import (
     ROOT_PATH,
     VOLUME_INTERFACE,
 )
-from dmd.engine import DM
 
 pytestmark = [pytest.mark.kernel, pytest.mark.kernel_volumes]
 
@@ -139,23 +136,11 @@ def settle() -> None:
 
 
 @pytest.fixture
-def dmd(clean_dm: DM, tmp_path: Path) -> Iterator[SystemDmd]:
-    install_policy()
-    daemon = SystemDmd(tmp_path / "state", tmp_path / "dmd.log")
-    daemon.start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
-        settle()
-
-
-@pytest.fixture
 def disks(loop_device: Callable[[int], str]) -> list[str]:
     return [loop_device(128), loop_device(128)]
 
 
-def test_snapshot_keeps_the_data_of_its_moment(dmd: SystemDmd, disks: list[str]) -> None:
+def test_snapshot_keeps_the_data_of_its_moment(system_dmd: SystemDmd, disks: list[str]) -> None:
     pool = create_pool("dmdtp1", disks)
     volume = create_volume(pool, "data", 64 * MIB)
     device = prop(volume, VOLUME_INTERFACE, "DevicePath")
@@ -225,8 +210,11 @@ def point_in_time(found: list[int]) -> bool:
 # snapshot); 4: the snapshot and the new transaction id are in the pool's
 # metadata, the origin still suspended (rolled forward).
 @pytest.mark.parametrize("step", [2, 4])
-def test_sigkill_while_snapshotting_a_volume_under_writes(dmd: SystemDmd, disks: list[str],
-                                                          tmp_path: Path, step: int) -> None:
+def test_sigkill_while_snapshotting_a_volume_under_writes(stopped_dmd: SystemDmd,
+                                                          disks: list[str], tmp_path: Path,
+                                                          step: int) -> None:
+    dmd = stopped_dmd
+    dmd.start({"DMD_TEST_KILL_AT": f"volume-snapshot:{step}"})  # not before the snapshot
     pool = create_pool("dmdtp2", disks)
     volume = create_volume(pool, "busy", 16 * MIB)
     device = "/dev/mapper/dmdtp2-busy"
@@ -237,8 +225,6 @@ def test_sigkill_while_snapshotting_a_volume_under_writes(dmd: SystemDmd, disks:
     writer = subprocess.Popen([sys.executable, "-c", WRITER, device, str(blocks), str(stop)])
     try:
         time.sleep(2)
-        dmd.stop()
-        dmd.start({"DMD_TEST_KILL_AT": f"volume-snapshot:{step}"})
         with contextlib.suppress(BusError):  # or the connection died with dmd first
             snapshot(volume, "busy.snap")  # the reply comes once accepted
         assert dmd.wait_exit() == -signal.SIGKILL
@@ -289,36 +275,7 @@ def volume_paths() -> list[str]:
             if line.strip().startswith(ROOT_PATH + "/volumes/")]
 
 
-def test_volumes_come_back_with_their_data_after_the_kernel_lost_them(
-        dmd: SystemDmd, disks: list[str]) -> None:
-    pool = create_pool("dmdtp3", disks[:1])
-    small = prop(pool, POOL_INTERFACE, "DataTotal")
-    (job,) = call(pool, POOL_INTERFACE, "AddDevice", "sa{sv}", disks[1], "0")
-    wait(job)  # the pool grows over a second device before the data goes in
-    assert prop(pool, POOL_INTERFACE, "DataTotal") > small
-    assert int(dmsetup("status", "dmdtp3-tpool").split()[5].split("/")[1]) * 64 * 1024 == \
-        prop(pool, POOL_INTERFACE, "DataTotal")
-    one = create_volume(pool, "one", 32 * MIB)
-    create_volume(pool, "two", 32 * MIB)
-    sums = {name: write_pattern(f"/dev/mapper/dmdtp3-{name}", name.encode(), 8 * MIB)
-            for name in ("one", "two")}
-    _, job = snapshot(one, "one.snap")
-    wait(job)
-    sums["one.snap"] = sums["one"]
-    settle()
-    dmd.stop()
-    # What a reboot does to device-mapper: every device gone, the disks kept.
-    for name in ("one.snap", "one", "two", "tpool", "tdata", "tmeta"):
-        dmsetup("remove", f"dmdtp3-{name}")
-    dmd.start()
-    for name, expected in sums.items():
-        assert checksum(f"/dev/mapper/dmdtp3-{name}", 8 * MIB) == expected, name
-    assert prop(pool, POOL_INTERFACE, "TransactionId") == 3
-    assert prop(one, VOLUME_INTERFACE, "State") == "active"
-    assert kernel_thin_ids("dmdtp3") == recorded_thin_ids(dmd.state_dir) == {0, 1, 2}
-
-
-def test_bad_input_is_refused_and_changes_nothing(dmd: SystemDmd, disks: list[str],
+def test_bad_input_is_refused_and_changes_nothing(system_dmd: SystemDmd, disks: list[str],
                                                   loop_device: Callable[[int], str],
                                                   tmp_path: Path) -> None:
     pool = create_pool("dmdtp4", disks[:1])
@@ -374,16 +331,19 @@ def test_bad_input_is_refused_and_changes_nothing(dmd: SystemDmd, disks: list[st
 # forward once its device is gone).
 @pytest.mark.parametrize(("operation", "step", "exists_after"), [
     ("volume-create", 2, False), ("volume-create", 4, True), ("volume-delete", 2, False)])
-def test_sigkill_during_volume_create_and_delete(dmd: SystemDmd, disks: list[str],
+def test_sigkill_during_volume_create_and_delete(stopped_dmd: SystemDmd, disks: list[str],
                                                  operation: str, step: int,
                                                  exists_after: bool) -> None:
+    dmd = stopped_dmd
+    # Armed from the start, at the operation under test: the create of
+    # "keep" is the first volume-create, the victim's delete the first delete.
+    nth = 2 if operation == "volume-create" else 1
+    dmd.start({"DMD_TEST_KILL_AT": f"{operation}:{step}:{nth}"})
     pool = create_pool("dmdtp6", disks[:1])
     keep = create_volume(pool, "keep", 8 * MIB)
     kept = write_pattern("/dev/mapper/dmdtp6-keep", b"keep", 4 * MIB)
     victim = create_volume(pool, "victim", 8 * MIB) if operation == "volume-delete" else None
     settle()
-    dmd.stop()
-    dmd.start({"DMD_TEST_KILL_AT": f"{operation}:{step}"})
     with contextlib.suppress(BusError):
         if victim is None:
             call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", "victim", str(8 * MIB), "0")

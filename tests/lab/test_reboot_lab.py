@@ -1,0 +1,133 @@
+"""A real reboot of the lab: every volume comes back with its data.
+
+Two phases, two kernels. lab/run runs ``test_before_the_reboot`` in the
+volumes boot (last there) and ``test_after_the_reboot`` in the next boot:
+
+- before: dmd makes a pool on one disk, grows it over a second with
+  AddDevice, makes volumes and a snapshot, writes data, deactivates one
+  volume, and stops as at a shutdown (SIGTERM), leaving its devices up. The
+  disks are image files in the project's results directory (the guest's
+  tmpfs dies with the kernel) and dmd's state directory is kept beside them;
+- after: a fresh kernel with no device-mapper devices; the disks come back
+  under the same names (as a machine's disks do; a pool found on other
+  device numbers is the on-disk description's work); dmd starts and brings
+  the pool and its active volumes up with their data, the deactivated one
+  stays down until asked, and the pool's thin ids and transaction id are as
+  recorded.
+
+The after phase fails, never skips, when the before phase did not run, or
+ran in this same boot.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from lab_daemon import PROJECT, SystemDmd, dmsetup
+from test_pools_lab import (
+    MIB,
+    POOL_INTERFACE,
+    VOLUME_INTERFACE,
+    call,
+    checksum,
+    create_pool,
+    create_volume,
+    kernel_thin_ids,
+    prop,
+    recorded_thin_ids,
+    snapshot,
+    volume_paths,
+    wait,
+    write_pattern,
+)
+
+pytestmark = [pytest.mark.kernel]
+
+KEPT = PROJECT / ".lab-results" / "reboot"
+POOL = "dmdrb"  # not a name the lab's clean-up removes: it outlives its test
+SIZE = 8 * MIB
+
+
+def boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def attach(image: Path, device: str | None = None) -> str:
+    command = ["losetup", "--show"] + ([device, str(image)] if device else ["-f", str(image)])
+    return subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.mark.kernel_volumes
+def test_before_the_reboot(stopped_dmd: SystemDmd, tmp_path: Path) -> None:
+    shutil.rmtree(KEPT, ignore_errors=True)
+    KEPT.mkdir(parents=True)
+    disks = {}
+    for name in ("disk0.img", "disk1.img"):
+        with open(KEPT / name, "wb") as image:
+            image.truncate(128 * MIB)
+        disks[name] = attach(KEPT / name)
+    dmd = stopped_dmd
+    dmd.start()
+    pool = create_pool(POOL, [disks["disk0.img"]])
+    small = prop(pool, POOL_INTERFACE, "DataTotal")
+    (job,) = call(pool, POOL_INTERFACE, "AddDevice", "sa{sv}", disks["disk1.img"], "0")
+    wait(job)  # the pool grows over a second device before the data goes in
+    assert prop(pool, POOL_INTERFACE, "DataTotal") > small
+    one = create_volume(pool, "one", 32 * MIB)
+    two = create_volume(pool, "two", 32 * MIB)
+    sums = {name: write_pattern(f"/dev/mapper/{POOL}-{name}", name.encode(), SIZE)
+            for name in ("one", "two")}
+    _, job = snapshot(one, "one.snap")
+    wait(job)
+    sums["one.snap"] = sums["one"]
+    sums["one"] = write_pattern(f"/dev/mapper/{POOL}-one", b"one, later", SIZE)
+    (job,) = call(two, VOLUME_INTERFACE, "Deactivate", "a{sv}", "0")
+    wait(job)
+    assert prop(two, VOLUME_INTERFACE, "State") == "inactive"
+    record = {"boot_id": boot_id(), "disks": disks, "sums": sums, "pool": pool,
+              "transaction_id": prop(pool, POOL_INTERFACE, "TransactionId"),
+              "thin_ids": sorted(kernel_thin_ids(POOL))}
+    subprocess.run(["udevadm", "settle", "--timeout=30"], check=False)
+    dmd.stop()  # as at a shutdown; the devices stay up until the kernel goes
+    shutil.copytree(dmd.state_dir, KEPT / "state")
+    (KEPT / "before.json").write_text(json.dumps(record))
+
+
+@pytest.mark.kernel_after_reboot
+def test_after_the_reboot(stopped_dmd: SystemDmd) -> None:
+    kept = KEPT / "before.json"
+    assert kept.exists(), \
+        "no pool from before the reboot: lab/run runs test_before_the_reboot in the boot before"
+    record = json.loads(kept.read_text())
+    assert record["boot_id"] != boot_id(), \
+        "the two phases ran in one boot: lab/run runs them in two (lab/run --suite volumes)"
+    assert not [line for line in dmsetup("ls").splitlines() if line.startswith(POOL)]
+    for name, device in record["disks"].items():
+        assert attach(KEPT / name, device) == device
+    try:
+        dmd = stopped_dmd
+        shutil.copytree(KEPT / "state", dmd.state_dir)
+        dmd.start()
+        pool = record["pool"]
+        for name in ("one", "one.snap"):
+            assert checksum(f"/dev/mapper/{POOL}-{name}", SIZE) == record["sums"][name], name
+        assert not Path(f"/dev/mapper/{POOL}-two").exists()  # it was down: it stays down
+        assert prop(pool, POOL_INTERFACE, "TransactionId") == record["transaction_id"]
+        assert sorted(kernel_thin_ids(POOL)) == record["thin_ids"] == \
+            sorted(recorded_thin_ids(dmd.state_dir))
+        volumes = {prop(path, VOLUME_INTERFACE, "Name"): path for path in volume_paths()}
+        assert sorted(volumes) == ["one", "one.snap", "two"]
+        assert prop(volumes["two"], VOLUME_INTERFACE, "State") == "inactive"
+        (job,) = call(volumes["two"], VOLUME_INTERFACE, "Activate", "a{sv}", "0")
+        wait(job)
+        assert checksum(f"/dev/mapper/{POOL}-two", SIZE) == record["sums"]["two"]
+        dmd.stop()
+    finally:
+        for name in ("one.snap", "one", "two", "tpool", "tdata", "tmeta"):
+            subprocess.run(["dmsetup", "remove", f"{POOL}-{name}"], capture_output=True)
+        for device in record["disks"].values():
+            subprocess.run(["losetup", "-d", device], check=False)
