@@ -124,6 +124,13 @@ async def cmd_pool_create(c: Client, a: argparse.Namespace) -> None:
                    lambda p: f"{p['Name']}: {human(p['DataTotal'])} of data")
 
 
+async def cmd_pool_import(c: Client, a: argparse.Namespace) -> None:
+    pool, job = await c.call(ROOT_PATH, MANAGER_INTERFACE, "ImportPool", "asa{sv}",
+                             [a.devices, {}], mutating=True)
+    await _run_job(c, a, job, pool, POOL_INTERFACE,
+                   lambda p: f"{p['Name']}: imported, {human(p['DataTotal'])} of data")
+
+
 async def cmd_pools(c: Client, a: argparse.Namespace) -> None:
     from dmd.cli.main import emit
 
@@ -227,6 +234,10 @@ def register(verb: Callable[[str, Verb, str], argparse.ArgumentParser]) -> None:
     sp.add_argument("--low-water", type=int, metavar="PERCENT",
                     help="raise the pool's low-space event at PERCENT of data left "
                          "(default: 20)")
+    sp = no_wait(verb("pool-import", cmd_pool_import,
+                      "bring a pool back from its devices (state lost, or another machine)"))
+    sp.add_argument("devices", nargs="+", metavar="DEVICE",
+                    help="every device of the pool, by any name")
     verb("pools", cmd_pools, "list pools")
     sp = no_wait(verb("pool-add", cmd_pool_add, "grow a pool's data over one more device"))
     sp.add_argument("name", metavar="NAME", help="the pool's name")

@@ -167,6 +167,7 @@ OPTIONS: dict[str, dict[str, str]] = {
     "Remove": {"force": "b", "deferred": "b"},
     "Adopt": {"persistent": "b"},
     "CreatePool": {"force": "b", "block-size": "t", "on-full": "s", "low-water": "u"},
+    "ImportPool": {},
     "CreateVolume": {"labels": "a{ss}"},
     "Snapshot": {"labels": "a{ss}", "activate": "b"},
     "Resize": {"shrink": "b"},

@@ -80,6 +80,10 @@ class ManagerInterface(ServiceInterface):
     def GetPool(self, name: Str) -> Path:
         _routed()
 
+    @dbus_method()
+    def ImportPool(self, devices: StrList, options: Options) -> ObjectAndJob:
+        _routed()
+
     @dbus_property(access=PropertyAccess.READ)
     def KernelVersion(self) -> Str:
         return self._kernel_version

@@ -11,6 +11,7 @@ from dmd.dbus.convert import check_string, options_in
 from dmd.dbus.names import job_path, pool_path, volume_path
 from dmd.service import errors
 from dmd.service.auth import Caller
+from dmd.service.pool_import import import_pool
 from dmd.service.pools import PoolService
 
 
@@ -21,7 +22,7 @@ def _size(value: Any, what: str) -> int:
 
 
 class PoolHandlers:
-    """Manager.CreatePool/GetPool and the Pool interface; *pool* is the
+    """Manager.CreatePool/ImportPool/GetPool and the Pool interface; *pool* is the
     pool's name, from its object."""
 
     def __init__(self, pools: PoolService) -> None:
@@ -37,6 +38,14 @@ class PoolHandlers:
                 check_string(name, "name"), paths, force=opts.get("force", False),
                 block_size=block, on_full=opts.get("on-full", "queue"),
                 low_water_percent=opts.get("low-water", 20), caller=caller, accept=accept))
+        return [pool_path(record.uuid), job_path(job.id)]
+
+    async def ImportPool(self, caller: Caller, devices: list[str],
+                         options: dict[str, Any]) -> list[str]:
+        options_in("ImportPool", options)
+        paths = [check_string(d, "a device") for d in devices]
+        job, record = await self.pools.as_job("pool-import", caller, lambda accept:
+            import_pool(self.pools, paths, caller=caller, accept=accept))
         return [pool_path(record.uuid), job_path(job.id)]
 
     async def GetPool(self, caller: Caller, name: str) -> str:

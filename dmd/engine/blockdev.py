@@ -98,6 +98,36 @@ def probe(path: str) -> BlockDevice:
     return BlockDevice(path, device, size, in_use, probe_signature(head))
 
 
+def read(path: str, offset: int, length: int) -> bytes:
+    """*length* bytes of *path* from *offset* (fewer past its end)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while length > 0:
+            chunk = os.pread(fd, length, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset, length = offset + len(chunk), length - len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def write(path: str, offset: int, data: bytes) -> None:
+    """Write *data* at *offset* of *path* and make it durable (fsync flushes
+    the device's write cache too) before returning."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            done = os.pwrite(fd, view, offset)
+            view, offset = view[done:], offset + done
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def wipe(path: str, offset: int, length: int) -> None:
     """Write zeros over *length* bytes of *path* from *offset*, durably."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)

@@ -258,6 +258,15 @@ class DM:
         was there before)."""
         blockdev.wipe(path, offset, length)
 
+    def read_disk(self, path: str, offset: int, length: int) -> bytes:
+        """*length* bytes of block device *path* from byte *offset* (a pool's
+        label and description, in the header its layout reserves)."""
+        return blockdev.read(path, offset, length)
+
+    def write_disk(self, path: str, offset: int, data: bytes) -> None:
+        """Write *data* at byte *offset* of block device *path*, durably."""
+        blockdev.write(path, offset, data)
+
     # -- per-device commands -----------------------------------------------
     def device_create(
         self,

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dmd.engine.blockdev import BlockDevice, NotABlockDevice
+from dmd.engine.blockdev import PROBE_BYTES, BlockDevice, NotABlockDevice, probe_signature
 from dmd.engine.keys import carries_key
 from dmd.engine.types import (
     Device,
@@ -217,6 +217,59 @@ class _Kernel:
 MAX_THIN_ID = (1 << 24) - 1
 
 
+class _DiskBytes:
+    """Sparse bytes of simulated disks, by key: files in *directory*, or a
+    dict of 4 KiB blocks when there is none. Unwritten bytes read as zeros."""
+
+    BLOCK = 4096
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+        self.blocks: dict[str, dict[int, bytes]] = {}
+
+    def read(self, key: str, offset: int, length: int) -> bytes:
+        if self.directory is not None:
+            try:
+                with open(self.directory / key, "rb") as f:
+                    f.seek(offset)
+                    return f.read(length).ljust(length, b"\0")
+            except FileNotFoundError:
+                return bytes(length)
+        blocks, out = self.blocks.get(key, {}), bytearray()
+        for index in range(offset // self.BLOCK, -(-(offset + length) // self.BLOCK)):
+            out += blocks.get(index, bytes(self.BLOCK))
+        skip = offset % self.BLOCK
+        return bytes(out[skip:skip + length])
+
+    def rename(self, old: str, new: str) -> None:
+        if self.directory is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.directory / old, self.directory / new)
+        elif old in self.blocks:
+            self.blocks[new] = self.blocks.pop(old)
+
+    def write(self, key: str, offset: int, data: bytes) -> None:
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.directory / key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.pwrite(fd, data, offset)
+            finally:
+                os.close(fd)
+            return
+        first, end = offset // self.BLOCK, -(-(offset + len(data)) // self.BLOCK)
+        span = bytearray(self.read(key, first * self.BLOCK, (end - first) * self.BLOCK))
+        at = offset - first * self.BLOCK
+        span[at:at + len(data)] = data
+        blocks = self.blocks.setdefault(key, {})
+        for index in range(first, end):
+            chunk = bytes(span[(index - first) * self.BLOCK:(index - first + 1) * self.BLOCK])
+            if chunk.strip(b"\0"):
+                blocks[index] = chunk
+            else:
+                blocks.pop(index, None)
+
+
 def _fail(err: int, command: str, dev: object = None) -> DmError:
     return DmError(err, command, str(dev) if dev is not None else None)
 
@@ -246,6 +299,8 @@ class SimDM:
         # call's changes are saved (see open_events).
         self._event_raised = False
         self._event_sources: list[_SimEvents] = []
+        self._disk_bytes = _DiskBytes(
+            self.path.with_name(self.path.name + ".disks") if self.path is not None else None)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._locked():
@@ -440,6 +495,28 @@ class SimDM:
         with self._locked(write=True) as k:
             k.disks[path] = [major, minor, size_sectors, signature]
             k.dirty_disks.add(path)
+
+    def move_disk(self, path: str, new_path: str, minor: int) -> None:
+        """The disk at *path* comes back as *new_path* with another minor
+        (a reboot renumbering loop devices, a disk moved to another port):
+        its bytes and any pool metadata on it go with it. Refused (EBUSY)
+        while a table maps it."""
+        with self._locked(write=True) as k:
+            if path not in k.disks or new_path in k.disks:
+                raise _fail(errno.ENOENT if path not in k.disks else errno.EEXIST, "move",
+                            path)
+            major, old_minor = k.disks[path][:2]
+            if k.devices.refs.get((major, old_minor), 0):
+                raise _fail(errno.EBUSY, "move", path)
+            old_key = self._disk_key(k, path)
+            k.disks[new_path] = [major, minor, *k.disks.pop(path)[2:]]
+            k.dirty_disks.update((path, new_path))
+            self._disk_bytes.rename(old_key, self._disk_key(k, new_path))
+            prefix = f"{major}:{old_minor}+"
+            for key in [key for key in k.pools if key.startswith(prefix)]:
+                moved = f"{major}:{minor}+{key.removeprefix(prefix)}"
+                k.pools[moved] = k.pools.pop(key)
+                k.dirty_pools.update((key, moved))
 
     def open_device(self, id: DevId | str, count: int = 1) -> None:
         """Pretend a process opened (count > 0) or closed (count < 0) the device."""
@@ -766,8 +843,8 @@ class SimDM:
             k.dirty_pools.add(key)
 
     def wipe(self, path: str, offset: int, length: int) -> None:
-        """As DM.wipe: pool metadata that started there is gone (the model
-        keeps no other data)."""
+        """As DM.wipe: pool metadata that started there is gone, and so are
+        the bytes written there (and a signature a test gave the disk at 0)."""
         with self._locked(write=True) as k:
             key = self._backing(k, path, offset // 512)
             if key is None:
@@ -775,6 +852,37 @@ class SimDM:
             if key in k.pools:
                 del k.pools[key]
                 k.dirty_pools.add(key)
+            if path in k.disks:
+                self._disk_bytes.write(self._disk_key(k, path), offset, bytes(length))
+                if offset == 0 and (k.disks[path] + [None])[3] is not None:
+                    k.disks[path] = [*k.disks[path][:3], None]
+                    k.dirty_disks.add(path)
+
+    # A disk's bytes (what dmd itself writes there: a pool's label and
+    # description) live beside the model, one sparse file a disk, so every
+    # process sharing the simulator reads what another wrote; in memory for
+    # an in-memory simulator. The thin model keeps its own record of data.
+    def _disk_key(self, k: _Kernel, path: str) -> str:
+        major, minor = k.disks[path][:2]
+        return f"{major}_{minor}"
+
+    def _disk_size(self, k: _Kernel, path: str) -> int:
+        if path not in k.disks:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        return int(k.disks[path][2]) * 512
+
+    def read_disk(self, path: str, offset: int, length: int) -> bytes:
+        """As DM.read_disk."""
+        with self._locked() as k:
+            length = max(0, min(length, self._disk_size(k, path) - offset))
+            return self._disk_bytes.read(self._disk_key(k, path), offset, length)
+
+    def write_disk(self, path: str, offset: int, data: bytes) -> None:
+        """As DM.write_disk."""
+        with self._locked(write=True) as k:
+            if offset + len(data) > self._disk_size(k, path):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+            self._disk_bytes.write(self._disk_key(k, path), offset, data)
 
     def _areas_fit(self, k: _Kernel, table: list[list[object]]) -> bool:
         """The kernel's device_area_is_invalid, run when a table is swapped in."""
@@ -864,7 +972,10 @@ class SimDM:
                 raise NotABlockDevice(f"{path}: no such block device")
             major, minor, size, signature = (k.disks[path] + [None])[:4]
             in_use = k.devices.refs.get((major, minor), 0) > 0
-            return BlockDevice(path, (major, minor), size * 512, in_use, signature)
+            head = self._disk_bytes.read(self._disk_key(k, path), 0,
+                                         min(PROBE_BYTES, size * 512))
+            written = probe_signature(head)
+            return BlockDevice(path, (major, minor), size * 512, in_use, written or signature)
 
     # -- per-device commands -----------------------------------------------
     def device_create(self, name: str, uuid: str | None = None, flags: DmFlags = DmFlags(0),

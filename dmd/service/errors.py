@@ -41,6 +41,12 @@ class NotAuthorized(ServiceError):
     name = "NotAuthorized"
 
 
+class Corrupt(ServiceError):
+    """What dmd reads from a device fails its checksum or its format."""
+
+    name = "Corrupt"
+
+
 class Timeout(ServiceError):
     name = "Timeout"
 

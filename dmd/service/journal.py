@@ -99,6 +99,12 @@ class PoolGrowStep(enum.IntEnum):
     RECORD = 4
 
 
+class PoolImportStep(enum.IntEnum):
+    DEVICES = 1  # the metadata and data devices are made next
+    POOL = 2  # the thin-pool device is made next (the kernel opens its metadata)
+    RECORD = 3  # the pool and its volumes are recorded next
+
+
 class PoolDestroyStep(enum.IntEnum):
     DEVICES = 1  # the pool's devices are removed next
     RECORD = 2

@@ -6,12 +6,19 @@ pool or volume operation is finished or undone by the pool's transaction id
 An intent whose pool is not active, or whose transaction id is neither the
 one it moved from nor the one it moved to, is left pending (another
 manager touched the pool, or its devices are missing) and reported.
+
+Then each pool's description on its devices is checked against its records
+(see dmd.service.pool_descriptions): written where it is behind, taken where
+it is ahead, a copy repaired where one is stale or torn; and a pool whose
+devices cannot vouch for it, or whose transaction id another manager moved,
+is refused changes. Last, every active volume without its device gets one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import replace
 
 from dmd.engine import DmError, DmFlags
 from dmd.engine.interface import Engine
@@ -25,7 +32,7 @@ from dmd.service.pools import (
     volume_from_json,
 )
 from dmd.service.recovery import RecoveryReport
-from dmd.state import IntentRecord, PoolLayout
+from dmd.state import IntentRecord, PoolLayout, PoolRecord
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,62 @@ async def recover_pools(pools: PoolService, report: RecoveryReport) -> None:
         (report.finished if state == "done" else report.rolled_back).append(label)
         log.info("recovery: %s -> %s", label, state)
     await pools.start()
+    for record in await pools.store.list_pools():
+        try:
+            await check_description(pools, record)
+            await _check_transaction_id(pools, record.name)
+            if record.name not in pools.refused:
+                await pools.activate_recorded(record.name)
+        except (errors.ServiceError, OSError) as exc:
+            log.error("recovery: pool %s: %s", record.name, exc)
+            report.failed.append(f"pool {record.name}")
+
+
+async def check_description(pools: PoolService, record: PoolRecord) -> None:
+    name = record.name
+    found = await pools.descriptions.read(record.layout.devices)
+    for path, why in found.unreadable:
+        pools.refused[name] = f"its device {path} cannot be read ({why})"
+    ids = record.layout.ids
+    for index, reading in enumerate(found.readings):
+        label = reading.label
+        if label is not None and (label.pool_uuid != record.uuid or (
+                len(ids) == len(record.layout.devices) and label.device_uuid != ids[index])):
+            pools.refused[name] = (f"{reading.path} carries the label of another pool's "
+                                   "device: the devices were moved; ImportPool finds them")
+    if found.corrupt:
+        pools.refused[name] = ("no copy of its description on any device is whole; nothing "
+                               "is written to it (restore its devices, or ImportPool from a "
+                               "copy of them)")
+    if name in pools.refused:
+        log.error("recovery: pool %s is refused changes: %s", name, pools.refused[name])
+        return
+    newest = found.newest
+    if newest is None or newest.generation < record.generation:
+        if newest is not None:
+            log.info("recovery: pool %s: description at generation %d, records at %d: "
+                     "written again", name, newest.generation, record.generation)
+        await pools.describe(name)
+        return
+    if newest.generation > record.generation:
+        log.warning("recovery: pool %s: its devices hold generation %d of its description, "
+                    "the database generation %d (restored from a backup?): the devices' "
+                    "description wins", name, newest.generation, record.generation)
+        record = replace(newest.pool, layout=replace(newest.pool.layout,
+                                                     devices=record.layout.devices),
+                         generation=newest.generation)
+        await pools.store.replace_pool(record, list(newest.volumes))
+        record = await pools.pool(name)
+    await pools.descriptions.repair(record, await pools.store.list_volumes(name), found)
+
+
+async def _check_transaction_id(pools: PoolService, pool: str) -> None:
+    record = await pools.pool(pool)
+    tid = (await pools.pool_state(pool)).transaction_id
+    if tid is not None and tid != record.transaction_id and pool not in pools.refused:
+        pools.refused[pool] = (f"its transaction id is {tid} in the kernel, {record.transaction_id}"
+                               " in dmd's records: another manager changed it")
+        log.error("recovery: pool %s is refused changes: %s", pool, pools.refused[pool])
 
 
 async def _resume(pools: PoolService, device: str) -> None:
@@ -70,6 +133,11 @@ async def _settle(pools: PoolService, intent: IntentRecord) -> str | None:
         # that far, lies at the metadata device's start: zeroed again.
         if args.layout is not None:
             await pools._wipe_metadata(PoolLayout.from_json(args.layout))
+        return "rolled_back"
+    if intent.operation == "pool-import":
+        if record is not None:
+            return "done"  # its volumes are activated below, as every pool's are
+        await pools._remove_pool_devices(pool)  # the devices' data and description stay
         return "rolled_back"
     if intent.operation == "pool-destroy":
         if record is not None:

@@ -2,10 +2,11 @@
 made of thin-provisioning devices it never has to learn about.
 
 A pool is laid out by dmd over whole devices an admin hands it: each device
-keeps its first 4 MiB for the pool's own description (written there by a
-later revision; zeroed now), the metadata device takes the size the
-kernel's documentation asks for from the first device, and the data device
-is everything else. Its device-mapper devices are named after it:
+keeps its first 4 MiB for the pool's own description (a label and two
+copies of the pool's and its volumes' records: dmd.state.pool_description,
+rewritten at the end of every change: dmd.service.pool_descriptions), the
+metadata device takes the size the kernel's documentation asks for from the
+first device, and the data device is everything else. Its device-mapper devices are named after it:
 
     P-tmeta  P-tdata  P-tpool   and one  P-V  per active volume V
 
@@ -62,6 +63,7 @@ from dmd.service.journal import (
 )
 from dmd.service.locks import DeviceLocks
 from dmd.service.operations import DeviceService, check_labels
+from dmd.service.pool_descriptions import Descriptions
 from dmd.state import PoolLayout, PoolRecord, Segment, VolumeRecord
 
 log = logging.getLogger(__name__)
@@ -70,9 +72,9 @@ NAME = re.compile(r"^[A-Za-z0-9_.+]{1,64}$")  # no "-": device names are POOL-VO
 HEADER_SECTORS = 8192  # 4 MiB at the start of every pool device
 MIN_DEVICE_BYTES = 16 << 20
 DEFAULT_BLOCK_SECTORS = 128  # 64 KiB, LVM's default for thin pools
-WIPE_BYTES = 1 << 20
-POOL_OPERATIONS = frozenset({"pool-create", "pool-destroy", "pool-grow", "volume-create",
-                             "volume-snapshot", "volume-delete"})
+WIPE_BYTES = 1 << 20  # of the metadata's start: the kernel then formats a new pool
+POOL_OPERATIONS = frozenset({"pool-create", "pool-destroy", "pool-grow", "pool-import",
+                             "volume-create", "volume-snapshot", "volume-delete"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,8 +162,9 @@ def _thin_table(pool: str, thin_id: int, size_bytes: int) -> list[TargetLine]:
     return [TargetLine(0, size_bytes // 512, "thin", f"/dev/mapper/{tpool(pool)} {thin_id}")]
 
 
-def _volume_uuid(volume_uuid: str) -> str:
-    return f"DMD-VOL-{volume_uuid}"
+def volume_uuid(uuid: str) -> str:
+    """The device-mapper UUID of the device of the volume with UUID *uuid*."""
+    return f"DMD-VOL-{uuid}"
 
 
 Accept = Callable[[Any], None]
@@ -189,6 +192,10 @@ class PoolService:
         self.pending_pools: dict[str, tuple[PoolRecord, str]] = {}
         self._settlers: list[Callable[[str], Awaitable[None]]] = []
         self.jobs = Jobs()
+        self.descriptions = Descriptions(self.kernel, devices.fault)
+        # Pools this dmd will not change (name -> why): their description
+        # cannot be trusted, or another manager moved their transaction id.
+        self.refused: dict[str, str] = {}
 
     async def as_job(self, operation: str, caller: Caller,
                      call: Callable[[Accept], Awaitable[Any]]) -> tuple[Job, Any]:
@@ -216,6 +223,8 @@ class PoolService:
     async def _changing(self, pool: str) -> AsyncIterator[None]:
         """One change at a time to a pool; settled however it ends."""
         async with self.locks.hold(pool):
+            if pool in self.refused:
+                raise errors.Busy(f"pool {pool!r} is not changed by dmd: {self.refused[pool]}")
             try:
                 yield
             finally:
@@ -224,7 +233,29 @@ class PoolService:
                 for key in [k for k, (v, _) in self.pending.items() if v.pool == pool]:
                     del self.pending[key]
                 self.pending_pools.pop(pool, None)
+                await self.describe(pool)
                 await self._settle(pool)
+
+    async def describe(self, pool: str) -> None:
+        """Bring the description on the pool's devices to the generation of
+        its records (nothing to do if it is there). A failure is logged: the
+        records stand, and the next change or start-up writes it again."""
+        record = await self.store.get_pool(pool)
+        if record is None or pool in self.refused:
+            return
+        if len(record.layout.ids) != len(record.layout.devices):
+            # Recorded before devices had labels: give each its UUID now.
+            await self.store.pool_change(pool, layout=replace(
+                record.layout, ids=tuple(str(uuidlib.uuid4()) for _ in record.layout.devices)))
+            record = await self.pool(pool)
+        if self.descriptions.written.get(record.uuid) == record.generation:
+            return
+        try:
+            await self.descriptions.write(record, await self.store.list_volumes(pool))
+        except OSError as exc:
+            log.error("pool %s: could not write its description (generation %d): %s; "
+                      "written again at its next change or dmd's next start", pool,
+                      record.generation, exc)
 
     @staticmethod
     def owner(pool: str) -> str:
@@ -268,8 +299,9 @@ class PoolService:
         await self.pool(pool)
         raise errors.NotFound(f"no volume {name!r} in pool {pool!r}")
 
-    async def pool_state(self, pool: str) -> PoolState:
-        record = await self.pool(pool)
+    async def pool_state(self, pool: str, record: PoolRecord | None = None) -> PoolState:
+        """*record*: the pool's, where it is not in the store (yet)."""
+        record = record or await self.pool(pool)
         try:
             _, lines = await self.kernel(Engine.table_status, tpool(pool))
         except DmError:
@@ -312,7 +344,8 @@ class PoolService:
             if await self.store.get_pool(name) is not None:
                 raise errors.AlreadyExists(f"a pool named {name!r} exists")
             sized = await self._check_devices(paths, force)
-            plan = layout(sized, block_sectors)
+            plan = replace(layout(sized, block_sectors),
+                           ids=tuple(str(uuidlib.uuid4()) for _ in sized))
             record = PoolRecord(name, str(uuidlib.uuid4()), caller.uid, block_sectors, on_full,
                                 low_water_percent, 0, 0, plan)
             for suffix in ("tmeta", "tdata", "tpool"):
@@ -369,8 +402,8 @@ class PoolService:
             self.pending_pools[name] = (record, "creating")
             await self._accepted(name, record, accept)
             await journal.mark(PoolCreateStep.WIPE)
-            for path in plan.devices:
-                await self.kernel(Engine.wipe, path, 0, WIPE_BYTES)
+            for path in plan.devices:  # old signatures, and any old description
+                await self.kernel(Engine.wipe, path, 0, HEADER_SECTORS * 512)
             await self._wipe_metadata(plan)
             await journal.mark(PoolCreateStep.DEVICES)
             await self.devices.create(f"{name}-tmeta", _linear(plan, plan.metadata),
@@ -455,6 +488,7 @@ class PoolService:
                 await self.devices.remove(volume_device(record.name, volume.name), claim=claim)
         await self._remove_pool_devices(record.name)
         await self._wipe_metadata(record.layout)
+        await self.descriptions.wipe(record.layout.devices, record.uuid)
 
     async def _destroy_records(self, record: PoolRecord) -> None:
         for volume in await self.store.list_volumes(record.name):
@@ -479,9 +513,12 @@ class PoolService:
             if usable < record.block_sectors:
                 raise errors.InvalidArgument(f"{path} leaves no room for data")
             plan = record.layout
+            ids = plan.ids if len(plan.ids) == len(plan.devices) else tuple(
+                str(uuidlib.uuid4()) for _ in plan.devices)
             grown_layout = PoolLayout(
                 (*plan.devices, path), (*plan.sizes, size), plan.metadata,
-                (*plan.data, Segment(len(plan.devices), HEADER_SECTORS, usable)))
+                (*plan.data, Segment(len(plan.devices), HEADER_SECTORS, usable)),
+                (*ids, str(uuidlib.uuid4())))
             grown = replace(record, layout=grown_layout)
             claim = self.owner(pool)
 
@@ -497,7 +534,7 @@ class PoolService:
                               roll_forward=finish) as journal:
                 await self._accepted(pool, grown, accept)
                 await journal.mark(PoolGrowStep.WIPE)
-                await self.kernel(Engine.wipe, path, 0, WIPE_BYTES)
+                await self.kernel(Engine.wipe, path, 0, HEADER_SECTORS * 512)
                 await journal.mark(PoolGrowStep.DATA)
                 await self.devices.reload(f"{pool}-tdata", _linear(grown_layout,
                                                                    grown_layout.data),
@@ -621,11 +658,31 @@ class PoolService:
                           volume.thin_id, exc)
                 raise
 
+    async def activate_recorded(self, pool: str) -> None:
+        """Every active volume without its device record (an import, or
+        records taken from the devices) gets its device, or, where the
+        kernel has it (made by a dmd whose database was lost), its record."""
+        names = {d.name for d in await self.kernel(Engine.list_devices)}
+        for volume in await self.store.list_volumes(pool):
+            device = volume_device(pool, volume.name)
+            if not volume.active or await self.store.get_device(device) is not None:
+                continue
+            if device in names:
+                info = await self.kernel(Engine.device_info, device)
+                if info.uuid != volume_uuid(volume.uuid):
+                    raise errors.AlreadyExists(f"{device} exists and is not volume "
+                                               f"{volume.uuid}")
+                await self.devices.adopt(device, persistent=True, claim=self.owner(pool))
+                log.info("volume %s/%s: its device recorded", pool, volume.name)
+            else:
+                await self._activate(volume)
+                log.info("volume %s/%s: activated", pool, volume.name)
+
     async def _activate(self, volume: VolumeRecord) -> None:
         await self.devices.create(
             volume_device(volume.pool, volume.name),
             _thin_table(volume.pool, volume.thin_id, volume.size_bytes),
-            uuid=_volume_uuid(volume.uuid), persistent=True, claim=self.owner(volume.pool))
+            uuid=volume_uuid(volume.uuid), persistent=True, claim=self.owner(volume.pool))
 
     async def snapshot(self, pool: str, origin: str, name: str, *,
                        activate: bool = True, labels: Mapping[str, str] | None = None,

@@ -57,8 +57,7 @@ class IntentRow(Base):
 
 class PoolRow(Base):
     """A thin pool dmd laid out and owns (revision 0003). ``layout_json``
-    holds its devices and segments: the document that will also be written
-    on the pool's own devices."""
+    holds its devices (with the UUIDs their labels carry) and segments."""
 
     __tablename__ = "pools"
 
@@ -73,6 +72,10 @@ class PoolRow(Base):
     next_thin_id: Mapped[int]
     layout_json: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime]
+    # Revision 0004: moves by one with every change of the pool or its
+    # volumes; the description on the pool's devices carries the generation
+    # it was written from, so the two can be compared.
+    generation: Mapped[int] = mapped_column(Integer, default=1, server_default="0")
 
 
 class VolumeRow(Base):

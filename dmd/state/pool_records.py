@@ -28,19 +28,23 @@ class PoolLayout:
     sizes: tuple[int, ...]  # bytes
     metadata: tuple[Segment, ...]
     data: tuple[Segment, ...]
+    # The UUID each device's label carries (how a device is known whatever
+    # its name); empty for a pool recorded before labels were written.
+    ids: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps({
             "devices": list(self.devices), "sizes": list(self.sizes),
             "metadata": [[s.device, s.start, s.length] for s in self.metadata],
-            "data": [[s.device, s.start, s.length] for s in self.data]})
+            "data": [[s.device, s.start, s.length] for s in self.data],
+            "ids": list(self.ids)})
 
     @classmethod
     def from_json(cls, raw: str) -> PoolLayout:
         doc = json.loads(raw)
         return cls(tuple(doc["devices"]), tuple(doc["sizes"]),
                    tuple(Segment(*s) for s in doc["metadata"]),
-                   tuple(Segment(*s) for s in doc["data"]))
+                   tuple(Segment(*s) for s in doc["data"]), tuple(doc.get("ids", ())))
 
     @property
     def data_sectors(self) -> int:
@@ -63,6 +67,7 @@ class PoolRecord:
     next_thin_id: int
     layout: PoolLayout
     created_at: datetime | None = None
+    generation: int = 0  # see PoolRow.generation
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +87,7 @@ class VolumeRecord:
 def pool_record(row: PoolRow) -> PoolRecord:
     return PoolRecord(row.name, row.uuid, row.owner_uid, row.block_sectors, row.on_full,
                       row.low_water_percent, row.transaction_id, row.next_thin_id,
-                      PoolLayout.from_json(row.layout_json), row.created_at)
+                      PoolLayout.from_json(row.layout_json), row.created_at, row.generation)
 
 
 def volume_record(row: VolumeRow, pool_name: str) -> VolumeRecord:

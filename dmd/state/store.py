@@ -47,7 +47,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # The newest revision in migrations/versions (a test keeps the two in step). A
 # database already there, or a new one, is opened without importing Alembic:
 # that import alone cost several seconds of every start in the lab VM.
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 T = TypeVar("T")
 
 
@@ -430,7 +430,53 @@ class StateStore:
                 block_sectors=record.block_sectors, on_full=record.on_full,
                 low_water_percent=record.low_water_percent,
                 transaction_id=record.transaction_id, next_thin_id=record.next_thin_id,
-                layout_json=record.layout.to_json(), created_at=_now()))
+                layout_json=record.layout.to_json(), created_at=_now(),
+                generation=max(record.generation, 1)))
+            session.flush()
+
+        self._write(work)
+
+    def import_pool(self, record: PoolRecord, volumes: list[VolumeRecord]) -> None:
+        """Record a pool found on its devices, with its volumes and the
+        generation of the description they came from, in one transaction."""
+        def work(session: Session) -> None:
+            row = PoolRow(
+                name=record.name, uuid=record.uuid, owner_uid=record.owner_uid,
+                block_sectors=record.block_sectors, on_full=record.on_full,
+                low_water_percent=record.low_water_percent,
+                transaction_id=record.transaction_id, next_thin_id=record.next_thin_id,
+                layout_json=record.layout.to_json(), created_at=_now(),
+                generation=record.generation)
+            session.add(row)
+            session.flush()
+            for volume in volumes:
+                session.add(VolumeRow(
+                    uuid=volume.uuid, pool_id=row.id, thin_id=volume.thin_id,
+                    origin_uuid=volume.origin_uuid, created_at=_now(),
+                    **volume_values(volume)))
+            session.flush()
+
+        self._write(work)
+
+    def replace_pool(self, record: PoolRecord, volumes: list[VolumeRecord]) -> None:
+        """Make the records of pool *record* (by UUID) what its devices say:
+        the pool's fields and exactly *volumes*, in one transaction."""
+        def work(session: Session) -> None:
+            row = session.scalar(select(PoolRow).where(PoolRow.uuid == record.uuid))
+            if row is None:
+                raise RecordNotFound(f"no record of pool {record.uuid}")
+            row.owner_uid, row.block_sectors = record.owner_uid, record.block_sectors
+            row.on_full, row.low_water_percent = record.on_full, record.low_water_percent
+            row.transaction_id, row.next_thin_id = record.transaction_id, record.next_thin_id
+            row.layout_json, row.generation = record.layout.to_json(), record.generation
+            for old in session.scalars(select(VolumeRow).where(VolumeRow.pool_id == row.id)):
+                session.delete(old)
+            session.flush()
+            for volume in volumes:
+                session.add(VolumeRow(
+                    uuid=volume.uuid, pool_id=row.id, thin_id=volume.thin_id,
+                    origin_uuid=volume.origin_uuid, created_at=_now(),
+                    **volume_values(volume)))
             session.flush()
 
         self._write(work)
@@ -463,6 +509,7 @@ class StateStore:
         added, changed or removed (by UUID), so the two never disagree."""
         def work(session: Session) -> None:
             row = self._pool_row(session, pool)
+            row.generation += 1
             if transaction_id is not None:
                 row.transaction_id = transaction_id
             if next_thin_id is not None:
@@ -659,6 +706,12 @@ class AsyncStateStore:
 
     async def remove_pool(self, name: str) -> None:
         await self._write(self.sync.remove_pool, name)
+
+    async def import_pool(self, record: PoolRecord, volumes: list[VolumeRecord]) -> None:
+        await self._write(self.sync.import_pool, record, volumes)
+
+    async def replace_pool(self, record: PoolRecord, volumes: list[VolumeRecord]) -> None:
+        await self._write(self.sync.replace_pool, record, volumes)
 
     async def list_volumes(self, pool: str | None = None) -> list[VolumeRecord]:
         return await self._run(self.sync.list_volumes, pool)

@@ -249,6 +249,60 @@ async def test_pools_and_volumes_are_back_after_a_restart(dmd_session: Any,
         bus.disconnect()
 
 
+async def test_import_pool_after_the_state_is_lost_with_busctl(dmd_session: Any,
+                                                               disks: list[str]) -> None:
+    """A pool made over the bus, the state directory deleted and every device
+    gone (a reboot), brought back by busctl's ImportPool: the same objects
+    at the same paths (keyed on UUIDs the description kept)."""
+    import shutil
+
+    from dbus_fast import BusType
+    from dbus_fast.aio import MessageBus
+
+    async def connect() -> tuple[MessageBus, Client]:
+        bus = MessageBus(bus_address=dmd_session.address, bus_type=BusType.SESSION)
+        await bus.connect()
+        return bus, Client(bus)
+
+    bus, client = await connect()
+    pool, job = await create_pool(client, "tank", disks)
+    await finished(client, job)
+    _, job = await client.call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}",
+                               ["vm", GIB, {"labels": Variant("a{ss}", {"app": "db"})}])
+    await finished(client, job)
+    before = {p: i for p, i in (await objects(client)).items()
+              if POOL_INTERFACE in i or VOLUME_INTERFACE in i}
+    bus.disconnect()
+    assert dmd_session.stop() == 0
+    shutil.rmtree(dmd_session.state_dir)
+    sim = SimDM(dmd_session.sim)
+    for name in ("tank-vm", "tank-tpool", "tank-tdata", "tank-tmeta"):
+        sim.device_remove(name)
+    dmd_session.start()
+    bus, client = await connect()
+    try:
+        assert not [p for p in await objects(client) if "/pools/" in p or "/volumes/" in p]
+        out = subprocess.run(
+            ["busctl", "--address", dmd_session.address, "--json=short", "call", BUS_NAME,
+             ROOT_PATH, MANAGER_INTERFACE, "ImportPool", "asa{sv}", "2", disks[1], disks[0],
+             "0"], capture_output=True, text=True, check=True)
+        imported, job = json.loads(out.stdout)["data"]
+        assert imported == pool
+        end = await finished(client, job)
+        assert end["State"] == "completed" and end["Operation"] == "pool-import"
+        after = {p: i for p, i in (await objects(client)).items()
+                 if POOL_INTERFACE in i or VOLUME_INTERFACE in i}
+        for values in (*before.values(), *after.values()):
+            values.get(VOLUME_INTERFACE, {}).pop("Device", None)
+        assert after == before
+        with pytest.raises(CallError) as caught:
+            await client.call(ROOT_PATH, MANAGER_INTERFACE, "ImportPool", "asa{sv}",
+                              [disks, {}])
+        assert caught.value.name.endswith(".Busy")  # its devices are a recorded pool's
+    finally:
+        bus.disconnect()
+
+
 async def test_add_device_grows_the_pool(client: Client, disks: list[str]) -> None:
     pool, job = await create_pool(client, "tank", disks[:1])
     await finished(client, job)

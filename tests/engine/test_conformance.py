@@ -510,6 +510,33 @@ def test_block_device_facts(engine: Engine, disk: Callable[[int], str]) -> None:
         engine.block_device("/dev/null" if isinstance(engine, DM) else "/dev/nothing")
 
 
+def test_disk_bytes_read_back_and_a_pool_label_is_probed(engine: Engine,
+                                                           disk: Callable[[int], str]) -> None:
+    from dmd.engine.blockdev import POOL_MAGIC
+
+    backing = disk(16)
+    assert engine.read_disk(backing, 8192, 4096) == bytes(4096)  # a fresh disk reads zeros
+    engine.write_disk(backing, 65536 + 100, b"description")
+    assert engine.read_disk(backing, 65536, 4096)[100:111] == b"description"
+    engine.write_disk(backing, 0, POOL_MAGIC + bytes(4088))
+    assert engine.block_device(backing).signature == "dmd_pool"
+    # Held by a device-mapper table, the disk is still read and written
+    # (the header a pool's layout reserves is mapped by none of its devices).
+    active(engine, f"{P}user", [TargetLine(0, 2048, "linear", f"{backing} 8192")])
+    engine.write_disk(backing, 65536, b"again")
+    assert engine.read_disk(backing, 65536, 5) == b"again"
+    engine.wipe(backing, 0, 1 << 20)
+    assert engine.block_device(backing).signature is None
+    assert engine.read_disk(backing, 65536, 5) == bytes(5)
+    # At the end of the disk a read comes back short and a write fails.
+    assert engine.read_disk(backing, (16 << 20) - 10, 20) == bytes(10)
+    with pytest.raises(OSError) as beyond:
+        engine.write_disk(backing, (16 << 20) - 10, bytes(20))
+    assert beyond.value.errno == errno.ENOSPC
+    with pytest.raises(FileNotFoundError):
+        engine.read_disk("/dev/nothing-here", 0, 512)
+
+
 def _write(engine: Engine, name: str, sector: int, sectors: int) -> None:
     """Write *sectors* at *sector* of device *name* (the simulator is told)."""
     if not isinstance(engine, DM):

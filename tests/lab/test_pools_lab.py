@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import struct
@@ -360,3 +361,84 @@ def test_sigkill_during_volume_create_and_delete(stopped_dmd: SystemDmd, disks: 
     assert kernel_thin_ids("dmdtp6") == recorded_thin_ids(dmd.state_dir)
     create_volume(pool, "after", 8 * MIB)
     assert prop(keep, VOLUME_INTERFACE, "State") == "active"
+
+
+def description_copies(device: str) -> list[int | None]:
+    """The generation of each description copy on *device* (None: not whole)."""
+    from dmd.state.pool_description import HEADER_BYTES, Description, read_device
+
+    with open(device, "rb") as f:
+        reading = read_device(device, f.read(HEADER_BYTES))
+    return [c.generation if isinstance(c, Description) else None for c in reading.copies]
+
+
+def test_import_after_a_crash_between_copies_the_state_lost_and_the_disks_renumbered(
+        stopped_dmd: SystemDmd, tmp_path: Path) -> None:
+    from dmd.state.pool_description import COPY_OFFSETS
+
+    dmd = stopped_dmd
+    images = [tmp_path / "a.img", tmp_path / "b.img"]
+    for image in images:
+        with open(image, "wb") as f:
+            f.truncate(128 * MIB)
+    attached: list[str] = []
+
+    def attach(image: Path) -> str:
+        device = subprocess.run(["losetup", "-f", "--show", str(image)], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        attached.append(device)
+        return device
+
+    try:
+        a, b = attach(images[0]), attach(images[1])
+        # The 4th description written (the snapshot's) is cut between its copies.
+        dmd.start({"DMD_TEST_KILL_AT": "pool-describe:1:4"})
+        pool = create_pool("dmdtp7", [a, b])
+        one = create_volume(pool, "one", 16 * MIB)
+        create_volume(pool, "two", 16 * MIB)
+        sums = {name: write_pattern(f"/dev/mapper/dmdtp7-{name}", name.encode(), 8 * MIB)
+                for name in ("one", "two")}
+        with contextlib.suppress(BusError):
+            wait(snapshot(one, "one.snap")[1])
+        assert dmd.wait_exit() == -signal.SIGKILL
+        sums["one.snap"] = sums["one"]
+        for device in (a, b):
+            new, old = description_copies(device)
+            assert new is not None and old is not None and new > old, (device, new, old)
+        dmd.start()  # recovery: copy B rewritten from A
+        for device in (a, b):
+            new, old = description_copies(device)
+            assert new == old is not None, (device, new, old)
+        dmd.stop()
+        # A reboot, the state directory lost, the disks back under each
+        # other's names, and one copy torn on one of them.
+        for name in ("one.snap", "one", "two", "tpool", "tdata", "tmeta"):
+            dmsetup("remove", f"dmdtp7-{name}")
+        shutil.rmtree(dmd.state_dir)
+        for device in (a, b):
+            subprocess.run(["losetup", "-d", device], check=True)
+        attached.clear()
+        b2, a2 = attach(images[1]), attach(images[0])
+        assert (a2, b2) == (b, a), "the loop devices were not renumbered"
+        subprocess.run(["dd", "if=/dev/urandom", f"of={a2}", "bs=512", "count=8",
+                        f"seek={COPY_OFFSETS[0] // 512 + 1}", "conv=notrunc,fsync",
+                        "status=none"], check=True)
+        assert description_copies(a2)[0] is None
+        dmd.start()
+        imported, job = call(ROOT_PATH, MANAGER_INTERFACE, "ImportPool", "asa{sv}", "2",
+                             b2, a2, "0")
+        wait(job)
+        assert prop(imported, POOL_INTERFACE, "Devices") == [a2, b2]
+        for name, expected in sums.items():
+            assert checksum(f"/dev/mapper/dmdtp7-{name}", 8 * MIB) == expected, name
+        new, old = description_copies(a2)
+        assert new == old is not None  # the torn copy repaired
+        status = dmsetup("status", "dmdtp7-tpool").split()
+        assert int(status[3]) == prop(imported, POOL_INTERFACE, "TransactionId") == 3
+        assert kernel_thin_ids("dmdtp7") == recorded_thin_ids(dmd.state_dir) == {0, 1, 2}
+    finally:
+        dmd.stop()
+        for name in ("one.snap", "one", "two", "tpool", "tdata", "tmeta"):
+            subprocess.run(["dmsetup", "remove", f"dmdtp7-{name}"], capture_output=True)
+        for device in attached:
+            subprocess.run(["losetup", "-d", device], check=False)

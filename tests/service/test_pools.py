@@ -2,8 +2,9 @@
 refusals, and faults at every step of every operation (an exception: rolled
 back in-process; a crash: a forked child dies there and a fresh service
 recovers). Afterwards the pool's thin ids are exactly the recorded volumes',
-the recorded transaction id is the kernel's, nothing is suspended, and every
-active volume has its device.
+the recorded transaction id is the kernel's, nothing is suspended, every
+active volume has its device, and the description on the pool's devices
+(label, both copies) says what the records say, at their generation.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from dmd.service.operations import DeviceService
 from dmd.service.pool_recovery import recover_pools
 from dmd.service.pools import PoolService
 from dmd.service.recovery import recover
-from dmd.state import AsyncStateStore, StateStore
+from dmd.state import AsyncStateStore, PoolRecord, StateStore
+from dmd.state.pool_description import HEADER_BYTES, Description, read_device
 
 GIB = 1 << 30
 DISKS = ["/dev/simdisk1", "/dev/simdisk2", "/dev/simdisk3"]
@@ -88,7 +90,35 @@ async def assert_agree(pools: PoolService) -> dict[str, Any]:
         assert thins is not None, f"pool thin ids {now['thins']} != records {volumes}"
         for volume in volumes:
             assert (f"{pool.name}-{volume.name}" in now["kernel"]) == volume.active
+        await assert_described(pools, pool)
     return now
+
+
+def _facts(description_or_records: Any) -> Any:
+    return sorted((v.uuid, v.name, v.thin_id, v.size_bytes, v.origin_uuid, v.active,
+                   tuple(sorted(v.labels.items()))) for v in description_or_records)
+
+
+async def assert_described(pools: PoolService, pool: PoolRecord) -> Description:
+    """Every device of *pool* carries its label and both copies of its
+    description at the records' generation, saying what the records say."""
+    engine: SimDM = pools.kernel.engine  # type: ignore[assignment]
+    volumes = await pools.store.list_volumes(pool.name)
+    found = None
+    for index, path in enumerate(pool.layout.devices):
+        reading = read_device(path, engine.read_disk(path, 0, HEADER_BYTES))
+        assert reading.label is not None, f"{path}: no label"
+        assert (reading.label.pool_uuid, reading.label.device_uuid, reading.label.index) == \
+            (pool.uuid, pool.layout.ids[index], index)
+        assert reading.stale(pool.generation) == (), (path, reading.copies, pool.generation)
+        found = reading.newest
+        assert found is not None
+        assert found.pool.transaction_id == pool.transaction_id
+        assert found.pool.next_thin_id == pool.next_thin_id
+        assert found.pool.layout.data == pool.layout.data
+        assert _facts(found.volumes) == _facts(volumes)
+    assert found is not None
+    return found
 
 
 async def test_pool_volume_snapshot_resize_delete(pools: PoolService) -> None:
@@ -120,6 +150,10 @@ async def test_pool_volume_snapshot_resize_delete(pools: PoolService) -> None:
     now = await state(pools)
     assert now["kernel"] == {} and now["devices"] == [] and now["pools"] == {}
     assert now["volumes"] == [] and now["thins"] == {}  # the metadata was wiped
+    engine: SimDM = pools.kernel.engine  # type: ignore[assignment]
+    for path in DISKS[:2]:  # and the description: blank devices again
+        assert engine.block_device(path).signature is None
+        assert engine.read_disk(path, 0, HEADER_BYTES) == bytes(HEADER_BYTES)
     # The devices are free for a new pool.
     await pools.create_pool("tank", DISKS[:2])
 

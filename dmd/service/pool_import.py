@@ -1,0 +1,146 @@
+"""ImportPool: a pool brought back from its devices alone (dmd's state
+directory lost, or the disks moved to another machine or to other device
+names), by the description each of them carries (dmd.state.pool_description).
+
+The devices are known by their labels, not their names: every device of
+the pool must be given, and only those. The newest whole copy of the
+description found on any of them is the pool; the kernel must agree with it
+(the pool's metadata at the description's transaction id), or the import is
+refused: another manager, or an operation cut short without its journal,
+changed the pool since. Nothing is written to a device before the import is
+recorded, so a refused import leaves the devices as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from dmd.engine import NotABlockDevice
+from dmd.engine.interface import Engine
+from dmd.service import errors
+from dmd.service.auth import ROOT, Action, Caller
+from dmd.service.journal import PoolArgs, PoolImportStep, intent
+from dmd.service.pools import Accept, PoolService, _ignore, tpool
+from dmd.state import PoolRecord
+from dmd.state.pool_description import Description
+
+log = logging.getLogger(__name__)
+
+
+async def import_pool(pools: PoolService, paths: list[str], *, caller: Caller = ROOT,
+                      accept: Accept = _ignore) -> PoolRecord:
+    await pools.devices.authorize(caller, Action.POOL, "import")
+    if not isinstance(paths, list) or not paths or len(set(paths)) != len(paths):
+        raise errors.InvalidArgument("an import needs one or more distinct devices")
+    taken = {p: pool.name for pool in await pools.store.list_pools()
+             for p in pool.layout.devices}
+    for path in paths:
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise errors.InvalidArgument(f"a pool device is an absolute path, not {path!r}")
+        if path in taken:
+            raise errors.Busy(f"{path} is a device of pool {taken[path]!r}")
+        try:
+            facts = await pools.kernel(Engine.block_device, path)
+        except NotABlockDevice as exc:
+            raise errors.InvalidArgument(str(exc)) from None
+        except OSError as exc:
+            raise errors.InvalidArgument(f"{path}: {exc.strerror}") from None
+        if facts.in_use:
+            raise errors.Busy(f"{path} is in use (mounted, or held by another device)")
+    description, record = await _read(pools, paths)
+    name = record.name
+    if await pools.store.get_pool(name) is not None:
+        raise errors.AlreadyExists(f"a pool named {name!r} exists")
+    if any(p.uuid == record.uuid for p in await pools.store.list_pools()):
+        raise errors.AlreadyExists(f"pool {record.uuid} is recorded already")
+    present = {d.name for d in await pools.kernel(Engine.list_devices)}
+    for suffix in ("tmeta", "tdata", "tpool"):
+        if f"{name}-{suffix}" in present:
+            raise errors.AlreadyExists(f"a device named {name}-{suffix} exists")
+    async with pools._changing(name):
+        pools._claim(name)
+        try:
+            await _activate(pools, record, description, accept)
+        except BaseException:
+            pools._release(name)
+            raise
+        pools.descriptions.labelled[record.uuid] = record.layout.ids
+        await pools.descriptions.repair(record, list(description.volumes),
+                                        await pools.descriptions.read(record.layout.devices))
+    await pools.activate_recorded(name)
+    log.info("pool-import %s: %d device(s), %d volume(s), generation %d", name, len(paths),
+             len(description.volumes), record.generation)
+    return record
+
+
+async def _read(pools: PoolService, paths: list[str]) -> tuple[Description, PoolRecord]:
+    """The newest description on *paths*, and the record it makes with the
+    devices where they are now; refused unless the devices are the pool's,
+    all of them."""
+    found = await pools.descriptions.read(paths)
+    for path, why in found.unreadable:
+        raise errors.InvalidArgument(f"{path} cannot be read: {why}")
+    by_id: dict[str, str] = {}
+    pool_uuids = set()
+    for reading in found.readings:
+        if reading.label is None:
+            raise errors.InvalidArgument(f"{reading.path} carries no dmd pool label")
+        pool_uuids.add(reading.label.pool_uuid)
+        by_id[reading.label.device_uuid] = reading.path
+    if len(pool_uuids) > 1:
+        raise errors.InvalidArgument("the devices belong to more than one pool")
+    description = found.newest
+    if description is None:
+        if found.corrupt:
+            raise errors.Corrupt("no copy of the pool's description on these devices is "
+                                 "whole; nothing was written to them")
+        raise errors.InvalidArgument("the devices carry no pool description")
+    layout = description.pool.layout
+    missing = [f"device {i} (last seen as {layout.devices[i]})"
+               for i, uid in enumerate(layout.ids) if uid not in by_id]
+    if missing:
+        raise errors.InvalidArgument(f"pool {description.pool.name!r} needs every one of "
+                                     f"its devices; not given: {', '.join(missing)}")
+    extra = sorted(p for uid, p in by_id.items() if uid not in layout.ids)
+    if extra:
+        raise errors.InvalidArgument(f"not devices of pool {description.pool.name!r} "
+                                     f"(as of generation {description.generation}): "
+                                     f"{', '.join(extra)}")
+    moved = replace(layout, devices=tuple(by_id[uid] for uid in layout.ids))
+    return description, replace(description.pool, layout=moved,
+                                generation=description.generation)
+
+
+async def _activate(pools: PoolService, record: PoolRecord, description: Description,
+                    accept: Accept) -> None:
+    from dmd.service.pools import _linear, _pool_table
+
+    name, plan, claim = record.name, record.layout, pools.owner(record.name)
+
+    async def undo(_: object) -> None:
+        await pools._remove_pool_devices(name)
+
+    async with intent(pools.store, pools.fault, "pool-import", name,
+                      PoolArgs(pool=name, layout=plan.to_json()), undo) as journal:
+        pools.pending_pools[name] = (record, "importing")
+        await pools._accepted(name, record, accept)
+        await journal.mark(PoolImportStep.DEVICES)
+        await pools.devices.create(f"{name}-tmeta", _linear(plan, plan.metadata),
+                                   uuid=f"DMD-POOL-{record.uuid}-tmeta", persistent=True,
+                                   claim=claim)
+        await pools.devices.create(f"{name}-tdata", _linear(plan, plan.data),
+                                   uuid=f"DMD-POOL-{record.uuid}-tdata", persistent=True,
+                                   claim=claim)
+        await journal.mark(PoolImportStep.POOL)
+        await pools.devices.create(tpool(name), _pool_table(record),
+                                   uuid=f"DMD-POOL-{record.uuid}-tpool", persistent=True,
+                                   claim=claim)
+        tid = (await pools.pool_state(name, record)).transaction_id
+        if tid != record.transaction_id:
+            raise errors.Busy(
+                f"pool {name!r}: its metadata is at transaction id {tid}, its description "
+                f"(generation {description.generation}) at {record.transaction_id}: it was "
+                "changed without dmd since; not imported")
+        await journal.mark(PoolImportStep.RECORD)
+        await pools.store.import_pool(record, list(description.volumes))
