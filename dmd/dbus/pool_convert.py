@@ -16,7 +16,7 @@ POOL_PROPERTIES: dict[str, str] = {
     "Name": "s", "UUID": "s", "Devices": "as", "BlockSize": "t",
     "DataUsed": "t", "DataTotal": "t", "MetadataUsed": "t", "MetadataTotal": "t",
     "Mode": "s", "State": "s", "TransactionId": "t", "OnFull": "s",
-    "LowWaterPercent": "u", "Owner": "u",
+    "LowWaterPercent": "u", "Owner": "u", "ChangesRefused": "s",
 }
 
 VOLUME_PROPERTIES: dict[str, str] = {
@@ -31,8 +31,10 @@ JOB_PROPERTIES: dict[str, str] = {
 }
 
 
-def pool_properties(record: PoolRecord, state: PoolState, lifecycle: str) -> dict[str, Any]:
-    """*lifecycle*: "creating", "active" or "destroying"."""
+def pool_properties(record: PoolRecord, state: PoolState, lifecycle: str,
+                    refused: str = "") -> dict[str, Any]:
+    """*lifecycle*: "creating", "importing", "active" or "destroying";
+    *refused*: why dmd refuses to change the pool ("" when it does not)."""
     return {
         "Name": record.name, "UUID": record.uuid, "Devices": list(record.layout.devices),
         "BlockSize": record.block_sectors * 512,
@@ -43,7 +45,7 @@ def pool_properties(record: PoolRecord, state: PoolState, lifecycle: str) -> dic
         "TransactionId": state.transaction_id if state.transaction_id is not None
         else record.transaction_id,
         "OnFull": record.on_full, "LowWaterPercent": record.low_water_percent,
-        "Owner": record.owner_uid,
+        "Owner": record.owner_uid, "ChangesRefused": refused,
     }
 
 

@@ -92,11 +92,12 @@ class PoolExporter:
             record, lifecycle = pending[0], pending[1]
         paths: set[str] = set()
         if record is not None:
-            state = (await self.pools.pool_state(pool) if lifecycle != "creating"
+            state = (await self.pools.pool_state(pool, record) if lifecycle != "creating"
                      else PoolState(None, 0, record.layout.data_sectors * 512, 0,
                                     record.layout.metadata_sectors * 512, "inactive"))
             path = pool_path(record.uuid)
-            self._put(path, PoolInterface, pool_properties(record, state, lifecycle))
+            self._put(path, PoolInterface, pool_properties(record, state, lifecycle,
+                                                           self.pools.refused.get(pool, "")))
             self._pool_of_path[path] = pool
             paths.add(path)
             paths |= await self._refresh_volumes(record)
