@@ -37,11 +37,12 @@ from dmd.dbus.names import BUS_NAME, ROOT_PATH
 from dmd.dbus.polkit import PolkitAuthorizer
 from dmd.dbus.publish import publish
 from dmd.engine.interface import Engine
-from dmd.service.inventory import Inventory
+from dmd.service.inventory import DeviceView, Inventory
 from dmd.service.kernel import KernelWorkers
 from dmd.service.kernel_events import KernelEventWatcher
 from dmd.service.operations import DeviceService, default_workers
 from dmd.service.pool_recovery import recover_pools
+from dmd.service.pool_space import SpaceWatch
 from dmd.service.pools import PoolService
 from dmd.service.reconcile import Reconciler
 from dmd.service.recovery import recover
@@ -240,6 +241,7 @@ class Daemon:
         pools = PoolService(service)
         report = await recover(service)
         await recover_pools(pools, report)
+        space = SpaceWatch(pools)
         for what, names in vars(report).items():
             if names:
                 log.info("recovery: %s: %s", what, ", ".join(names))
@@ -251,7 +253,7 @@ class Daemon:
                 for device, info in await asyncio.get_running_loop().run_in_executor(
                         None, lambda: list(udev.known_devices())):
                     inventory.apply_udev(device, info)
-            await self._publish_and_serve(bus, service, pools, inventory, reconciler)
+            await self._publish_and_serve(bus, service, pools, space, inventory, reconciler)
 
     @contextlib.asynccontextmanager
     async def _event_sources(self, engine: Engine, reconciler: Reconciler
@@ -289,12 +291,23 @@ class Daemon:
             request()
 
     async def _publish_and_serve(self, bus: DmdBus, service: DeviceService, pools: PoolService,
-                                 inventory: Inventory, reconciler: Reconciler) -> None:
+                                 space: SpaceWatch, inventory: Inventory,
+                                 reconciler: Reconciler) -> None:
         kernel_version = ".".join(map(str, await service.kernel(Engine.version)))
         manager = ManagerInterface(kernel_version, __version__)
         bus.export(ROOT_PATH, manager)
-        router, exporter, pool_exporter = await publish(bus, manager, service, pools, inventory)
+        router, exporter, pool_exporter = await publish(bus, manager, service, pools, space,
+                                                        inventory)
         reconciler.on_dm_event(exporter.dm_event)
+
+        def pool_event(view: DeviceView, _: object) -> None:
+            # A thin pool's event: its low water mark, or out of space.
+            if view.name.endswith("-tpool"):
+                space.request(view.name.removesuffix("-tpool"))
+
+        reconciler.on_dm_event(pool_event)
+        for record in await pools.pools():  # the event fires once per resume: look now
+            space.request(record.name)
         bus.add_message_handler(router.handle)
         bus.quiet = False
         reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)

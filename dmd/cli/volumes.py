@@ -118,6 +118,8 @@ async def cmd_pool_create(c: Client, a: argparse.Namespace) -> None:
         options["on-full"] = Variant("s", a.on_full)
     if a.low_water is not None:
         options["low-water"] = Variant("u", a.low_water)
+    if a.data_size is not None:
+        options["data-size"] = Variant("t", a.data_size)
     pool, job = await c.call(ROOT_PATH, MANAGER_INTERFACE, "CreatePool", "sasa{sv}",
                              [a.name, a.devices, options], mutating=True)
     await _run_job(c, a, job, pool, POOL_INTERFACE,
@@ -234,6 +236,9 @@ def register(verb: Callable[[str, Verb, str], argparse.ArgumentParser]) -> None:
     sp.add_argument("--low-water", type=int, metavar="PERCENT",
                     help="raise the pool's low-space event at PERCENT of data left "
                          "(default: 20)")
+    sp.add_argument("--data-size", type=parse_size, metavar="SIZE",
+                    help="start with SIZE of data and keep the rest of the devices for the "
+                         "pool to grow into when it runs low (default: all of them)")
     sp = no_wait(verb("pool-import", cmd_pool_import,
                       "bring a pool back from its devices (state lost, or another machine)"))
     sp.add_argument("devices", nargs="+", metavar="DEVICE",

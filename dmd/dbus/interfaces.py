@@ -202,6 +202,18 @@ class PoolInterface(CachedObject):
     def Destroy(self, options: Options) -> Path:
         _routed()
 
+    @dbus_signal()
+    def LowSpace(self, data_used: U64, data_total: U64, metadata_used: U64,
+                 metadata_total: U64) -> Annotated[list[Any], DBusSignature("tttt")]:
+        """The pool is past its low-water mark with no room left to grow into."""
+        return [data_used, data_total, metadata_used, metadata_total]
+
+    @dbus_signal()
+    def Full(self, data_used: U64, data_total: U64, metadata_used: U64,
+             metadata_total: U64) -> Annotated[list[Any], DBusSignature("tttt")]:
+        """The kernel says the pool is out of data space (writes queue or fail)."""
+        return [data_used, data_total, metadata_used, metadata_total]
+
 
 class VolumeInterface(CachedObject):
     """A volume of a pool: what a service asked for, without thin ids."""

@@ -26,6 +26,7 @@ from dmd.engine.targets.thin import ThinStatus
 from dmd.service.events import ChangeKind
 from dmd.service.inventory import DeviceView, Inventory
 from dmd.service.jobs import Job, JobEvent
+from dmd.service.pool_space import Space
 from dmd.service.pools import PoolService, PoolState, volume_device
 from dmd.service.reconcile import Coalesced
 from dmd.state import PoolRecord, VolumeRecord
@@ -81,6 +82,21 @@ class PoolExporter:
     def job_at(path: str) -> int | None:
         tail = path.rsplit("/", 1)[-1]
         return int(tail) if tail.isdigit() else None
+
+    def space_changed(self, pool: str, level: str, space: Space) -> None:
+        """LowSpace or Full on the pool's object (its Mode follows with the
+        refresh the pool's event starts)."""
+        record = self.pools.pending_pools.get(pool)
+        path = next((p for p, name in self._pool_of_path.items() if name == pool), None)
+        obj = self.objects.get(path) if path is not None else None
+        if record is not None or not isinstance(obj, PoolInterface) or level == "ok":
+            return
+        figures = (space.data_used, space.data_total, space.metadata_used,
+                   space.metadata_total)
+        if level == "full":
+            obj.Full(*figures)
+        else:
+            obj.LowSpace(*figures)
 
     # -- pools and volumes -----------------------------------------------------
     async def refresh(self, pool: str) -> None:

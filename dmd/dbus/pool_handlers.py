@@ -37,7 +37,8 @@ class PoolHandlers:
             self.pools.create_pool(
                 check_string(name, "name"), paths, force=opts.get("force", False),
                 block_size=block, on_full=opts.get("on-full", "queue"),
-                low_water_percent=opts.get("low-water", 20), caller=caller, accept=accept))
+                low_water_percent=opts.get("low-water", 20), data_size=opts.get("data-size"),
+                caller=caller, accept=accept))
         return [pool_path(record.uuid), job_path(job.id)]
 
     async def ImportPool(self, caller: Caller, devices: list[str],

@@ -21,6 +21,7 @@ from dmd.dbus.pool_handlers import JobHandlers, PoolHandlers, VolumeHandlers
 from dmd.dbus.router import ObjectKind, Router
 from dmd.service.inventory import Inventory
 from dmd.service.operations import DeviceService
+from dmd.service.pool_space import SpaceWatch
 from dmd.service.pools import PoolService
 
 
@@ -33,12 +34,13 @@ def _all(values: tuple[Any, ...] | None) -> list[Any] | None:
 
 
 async def publish(bus: DmdBus, manager: ManagerInterface, service: DeviceService,
-                  pools: PoolService, inventory: Inventory
+                  pools: PoolService, space: SpaceWatch, inventory: Inventory
                   ) -> tuple[Router, Exporter, PoolExporter]:
     """Export every object and route every method; the caller adds the
     router to the bus."""
     exporter = Exporter(bus, inventory)
     pool_exporter = PoolExporter(bus, pools, inventory)
+    space.listen(pool_exporter.space_changed)
     await pool_exporter.start()
     pool_handlers = PoolHandlers(pools)
     router = Router(bus, [

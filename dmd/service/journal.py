@@ -99,6 +99,11 @@ class PoolGrowStep(enum.IntEnum):
     RECORD = 4
 
 
+class PoolExtendStep(enum.IntEnum):
+    DEVICES = 1  # tdata and/or tmeta are reloaded larger next
+    POOL = 2  # the pool's table is reloaded next: the kernel takes the space for good
+
+
 class PoolImportStep(enum.IntEnum):
     DEVICES = 1  # the metadata and data devices are made next
     POOL = 2  # the thin-pool device is made next (the kernel opens its metadata)
@@ -165,7 +170,8 @@ class PoolArgs(IntentArgs):
 # holds): the operation waits until these are committed before the step they
 # announce. Any other mark is queued and committed with the next write, in
 # order, which spares a round trip to the store's thread per step.
-RECOVERY_READS: frozenset[tuple[str, int]] = frozenset({("reload", ReloadStep.RESUME)})
+RECOVERY_READS: frozenset[tuple[str, int]] = frozenset({
+    ("reload", ReloadStep.RESUME), ("pool-extend", PoolExtendStep.POOL)})
 
 
 class IntentStore(Protocol):

@@ -68,7 +68,7 @@ async def import_pool(pools: PoolService, paths: list[str], *, caller: Caller = 
         pools.descriptions.labelled[record.uuid] = record.layout.ids
         await pools.descriptions.repair(record, list(description.volumes),
                                         await pools.descriptions.read(record.layout.devices))
-    await pools.activate_recorded(name)
+        await pools.activate_recorded(name)  # settled with the rest: the bus shows them
     log.info("pool-import %s: %d device(s), %d volume(s), generation %d", name, len(paths),
              len(description.volumes), record.generation)
     return record

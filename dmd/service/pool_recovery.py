@@ -23,7 +23,8 @@ from dataclasses import replace
 from dmd.engine import DmError, DmFlags
 from dmd.engine.interface import Engine
 from dmd.service import errors
-from dmd.service.journal import PoolArgs
+from dmd.service.journal import PoolArgs, PoolExtendStep
+from dmd.service.pool_space import finish_extend
 from dmd.service.pools import (
     POOL_OPERATIONS,
     PoolService,
@@ -144,6 +145,17 @@ async def _settle(pools: PoolService, intent: IntentRecord) -> str | None:
             pools._claim(pool)
             await pools.finish_destroy(record)  # it began past its way back
         return "done"
+    if intent.operation == "pool-extend":
+        if record is None:
+            return "rolled_back"
+        assert args.layout is not None
+        larger = replace(record, layout=PoolLayout.from_json(args.layout))
+        pools._claim(pool)
+        if intent.step >= PoolExtendStep.POOL:  # the kernel may have taken it: forward
+            await finish_extend(pools, larger)
+            return "done"
+        await pools._restore_layout(record)
+        return "rolled_back"
     if intent.operation == "pool-grow":
         if record is None:
             return "rolled_back"

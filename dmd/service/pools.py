@@ -74,6 +74,7 @@ MIN_DEVICE_BYTES = 16 << 20
 DEFAULT_BLOCK_SECTORS = 128  # 64 KiB, LVM's default for thin pools
 WIPE_BYTES = 1 << 20  # of the metadata's start: the kernel then formats a new pool
 POOL_OPERATIONS = frozenset({"pool-create", "pool-destroy", "pool-grow", "pool-import",
+                             "pool-extend",
                              "volume-create", "volume-snapshot", "volume-delete"})
 
 
@@ -117,9 +118,13 @@ def volume_device(pool: str, volume: str) -> str:
     return f"{pool}-{volume}"
 
 
-def layout(devices: list[tuple[str, int]], block_sectors: int) -> PoolLayout:
+def layout(devices: list[tuple[str, int]], block_sectors: int,
+           data_sectors: int | None = None) -> PoolLayout:
     """Metadata from the first device after its header, data over the rest
-    of it and every other device, in whole data blocks."""
+    of it and every other device, in whole data blocks; with *data_sectors*,
+    only that much data (rounded down to whole blocks), the rest left free
+    for the pool to grow into (dmd.service.pool_space). The metadata is sized
+    for all of it either way."""
     usable = [(size // 512) - HEADER_SECTORS for _, size in devices]
     total = sum(usable)
     meta = metadata_sectors(total, block_sectors)
@@ -129,7 +134,10 @@ def layout(devices: list[tuple[str, int]], block_sectors: int) -> PoolLayout:
     data: list[Segment] = [Segment(0, HEADER_SECTORS + meta, usable[0] - meta)]
     data += [Segment(i, HEADER_SECTORS, n) for i, n in enumerate(usable) if i > 0]
     extra = sum(s.length for s in data) % block_sectors
-    while extra:  # whole blocks only: trim the tail
+    if data_sectors is not None:
+        extra = max(extra, sum(s.length for s in data) - data_sectors // block_sectors
+                    * block_sectors)
+    while extra:  # whole blocks only (or no more than asked): trim the tail
         last = data[-1]
         cut = min(extra, last.length)
         data[-1:] = [replace(last, length=last.length - cut)] if last.length > cut else []
@@ -325,8 +333,8 @@ class PoolService:
     # -- pools -------------------------------------------------------------------
     async def create_pool(self, name: str, paths: list[str], *, force: bool = False,
                           block_size: int | None = None, on_full: str = "queue",
-                          low_water_percent: int = 20, caller: Caller = ROOT,
-                          accept: Accept = _ignore) -> PoolRecord:
+                          low_water_percent: int = 20, data_size: int | None = None,
+                          caller: Caller = ROOT, accept: Accept = _ignore) -> PoolRecord:
         await self._authorize(caller, Action.POOL, name)
         check_name(name, "pool")
         if not isinstance(paths, list) or not paths or len(set(paths)) != len(paths):
@@ -340,11 +348,16 @@ class PoolService:
             raise errors.InvalidArgument(f"on-full is 'queue' or 'error', not {on_full!r}")
         if not isinstance(low_water_percent, int) or not 0 <= low_water_percent <= 99:
             raise errors.InvalidArgument("low-water is a percentage from 0 to 99")
+        if data_size is not None and (not isinstance(data_size, int) or
+                                      data_size < block_sectors * 512):
+            raise errors.InvalidArgument(f"data-size is at least one data block "
+                                         f"({block_sectors * 512} bytes)")
         async with self._changing(name):
             if await self.store.get_pool(name) is not None:
                 raise errors.AlreadyExists(f"a pool named {name!r} exists")
             sized = await self._check_devices(paths, force)
-            plan = replace(layout(sized, block_sectors),
+            plan = replace(layout(sized, block_sectors,
+                                  data_size // 512 if data_size is not None else None),
                            ids=tuple(str(uuidlib.uuid4()) for _ in sized))
             record = PoolRecord(name, str(uuidlib.uuid4()), caller.uid, block_sectors, on_full,
                                 low_water_percent, 0, 0, plan)
@@ -547,6 +560,13 @@ class PoolService:
         log.info("pool-grow %s: %s added, %d bytes of data", pool, path,
                  grown_layout.data_sectors * 512)
         return grown
+
+    async def _restore_layout(self, record: PoolRecord) -> None:
+        """Put the data and metadata devices back as *record* lays them out."""
+        await self._restore_data(record)
+        await self.devices.reload(f"{record.name}-tmeta",
+                                  _linear(record.layout, record.layout.metadata),
+                                  claim=self.owner(record.name))
 
     async def _restore_data(self, record: PoolRecord) -> None:
         """Put the data device back as *record* lays it out (a grow that did

@@ -125,6 +125,7 @@ LABELS_T = ("e", "s", "s")
 ARGS: dict[str, list[Any]] = {
     "CreateDevice": ["s", TABLE_T, OPTS_T], "GetDevice": ["s"], "ListTargets": [],
     "RemoveAllManaged": [OPTS_T], "CreatePool": ["s", ("a", "s"), OPTS_T], "GetPool": ["s"],
+    "ImportPool": [("a", "s"), OPTS_T],
     "LoadTable": [TABLE_T, OPTS_T], "ClearTable": [OPTS_T], "Reload": [TABLE_T, OPTS_T],
     "Suspend": [OPTS_T], "Resume": [OPTS_T], "Rename": ["s", OPTS_T],
     "SetUUID": ["s", OPTS_T], "Message": ["t", "s", OPTS_T], "GetStatus": [OPTS_T],
@@ -132,7 +133,7 @@ ARGS: dict[str, list[Any]] = {
     "Remove": [OPTS_T], "Adopt": [OPTS_T], "SetLabels": [LABELS_T, OPTS_T],
 }
 MANAGER_METHODS = ("CreateDevice", "GetDevice", "ListTargets", "RemoveAllManaged",
-                   "CreatePool", "GetPool")
+                   "CreatePool", "GetPool", "ImportPool")
 DEVICE_METHODS = tuple(m for m in ARGS if m not in MANAGER_METHODS)
 STANDARD_MEMBERS = {"Ping", "GetMachineId", "Introspect", "Get", "GetAll", "Set",
                     "GetManagedObjects"}
@@ -485,6 +486,8 @@ def option_calls(cheap: bool) -> st.SearchStrategy[Call]:
         if method == "CreatePool":
             return opts.map(lambda o: manager(method, "sasa{sv}",
                                               ["fuzzpool", ["/dev/nothing"], o]))
+        if method == "ImportPool":
+            return opts.map(lambda o: manager(method, "asa{sv}", [["/dev/nothing"], o]))
         if method == "CreateDevice":
             return st.nothing()  # in create_calls
         rest = {"LoadTable": good_tables.map(lambda t: [t]),

@@ -314,3 +314,51 @@ async def test_add_device_grows_the_pool(client: Client, disks: list[str]) -> No
     with pytest.raises(CallError) as caught:
         await client.call(pool, POOL_INTERFACE, "AddDevice", "sa{sv}", ["/dev/simxfs", {}])
     assert caught.value.short == "Busy"
+
+
+async def signal(client: Client, path: str, member: str, timeout: float = 20) -> Any:
+    for _ in range(int(timeout / 0.05)):
+        found = [m for m in client.signals if m.path == path and m.member == member]
+        if found:
+            return found[0]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {member} on {path}; saw "
+                         f"{sorted({(m.path, m.member) for m in client.signals})}")
+
+
+async def test_a_pool_low_on_space_grows_or_says_so(client: Client, dmd_session: Any,
+                                                    disks: list[str]) -> None:
+    """Writes the simulator is told of cross the low water mark; its event
+    reaches dmd through the kernel's event alone: a pool with room grows,
+    one without says LowSpace, then Full, on its object."""
+    await client.watch()
+    roomy, job = await create_pool(client, "roomy", disks[:1],
+                                   **{"data-size": Variant("t", 64 << 16)})
+    await finished(client, job)
+    tight, job = await create_pool(client, "tight", disks[1:])
+    await finished(client, job)
+    sim = SimDM(dmd_session.sim)
+    for name in ("roomy", "tight"):
+        path = roomy if name == "roomy" else tight
+        _, job = await client.call(path, POOL_INTERFACE, "CreateVolume", "sta{sv}",
+                                   ["v", GIB, {}])
+        await finished(client, job)
+    sim.write("roomy-v", 0, 60 * 128)  # 60 of 64 blocks
+    for _ in range(200):
+        if (await props(client, roomy, POOL_INTERFACE))["DataTotal"] > 64 << 16:
+            break
+        await asyncio.sleep(0.05)
+    grown = await props(client, roomy, POOL_INTERFACE)
+    assert grown["DataTotal"] > 64 << 16 and grown["DataUsed"] == 60 << 16
+    blocks = (await props(client, tight, POOL_INTERFACE))["DataTotal"] >> 16
+    sim.write("tight-v", 0, (blocks - 2) * 128)
+    low = await signal(client, tight, "LowSpace")
+    assert low.body[0] == (blocks - 2) << 16 and low.body[1] == blocks << 16
+    sim.write("tight-v", 0, blocks * 128)
+    # Any change of the pool looks again (as its events do).
+    _, job = await client.call(tight, POOL_INTERFACE, "CreateVolume", "sta{sv}",
+                               ["w", GIB, {}])
+    await finished(client, job)
+    full = await signal(client, tight, "Full")
+    assert full.body[:2] == [blocks << 16, blocks << 16]
+    assert (await props(client, tight, POOL_INTERFACE))["Mode"] == "out-of-data-space"

@@ -1,0 +1,240 @@
+"""A pool's space: what is left on its devices, growing its data or metadata
+into it, and telling the world when neither can grow.
+
+A pool made with ``data-size`` (or over devices that grew) keeps part of its
+devices unallocated. When the pool runs low, on the kernel's event (the low
+water mark: fired once per resume, so every check also runs after each of
+dmd's own resumes and at start-up), dmd extends the data device by
+``EXTEND_PERCENT`` of its size (at least what brings it back over the mark),
+or the metadata device, from that room, as a journaled operation
+(``pool-extend``: the table of tdata or tmeta reloaded larger, then the
+pool's; past the pool's reload it rolls forward). With no room left it
+reports ``low`` once and ``full`` once the kernel says out of data space,
+until an AddDevice (or a delete) brings space back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from dmd.service import errors
+from dmd.service.auth import ROOT, Action, Caller
+from dmd.service.journal import PoolArgs, PoolExtendStep, intent
+from dmd.service.pools import HEADER_SECTORS, Accept, PoolService, _ignore, _linear, _pool_table
+from dmd.service.pools import tpool as tpool_name
+from dmd.state import PoolLayout, PoolRecord, Segment
+
+log = logging.getLogger(__name__)
+
+EXTEND_PERCENT = 20  # LVM's thin_pool_autoextend_percent default
+METADATA_LOW_PERCENT = 20  # metadata free below this: extend it too
+MAX_METADATA_SECTORS = 16 << 21  # 16 GiB: what dm-thin uses at most
+
+
+@dataclass(frozen=True, slots=True)
+class Space:
+    """One reading of a pool's space (bytes)."""
+
+    data_used: int
+    data_total: int
+    metadata_used: int
+    metadata_total: int
+    room: int  # unallocated on the pool's devices
+    mode: str
+
+
+SpaceListener = Callable[[str, str, Space], None]  # (pool, "low" | "full" | "ok", space)
+
+
+def free_segments(layout: PoolLayout, sizes: tuple[int, ...] | None = None
+                  ) -> list[Segment]:
+    """The unallocated tail of each device: segments are allocated from the
+    header on, each after the last, so what follows the highest end is free."""
+    free = []
+    for index, size in enumerate(sizes or layout.sizes):
+        ends = [s.start + s.length for s in (*layout.metadata, *layout.data)
+                if s.device == index]
+        start = max(ends, default=HEADER_SECTORS)
+        if size // 512 > start:
+            free.append(Segment(index, start, size // 512 - start))
+    return free
+
+
+def carve(layout: PoolLayout, sectors: int) -> tuple[Segment, ...]:
+    """*sectors* of free space, in segments from the first device on."""
+    taken: list[Segment] = []
+    for seg in free_segments(layout):
+        if sectors <= 0:
+            break
+        length = min(seg.length, sectors)
+        taken.append(Segment(seg.device, seg.start, length))
+        sectors -= length
+    if sectors > 0:
+        raise errors.InvalidArgument("the pool's devices have no room for that")
+    return tuple(taken)
+
+
+def extended(record: PoolRecord, data_sectors: int, metadata_sectors: int) -> PoolLayout:
+    """The layout with *data_sectors* more data (whole blocks) and
+    *metadata_sectors* more metadata, from free space."""
+    layout = record.layout
+    if metadata_sectors:
+        layout = replace(layout, metadata=(*layout.metadata, *carve(layout, metadata_sectors)))
+    if data_sectors:
+        data_sectors -= data_sectors % record.block_sectors
+        if data_sectors <= 0:
+            raise errors.InvalidArgument("less than one data block to add")
+        layout = replace(layout, data=(*layout.data, *carve(layout, data_sectors)))
+    return layout
+
+
+async def extend_pool(pools: PoolService, pool: str, data_bytes: int = 0,
+                      metadata_bytes: int = 0, *, caller: Caller = ROOT,
+                      accept: Accept = _ignore) -> PoolRecord:
+    """Grow the pool's data and/or metadata into its devices' free space."""
+    async with pools._changing(pool):
+        record = await pools.pool(pool)
+        await pools._authorize(caller, Action.POOL, pool, record.owner_uid)
+        grown_layout = extended(record, data_bytes // 512, metadata_bytes // 512)
+        grown = replace(record, layout=grown_layout)
+        claim = pools.owner(pool)
+
+        async def undo(journal: object) -> None:
+            await pools._restore_layout(record)
+
+        async def finish(_: object) -> None:
+            await finish_extend(pools, grown)
+
+        async with intent(pools.store, pools.fault, "pool-extend", pool,
+                          PoolArgs(pool=pool, layout=grown_layout.to_json()), undo,
+                          roll_forward=finish) as journal:
+            await pools._accepted(pool, grown, accept)
+            await journal.mark(PoolExtendStep.DEVICES)
+            if grown_layout.data != record.layout.data:
+                await pools.devices.reload(f"{pool}-tdata",
+                                           _linear(grown_layout, grown_layout.data), claim=claim)
+            if grown_layout.metadata != record.layout.metadata:
+                await pools.devices.reload(f"{pool}-tmeta",
+                                           _linear(grown_layout, grown_layout.metadata),
+                                           claim=claim)
+            await journal.mark(PoolExtendStep.POOL)
+            journal.no_way_back()
+            await finish_extend(pools, grown, devices=False)
+    log.info("pool-extend %s: data %d -> %d bytes, metadata %d -> %d bytes", pool,
+             record.layout.data_sectors * 512, grown_layout.data_sectors * 512,
+             record.layout.metadata_sectors * 512, grown_layout.metadata_sectors * 512)
+    return grown
+
+
+async def finish_extend(pools: PoolService, grown: PoolRecord, *, devices: bool = True
+                        ) -> None:
+    """The pool's table reloaded at its new size (the kernel takes larger
+    data and metadata devices on the resume), then the record; *devices*:
+    tdata and tmeta first (recovery does not know how far it got)."""
+    claim = pools.owner(grown.name)
+    for suffix, segments in (("tdata", grown.layout.data), ("tmeta", grown.layout.metadata)):
+        if devices:
+            await pools.devices.reload(f"{grown.name}-{suffix}",
+                                       _linear(grown.layout, segments), claim=claim)
+    await pools.devices.reload(tpool_name(grown.name), _pool_table(grown), claim=claim)
+    await pools.store.pool_change(grown.name, layout=grown.layout)
+
+
+class SpaceWatch:
+    """Checks a pool's space when asked (its event, a resume, start-up) and
+    extends it or reports; one check per pool at a time."""
+
+    def __init__(self, pools: PoolService) -> None:
+        self.pools = pools
+        self.listeners: list[SpaceListener] = []
+        self.reported: dict[str, str] = {}  # pool -> the last "low" / "full" / "ok" said
+        self._running: dict[str, asyncio.Task[Space | None]] = {}
+        pools.add_settler(self._changed)
+
+    def listen(self, listener: SpaceListener) -> None:
+        self.listeners.append(listener)
+
+    def request(self, pool: str) -> None:
+        """Check *pool* soon (its event came, or it changed). A request while
+        a check runs is that check's: it reads the pool at its end."""
+        if pool not in self._running:
+            self._running[pool] = asyncio.get_running_loop().create_task(self._run(pool))
+
+    async def _changed(self, pool: str) -> None:
+        self.request(pool)
+
+    async def _run(self, pool: str) -> Space | None:
+        try:
+            return await self.check(pool)
+        except errors.NotFound:
+            return None  # destroyed meanwhile
+        except Exception:
+            log.exception("pool %s: space check failed", pool)
+            return None
+        finally:
+            self._running.pop(pool, None)
+
+    async def settled(self) -> None:
+        """Wait for the checks under way (tests, shutdown)."""
+        while self._running:
+            await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+    async def read(self, pool: str) -> Space:
+        record = await self.pools.pool(pool)
+        state = await self.pools.pool_state(pool, record)
+        room = sum(s.length for s in free_segments(record.layout)) * 512
+        return Space(state.data_used_bytes, state.data_total_bytes, state.metadata_used_bytes,
+                     state.metadata_total_bytes, room, state.mode)
+
+    async def check(self, pool: str) -> Space:
+        record = await self.pools.pool(pool)
+        space = await self.read(pool)
+        if space.data_total == 0 or pool in self.pools.refused:
+            return space
+        low_data = _free_percent(space.data_used, space.data_total) <= record.low_water_percent
+        low_meta = _free_percent(space.metadata_used, space.metadata_total) <= \
+            METADATA_LOW_PERCENT
+        block = record.block_sectors * 512
+        data_bytes = metadata_bytes = 0
+        if low_data:
+            # EXTEND_PERCENT more, and at least enough to be over the mark again.
+            want = max(space.data_total * EXTEND_PERCENT // 100,
+                       _to_clear(space.data_used, space.data_total, record.low_water_percent))
+            data_bytes = min(-(-want // block) * block, space.room // block * block)
+        if low_meta and record.layout.metadata_sectors < MAX_METADATA_SECTORS:
+            want = max(space.metadata_total * EXTEND_PERCENT // 100, 1 << 20)
+            metadata_bytes = min(want, space.room - data_bytes) // 4096 * 4096
+        if data_bytes >= block or metadata_bytes >= 4096:
+            try:
+                await extend_pool(self.pools, pool, data_bytes if data_bytes >= block else 0,
+                                  metadata_bytes if metadata_bytes >= 4096 else 0)
+            except errors.ServiceError as exc:
+                log.error("pool %s: could not extend it: %s", pool, exc)
+            space = await self.read(pool)
+            low_data = _free_percent(space.data_used, space.data_total) <= \
+                record.low_water_percent
+        level = "full" if space.mode == "out-of-data-space" else "low" if low_data else "ok"
+        if self.reported.get(pool, "ok") != level:
+            self.reported[pool] = level
+            if level != "ok":
+                log.warning("pool %s: %s: data %d of %d bytes used, metadata %d of %d, "
+                            "%d bytes left to grow into", pool, level, space.data_used,
+                            space.data_total, space.metadata_used, space.metadata_total,
+                            space.room)
+            for listener in list(self.listeners):
+                listener(pool, level, space)
+        return space
+
+
+def _free_percent(used: int, total: int) -> float:
+    return 100.0 * (total - used) / total if total else 100.0
+
+
+def _to_clear(used: int, total: int, low_percent: int) -> int:
+    """How much more space puts free above *low_percent* again."""
+    # (total + x - used) / (total + x) > p  <=>  x > (used - (1 - p) * total) / (1 - p)
+    keep = 1 - low_percent / 100
+    return max(0, int((used - keep * total) / keep) + 1)

@@ -1,0 +1,187 @@
+"""A pool's space on SimDM: the room a pool made with data-size keeps, the
+extension into it when the pool runs low (data intact, no thin id moved),
+LowSpace/Full said once when there is no room, AddDevice letting it go on,
+and a crash at every step of an extension."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_pools import DISKS, GIB, assert_agree, close, open_pools, state
+
+from dmd.engine.sim import SimDM
+from dmd.service import errors
+from dmd.service.journal import PoolExtendStep
+from dmd.service.pool_recovery import recover_pools
+from dmd.service.pool_space import Space, SpaceWatch, extend_pool, free_segments
+from dmd.service.pools import PoolService
+from dmd.service.recovery import recover
+
+BLOCK = 64 << 10
+
+
+spaces: list[SpaceWatch] = []
+
+
+async def check(space: SpaceWatch, pool: str) -> Space:
+    """A check, and the ones its own changes start (they read the same pool)."""
+    figures = await space.check(pool)
+    await space.settled()
+    return figures
+
+
+def sim_of(pools: PoolService) -> SimDM:
+    return pools.kernel.engine  # type: ignore[return-value]
+
+
+def watch(pools: PoolService) -> tuple[SpaceWatch, list[tuple[str, str, Space]]]:
+    space = SpaceWatch(pools)
+    spaces.append(space)
+    said: list[tuple[str, str, Space]] = []
+    space.listen(lambda pool, level, figures: said.append((pool, level, figures)))
+    return space, said
+
+
+@pytest.fixture
+async def pools(tmp_path: Path) -> Any:
+    svc = open_pools(tmp_path)
+    yield svc
+    for space in spaces:
+        await space.settled()
+    spaces.clear()
+    close(svc)
+
+
+async def test_data_size_keeps_the_rest_of_the_devices_as_room(pools: PoolService) -> None:
+    record = await pools.create_pool("tank", DISKS[:2], data_size=64 * BLOCK)
+    assert record.layout.data_sectors * 512 == 64 * BLOCK
+    room = sum(s.length for s in free_segments(record.layout)) * 512
+    assert room > 400 << 20  # most of two 256 MiB disks
+    state_ = await pools.pool_state("tank")
+    assert state_.data_total_bytes == 64 * BLOCK
+    with pytest.raises(errors.InvalidArgument, match="data-size"):
+        await pools.create_pool("small", [DISKS[2]], data_size=100)
+
+
+async def test_a_pool_running_low_grows_into_its_room(pools: PoolService) -> None:
+    await pools.create_pool("tank", DISKS[:1], data_size=64 * BLOCK, low_water_percent=20)
+    await pools.create_volume("tank", "v", GIB)
+    sim_of(pools).write("tank-v", 0, 50 * 128)  # 50 of 64 blocks: 22% free
+    space, said = watch(pools)
+    before = await check(space, "tank")
+    assert before.data_total == 64 * BLOCK and said == []  # over the mark: nothing
+    sim_of(pools).write("tank-v", 50 * 128, 5 * 128)  # 55 of 64: 14% free
+    after = await check(space, "tank")
+    assert after.data_total >= 64 * BLOCK * 120 // 100  # at least 20% more
+    assert 100 * (after.data_total - after.data_used) / after.data_total > 20
+    assert after.data_used == 55 * BLOCK  # the data stayed where it was
+    assert said == []  # grown, so nothing to tell
+    now = await assert_agree(pools)  # records, kernel, description agree
+    assert now["pools"]["tank"] == 1  # no thin id moved
+
+
+async def test_no_room_is_said_once_then_full_then_add_device_lets_it_go_on(
+        pools: PoolService) -> None:
+    await pools.create_pool("tank", DISKS[:1])  # every byte is data: no room
+    total = (await pools.pool_state("tank")).data_total_bytes
+    blocks = total // BLOCK
+    await pools.create_volume("tank", "v", GIB)
+    space, said = watch(pools)
+    sim_of(pools).write("tank-v", 0, (blocks - blocks // 10) * 128)  # 10% left
+    await check(space, "tank")
+    await check(space, "tank")
+    assert [level for _, level, _ in said] == ["low"]  # once
+    assert said[0][2].room == 0 and said[0][2].data_used == (blocks - blocks // 10) * BLOCK
+    with pytest.raises(OSError) as refused:  # queued writes time out: the model fails them
+        sim_of(pools).write("tank-v", 0, (blocks + 1) * 128)
+    assert refused.value.errno == errno.EIO
+    sim_of(pools).write("tank-v", 0, blocks * 128)
+    await check(space, "tank")
+    assert [level for _, level, _ in said] == ["low", "full"]
+    assert (await pools.pool_state("tank")).mode == "out-of-data-space"
+    await pools.add_device("tank", DISKS[1])
+    await check(space, "tank")
+    assert [level for _, level, _ in said] == ["low", "full", "ok"]
+    assert (await pools.pool_state("tank")).mode == "ok"
+    await assert_agree(pools)
+
+
+async def test_settled_changes_start_a_check(pools: PoolService) -> None:
+    space, said = watch(pools)
+    await pools.create_pool("tank", DISKS[:1])
+    await pools.create_volume("tank", "v", GIB)
+    await space.settled()
+    total = (await pools.pool_state("tank")).data_total_bytes
+    sim_of(pools).write("tank-v", 0, (total // BLOCK - 2) * 128)
+    await pools.snapshot("tank", "v", "v.snap")  # any change of the pool looks again
+    await space.settled()
+    assert [level for _, level, _ in said] == ["low"]
+
+
+async def test_metadata_grows_into_the_room_too(pools: PoolService) -> None:
+    await pools.create_pool("tank", DISKS[:1], data_size=64 * BLOCK)
+    before = await pools.pool_state("tank")
+    grown = await extend_pool(pools, "tank", metadata_bytes=4 << 20)
+    after = await pools.pool_state("tank")
+    assert after.metadata_total_bytes == before.metadata_total_bytes + (4 << 20)
+    assert len(grown.layout.metadata) == 2
+    await assert_agree(pools)
+    with pytest.raises(errors.InvalidArgument, match="no room"):
+        await extend_pool(pools, "tank", data_bytes=1 << 40)
+
+
+@pytest.mark.parametrize("step", list(PoolExtendStep))
+def test_a_crash_at_any_step_of_an_extension(tmp_path: Path, step: PoolExtendStep) -> None:
+    async def prepare() -> dict[str, Any]:
+        pools = open_pools(tmp_path)
+        try:
+            await pools.create_pool("tank", DISKS[:1], data_size=64 * BLOCK)
+            await pools.create_volume("tank", "v", GIB)
+            sim_of(pools).write("tank-v", 0, 30 * 128)
+            return await state(pools)
+        finally:
+            close(pools)
+
+    before = asyncio.run(prepare())
+    pid = os.fork()
+    if pid == 0:
+        try:
+            def crash(op: str, number: int) -> None:
+                if op == "pool-extend" and number == step:
+                    os._exit(42)
+
+            async def child() -> None:
+                pools = open_pools(tmp_path, crash)
+                pools.fault = crash
+                await pools.start()
+                await extend_pool(pools, "tank", data_bytes=32 * BLOCK, metadata_bytes=1 << 20)
+
+            asyncio.run(child())
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 42
+
+    async def restart() -> None:
+        pools = open_pools(tmp_path)
+        try:
+            report = await recover(pools.devices)
+            await recover_pools(pools, report)
+            assert not report.failed, report
+            now = await assert_agree(pools)
+            record = await pools.pool("tank")
+            pool_state = await pools.pool_state("tank")
+            grown = step == PoolExtendStep.POOL
+            assert (record.layout.data_sectors == 96 * 128) == grown
+            assert pool_state.data_total_bytes == record.layout.data_sectors * 512
+            assert pool_state.data_used_bytes == 30 * BLOCK
+            assert now["volumes"] == before["volumes"]
+        finally:
+            close(pools)
+
+    asyncio.run(restart())
