@@ -207,15 +207,15 @@ def point_in_time(found: list[int]) -> bool:
     return all(g == top - 1 for g in found[cut:]) and top >= 1
 
 
-# 2: the origin is suspended, create_snap not sent (rolled back: no
-# snapshot); 4: the snapshot and the new transaction id are in the pool's
-# metadata, the origin still suspended (rolled forward).
-@pytest.mark.parametrize("step", [2, 4])
+# Two crashes under one writer, each dmd armed for the next: at step 2 the
+# origin is suspended, create_snap not sent (rolled back: no snapshot); at
+# step 4 the snapshot and the new transaction id are in the pool's metadata,
+# the origin still suspended (rolled forward).
 def test_sigkill_while_snapshotting_a_volume_under_writes(stopped_dmd: SystemDmd,
-                                                          disks: list[str], tmp_path: Path,
-                                                          step: int) -> None:
+                                                          disks: list[str],
+                                                          tmp_path: Path) -> None:
     dmd = stopped_dmd
-    dmd.start({"DMD_TEST_KILL_AT": f"volume-snapshot:{step}"})  # not before the snapshot
+    dmd.start({"DMD_TEST_KILL_AT": "volume-snapshot:2"})  # not before the snapshot
     pool = create_pool("dmdtp2", disks)
     volume = create_volume(pool, "busy", 16 * MIB)
     device = "/dev/mapper/dmdtp2-busy"
@@ -224,31 +224,31 @@ def test_sigkill_while_snapshotting_a_volume_under_writes(stopped_dmd: SystemDmd
                     "oflag=direct", "status=none"], check=True)  # all mapped before the race
     stop = tmp_path / "stop"
     writer = subprocess.Popen([sys.executable, "-c", WRITER, device, str(blocks), str(stop)])
+    snap_device = Path("/dev/mapper/dmdtp2-busy.snap")
     try:
-        time.sleep(2)
-        with contextlib.suppress(BusError):  # or the connection died with dmd first
-            snapshot(volume, "busy.snap")  # the reply comes once accepted
-        assert dmd.wait_exit() == -signal.SIGKILL
-        attr = dmsetup("info", "-c", "--noheadings", "-o", "attr", "dmdtp2-busy")
-        assert suspended_attr(attr), f"the origin was not suspended when dmd died ({attr})"
-        dmd.start()
-        attr = dmsetup("info", "-c", "--noheadings", "-o", "attr", "dmdtp2-busy")
-        assert not suspended_attr(attr), f"recovery left the origin suspended ({attr})"
+        for step, following in ((2, {"DMD_TEST_KILL_AT": "volume-snapshot:4"}), (4, None)):
+            time.sleep(2)
+            with contextlib.suppress(BusError):  # or the connection died with dmd first
+                snapshot(volume, "busy.snap")  # the reply comes once accepted
+            assert dmd.wait_exit() == -signal.SIGKILL
+            attr = dmsetup("info", "-c", "--noheadings", "-o", "attr", "dmdtp2-busy")
+            assert suspended_attr(attr), f"step {step}: the origin was not suspended ({attr})"
+            dmd.start(following)
+            attr = dmsetup("info", "-c", "--noheadings", "-o", "attr", "dmdtp2-busy")
+            assert not suspended_attr(attr), f"step {step}: recovery left it suspended ({attr})"
+            assert unfinished(dmd.state_dir) == 0
+            volumes = {prop(p, VOLUME_INTERFACE, "Name") for p in volume_paths()}
+            assert ("busy.snap" in volumes) == (step == 4) == snap_device.exists(), step
+            status = dmsetup("status", "dmdtp2-tpool").split()
+            assert int(status[3]) == prop(pool, POOL_INTERFACE, "TransactionId")
+            assert kernel_thin_ids("dmdtp2") == recorded_thin_ids(dmd.state_dir)
         time.sleep(1)  # the writer goes on
     finally:
         stop.touch()
         writer.wait(timeout=120)
     assert writer.returncode == 0
-    assert unfinished(dmd.state_dir) == 0
-    snap_device = Path("/dev/mapper/dmdtp2-busy.snap")
-    volumes = {prop(p, VOLUME_INTERFACE, "Name") for p in volume_paths()}
-    assert ("busy.snap" in volumes) == (step == 4) == snap_device.exists()
     assert point_in_time(generations(device, blocks))
-    if snap_device.exists():
-        assert point_in_time(generations(str(snap_device), blocks))
-    status = dmsetup("status", "dmdtp2-tpool").split()
-    assert int(status[3]) == prop(pool, POOL_INTERFACE, "TransactionId")
-    assert kernel_thin_ids("dmdtp2") == recorded_thin_ids(dmd.state_dir)
+    assert point_in_time(generations(str(snap_device), blocks))
 
 
 def kernel_thin_ids(pool: str) -> set[int]:
@@ -326,41 +326,51 @@ def test_bad_input_is_refused_and_changes_nothing(system_dmd: SystemDmd, disks: 
         subprocess.run(["pvremove", "-q", "-y", physical], check=False, capture_output=True)
 
 
-# volume-create 2: create_thin sent, the transaction not moved (undone);
-# volume-create 4: recorded, its device next (finished); volume-delete 2:
-# the device removed, the thin's delete next (finished: a delete rolls
-# forward once its device is gone).
-@pytest.mark.parametrize(("operation", "step", "exists_after"), [
-    ("volume-create", 2, False), ("volume-create", 4, True), ("volume-delete", 2, False)])
-def test_sigkill_during_volume_create_and_delete(stopped_dmd: SystemDmd, disks: list[str],
-                                                 operation: str, step: int,
-                                                 exists_after: bool) -> None:
+# One dmd after another, each armed for the next crash and each recovering
+# from the one before (a start costs ~15 s under emulation): volume-create 2
+# (create_thin sent, the transaction not moved: undone), volume-create 4
+# (recorded, its device next: finished), volume-delete 2 (the device removed,
+# the thin's delete next: finished, a delete rolls forward once its device
+# is gone).
+CRASHES = [("volume-create", 2, False), ("volume-create", 4, True),
+           ("volume-delete", 2, False)]
+
+
+def test_sigkill_during_volume_create_and_delete(stopped_dmd: SystemDmd,
+                                                 disks: list[str]) -> None:
     dmd = stopped_dmd
-    # Armed from the start, at the operation under test: the create of
-    # "keep" is the first volume-create, the victim's delete the first delete.
-    nth = 2 if operation == "volume-create" else 1
-    dmd.start({"DMD_TEST_KILL_AT": f"{operation}:{step}:{nth}"})
+    # "keep" is the first volume-create: the first crash is at the second.
+    dmd.start({"DMD_TEST_KILL_AT": "volume-create:2:2"})
     pool = create_pool("dmdtp6", disks[:1])
     keep = create_volume(pool, "keep", 8 * MIB)
     kept = write_pattern("/dev/mapper/dmdtp6-keep", b"keep", 4 * MIB)
-    victim = create_volume(pool, "victim", 8 * MIB) if operation == "volume-delete" else None
     settle()
-    with contextlib.suppress(BusError):
-        if victim is None:
-            call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", "victim", str(8 * MIB), "0")
-        else:
-            call(victim, VOLUME_INTERFACE, "Delete", "a{sv}", "0")
-    assert dmd.wait_exit() == -signal.SIGKILL
-    dmd.start()
-    assert unfinished(dmd.state_dir) == 0
-    names = {prop(p, VOLUME_INTERFACE, "Name") for p in volume_paths()}
-    assert ("victim" in names) == exists_after == Path("/dev/mapper/dmdtp6-victim").exists()
-    assert checksum("/dev/mapper/dmdtp6-keep", 4 * MIB) == kept
-    status = dmsetup("status", "dmdtp6-tpool").split()
-    assert int(status[3]) == prop(pool, POOL_INTERFACE, "TransactionId")
-    assert kernel_thin_ids("dmdtp6") == recorded_thin_ids(dmd.state_dir)
+    for number, (operation, step, exists_after) in enumerate(CRASHES):
+        with contextlib.suppress(BusError):  # the connection dies with dmd
+            if operation == "volume-create":
+                call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", "victim",
+                     str(8 * MIB), "0")
+            else:
+                call(volume_path_of("victim"), VOLUME_INTERFACE, "Delete", "a{sv}", "0")
+        assert dmd.wait_exit() == -signal.SIGKILL, (operation, step)
+        following = CRASHES[number + 1] if number + 1 < len(CRASHES) else None
+        dmd.start({"DMD_TEST_KILL_AT": f"{following[0]}:{following[1]}"} if following
+                  else None)
+        case = f"after the crash at {operation}:{step}"
+        assert unfinished(dmd.state_dir) == 0, case
+        names = {prop(p, VOLUME_INTERFACE, "Name") for p in volume_paths()}
+        assert ("victim" in names) == exists_after == \
+            Path("/dev/mapper/dmdtp6-victim").exists(), case
+        assert checksum("/dev/mapper/dmdtp6-keep", 4 * MIB) == kept, case
+        status = dmsetup("status", "dmdtp6-tpool").split()
+        assert int(status[3]) == prop(pool, POOL_INTERFACE, "TransactionId"), case
+        assert kernel_thin_ids("dmdtp6") == recorded_thin_ids(dmd.state_dir), case
     create_volume(pool, "after", 8 * MIB)
     assert prop(keep, VOLUME_INTERFACE, "State") == "active"
+
+
+def volume_path_of(name: str) -> str:
+    return next(p for p in volume_paths() if prop(p, VOLUME_INTERFACE, "Name") == name)
 
 
 def description_copies(device: str) -> list[int | None]:
