@@ -58,7 +58,11 @@ class PoolExporter:
         self._job_results: dict[int, str] = {}
         self._timer: asyncio.Task[None] | None = None
         self._refreshers: dict[str, Coalesced] = {}
-        pools.add_settler(self.refresh)
+        self._used: dict[str, int] = {}  # volume device -> mapped bytes, as last read
+        # Devices of a pool that changed while an operation held it (an
+        # origin suspended and resumed, a volume made): read at its settle.
+        self._touched: dict[str, set[str]] = {}
+        pools.add_settler(self._settled)
         pools.jobs.subscribe(self._on_job)
         inventory.subscribe(self._on_device)
 
@@ -99,8 +103,17 @@ class PoolExporter:
             obj.LowSpace(*figures)
 
     # -- pools and volumes -----------------------------------------------------
-    async def refresh(self, pool: str) -> None:
-        """Make the pool's objects show what the service holds now."""
+    async def _settled(self, pool: str) -> None:
+        # An operation's own change: usage is read for the volumes whose
+        # devices it made or changed, not for every volume of the pool
+        # (O(volumes) ioctls twice an operation); the others on their pool's
+        # events and the timer.
+        await self.refresh(pool, usage=False)
+
+    async def refresh(self, pool: str, usage: bool = True) -> None:
+        """Make the pool's objects show what the service holds now; *usage*:
+        read every active volume's mapped bytes again (else only of the
+        volumes not read yet)."""
         record = await self.pools.store.get_pool(pool)
         lifecycle = "active"
         pending = self.pools.pending_pools.get(pool)
@@ -116,12 +129,12 @@ class PoolExporter:
                                                            self.pools.refused.get(pool, "")))
             self._pool_of_path[path] = pool
             paths.add(path)
-            paths |= await self._refresh_volumes(record)
+            paths |= await self._refresh_volumes(record, usage)
         for stale in self._paths_of_pool.get(pool, set()) - paths:
             self._drop(stale)
         self._paths_of_pool[pool] = paths
 
-    async def _refresh_volumes(self, pool: PoolRecord) -> set[str]:
+    async def _refresh_volumes(self, pool: PoolRecord, usage: bool) -> set[str]:
         volumes: dict[str, tuple[VolumeRecord, str]] = {
             v.uuid: (v, "active" if v.active else "inactive")
             for v in await self.pools.store.list_volumes(pool.name)}
@@ -130,7 +143,13 @@ class PoolExporter:
                 volumes[uuid] = (volume, state)
         active = [volume_device(pool.name, v.name) for v, state in volumes.values()
                   if state != "inactive"]
-        used = await self.pools.kernel(_used_bytes, active) if active else {}
+        for gone in [d for d in self._used if d.startswith(f"{pool.name}-") and d not in active]:
+            del self._used[gone]
+        touched = self._touched.pop(pool.name, set())
+        unread = [d for d in active if usage or d not in self._used or d in touched]
+        if unread:
+            self._used.update(await self.pools.kernel(_used_bytes, unread))
+        used = {d: self._used[d] for d in active if d in self._used}
         paths = set()
         for uuid, (volume, state) in volumes.items():
             device = volume_device(pool.name, volume.name)
@@ -171,7 +190,9 @@ class PoolExporter:
         if view is None or "-" not in view.name:
             return
         pool = view.name.split("-", 1)[0]
-        if pool in self._paths_of_pool and not self.pools.locks.busy(pool):
+        if pool in self._paths_of_pool and self.pools.locks.busy(pool):
+            self._touched.setdefault(pool, set()).add(view.name)
+        elif pool in self._paths_of_pool:
             refresher = self._refreshers.get(pool)
             if refresher is None:
                 refresher = self._refreshers[pool] = Coalesced(

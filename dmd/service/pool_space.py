@@ -182,8 +182,8 @@ class SpaceWatch:
         while self._running:
             await asyncio.gather(*self._running.values(), return_exceptions=True)
 
-    async def read(self, pool: str) -> Space:
-        record = await self.pools.pool(pool)
+    async def read(self, pool: str, record: PoolRecord | None = None) -> Space:
+        record = record or await self.pools.pool(pool)
         state = await self.pools.pool_state(pool, record)
         room = sum(s.length for s in free_segments(record.layout)) * 512
         return Space(state.data_used_bytes, state.data_total_bytes, state.metadata_used_bytes,
@@ -191,7 +191,7 @@ class SpaceWatch:
 
     async def check(self, pool: str) -> Space:
         record = await self.pools.pool(pool)
-        space = await self.read(pool)
+        space = await self.read(pool, record)
         if space.data_total == 0 or pool in self.pools.refused:
             return space
         low_data = _free_percent(space.data_used, space.data_total) <= record.low_water_percent

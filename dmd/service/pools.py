@@ -324,8 +324,8 @@ class PoolService:
                          status.total_data_blocks * block, status.used_metadata_blocks * 4096,
                          status.total_metadata_blocks * 4096, mode)
 
-    async def _kernel_tid(self, pool: str) -> int:
-        state = await self.pool_state(pool)
+    async def _kernel_tid(self, pool: str, record: PoolRecord | None = None) -> int:
+        state = await self.pool_state(pool, record)
         if state.transaction_id is None:
             raise errors.Busy(f"pool {pool!r} is not active")
         return state.transaction_id
@@ -603,7 +603,7 @@ class PoolService:
             record = await self.pool(pool)
             if any(v.name == name for v in await self.store.list_volumes(pool)):
                 raise errors.AlreadyExists(f"pool {pool!r} has a volume named {name!r}")
-            tid = await self._kernel_tid(pool)
+            tid = await self._kernel_tid(pool, record)
             thin_id = await self._new_thin_id(record)
             volume = VolumeRecord(str(uuidlib.uuid4()), pool, name, thin_id, size, None,
                                   caller.uid, clean_labels, True)
@@ -718,7 +718,7 @@ class PoolService:
             await self._authorize(caller, Action.VOLUME, f"{pool}/{origin}", source.owner_uid)
             if any(v.name == name for v in await self.store.list_volumes(pool)):
                 raise errors.AlreadyExists(f"pool {pool!r} has a volume named {name!r}")
-            tid = await self._kernel_tid(pool)
+            tid = await self._kernel_tid(pool, record)
             thin_id = await self._new_thin_id(record)
             volume = VolumeRecord(str(uuidlib.uuid4()), pool, name, thin_id, source.size_bytes,
                                   source.uuid, caller.uid, clean_labels, activate)

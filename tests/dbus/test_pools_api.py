@@ -362,3 +362,22 @@ async def test_a_pool_low_on_space_grows_or_says_so(client: Client, dmd_session:
     full = await signal(client, tight, "Full")
     assert full.body[:2] == [blocks << 16, blocks << 16]
     assert (await props(client, tight, POOL_INTERFACE))["Mode"] == "out-of-data-space"
+
+
+async def test_used_bytes_follow_writes_at_the_next_change_of_that_volume(
+        client: Client, dmd_session: Any, disks: list[str]) -> None:
+    """Writes reach UsedBytes when the volume's device next changes (here a
+    snapshot suspends and resumes it), or on the pool's events and timer; a
+    change reads only the volumes it touched."""
+    pool, job = await create_pool(client, "tank", disks[:1])
+    await finished(client, job)
+    volume, job = await client.call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}",
+                                    ["v", GIB, {}])
+    await finished(client, job)
+    assert (await props(client, volume, VOLUME_INTERFACE))["UsedBytes"] == 0
+    SimDM(dmd_session.sim).write("tank-v", 0, 10 * 128)  # ten 64 KiB blocks
+    snap, job = await client.call(volume, VOLUME_INTERFACE, "Snapshot", "sa{sv}",
+                                  ["v.snap", {}])
+    await finished(client, job)
+    assert (await props(client, volume, VOLUME_INTERFACE))["UsedBytes"] == 10 << 16
+    assert (await props(client, snap, VOLUME_INTERFACE))["UsedBytes"] == 10 << 16
