@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from dmd.engine import NotABlockDevice
 from dmd.engine.interface import Engine
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
@@ -33,21 +32,7 @@ async def import_pool(pools: PoolService, paths: list[str], *, caller: Caller = 
     await pools.devices.authorize(caller, Action.POOL, "import")
     if not isinstance(paths, list) or not paths or len(set(paths)) != len(paths):
         raise errors.InvalidArgument("an import needs one or more distinct devices")
-    taken = {p: pool.name for pool in await pools.store.list_pools()
-             for p in pool.layout.devices}
-    for path in paths:
-        if not isinstance(path, str) or not path.startswith("/"):
-            raise errors.InvalidArgument(f"a pool device is an absolute path, not {path!r}")
-        if path in taken:
-            raise errors.Busy(f"{path} is a device of pool {taken[path]!r}")
-        try:
-            facts = await pools.kernel(Engine.block_device, path)
-        except NotABlockDevice as exc:
-            raise errors.InvalidArgument(str(exc)) from None
-        except OSError as exc:
-            raise errors.InvalidArgument(f"{path}: {exc.strerror}") from None
-        if facts.in_use:
-            raise errors.Busy(f"{path} is in use (mounted, or held by another device)")
+    await pools.free_devices(paths)
     description, record = await _read(pools, paths)
     name = record.name
     if await pools.store.get_pool(name) is not None:

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from dmd.engine import DmError, NotABlockDevice, TargetLine
+from dmd.engine.blockdev import BlockDevice
 from dmd.engine.interface import Engine
 from dmd.engine.targets import parse_status
 from dmd.engine.targets.thin import (
@@ -374,10 +375,12 @@ class PoolService:
                  plan.data_sectors * 512)
         return record
 
-    async def _check_devices(self, paths: list[str], force: bool) -> list[tuple[str, int]]:
+    async def free_devices(self, paths: list[str]) -> list[BlockDevice]:
+        """What each of *paths* is, refused unless it is a block device that
+        no recorded pool has and nobody holds open."""
         taken = {p: pool.name for pool in await self.store.list_pools()
                  for p in pool.layout.devices}
-        sized = []
+        found = []
         for path in paths:
             if not isinstance(path, str) or not path.startswith("/"):
                 raise errors.InvalidArgument(f"a pool device is an absolute path, not {path!r}")
@@ -391,6 +394,15 @@ class PoolService:
                 raise errors.InvalidArgument(f"{path}: {exc.strerror}") from None
             if facts.in_use:
                 raise errors.Busy(f"{path} is in use (mounted, or held by another device)")
+            found.append(facts)
+        return found
+
+    async def _check_devices(self, paths: list[str], force: bool) -> list[tuple[str, int]]:
+        """free_devices, and none with a signature (unless *force*; another
+        pool's never) or too small: what a new pool or AddDevice may take."""
+        sized = []
+        for facts in await self.free_devices(paths):
+            path = facts.path
             if facts.signature == "dmd_pool" or (facts.signature and not force):
                 raise errors.Busy(
                     f"{path} carries a {facts.signature} signature; pass force to overwrite it"

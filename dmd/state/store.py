@@ -425,13 +425,7 @@ class StateStore:
 
     def add_pool(self, record: PoolRecord) -> None:
         def work(session: Session) -> None:
-            session.add(PoolRow(
-                name=record.name, uuid=record.uuid, owner_uid=record.owner_uid,
-                block_sectors=record.block_sectors, on_full=record.on_full,
-                low_water_percent=record.low_water_percent,
-                transaction_id=record.transaction_id, next_thin_id=record.next_thin_id,
-                layout_json=record.layout.to_json(), created_at=_now(),
-                generation=max(record.generation, 1)))
+            session.add(_pool_row(record, max(record.generation, 1)))
             session.flush()
 
         self._write(work)
@@ -440,20 +434,10 @@ class StateStore:
         """Record a pool found on its devices, with its volumes and the
         generation of the description they came from, in one transaction."""
         def work(session: Session) -> None:
-            row = PoolRow(
-                name=record.name, uuid=record.uuid, owner_uid=record.owner_uid,
-                block_sectors=record.block_sectors, on_full=record.on_full,
-                low_water_percent=record.low_water_percent,
-                transaction_id=record.transaction_id, next_thin_id=record.next_thin_id,
-                layout_json=record.layout.to_json(), created_at=_now(),
-                generation=record.generation)
+            row = _pool_row(record, record.generation)
             session.add(row)
             session.flush()
-            for volume in volumes:
-                session.add(VolumeRow(
-                    uuid=volume.uuid, pool_id=row.id, thin_id=volume.thin_id,
-                    origin_uuid=volume.origin_uuid, created_at=_now(),
-                    **volume_values(volume)))
+            session.add_all(_volume_row(volume, row.id) for volume in volumes)
             session.flush()
 
         self._write(work)
@@ -472,11 +456,7 @@ class StateStore:
             for old in session.scalars(select(VolumeRow).where(VolumeRow.pool_id == row.id)):
                 session.delete(old)
             session.flush()
-            for volume in volumes:
-                session.add(VolumeRow(
-                    uuid=volume.uuid, pool_id=row.id, thin_id=volume.thin_id,
-                    origin_uuid=volume.origin_uuid, created_at=_now(),
-                    **volume_values(volume)))
+            session.add_all(_volume_row(volume, row.id) for volume in volumes)
             session.flush()
 
         self._write(work)
@@ -517,9 +497,7 @@ class StateStore:
             if layout is not None:
                 row.layout_json = layout.to_json()
             if add is not None:
-                session.add(VolumeRow(
-                    uuid=add.uuid, pool_id=row.id, thin_id=add.thin_id,
-                    origin_uuid=add.origin_uuid, created_at=_now(), **volume_values(add)))
+                session.add(_volume_row(add, row.id))
             if update is not None:
                 volume = session.scalar(select(VolumeRow).where(VolumeRow.uuid == update.uuid))
                 if volume is None:
@@ -723,6 +701,21 @@ class AsyncStateStore:
         await self._write(lambda: self.sync.pool_change(
             pool, transaction_id=transaction_id, next_thin_id=next_thin_id, add=add,
             update=update, remove=remove, layout=layout))
+
+
+def _pool_row(record: PoolRecord, generation: int) -> PoolRow:
+    return PoolRow(
+        name=record.name, uuid=record.uuid, owner_uid=record.owner_uid,
+        block_sectors=record.block_sectors, on_full=record.on_full,
+        low_water_percent=record.low_water_percent,
+        transaction_id=record.transaction_id, next_thin_id=record.next_thin_id,
+        layout_json=record.layout.to_json(), created_at=_now(), generation=generation)
+
+
+def _volume_row(volume: VolumeRecord, pool_id: int) -> VolumeRow:
+    return VolumeRow(uuid=volume.uuid, pool_id=pool_id, thin_id=volume.thin_id,
+                     origin_uuid=volume.origin_uuid, created_at=_now(),
+                     **volume_values(volume))
 
 
 def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
