@@ -167,7 +167,7 @@ OPTIONS: dict[str, dict[str, str]] = {
     "Remove": {"force": "b", "deferred": "b"},
     "Adopt": {"persistent": "b"},
     "CreatePool": {"force": "b", "block-size": "t", "on-full": "s", "low-water": "u",
-                   "data-size": "t"},
+                   "data-size": "t", "no-space-timeout": "u"},
     "ImportPool": {},
     "CreateVolume": {"labels": "a{ss}"},
     "Snapshot": {"labels": "a{ss}", "activate": "b"},

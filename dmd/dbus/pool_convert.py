@@ -9,6 +9,7 @@ from typing import Any
 
 from dmd.dbus.names import NO_OBJECT, device_path, pool_path, volume_path
 from dmd.service.jobs import Job
+from dmd.service.pool_space import what_to_do
 from dmd.service.pools import PoolState
 from dmd.state import PoolRecord, VolumeRecord
 
@@ -17,6 +18,7 @@ POOL_PROPERTIES: dict[str, str] = {
     "DataUsed": "t", "DataTotal": "t", "MetadataUsed": "t", "MetadataTotal": "t",
     "Mode": "s", "State": "s", "TransactionId": "t", "OnFull": "s",
     "LowWaterPercent": "u", "Owner": "u", "ChangesRefused": "s",
+    "NoSpaceTimeout": "u", "ModeHelp": "s",
 }
 
 VOLUME_PROPERTIES: dict[str, str] = {
@@ -46,6 +48,7 @@ def pool_properties(record: PoolRecord, state: PoolState, lifecycle: str,
         else record.transaction_id,
         "OnFull": record.on_full, "LowWaterPercent": record.low_water_percent,
         "Owner": record.owner_uid, "ChangesRefused": refused,
+        "NoSpaceTimeout": record.no_space_timeout, "ModeHelp": what_to_do(record, state.mode),
     }
 
 

@@ -38,6 +38,7 @@ class PoolHandlers:
                 check_string(name, "name"), paths, force=opts.get("force", False),
                 block_size=block, on_full=opts.get("on-full", "queue"),
                 low_water_percent=opts.get("low-water", 20), data_size=opts.get("data-size"),
+                no_space_timeout=opts.get("no-space-timeout", 60),
                 caller=caller, accept=accept))
         return [pool_path(record.uuid), job_path(job.id)]
 

@@ -766,7 +766,7 @@ class SimDM:
                 "out_of_data_space" if used >= data_blocks else "rw")
         used_meta = 10 + len(pool["thins"]) + used // 64
         return (f"{pool['tid']} {used_meta}/{meta_blocks} {used}/{data_blocks} - {mode} "
-                f"{discards} {policy} - {min(meta_blocks // 4, 4096)}")
+                f"{discards} {policy} - {min(meta_blocks // 4, 1024)}")
 
     def _thin_status(self, k: _Kernel, params: str) -> str:
         pool_ref, ident = params.split()[:2]

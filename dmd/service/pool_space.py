@@ -11,6 +11,12 @@ or the metadata device, from that room, as a journaled operation
 pool's; past the pool's reload it rolls forward). With no room left it
 reports ``low`` once and ``full`` once the kernel says out of data space,
 until an AddDevice (or a delete) brings space back.
+
+A full pool with on-full "queue" holds its writes; after the pool's
+``no_space_timeout`` seconds without space dmd reloads its table with
+``error_if_no_space`` so that they fail (the kernel's own timeout is a module
+parameter shared by every pool on the machine, LVM's too: dmd reads it, never
+sets it, and the shorter of the two wins). Space back, the table queues again.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from dmd.engine import DmFlags
+from dmd.engine.interface import Engine
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
 from dmd.service.journal import PoolArgs, PoolExtendStep, intent
@@ -44,6 +52,7 @@ class Space:
     metadata_total: int
     room: int  # unallocated on the pool's devices
     mode: str
+    metadata_low_water: int = 0  # the kernel's mark: its event comes below it
 
 
 SpaceListener = Callable[[str, str, Space], None]  # (pool, "low" | "full" | "ok", space)
@@ -152,6 +161,9 @@ class SpaceWatch:
         self.listeners: list[SpaceListener] = []
         self.reported: dict[str, str] = {}  # pool -> the last "low" / "full" / "ok" said
         self._running: dict[str, asyncio.Task[Space | None]] = {}
+        # pool -> the task that fails its queued writes at its no-space-timeout
+        # (kept, done, while the pool stays full: one timeout per time full).
+        self._deadlines: dict[str, asyncio.Task[None]] = {}
         pools.add_settler(self._changed)
 
     def listen(self, listener: SpaceListener) -> None:
@@ -182,12 +194,18 @@ class SpaceWatch:
         while self._running:
             await asyncio.gather(*self._running.values(), return_exceptions=True)
 
+    def close(self) -> None:
+        for task in self._deadlines.values():
+            task.cancel()
+        self._deadlines.clear()
+
     async def read(self, pool: str, record: PoolRecord | None = None) -> Space:
         record = record or await self.pools.pool(pool)
         state = await self.pools.pool_state(pool, record)
         room = sum(s.length for s in free_segments(record.layout)) * 512
         return Space(state.data_used_bytes, state.data_total_bytes, state.metadata_used_bytes,
-                     state.metadata_total_bytes, room, state.mode)
+                     state.metadata_total_bytes, room, state.mode,
+                     state.metadata_low_water_bytes)
 
     async def check(self, pool: str) -> Space:
         record = await self.pools.pool(pool)
@@ -195,8 +213,7 @@ class SpaceWatch:
         if space.data_total == 0 or pool in self.pools.refused:
             return space
         low_data = _free_percent(space.data_used, space.data_total) <= record.low_water_percent
-        low_meta = _free_percent(space.metadata_used, space.metadata_total) <= \
-            METADATA_LOW_PERCENT
+        low_meta = metadata_low(space)
         block = record.block_sectors * 512
         data_bytes = metadata_bytes = 0
         if low_data:
@@ -217,6 +234,7 @@ class SpaceWatch:
             low_data = _free_percent(space.data_used, space.data_total) <= \
                 record.low_water_percent
         level = "full" if space.mode == "out-of-data-space" else "low" if low_data else "ok"
+        await self._queue_policy(record, level)
         if self.reported.get(pool, "ok") != level:
             self.reported[pool] = level
             if level != "ok":
@@ -227,6 +245,72 @@ class SpaceWatch:
             for listener in list(self.listeners):
                 listener(pool, level, space)
         return space
+
+
+    async def _queue_policy(self, record: PoolRecord, level: str) -> None:
+        """Start the no-space-timeout of a queueing pool that became full; a
+        pool no longer full has its writes queue again."""
+        pool = record.name
+        if level == "full":
+            if record.on_full == "queue" and record.no_space_timeout and \
+                    pool not in self._deadlines:
+                self._deadlines[pool] = asyncio.get_running_loop().create_task(
+                    self._fail_writes_after(pool, record.no_space_timeout))
+            return
+        deadline = self._deadlines.pop(pool, None)
+        if deadline is not None:
+            deadline.cancel()
+        if record.on_full == "queue" and await self._failing_writes(pool):
+            async with self.pools._changing(pool):
+                await self.pools.devices.reload(tpool_name(pool), _pool_table(record),
+                                                claim=self.pools.owner(pool))
+            log.info("pool %s: space again: writes queue when it is full", pool)
+
+    async def _failing_writes(self, pool: str) -> bool:
+        _, lines = await self.pools.kernel(Engine.table_status, tpool_name(pool),
+                                           DmFlags.DM_STATUS_TABLE)
+        return "error_if_no_space" in lines[0].params.split()
+
+    async def _fail_writes_after(self, pool: str, seconds: int) -> None:
+        await asyncio.sleep(seconds)
+        try:
+            async with self.pools._changing(pool):
+                record = await self.pools.pool(pool)
+                state = await self.pools.pool_state(pool, record)
+                if state.mode != "out-of-data-space" or await self._failing_writes(pool):
+                    return
+                log.warning("pool %s: out of data space for %d s: the writes waiting for "
+                            "space fail now, and new ones at once, until it has space",
+                            pool, seconds)
+                await self.pools.devices.reload(tpool_name(pool),
+                                                _pool_table(record, fail_writes=True),
+                                                claim=self.pools.owner(pool))
+        except errors.ServiceError as exc:  # destroyed, refused meanwhile
+            log.error("pool %s: could not fail its queued writes: %s", pool, exc)
+
+
+def what_to_do(record: PoolRecord, mode: str) -> str:
+    """For a pool in *mode*, what its owner can do (shown with its Mode)."""
+    if mode == "out-of-data-space":
+        writes = ("fail" if record.on_full == "error" else
+                  f"wait up to {record.no_space_timeout} s for space, then fail"
+                  if record.no_space_timeout else "wait for space")
+        return (f"the pool is out of data space and its writes {writes}: add a device "
+                f"(AddDevice) or delete volumes")
+    if mode in ("read-only", "needs-check"):
+        return ("the kernel stopped the pool's writes after a metadata error: stop the "
+                "volumes' users, and with the pool inactive check its metadata device with "
+                "thin_check (thin_repair mends it)")
+    return ""
+
+
+def metadata_low(space: Space) -> bool:
+    """Under METADATA_LOW_PERCENT free, or at the kernel's own mark (a
+    quarter free on a small metadata device, 4 MiB on a large one: its
+    event says so, and it comes once)."""
+    free = space.metadata_total - space.metadata_used
+    return _free_percent(space.metadata_used, space.metadata_total) <= METADATA_LOW_PERCENT \
+        or free <= space.metadata_low_water
 
 
 def _free_percent(used: int, total: int) -> float:

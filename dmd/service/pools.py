@@ -89,6 +89,9 @@ class PoolState:
     metadata_used_bytes: int
     metadata_total_bytes: int
     mode: str  # ok, out-of-data-space, read-only, needs-check, inactive
+    # Metadata free below this raises the pool's event: min(4 MiB, a quarter
+    # of the metadata device), fixed by the kernel.
+    metadata_low_water_bytes: int = 0
 
 
 def check_name(name: str, what: str) -> str:
@@ -158,12 +161,14 @@ def _linear(layout_: PoolLayout, segments: tuple[Segment, ...]) -> list[TargetLi
     return lines
 
 
-def _pool_table(record: PoolRecord) -> list[TargetLine]:
+def _pool_table(record: PoolRecord, *, fail_writes: bool = False) -> list[TargetLine]:
+    """*fail_writes*: writes to the full pool fail, whatever its on-full (a
+    queueing pool past its no-space-timeout)."""
     data = record.layout.data_sectors
     low_water = data // record.block_sectors * record.low_water_percent // 100
     params = ThinPoolParams(f"/dev/mapper/{record.name}-tmeta",
                             f"/dev/mapper/{record.name}-tdata", record.block_sectors,
-                            low_water, error_if_no_space=record.on_full == "error")
+                            low_water, error_if_no_space=fail_writes or record.on_full == "error")
     return [TargetLine(0, data, "thin-pool", params.to_params())]
 
 
@@ -321,9 +326,12 @@ class PoolService:
         block = record.block_sectors * 512
         mode = ("needs-check" if status.needs_check else "read-only" if status.mode == "ro"
                 else "out-of-data-space" if status.mode == "out_of_data_space" else "ok")
+        low = status.metadata_low_water_mark_blocks
         return PoolState(status.transaction_id, status.used_data_blocks * block,
                          status.total_data_blocks * block, status.used_metadata_blocks * 4096,
-                         status.total_metadata_blocks * 4096, mode)
+                         status.total_metadata_blocks * 4096, mode,
+                         (min(1024, status.total_metadata_blocks // 4) if low is None else low)
+                         * 4096)
 
     async def _kernel_tid(self, pool: str, record: PoolRecord | None = None) -> int:
         state = await self.pool_state(pool, record)
@@ -335,7 +343,8 @@ class PoolService:
     async def create_pool(self, name: str, paths: list[str], *, force: bool = False,
                           block_size: int | None = None, on_full: str = "queue",
                           low_water_percent: int = 20, data_size: int | None = None,
-                          caller: Caller = ROOT, accept: Accept = _ignore) -> PoolRecord:
+                          no_space_timeout: int = 60, caller: Caller = ROOT,
+                          accept: Accept = _ignore) -> PoolRecord:
         await self._authorize(caller, Action.POOL, name)
         check_name(name, "pool")
         if not isinstance(paths, list) or not paths or len(set(paths)) != len(paths):
@@ -349,6 +358,8 @@ class PoolService:
             raise errors.InvalidArgument(f"on-full is 'queue' or 'error', not {on_full!r}")
         if not isinstance(low_water_percent, int) or not 0 <= low_water_percent <= 99:
             raise errors.InvalidArgument("low-water is a percentage from 0 to 99")
+        if not isinstance(no_space_timeout, int) or not 0 <= no_space_timeout <= 86400:
+            raise errors.InvalidArgument("no-space-timeout is seconds from 0 to 86400")
         if data_size is not None and (not isinstance(data_size, int) or
                                       data_size < block_sectors * 512):
             raise errors.InvalidArgument(f"data-size is at least one data block "
@@ -361,7 +372,8 @@ class PoolService:
                                   data_size // 512 if data_size is not None else None),
                            ids=tuple(str(uuidlib.uuid4()) for _ in sized))
             record = PoolRecord(name, str(uuidlib.uuid4()), caller.uid, block_sectors, on_full,
-                                low_water_percent, 0, 0, plan)
+                                low_water_percent, 0, 0, plan,
+                                no_space_timeout=no_space_timeout)
             for suffix in ("tmeta", "tdata", "tpool"):
                 if (await self.devices.store.get_device(f"{name}-{suffix}")) is not None:
                     raise errors.AlreadyExists(f"a device named {name}-{suffix} exists")

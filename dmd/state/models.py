@@ -76,6 +76,8 @@ class PoolRow(Base):
     # volumes; the description on the pool's devices carries the generation
     # it was written from, so the two can be compared.
     generation: Mapped[int] = mapped_column(Integer, default=1, server_default="0")
+    # Revision 0005: PoolRecord.no_space_timeout.
+    no_space_timeout: Mapped[int] = mapped_column(Integer, default=60, server_default="60")
 
 
 class VolumeRow(Base):

@@ -92,6 +92,7 @@ class Description:
                 "name": p.name, "uuid": p.uuid, "owner_uid": p.owner_uid,
                 "block_sectors": p.block_sectors, "on_full": p.on_full,
                 "low_water_percent": p.low_water_percent,
+                "no_space_timeout": p.no_space_timeout,
                 "transaction_id": p.transaction_id, "next_thin_id": p.next_thin_id,
                 "devices": [{"uuid": u, "path": path, "size": size} for u, path, size in
                             zip(p.layout.ids, p.layout.devices, p.layout.sizes, strict=True)],
@@ -149,7 +150,8 @@ class Description:
                                 tuple(d["uuid"] for d in devices))
             pool = PoolRecord(p["name"], p["uuid"], p["owner_uid"], p["block_sectors"],
                               p["on_full"], p["low_water_percent"], p["transaction_id"],
-                              p["next_thin_id"], layout)
+                              p["next_thin_id"], layout,
+                              no_space_timeout=p.get("no_space_timeout", 60))
             volumes = tuple(VolumeRecord(v["uuid"], pool.name, v["name"], v["thin_id"],
                                          v["size_bytes"], v["origin_uuid"], v["owner_uid"],
                                          dict(v["labels"]), v["active"])

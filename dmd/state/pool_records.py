@@ -68,6 +68,9 @@ class PoolRecord:
     layout: PoolLayout
     created_at: datetime | None = None
     generation: int = 0  # see PoolRow.generation
+    # on_full "queue": seconds writes wait for space before dmd makes them
+    # fail (0: as long as the kernel's module-wide no_space_timeout allows).
+    no_space_timeout: int = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +90,8 @@ class VolumeRecord:
 def pool_record(row: PoolRow) -> PoolRecord:
     return PoolRecord(row.name, row.uuid, row.owner_uid, row.block_sectors, row.on_full,
                       row.low_water_percent, row.transaction_id, row.next_thin_id,
-                      PoolLayout.from_json(row.layout_json), row.created_at, row.generation)
+                      PoolLayout.from_json(row.layout_json), row.created_at, row.generation,
+                      row.no_space_timeout)
 
 
 def volume_record(row: VolumeRow, pool_name: str) -> VolumeRecord:

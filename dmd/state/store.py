@@ -47,7 +47,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # The newest revision in migrations/versions (a test keeps the two in step). A
 # database already there, or a new one, is opened without importing Alembic:
 # that import alone cost several seconds of every start in the lab VM.
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 T = TypeVar("T")
 
 
@@ -451,6 +451,7 @@ class StateStore:
                 raise RecordNotFound(f"no record of pool {record.uuid}")
             row.owner_uid, row.block_sectors = record.owner_uid, record.block_sectors
             row.on_full, row.low_water_percent = record.on_full, record.low_water_percent
+            row.no_space_timeout = record.no_space_timeout
             row.transaction_id, row.next_thin_id = record.transaction_id, record.next_thin_id
             row.layout_json, row.generation = record.layout.to_json(), record.generation
             for old in session.scalars(select(VolumeRow).where(VolumeRow.pool_id == row.id)):
@@ -707,7 +708,7 @@ def _pool_row(record: PoolRecord, generation: int) -> PoolRow:
     return PoolRow(
         name=record.name, uuid=record.uuid, owner_uid=record.owner_uid,
         block_sectors=record.block_sectors, on_full=record.on_full,
-        low_water_percent=record.low_water_percent,
+        low_water_percent=record.low_water_percent, no_space_timeout=record.no_space_timeout,
         transaction_id=record.transaction_id, next_thin_id=record.next_thin_id,
         layout_json=record.layout.to_json(), created_at=_now(), generation=generation)
 

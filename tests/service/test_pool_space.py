@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from test_pools import DISKS, GIB, assert_agree, close, open_pools, state
 
+from dmd.engine import DmFlags
 from dmd.engine.sim import SimDM
 from dmd.service import errors
 from dmd.service.journal import PoolExtendStep
@@ -109,6 +110,90 @@ async def test_no_room_is_said_once_then_full_then_add_device_lets_it_go_on(
     assert [level for _, level, _ in said] == ["low", "full", "ok"]
     assert (await pools.pool_state("tank")).mode == "ok"
     await assert_agree(pools)
+
+
+def tpool_features(pools: PoolService, pool: str) -> list[str]:
+    _, lines = sim_of(pools).table_status(f"{pool}-tpool", DmFlags.DM_STATUS_TABLE)
+    return lines[0].params.split()[5:]
+
+
+async def test_a_queueing_pool_fails_its_writes_after_its_no_space_timeout(
+        pools: PoolService) -> None:
+    await pools.create_pool("tank", DISKS[:1], no_space_timeout=1)
+    assert (await pools.pool("tank")).no_space_timeout == 1
+    blocks = (await pools.pool_state("tank")).data_total_bytes // BLOCK
+    await pools.create_volume("tank", "v", GIB)
+    await pools.create_volume("tank", "w", GIB)
+    space, said = watch(pools)
+    sim_of(pools).write("tank-v", 0, (blocks - 1) * 128)
+    sim_of(pools).write("tank-w", 0, 128)
+    await check(space, "tank")
+    assert said[-1][1] == "full" and "error_if_no_space" not in tpool_features(pools, "tank")
+    await asyncio.sleep(0.5)
+    assert "error_if_no_space" not in tpool_features(pools, "tank")  # still waiting
+    await asyncio.sleep(1.0)
+    assert "error_if_no_space" in tpool_features(pools, "tank")  # the writes fail now
+    with pytest.raises(OSError) as refused:
+        sim_of(pools).write("tank-v", blocks * 128, 128)
+    assert refused.value.errno == errno.ENOSPC
+    record = await pools.pool("tank")
+    assert record.on_full == "queue" and record.no_space_timeout == 1  # the policy stays
+    # Space back without a reload of the pool (a volume deleted): queueing again.
+    await pools.delete_volume("tank", "w")
+    await check(space, "tank")
+    assert said[-1][1] != "full"
+    assert "error_if_no_space" not in tpool_features(pools, "tank")
+    # Full again: a new timeout, and an AddDevice before it ends.
+    sim_of(pools).write("tank-v", (blocks - 1) * 128, 128)
+    await check(space, "tank")
+    assert said[-1][1] == "full"
+    await pools.add_device("tank", DISKS[1])
+    await check(space, "tank")
+    await asyncio.sleep(1.5)
+    assert said[-1][1] == "ok" and "error_if_no_space" not in tpool_features(pools, "tank")
+    await assert_agree(pools)
+
+
+async def test_no_space_timeout_is_checked(pools: PoolService) -> None:
+    for bad in (-1, 86401, "60"):
+        with pytest.raises(errors.InvalidArgument, match="no-space-timeout"):
+            await pools.create_pool("tank", DISKS[:1], no_space_timeout=bad)  # type: ignore[arg-type]
+    assert await pools.pools() == []
+
+
+async def test_metadata_is_low_at_the_kernels_mark_or_under_a_fifth_free(
+        pools: PoolService) -> None:
+    from dmd.service.pool_space import metadata_low
+
+    await pools.create_pool("tank", DISKS[:1])
+    state_ = await pools.pool_state("tank")  # the kernel's mark: min(4 MiB, a quarter)
+    assert state_.metadata_low_water_bytes == min(4 << 20, state_.metadata_total_bytes // 4)
+    mib = 1 << 20
+
+    def space(used: int, total: int, mark: int) -> Space:
+        return Space(0, 1, used, total, 0, "ok", mark)
+
+    assert not metadata_low(space(1 * mib, 2 * mib, mib // 2))
+    assert metadata_low(space(1 * mib + mib // 2, 2 * mib, mib // 2))  # at the mark: 25%
+    assert not metadata_low(space(70 * mib, 100 * mib, 4 * mib))  # 30% free
+    assert metadata_low(space(80 * mib, 100 * mib, 4 * mib))  # 20% free, over the mark
+    assert metadata_low(space(997 * mib, 1000 * mib, 4 * mib))
+
+
+def test_what_to_do_names_the_way_out() -> None:
+    from dataclasses import replace
+
+    from dmd.service.pool_space import what_to_do
+    from dmd.state import PoolLayout, PoolRecord
+
+    record = PoolRecord("tank", "u", 0, 128, "queue", 20, 0, 0, PoolLayout((), (), (), ()),
+                        no_space_timeout=60)
+    assert what_to_do(record, "ok") == ""
+    assert "wait up to 60 s" in what_to_do(record, "out-of-data-space")
+    assert "AddDevice" in what_to_do(record, "out-of-data-space")
+    assert "fail:" in what_to_do(replace(record, on_full="error"), "out-of-data-space")
+    assert "thin_check" in what_to_do(record, "needs-check")
+    assert "thin_check" in what_to_do(record, "read-only")
 
 
 async def test_settled_changes_start_a_check(pools: PoolService) -> None:

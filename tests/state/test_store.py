@@ -22,7 +22,7 @@ from dmd.state import (
     StateError,
     StateStore,
 )
-from dmd.state.store import DB_NAME, _alembic_config
+from dmd.state.store import DB_NAME, HEAD_REVISION, _alembic_config
 
 ZERO = [TargetLine(0, 2048, "zero", "")]
 KEY = "0123456789abcdef" * 4
@@ -40,7 +40,7 @@ def digest(path: Path) -> str:
 def test_fresh_database_is_wal_with_foreign_keys(tmp_path: Path) -> None:
     store = StateStore.open(tmp_path / "state")
     assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
-    assert store.schema_revision() == "0004"
+    assert store.schema_revision() == HEAD_REVISION
     con = sqlite3.connect(tmp_path / "state" / DB_NAME)
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     store.close()
@@ -148,7 +148,7 @@ def test_upgrade_from_the_first_schema_keeps_records(tmp_path: Path) -> None:
             " VALUES ('create', 'old', '{}', 'pending', 1, '2026-01-01 00:00:00')")
     engine.dispose()
     store = StateStore.open(tmp_path)
-    assert store.schema_revision() == "0004"
+    assert store.schema_revision() == HEAD_REVISION
     old = store.get_device("old")
     assert old is not None and old.uuid == "U-old" and old.labels == {"k": "v"}
     assert old.table == [TargetLine(0, 8, "zero", "")] and old.drifted is None
@@ -296,7 +296,7 @@ def test_a_new_database_has_the_schema_the_migrations_make(tmp_path: Path) -> No
     assert set(made) == {"alembic_version", "devices", "intents", "labels", "pools", "volumes"}
     assert made == _schema(migrated)
     store = StateStore.open(migrated.parent)
-    assert store.schema_revision() == "0004"
+    assert store.schema_revision() == HEAD_REVISION
     store.add_device(record("a", "U-a", labels={"k": "v"}))
     assert store.get_device("a") is not None
 
@@ -315,7 +315,7 @@ def test_start_killed_while_creating_the_database_leaves_it_usable(tmp_path: Pat
     killed = subprocess.run([sys.executable, "-c", child, str(tmp_path)], check=False)
     assert killed.returncode == 9
     store = StateStore.open(tmp_path)
-    assert store.schema_revision() == "0004"
+    assert store.schema_revision() == HEAD_REVISION
     store.add_device(record("a"))
     assert [d.name for d in store.list_devices()] == ["a"]
 

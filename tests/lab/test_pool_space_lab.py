@@ -1,0 +1,312 @@
+"""A pool's space on the real kernel, through dmd on the lab's system bus:
+
+- a pool with room grows as it fills past its low-water mark, with the data
+  intact and nothing to tell;
+- a pool without room, on-full "error": LowSpace, then Full, on its object,
+  writes fail fast, AddDevice lets it go on, the data written before intact;
+- on-full "queue": the writes wait while the pool is full and all complete
+  after an AddDevice; with a no-space-timeout they fail after it (dmd's own,
+  per pool: not the kernel's module-wide 60 s);
+- throughout, dmd answers other calls within a second (a client of the
+  test's own times a GetManagedObjects every 0.2 s);
+- a pool whose description is broken in both copies is refused every change
+  and its devices are never written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+from lab_daemon import SystemDmd, dmsetup
+from test_pools_lab import call, checksum, create_volume, error_of, prop, wait
+
+from dmd.dbus.names import (
+    BUS_NAME,
+    MANAGER_INTERFACE,
+    OBJECT_MANAGER_INTERFACE,
+    POOL_INTERFACE,
+    ROOT_PATH,
+)
+
+pytestmark = [pytest.mark.kernel, pytest.mark.kernel_volumes]
+
+MIB = 1 << 20
+
+# Writes 1 MiB chunks (O_DIRECT) from chunk FIRST to FIRST+COUNT-1, each made
+# from SEED and its index; stops at the first failure and says how far it
+# got, the error and how long the failing write took.
+WRITER = r"""
+import hashlib, json, mmap, os, sys, time
+path, first, count, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+buf = mmap.mmap(-1, 1 << 20)
+done, error, took = 0, None, 0.0
+for index in range(first, first + count):
+    buf.seek(0)
+    buf.write(hashlib.sha256(f"{seed}{index}".encode()).digest() * 32768)
+    started = time.monotonic()
+    try:
+        os.pwrite(fd, buf, index << 20)
+    except OSError as exc:
+        error, took = exc.errno, time.monotonic() - started
+        break
+    done += 1
+print(json.dumps({"written": done, "errno": error, "took": took}))
+"""
+
+
+def chunks_sum(seed: str, count: int) -> str:
+    whole = hashlib.sha256()
+    for index in range(count):
+        whole.update(hashlib.sha256(f"{seed}{index}".encode()).digest() * 32768)
+    return whole.hexdigest()
+
+
+def start_writer(device: str, first: int, count: int, seed: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", WRITER, device, str(first), str(count), seed],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def finished(writer: subprocess.Popen[str], timeout: float = 120) -> dict[str, Any]:
+    out, _ = writer.communicate(timeout=timeout)
+    assert writer.returncode == 0, out
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def write(device: str, first: int, count: int, seed: str) -> dict[str, Any]:
+    return finished(start_writer(device, first, count, seed))
+
+
+class BusWatch:
+    """The test's own client on the system bus, in a thread: it collects the
+    Pool signals and times a GetManagedObjects every 0.2 s."""
+
+    def __init__(self) -> None:
+        self.signals: list[tuple[str, str, list[int]]] = []
+        self.latencies: list[float] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    def __enter__(self) -> BusWatch:
+        self._thread.start()
+        assert self._ready.wait(30), "the watching client did not connect"
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    async def _main(self) -> None:
+        bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+        await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                               interface="org.freedesktop.DBus", member="AddMatch",
+                               signature="s",
+                               body=[f"type='signal',interface='{POOL_INTERFACE}'"]))
+
+        def on_message(message: Message) -> bool:
+            if message.message_type is MessageType.SIGNAL and \
+                    message.interface == POOL_INTERFACE:
+                self.signals.append((str(message.path), str(message.member),
+                                     list(message.body)))
+            return False
+
+        bus.add_message_handler(on_message)
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                reply = await bus.call(Message(destination=BUS_NAME, path=ROOT_PATH,
+                                               interface=OBJECT_MANAGER_INTERFACE,
+                                               member="GetManagedObjects"))
+                self.latencies.append(time.monotonic() - started)
+                if reply is None or reply.message_type is not MessageType.METHOD_RETURN:
+                    self.failures.append(str(reply and reply.body))
+                await asyncio.sleep(0.2)
+        finally:
+            bus.disconnect()
+
+    def said(self, pool: str) -> list[str]:
+        return [member for path, member, _ in self.signals if path == pool]
+
+    def wait_for(self, pool: str, member: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while member not in self.said(pool):
+            assert time.monotonic() < deadline, f"no {member} from {pool}: {self.signals}"
+            time.sleep(0.1)
+
+    def assert_answered(self) -> None:
+        assert not self.failures, self.failures
+        assert len(self.latencies) > 10, self.latencies
+        assert max(self.latencies) < 1.0, sorted(self.latencies)[-5:]
+
+
+def pool_with(name: str, devices: list[str], **options: tuple[str, Any]) -> str:
+    body: list[Any] = [name, devices, {k: Variant(*v) for k, v in options.items()}]
+
+    async def create() -> list[Any]:
+        client = await MessageBus(bus_type=BusType.SYSTEM).connect()
+        try:
+            reply = await client.call(Message(destination=BUS_NAME, path=ROOT_PATH,
+                                              interface=MANAGER_INTERFACE, member="CreatePool",
+                                              signature="sasa{sv}", body=body))
+        finally:
+            client.disconnect()
+        assert reply is not None and reply.message_type is MessageType.METHOD_RETURN, reply
+        return list(reply.body)
+
+    pool, job = asyncio.run(create())
+    wait(job)
+    return str(pool)
+
+
+def until(what: Callable[[], bool], timeout: float = 60, why: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, why
+        time.sleep(0.2)
+
+
+def add_device(pool: str, device: str) -> None:
+    (job,) = call(pool, POOL_INTERFACE, "AddDevice", "sa{sv}", device, "0")
+    wait(job)
+
+
+def kernel_pool_status(pool: str) -> list[str]:
+    return dmsetup("status", f"{pool}-tpool").split()
+
+
+def test_a_pool_grows_as_it_fills_and_a_full_one_fails_writes_fast_until_add_device(
+        system_dmd: SystemDmd, loop_device: Callable[[int], str]) -> None:
+    with BusWatch() as bus:
+        # With room: 16 MiB of data on a 96 MiB device, grown at each mark.
+        roomy = pool_with("dmdsp1", [loop_device(96)], **{
+            "data-size": ("t", 16 * MIB), "on-full": ("s", "error")})
+        volume = create_volume(roomy, "v", 128 * MIB)
+        device = "/dev/mapper/dmdsp1-v"
+        written = 0
+        for _ in range(3):
+            total = prop(roomy, POOL_INTERFACE, "DataTotal")
+            target = total * 85 // 100 // MIB  # past the 20% mark, short of full
+            result = write(device, written, target - written, "roomy")
+            assert result["errno"] is None, result
+            written = target
+            until(lambda: bool(prop(roomy, POOL_INTERFACE, "DataTotal") > total),  # noqa: B023
+                  why=f"the pool did not grow past {total} bytes")
+        assert checksum(device, written * MIB) == chunks_sum("roomy", written)
+        assert bus.said(roomy) == []  # it had room: nothing to tell
+        assert len(dmsetup("table", "dmdsp1-tdata").splitlines()) > 1  # grown in segments
+        assert prop(volume, "org.example.DeviceMapper.Volume", "UsedBytes") >= written * MIB
+
+        # Without room, on-full "error": 26 MiB of data, 40 MiB written.
+        full = pool_with("dmdsp2", [loop_device(32)], **{"on-full": ("s", "error")})
+        create_volume(full, "v", 64 * MIB)
+        device = "/dev/mapper/dmdsp2-v"
+        assert prop(full, POOL_INTERFACE, "DataTotal") == 26 * MIB
+        assert write(device, 0, 24, "full")["errno"] is None  # past the mark
+        bus.wait_for(full, "LowSpace")
+        result = write(device, 24, 16, "full")
+        assert result["errno"] in (errno.ENOSPC, errno.EIO), result
+        assert result["took"] < 5, result  # fails fast: no queue
+        bus.wait_for(full, "Full")
+        assert bus.said(full) == ["LowSpace", "Full"]
+        until(lambda: prop(full, POOL_INTERFACE, "Mode") == "out-of-data-space")
+        assert "AddDevice" in prop(full, POOL_INTERFACE, "ModeHelp")
+        assert kernel_pool_status("dmdsp2")[7] == "out_of_data_space"
+        before = 24 + result["written"]
+        add_device(full, loop_device(64))
+        until(lambda: prop(full, POOL_INTERFACE, "Mode") == "ok", why="still full")
+        assert prop(full, POOL_INTERFACE, "ModeHelp") == ""
+        result = write(device, before, 40 - before, "full")
+        assert result["errno"] is None, result
+        assert checksum(device, 40 * MIB) == chunks_sum("full", 40)
+    bus.assert_answered()
+
+
+def test_a_queueing_pool_holds_writes_until_add_device_or_its_no_space_timeout(
+        system_dmd: SystemDmd, loop_device: Callable[[int], str]) -> None:
+    kernel_timeout = int(Path("/sys/module/dm_thin_pool/parameters/no_space_timeout")
+                         .read_text())
+    assert kernel_timeout >= 60, "the kernel would fail the held writes before the test ends"
+    with BusWatch() as bus:
+        # no-space-timeout 0: held as long as the kernel allows; AddDevice in time.
+        held = pool_with("dmdsp3", [loop_device(32)], **{"no-space-timeout": ("u", 0)})
+        create_volume(held, "v", 64 * MIB)
+        device = "/dev/mapper/dmdsp3-v"
+        writer = start_writer(device, 0, 40, "held")
+        bus.wait_for(held, "Full")
+        until(lambda: prop(held, POOL_INTERFACE, "Mode") == "out-of-data-space")
+        time.sleep(3)
+        assert writer.poll() is None, "the writes were not held"
+        add_device(held, loop_device(64))
+        result = finished(writer)
+        assert result == {"written": 40, "errno": None, "took": 0.0}, result
+        assert checksum(device, 40 * MIB) == chunks_sum("held", 40)
+        assert prop(held, POOL_INTERFACE, "Mode") == "ok"
+
+        # no-space-timeout 3: the held writes fail after it, not the kernel's 60 s.
+        timed = pool_with("dmdsp4", [loop_device(32)], **{"no-space-timeout": ("u", 3)})
+        create_volume(timed, "v", 64 * MIB)
+        device = "/dev/mapper/dmdsp4-v"
+        result = write(device, 0, 40, "timed")
+        assert result["errno"] in (errno.ENOSPC, errno.EIO), result
+        assert 2.5 < result["took"] < kernel_timeout * 0.75, result
+        assert "error_if_no_space" in dmsetup("table", "dmdsp4-tpool").split()
+        assert "up to 3 s" in prop(timed, POOL_INTERFACE, "ModeHelp")
+        assert prop(timed, POOL_INTERFACE, "OnFull") == "queue"
+        before = result["written"]
+        add_device(timed, loop_device(64))
+        until(lambda: "error_if_no_space" not in dmsetup("table", "dmdsp4-tpool").split(),
+              why="the pool did not go back to holding writes")
+        result = write(device, before, 40 - before, "timed")
+        assert result["errno"] is None, result
+        assert checksum(device, 40 * MIB) == chunks_sum("timed", 40)
+    bus.assert_answered()
+
+
+def header_bytes(device: str) -> str:
+    with open(device, "rb") as f:
+        return hashlib.sha256(f.read(4 * MIB)).hexdigest()
+
+
+def test_a_pool_with_both_description_copies_broken_is_refused_and_never_written(
+        stopped_dmd: SystemDmd, loop_device: Callable[[int], str]) -> None:
+    from dmd.state.pool_description import COPY_OFFSETS
+
+    dmd = stopped_dmd
+    dmd.start()
+    disk = loop_device(64)
+    pool = pool_with("dmdsp5", [disk])
+    create_volume(pool, "v", 16 * MIB)
+    result = write("/dev/mapper/dmdsp5-v", 0, 8, "kept")
+    assert result["errno"] is None
+    dmd.stop()
+    for offset in COPY_OFFSETS:  # a sector inside each copy's header and payload
+        subprocess.run(["dd", "if=/dev/urandom", f"of={disk}", "bs=512", "count=1",
+                        f"seek={offset // 512}", "conv=notrunc,fsync", "status=none"],
+                       check=True)
+    broken = header_bytes(disk)
+    dmd.start()
+    refused = prop(pool, POOL_INTERFACE, "ChangesRefused")
+    assert refused and "description" in refused, refused
+    assert error_of(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}",
+                    ["w", 16 * MIB, {}]) == "Busy"
+    assert error_of(pool, POOL_INTERFACE, "AddDevice", "sa{sv}",
+                    [loop_device(32), {}]) == "Busy"
+    assert header_bytes(disk) == broken  # nothing written over what is left
+    assert checksum("/dev/mapper/dmdsp5-v", 8 * MIB) == chunks_sum("kept", 8)
