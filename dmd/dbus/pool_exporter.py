@@ -62,6 +62,8 @@ class PoolExporter:
         # Devices of a pool that changed while an operation held it (an
         # origin suspended and resumed, a volume made): read at its settle.
         self._touched: dict[str, set[str]] = {}
+        # volume path -> what its properties were last made from
+        self._shown: dict[str, tuple[Any, ...]] = {}
         pools.add_settler(self._settled)
         pools.jobs.subscribe(self._on_job)
         inventory.subscribe(self._on_device)
@@ -151,6 +153,7 @@ class PoolExporter:
             self._used.update(await self.pools.kernel(_used_bytes, unread))
         used = {d: self._used[d] for d in active if d in self._used}
         paths = set()
+        known = set(volumes)
         for uuid, (volume, state) in volumes.items():
             device = volume_device(pool.name, volume.name)
             view = self.inventory.get(device)
@@ -158,10 +161,17 @@ class PoolExporter:
             if state == "active" and view is None:
                 state = "inactive"  # its device is missing (removed behind dmd's back)
             path = volume_path(uuid)
-            self._put(path, VolumeInterface, volume_properties(
-                volume, pool.uuid, state, used.get(device, 0), minor, set(volumes)))
-            self._volume_of_path[path] = (pool.name, volume.name)
             paths.add(path)
+            # Most of a large pool's volumes are as they were: their
+            # properties are made again only when what they are made from moved.
+            inputs = (volume, pool.uuid, state, used.get(device, 0), minor,
+                      volume.origin_uuid in known)
+            if self._shown.get(path) == inputs:
+                continue
+            self._put(path, VolumeInterface, volume_properties(
+                volume, pool.uuid, state, used.get(device, 0), minor, known))
+            self._shown[path] = inputs
+            self._volume_of_path[path] = (pool.name, volume.name)
         return paths
 
     def _put(self, path: str, cls: type[CachedObject], values: dict[str, Any]) -> None:
@@ -176,6 +186,7 @@ class PoolExporter:
 
     def _drop(self, path: str) -> None:
         obj = self.objects.pop(path, None)
+        self._shown.pop(path, None)
         self._pool_of_path.pop(path, None)
         self._volume_of_path.pop(path, None)
         if obj is not None:

@@ -11,6 +11,7 @@ Runs before dmd takes its bus name, in this order:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
@@ -114,6 +115,25 @@ def _uses(table: list[TargetLine]) -> set[str]:
             for token in line.params.split() if token.startswith("/dev/mapper/")}
 
 
+async def _recreate(service: DeviceService, record: Any, report: RecoveryReport) -> None:
+    name = record.name
+    if getattr(record, "key_withheld", False):
+        report.failed.append(name)
+        log.error("recovery: %s needs its key, which dmd does not store", name)
+        return
+    try:
+        await service.kernel(Engine.device_create, name, record.uuid)
+        await service.kernel(Engine.table_load, name, list(record.table),
+                             DmFlags.DM_READONLY if record.read_only else DmFlags(0))
+        await service.kernel(Engine.device_suspend, name, DmFlags(0))
+        report.recreated.append(name)
+        log.info("recovery: re-created persistent device %s", name)
+    except DmError as exc:
+        await service.remove_quietly(name)
+        report.failed.append(name)
+        log.error("recovery: could not re-create %s: %s", name, exc)
+
+
 async def recover(service: DeviceService) -> RecoveryReport:
     report = RecoveryReport()
     store = service.store
@@ -135,23 +155,10 @@ async def recover(service: DeviceService) -> RecoveryReport:
             report.failed.extend(sorted(missing))
             log.error("recovery: cannot order %s (they use each other)", sorted(missing))
             break
-        for name in sorted(ready):
-            record = missing.pop(name)
-            if getattr(record, "key_withheld", False):
-                report.failed.append(name)
-                log.error("recovery: %s needs its key, which dmd does not store", name)
-                continue
-            try:
-                await service.kernel(Engine.device_create, name, record.uuid)
-                await service.kernel(Engine.table_load, name, list(record.table),
-                                     DmFlags.DM_READONLY if record.read_only else DmFlags(0))
-                await service.kernel(Engine.device_suspend, name, DmFlags(0))
-                report.recreated.append(name)
-                log.info("recovery: re-created persistent device %s", name)
-            except DmError as exc:
-                await service.remove_quietly(name)
-                report.failed.append(name)
-                log.error("recovery: could not re-create %s: %s", name, exc)
+        # One level of the stack at a time, its devices all at once: after a
+        # reboot every volume comes back here, and each resume waits for udev.
+        level = [missing.pop(name) for name in sorted(ready)]
+        await asyncio.gather(*(_recreate(service, record, report) for record in level))
 
     for name, record in records.items():
         info = await _info(service, name)
