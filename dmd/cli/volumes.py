@@ -120,6 +120,8 @@ async def cmd_pool_create(c: Client, a: argparse.Namespace) -> None:
         options["low-water"] = Variant("u", a.low_water)
     if a.data_size is not None:
         options["data-size"] = Variant("t", a.data_size)
+    if a.metadata_size is not None:
+        options["metadata-size"] = Variant("t", a.metadata_size)
     if a.no_space_timeout is not None:
         options["no-space-timeout"] = Variant("u", a.no_space_timeout)
     pool, job = await c.call(ROOT_PATH, MANAGER_INTERFACE, "CreatePool", "sasa{sv}",
@@ -241,6 +243,9 @@ def register(verb: Callable[[str, Verb, str], argparse.ArgumentParser]) -> None:
     sp.add_argument("--data-size", type=parse_size, metavar="SIZE",
                     help="start with SIZE of data and keep the rest of the devices for the "
                          "pool to grow into when it runs low (default: all of them)")
+    sp.add_argument("--metadata-size", type=parse_size, metavar="SIZE",
+                    help="the pool's metadata (2M to 16G; default: 48 bytes a data block of "
+                         "all the devices, at least 2M)")
     sp.add_argument("--no-space-timeout", type=int, metavar="SECONDS",
                     help="with --on-full queue: fail the queued writes after SECONDS "
                          "without space (default: 60; 0: as long as the kernel allows)")

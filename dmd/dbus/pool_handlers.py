@@ -39,6 +39,7 @@ class PoolHandlers:
                 block_size=block, on_full=opts.get("on-full", "queue"),
                 low_water_percent=opts.get("low-water", 20), data_size=opts.get("data-size"),
                 no_space_timeout=opts.get("no-space-timeout", 60),
+                metadata_size=opts.get("metadata-size"),
                 caller=caller, accept=accept))
         return [pool_path(record.uuid), job_path(job.id)]
 

@@ -1127,7 +1127,7 @@ class SimDM:
             table = (dev.inactive if inactive else dev.live) or []
             lines = [
                 TargetLine(int(str(s)), int(str(n)), str(t),
-                           str(p) if flags & DmFlags.DM_STATUS_TABLE else
+                           _as_printed(str(t), str(p)) if flags & DmFlags.DM_STATUS_TABLE else
                            self._pool_status(k, dev, str(p)) if t == "thin-pool" and not inactive
                            else self._thin_status(k, str(p)) if t == "thin" and not inactive
                            else _status(str(t), str(p)))
@@ -1202,6 +1202,11 @@ def _unref(pool: dict[str, Any], block: int) -> None:
         del pool["refs"][str(block)]
         pool["free"].append(block)
 
+
+def _as_printed(target: str, params: str) -> str:
+    """A table line's params as the kernel prints them back: thin-pool's
+    emit_flags() leaves a space after the last word."""
+    return params + " " if target == "thin-pool" else params
 
 def _status(target_type: str, params: str) -> str:
     """STATUSTYPE_INFO for the few targets whose status needs no I/O model."""

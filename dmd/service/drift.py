@@ -32,4 +32,11 @@ async def as_kernel_prints(service: DeviceService,
 async def live_differs(service: DeviceService, live: Sequence[TargetLine],
                        recorded: Sequence[TargetLine]) -> bool:
     expected = await as_kernel_prints(service, recorded)
-    return redact_table(list(live))[0] != redact_table(expected)[0]
+    return _words(redact_table(list(live))[0]) != _words(redact_table(expected)[0])
+
+
+def _words(table: Sequence[TargetLine]) -> list[TargetLine]:
+    # The kernel separates words as it likes (thin-pool ends with a space);
+    # a target reads its params as words.
+    return [TargetLine(line.start, line.length, line.target_type, " ".join(line.params.split()))
+            for line in table]

@@ -37,7 +37,9 @@ from dmd.engine.blockdev import BlockDevice
 from dmd.engine.interface import Engine
 from dmd.engine.targets import parse_status
 from dmd.engine.targets.thin import (
+    MAX_METADATA_SECTORS,
     MAX_THIN_ID,
+    MIN_METADATA_SECTORS,
     ThinPoolParams,
     ThinPoolStatus,
     create_snap,
@@ -123,15 +125,15 @@ def volume_device(pool: str, volume: str) -> str:
 
 
 def layout(devices: list[tuple[str, int]], block_sectors: int,
-           data_sectors: int | None = None) -> PoolLayout:
+           data_sectors: int | None = None, meta_sectors: int | None = None) -> PoolLayout:
     """Metadata from the first device after its header, data over the rest
     of it and every other device, in whole data blocks; with *data_sectors*,
     only that much data (rounded down to whole blocks), the rest left free
     for the pool to grow into (dmd.service.pool_space). The metadata is sized
-    for all of it either way."""
+    for all of it either way, unless *meta_sectors* says how much."""
     usable = [(size // 512) - HEADER_SECTORS for _, size in devices]
     total = sum(usable)
-    meta = metadata_sectors(total, block_sectors)
+    meta = metadata_sectors(total, block_sectors) if meta_sectors is None else meta_sectors
     if meta >= usable[0]:
         raise errors.InvalidArgument(
             f"{devices[0][0]} is too small for the pool's metadata ({meta * 512} bytes)")
@@ -343,7 +345,8 @@ class PoolService:
     async def create_pool(self, name: str, paths: list[str], *, force: bool = False,
                           block_size: int | None = None, on_full: str = "queue",
                           low_water_percent: int = 20, data_size: int | None = None,
-                          no_space_timeout: int = 60, caller: Caller = ROOT,
+                          no_space_timeout: int = 60, metadata_size: int | None = None,
+                          caller: Caller = ROOT,
                           accept: Accept = _ignore) -> PoolRecord:
         await self._authorize(caller, Action.POOL, name)
         check_name(name, "pool")
@@ -358,6 +361,12 @@ class PoolService:
             raise errors.InvalidArgument(f"on-full is 'queue' or 'error', not {on_full!r}")
         if not isinstance(low_water_percent, int) or not 0 <= low_water_percent <= 99:
             raise errors.InvalidArgument("low-water is a percentage from 0 to 99")
+        if metadata_size is not None and (
+                not isinstance(metadata_size, int) or
+                not MIN_METADATA_SECTORS * 512 <= metadata_size <= MAX_METADATA_SECTORS * 512):
+            raise errors.InvalidArgument(
+                f"metadata-size is from {MIN_METADATA_SECTORS * 512} to "
+                f"{MAX_METADATA_SECTORS * 512} bytes")
         if not isinstance(no_space_timeout, int) or not 0 <= no_space_timeout <= 86400:
             raise errors.InvalidArgument("no-space-timeout is seconds from 0 to 86400")
         if data_size is not None and (not isinstance(data_size, int) or
@@ -369,7 +378,8 @@ class PoolService:
                 raise errors.AlreadyExists(f"a pool named {name!r} exists")
             sized = await self._check_devices(paths, force)
             plan = replace(layout(sized, block_sectors,
-                                  data_size // 512 if data_size is not None else None),
+                                  data_size // 512 if data_size is not None else None,
+                                  -(-metadata_size // 4096) * 8 if metadata_size else None),
                            ids=tuple(str(uuidlib.uuid4()) for _ in sized))
             record = PoolRecord(name, str(uuidlib.uuid4()), caller.uid, block_sectors, on_full,
                                 low_water_percent, 0, 0, plan,

@@ -413,6 +413,18 @@ def _remove_pool(engine: Engine, suffix: str = "") -> None:
         engine.device_remove(name)
 
 
+def test_a_thin_pool_table_comes_back_with_a_space_after_its_features(
+        engine: Engine, disk: Callable[[int], str]) -> None:
+    """The kernel's emit_flags() prints the feature count and each feature
+    followed by a space: a table compared as a string with the one loaded
+    never matches (every pool looked drifted)."""
+    pool, _ = _thin_pool(engine, disk)
+    _, lines = engine.table_status(pool, DmFlags.DM_STATUS_TABLE)
+    meta = engine.device_info(f"{P}tmeta").device
+    data = engine.device_info(f"{P}tdata").device
+    assert lines[0].params == f"{meta[0]}:{meta[1]} {data[0]}:{data[1]} 128 0 0 "
+
+
 def test_thin_pool_messages_and_their_errors(engine: Engine,
                                              disk: Callable[[int], str]) -> None:
     from dmd.engine.targets import thin

@@ -6,7 +6,10 @@ system bus (busctl as the client), with data written and read back:
   back with the origin resumed, the snapshot whole (a point in time of the
   writes) or absent, and the pool's thin ids and transaction id as recorded;
 - (a real reboot, with a pool grown by AddDevice: test_reboot_lab.py);
-- bad input gets a named error and changes nothing.
+- bad input gets a named error and changes nothing;
+- ImportPool after a crash between the description's copies, the state
+  directory lost and the disks renumbered; then both copies broken on every
+  device: the pool refused every change, its devices never written.
 """
 
 from __future__ import annotations
@@ -382,6 +385,12 @@ def description_copies(device: str) -> list[int | None]:
     return [c.generation if isinstance(c, Description) else None for c in reading.copies]
 
 
+def header_bytes(device: str) -> str:
+    """The SHA-256 of a pool device's reserved 4 MiB."""
+    with open(device, "rb") as f:
+        return hashlib.sha256(f.read(4 * MIB)).hexdigest()
+
+
 def test_import_after_a_crash_between_copies_the_state_lost_and_the_disks_renumbered(
         stopped_dmd: SystemDmd, tmp_path: Path) -> None:
     from dmd.state.pool_description import COPY_OFFSETS
@@ -446,6 +455,25 @@ def test_import_after_a_crash_between_copies_the_state_lost_and_the_disks_renumb
         status = dmsetup("status", "dmdtp7-tpool").split()
         assert int(status[3]) == prop(imported, POOL_INTERFACE, "TransactionId") == 3
         assert kernel_thin_ids("dmdtp7") == recorded_thin_ids(dmd.state_dir) == {0, 1, 2}
+        # Both copies broken on every device: the pool is refused every
+        # change and nothing is written over what is left.
+        dmd.stop()
+        for device in (a2, b2):
+            for offset in COPY_OFFSETS:
+                subprocess.run(["dd", "if=/dev/urandom", f"of={device}", "bs=512", "count=1",
+                                f"seek={offset // 512}", "conv=notrunc,fsync", "status=none"],
+                               check=True)
+        broken = {device: header_bytes(device) for device in (a2, b2)}
+        dmd.start()
+        refused = prop(imported, POOL_INTERFACE, "ChangesRefused")
+        assert "description" in refused, refused
+        assert error_of(imported, POOL_INTERFACE, "CreateVolume", "sta{sv}",
+                        ["w", 16 * MIB, {}]) == "Busy"
+        assert error_of(imported, POOL_INTERFACE, "Destroy", "a{sv}",
+                        [{"force": Variant("b", True)}]) == "Busy"  # it would wipe them
+        assert {device: header_bytes(device) for device in (a2, b2)} == broken
+        for name, expected in sums.items():
+            assert checksum(f"/dev/mapper/dmdtp7-{name}", 8 * MIB) == expected, name
     finally:
         dmd.stop()
         for name in ("one.snap", "one", "two", "tpool", "tdata", "tmeta"):

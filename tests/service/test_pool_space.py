@@ -154,6 +154,16 @@ async def test_a_queueing_pool_fails_its_writes_after_its_no_space_timeout(
     await assert_agree(pools)
 
 
+async def test_metadata_size_sets_the_metadata_device(pools: PoolService) -> None:
+    record = await pools.create_pool("tank", DISKS[:1], metadata_size=(3 << 20) + 1)
+    assert record.layout.metadata_sectors * 512 == (3 << 20) + 4096  # whole 4 KiB blocks
+    assert (await pools.pool_state("tank")).metadata_total_bytes == (3 << 20) + 4096
+    for bad in (1 << 20, 17 << 30, "2M"):
+        with pytest.raises(errors.InvalidArgument, match="metadata-size"):
+            await pools.create_pool("other", DISKS[1:2], metadata_size=bad)  # type: ignore[arg-type]
+    assert [p.name for p in await pools.pools()] == ["tank"]
+
+
 async def test_no_space_timeout_is_checked(pools: PoolService) -> None:
     for bad in (-1, 86401, "60"):
         with pytest.raises(errors.InvalidArgument, match="no-space-timeout"):
