@@ -327,7 +327,7 @@ class Daemon:
         log.info("stopping: finishing %d call(s) in flight", len(router._in_flight))
         await router.drain()
         await pools.jobs.drain()
-        space.close()
+        await space.close()
         pool_exporter.close()
         # Closing the connection releases the name (the bus daemon announces
         # it); a ReleaseName call first would only be one more write that fails

@@ -164,6 +164,9 @@ class SpaceWatch:
         # pool -> the task that fails its queued writes at its no-space-timeout
         # (kept, done, while the pool stays full: one timeout per time full).
         self._deadlines: dict[str, asyncio.Task[None]] = {}
+        # Pools whose table this dmd knows to queue (only dmd's own timeout
+        # makes it fail writes; a dmd before this one may have left it so).
+        self._queueing: set[str] = set()
         pools.add_settler(self._changed)
 
     def listen(self, listener: SpaceListener) -> None:
@@ -194,10 +197,13 @@ class SpaceWatch:
         while self._running:
             await asyncio.gather(*self._running.values(), return_exceptions=True)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Stop the timers and wait for them and the checks under way."""
         for task in self._deadlines.values():
             task.cancel()
+        await asyncio.gather(*self._deadlines.values(), return_exceptions=True)
         self._deadlines.clear()
+        await self.settled()
 
     async def read(self, pool: str, record: PoolRecord | None = None) -> Space:
         record = record or await self.pools.pool(pool)
@@ -234,7 +240,6 @@ class SpaceWatch:
             low_data = _free_percent(space.data_used, space.data_total) <= \
                 record.low_water_percent
         level = "full" if space.mode == "out-of-data-space" else "low" if low_data else "ok"
-        await self._queue_policy(record, level)
         if self.reported.get(pool, "ok") != level:
             self.reported[pool] = level
             if level != "ok":
@@ -244,26 +249,46 @@ class SpaceWatch:
                             space.room)
             for listener in list(self.listeners):
                 listener(pool, level, space)
+        try:
+            await self._queue_policy(record, level)
+        except Exception:
+            log.exception("pool %s: could not apply its on-full policy", pool)
         return space
 
 
     async def _queue_policy(self, record: PoolRecord, level: str) -> None:
-        """Start the no-space-timeout of a queueing pool that became full; a
-        pool no longer full has its writes queue again."""
+        """Start the no-space-timeout of a queueing pool that became full
+        (again at once if the time is up, and a reload, an extension of its
+        metadata say, made its writes queue again); a pool no longer full has
+        its writes queue again."""
         pool = record.name
-        if level == "full":
-            if record.on_full == "queue" and record.no_space_timeout and \
-                    pool not in self._deadlines:
-                self._deadlines[pool] = asyncio.get_running_loop().create_task(
-                    self._fail_writes_after(pool, record.no_space_timeout))
+        if record.on_full != "queue":
             return
-        deadline = self._deadlines.pop(pool, None)
+        deadline = self._deadlines.get(pool)
+        if level == "full":
+            if record.no_space_timeout and (deadline is None or (
+                    deadline.done() and not await self._failing_writes(pool))):
+                self._deadlines[pool] = asyncio.get_running_loop().create_task(
+                    self._fail_writes_after(pool, record.no_space_timeout if deadline is None
+                                            else 0))
+            return
         if deadline is not None:
             deadline.cancel()
-        if record.on_full == "queue" and await self._failing_writes(pool):
+            del self._deadlines[pool]
+        elif pool in self._queueing:
+            return
+        if not await self._failing_writes(pool):
+            self._queueing.add(pool)
+        else:
             async with self.pools._changing(pool):
+                # What holds now: an operation may have had the lock meanwhile.
+                record = await self.pools.pool(pool)
+                state = await self.pools.pool_state(pool, record)
+                if state.mode == "out-of-data-space" or not await self._failing_writes(pool):
+                    return
                 await self.pools.devices.reload(tpool_name(pool), _pool_table(record),
                                                 claim=self.pools.owner(pool))
+                self._queueing.add(pool)
             log.info("pool %s: space again: writes queue when it is full", pool)
 
     async def _failing_writes(self, pool: str) -> bool:
@@ -281,12 +306,15 @@ class SpaceWatch:
                     return
                 log.warning("pool %s: out of data space for %d s: the writes waiting for "
                             "space fail now, and new ones at once, until it has space",
-                            pool, seconds)
+                            pool, record.no_space_timeout)
+                self._queueing.discard(pool)
                 await self.pools.devices.reload(tpool_name(pool),
                                                 _pool_table(record, fail_writes=True),
                                                 claim=self.pools.owner(pool))
-        except errors.ServiceError as exc:  # destroyed, refused meanwhile
-            log.error("pool %s: could not fail its queued writes: %s", pool, exc)
+        except errors.NotFound:
+            pass  # destroyed meanwhile
+        except Exception:
+            log.exception("pool %s: could not fail its queued writes", pool)
 
 
 def what_to_do(record: PoolRecord, mode: str) -> str:

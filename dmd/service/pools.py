@@ -326,8 +326,12 @@ class PoolService:
         status = parse_status("thin-pool", lines[0].params)
         assert isinstance(status, ThinPoolStatus)
         block = record.block_sectors * 512
+        # A reload puts a full pool back in write mode until its next
+        # allocation fails: no free block is out of data space all the same.
+        full = status.mode == "out_of_data_space" or (
+            status.total_data_blocks > 0 and status.used_data_blocks >= status.total_data_blocks)
         mode = ("needs-check" if status.needs_check else "read-only" if status.mode == "ro"
-                else "out-of-data-space" if status.mode == "out_of_data_space" else "ok")
+                else "out-of-data-space" if full else "ok")
         low = status.metadata_low_water_mark_blocks
         return PoolState(status.transaction_id, status.used_data_blocks * block,
                          status.total_data_blocks * block, status.used_metadata_blocks * 4096,

@@ -128,6 +128,9 @@ async def _recreate(service: DeviceService, record: Any, report: RecoveryReport)
         await service.kernel(Engine.device_suspend, name, DmFlags(0))
         report.recreated.append(name)
         log.info("recovery: re-created persistent device %s", name)
+    except TimeoutError:  # the kernel has it; udev has not finished its node
+        report.recreated.append(name)
+        log.warning("recovery: re-created %s; udev did not finish in time", name)
     except DmError as exc:
         await service.remove_quietly(name)
         report.failed.append(name)
@@ -158,7 +161,13 @@ async def recover(service: DeviceService) -> RecoveryReport:
         # One level of the stack at a time, its devices all at once: after a
         # reboot every volume comes back here, and each resume waits for udev.
         level = [missing.pop(name) for name in sorted(ready)]
-        await asyncio.gather(*(_recreate(service, record, report) for record in level))
+        for outcome in await asyncio.gather(
+                *(_recreate(service, record, report) for record in level),
+                return_exceptions=True):
+            if isinstance(outcome, BaseException):  # all of the level done first
+                raise outcome
+    report.recreated.sort()
+    report.failed.sort()
 
     for name, record in records.items():
         info = await _info(service, name)

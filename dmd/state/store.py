@@ -453,7 +453,7 @@ class StateStore:
     def replace_pool(self, record: PoolRecord, volumes: list[VolumeRecord]) -> None:
         """Make the records of pool *record* (by UUID) what its devices say:
         the pool's fields and exactly *volumes*, in one transaction."""
-        def work(session: Session) -> None:
+        def work(session: Session) -> Callable[[], None]:
             row = session.scalar(select(PoolRow).where(PoolRow.uuid == record.uuid))
             if row is None:
                 raise RecordNotFound(f"no record of pool {record.uuid}")
@@ -467,9 +467,9 @@ class StateStore:
             session.flush()
             session.add_all(_volume_row(volume, row.id) for volume in volumes)
             session.flush()
+            return self._forget_volumes(record.name)
 
-        self._write(work)
-        self._volumes.pop(record.name, None)
+        self._after_commit(self._write(work))
 
     def list_pools(self) -> list[PoolRecord]:
         with self._session() as session:
@@ -482,6 +482,7 @@ class StateStore:
 
     def remove_pool(self, name: str) -> None:
         self._write(lambda s: s.delete(self._pool_row(s, name)), may_conflict=False)
+        self._after_commit(self._forget_volumes(name))
 
     def list_volumes(self, pool: str | None = None) -> list[VolumeRecord]:
         with self._session() as session:
@@ -550,6 +551,12 @@ class StateStore:
             return learn
 
         self._after_commit(self._write(work))
+
+    def _forget_volumes(self, pool: str) -> Callable[[], None]:
+        def forget() -> None:
+            self._volumes.pop(pool, None)
+
+        return forget
 
     def _after_commit(self, learn: Callable[[], None]) -> None:
         if self._batch is not None:

@@ -138,6 +138,16 @@ async def test_a_queueing_pool_fails_its_writes_after_its_no_space_timeout(
     assert refused.value.errno == errno.ENOSPC
     record = await pools.pool("tank")
     assert record.on_full == "queue" and record.no_space_timeout == 1  # the policy stays
+    # A reload of the pool's table while it is still full (a metadata
+    # extension, recovery) makes it queue again: past its time, it fails at once.
+    from dmd.service.pools import _pool_table
+
+    await pools.devices.reload("tank-tpool", _pool_table(record), claim=pools.owner("tank"))
+    assert "error_if_no_space" not in tpool_features(pools, "tank")
+    await check(space, "tank")
+    await asyncio.sleep(0.3)
+    await space.settled()
+    assert "error_if_no_space" in tpool_features(pools, "tank")
     # Space back without a reload of the pool (a volume deleted): queueing again.
     await pools.delete_volume("tank", "w")
     await check(space, "tank")
