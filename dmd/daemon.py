@@ -23,7 +23,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,10 @@ from dmd.state import AsyncStateStore, StateError, StateStore
 from dmd.udev.monitor import RECEIVE_BUFFER, UdevMonitor
 
 log = logging.getLogger("dmd")
+
+# Every pool's space is looked at this often besides on its events (a pool's
+# event comes once, and events can be lost).
+SPACE_CHECK_SECONDS = 30
 
 DEFAULT_STATE_DIR = Path("/var/lib/dmd")
 LOCK_NAME = "dmd.lock"
@@ -290,6 +294,15 @@ class Daemon:
             await asyncio.sleep(interval)
             request()
 
+    @staticmethod
+    async def _every_async(interval: float, work: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await work()
+            except Exception:
+                log.exception("a periodic check failed")
+
     async def _publish_and_serve(self, bus: DmdBus, service: DeviceService, pools: PoolService,
                                  space: SpaceWatch, inventory: Inventory,
                                  reconciler: Reconciler) -> None:
@@ -306,8 +319,15 @@ class Daemon:
                 space.request(view.name.removesuffix("-tpool"))
 
         reconciler.on_dm_event(pool_event)
-        for record in await pools.pools():  # the event fires once per resume: look now
-            space.request(record.name)
+
+        async def look_at_every_pool() -> None:
+            for record in await pools.pools():
+                space.request(record.name)
+
+        await look_at_every_pool()  # the event fires once per resume: look now
+        # And now and then: a pool's event comes once, and events can be lost.
+        space_timer = asyncio.get_running_loop().create_task(
+            self._every_async(SPACE_CHECK_SECONDS, look_at_every_pool))
         bus.add_message_handler(router.handle)
         bus.quiet = False
         reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
@@ -327,6 +347,7 @@ class Daemon:
         log.info("stopping: finishing %d call(s) in flight", len(router._in_flight))
         await router.drain()
         await pools.jobs.drain()
+        space_timer.cancel()
         await space.close()
         pool_exporter.close()
         # Closing the connection releases the name (the bus daemon announces

@@ -161,6 +161,7 @@ class SpaceWatch:
         self.listeners: list[SpaceListener] = []
         self.reported: dict[str, str] = {}  # pool -> the last "low" / "full" / "ok" said
         self._running: dict[str, asyncio.Task[Space | None]] = {}
+        self._again: set[str] = set()  # asked for while a check ran
         # pool -> the task that fails its queued writes at its no-space-timeout
         # (kept, done, while the pool stays full: one timeout per time full).
         self._deadlines: dict[str, asyncio.Task[None]] = {}
@@ -174,8 +175,12 @@ class SpaceWatch:
 
     def request(self, pool: str) -> None:
         """Check *pool* soon (its event came, or it changed). A request while
-        a check runs is that check's: it reads the pool at its end."""
-        if pool not in self._running:
+        a check runs makes another run after it: the one running may have
+        read the pool before what the request is about (the kernel's event
+        comes once)."""
+        if pool in self._running:
+            self._again.add(pool)
+        else:
             self._running[pool] = asyncio.get_running_loop().create_task(self._run(pool))
 
     async def _changed(self, pool: str) -> None:
@@ -191,6 +196,9 @@ class SpaceWatch:
             return None
         finally:
             self._running.pop(pool, None)
+            if pool in self._again:
+                self._again.discard(pool)
+                self.request(pool)
 
     async def settled(self) -> None:
         """Wait for the checks under way (tests, shutdown)."""

@@ -216,6 +216,27 @@ def test_what_to_do_names_the_way_out() -> None:
     assert "thin_check" in what_to_do(record, "read-only")
 
 
+async def test_a_request_during_a_check_makes_another_check(pools: PoolService) -> None:
+    """The kernel's event comes once: one that comes while a check runs (which
+    may have read the pool before the event's cause) must not be lost."""
+    await pools.create_pool("tank", DISKS[:1])
+    space, _ = watch(pools)
+    checks = 0
+    check_once = space.check
+
+    async def counted(pool: str) -> Space:
+        nonlocal checks
+        checks += 1
+        return await check_once(pool)
+
+    space.check = counted  # type: ignore[method-assign]
+    space.request("tank")
+    space.request("tank")  # while the first is under way
+    space.request("tank")  # folded into that second one
+    await space.settled()
+    assert checks == 2
+
+
 async def test_settled_changes_start_a_check(pools: PoolService) -> None:
     space, said = watch(pools)
     await pools.create_pool("tank", DISKS[:1])
