@@ -94,9 +94,13 @@ class VolumeDeleteStep(enum.IntEnum):
 
 class PoolGrowStep(enum.IntEnum):
     WIPE = 1  # the new device's first MiB is zeroed next
-    DATA = 2  # the data device is reloaded with the new segment next
-    POOL = 3  # the pool's table is reloaded larger next: no way back after it
-    RECORD = 4
+    # Only where the metadata is low: the metadata device is reloaded with a
+    # segment of the new device, then the pool's table, next: no way back
+    # (the kernel cannot shrink a pool's metadata).
+    METADATA = 2
+    DATA = 3  # the data device is reloaded with the new segment next
+    POOL = 4  # the pool's table is reloaded larger next: no way back after it
+    RECORD = 5
 
 
 class PoolExtendStep(enum.IntEnum):
@@ -171,7 +175,8 @@ class PoolArgs(IntentArgs):
 # announce. Any other mark is queued and committed with the next write, in
 # order, which spares a round trip to the store's thread per step.
 RECOVERY_READS: frozenset[tuple[str, int]] = frozenset({
-    ("reload", ReloadStep.RESUME), ("pool-extend", PoolExtendStep.POOL)})
+    ("reload", ReloadStep.RESUME), ("pool-extend", PoolExtendStep.POOL),
+    ("pool-grow", PoolGrowStep.METADATA)})
 
 
 class IntentStore(Protocol):

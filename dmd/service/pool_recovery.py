@@ -23,8 +23,7 @@ from dataclasses import replace
 from dmd.engine import DmError, DmFlags
 from dmd.engine.interface import Engine
 from dmd.service import errors
-from dmd.service.journal import PoolArgs, PoolExtendStep
-from dmd.service.pool_space import finish_extend
+from dmd.service.journal import PoolArgs, PoolExtendStep, PoolGrowStep
 from dmd.service.pools import (
     POOL_OPERATIONS,
     PoolService,
@@ -152,7 +151,7 @@ async def _settle(pools: PoolService, intent: IntentRecord) -> str | None:
         larger = replace(record, layout=PoolLayout.from_json(args.layout))
         pools._claim(pool)
         if intent.step >= PoolExtendStep.POOL:  # the kernel may have taken it: forward
-            await finish_extend(pools, larger)
+            await pools.finish_layout(larger)
             return "done"
         await pools._restore_layout(record)
         return "rolled_back"
@@ -162,6 +161,10 @@ async def _settle(pools: PoolService, intent: IntentRecord) -> str | None:
         assert args.layout is not None
         grown = PoolLayout.from_json(args.layout)
         pools._claim(pool)
+        if intent.step >= PoolGrowStep.METADATA and grown.metadata != record.layout.metadata:
+            # The kernel may have taken the larger metadata: forward.
+            await pools.finish_layout(replace(record, layout=grown))
+            return "done"
         _, table = await pools.kernel(Engine.table_status, tpool(pool), DmFlags.DM_STATUS_TABLE)
         if sum(line.length for line in table) == grown.data_sectors:
             await pools.store.pool_change(pool, layout=grown)  # the pool grew

@@ -31,14 +31,22 @@ from dmd.engine.interface import Engine
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
 from dmd.service.journal import PoolArgs, PoolExtendStep, intent
-from dmd.service.pools import HEADER_SECTORS, Accept, PoolService, _ignore, _linear, _pool_table
+from dmd.service.pools import (
+    EXTEND_PERCENT,
+    HEADER_SECTORS,
+    Accept,
+    PoolService,
+    _ignore,
+    _linear,
+    _pool_table,
+    metadata_growth,
+)
+from dmd.service.pools import metadata_low as metadata_short
 from dmd.service.pools import tpool as tpool_name
 from dmd.state import PoolLayout, PoolRecord, Segment
 
 log = logging.getLogger(__name__)
 
-EXTEND_PERCENT = 20  # LVM's thin_pool_autoextend_percent default
-METADATA_LOW_PERCENT = 20  # metadata free below this: extend it too
 MAX_METADATA_SECTORS = 16 << 21  # 16 GiB: what dm-thin uses at most
 
 
@@ -115,7 +123,7 @@ async def extend_pool(pools: PoolService, pool: str, data_bytes: int = 0,
             await pools._restore_layout(record)
 
         async def finish(_: object) -> None:
-            await finish_extend(pools, grown)
+            await pools.finish_layout(grown)
 
         async with intent(pools.store, pools.fault, "pool-extend", pool,
                           PoolArgs(pool=pool, layout=grown_layout.to_json()), undo,
@@ -131,25 +139,11 @@ async def extend_pool(pools: PoolService, pool: str, data_bytes: int = 0,
                                            claim=claim)
             await journal.mark(PoolExtendStep.POOL)
             journal.no_way_back()
-            await finish_extend(pools, grown, devices=False)
+            await pools.finish_layout(grown, devices=False)
     log.info("pool-extend %s: data %d -> %d bytes, metadata %d -> %d bytes", pool,
              record.layout.data_sectors * 512, grown_layout.data_sectors * 512,
              record.layout.metadata_sectors * 512, grown_layout.metadata_sectors * 512)
     return grown
-
-
-async def finish_extend(pools: PoolService, grown: PoolRecord, *, devices: bool = True
-                        ) -> None:
-    """The pool's table reloaded at its new size (the kernel takes larger
-    data and metadata devices on the resume), then the record; *devices*:
-    tdata and tmeta first (recovery does not know how far it got)."""
-    claim = pools.owner(grown.name)
-    for suffix, segments in (("tdata", grown.layout.data), ("tmeta", grown.layout.metadata)):
-        if devices:
-            await pools.devices.reload(f"{grown.name}-{suffix}",
-                                       _linear(grown.layout, segments), claim=claim)
-    await pools.devices.reload(tpool_name(grown.name), _pool_table(grown), claim=claim)
-    await pools.store.pool_change(grown.name, layout=grown.layout)
 
 
 class SpaceWatch:
@@ -236,18 +230,26 @@ class SpaceWatch:
                        _to_clear(space.data_used, space.data_total, record.low_water_percent))
             data_bytes = min(-(-want // block) * block, space.room // block * block)
         if low_meta and record.layout.metadata_sectors < MAX_METADATA_SECTORS:
-            want = max(space.metadata_total * EXTEND_PERCENT // 100, 1 << 20)
-            metadata_bytes = min(want, space.room - data_bytes) // 4096 * 4096
-        if data_bytes >= block or metadata_bytes >= 4096:
+            metadata_bytes = min(metadata_growth(space.metadata_total),
+                                 space.room - data_bytes) // 4096 * 4096
+        # The metadata first, in a resume of its own: a pool out of metadata
+        # space has its metadata read-only, and the kernel grows the data
+        # (which writes the data space map there) before the metadata.
+        growth = [(0, metadata_bytes)] if metadata_bytes >= 4096 else []
+        growth += [(data_bytes, 0)] if data_bytes >= block else []
+        for data_more, metadata_more in growth:
             try:
-                await extend_pool(self.pools, pool, data_bytes if data_bytes >= block else 0,
-                                  metadata_bytes if metadata_bytes >= 4096 else 0)
+                await extend_pool(self.pools, pool, data_more, metadata_more)
             except errors.ServiceError as exc:
                 log.error("pool %s: could not extend it: %s", pool, exc)
+                break
+        if growth:
             space = await self.read(pool)
             low_data = _free_percent(space.data_used, space.data_total) <= \
                 record.low_water_percent
-        level = "full" if space.mode == "out-of-data-space" else "low" if low_data else "ok"
+            low_meta = metadata_low(space)
+        level = ("full" if space.mode in ("out-of-data-space", "out-of-metadata-space") else
+                 "low" if low_data or low_meta else "ok")
         if self.reported.get(pool, "ok") != level:
             self.reported[pool] = level
             if level != "ok":
@@ -333,6 +335,10 @@ def what_to_do(record: PoolRecord, mode: str) -> str:
                   if record.no_space_timeout else "wait for space")
         return (f"the pool is out of data space and its writes {writes}: add a device "
                 f"(AddDevice) or delete volumes")
+    if mode == "out-of-metadata-space":
+        return ("the pool's metadata is full and writes that need a new block fail: add a "
+                "device (AddDevice): dmd grows the metadata into it first and the pool "
+                "writes again")
     if mode in ("read-only", "needs-check"):
         return ("the kernel stopped the pool's writes after a metadata error: stop the "
                 "volumes' users, and with the pool inactive check its metadata device with "
@@ -341,12 +347,7 @@ def what_to_do(record: PoolRecord, mode: str) -> str:
 
 
 def metadata_low(space: Space) -> bool:
-    """Under METADATA_LOW_PERCENT free, or at the kernel's own mark (a
-    quarter free on a small metadata device, 4 MiB on a large one: its
-    event says so, and it comes once)."""
-    free = space.metadata_total - space.metadata_used
-    return _free_percent(space.metadata_used, space.metadata_total) <= METADATA_LOW_PERCENT \
-        or free <= space.metadata_low_water
+    return metadata_short(space.metadata_used, space.metadata_total, space.metadata_low_water)
 
 
 def _free_percent(used: int, total: int) -> float:

@@ -76,6 +76,8 @@ HEADER_SECTORS = 8192  # 4 MiB at the start of every pool device
 MIN_DEVICE_BYTES = 16 << 20
 DEFAULT_BLOCK_SECTORS = 128  # 64 KiB, LVM's default for thin pools
 WIPE_BYTES = 1 << 20  # of the metadata's start: the kernel then formats a new pool
+EXTEND_PERCENT = 20  # LVM's thin_pool_autoextend_percent default
+METADATA_LOW_PERCENT = 20  # metadata free below this: extend it too
 POOL_OPERATIONS = frozenset({"pool-create", "pool-destroy", "pool-grow", "pool-import",
                              "pool-extend",
                              "volume-create", "volume-snapshot", "volume-delete"})
@@ -90,10 +92,25 @@ class PoolState:
     data_total_bytes: int
     metadata_used_bytes: int
     metadata_total_bytes: int
-    mode: str  # ok, out-of-data-space, read-only, needs-check, inactive
+    # ok, out-of-data-space, out-of-metadata-space, read-only, needs-check, inactive
+    mode: str
     # Metadata free below this raises the pool's event: min(4 MiB, a quarter
     # of the metadata device), fixed by the kernel.
     metadata_low_water_bytes: int = 0
+
+
+def metadata_low(used: int, total: int, low_water: int) -> bool:
+    """Under METADATA_LOW_PERCENT free, or at the kernel's own mark (a
+    quarter free on a small metadata device, 4 MiB on a large one: its
+    event says so, and it comes once)."""
+    return total > 0 and (100.0 * (total - used) / total <= METADATA_LOW_PERCENT
+                          or total - used <= low_water)
+
+
+def metadata_growth(total: int) -> int:
+    """How much a low metadata device grows by: EXTEND_PERCENT, at least
+    1 MiB, in whole 4 KiB metadata blocks."""
+    return max(total * EXTEND_PERCENT // 100, 1 << 20) // 4096 * 4096
 
 
 def check_name(name: str, what: str) -> str:
@@ -330,8 +347,13 @@ class PoolService:
         # allocation fails: no free block is out of data space all the same.
         full = status.mode == "out_of_data_space" or (
             status.total_data_blocks > 0 and status.used_data_blocks >= status.total_data_blocks)
-        mode = ("needs-check" if status.needs_check else "read-only" if status.mode == "ro"
-                else "out-of-data-space" if full else "ok")
+        # The kernel says "ro" for a pool whose metadata ran out as for one it
+        # stopped after an error; only the first goes on once the metadata
+        # grows (and its free count is 0: the kernel keeps a reserve unshown).
+        mode = ("needs-check" if status.needs_check else
+                "out-of-metadata-space" if status.mode == "ro"
+                and status.used_metadata_blocks >= status.total_metadata_blocks else
+                "read-only" if status.mode == "ro" else "out-of-data-space" if full else "ok")
         low = status.metadata_low_water_mark_blocks
         return PoolState(status.transaction_id, status.used_data_blocks * block,
                          status.total_data_blocks * block, status.used_metadata_blocks * 4096,
@@ -552,24 +574,39 @@ class PoolService:
         """Grow the pool's data over one more device: the data device is
         reloaded with a segment of it, then the pool's table with the larger
         size (the kernel grows a pool when its data device grew; it cannot
-        shrink one, so past that step the operation rolls forward)."""
+        shrink one, so past that step the operation rolls forward).
+
+        A pool whose metadata is low (out of it, say) first grows its
+        metadata over the start of the new device, in a resume of its own:
+        the kernel grows the data before the metadata on a resume, and a
+        pool out of metadata space cannot write the larger data space map.
+        """
         async with self._changing(pool):
             record = await self.pool(pool)
             await self._authorize(caller, Action.POOL, pool, record.owner_uid)
             if path in record.layout.devices:
                 raise errors.Busy(f"{path} is a device of pool {pool!r} already")
             [(path, size)] = await self._check_devices([path], force)
-            usable = size // 512 - HEADER_SECTORS
+            state = await self.pool_state(pool, record)
+            meta = 0
+            if metadata_low(state.metadata_used_bytes, state.metadata_total_bytes,
+                            state.metadata_low_water_bytes) and \
+                    record.layout.metadata_sectors < MAX_METADATA_SECTORS:
+                meta = min(metadata_growth(state.metadata_total_bytes) // 512,
+                           MAX_METADATA_SECTORS - record.layout.metadata_sectors)
+            usable = size // 512 - HEADER_SECTORS - meta
             usable -= usable % record.block_sectors
             if usable < record.block_sectors:
                 raise errors.InvalidArgument(f"{path} leaves no room for data")
             plan = record.layout
             ids = plan.ids if len(plan.ids) == len(plan.devices) else tuple(
                 str(uuidlib.uuid4()) for _ in plan.devices)
-            grown_layout = PoolLayout(
-                (*plan.devices, path), (*plan.sizes, size), plan.metadata,
-                (*plan.data, Segment(len(plan.devices), HEADER_SECTORS, usable)),
-                (*ids, str(uuidlib.uuid4())))
+            new = len(plan.devices)
+            metadata = (*plan.metadata, *([Segment(new, HEADER_SECTORS, meta)] if meta else []))
+            with_metadata = PoolLayout((*plan.devices, path), (*plan.sizes, size), metadata,
+                                       plan.data, (*ids, str(uuidlib.uuid4())))
+            grown_layout = replace(with_metadata, data=(
+                *plan.data, Segment(new, HEADER_SECTORS + meta, usable)))
             grown = replace(record, layout=grown_layout)
             claim = self.owner(pool)
 
@@ -578,7 +615,10 @@ class PoolService:
                     await self._restore_data(record)
 
             async def finish(_: Journal) -> None:
-                await self.store.pool_change(pool, layout=grown_layout)
+                if meta:
+                    await self.finish_layout(grown)
+                else:
+                    await self.store.pool_change(pool, layout=grown_layout)
 
             async with intent(self.store, self.fault, "pool-grow", pool,
                               PoolArgs(pool=pool, layout=grown_layout.to_json()), undo,
@@ -586,6 +626,13 @@ class PoolService:
                 await self._accepted(pool, grown, accept)
                 await journal.mark(PoolGrowStep.WIPE)
                 await self.kernel(Engine.wipe, path, 0, HEADER_SECTORS * 512)
+                if meta:
+                    await journal.mark(PoolGrowStep.METADATA)
+                    journal.no_way_back()
+                    await self.devices.reload(f"{pool}-tmeta", _linear(
+                        with_metadata, with_metadata.metadata), claim=claim)
+                    await self.devices.reload(tpool(pool), _pool_table(
+                        replace(record, layout=with_metadata)), claim=claim)
                 await journal.mark(PoolGrowStep.DATA)
                 await self.devices.reload(f"{pool}-tdata", _linear(grown_layout,
                                                                    grown_layout.data),
@@ -595,9 +642,22 @@ class PoolService:
                 journal.no_way_back()
                 await journal.mark(PoolGrowStep.RECORD)
                 await self.store.pool_change(pool, layout=grown_layout)
-        log.info("pool-grow %s: %s added, %d bytes of data", pool, path,
-                 grown_layout.data_sectors * 512)
+        log.info("pool-grow %s: %s added, %d bytes of data, %d of metadata", pool, path,
+                 grown_layout.data_sectors * 512, grown_layout.metadata_sectors * 512)
         return grown
+
+    async def finish_layout(self, grown: PoolRecord, *, devices: bool = True) -> None:
+        """The pool's table reloaded at *grown*'s size (the kernel takes
+        larger data and metadata devices on the resume), then the record;
+        *devices*: tdata and tmeta first (recovery does not know how far an
+        operation got)."""
+        claim = self.owner(grown.name)
+        for suffix, segments in (("tdata", grown.layout.data), ("tmeta", grown.layout.metadata)):
+            if devices:
+                await self.devices.reload(f"{grown.name}-{suffix}",
+                                          _linear(grown.layout, segments), claim=claim)
+        await self.devices.reload(tpool(grown.name), _pool_table(grown), claim=claim)
+        await self.store.pool_change(grown.name, layout=grown.layout)
 
     async def _restore_layout(self, record: PoolRecord) -> None:
         """Put the data and metadata devices back as *record* lays them out."""

@@ -7,7 +7,9 @@
 - on-full "queue": the writes wait while the pool is full and all complete
   after an AddDevice; with a no-space-timeout they fail after it (dmd's own,
   per pool: not the kernel's module-wide 60 s);
-- 2 MiB of metadata filled with mappings grows into the pool's room;
+- 2 MiB of metadata filled with mappings grows into the pool's room; with
+  no room, filled to the end, the pool stops (out-of-metadata-space, Full)
+  and an AddDevice grows the metadata first and lets it go on;
 - throughout, dmd answers other calls within a second (a client of the
   test's own times a GetManagedObjects every 0.2 s), and finds every device
   of its pools with the table it recorded.
@@ -343,5 +345,68 @@ def test_a_pool_whose_metadata_runs_low_grows_it_into_its_room(
         assert len(dmsetup("table", "dmdtps6-tmeta").splitlines()) == 2  # grown into the room
         assert bus.said(pool) == []
         print(f"metadata grew at {written * MIB // block} mappings: {used}/{total} blocks")
+    bus.assert_answered()
+    bus.assert_no_drift(system_dmd)
+
+
+def test_a_pool_out_of_metadata_fails_writes_until_add_device_grows_its_metadata(
+        system_dmd: SystemDmd, loop_device: Callable[[int], str]) -> None:
+    """2 MiB of metadata filled to the end with no room (the data device as
+    in the test above, every byte data): LowSpace at the kernel's mark, then
+    the kernel stops allocating (its status says ro, with no needs_check:
+    dmd's Mode says out-of-metadata-space) and writes that need a block fail
+    at once; Full. AddDevice grows the metadata over the new device first,
+    in a resume of its own, and the pool writes again, every mapping kept."""
+    import mmap
+    import os
+
+    head, sectors = 8 * MIB // 512, 16 << 21
+    subprocess.run(["dmsetup", "create", "dmdtest-deep2"], check=True, text=True,
+                   input=f"0 {head} linear {loop_device(8)} 0\n{head} {sectors - head} zero\n")
+    meta = 2 * MIB
+    with BusWatch() as bus:
+        pool = pool_with("dmdtps7", ["/dev/mapper/dmdtest-deep2"], **{
+            "metadata-size": ("t", meta)})
+        assert prop(pool, POOL_INTERFACE, "MetadataTotal") == meta
+        create_volume(pool, "v", sectors * 512)
+        fd = os.open("/dev/mapper/dmdtps7-v", os.O_WRONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, MIB)
+        buf.write(b"o" * MIB)
+        written, failed, took = 0, None, 0.0
+        try:
+            while failed is None:
+                assert written < sectors // 2048, "the metadata never ran out"
+                for index in range(written, written + 256):
+                    started = time.monotonic()
+                    try:
+                        os.pwrite(fd, buf, index * MIB)
+                    except OSError as exc:
+                        failed, took = exc, time.monotonic() - started
+                        break
+                    written += 1
+            assert failed.errno == errno.EIO, failed
+            assert took < 5, took  # not queued: the kernel fails it
+            status = kernel_pool_status("dmdtps7")
+            used, total = map(int, status[4].split("/"))
+            assert status[7] == "ro" and status[10] == "-" and used == total, status
+            until(lambda: prop(pool, POOL_INTERFACE, "Mode") == "out-of-metadata-space",
+                  why="dmd did not see the metadata run out")
+            bus.wait_for(pool, "Full")
+            assert bus.said(pool) == ["LowSpace", "Full"]  # metadata alone says so
+            assert "AddDevice" in prop(pool, POOL_INTERFACE, "ModeHelp")
+            mapped = int(status[5].split("/")[0])
+            add_device(pool, loop_device(32))
+            until(lambda: prop(pool, POOL_INTERFACE, "Mode") == "ok", why="still stopped")
+            status = kernel_pool_status("dmdtps7")
+            assert status[7] == "rw" and status[10] == "-", status
+            assert int(status[4].split("/")[1]) * 4096 > meta
+            assert int(status[5].split("/")[0]) == mapped  # every mapping kept
+            tmeta = dmsetup("table", "dmdtps7-tmeta").splitlines()
+            assert len(tmeta) == 2, tmeta  # grown over the new device
+            for index in range(written, written + 16):  # writes go on
+                os.pwrite(fd, buf, index * MIB)
+        finally:
+            os.close(fd)
+        print(f"metadata ran out at {mapped} mappings; grown to {status[4]} blocks")
     bus.assert_answered()
     bus.assert_no_drift(system_dmd)

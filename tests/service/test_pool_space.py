@@ -17,11 +17,12 @@ from test_pools import DISKS, GIB, assert_agree, close, open_pools, state
 from dmd.engine import DmFlags
 from dmd.engine.sim import SimDM
 from dmd.service import errors
-from dmd.service.journal import PoolExtendStep
+from dmd.service.journal import PoolExtendStep, PoolGrowStep
 from dmd.service.pool_recovery import recover_pools
 from dmd.service.pool_space import Space, SpaceWatch, extend_pool, free_segments
-from dmd.service.pools import PoolService
+from dmd.service.pools import HEADER_SECTORS, PoolService
 from dmd.service.recovery import recover
+from dmd.state import Segment
 
 BLOCK = 64 << 10
 
@@ -311,3 +312,136 @@ def test_a_crash_at_any_step_of_an_extension(tmp_path: Path, step: PoolExtendSte
             close(pools)
 
     asyncio.run(restart())
+
+
+BIG_DISK = "/dev/simbig"
+
+
+async def metadata_low_pool(pools: PoolService) -> None:
+    """Pool "tank" on a 2 GiB disk with the least metadata the kernel takes
+    (2 MiB, no room to grow it), filled until its metadata is past the
+    kernel's mark (SimDM's model: a metadata block per 64 data blocks)."""
+    sim = sim_of(pools)
+    if BIG_DISK not in sim.snapshot()["disks"]:
+        sim.add_disk(BIG_DISK, 7, 20, 2 << 21)
+    await pools.create_pool("tank", [BIG_DISK], metadata_size=2 << 20)
+    await pools.create_volume("tank", "v", 2 * GIB)
+    sim.write("tank-v", 0, 24_500 * 128)
+
+
+async def test_metadata_running_low_without_room_is_said(pools: PoolService) -> None:
+    await metadata_low_pool(pools)
+    space, said = watch(pools)
+    figures = await check(space, "tank")
+    assert figures.metadata_total - figures.metadata_used <= figures.metadata_low_water
+    assert 100 * (figures.data_total - figures.data_used) / figures.data_total > 20
+    assert [level for _, level, _ in said] == ["low"]  # the data is fine; the metadata not
+
+
+async def test_add_device_to_a_pool_low_on_metadata_grows_the_metadata_first(
+        pools: PoolService) -> None:
+    await metadata_low_pool(pools)
+    before = await pools.pool_state("tank")
+    steps: list[int] = []
+    seen_at_data: list[tuple[int, int]] = []
+
+    def note(op: str, number: int) -> None:
+        if op == "pool-grow":
+            steps.append(number)
+        if op == "pool-grow" and number == PoolGrowStep.DATA:
+            _, lines = sim_of(pools).table_status("tank-tpool")
+            words = lines[0].params.split()
+            seen_at_data.append((int(words[1].split("/")[1]), int(words[2].split("/")[1])))
+
+    pools.fault = note
+    grown = await pools.add_device("tank", DISKS[0])
+    pools.fault = None
+    assert steps == list(PoolGrowStep)
+    # The pool's own resume took the larger metadata before the data grew.
+    assert seen_at_data == [(before.metadata_total_bytes // 4096 + 256,
+                             before.data_total_bytes // BLOCK)]
+    assert grown.layout.metadata[-1] == Segment(1, HEADER_SECTORS, (1 << 20) // 512)
+    assert grown.layout.data[-1].start == HEADER_SECTORS + (1 << 20) // 512
+    after = await pools.pool_state("tank")
+    assert after.metadata_total_bytes == before.metadata_total_bytes + (1 << 20)
+    assert after.data_total_bytes > before.data_total_bytes
+    assert after.data_used_bytes == before.data_used_bytes
+    await assert_agree(pools)
+
+
+@pytest.mark.parametrize("step", list(PoolGrowStep))
+def test_a_crash_at_any_step_of_add_device_low_on_metadata(tmp_path: Path,
+                                                           step: PoolGrowStep) -> None:
+    async def prepare() -> dict[str, Any]:
+        pools = open_pools(tmp_path)
+        try:
+            await metadata_low_pool(pools)
+            return await state(pools)
+        finally:
+            close(pools)
+
+    before = asyncio.run(prepare())
+    pid = os.fork()
+    if pid == 0:
+        try:
+            def crash(op: str, number: int) -> None:
+                if op == "pool-grow" and number == step:
+                    os._exit(42)
+
+            async def child() -> None:
+                pools = open_pools(tmp_path, crash)
+                pools.fault = crash
+                await pools.start()
+                await pools.add_device("tank", DISKS[0])
+
+            asyncio.run(child())
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 42
+
+    async def restart() -> None:
+        pools = open_pools(tmp_path)
+        try:
+            report = await recover(pools.devices)
+            await recover_pools(pools, report)
+            assert not report.failed, report
+            now = await assert_agree(pools)
+            record = await pools.pool("tank")
+            pool_state = await pools.pool_state("tank")
+            forward = step >= PoolGrowStep.METADATA  # the metadata cannot shrink
+            assert (len(record.layout.devices) == 2) == forward
+            assert (len(record.layout.metadata) == 2) == forward
+            assert pool_state.metadata_total_bytes == record.layout.metadata_sectors * 512
+            assert pool_state.data_total_bytes == record.layout.data_sectors * 512
+            assert now["volumes"] == before["volumes"]
+            if not forward:
+                assert now["kernel"] == before["kernel"]
+        finally:
+            close(pools)
+
+    asyncio.run(restart())
+
+
+@pytest.mark.parametrize("step", list(PoolGrowStep))
+async def test_an_error_at_any_step_of_add_device_low_on_metadata(
+        pools: PoolService, step: PoolGrowStep) -> None:
+    await metadata_low_pool(pools)
+    before = await state(pools)
+
+    def fail(op: str, number: int) -> None:
+        if op == "pool-grow" and number == step:
+            raise errors.Busy(f"step {number}")
+
+    pools.fault = pools.devices.fault = fail
+    with pytest.raises(errors.Busy):
+        await pools.add_device("tank", DISKS[0])
+    pools.fault = pools.devices.fault = None
+    now = await assert_agree(pools)
+    record = await pools.pool("tank")
+    forward = step > PoolGrowStep.METADATA  # its fault comes before the step it marks
+    assert (len(record.layout.devices) == 2) == forward
+    assert ((await pools.pool_state("tank")).metadata_total_bytes
+            == record.layout.metadata_sectors * 512)
+    if not forward:
+        assert now["kernel"] == before["kernel"] and now["layouts"] == before["layouts"]

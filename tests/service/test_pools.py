@@ -281,11 +281,15 @@ OPERATIONS: dict[str, Callable[[PoolService], Awaitable[Any]]] = {
     "pool-grow": lambda p: p.add_device("tank", DISKS[2]),
 }
 STEPS = {"pool-create": 4, "volume-create": 4, "volume-snapshot": 6, "volume-delete": 4,
-         "pool-destroy": 2, "pool-grow": 4}
-EVERY_STEP = [(op, k) for op, n in STEPS.items() for k in range(1, n + 1)]
+         "pool-destroy": 2, "pool-grow": 5}
+# Steps an operation does not take here: pool-grow's METADATA is for a pool
+# low on metadata (tests/service/test_pool_space.py).
+SKIPPED = {("pool-grow", 2)}
+EVERY_STEP = [(op, k) for op, n in STEPS.items() for k in range(1, n + 1)
+              if (op, k) not in SKIPPED]
 # Past these steps an operation rolls forward (the kernel cannot undo it).
 ROLLS_FORWARD = {("volume-delete", k) for k in (2, 3, 4)} | {
-    ("pool-destroy", 1), ("pool-destroy", 2), ("pool-grow", 4)}
+    ("pool-destroy", 1), ("pool-destroy", 2), ("pool-grow", 5)}
 
 
 async def prepare(tmp: Path) -> None:
