@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +263,30 @@ async def test_metadata_grows_into_the_room_too(pools: PoolService) -> None:
         await extend_pool(pools, "tank", data_bytes=1 << 40)
 
 
+def crash_at(tmp: Path, operation: str, step: int,
+             run: Callable[[PoolService], Awaitable[Any]]) -> None:
+    """*run* in a forked child on the pools in *tmp*, which dies at *step*
+    of *operation*."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            def crash(op: str, number: int) -> None:
+                if op == operation and number == step:
+                    os._exit(42)
+
+            async def child() -> None:
+                pools = open_pools(tmp, crash)
+                pools.fault = crash
+                await pools.start()
+                await run(pools)
+
+            asyncio.run(child())
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 42, "the child did not die at that step"
+
+
 @pytest.mark.parametrize("step", list(PoolExtendStep))
 def test_a_crash_at_any_step_of_an_extension(tmp_path: Path, step: PoolExtendStep) -> None:
     async def prepare() -> dict[str, Any]:
@@ -275,24 +300,8 @@ def test_a_crash_at_any_step_of_an_extension(tmp_path: Path, step: PoolExtendSte
             close(pools)
 
     before = asyncio.run(prepare())
-    pid = os.fork()
-    if pid == 0:
-        try:
-            def crash(op: str, number: int) -> None:
-                if op == "pool-extend" and number == step:
-                    os._exit(42)
-
-            async def child() -> None:
-                pools = open_pools(tmp_path, crash)
-                pools.fault = crash
-                await pools.start()
-                await extend_pool(pools, "tank", data_bytes=32 * BLOCK, metadata_bytes=1 << 20)
-
-            asyncio.run(child())
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 42
+    crash_at(tmp_path, "pool-extend", step, lambda pools: extend_pool(
+        pools, "tank", data_bytes=32 * BLOCK, metadata_bytes=1 << 20))
 
     async def restart() -> None:
         pools = open_pools(tmp_path)
@@ -381,24 +390,7 @@ def test_a_crash_at_any_step_of_add_device_low_on_metadata(tmp_path: Path,
             close(pools)
 
     before = asyncio.run(prepare())
-    pid = os.fork()
-    if pid == 0:
-        try:
-            def crash(op: str, number: int) -> None:
-                if op == "pool-grow" and number == step:
-                    os._exit(42)
-
-            async def child() -> None:
-                pools = open_pools(tmp_path, crash)
-                pools.fault = crash
-                await pools.start()
-                await pools.add_device("tank", DISKS[0])
-
-            asyncio.run(child())
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 42
+    crash_at(tmp_path, "pool-grow", step, lambda pools: pools.add_device("tank", DISKS[0]))
 
     async def restart() -> None:
         pools = open_pools(tmp_path)
