@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 
 from dmd.engine import DmFlags
 from dmd.engine.interface import Engine
+from dmd.engine.targets.thin import MAX_METADATA_SECTORS
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
 from dmd.service.journal import PoolArgs, PoolExtendStep, intent
@@ -46,9 +47,6 @@ from dmd.service.pools import tpool as tpool_name
 from dmd.state import PoolLayout, PoolRecord, Segment
 
 log = logging.getLogger(__name__)
-
-MAX_METADATA_SECTORS = 16 << 21  # 16 GiB: what dm-thin uses at most
-
 
 @dataclass(frozen=True, slots=True)
 class Space:
@@ -114,7 +112,7 @@ async def extend_pool(pools: PoolService, pool: str, data_bytes: int = 0,
     """Grow the pool's data and/or metadata into its devices' free space."""
     async with pools._changing(pool):
         record = await pools.pool(pool)
-        await pools._authorize(caller, Action.POOL, pool, record.owner_uid)
+        await pools.check_authorized(caller, Action.POOL, pool, record.owner_uid)
         grown_layout = extended(record, data_bytes // 512, metadata_bytes // 512)
         grown = replace(record, layout=grown_layout)
         claim = pools.owner(pool)
