@@ -34,16 +34,33 @@ log = logging.getLogger(__name__)
 
 
 class _SendOrWait:
-    """A socket whose send() returns 0 where the real one raises EAGAIN."""
+    """A socket whose send() returns 0 where the real one raises EAGAIN.
+
+    A message that carries file descriptors is sent with sendmsg(); the
+    writer forgets its descriptors once sendmsg returns, so when nothing was
+    sent they are kept here and go with the next send of the same message's
+    bytes."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
+        self._ancillary: list[Any] | None = None
 
     def send(self, data: Any) -> int:
+        if self._ancillary is not None:
+            return self.sendmsg([data], self._ancillary)
         try:
             return self._sock.send(data)
         except (BlockingIOError, InterruptedError):
             return 0
+
+    def sendmsg(self, buffers: list[Any], ancillary: list[Any]) -> int:
+        try:
+            sent = self._sock.sendmsg(buffers, ancillary)
+        except (BlockingIOError, InterruptedError):
+            self._ancillary = ancillary
+            return 0
+        self._ancillary = None
+        return sent
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
@@ -52,7 +69,8 @@ class _SendOrWait:
 class DmdBus(MessageBus):
     def __init__(self, bus_type: BusType = BusType.SYSTEM, bus_address: str | None = None,
                  ) -> None:
-        super().__init__(bus_address=bus_address, bus_type=bus_type)
+        # File descriptors: Volume.OpenDevice hands one out.
+        super().__init__(bus_address=bus_address, bus_type=bus_type, negotiate_unix_fd=True)
         # While the first scan is exported nobody can know our objects yet:
         # one signal per device there would only cost time.
         self.quiet = True

@@ -170,11 +170,12 @@ OPTIONS: dict[str, dict[str, str]] = {
                    "data-size": "t", "no-space-timeout": "u",
                    "metadata-size": "t"},
     "ImportPool": {},
-    "CreateVolume": {"labels": "a{ss}"},
+    "CreateVolume": {"labels": "a{ss}", "filesystem": "s"},
     "Snapshot": {"labels": "a{ss}", "activate": "b"},
     "Resize": {"shrink": "b"},
     "Destroy": {"force": "b"},
     "AddDevice": {"force": "b"},
+    "OpenDevice": {"exclusive": "b"},
 }
 
 

@@ -44,6 +44,7 @@ TypedStatus = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
 StrList = Annotated[list[str], DBusSignature("as")]
 ObjectAndJob = Annotated[list[str], DBusSignature("oo")]
 Timeout = Annotated[float, DBusSignature("d")]
+Fd = Annotated[int, DBusSignature("h")]
 
 
 def _routed() -> NoReturn:
@@ -239,6 +240,10 @@ class VolumeInterface(CachedObject):
 
     @dbus_method()
     def Deactivate(self, options: Options) -> Path:
+        _routed()
+
+    @dbus_method()
+    def OpenDevice(self, mode: Str, options: Options) -> Fd:
         _routed()
 
 

@@ -13,6 +13,7 @@ from dmd.service import errors
 from dmd.service.auth import Caller
 from dmd.service.pool_import import import_pool
 from dmd.service.pools import PoolService
+from dmd.service.volume_open import open_volume
 
 
 def _size(value: Any, what: str) -> int:
@@ -60,7 +61,9 @@ class PoolHandlers:
         opts = options_in("CreateVolume", options)
         job, volume = await self.pools.as_job("volume-create", caller, lambda accept:
             self.pools.create_volume(pool, check_string(name, "name"), _size(size, "size"),
-                                     labels=opts.get("labels"), caller=caller, accept=accept))
+                                     labels=opts.get("labels"),
+                                     filesystem=opts.get("filesystem"), caller=caller,
+                                     accept=accept))
         return [volume_path(volume.uuid), job_path(job.id)]
 
     async def AddDevice(self, caller: Caller, pool: str, device: str,
@@ -123,6 +126,12 @@ class VolumeHandlers:
         job, _ = await self.pools.as_job("volume-deactivate", caller, lambda accept:
             self.pools.set_active(pool, volume, False, caller=caller, accept=accept))
         return job_path(job.id)
+
+    async def OpenDevice(self, caller: Caller, pool: str, volume: str, mode: str,
+                         options: dict[str, Any]) -> int:
+        opts = options_in("OpenDevice", options)
+        return await open_volume(self.pools, pool, volume, check_string(mode, "mode"),
+                                 exclusive=opts.get("exclusive", False), caller=caller)
 
 
 class JobHandlers:

@@ -11,12 +11,15 @@ whole result after every object, quadratic in the number of devices).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from dbus_fast import ErrorType, Message, MessageFlag, MessageType
+from dbus_fast._private.util import replace_fds_with_idx
 from dbus_fast.service import ServiceInterface
 from dbus_fast.signature import get_signature_tree
 
@@ -36,6 +39,9 @@ Handler = Callable[..., Awaitable[Any]]
 
 
 Resolver = Callable[[str], "list[Any] | None"]
+
+BUS_DAEMON = "org.freedesktop.DBus"
+UNDELIVERED_WAIT = 10.0  # seconds the bus daemon has to say a reply went nowhere
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,10 +100,19 @@ class Router:
                 self._routes[kind.prototype.name])
             assert not missing, f"{kind.prototype.name}: no handler for {sorted(missing)}"
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._fd_replies: dict[int, Message] = {}  # reply serial -> its call
         self.accepting = True
 
     # -- dispatch (runs inside dbus-fast's reader callback: must not block) --
     def handle(self, msg: Message) -> Message | bool | None:
+        answer = self._dispatch(msg)
+        if answer is not True:
+            _close(msg.unix_fds)  # only a running handler reads what a call sent
+        return answer
+
+    def _dispatch(self, msg: Message) -> Message | bool | None:
+        if msg.message_type is MessageType.ERROR and msg.reply_serial in self._fd_replies:
+            return self._undelivered(msg)
         if msg.message_type is not MessageType.METHOD_CALL:
             return None
         if msg.interface == OBJECT_MANAGER_INTERFACE or (
@@ -163,7 +178,10 @@ class Router:
                 args[:0] = subject
             result = await route.handler(caller, *args)
             body = [] if not route.outputs else [result] if route.outputs == 1 else list(result)
-            reply = Message.new_method_return(msg, route.out_signature, body)
+            # A handler returns an "h" as the descriptor itself, dmd's to close
+            # once it is sent (the kernel has a copy in the message by then).
+            body, handed_over = replace_fds_with_idx(route.out_signature, body)
+            reply = Message.new_method_return(msg, route.out_signature, body, handed_over)
         except errors.ServiceError as exc:
             log.info("%s %s from %s: %s: %s", msg.member, msg.path, msg.sender, exc.name, exc)
             reply = error_reply(msg, exc)
@@ -171,11 +189,44 @@ class Router:
             log.exception("%s %s from %s failed", msg.member, msg.path, msg.sender)
             reply = Message.new_error(msg, ERROR_PREFIX + "Failed",
                                       f"{msg.member}: internal error (see dmd's log)")
+        finally:
+            _close(msg.unix_fds)  # a handler that keeps a caller's descriptor dups it
         if not msg.flags & MessageFlag.NO_REPLY_EXPECTED and self.bus.connected:
-            self.bus.send(reply)
+            sent = self.bus.send(reply)
+            if reply.unix_fds:
+                sent.add_done_callback(lambda _: _close(reply.unix_fds))
+                self._expect_delivery(reply.serial, msg)
+        else:
+            _close(reply.unix_fds)
+
+    # A caller whose connection did not negotiate file descriptors cannot be
+    # given one: the bus daemon drops such a reply and tells dmd (not the
+    # caller, who would wait for its timeout). dmd then answers the call
+    # with an error that says why.
+    def _expect_delivery(self, serial: int, call: Message) -> None:
+        self._fd_replies[serial] = call
+        asyncio.get_running_loop().call_later(
+            UNDELIVERED_WAIT, self._fd_replies.pop, serial, None)
+
+    def _undelivered(self, error: Message) -> bool:
+        call = self._fd_replies.pop(error.reply_serial)
+        if error.sender != BUS_DAEMON:
+            return False
+        log.info("%s %s from %s: reply with a file descriptor not delivered: %s",
+                 call.member, call.path, call.sender, error.error_name)
+        self.bus.send(error_reply(call, errors.InvalidArgument(
+            f"{call.member} replies with a file descriptor, and this connection did not "
+            "negotiate file descriptor passing (the bus refused to deliver it)")))
+        return True
 
     async def drain(self) -> None:
         """Refuse new calls; wait for the ones already running to finish."""
         self.accepting = False
         while self._in_flight:
             await asyncio.gather(*list(self._in_flight), return_exceptions=True)
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)

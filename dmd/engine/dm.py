@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import logging
 import os
+import stat
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -266,6 +268,23 @@ class DM:
     def write_disk(self, path: str, offset: int, data: bytes) -> None:
         """Write *data* at byte *offset* of block device *path*, durably."""
         blockdev.write(path, offset, data)
+
+    def open_node(self, id: DevId | str, flags: int) -> int:
+        """An open file descriptor of the device's block node (``os.open``
+        *flags*, close-on-exec added): /dev/mapper/NAME, checked to be this
+        device's node after the open, so a node that udev has not yet moved
+        (or that someone replaced) is never handed out in its place."""
+        info = self.device_info(id)
+        try:
+            fd = os.open(f"/dev/mapper/{info.name}", flags | os.O_CLOEXEC)
+        except FileNotFoundError:  # no table was ever made live: udev made no node
+            raise DmError(errno.ENXIO, "open", info.name) from None
+        st = os.fstat(fd)
+        if not stat.S_ISBLK(st.st_mode) or (
+                os.major(st.st_rdev), os.minor(st.st_rdev)) != info.device:
+            os.close(fd)
+            raise DmError(errno.ENXIO, "open", info.name)
+        return fd
 
     # -- per-device commands -----------------------------------------------
     def device_create(

@@ -299,6 +299,7 @@ class SimDM:
         # call's changes are saved (see open_events).
         self._event_raised = False
         self._event_sources: list[_SimEvents] = []
+        self._memfds: dict[str, int] = {}
         self._disk_bytes = _DiskBytes(
             self.path.with_name(self.path.name + ".disks") if self.path is not None else None)
         if self.path is not None:
@@ -532,7 +533,10 @@ class SimDM:
 
     # -- lifecycle, as DM --------------------------------------------------
     def close(self) -> None:
-        pass
+        with self._lock:
+            for fd in self._memfds.values():
+                os.close(fd)
+            self._memfds.clear()
 
     def __enter__(self) -> SimDM:
         return self
@@ -1074,6 +1078,36 @@ class SimDM:
     def device_info(self, id: DevId | str) -> DeviceInfo:
         with self._locked() as k:
             return self._info(k, self._find(k, id, "DM_DEV_STATUS"))
+
+    def open_node(self, id: DevId | str, flags: int) -> int:
+        """As DM.open_node: a file of the device's size stands for its
+        node (a sparse file beside the model, or a memfd for an in-memory
+        simulator), named by the device's UUID, so what was written is there
+        again when a volume is activated again. ``O_EXCL`` is not modelled."""
+        with self._locked() as k:
+            dev = self._find(k, id, "open")
+            if dev.live is None:
+                raise _fail(errno.ENXIO, "open", dev.name)
+            key, size = f"dev-{dev.uuid or dev.name}", dev.size_sectors * 512
+        flags = (flags & ~os.O_EXCL) | os.O_CLOEXEC
+        if self._disk_bytes.directory is None:
+            with self._lock:
+                backing = self._memfds.get(key)
+                if backing is None:
+                    backing = self._memfds[key] = os.memfd_create(key, os.MFD_CLOEXEC)
+                if os.fstat(backing).st_size < size:
+                    os.ftruncate(backing, size)
+            # A new open file (its own offset), as a second open of a node is.
+            return os.open(f"/proc/self/fd/{backing}", flags)
+        path = self._disk_bytes.directory / key
+        self._disk_bytes.directory.mkdir(parents=True, exist_ok=True)
+        sizing = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(sizing).st_size < size:
+                os.ftruncate(sizing, size)
+        finally:
+            os.close(sizing)
+        return os.open(path, flags)
 
     def device_wait(self, id: DevId | str, flags: DmFlags = DmFlags(0),
                     event_nr: int | None = None) -> tuple[DeviceInfo, list[TargetLine]]:

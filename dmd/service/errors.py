@@ -21,6 +21,12 @@ class ServiceError(Exception):
     name = "Failed"
 
 
+class Failed(ServiceError):
+    """What dmd ran failed (a tool's exit status, in the message)."""
+
+    name = "Failed"
+
+
 class InvalidArgument(ServiceError):
     name = "InvalidArgument"
 
@@ -39,6 +45,12 @@ class Busy(ServiceError):
 
 class NotAuthorized(ServiceError):
     name = "NotAuthorized"
+
+
+class NotActive(ServiceError):
+    """The volume has no device now (Activate makes it)."""
+
+    name = "NotActive"
 
 
 class Corrupt(ServiceError):

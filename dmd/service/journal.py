@@ -74,6 +74,7 @@ class VolumeCreateStep(enum.IntEnum):
     TRANSACTION = 2  # set_transaction_id next
     RECORD = 3  # the pool is at the new id; the volume's record is written next
     ACTIVATE = 4  # its device is made next
+    FILESYSTEM = 5  # mkfs runs next (when asked for): a crash from here undoes it all
 
 
 class SnapshotStep(enum.IntEnum):
@@ -176,7 +177,7 @@ class PoolArgs(IntentArgs):
 # order, which spares a round trip to the store's thread per step.
 RECOVERY_READS: frozenset[tuple[str, int]] = frozenset({
     ("reload", ReloadStep.RESUME), ("pool-extend", PoolExtendStep.POOL),
-    ("pool-grow", PoolGrowStep.METADATA)})
+    ("pool-grow", PoolGrowStep.METADATA), ("volume-create", VolumeCreateStep.FILESYSTEM)})
 
 
 class IntentStore(Protocol):

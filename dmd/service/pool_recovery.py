@@ -23,7 +23,7 @@ from dataclasses import replace
 from dmd.engine import DmError, DmFlags
 from dmd.engine.interface import Engine
 from dmd.service import errors
-from dmd.service.journal import PoolArgs, PoolExtendStep, PoolGrowStep
+from dmd.service.journal import PoolArgs, PoolExtendStep, PoolGrowStep, VolumeCreateStep
 from dmd.service.pools import (
     POOL_OPERATIONS,
     PoolService,
@@ -190,6 +190,10 @@ async def _settle(pools: PoolService, intent: IntentRecord) -> str | None:
         return None
     recorded = {v.uuid for v in await pools.store.list_volumes(pool)}
     if intent.operation in ("volume-create", "volume-snapshot"):
+        if intent.operation == "volume-create" and intent.step == VolumeCreateStep.FILESYSTEM:
+            # mkfs was running: a half-made filesystem is no volume to hand out.
+            await pools._undo_thin(pool, volume, recorded=volume.uuid in recorded)
+            return "rolled_back"
         if tid == start:
             # The thin may exist (create_thin sent, the transaction not):
             # take it back. Nothing was recorded or activated yet.

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import re
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -52,7 +53,8 @@ from dmd.engine.targets.thin import (
 from dmd.engine.types import MAX_DEVICE_SECTORS
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
-from dmd.service.jobs import Job, Jobs
+from dmd.service.filesystems import check_filesystem, make_filesystem
+from dmd.service.jobs import Job, Jobs, progress
 from dmd.service.journal import (
     Journal,
     PoolArgs,
@@ -305,7 +307,7 @@ class PoolService:
     def _release(self, pool: str) -> None:
         self.devices.claims.pop(f"{pool}-", None)
 
-    async def _authorize(self, caller: Caller, action: Action, subject: str,
+    async def check_authorized(self, caller: Caller, action: Action, subject: str,
                          owner_uid: int | None = None) -> None:
         await self.devices.authorize(caller, action, subject)
         if owner_uid is not None and caller.uid not in (0, owner_uid):
@@ -374,7 +376,7 @@ class PoolService:
                           no_space_timeout: int = 60, metadata_size: int | None = None,
                           caller: Caller = ROOT,
                           accept: Accept = _ignore) -> PoolRecord:
-        await self._authorize(caller, Action.POOL, name)
+        await self.check_authorized(caller, Action.POOL, name)
         check_name(name, "pool")
         if not isinstance(paths, list) or not paths or len(set(paths)) != len(paths):
             raise errors.InvalidArgument("a pool needs one or more distinct devices")
@@ -520,7 +522,7 @@ class PoolService:
         volumes, unless *force* (then they go too, data and all)."""
         async with self._changing(name):
             record = await self.pool(name)
-            await self._authorize(caller, Action.POOL, name, record.owner_uid)
+            await self.check_authorized(caller, Action.POOL, name, record.owner_uid)
             volumes = await self.store.list_volumes(name)
             if volumes and not force:
                 raise errors.Busy(f"pool {name!r} has {len(volumes)} volume(s); delete them "
@@ -583,7 +585,7 @@ class PoolService:
         """
         async with self._changing(pool):
             record = await self.pool(pool)
-            await self._authorize(caller, Action.POOL, pool, record.owner_uid)
+            await self.check_authorized(caller, Action.POOL, pool, record.owner_uid)
             if path in record.layout.devices:
                 raise errors.Busy(f"{path} is a device of pool {pool!r} already")
             [(path, size)] = await self._check_devices([path], force)
@@ -691,11 +693,15 @@ class PoolService:
 
     async def create_volume(self, pool: str, name: str, size_bytes: int, *,
                             labels: Mapping[str, str] | None = None,
+                            filesystem: str | None = None,
                             caller: Caller = ROOT,
                             accept: Accept = _ignore) -> VolumeRecord:
-        await self._authorize(caller, Action.VOLUME, f"{pool}/{name}")
+        """*filesystem*: "ext4" or "xfs", made on the new volume as the last
+        step (its failure undoes the volume)."""
+        await self.check_authorized(caller, Action.VOLUME, f"{pool}/{name}")
         check_name(name, "volume")
         size = check_size(size_bytes)
+        check_filesystem(filesystem)
         clean_labels = check_labels(labels or {})
         async with self._changing(pool):
             record = await self.pool(pool)
@@ -706,15 +712,18 @@ class PoolService:
             volume = VolumeRecord(str(uuidlib.uuid4()), pool, name, thin_id, size, None,
                                   caller.uid, clean_labels, True)
             await self._add_thin(record, volume, tid, create_thin(thin_id), "volume-create",
-                                 accept=accept)
-        log.info("volume-create %s/%s: thin id %d, %d bytes", pool, name, thin_id, size)
+                                 filesystem=filesystem, accept=accept)
+        log.info("volume-create %s/%s: thin id %d, %d bytes%s", pool, name, thin_id, size,
+                 f", {filesystem}" if filesystem else "")
         return volume
 
     async def _add_thin(self, pool: PoolRecord, volume: VolumeRecord, tid: int,
                         message: str, operation: str, *, snapshot: bool = False,
-                        origin_device: str | None = None, accept: Accept = _ignore) -> None:
+                        origin_device: str | None = None, filesystem: str | None = None,
+                        accept: Accept = _ignore) -> None:
         """The protocol shared by create and snapshot (see the module);
-        *origin_device*: the snapshot's origin device, if it is active."""
+        *origin_device*: the snapshot's origin device, if it is active;
+        *filesystem*: made on the new (active) volume at the end."""
         name = pool.name
         claim = self.owner(name)
         steps: Any = SnapshotStep if snapshot else VolumeCreateStep
@@ -752,6 +761,13 @@ class PoolService:
             if volume.active:
                 await journal.mark(steps.ACTIVATE)
                 await self._activate(volume)
+            if filesystem is not None:
+                await journal.mark(VolumeCreateStep.FILESYSTEM)
+                device = volume_device(name, volume.name)
+                await make_filesystem(
+                    lambda: self.kernel(Engine.open_node, device, os.O_RDWR), filesystem,
+                    volume.name, lambda done: progress(  # the part of the job after the mark
+                        (VolumeCreateStep.FILESYSTEM + done) / (len(VolumeCreateStep) + 1)))
 
     async def _undo_thin(self, pool: str, volume: VolumeRecord, *, recorded: bool) -> None:
         """Take a thin id back out (deleting what is not there is fine) and
@@ -813,7 +829,7 @@ class PoolService:
         async with self._changing(pool):
             record = await self.pool(pool)
             source = await self.volume(pool, origin)
-            await self._authorize(caller, Action.VOLUME, f"{pool}/{origin}", source.owner_uid)
+            await self.check_authorized(caller, Action.VOLUME, f"{pool}/{origin}", source.owner_uid)
             if any(v.name == name for v in await self.store.list_volumes(pool)):
                 raise errors.AlreadyExists(f"pool {pool!r} has a volume named {name!r}")
             tid = await self._kernel_tid(pool, record)
@@ -832,7 +848,7 @@ class PoolService:
         """Remove the volume's device, delete its thin id, drop its record."""
         async with self._changing(pool):
             volume = await self.volume(pool, name)
-            await self._authorize(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
+            await self.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
             tid = await self._kernel_tid(pool)
             claim = self.owner(pool)
 
@@ -875,7 +891,7 @@ class PoolService:
         size = check_size(size_bytes)
         async with self._changing(pool):
             volume = await self.volume(pool, name)
-            await self._authorize(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
+            await self.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
             if size < volume.size_bytes and not shrink:
                 raise errors.InvalidArgument(
                     f"{size} bytes is smaller than {name!r} ({volume.size_bytes} bytes); "
@@ -897,7 +913,7 @@ class PoolService:
         stay) a volume."""
         async with self._changing(pool):
             volume = await self.volume(pool, name)
-            await self._authorize(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
+            await self.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
             changed = replace(volume, active=active)
             await self._accepted(pool, changed, accept)
             device = volume_device(pool, name)

@@ -15,7 +15,7 @@ import signal
 import socket
 from typing import Any
 
-from dbus_fast import Message
+from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from dmd.dbus.bus import DmdBus
@@ -25,16 +25,25 @@ SIGNALS = 2000
 PAYLOAD = "x" * 1024  # 2,000 signals: ~2 MiB, far past a 4 KiB send buffer
 
 
-async def flood(bus: MessageBus, private_bus: PrivateBus) -> int:
+async def flood(bus: MessageBus, private_bus: PrivateBus, fd: int | None = None) -> int:
     """Send SIGNALS signals while the bus daemon is stopped; return how many
-    a listener received once it runs again."""
-    listener = await MessageBus(bus_address=private_bus.address).connect()
+    a listener received once it runs again. With *fd*, each signal carries a
+    copy of it, and only a signal whose copy arrived counts."""
+    listener = await MessageBus(bus_address=private_bus.address,
+                                negotiate_unix_fd=fd is not None).connect()
     received = 0
 
     def count(msg: Message) -> None:
         nonlocal received
-        if msg.member == "Flood":
+        if msg.member != "Flood":
+            return
+        if fd is None:
             received += 1
+            return
+        for copy in msg.unix_fds:
+            if os.path.sameopenfile(copy, fd):
+                received += 1
+            os.close(copy)
 
     listener.add_message_handler(count)
     await listener.call(Message(
@@ -47,8 +56,13 @@ async def flood(bus: MessageBus, private_bus: PrivateBus) -> int:
     try:
         for i in range(SIGNALS):
             try:
-                bus.send(Message.new_signal("/test", "org.example.Test", "Flood", "us",
-                                            [i, PAYLOAD]))
+                if fd is None:
+                    bus.send(Message.new_signal("/test", "org.example.Test", "Flood", "us",
+                                                [i, PAYLOAD]))
+                else:
+                    bus.send(Message(path="/test", interface="org.example.Test",
+                                     member="Flood", message_type=MessageType.SIGNAL,
+                                     signature="ush", body=[i, PAYLOAD, 0], unix_fds=[fd]))
             except OSError:
                 break  # dropped: the socket is closed under the writer
             if i % 100 == 0:
@@ -69,6 +83,20 @@ async def test_dmd_bus_waits_out_a_full_socket_buffer(private_bus: PrivateBus) -
         assert await flood(bus, private_bus) == SIGNALS
         assert bus.connected
     finally:
+        bus.disconnect()
+
+
+async def test_descriptors_are_not_lost_to_a_full_socket_buffer(private_bus: PrivateBus,
+                                                                tmp_path: Any) -> None:
+    """A message with file descriptors goes out by sendmsg; when it meets
+    EAGAIN its descriptors must go with the rest of its bytes."""
+    bus: Any = await DmdBus(bus_address=private_bus.address).connect()
+    fd = os.open(tmp_path / "handed", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert await flood(bus, private_bus, fd) == SIGNALS
+        assert bus.connected
+    finally:
+        os.close(fd)
         bus.disconnect()
 
 

@@ -549,6 +549,34 @@ def test_disk_bytes_read_back_and_a_pool_label_is_probed(engine: Engine,
         engine.read_disk("/dev/nothing-here", 0, 512)
 
 
+def test_open_node_gives_its_node_and_the_bytes_written_through_it(
+        engine: Engine, disk: Callable[[int], str]) -> None:
+    backing = disk(16)
+    name = active(engine, f"{P}opened", [TargetLine(0, 4096, "linear", f"{backing} 0")],
+                  uuid="dmdtest-opened-uuid")
+    fd = engine.open_node(name, os.O_RDWR)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_END) == 4096 * 512
+        assert os.pwrite(fd, b"\xa5" * 4096, 8192) == 4096
+        os.fsync(fd)
+        if isinstance(engine, DM):
+            st = os.fstat(fd)
+            assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == engine.device_info(
+                name).device
+    finally:
+        os.close(fd)
+    reader = engine.open_node(name, os.O_RDONLY)
+    try:
+        assert os.pread(reader, 4096, 8192) == b"\xa5" * 4096  # another open sees it
+        assert os.pread(reader, 512, 0) == bytes(512)
+        assert os.get_inheritable(reader) is False
+        with pytest.raises(OSError):
+            os.write(reader, b"x")  # opened for reading only
+    finally:
+        os.close(reader)
+    assert errno_of(lambda: engine.open_node(f"{P}missing", os.O_RDONLY)) == errno.ENXIO
+
+
 def _write(engine: Engine, name: str, sector: int, sectors: int) -> None:
     """Write *sectors* at *sector* of device *name* (the simulator is told)."""
     if not isinstance(engine, DM):

@@ -12,7 +12,10 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from dmd.dbus.names import BUS_NAME
 
@@ -37,6 +40,36 @@ def dmsetup(*args: str) -> str:
     out = subprocess.run(["dmsetup", *args], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
+
+
+@contextlib.contextmanager
+def polkitd() -> Iterator[None]:
+    """A polkitd of our own while the block runs (it reads the rules as they
+    are at its start)."""
+    for binary in ("/usr/lib/polkit-1/polkitd", "/usr/libexec/polkitd"):
+        if Path(binary).exists():
+            break
+    else:
+        pytest.fail("polkitd is not installed in the lab (scripts/setup installs polkitd)")
+    subprocess.run(["pkill", "-x", "polkitd"], check=False)
+    time.sleep(0.5)
+    proc = subprocess.Popen([binary, "--no-debug"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            if busctl("status", "org.freedesktop.PolicyKit1").returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("polkitd did not take its bus name")
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        for _ in range(100):
+            if busctl("status", "org.freedesktop.PolicyKit1").returncode != 0:
+                break
+            time.sleep(0.05)
 
 
 def install_policy() -> None:

@@ -21,7 +21,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from lab_daemon import SystemDmd, busctl, call, dmsetup, records, suspended_attr, unfinished
+from lab_daemon import (
+    SystemDmd,
+    busctl,
+    call,
+    dmsetup,
+    polkitd,
+    records,
+    suspended_attr,
+    unfinished,
+)
 
 from dmd.dbus.names import BUS_NAME, DEVICE_INTERFACE, MANAGER_INTERFACE, ROOT_PATH
 
@@ -120,35 +129,6 @@ def mutating_calls(path: str) -> list[tuple[str, list[str]]]:
 
 def kernel_state() -> str:
     return dmsetup("table") + "\n" + dmsetup("info", "-c", "--noheadings")
-
-
-@contextlib.contextmanager
-def polkitd() -> Iterator[None]:
-    for binary in ("/usr/lib/polkit-1/polkitd", "/usr/libexec/polkitd"):
-        if Path(binary).exists():
-            break
-    else:
-        pytest.fail("polkitd is not installed in the lab (scripts/setup installs polkitd)")
-    # One polkitd of ours, which reads the rules as they are now.
-    subprocess.run(["pkill", "-x", "polkitd"], check=False)
-    time.sleep(0.5)
-    proc = subprocess.Popen([binary, "--no-debug"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(300):
-            if busctl("status", "org.freedesktop.PolicyKit1").returncode == 0:
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail("polkitd did not take its bus name")
-        yield
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        for _ in range(100):
-            if busctl("status", "org.freedesktop.PolicyKit1").returncode != 0:
-                break
-            time.sleep(0.05)
 
 
 def assert_every_change_refused(path: str, reason: str) -> None:

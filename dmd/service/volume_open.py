@@ -1,0 +1,60 @@
+"""Volume.OpenDevice: a volume's block device, opened by dmd and handed over.
+
+A service that runs as its own user asks for its volume and gets an open file
+descriptor: it needs no write access to /dev, and device nodes stay root's
+(as udisks' Block.OpenDevice). The caller must be the volume's owner (or
+root) and pass the "volume" authorization, as for any change to its volume.
+The open is made under the pool's lock, so it cannot meet the volume half
+deactivated or deleted; afterwards the open descriptor is what keeps the
+device busy (a Delete or Deactivate then fails with Busy, as for a mount).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+from dmd.engine import DmError
+from dmd.engine.interface import Engine
+from dmd.service import errors
+from dmd.service.auth import Action, Caller
+from dmd.service.pools import PoolService, volume_device
+
+log = logging.getLogger(__name__)
+
+MODES = {"r": os.O_RDONLY, "w": os.O_WRONLY, "rw": os.O_RDWR}
+
+
+def open_flags(mode: str, *, exclusive: bool = False) -> int:
+    if mode not in MODES:
+        raise errors.InvalidArgument(f"mode {mode!r}: one of {', '.join(MODES)}")
+    return MODES[mode] | (os.O_EXCL if exclusive else 0)
+
+
+async def open_volume(pools: PoolService, pool: str, name: str, mode: str, *,
+                      exclusive: bool = False, caller: Caller) -> int:
+    """An open descriptor of volume *pool*/*name*'s device (the caller's to
+    close); *mode* "r", "w" or "rw"; *exclusive* adds O_EXCL (refused with
+    Busy while anyone holds the device: a mount, a table, another O_EXCL)."""
+    flags = open_flags(mode, exclusive=exclusive)
+    subject = f"{pool}/{name}"
+    async with pools.locks.hold(pool):
+        volume = await pools.volume(pool, name)
+        await pools.check_authorized(caller, Action.VOLUME, subject, volume.owner_uid)
+        device = volume_device(pool, name)
+        if not volume.active or await pools.store.get_device(device) is None:
+            raise errors.NotActive(f"volume {subject} is not active: Activate it first")
+        try:
+            fd = await pools.kernel(Engine.open_node, device, flags)
+        except DmError as exc:
+            raise errors.from_engine(exc, device, "open") from None
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise errors.Busy(f"open {subject} exclusively: it is in use (mounted, "
+                                  "mapped or open exclusively)") from None
+            code = exc.errno or 0
+            raise errors.Kernel(f"open {subject}: {os.strerror(code)}", code) from None
+    log.info("volume-open %s: %s%s for uid %d", subject, mode,
+             " exclusive" if exclusive else "", caller.uid)
+    return fd

@@ -1,0 +1,124 @@
+"""CreateVolume's filesystem option, on the simulator (the volume's device is
+a file there; mkfs writes to it as to a block device): the filesystem is
+made and labelled; the job's progress follows mke2fs's counters; a tool that
+fails names itself and its exit status and undoes the volume; so does an
+error or a crash while mkfs runs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_pool_space import crash_at
+from test_pools import DISKS, GIB, assert_agree, close, open_pools, state
+
+from dmd.engine.interface import Engine
+from dmd.service import errors
+from dmd.service.auth import ROOT
+from dmd.service.journal import VolumeCreateStep
+from dmd.service.pool_recovery import recover_pools
+from dmd.service.pools import PoolService
+from dmd.service.recovery import recover
+
+MIB = 1 << 20
+
+
+async def probe(pools: PoolService, device: str) -> dict[str, str]:
+    """blkid's answer for the device, read through a descriptor of it."""
+    fd = await pools.kernel(Engine.open_node, device, os.O_RDONLY)
+    try:
+        out = subprocess.run(["blkid", "-p", "-o", "export", f"/dev/fd/{fd}"], pass_fds=(fd,),
+                             capture_output=True, text=True, check=False)
+    finally:
+        os.close(fd)
+    return dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+
+
+@pytest.fixture
+async def tank(tmp_path: Path) -> Any:
+    pools = open_pools(tmp_path)
+    await pools.create_pool("tank", DISKS[:2])
+    yield pools
+    close(pools)
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "xfs"])
+async def test_a_volume_is_made_with_its_filesystem(tank: PoolService, fstype: str) -> None:
+    await tank.create_volume("tank", "home", 320 * MIB, filesystem=fstype)
+    found = await probe(tank, "tank-home")
+    assert found.get("TYPE") == fstype and found.get("LABEL") == "home", found
+    await tank.create_volume("tank", "raw", 64 * MIB)
+    assert "TYPE" not in await probe(tank, "tank-raw")
+    await assert_agree(tank)
+
+
+async def test_an_unknown_filesystem_is_refused_before_anything(tank: PoolService) -> None:
+    before = await state(tank)
+    with pytest.raises(errors.InvalidArgument, match="ext4, xfs"):
+        await tank.create_volume("tank", "v", GIB, filesystem="ntfs")
+    assert await state(tank) == before
+
+
+def fake_tool(directory: Path, script: str) -> None:
+    directory.mkdir()
+    tool = directory / "mkfs.ext4"
+    tool.write_text("#!/bin/sh\n" + script)
+    tool.chmod(0o755)
+
+
+async def test_progress_follows_mke2fs_and_a_failure_names_the_tool(
+        tank: PoolService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_tool(tmp_path / "bin", "echo 'Writing inode tables: 1/4'; sleep 0.3\n"
+                                "echo 'Writing inode tables: 3/4'; sleep 0.3\n"
+                                "echo 'the device is on fire' >&2; exit 7\n")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    before = await state(tank)
+    seen: list[float] = []
+    job, _ = await tank.as_job("volume-create", ROOT, lambda accept: tank.create_volume(
+        "tank", "v", GIB, filesystem="ext4", accept=accept))
+    while job.state.value == "running":
+        seen.append(job.progress)
+        await asyncio.sleep(0.05)
+    assert job.state.value == "failed" and job.error_name == "Failed"
+    assert job.error_message == "mkfs.ext4 exited with status 7: the device is on fire"
+    # mkfs is the job's last sixth: 1/4 and 3/4 of it.
+    assert any(abs(p - 5.25 / 6) < 0.01 for p in seen), seen
+    assert any(abs(p - 5.75 / 6) < 0.01 for p in seen), seen
+    # The volume is undone whole: no device, no record, no thin id.
+    after = await assert_agree(tank)
+    for key in ("kernel", "devices", "volumes"):
+        assert after[key] == before[key], key
+
+
+def test_a_crash_while_mkfs_runs_undoes_the_volume(tmp_path: Path) -> None:
+    async def prepare() -> dict[str, Any]:
+        pools = open_pools(tmp_path)
+        try:
+            await pools.create_pool("tank", DISKS[:2])
+            await pools.create_volume("tank", "kept", GIB, filesystem="ext4")
+            return await state(pools)
+        finally:
+            close(pools)
+
+    before = asyncio.run(prepare())
+    crash_at(tmp_path, "volume-create", VolumeCreateStep.FILESYSTEM,
+             lambda pools: pools.create_volume("tank", "half", GIB, filesystem="ext4"))
+
+    async def restart() -> None:
+        pools = open_pools(tmp_path)
+        try:
+            report = await recover(pools.devices)
+            await recover_pools(pools, report)
+            assert not report.failed, report
+            after = await assert_agree(pools)
+            for key in ("kernel", "devices", "volumes"):
+                assert after[key] == before[key], key
+            assert (await probe(pools, "tank-kept")).get("TYPE") == "ext4"
+        finally:
+            close(pools)
+
+    asyncio.run(restart())
