@@ -169,6 +169,8 @@ async def cmd_vol_create(c: Client, a: argparse.Namespace) -> None:
     from dmd.cli.main import labels_of
 
     options = {"labels": Variant("a{ss}", labels_of(a.label))} if a.label else {}
+    if a.filesystem:
+        options["filesystem"] = Variant("s", a.filesystem)
     volume, job = await c.call(await _pool_path(c, a.pool), POOL_INTERFACE, "CreateVolume",
                                "sta{sv}", [a.name, a.size, options], mutating=True)
     await _run_job(c, a, job, volume, VOLUME_INTERFACE, lambda p: p.get("DevicePath", ""))
@@ -270,6 +272,8 @@ def register(verb: Callable[[str, Verb, str], argparse.ArgumentParser]) -> None:
                     help="its size: bytes, or with K, M, G, T (powers of 1024)")
     sp.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                     help="a label kept with the volume (repeatable)")
+    sp.add_argument("--filesystem", choices=("ext4", "xfs"),
+                    help="make this filesystem on it (labelled with its name)")
     sp = verb("vols", cmd_vols, "list volumes")
     sp.add_argument("pool", nargs="?", metavar="POOL", help="only this pool's")
     sp = volume_args(verb("snapshot", cmd_snapshot, "snapshot a volume"))

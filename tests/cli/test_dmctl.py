@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,15 @@ def test_pool_and_volume_verbs(dmd_session: Any) -> None:
     assert refused.returncode == 1 and "(Busy)" in refused.stderr
     missing = dmctl(dmd_session, "vol-delete", "tank", "nosuch")
     assert missing.returncode == 1 and "(NotFound)" in missing.stderr
+    assert ok(dmd_session, "vol-create", "tank", "home", "64M", "--filesystem", "ext4") == \
+        "/dev/mapper/tank-home\n"
+    node = SimDM(dmd_session.sim).open_node("tank-home", os.O_RDONLY)
+    try:
+        found = subprocess.run(["blkid", "-p", "-o", "export", f"/dev/fd/{node}"],
+                               pass_fds=(node,), capture_output=True, text=True).stdout
+    finally:
+        os.close(node)
+    assert "TYPE=ext4" in found and "LABEL=home" in found, found
     bad = dmctl(dmd_session, "vol-create", "tank", "v", "lots")
     assert bad.returncode == 2 and "not a size" in bad.stderr
     job = ok(dmd_session, "pool-destroy", "tank", "--force", "--no-wait").strip()
