@@ -41,6 +41,7 @@ Handler = Callable[..., Awaitable[Any]]
 Resolver = Callable[[str], "list[Any] | None"]
 
 BUS_DAEMON = "org.freedesktop.DBus"
+NOT_SUPPORTED = "org.freedesktop.DBus.Error.NotSupported"  # what it says of such a reply
 UNDELIVERED_WAIT = 10.0  # seconds the bus daemon has to say a reply went nowhere
 
 
@@ -111,7 +112,8 @@ class Router:
         return answer
 
     def _dispatch(self, msg: Message) -> Message | bool | None:
-        if msg.message_type is MessageType.ERROR and msg.reply_serial in self._fd_replies:
+        if (msg.message_type is MessageType.ERROR and msg.sender == BUS_DAEMON
+                and msg.error_name == NOT_SUPPORTED and msg.reply_serial in self._fd_replies):
             return self._undelivered(msg)
         if msg.message_type is not MessageType.METHOD_CALL:
             return None
@@ -129,6 +131,11 @@ class Router:
                 f"{msg.member} takes ({route.in_signature}), not ({msg.signature})"))
         if not self.accepting:
             return error_reply(msg, errors.ShuttingDown("dmd is shutting down"))
+        if "h" not in route.in_signature:
+            # Nothing here takes a descriptor: close what came now, not after
+            # a handler that may wait long (a lock, polkit) has run.
+            _close(msg.unix_fds)
+            msg.unix_fds = []
         task = asyncio.get_running_loop().create_task(self._run(msg, route))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
@@ -192,7 +199,11 @@ class Router:
         finally:
             _close(msg.unix_fds)  # a handler that keeps a caller's descriptor dups it
         if not msg.flags & MessageFlag.NO_REPLY_EXPECTED and self.bus.connected:
-            sent = self.bus.send(reply)
+            try:
+                sent = self.bus.send(reply)
+            except Exception:
+                _close(reply.unix_fds)
+                raise
             if reply.unix_fds:
                 sent.add_done_callback(lambda _: _close(reply.unix_fds))
                 self._expect_delivery(reply.serial, msg)
@@ -210,8 +221,6 @@ class Router:
 
     def _undelivered(self, error: Message) -> bool:
         call = self._fd_replies.pop(error.reply_serial)
-        if error.sender != BUS_DAEMON:
-            return False
         log.info("%s %s from %s: reply with a file descriptor not delivered: %s",
                  call.member, call.path, call.sender, error.error_name)
         self.bus.send(error_reply(call, errors.InvalidArgument(

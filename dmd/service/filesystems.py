@@ -1,7 +1,7 @@
 """A filesystem on a new volume, when the request asks for one.
 
 mkfs runs inside the creating Job, on a descriptor of the volume's device that
-dmd opened (the tool sees /dev/fd/3): the same path on the kernel and on the
+dmd opened (the tool sees /dev/fd/N), and dies with dmd: the same path on the kernel and on the
 simulator, and no window in which the name could point elsewhere. Progress
 comes from mke2fs's "n/m" counters (mkfs.xfs prints none: its job just
 ends). A failure names the tool, its exit status and its last words.
@@ -43,15 +43,19 @@ async def make_filesystem(open_device: Callable[[], Awaitable[int]], fstype: str
     """Run mkfs for *fstype* on the descriptor *open_device()* gives (closed
     here); *label* becomes the filesystem's label."""
     command = MKFS[fstype]
-    tool = shutil.which(command[0])
+    tool, setpriv = shutil.which(command[0]), shutil.which("setpriv")
+    if setpriv is None:
+        raise errors.Failed("setpriv (util-linux) is not installed: mkfs is run through it")
     if tool is None:
         raise errors.Failed(f"{command[0]} is not installed: no {fstype} filesystem "
                             "can be made")
     label_option = ["-L", label[:16 if fstype == "ext4" else 12]]
     fd = await open_device()
     try:
+        # Killed if dmd dies: recovery then undoes a volume nobody writes to.
         process = await asyncio.create_subprocess_exec(
-            tool, *command[1:], *label_option, f"/dev/fd/{fd}", pass_fds=(fd,),
+            setpriv, "--pdeathsig", "KILL", "--", tool, *command[1:], *label_option,
+            f"/dev/fd/{fd}", pass_fds=(fd,),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT)
     finally:

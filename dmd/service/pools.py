@@ -23,6 +23,7 @@ dmd.service.journal; ``recover_pools`` reads it after a crash.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -80,6 +81,7 @@ DEFAULT_BLOCK_SECTORS = 128  # 64 KiB, LVM's default for thin pools
 WIPE_BYTES = 1 << 20  # of the metadata's start: the kernel then formats a new pool
 EXTEND_PERCENT = 20  # LVM's thin_pool_autoextend_percent default
 METADATA_LOW_PERCENT = 20  # metadata free below this: extend it too
+UNDO_BUSY_WAITS = (*[0.2] * 25, None)  # seconds between tries of an undo's remove
 POOL_OPERATIONS = frozenset({"pool-create", "pool-destroy", "pool-grow", "pool-import",
                              "pool-extend",
                              "volume-create", "volume-snapshot", "volume-delete"})
@@ -773,8 +775,19 @@ class PoolService:
         """Take a thin id back out (deleting what is not there is fine) and
         leave the records at the kernel's transaction id."""
         claim = self.owner(pool)
-        with contextlib.suppress(errors.NotFound):
-            await self.devices.remove(volume_device(pool, volume.name), claim=claim)
+        device = volume_device(pool, volume.name)
+        for wait in UNDO_BUSY_WAITS:
+            try:
+                await self.devices.remove(device, claim=claim)
+                break
+            except errors.NotFound:
+                break
+            except errors.Busy:
+                # A new device was just closed (by mkfs, say): udev's watch
+                # rule has blkid open it for a moment. Nobody else knows it.
+                if wait is None:
+                    raise
+                await asyncio.sleep(wait)
         await self._delete_thin(pool, volume)
         tid = await self._kernel_tid(pool)
         tid = await self._commit_tid(pool, tid)

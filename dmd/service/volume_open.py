@@ -39,9 +39,11 @@ async def open_volume(pools: PoolService, pool: str, name: str, mode: str, *,
     Busy while anyone holds the device: a mount, a table, another O_EXCL)."""
     flags = open_flags(mode, exclusive=exclusive)
     subject = f"{pool}/{name}"
+    # Authorized before waiting for the pool (a volume's owner never changes).
+    owner = (await pools.volume(pool, name)).owner_uid
+    await pools.check_authorized(caller, Action.VOLUME, subject, owner)
     async with pools.locks.hold(pool):
         volume = await pools.volume(pool, name)
-        await pools.check_authorized(caller, Action.VOLUME, subject, volume.owner_uid)
         device = volume_device(pool, name)
         if not volume.active or await pools.store.get_device(device) is None:
             raise errors.NotActive(f"volume {subject} is not active: Activate it first")

@@ -12,6 +12,7 @@ mounted, written, checked clean by their own fsck, read back."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -21,14 +22,23 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lab_daemon import SystemDmd, busctl, polkitd
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
+from lab_daemon import SystemDmd, busctl, polkitd, unfinished
 from test_pools_lab import create_pool, disks, prop, wait
 
-from dmd.dbus.names import BUS_NAME, JOB_INTERFACE, POOL_INTERFACE, VOLUME_INTERFACE
+from dmd.dbus.names import (
+    BUS_NAME,
+    ERROR_PREFIX,
+    JOB_INTERFACE,
+    POOL_INTERFACE,
+    VOLUME_INTERFACE,
+)
 
 __all__ = ["disks"]  # the fixture, used by name
 
@@ -211,3 +221,74 @@ def test_a_volume_comes_with_the_filesystem_asked_for(system_dmd: SystemDmd, dis
     finally:
         subprocess.run(["umount", str(mountpoint)], check=True)
     assert prop(volume, VOLUME_INTERFACE, "State") == "active"
+
+
+def test_a_client_without_descriptor_passing_hears_why_at_once(
+        system_dmd: SystemDmd, disks: list[str]) -> None:
+    """The system bus drops a reply with a descriptor to such a client and
+    counts the call as answered: dmd's error must still get through."""
+    pool = create_pool("dmdtpn", disks[:1])
+    made = busctl("--json=short", "call", BUS_NAME, pool, POOL_INTERFACE, "CreateVolume",
+                  "sta{sv}", "v", str(16 * MIB), "0")
+    volume, job = json.loads(made.stdout)["data"]
+    wait(job)
+
+    async def ask() -> tuple[str, float]:
+        bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=False).connect()
+        try:
+            started = time.monotonic()
+            reply = await asyncio.wait_for(bus.call(Message(
+                destination=BUS_NAME, path=volume, interface=VOLUME_INTERFACE,
+                member="OpenDevice", signature="sa{sv}", body=["r", {}])), 20)
+            assert reply is not None and reply.message_type is MessageType.ERROR
+            return reply.error_name or "", time.monotonic() - started
+        finally:
+            bus.disconnect()
+
+    try:
+        name, took = asyncio.run(ask())
+    except TimeoutError:
+        pytest.fail(f"no answer in 20 s; dmd's log ends:\n{system_dmd.log.read_text()[-4000:]}")
+    assert name == ERROR_PREFIX + "InvalidArgument" and took < 10, (name, took)
+
+
+FAILING_MKFS = """#!/bin/sh
+# Writes over the start of the device it is given, then fails.
+for last; do :; done
+dd if=/dev/urandom of="$last" bs=1M count=4 conv=fsync status=none
+echo "mkfs.ext4: the disk is made of cheese" >&2
+exit 3
+"""
+
+
+def test_a_failing_mkfs_undoes_the_volume_on_the_kernel(stopped_dmd: SystemDmd,
+                                                       disks: list[str]) -> None:
+    """After mkfs wrote and closed the device, udev's watch rule probes it:
+    the undo must wait that out, and leave no device, record or thin id."""
+    tools = Path(tempfile.mkdtemp(prefix="dmdtest-tools-", dir="/run"))
+    (tools / "mkfs.ext4").write_text(FAILING_MKFS)
+    (tools / "mkfs.ext4").chmod(0o755)
+    try:
+        stopped_dmd.start(env={"PATH": f"{tools}:{os.environ['PATH']}"})
+        pool = create_pool("dmdtpm", disks[:1])
+        made = busctl("--json=short", "call", BUS_NAME, pool, POOL_INTERFACE, "CreateVolume",
+                      "sta{sv}", "doomed", str(64 * MIB), "1", "filesystem", "s", "ext4")
+        assert made.returncode == 0, made.stderr
+        volume, job = json.loads(made.stdout)["data"]
+        busctl("call", BUS_NAME, job, JOB_INTERFACE, "Wait", "d", "120")
+        assert prop(job, JOB_INTERFACE, "State") == "failed"
+        assert prop(job, JOB_INTERFACE, "ErrorName") == "Failed"
+        assert prop(job, JOB_INTERFACE, "ErrorMessage") == \
+            "mkfs.ext4 exited with status 3: mkfs.ext4: the disk is made of cheese"
+        assert not Path("/dev/mapper/dmdtpm-doomed").exists()
+        assert "dmdtpm-doomed" not in subprocess.run(["dmsetup", "ls"], capture_output=True,
+                                                     text=True).stdout
+        objects = busctl("--json=short", "call", BUS_NAME, "/org/example/DeviceMapper",
+                         "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
+        assert objects.returncode == 0 and volume not in json.loads(objects.stdout)["data"][0]
+        assert unfinished(stopped_dmd.state_dir) == 0
+        status = subprocess.run(["dmsetup", "status", "dmdtpm-tpool"], capture_output=True,
+                                text=True, check=True).stdout.split()
+        assert status[3] == "2", status  # transaction id: the create, then its undo
+    finally:
+        shutil.rmtree(tools)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,63 @@ def test_a_crash_while_mkfs_runs_undoes_the_volume(tmp_path: Path) -> None:
             for key in ("kernel", "devices", "volumes"):
                 assert after[key] == before[key], key
             assert (await probe(pools, "tank-kept")).get("TYPE") == "ext4"
+        finally:
+            close(pools)
+
+    asyncio.run(restart())
+
+
+def test_mkfs_dies_with_dmd_and_the_volume_is_undone(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """dmd killed while mkfs runs: mkfs must not go on writing to a volume
+    that recovery undoes."""
+    pid_file = tmp_path / "mkfs.pid"
+    fake_tool(tmp_path / "bin", f"echo $$ > {pid_file}; exec sleep 60\n")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+
+    async def prepare() -> dict[str, Any]:
+        pools = open_pools(tmp_path)
+        try:
+            await pools.create_pool("tank", DISKS[:2])
+            return await state(pools)
+        finally:
+            close(pools)
+
+    before = asyncio.run(prepare())
+    child = os.fork()
+    if child == 0:
+        try:
+            async def run() -> None:
+                pools = open_pools(tmp_path)
+                await pools.start()
+                task = asyncio.create_task(
+                    pools.create_volume("tank", "half", GIB, filesystem="ext4"))
+                while not pid_file.exists() or not pid_file.read_text().strip():
+                    await asyncio.sleep(0.02)
+                os._exit(42)  # dmd dies while mkfs runs
+                await task
+
+            asyncio.run(run())
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 42
+    mkfs = int(pid_file.read_text())
+    for _ in range(100):
+        if not Path(f"/proc/{mkfs}").exists():
+            break
+        time.sleep(0.02)
+    assert not Path(f"/proc/{mkfs}").exists(), "mkfs outlived dmd"
+
+    async def restart() -> None:
+        pools = open_pools(tmp_path)
+        try:
+            report = await recover(pools.devices)
+            await recover_pools(pools, report)
+            assert not report.failed, report
+            after = await assert_agree(pools)
+            for key in ("kernel", "devices", "volumes"):
+                assert after[key] == before[key], key
         finally:
             close(pools)
 
