@@ -29,6 +29,7 @@ MKFS: dict[str, list[str]] = {
 }
 COUNTER = re.compile(rb"(\d+)/(\d+)")
 TAIL_BYTES = 4096
+CANCEL_POLL = 0.5  # seconds
 
 
 def check_filesystem(name: str | None) -> str | None:
@@ -39,9 +40,11 @@ def check_filesystem(name: str | None) -> str | None:
 
 
 async def make_filesystem(open_device: Callable[[], Awaitable[int]], fstype: str, label: str,
-                          progress: Callable[[float], None]) -> None:
+                          progress: Callable[[float], None],
+                          cancel_point: Callable[[], None] = lambda: None) -> None:
     """Run mkfs for *fstype* on the descriptor *open_device()* gives (closed
-    here); *label* becomes the filesystem's label."""
+    here); *label* becomes the filesystem's label. *cancel_point()* is called
+    at least twice a second while mkfs runs: what it raises kills mkfs."""
     command = MKFS[fstype]
     tool, setpriv = shutil.which(command[0]), shutil.which("setpriv")
     if setpriv is None:
@@ -63,7 +66,15 @@ async def make_filesystem(open_device: Callable[[], Awaitable[int]], fstype: str
     assert process.stdout is not None
     tail = b""
     try:
-        while chunk := await process.stdout.read(1024):
+        while True:
+            try:
+                chunk = await asyncio.wait_for(process.stdout.read(1024), CANCEL_POLL)
+            except TimeoutError:
+                cancel_point()  # mkfs.xfs prints nothing for a long while
+                continue
+            if not chunk:
+                break
+            cancel_point()
             tail = (tail + chunk)[-TAIL_BYTES:]
             counters = COUNTER.findall(chunk)
             if counters:

@@ -82,6 +82,11 @@ def cancel_point(past_way_back: bool) -> None:
     if past_way_back:
         job.cancellable = False
     elif job._cancel_requested:
+        # Once: the undo that follows has steps of its own (a nested
+        # device removal's journal), and a second Cancelled there would
+        # leave the operation half undone, its intent for recovery.
+        job._cancel_requested = False
+        job.cancellable = False
         raise Cancelled(f"{job.operation}: cancelled")
 
 

@@ -55,7 +55,7 @@ from dmd.engine.types import MAX_DEVICE_SECTORS
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
 from dmd.service.filesystems import check_filesystem, make_filesystem
-from dmd.service.jobs import Job, Jobs, progress
+from dmd.service.jobs import Job, Jobs, cancel_point, progress
 from dmd.service.journal import (
     Journal,
     PoolArgs,
@@ -769,7 +769,8 @@ class PoolService:
                 await make_filesystem(
                     lambda: self.kernel(Engine.open_node, device, os.O_RDWR), filesystem,
                     volume.name, lambda done: progress(  # the part of the job after the mark
-                        (VolumeCreateStep.FILESYSTEM + done) / (len(VolumeCreateStep) + 1)))
+                        (VolumeCreateStep.FILESYSTEM + done) / (len(VolumeCreateStep) + 1)),
+                    lambda: cancel_point(past_way_back=False))
 
     async def _undo_thin(self, pool: str, volume: VolumeRecord, *, recorded: bool) -> None:
         """Take a thin id back out (deleting what is not there is fine) and

@@ -180,3 +180,23 @@ def test_mkfs_dies_with_dmd_and_the_volume_is_undone(tmp_path: Path,
             close(pools)
 
     asyncio.run(restart())
+
+
+async def test_a_cancel_while_mkfs_runs_stops_it_and_undoes_the_volume(
+        tank: PoolService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pid_file = tmp_path / "mkfs.pid"
+    fake_tool(tmp_path / "bin", f"echo $$ > {pid_file}; exec sleep 60\n")  # silent, as xfs
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    before = await state(tank)
+    job, _ = await tank.as_job("volume-create", ROOT, lambda accept: tank.create_volume(
+        "tank", "v", GIB, filesystem="ext4", accept=accept))
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        await asyncio.sleep(0.02)
+    assert job.cancellable
+    tank.jobs.cancel(job.id)
+    assert await tank.jobs.wait(job.id, 10)
+    assert job.state.value == "cancelled"
+    assert not Path(f"/proc/{int(pid_file.read_text())}").exists(), "mkfs still runs"
+    after = await assert_agree(tank)
+    for key in ("kernel", "devices", "volumes"):
+        assert after[key] == before[key], key
