@@ -1,8 +1,9 @@
 """A filesystem on a new volume, when the request asks for one.
 
 mkfs runs inside the creating Job, on a descriptor of the volume's device that
-dmd opened (the tool sees /dev/fd/N), and dies with dmd: the same path on the kernel and on the
-simulator, and no window in which the name could point elsewhere. Progress
+dmd opened (the tool sees /dev/fd/N: the same path on the kernel and on the
+simulator, and no window in which the name could point elsewhere), and it
+dies with dmd. Progress
 comes from mke2fs's "n/m" counters (mkfs.xfs prints none: its job just
 ends). A failure names the tool, its exit status and its last words.
 """

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_pools import DISKS, GIB, assert_agree, close, open_pools, state
+from test_pools import DISKS, GIB, assert_agree, close, recovered, state
 
 from dmd.engine import DmError
 from dmd.engine.sim import SimDM
@@ -23,19 +23,7 @@ from dmd.engine.targets.thin import set_transaction_id
 from dmd.service import errors
 from dmd.service.journal import PoolImportStep
 from dmd.service.pool_import import import_pool
-from dmd.service.pool_recovery import recover_pools
-from dmd.service.pools import PoolService
-from dmd.service.recovery import recover
 from dmd.state.pool_description import COPY_OFFSETS, HEADER_BYTES
-
-
-async def started(tmp_path: Path, fault: Any = None) -> PoolService:
-    pools = open_pools(tmp_path, fault)
-    pools.fault = fault
-    report = await recover(pools.devices)
-    await recover_pools(pools, report)
-    assert not report.failed, report
-    return pools
 
 
 def engine(tmp_path: Path) -> SimDM:
@@ -53,7 +41,7 @@ def reboot_and_lose_the_state(tmp_path: Path) -> None:
 
 
 async def make_pool(tmp_path: Path) -> dict[str, Any]:
-    pools = await started(tmp_path)
+    pools = await recovered(tmp_path)
     try:
         await pools.create_pool("tank", DISKS[:1], low_water_percent=30)
         await pools.add_device("tank", DISKS[1])
@@ -76,7 +64,7 @@ def same_pool(before: dict[str, Any], after: dict[str, Any]) -> None:
 async def test_a_pool_comes_back_from_its_devices_alone(tmp_path: Path) -> None:
     before = await make_pool(tmp_path)
     reboot_and_lose_the_state(tmp_path)
-    pools = await started(tmp_path)
+    pools = await recovered(tmp_path)
     try:
         assert await pools.pools() == []
         record = await import_pool(pools, list(reversed(DISKS[:2])))  # any order
@@ -91,7 +79,7 @@ async def test_a_pool_comes_back_from_its_devices_alone(tmp_path: Path) -> None:
         assert again.thin_id == 4  # never one handed out before the import
     finally:
         close(pools)
-    pools = await started(tmp_path)  # and the imported pool is dmd's own after a restart
+    pools = await recovered(tmp_path)  # and the imported pool is dmd's own after a restart
     try:
         now = await assert_agree(pools)
         assert [v[1] for v in now["volumes"]] == ["base", "idle", "new", "vm2"]
@@ -105,7 +93,7 @@ async def test_a_pool_comes_back_from_devices_with_other_names(tmp_path: Path) -
     sim = engine(tmp_path)
     sim.move_disk(DISKS[0], "/dev/simdisk21", 21)
     sim.move_disk(DISKS[1], "/dev/simdisk22", 22)
-    pools = await started(tmp_path)
+    pools = await recovered(tmp_path)
     try:
         record = await import_pool(pools, ["/dev/simdisk22", "/dev/simdisk21"])
         assert record.layout.devices == ("/dev/simdisk21", "/dev/simdisk22")
@@ -120,7 +108,7 @@ async def test_what_is_not_one_whole_pool_is_refused_and_changes_nothing(
         tmp_path: Path) -> None:
     await make_pool(tmp_path)
     reboot_and_lose_the_state(tmp_path)
-    pools = await started(tmp_path)
+    pools = await recovered(tmp_path)
     sim: SimDM = pools.kernel.engine  # type: ignore[assignment]
     try:
         await pools.create_pool("other", [DISKS[2]])
@@ -154,7 +142,7 @@ async def test_a_description_no_copy_vouches_for_is_refused(tmp_path: Path) -> N
         for offset in COPY_OFFSETS:
             sim.write_disk(path, offset + 64, b"\x00garbage\x00" * 20)
     heads = {p: sim.read_disk(p, 0, HEADER_BYTES) for p in DISKS[:2]}
-    pools = await started(tmp_path)
+    pools = await recovered(tmp_path)
     try:
         with pytest.raises(errors.Corrupt, match="nothing was written"):
             await import_pool(pools, DISKS[:2])
@@ -170,7 +158,7 @@ async def test_one_good_copy_is_enough_and_the_other_is_repaired(tmp_path: Path)
     sim = engine(tmp_path)
     sim.write_disk(DISKS[0], COPY_OFFSETS[0] + 64, b"torn" * 100)
     sim.write_disk(DISKS[1], COPY_OFFSETS[1], bytes(4096))
-    pools = await started(tmp_path)
+    pools = await recovered(tmp_path)
     try:
         await import_pool(pools, DISKS[:2])
         same_pool(before, await assert_agree(pools))  # assert_agree: every copy whole
@@ -183,7 +171,7 @@ async def test_a_pool_another_manager_changed_is_not_imported(tmp_path: Path) ->
     sim = engine(tmp_path)
     sim.target_msg("tank-tpool", 0, set_transaction_id(before["pools"]["tank"], 9))
     reboot_and_lose_the_state(tmp_path)
-    pools = await started(tmp_path)
+    pools = await recovered(tmp_path)
     try:
         with pytest.raises(errors.Busy, match="changed without dmd"):
             await import_pool(pools, DISKS[:2])
@@ -206,7 +194,7 @@ def test_a_crash_at_any_step_of_an_import_leaves_it_done_or_undone(
                     os._exit(42)
 
             async def child() -> None:
-                pools = await started(tmp_path, crash)
+                pools = await recovered(tmp_path, crash)
                 await import_pool(pools, DISKS[:2])
 
             asyncio.run(child())
@@ -216,7 +204,7 @@ def test_a_crash_at_any_step_of_an_import_leaves_it_done_or_undone(
     assert os.waitstatus_to_exitcode(status) == 42
 
     async def restart() -> None:
-        pools = await started(tmp_path)
+        pools = await recovered(tmp_path)
         try:
             now = await assert_agree(pools)
             if not now["pools"]:  # undone: nothing of the pool in the kernel; again, then

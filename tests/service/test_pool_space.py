@@ -13,16 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_pools import DISKS, GIB, assert_agree, close, open_pools, state
+from test_pools import DISKS, GIB, assert_agree, close, open_pools, recovered, state
 
 from dmd.engine import DmFlags
 from dmd.engine.sim import SimDM
 from dmd.service import errors
 from dmd.service.journal import PoolExtendStep, PoolGrowStep
-from dmd.service.pool_recovery import recover_pools
 from dmd.service.pool_space import Space, SpaceWatch, extend_pool, free_segments
 from dmd.service.pools import HEADER_SECTORS, PoolService
-from dmd.service.recovery import recover
 from dmd.state import Segment
 
 BLOCK = 64 << 10
@@ -304,11 +302,8 @@ def test_a_crash_at_any_step_of_an_extension(tmp_path: Path, step: PoolExtendSte
         pools, "tank", data_bytes=32 * BLOCK, metadata_bytes=1 << 20))
 
     async def restart() -> None:
-        pools = open_pools(tmp_path)
+        pools = await recovered(tmp_path)
         try:
-            report = await recover(pools.devices)
-            await recover_pools(pools, report)
-            assert not report.failed, report
             now = await assert_agree(pools)
             record = await pools.pool("tank")
             pool_state = await pools.pool_state("tank")
@@ -393,11 +388,8 @@ def test_a_crash_at_any_step_of_add_device_low_on_metadata(tmp_path: Path,
     crash_at(tmp_path, "pool-grow", step, lambda pools: pools.add_device("tank", DISKS[0]))
 
     async def restart() -> None:
-        pools = open_pools(tmp_path)
+        pools = await recovered(tmp_path)
         try:
-            report = await recover(pools.devices)
-            await recover_pools(pools, report)
-            assert not report.failed, report
             now = await assert_agree(pools)
             record = await pools.pool("tank")
             pool_state = await pools.pool_state("tank")

@@ -43,6 +43,17 @@ def open_pools(tmp: Path, fault: Any = None) -> PoolService:
     return PoolService(DeviceService(KernelWorkers(engine), store, fault=fault))
 
 
+async def recovered(tmp_path: Path, fault: Any = None) -> PoolService:
+    """The pools in *tmp_path* opened as dmd starts: recovery run, and none
+    of it failed."""
+    pools = open_pools(tmp_path, fault)
+    pools.fault = fault
+    report = await recover(pools.devices)
+    await recover_pools(pools, report)
+    assert not report.failed, report
+    return pools
+
+
 def close(pools: PoolService) -> None:
     pools.devices.close()
     pools.store.close()
@@ -365,11 +376,8 @@ def test_crash_at_any_step_then_recovery_agrees(tmp_path: Path, operation: str,
     assert os.waitstatus_to_exitcode(status) == 42, "the child did not die at that step"
 
     async def restart() -> dict[str, Any]:
-        pools = open_pools(tmp_path)
+        pools = await recovered(tmp_path)
         try:
-            report = await recover(pools.devices)
-            await recover_pools(pools, report)
-            assert not report.failed, report
             return await assert_agree(pools)
         finally:
             close(pools)

@@ -15,15 +15,13 @@ from typing import Any
 
 import pytest
 from test_pool_space import crash_at
-from test_pools import DISKS, GIB, assert_agree, close, open_pools, state
+from test_pools import DISKS, GIB, assert_agree, close, open_pools, recovered, state
 
 from dmd.engine.interface import Engine
 from dmd.service import errors
 from dmd.service.auth import ROOT
 from dmd.service.journal import VolumeCreateStep
-from dmd.service.pool_recovery import recover_pools
 from dmd.service.pools import PoolService
-from dmd.service.recovery import recover
 
 MIB = 1 << 20
 
@@ -64,6 +62,12 @@ async def test_an_unknown_filesystem_is_refused_before_anything(tank: PoolServic
     assert await state(tank) == before
 
 
+def assert_undone(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """The volume is undone whole: no device, no record, no thin id."""
+    for key in ("kernel", "devices", "volumes"):
+        assert after[key] == before[key], key
+
+
 def fake_tool(directory: Path, script: str) -> None:
     directory.mkdir()
     tool = directory / "mkfs.ext4"
@@ -89,10 +93,7 @@ async def test_progress_follows_mke2fs_and_a_failure_names_the_tool(
     # mkfs is the job's last sixth: 1/4 and 3/4 of it.
     assert any(abs(p - 5.25 / 6) < 0.01 for p in seen), seen
     assert any(abs(p - 5.75 / 6) < 0.01 for p in seen), seen
-    # The volume is undone whole: no device, no record, no thin id.
-    after = await assert_agree(tank)
-    for key in ("kernel", "devices", "volumes"):
-        assert after[key] == before[key], key
+    assert_undone(before, await assert_agree(tank))
 
 
 def test_a_crash_while_mkfs_runs_undoes_the_volume(tmp_path: Path) -> None:
@@ -110,14 +111,9 @@ def test_a_crash_while_mkfs_runs_undoes_the_volume(tmp_path: Path) -> None:
              lambda pools: pools.create_volume("tank", "half", GIB, filesystem="ext4"))
 
     async def restart() -> None:
-        pools = open_pools(tmp_path)
+        pools = await recovered(tmp_path)
         try:
-            report = await recover(pools.devices)
-            await recover_pools(pools, report)
-            assert not report.failed, report
-            after = await assert_agree(pools)
-            for key in ("kernel", "devices", "volumes"):
-                assert after[key] == before[key], key
+            assert_undone(before, await assert_agree(pools))
             assert (await probe(pools, "tank-kept")).get("TYPE") == "ext4"
         finally:
             close(pools)
@@ -125,13 +121,27 @@ def test_a_crash_while_mkfs_runs_undoes_the_volume(tmp_path: Path) -> None:
     asyncio.run(restart())
 
 
+def hanging_mkfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A mkfs.ext4 first on PATH that writes its pid, then prints nothing
+    and never ends (silent, as mkfs.xfs is); the file its pid goes to."""
+    pid_file = tmp_path / "mkfs.pid"
+    fake_tool(tmp_path / "bin", f"echo $$ > {pid_file}; exec sleep 60\n")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    return pid_file
+
+
+async def mkfs_started(pid_file: Path) -> int:
+    """The fake mkfs's pid, once it runs."""
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        await asyncio.sleep(0.02)
+    return int(pid_file.read_text())
+
+
 def test_mkfs_dies_with_dmd_and_the_volume_is_undone(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """dmd killed while mkfs runs: mkfs must not go on writing to a volume
     that recovery undoes."""
-    pid_file = tmp_path / "mkfs.pid"
-    fake_tool(tmp_path / "bin", f"echo $$ > {pid_file}; exec sleep 60\n")
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    pid_file = hanging_mkfs(tmp_path, monkeypatch)
 
     async def prepare() -> dict[str, Any]:
         pools = open_pools(tmp_path)
@@ -150,8 +160,7 @@ def test_mkfs_dies_with_dmd_and_the_volume_is_undone(tmp_path: Path,
                 await pools.start()
                 task = asyncio.create_task(
                     pools.create_volume("tank", "half", GIB, filesystem="ext4"))
-                while not pid_file.exists() or not pid_file.read_text().strip():
-                    await asyncio.sleep(0.02)
+                await mkfs_started(pid_file)
                 os._exit(42)  # dmd dies while mkfs runs
                 await task
 
@@ -168,14 +177,9 @@ def test_mkfs_dies_with_dmd_and_the_volume_is_undone(tmp_path: Path,
     assert not Path(f"/proc/{mkfs}").exists(), "mkfs outlived dmd"
 
     async def restart() -> None:
-        pools = open_pools(tmp_path)
+        pools = await recovered(tmp_path)
         try:
-            report = await recover(pools.devices)
-            await recover_pools(pools, report)
-            assert not report.failed, report
-            after = await assert_agree(pools)
-            for key in ("kernel", "devices", "volumes"):
-                assert after[key] == before[key], key
+            assert_undone(before, await assert_agree(pools))
         finally:
             close(pools)
 
@@ -184,19 +188,15 @@ def test_mkfs_dies_with_dmd_and_the_volume_is_undone(tmp_path: Path,
 
 async def test_a_cancel_while_mkfs_runs_stops_it_and_undoes_the_volume(
         tank: PoolService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pid_file = tmp_path / "mkfs.pid"
-    fake_tool(tmp_path / "bin", f"echo $$ > {pid_file}; exec sleep 60\n")  # silent, as xfs
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    pid_file = hanging_mkfs(tmp_path, monkeypatch)
     before = await state(tank)
     job, _ = await tank.as_job("volume-create", ROOT, lambda accept: tank.create_volume(
         "tank", "v", GIB, filesystem="ext4", accept=accept))
-    while not pid_file.exists() or not pid_file.read_text().strip():
-        await asyncio.sleep(0.02)
+    mkfs = await mkfs_started(pid_file)
     assert job.cancellable
     tank.jobs.cancel(job.id)
     assert await tank.jobs.wait(job.id, 10)
     assert job.state.value == "cancelled"
-    assert not Path(f"/proc/{int(pid_file.read_text())}").exists(), "mkfs still runs"
+    assert not Path(f"/proc/{mkfs}").exists(), "mkfs still runs"
     after = await assert_agree(tank)
-    for key in ("kernel", "devices", "volumes"):
-        assert after[key] == before[key], key
+    assert_undone(before, after)
