@@ -37,6 +37,7 @@ from dmd.dbus.names import BUS_NAME, ROOT_PATH
 from dmd.dbus.polkit import PolkitAuthorizer
 from dmd.dbus.publish import publish
 from dmd.engine.interface import Engine
+from dmd.service.encryption import KEY_POLL_SECONDS, KeyWaiter
 from dmd.service.inventory import DeviceView, Inventory
 from dmd.service.kernel import KernelWorkers
 from dmd.service.kernel_events import KernelEventWatcher
@@ -295,9 +296,12 @@ class Daemon:
             request()
 
     @staticmethod
-    async def _every_async(interval: float, work: Callable[[], Awaitable[None]]) -> None:
+    async def _every_async(interval: float, work: Callable[[], Awaitable[None]], *,
+                           at_once: bool = False) -> None:
         while True:
-            await asyncio.sleep(interval)
+            if not at_once:
+                await asyncio.sleep(interval)
+            at_once = False
             try:
                 await work()
             except Exception:
@@ -328,6 +332,10 @@ class Daemon:
         # And now and then: a pool's event comes once, and events can be lost.
         space_timer = asyncio.get_running_loop().create_task(
             self._every_async(SPACE_CHECK_SECONDS, look_at_every_pool))
+        # Encrypted volumes waiting for their keyring key (after a reboot).
+        keys = KeyWaiter(pools)
+        key_timer = asyncio.get_running_loop().create_task(
+            self._every_async(KEY_POLL_SECONDS, keys.run_once, at_once=True))
         bus.add_message_handler(router.handle)
         bus.quiet = False
         reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
@@ -348,6 +356,7 @@ class Daemon:
         await router.drain()
         await pools.jobs.drain()
         space_timer.cancel()
+        key_timer.cancel()
         await space.close()
         pool_exporter.close()
         # Closing the connection releases the name (the bus daemon announces

@@ -158,6 +158,10 @@ def table_in(raw: object) -> list[TargetLine]:
     return lines
 
 
+# How a new keyslot derives its key (dmd.service.encryption.check_kdf).
+KDF_OPTIONS = {"pbkdf": "s", "pbkdf-time-ms": "u", "pbkdf-memory-kib": "u",
+               "pbkdf-iterations": "u"}
+
 # Options each method accepts: name -> D-Bus signature.
 OPTIONS: dict[str, dict[str, str]] = {
     "CreateDevice": {"uuid": "s", "read-only": "b", "persistent": "b", "labels": "a{ss}"},
@@ -170,12 +174,16 @@ OPTIONS: dict[str, dict[str, str]] = {
                    "data-size": "t", "no-space-timeout": "u",
                    "metadata-size": "t"},
     "ImportPool": {},
-    "CreateVolume": {"labels": "a{ss}", "filesystem": "s"},
+    "CreateVolume": {"labels": "a{ss}", "filesystem": "s", "encryption": "s", "key": "h",
+                     "key-description": "s", **KDF_OPTIONS},
     "Snapshot": {"labels": "a{ss}", "activate": "b"},
     "Resize": {"shrink": "b"},
     "Destroy": {"force": "b"},
     "AddDevice": {"force": "b"},
     "OpenDevice": {"exclusive": "b"},
+    "Unlock": {"key": "h"},
+    "Lock": {},
+    "ChangeKey": {"key": "h", "new-key": "h", "remove": "b", **KDF_OPTIONS},
 }
 
 

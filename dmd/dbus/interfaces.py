@@ -246,6 +246,18 @@ class VolumeInterface(CachedObject):
     def OpenDevice(self, mode: Str, options: Options) -> Fd:
         _routed()
 
+    @dbus_method()
+    def Unlock(self, options: Options) -> None:
+        _routed()
+
+    @dbus_method()
+    def Lock(self, options: Options) -> None:
+        _routed()
+
+    @dbus_method()
+    def ChangeKey(self, options: Options) -> None:
+        _routed()
+
 
 class JobInterface(CachedObject):
     """Work that outlives its call: its end is the Completed signal and the

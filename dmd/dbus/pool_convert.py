@@ -24,7 +24,8 @@ POOL_PROPERTIES: dict[str, str] = {
 VOLUME_PROPERTIES: dict[str, str] = {
     "Name": "s", "UUID": "s", "Pool": "o", "PoolName": "s", "Size": "t", "Origin": "o",
     "UsedBytes": "t", "State": "s", "Owner": "u", "Labels": "a{ss}", "Device": "o",
-    "DevicePath": "s",
+    "DevicePath": "s", "Encryption": "s", "Locked": "b", "LockedReason": "s",
+    "KeyDescription": "s", "CleartextDevice": "o", "CleartextPath": "s",
 }
 
 JOB_PROPERTIES: dict[str, str] = {
@@ -53,9 +54,16 @@ def pool_properties(record: PoolRecord, state: PoolState, lifecycle: str,
 
 
 def volume_properties(volume: VolumeRecord, pool_uuid: str, state: str, used_bytes: int,
-                      device_minor: int | None, known_uuids: set[str]) -> dict[str, Any]:
+                      device_minor: int | None, known_uuids: set[str],
+                      cleartext_minor: int | None = None, waiting: str = "") -> dict[str, Any]:
     """*state*: creating, active, inactive or deleting. The origin is shown
-    while it exists."""
+    while it exists. An encrypted volume is locked while it has no cleartext
+    device; *waiting*: what it waits for, if it is to be opened."""
+    encryption = volume.encryption
+    locked = encryption is not None and cleartext_minor is None
+    reason = "" if not locked or encryption is None else (
+        "inactive" if device_minor is None else waiting or
+        ("locked" if not encryption.unlocked else "waiting for a key: Unlock with one"))
     return {
         "Name": volume.name, "UUID": volume.uuid, "Pool": pool_path(pool_uuid),
         "PoolName": volume.pool, "Size": volume.size_bytes,
@@ -66,6 +74,13 @@ def volume_properties(volume: VolumeRecord, pool_uuid: str, state: str, used_byt
         "Device": device_path(device_minor) if device_minor is not None else NO_OBJECT,
         "DevicePath": f"/dev/mapper/{volume.pool}-{volume.name}"
         if device_minor is not None else "",
+        "Encryption": encryption.kind if encryption is not None else "",
+        "Locked": locked, "LockedReason": reason,
+        "KeyDescription": (encryption.key_description or "") if encryption is not None else "",
+        "CleartextDevice": device_path(cleartext_minor) if cleartext_minor is not None
+        else NO_OBJECT,
+        "CleartextPath": f"/dev/mapper/{volume.pool}-{volume.name}-crypt"
+        if cleartext_minor is not None else "",
     }
 
 

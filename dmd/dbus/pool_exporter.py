@@ -27,8 +27,9 @@ from dmd.service.events import ChangeKind
 from dmd.service.inventory import DeviceView, Inventory
 from dmd.service.jobs import Job, JobEvent
 from dmd.service.pool_space import Space
-from dmd.service.pools import PoolService, PoolState, volume_device
+from dmd.service.pools import PoolService, PoolState
 from dmd.service.reconcile import Coalesced
+from dmd.service.volume_names import cleartext_device, volume_device
 from dmd.state import PoolRecord, VolumeRecord
 
 log = logging.getLogger(__name__)
@@ -160,16 +161,21 @@ class PoolExporter:
             minor = view.device[1] if view is not None else None
             if state == "active" and view is None:
                 state = "inactive"  # its device is missing (removed behind dmd's back)
+            cleartext = (self.inventory.get(cleartext_device(pool.name, volume.name))
+                         if volume.encryption is not None else None)
+            cleartext_minor = cleartext.device[1] if cleartext is not None else None
+            waiting = self.pools.waiting.get(uuid, "")
             path = volume_path(uuid)
             paths.add(path)
             # Most of a large pool's volumes are as they were: their
             # properties are made again only when what they are made from moved.
             inputs = (volume, pool.uuid, state, used.get(device, 0), minor,
-                      volume.origin_uuid in known)
+                      volume.origin_uuid in known, cleartext_minor, waiting)
             if self._shown.get(path) == inputs:
                 continue
             self._put(path, VolumeInterface, volume_properties(
-                volume, pool.uuid, state, used.get(device, 0), minor, known))
+                volume, pool.uuid, state, used.get(device, 0), minor, known,
+                cleartext_minor, waiting))
             self._shown[path] = inputs
             self._volume_of_path[path] = (pool.name, volume.name)
         return paths

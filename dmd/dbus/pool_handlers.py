@@ -7,12 +7,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from dmd.dbus.convert import check_string, options_in
+from dmd.dbus.convert import KDF_OPTIONS, check_string, options_in
 from dmd.dbus.names import job_path, pool_path, volume_path
+from dmd.engine.luks import KdfSettings
 from dmd.service import errors
 from dmd.service.auth import Caller
+from dmd.service.encryption import (
+    KINDS as ENCRYPTION_KINDS,
+)
+from dmd.service.encryption import (
+    EncryptionRequest,
+    change_key,
+    check_kdf,
+    lock,
+    request_key,
+    unlock,
+)
 from dmd.service.pool_import import import_pool
 from dmd.service.pools import PoolService
+from dmd.service.secrets import check_key_description, read_key
 from dmd.service.volume_open import open_volume
 
 
@@ -20,6 +33,38 @@ def _size(value: Any, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise errors.InvalidArgument(f"{what} must be a number of bytes")
     return value
+
+
+def _kdf(opts: dict[str, Any]) -> KdfSettings:
+    return check_kdf(opts.get("pbkdf", "argon2id"), opts.get("pbkdf-time-ms"),
+                     opts.get("pbkdf-memory-kib"), opts.get("pbkdf-iterations"))
+
+
+def _root_keyring(caller: Caller) -> None:
+    if caller.uid != 0:
+        raise errors.NotAuthorized("key-description names a key in root's keyring: only "
+                                   "root may name one (pass the key itself, key)")
+
+
+async def _encryption(opts: dict[str, Any], caller: Caller) -> EncryptionRequest | None:
+    """CreateVolume's encryption options, with the key read (before the call
+    is answered: the caller's descriptor is closed then)."""
+    kind = opts.get("encryption")
+    keyed = "key" in opts or "key-description" in opts
+    if kind is None:
+        if keyed or any(k in opts for k in KDF_OPTIONS):
+            raise errors.InvalidArgument("key and pbkdf options go with encryption")
+        return None
+    if kind not in ENCRYPTION_KINDS:
+        raise errors.InvalidArgument(f"encryption {kind!r}: one of "
+                                     f"{', '.join(ENCRYPTION_KINDS)}")
+    kdf = _kdf(opts)
+    description = opts.get("key-description")
+    if description is not None:
+        _root_keyring(caller)
+        check_key_description(description)
+    key = await read_key(opts["key"]) if "key" in opts else None
+    return EncryptionRequest(await request_key(key, description), description, kdf)
 
 
 class PoolHandlers:
@@ -59,11 +104,14 @@ class PoolHandlers:
     async def CreateVolume(self, caller: Caller, pool: str, name: str, size: int,
                            options: dict[str, Any]) -> list[str]:
         opts = options_in("CreateVolume", options)
+        # Read now: the caller's descriptor is closed once the call is answered.
+        # create_volume wipes the key when its job ends.
+        encryption = await _encryption(opts, caller)
         job, volume = await self.pools.as_job("volume-create", caller, lambda accept:
             self.pools.create_volume(pool, check_string(name, "name"), _size(size, "size"),
                                      labels=opts.get("labels"),
-                                     filesystem=opts.get("filesystem"), caller=caller,
-                                     accept=accept))
+                                     filesystem=opts.get("filesystem"),
+                                     encryption=encryption, caller=caller, accept=accept))
         return [volume_path(volume.uuid), job_path(job.id)]
 
     async def AddDevice(self, caller: Caller, pool: str, device: str,
@@ -132,6 +180,29 @@ class VolumeHandlers:
         opts = options_in("OpenDevice", options)
         return await open_volume(self.pools, pool, volume, check_string(mode, "mode"),
                                  exclusive=opts.get("exclusive", False), caller=caller)
+
+
+    async def Unlock(self, caller: Caller, pool: str, volume: str,
+                     options: dict[str, Any]) -> None:
+        opts = options_in("Unlock", options)
+        key = await read_key(opts["key"]) if "key" in opts else None
+        await unlock(self.pools, pool, volume, key, caller=caller)
+
+    async def Lock(self, caller: Caller, pool: str, volume: str,
+                   options: dict[str, Any]) -> None:
+        options_in("Lock", options)
+        await lock(self.pools, pool, volume, caller=caller)
+
+    async def ChangeKey(self, caller: Caller, pool: str, volume: str,
+                        options: dict[str, Any]) -> None:
+        opts = options_in("ChangeKey", options)
+        kdf = _kdf(opts)
+        if "key" not in opts:
+            raise errors.InvalidArgument("ChangeKey needs a key that opens the volume (key)")
+        key = await read_key(opts["key"])
+        new_key = await read_key(opts["new-key"], "new-key") if "new-key" in opts else None
+        await change_key(self.pools, pool, volume, key, new_key,
+                         remove=opts.get("remove", False), kdf=kdf, caller=caller)
 
 
 class JobHandlers:

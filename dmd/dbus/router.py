@@ -24,6 +24,7 @@ from dbus_fast.service import ServiceInterface
 from dbus_fast.signature import get_signature_tree
 
 from dmd.dbus.bus import DmdBus
+from dmd.dbus.fds import may_carry_fds, resolve_fds
 from dmd.dbus.interfaces import CachedObject
 from dmd.dbus.names import (
     ERROR_PREFIX,
@@ -131,7 +132,7 @@ class Router:
                 f"{msg.member} takes ({route.in_signature}), not ({msg.signature})"))
         if not self.accepting:
             return error_reply(msg, errors.ShuttingDown("dmd is shutting down"))
-        if "h" not in route.in_signature:
+        if not may_carry_fds(route.in_signature):
             # Nothing here takes a descriptor: close what came now, not after
             # a handler that may wait long (a lock, polkit) has run.
             _close(msg.unix_fds)
@@ -177,7 +178,7 @@ class Router:
             caller = Caller(
                 uid=await self.bus.caller_uid(msg.sender or ""), bus_name=msg.sender,
                 interactive=bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION))
-            args: list[Any] = list(msg.body)
+            args: list[Any] = resolve_fds(route.in_signature, list(msg.body), msg.unix_fds)
             if route.resolve is not None:
                 subject = route.resolve(msg.path or "")
                 if subject is None:

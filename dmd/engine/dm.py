@@ -37,7 +37,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from dmd.engine import blockdev, ioctl
+from dmd.engine import blockdev, ioctl, luks
 from dmd.engine.blockdev import BlockDevice
 from dmd.engine.ioctl import DM_IOCTL_SIZE, Command, Header
 from dmd.engine.keys import carries_key
@@ -285,6 +285,13 @@ class DM:
             os.close(fd)
             raise DmError(errno.ENXIO, "open", info.name)
         return fd
+
+    def luks_open(self, id: DevId | str, name: str, key: bytes | bytearray) -> DeviceInfo:
+        """Map the LUKS2 volume on device *id* as *name* (cryptsetup open:
+        see dmd.engine.luks); the new device's info."""
+        info = self.device_info(id)
+        luks.open_mapping(f"/dev/mapper/{info.name}", name, key)
+        return self.device_info(name)
 
     # -- per-device commands -----------------------------------------------
     def device_create(

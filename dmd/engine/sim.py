@@ -45,6 +45,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dmd.engine import luks
 from dmd.engine.blockdev import PROBE_BYTES, BlockDevice, NotABlockDevice, probe_signature
 from dmd.engine.keys import carries_key
 from dmd.engine.types import (
@@ -1108,6 +1109,37 @@ class SimDM:
         finally:
             os.close(sizing)
         return os.open(path, flags)
+
+    def luks_open(self, id: DevId | str, name: str, key: bytes | bytearray) -> DeviceInfo:
+        """As DM.luks_open, with the real cryptsetup on the device's backing
+        file for the header and the key (a wrong key fails as it would), and
+        a crypt table of the shape cryptsetup loads (the key by keyring
+        reference) for the mapping. I/O does not pass through: the new
+        device has a backing file of its own, as any simulated device."""
+        fd = self.open_node(id, os.O_RDONLY)
+        try:
+            luks.test_key(fd, key)
+            header = luks.dump(fd)
+        finally:
+            os.close(fd)
+        source = self.device_info(id)
+        offset = header.data_offset_bytes // 512
+        size = self._size(source.name) - offset
+        if size <= 0:
+            raise luks.LuksError(1, f"{source.name} is smaller than its LUKS header")
+        uuid = f"CRYPT-LUKS2-{header.uuid.replace('-', '')}-{name}"
+        try:
+            self.device_create(name, uuid)
+        except DmError as exc:
+            raise luks.DeviceBusy(5, f"Device {name} already exists.") from exc
+        params = (f"aes-xts-plain64 :64:logon:cryptsetup:{header.uuid}-d0 0 "
+                  f"{source.device[0]}:{source.device[1]} {offset} 1 sector_size:4096")
+        self.table_load(name, [(0, size, "crypt", params)])
+        return self.device_suspend(name)
+
+    def _size(self, name: str) -> int:
+        with self._locked() as k:
+            return k.devices[name].size_sectors
 
     def device_wait(self, id: DevId | str, flags: DmFlags = DmFlags(0),
                     event_nr: int | None = None) -> tuple[DeviceInfo, list[TargetLine]]:

@@ -47,6 +47,18 @@ class NotAuthorized(ServiceError):
     name = "NotAuthorized"
 
 
+class WrongKey(NotAuthorized):
+    """No keyslot of the volume opens with the key given (or found)."""
+
+    name = "WrongKey"
+
+
+class Locked(ServiceError):
+    """The encrypted volume is locked: Unlock opens it."""
+
+    name = "Locked"
+
+
 class NotActive(ServiceError):
     """The volume has no device now (Activate makes it)."""
 

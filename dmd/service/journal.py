@@ -74,7 +74,9 @@ class VolumeCreateStep(enum.IntEnum):
     TRANSACTION = 2  # set_transaction_id next
     RECORD = 3  # the pool is at the new id; the volume's record is written next
     ACTIVATE = 4  # its device is made next
-    FILESYSTEM = 5  # mkfs runs next (when asked for): a crash from here undoes it all
+    ENCRYPT = 5  # luksFormat runs next (when asked for): a crash from here undoes it all
+    UNLOCK = 6  # cryptsetup open next
+    FILESYSTEM = 7  # mkfs runs next (when asked for)
 
 
 class SnapshotStep(enum.IntEnum):
@@ -177,7 +179,8 @@ class PoolArgs(IntentArgs):
 # order, which spares a round trip to the store's thread per step.
 RECOVERY_READS: frozenset[tuple[str, int]] = frozenset({
     ("reload", ReloadStep.RESUME), ("pool-extend", PoolExtendStep.POOL),
-    ("pool-grow", PoolGrowStep.METADATA), ("volume-create", VolumeCreateStep.FILESYSTEM)})
+    ("pool-grow", PoolGrowStep.METADATA), ("volume-create", VolumeCreateStep.FILESYSTEM),
+    ("volume-create", VolumeCreateStep.ENCRYPT), ("volume-create", VolumeCreateStep.UNLOCK)})
 
 
 class IntentStore(Protocol):

@@ -19,6 +19,7 @@ from dataclasses import replace
 from dmd.engine.interface import Engine
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
+from dmd.service.encryption import settle_at_start
 from dmd.service.journal import PoolArgs, PoolImportStep, intent
 from dmd.service.pools import Accept, PoolService, _ignore, tpool
 from dmd.state import PoolRecord
@@ -43,7 +44,7 @@ async def import_pool(pools: PoolService, paths: list[str], *, caller: Caller = 
     for suffix in ("tmeta", "tdata", "tpool"):
         if f"{name}-{suffix}" in present:
             raise errors.AlreadyExists(f"a device named {name}-{suffix} exists")
-    async with pools._changing(name):
+    async with pools.changing(name):
         pools._claim(name)
         try:
             await _activate(pools, record, description, accept)
@@ -54,6 +55,8 @@ async def import_pool(pools: PoolService, paths: list[str], *, caller: Caller = 
         await pools.descriptions.repair(record, list(description.volumes),
                                         await pools.descriptions.read(record.layout.devices))
         await pools.activate_recorded(name)  # settled with the rest: the bus shows them
+        # Encrypted volumes wait for their keys (the keyring's, or Unlock).
+        await settle_at_start(pools, name)
     log.info("pool-import %s: %d device(s), %d volume(s), generation %d", name, len(paths),
              len(description.volumes), record.generation)
     return record

@@ -11,7 +11,9 @@ Then each pool's description on its devices is checked against its records
 (see dmd.service.pool_descriptions): written where it is behind, taken where
 it is ahead, a copy repaired where one is stale or torn; and a pool whose
 devices cannot vouch for it, or whose transaction id another manager moved,
-is refused changes. Last, every active volume without its device gets one.
+is refused changes. Last, every active volume without its device gets one,
+and every encrypted volume's cleartext device is brought to its record
+(dmd.service.encryption).
 """
 
 from __future__ import annotations
@@ -23,15 +25,16 @@ from dataclasses import replace
 from dmd.engine import DmError, DmFlags
 from dmd.engine.interface import Engine
 from dmd.service import errors
+from dmd.service.encryption import settle_at_start
 from dmd.service.journal import PoolArgs, PoolExtendStep, PoolGrowStep, VolumeCreateStep
 from dmd.service.pools import (
     POOL_OPERATIONS,
     PoolService,
     tpool,
-    volume_device,
     volume_from_json,
 )
 from dmd.service.recovery import RecoveryReport
+from dmd.service.volume_names import volume_device
 from dmd.state import IntentRecord, PoolLayout, PoolRecord
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,7 @@ async def recover_pools(pools: PoolService, report: RecoveryReport) -> None:
             await _check_transaction_id(pools, record.name)
             if record.name not in pools.refused:
                 await pools.activate_recorded(record.name)
+                await settle_at_start(pools, record.name)
         except (errors.ServiceError, OSError) as exc:
             log.error("recovery: pool %s: %s", record.name, exc)
             report.failed.append(f"pool {record.name}")
@@ -190,8 +194,9 @@ async def _settle(pools: PoolService, intent: IntentRecord) -> str | None:
         return None
     recorded = {v.uuid for v in await pools.store.list_volumes(pool)}
     if intent.operation in ("volume-create", "volume-snapshot"):
-        if intent.operation == "volume-create" and intent.step == VolumeCreateStep.FILESYSTEM:
-            # mkfs was running: a half-made filesystem is no volume to hand out.
+        if intent.operation == "volume-create" and intent.step >= VolumeCreateStep.ENCRYPT:
+            # luksFormat, cryptsetup open or mkfs was running: a half-made
+            # header or filesystem is no volume to hand out.
             await pools._undo_thin(pool, volume, recorded=volume.uuid in recorded)
             return "rolled_back"
         if tid == start:

@@ -110,7 +110,7 @@ async def extend_pool(pools: PoolService, pool: str, data_bytes: int = 0,
                       metadata_bytes: int = 0, *, caller: Caller = ROOT,
                       accept: Accept = _ignore) -> PoolRecord:
     """Grow the pool's data and/or metadata into its devices' free space."""
-    async with pools._changing(pool):
+    async with pools.changing(pool):
         record = await pools.pool(pool)
         await pools.check_authorized(caller, Action.POOL, pool, record.owner_uid)
         grown_layout = extended(record, data_bytes // 512, metadata_bytes // 512)
@@ -288,7 +288,7 @@ class SpaceWatch:
         if not await self._failing_writes(pool):
             self._queueing.add(pool)
         else:
-            async with self.pools._changing(pool):
+            async with self.pools.changing(pool):
                 # What holds now: an operation may have had the lock meanwhile.
                 record = await self.pools.pool(pool)
                 state = await self.pools.pool_state(pool, record)
@@ -307,7 +307,7 @@ class SpaceWatch:
     async def _fail_writes_after(self, pool: str, seconds: int) -> None:
         await asyncio.sleep(seconds)
         try:
-            async with self.pools._changing(pool):
+            async with self.pools.changing(pool):
                 record = await self.pools.pool(pool)
                 state = await self.pools.pool_state(pool, record)
                 if state.mode != "out-of-data-space" or await self._failing_writes(pool):

@@ -52,8 +52,10 @@ from dmd.engine.targets.thin import (
     valid_block_sectors,
 )
 from dmd.engine.types import MAX_DEVICE_SECTORS
+from dmd.service import encryption as crypt
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
+from dmd.service.encryption import EncryptionRequest
 from dmd.service.filesystems import check_filesystem, make_filesystem
 from dmd.service.jobs import Job, Jobs, cancel_point, progress
 from dmd.service.journal import (
@@ -70,7 +72,8 @@ from dmd.service.journal import (
 from dmd.service.locks import DeviceLocks
 from dmd.service.operations import DeviceService, check_labels
 from dmd.service.pool_descriptions import Descriptions
-from dmd.state import PoolLayout, PoolRecord, Segment, VolumeRecord
+from dmd.service.volume_names import cleartext_device, volume_device
+from dmd.state import Encryption, PoolLayout, PoolRecord, Segment, VolumeRecord
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +142,6 @@ def check_size(size_bytes: int) -> int:
 
 def tpool(pool: str) -> str:
     return f"{pool}-tpool"
-
-
-def volume_device(pool: str, volume: str) -> str:
-    return f"{pool}-{volume}"
 
 
 def layout(devices: list[tuple[str, int]], block_sectors: int,
@@ -233,6 +232,9 @@ class PoolService:
         # Pools this dmd will not change (name -> why): their description
         # cannot be trusted, or another manager moved their transaction id.
         self.refused: dict[str, str] = {}
+        # Encrypted volumes recorded unlocked that have no cleartext device
+        # yet (uuid -> what they wait for): dmd.service.encryption.
+        self.waiting: dict[str, str] = {}
 
     async def as_job(self, operation: str, caller: Caller,
                      call: Callable[[Accept], Awaitable[Any]]) -> tuple[Job, Any]:
@@ -252,12 +254,16 @@ class PoolService:
             except Exception:
                 log.exception("pool %s: settling the change failed", pool)
 
+    async def settle_now(self, pool: str) -> None:
+        """Show a change made outside an operation (the waiting of a volume)."""
+        await self._settle(pool)
+
     async def _accepted(self, pool: str, subject: Any, accept: Accept) -> None:
         await self._settle(pool)
         accept(subject)
 
     @contextlib.asynccontextmanager
-    async def _changing(self, pool: str) -> AsyncIterator[None]:
+    async def changing(self, pool: str) -> AsyncIterator[None]:
         """One change at a time to a pool; settled however it ends."""
         async with self.locks.hold(pool):
             if pool in self.refused:
@@ -403,7 +409,7 @@ class PoolService:
                                       data_size < block_sectors * 512):
             raise errors.InvalidArgument(f"data-size is at least one data block "
                                          f"({block_sectors * 512} bytes)")
-        async with self._changing(name):
+        async with self.changing(name):
             if await self.store.get_pool(name) is not None:
                 raise errors.AlreadyExists(f"a pool named {name!r} exists")
             sized = await self._check_devices(paths, force)
@@ -522,7 +528,7 @@ class PoolService:
                            accept: Accept = _ignore) -> None:
         """Remove the pool, its devices and records. Refused while it has
         volumes, unless *force* (then they go too, data and all)."""
-        async with self._changing(name):
+        async with self.changing(name):
             record = await self.pool(name)
             await self.check_authorized(caller, Action.POOL, name, record.owner_uid)
             volumes = await self.store.list_volumes(name)
@@ -585,7 +591,7 @@ class PoolService:
         the kernel grows the data before the metadata on a resume, and a
         pool out of metadata space cannot write the larger data space map.
         """
-        async with self._changing(pool):
+        async with self.changing(pool):
             record = await self.pool(pool)
             await self.check_authorized(caller, Action.POOL, pool, record.owner_uid)
             if path in record.layout.devices:
@@ -696,36 +702,51 @@ class PoolService:
     async def create_volume(self, pool: str, name: str, size_bytes: int, *,
                             labels: Mapping[str, str] | None = None,
                             filesystem: str | None = None,
+                            encryption: EncryptionRequest | None = None,
                             caller: Caller = ROOT,
                             accept: Accept = _ignore) -> VolumeRecord:
         """*filesystem*: "ext4" or "xfs", made on the new volume as the last
-        step (its failure undoes the volume)."""
-        await self.check_authorized(caller, Action.VOLUME, f"{pool}/{name}")
-        check_name(name, "volume")
-        size = check_size(size_bytes)
-        check_filesystem(filesystem)
-        clean_labels = check_labels(labels or {})
-        async with self._changing(pool):
-            record = await self.pool(pool)
-            if any(v.name == name for v in await self.store.list_volumes(pool)):
-                raise errors.AlreadyExists(f"pool {pool!r} has a volume named {name!r}")
-            tid = await self._kernel_tid(pool, record)
-            thin_id = await self._new_thin_id(record)
-            volume = VolumeRecord(str(uuidlib.uuid4()), pool, name, thin_id, size, None,
-                                  caller.uid, clean_labels, True)
-            await self._add_thin(record, volume, tid, create_thin(thin_id), "volume-create",
-                                 filesystem=filesystem, accept=accept)
-        log.info("volume-create %s/%s: thin id %d, %d bytes%s", pool, name, thin_id, size,
-                 f", {filesystem}" if filesystem else "")
+        step (its failure undoes the volume); *encryption*: LUKS2 under it,
+        opened (dmd.service.encryption). The request's key is wiped here."""
+        with contextlib.ExitStack() as keys:
+            if encryption is not None:
+                keys.callback(encryption.wipe)
+            await self.check_authorized(caller, Action.VOLUME, f"{pool}/{name}")
+            check_name(name, "volume")
+            size = check_size(size_bytes)
+            check_filesystem(filesystem)
+            clean_labels = check_labels(labels or {})
+            async with self.changing(pool):
+                record = await self.pool(pool)
+                if any(v.name == name for v in await self.store.list_volumes(pool)):
+                    raise errors.AlreadyExists(f"pool {pool!r} has a volume named {name!r}")
+                if encryption is not None and \
+                        await self.store.get_device(cleartext_device(pool, name)) is not None:
+                    raise errors.AlreadyExists(f"a device named "
+                                               f"{cleartext_device(pool, name)} exists")
+                tid = await self._kernel_tid(pool, record)
+                thin_id = await self._new_thin_id(record)
+                volume = VolumeRecord(
+                    str(uuidlib.uuid4()), pool, name, thin_id, size, None, caller.uid,
+                    clean_labels, True,
+                    encryption=Encryption(str(uuidlib.uuid4()), encryption.key_description)
+                    if encryption is not None else None)
+                await self._add_thin(record, volume, tid, create_thin(thin_id),
+                                     "volume-create", filesystem=filesystem,
+                                     encryption=encryption, accept=accept)
+        log.info("volume-create %s/%s: thin id %d, %d bytes%s%s", pool, name, thin_id, size,
+                 ", luks2" if encryption else "", f", {filesystem}" if filesystem else "")
         return volume
 
     async def _add_thin(self, pool: PoolRecord, volume: VolumeRecord, tid: int,
                         message: str, operation: str, *, snapshot: bool = False,
                         origin_device: str | None = None, filesystem: str | None = None,
+                        encryption: EncryptionRequest | None = None,
                         accept: Accept = _ignore) -> None:
         """The protocol shared by create and snapshot (see the module);
         *origin_device*: the snapshot's origin device, if it is active;
-        *filesystem*: made on the new (active) volume at the end."""
+        *encryption*: a LUKS2 header made on the new (active) volume and
+        opened; *filesystem*: made on it (or on its cleartext) at the end."""
         name = pool.name
         claim = self.owner(name)
         steps: Any = SnapshotStep if snapshot else VolumeCreateStep
@@ -763,9 +784,14 @@ class PoolService:
             if volume.active:
                 await journal.mark(steps.ACTIVATE)
                 await self._activate(volume)
+            if encryption is not None:
+                await journal.mark(VolumeCreateStep.ENCRYPT)
+                await crypt.format_volume(self, volume, encryption.key, encryption.kdf)
+                await journal.mark(VolumeCreateStep.UNLOCK)
+                await crypt.open_cleartext(self, volume, encryption.key)
             if filesystem is not None:
                 await journal.mark(VolumeCreateStep.FILESYSTEM)
-                device = volume_device(name, volume.name)
+                device = (cleartext_device if encryption else volume_device)(name, volume.name)
                 await make_filesystem(
                     lambda: self.kernel(Engine.open_node, device, os.O_RDWR), filesystem,
                     volume.name, lambda done: progress(  # the part of the job after the mark
@@ -776,19 +802,21 @@ class PoolService:
         """Take a thin id back out (deleting what is not there is fine) and
         leave the records at the kernel's transaction id."""
         claim = self.owner(pool)
-        device = volume_device(pool, volume.name)
-        for wait in UNDO_BUSY_WAITS:
-            try:
-                await self.devices.remove(device, claim=claim)
-                break
-            except errors.NotFound:
-                break
-            except errors.Busy:
-                # A new device was just closed (by mkfs, say): udev's watch
-                # rule has blkid open it for a moment. Nobody else knows it.
-                if wait is None:
-                    raise
-                await asyncio.sleep(wait)
+        for device in (cleartext_device(pool, volume.name), volume_device(pool, volume.name)):
+            for wait in UNDO_BUSY_WAITS:
+                try:
+                    await self.devices.remove(device, claim=claim)
+                    break
+                except errors.NotFound:
+                    if await self.store.get_device(device) is not None:
+                        await self.store.remove_device(device)
+                    break
+                except errors.Busy:
+                    # A new device was just closed (by mkfs, say): udev's watch
+                    # rule has blkid open it for a moment. Nobody else knows it.
+                    if wait is None:
+                        raise
+                    await asyncio.sleep(wait)
         await self._delete_thin(pool, volume)
         tid = await self._kernel_tid(pool)
         tid = await self._commit_tid(pool, tid)
@@ -840,7 +868,7 @@ class PoolService:
         is suspended for the moment of the copy and resumed on every path."""
         check_name(name, "volume")
         clean_labels = check_labels(labels or {})
-        async with self._changing(pool):
+        async with self.changing(pool):
             record = await self.pool(pool)
             source = await self.volume(pool, origin)
             await self.check_authorized(caller, Action.VOLUME, f"{pool}/{origin}", source.owner_uid)
@@ -848,8 +876,12 @@ class PoolService:
                 raise errors.AlreadyExists(f"pool {pool!r} has a volume named {name!r}")
             tid = await self._kernel_tid(pool, record)
             thin_id = await self._new_thin_id(record)
+            # An encrypted origin's snapshot carries its header: the same
+            # keys open it, locked until asked (it is a copy, not a second use).
             volume = VolumeRecord(str(uuidlib.uuid4()), pool, name, thin_id, source.size_bytes,
-                                  source.uuid, caller.uid, clean_labels, activate)
+                                  source.uuid, caller.uid, clean_labels, activate,
+                                  encryption=replace(source.encryption, unlocked=False)
+                                  if source.encryption is not None else None)
             origin_device = volume_device(pool, origin) if source.active else None
             await self._add_thin(record, volume, tid, create_snap(thin_id, source.thin_id),
                                  "volume-snapshot", snapshot=True, origin_device=origin_device,
@@ -860,7 +892,7 @@ class PoolService:
     async def delete_volume(self, pool: str, name: str, *, caller: Caller = ROOT,
                             accept: Accept = _ignore) -> None:
         """Remove the volume's device, delete its thin id, drop its record."""
-        async with self._changing(pool):
+        async with self.changing(pool):
             volume = await self.volume(pool, name)
             await self.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
             tid = await self._kernel_tid(pool)
@@ -876,6 +908,7 @@ class PoolService:
                 self.pending[volume.uuid] = (volume, "deleting")
                 await self._accepted(pool, volume, accept)
                 await journal.mark(VolumeDeleteStep.DEACTIVATE)
+                await crypt.close_cleartext(self, pool, name)
                 with contextlib.suppress(errors.NotFound):
                     await self.devices.remove(volume_device(pool, name), claim=claim)
                 journal.no_way_back()
@@ -891,6 +924,7 @@ class PoolService:
         """Finish a delete from wherever it stopped (recovery, or an error past
         the device's removal): each step is skipped if it was done."""
         pool = volume.pool
+        await crypt.close_cleartext(self, pool, volume.name)
         with contextlib.suppress(errors.NotFound):
             await self.devices.remove(volume_device(pool, volume.name), claim=self.owner(pool))
         tid = await self._kernel_tid(pool)
@@ -903,13 +937,16 @@ class PoolService:
                             shrink: bool = False, caller: Caller = ROOT,
                             accept: Accept = _ignore) -> VolumeRecord:
         size = check_size(size_bytes)
-        async with self._changing(pool):
+        async with self.changing(pool):
             volume = await self.volume(pool, name)
             await self.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
             if size < volume.size_bytes and not shrink:
                 raise errors.InvalidArgument(
                     f"{size} bytes is smaller than {name!r} ({volume.size_bytes} bytes); "
                     "shrinking loses the data past the new end: pass shrink to do it")
+            if volume.encryption is not None and await crypt.cleartext_present(self, pool, name):
+                raise errors.Busy(f"volume {pool}/{name} is unlocked: Lock it to resize it "
+                                  "(its cleartext device takes the new size when unlocked)")
             resized = replace(volume, size_bytes=size)
             await self._accepted(pool, resized, accept)
             if volume.active:
@@ -925,7 +962,7 @@ class PoolService:
                          accept: Accept = _ignore) -> VolumeRecord:
         """Activate (make its device) or deactivate (remove it; data and record
         stay) a volume."""
-        async with self._changing(pool):
+        async with self.changing(pool):
             volume = await self.volume(pool, name)
             await self.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
             changed = replace(volume, active=active)
@@ -934,7 +971,11 @@ class PoolService:
             present = await self.devices.store.get_device(device) is not None
             if active and not present:
                 await self._activate(volume)
+                if volume.encryption is not None and volume.encryption.unlocked:
+                    self.waiting[volume.uuid] = "waiting for a key: Unlock with one"
             elif not active and present:
+                await crypt.close_cleartext(self, pool, name)
+                self.waiting.pop(volume.uuid, None)
                 await self.devices.remove(device, claim=self.owner(pool))
             if changed != volume:
                 await self.store.pool_change(pool, update=changed)

@@ -19,7 +19,8 @@ from dmd.engine import DmError
 from dmd.engine.interface import Engine
 from dmd.service import errors
 from dmd.service.auth import Action, Caller
-from dmd.service.pools import PoolService, volume_device
+from dmd.service.pools import PoolService
+from dmd.service.volume_names import cleartext_device, volume_device
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,11 @@ async def open_volume(pools: PoolService, pool: str, name: str, mode: str, *,
         device = volume_device(pool, name)
         if not volume.active or await pools.store.get_device(device) is None:
             raise errors.NotActive(f"volume {subject} is not active: Activate it first")
+        if volume.encryption is not None:
+            # What a service wants of an encrypted volume is its cleartext.
+            device = cleartext_device(pool, name)
+            if await pools.store.get_device(device) is None:
+                raise errors.Locked(f"volume {subject} is locked: Unlock it first")
         try:
             fd = await pools.kernel(Engine.open_node, device, flags)
         except DmError as exc:

@@ -1,7 +1,7 @@
 """dmd's own metadata: managed devices, labels, the intent journal (SQLite)."""
 
 from dmd.state.errors import RecordExists, RecordNotFound, StateError
-from dmd.state.pool_records import PoolLayout, PoolRecord, Segment, VolumeRecord
+from dmd.state.pool_records import Encryption, PoolLayout, PoolRecord, Segment, VolumeRecord
 from dmd.state.redact import redact_table
 from dmd.state.store import (
     AsyncStateStore,
@@ -13,6 +13,7 @@ from dmd.state.store import (
 __all__ = [
     "AsyncStateStore",
     "DeviceRecord",
+    "Encryption",
     "IntentRecord",
     "PoolLayout",
     "PoolRecord",

@@ -98,3 +98,5 @@ class VolumeRow(Base):
     labels_json: Mapped[str] = mapped_column(Text)
     active: Mapped[bool]
     created_at: Mapped[datetime]
+    # Revision 0006: VolumeRecord.encryption as JSON; NULL for a plain volume.
+    encryption_json: Mapped[str | None] = mapped_column(Text)

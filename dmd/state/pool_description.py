@@ -28,7 +28,7 @@ import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Any
 
-from dmd.state.pool_records import PoolLayout, PoolRecord, Segment, VolumeRecord
+from dmd.state.pool_records import Encryption, PoolLayout, PoolRecord, Segment, VolumeRecord
 
 LABEL_MAGIC = b"DMDPOOL\x01"  # what dmd.engine.blockdev probes as "dmd_pool"
 COPY_MAGIC = b"DMDDESC\x01"
@@ -103,6 +103,7 @@ class Description:
                 "uuid": v.uuid, "name": v.name, "thin_id": v.thin_id,
                 "size_bytes": v.size_bytes, "origin_uuid": v.origin_uuid,
                 "owner_uid": v.owner_uid, "labels": v.labels, "active": v.active,
+                **({"encryption": v.encryption.to_json()} if v.encryption else {}),
             } for v in sorted(self.volumes, key=lambda v: v.thin_id)],
         }
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
@@ -154,7 +155,8 @@ class Description:
                               no_space_timeout=p.get("no_space_timeout", 60))
             volumes = tuple(VolumeRecord(v["uuid"], pool.name, v["name"], v["thin_id"],
                                          v["size_bytes"], v["origin_uuid"], v["owner_uid"],
-                                         dict(v["labels"]), v["active"])
+                                         dict(v["labels"]), v["active"],
+                                         encryption=Encryption.from_json(v.get("encryption")))
                             for v in doc["volumes"])
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, DescriptionError):

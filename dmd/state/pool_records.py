@@ -74,6 +74,31 @@ class PoolRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Encryption:
+    """A volume's LUKS2 layer (the header on the volume says the rest)."""
+
+    luks_uuid: str
+    # The description of a "user" key in the keyring that opens it when dmd
+    # starts; None: only a key passed to Unlock does.
+    key_description: str | None = None
+    # Open (unlocked) when dmd last changed it: after a reboot it is opened
+    # again when a key is at hand. Lock clears it.
+    unlocked: bool = True
+    kind: str = "luks2"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "luks_uuid": self.luks_uuid,
+                "key_description": self.key_description, "unlocked": self.unlocked}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any] | None) -> Encryption | None:
+        if doc is None:
+            return None
+        return cls(str(doc["luks_uuid"]), doc.get("key_description"), bool(doc["unlocked"]),
+                   str(doc.get("kind", "luks2")))
+
+
+@dataclass(frozen=True, slots=True)
 class VolumeRecord:
     uuid: str
     pool: str  # the pool's name
@@ -85,6 +110,7 @@ class VolumeRecord:
     labels: dict[str, str] = field(default_factory=dict)
     active: bool = True
     created_at: datetime | None = None
+    encryption: Encryption | None = None
 
 
 def pool_record(row: PoolRow) -> PoolRecord:
@@ -97,11 +123,14 @@ def pool_record(row: PoolRow) -> PoolRecord:
 def volume_record(row: VolumeRow, pool_name: str) -> VolumeRecord:
     return VolumeRecord(row.uuid, pool_name, row.name, row.thin_id, row.size_bytes,
                         row.origin_uuid, row.owner_uid, json.loads(row.labels_json),
-                        row.active, row.created_at)
+                        row.active, row.created_at,
+                        Encryption.from_json(json.loads(row.encryption_json or "null")))
 
 
 def volume_values(record: VolumeRecord) -> dict[str, Any]:
     """The columns of *record* that an update may change."""
     return {"name": record.name, "size_bytes": record.size_bytes,
             "labels_json": json.dumps(record.labels), "active": record.active,
-            "owner_uid": record.owner_uid}
+            "owner_uid": record.owner_uid,
+            "encryption_json": (json.dumps(record.encryption.to_json())
+                                if record.encryption is not None else None)}

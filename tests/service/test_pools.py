@@ -107,7 +107,8 @@ async def assert_agree(pools: PoolService) -> dict[str, Any]:
 
 def _facts(description_or_records: Any) -> Any:
     return sorted((v.uuid, v.name, v.thin_id, v.size_bytes, v.origin_uuid, v.active,
-                   tuple(sorted(v.labels.items()))) for v in description_or_records)
+                   tuple(sorted(v.labels.items())), v.encryption)
+                  for v in description_or_records)
 
 
 async def assert_described(pools: PoolService, pool: PoolRecord) -> Description:

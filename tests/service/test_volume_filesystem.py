@@ -90,9 +90,11 @@ async def test_progress_follows_mke2fs_and_a_failure_names_the_tool(
         await asyncio.sleep(0.05)
     assert job.state.value == "failed" and job.error_name == "Failed"
     assert job.error_message == "mkfs.ext4 exited with status 7: the device is on fire"
-    # mkfs is the job's last sixth: 1/4 and 3/4 of it.
-    assert any(abs(p - 5.25 / 6) < 0.01 for p in seen), seen
-    assert any(abs(p - 5.75 / 6) < 0.01 for p in seen), seen
+    # mkfs is the job's last part (after the step that announces it): 1/4
+    # and 3/4 of it.
+    parts = len(VolumeCreateStep) + 1
+    assert any(abs(p - (VolumeCreateStep.FILESYSTEM + 0.25) / parts) < 0.01 for p in seen), seen
+    assert any(abs(p - (VolumeCreateStep.FILESYSTEM + 0.75) / parts) < 0.01 for p in seen), seen
     assert_undone(before, await assert_agree(tank))
 
 
