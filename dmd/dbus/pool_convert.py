@@ -26,6 +26,7 @@ VOLUME_PROPERTIES: dict[str, str] = {
     "UsedBytes": "t", "State": "s", "Owner": "u", "Labels": "a{ss}", "Device": "o",
     "DevicePath": "s", "Encryption": "s", "Locked": "b", "LockedReason": "s",
     "KeyDescription": "s", "CleartextDevice": "o", "CleartextPath": "s",
+    "Thin": "b", "Stripes": "u",
 }
 
 JOB_PROPERTIES: dict[str, str] = {
@@ -81,6 +82,8 @@ def volume_properties(volume: VolumeRecord, pool_uuid: str, state: str, used_byt
         else NO_OBJECT,
         "CleartextPath": f"/dev/mapper/{volume.pool}-{volume.name}-crypt"
         if cleartext_minor is not None else "",
+        "Thin": volume.thick is None,
+        "Stripes": volume.thick.stripes if volume.thick is not None else 1,
     }
 
 

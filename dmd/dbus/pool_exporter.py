@@ -145,7 +145,7 @@ class PoolExporter:
             if volume.pool == pool.name:
                 volumes[uuid] = (volume, state)
         active = [volume_device(pool.name, v.name) for v, state in volumes.values()
-                  if state != "inactive"]
+                  if state != "inactive" and v.thick is None]
         for gone in [d for d in self._used if d.startswith(f"{pool.name}-") and d not in active]:
             del self._used[gone]
         touched = self._touched.pop(pool.name, set())
@@ -169,13 +169,14 @@ class PoolExporter:
             paths.add(path)
             # Most of a large pool's volumes are as they were: their
             # properties are made again only when what they are made from moved.
-            inputs = (volume, pool.uuid, state, used.get(device, 0), minor,
+            # A thick volume holds all of its size.
+            used_bytes = volume.size_bytes if volume.thick is not None else used.get(device, 0)
+            inputs = (volume, pool.uuid, state, used_bytes, minor,
                       volume.origin_uuid in known, cleartext_minor, waiting)
             if self._shown.get(path) == inputs:
                 continue
             self._put(path, VolumeInterface, volume_properties(
-                volume, pool.uuid, state, used.get(device, 0), minor, known,
-                cleartext_minor, waiting))
+                volume, pool.uuid, state, used_bytes, minor, known, cleartext_minor, waiting))
             self._shown[path] = inputs
             self._volume_of_path[path] = (pool.name, volume.name)
         return paths

@@ -111,7 +111,10 @@ class PoolHandlers:
             self.pools.create_volume(pool, check_string(name, "name"), _size(size, "size"),
                                      labels=opts.get("labels"),
                                      filesystem=opts.get("filesystem"),
-                                     encryption=encryption, caller=caller, accept=accept))
+                                     encryption=encryption, thin=opts.get("thin", True),
+                                     stripes=opts.get("stripes", 1),
+                                     stripe_size=opts.get("stripe-size"),
+                                     caller=caller, accept=accept))
         return [volume_path(volume.uuid), job_path(job.id)]
 
     async def AddDevice(self, caller: Caller, pool: str, device: str,

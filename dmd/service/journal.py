@@ -88,6 +88,11 @@ class SnapshotStep(enum.IntEnum):
     ACTIVATE = 6
 
 
+class ThickResizeStep(enum.IntEnum):
+    RECORD = 1  # the grown segments are recorded (reserved) next
+    RELOAD = 2  # the device takes them next: recovery reloads the recorded table
+
+
 class VolumeDeleteStep(enum.IntEnum):
     DEACTIVATE = 1  # the volume's device is removed next
     MESSAGE = 2  # delete next: from here on the delete rolls forward

@@ -180,6 +180,21 @@ async def _settle(pools: PoolService, intent: IntentRecord) -> str | None:
     pools._claim(pool)
     assert args.volume is not None
     volume = volume_from_json(args.volume)
+    if intent.operation == "volume-create-thick":
+        await pools.undo_thick(volume)  # a half-made volume is no volume to hand out
+        return "rolled_back"
+    if intent.operation == "volume-delete-thick":
+        await pools.undo_thick(volume)  # rolls forward once begun
+        return "done"
+    if intent.operation == "volume-resize-thick":
+        # The device takes whatever the record says: the grown segments if
+        # they were recorded (reserved), else its old ones.
+        now = {v.uuid: v for v in await pools.store.list_volumes(pool)}.get(volume.uuid)
+        device = volume_device(pool, volume.name)
+        if now is not None and now.active and await pools.store.get_device(device) is not None:
+            await pools.devices.reload(device, await pools.volume_table(now),
+                                       claim=pools.owner(pool))
+        return "done"
     if intent.operation == "volume-snapshot":
         volumes = {v.uuid: v for v in await pools.store.list_volumes(pool)}
         origin = volumes.get(args.origin_uuid or "")

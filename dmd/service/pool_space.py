@@ -32,9 +32,9 @@ from dmd.engine.targets.thin import MAX_METADATA_SECTORS
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
 from dmd.service.journal import PoolArgs, PoolExtendStep, intent
+from dmd.service.pool_room import carve, room_sectors
 from dmd.service.pools import (
     EXTEND_PERCENT,
-    HEADER_SECTORS,
     Accept,
     PoolService,
     _ignore,
@@ -64,45 +64,20 @@ class Space:
 SpaceListener = Callable[[str, str, Space], None]  # (pool, "low" | "full" | "ok", space)
 
 
-def free_segments(layout: PoolLayout, sizes: tuple[int, ...] | None = None
-                  ) -> list[Segment]:
-    """The unallocated tail of each device: segments are allocated from the
-    header on, each after the last, so what follows the highest end is free."""
-    free = []
-    for index, size in enumerate(sizes or layout.sizes):
-        ends = [s.start + s.length for s in (*layout.metadata, *layout.data)
-                if s.device == index]
-        start = max(ends, default=HEADER_SECTORS)
-        if size // 512 > start:
-            free.append(Segment(index, start, size // 512 - start))
-    return free
-
-
-def carve(layout: PoolLayout, sectors: int) -> tuple[Segment, ...]:
-    """*sectors* of free space, in segments from the first device on."""
-    taken: list[Segment] = []
-    for seg in free_segments(layout):
-        if sectors <= 0:
-            break
-        length = min(seg.length, sectors)
-        taken.append(Segment(seg.device, seg.start, length))
-        sectors -= length
-    if sectors > 0:
-        raise errors.InvalidArgument("the pool's devices have no room for that")
-    return tuple(taken)
-
-
-def extended(record: PoolRecord, data_sectors: int, metadata_sectors: int) -> PoolLayout:
+def extended(record: PoolRecord, data_sectors: int, metadata_sectors: int,
+             taken: tuple[Segment, ...] = ()) -> PoolLayout:
     """The layout with *data_sectors* more data (whole blocks) and
-    *metadata_sectors* more metadata, from free space."""
+    *metadata_sectors* more metadata, from the room thick volumes (*taken*)
+    leave."""
     layout = record.layout
     if metadata_sectors:
-        layout = replace(layout, metadata=(*layout.metadata, *carve(layout, metadata_sectors)))
+        layout = replace(layout, metadata=(*layout.metadata,
+                                           *carve(layout, metadata_sectors, taken)))
     if data_sectors:
         data_sectors -= data_sectors % record.block_sectors
         if data_sectors <= 0:
             raise errors.InvalidArgument("less than one data block to add")
-        layout = replace(layout, data=(*layout.data, *carve(layout, data_sectors)))
+        layout = replace(layout, data=(*layout.data, *carve(layout, data_sectors, taken)))
     return layout
 
 
@@ -113,7 +88,8 @@ async def extend_pool(pools: PoolService, pool: str, data_bytes: int = 0,
     async with pools.changing(pool):
         record = await pools.pool(pool)
         await pools.check_authorized(caller, Action.POOL, pool, record.owner_uid)
-        grown_layout = extended(record, data_bytes // 512, metadata_bytes // 512)
+        grown_layout = extended(record, data_bytes // 512, metadata_bytes // 512,
+                                await pools.thick_segments(pool))
         grown = replace(record, layout=grown_layout)
         claim = pools.owner(pool)
 
@@ -208,7 +184,7 @@ class SpaceWatch:
     async def read(self, pool: str, record: PoolRecord | None = None) -> Space:
         record = record or await self.pools.pool(pool)
         state = await self.pools.pool_state(pool, record)
-        room = sum(s.length for s in free_segments(record.layout)) * 512
+        room = room_sectors(record.layout, await self.pools.thick_segments(pool)) * 512
         return Space(state.data_used_bytes, state.data_total_bytes, state.metadata_used_bytes,
                      state.metadata_total_bytes, room, state.mode,
                      state.metadata_low_water_bytes)

@@ -65,6 +65,7 @@ from dmd.service.journal import (
     PoolDestroyStep,
     PoolGrowStep,
     SnapshotStep,
+    ThickResizeStep,
     VolumeCreateStep,
     VolumeDeleteStep,
     intent,
@@ -72,13 +73,13 @@ from dmd.service.journal import (
 from dmd.service.locks import DeviceLocks
 from dmd.service.operations import DeviceService, check_labels
 from dmd.service.pool_descriptions import Descriptions
+from dmd.service.pool_room import HEADER_SECTORS, allocate, check_stripes, thick_table
 from dmd.service.volume_names import cleartext_device, volume_device
-from dmd.state import Encryption, PoolLayout, PoolRecord, Segment, VolumeRecord
+from dmd.state import Encryption, PoolLayout, PoolRecord, Segment, Thick, VolumeRecord
 
 log = logging.getLogger(__name__)
 
 NAME = re.compile(r"^[A-Za-z0-9_.+]{1,64}$")  # no "-": device names are POOL-VOLUME
-HEADER_SECTORS = 8192  # 4 MiB at the start of every pool device
 MIN_DEVICE_BYTES = 16 << 20
 DEFAULT_BLOCK_SECTORS = 128  # 64 KiB, LVM's default for thin pools
 WIPE_BYTES = 1 << 20  # of the metadata's start: the kernel then formats a new pool
@@ -87,7 +88,9 @@ METADATA_LOW_PERCENT = 20  # metadata free below this: extend it too
 UNDO_BUSY_WAITS = (*[0.2] * 25, None)  # seconds between tries of an undo's remove
 POOL_OPERATIONS = frozenset({"pool-create", "pool-destroy", "pool-grow", "pool-import",
                              "pool-extend",
-                             "volume-create", "volume-snapshot", "volume-delete"})
+                             "volume-create", "volume-snapshot", "volume-delete",
+                             "volume-create-thick", "volume-delete-thick",
+                             "volume-resize-thick"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +335,11 @@ class PoolService:
             raise errors.NotFound(f"no pool named {name!r}")
         return record
 
+    async def thick_segments(self, pool: str) -> tuple[Segment, ...]:
+        """The segments of the pool's devices its thick volumes hold."""
+        return tuple(s for v in await self.store.list_volumes(pool) if v.thick is not None
+                     for s in v.thick.segments)
+
     async def volumes(self, pool: str | None = None) -> list[VolumeRecord]:
         return await self.store.list_volumes(pool)
 
@@ -514,7 +522,9 @@ class PoolService:
         claim = self.owner(pool)
         names = [d.name for d in await self.kernel(Engine.list_devices)]
         internal = {f"{pool}-{s}" for s in ("tpool", "tdata", "tmeta")}
-        order = sorted(n for n in names if n.startswith(f"{pool}-") and n not in internal)
+        # Cleartext devices first: each holds its volume's device.
+        order = sorted((n for n in names if n.startswith(f"{pool}-") and n not in internal),
+                       key=lambda n: (not n.endswith("-crypt"), n))
         order += [n for n in (tpool(pool), f"{pool}-tdata", f"{pool}-tmeta") if n in names]
         for device in order:
             with contextlib.suppress(errors.NotFound):
@@ -536,7 +546,9 @@ class PoolService:
                 raise errors.Busy(f"pool {name!r} has {len(volumes)} volume(s); delete them "
                                   "first or pass force")
             for volume in volumes:  # refuse before anything goes if one is open
-                device = volume_device(name, volume.name)
+                device = (cleartext_device if volume.encryption is not None
+                          and await crypt.cleartext_present(self, name, volume.name)
+                          else volume_device)(name, volume.name)
                 with contextlib.suppress(DmError):
                     info = await self.kernel(Engine.device_info, device)
                     if info.open_count:
@@ -567,6 +579,7 @@ class PoolService:
         """Remove the volumes' devices and the pool's, and zero its metadata."""
         claim = self.owner(record.name)
         for volume in await self.store.list_volumes(record.name):
+            await crypt.close_cleartext(self, record.name, volume.name)
             with contextlib.suppress(errors.NotFound):
                 await self.devices.remove(volume_device(record.name, volume.name), claim=claim)
         await self._remove_pool_devices(record.name)
@@ -703,11 +716,15 @@ class PoolService:
                             labels: Mapping[str, str] | None = None,
                             filesystem: str | None = None,
                             encryption: EncryptionRequest | None = None,
+                            thin: bool = True, stripes: int = 1,
+                            stripe_size: int | None = None,
                             caller: Caller = ROOT,
                             accept: Accept = _ignore) -> VolumeRecord:
         """*filesystem*: "ext4" or "xfs", made on the new volume as the last
         step (its failure undoes the volume); *encryption*: LUKS2 under it,
-        opened (dmd.service.encryption). The request's key is wiped here."""
+        opened (dmd.service.encryption). The request's key is wiped here.
+        Not *thin*: a thick volume, its segments taken from the room on the
+        pool's devices (dmd.service.pool_room), *stripes* wide."""
         with contextlib.ExitStack() as keys:
             if encryption is not None:
                 keys.callback(encryption.wipe)
@@ -716,6 +733,9 @@ class PoolService:
             size = check_size(size_bytes)
             check_filesystem(filesystem)
             clean_labels = check_labels(labels or {})
+            if thin and (stripes != 1 or stripe_size is not None):
+                raise errors.InvalidArgument("stripes and stripe-size are for thick volumes "
+                                             "(thin false)")
             async with self.changing(pool):
                 record = await self.pool(pool)
                 if any(v.name == name for v in await self.store.list_volumes(pool)):
@@ -724,6 +744,10 @@ class PoolService:
                         await self.store.get_device(cleartext_device(pool, name)) is not None:
                     raise errors.AlreadyExists(f"a device named "
                                                f"{cleartext_device(pool, name)} exists")
+                if not thin:
+                    return await self._create_thick(
+                        record, name, size, stripes, stripe_size, clean_labels, filesystem,
+                        encryption, caller, accept)
                 tid = await self._kernel_tid(pool, record)
                 thin_id = await self._new_thin_id(record)
                 volume = VolumeRecord(
@@ -759,6 +783,7 @@ class PoolService:
                     await self.devices.resume(origin_device, claim=claim)
             await self._undo_thin(name, volume, recorded=journal.step >= steps.ACTIVATE)
 
+        assert volume.thin_id is not None
         args = PoolArgs(pool=name, transaction_from=tid, thin_id=volume.thin_id,
                         volume=_volume_json(volume), origin_uuid=volume.origin_uuid)
         async with intent(self.store, self.fault, operation, f"{name}/{volume.name}",
@@ -784,25 +809,68 @@ class PoolService:
             if volume.active:
                 await journal.mark(steps.ACTIVATE)
                 await self._activate(volume)
-            if encryption is not None:
-                await journal.mark(VolumeCreateStep.ENCRYPT)
-                await crypt.format_volume(self, volume, encryption.key, encryption.kdf)
-                await journal.mark(VolumeCreateStep.UNLOCK)
-                await crypt.open_cleartext(self, volume, encryption.key)
-            if filesystem is not None:
-                await journal.mark(VolumeCreateStep.FILESYSTEM)
-                device = (cleartext_device if encryption else volume_device)(name, volume.name)
-                await make_filesystem(
-                    lambda: self.kernel(Engine.open_node, device, os.O_RDWR), filesystem,
-                    volume.name, lambda done: progress(  # the part of the job after the mark
-                        (VolumeCreateStep.FILESYSTEM + done) / (len(VolumeCreateStep) + 1)),
-                    lambda: cancel_point(past_way_back=False))
+            await self._prepare(journal, volume, encryption, filesystem)
 
-    async def _undo_thin(self, pool: str, volume: VolumeRecord, *, recorded: bool) -> None:
-        """Take a thin id back out (deleting what is not there is fine) and
-        leave the records at the kernel's transaction id."""
-        claim = self.owner(pool)
-        for device in (cleartext_device(pool, volume.name), volume_device(pool, volume.name)):
+    async def _prepare(self, journal: Journal, volume: VolumeRecord,
+                       encryption: EncryptionRequest | None, filesystem: str | None) -> None:
+        """The last steps of a create: encrypt and open, make a filesystem."""
+        if encryption is not None:
+            await journal.mark(VolumeCreateStep.ENCRYPT)
+            await crypt.format_volume(self, volume, encryption.key, encryption.kdf)
+            await journal.mark(VolumeCreateStep.UNLOCK)
+            await crypt.open_cleartext(self, volume, encryption.key)
+        if filesystem is not None:
+            await journal.mark(VolumeCreateStep.FILESYSTEM)
+            device = (cleartext_device if encryption else volume_device)(volume.pool,
+                                                                        volume.name)
+            await make_filesystem(
+                lambda: self.kernel(Engine.open_node, device, os.O_RDWR), filesystem,
+                volume.name, lambda done: progress(  # the part of the job after the mark
+                    (VolumeCreateStep.FILESYSTEM + done) / (len(VolumeCreateStep) + 1)),
+                lambda: cancel_point(past_way_back=False))
+
+    # -- thick volumes ------------------------------------------------------------
+    async def _create_thick(self, record: PoolRecord, name: str, size: int, stripes: int,
+                            stripe_size: int | None, labels: dict[str, str],
+                            filesystem: str | None, encryption: EncryptionRequest | None,
+                            caller: Caller, accept: Accept) -> VolumeRecord:
+        """Allocate, record (the record is what reserves the segments), make
+        the device, then encrypt and make a filesystem as a thin volume's
+        create does. Undone on error; a crash at any step undoes it all."""
+        pool = record.name
+        stripe_sectors = check_stripes(record.layout, stripes, stripe_size)
+        segments = allocate(record.layout, size // 512, stripes, stripe_sectors,
+                            await self.thick_segments(pool))
+        thick = Thick(segments, stripes, stripe_sectors)
+        volume = VolumeRecord(
+            str(uuidlib.uuid4()), pool, name, None, thick.sectors * 512, None, caller.uid,
+            labels, True,
+            encryption=Encryption(str(uuidlib.uuid4()), encryption.key_description)
+            if encryption is not None else None, thick=thick)
+
+        async def undo(journal: Journal) -> None:
+            await self.undo_thick(volume)
+
+        async with intent(self.store, self.fault, "volume-create-thick", f"{pool}/{name}",
+                          PoolArgs(pool=pool, volume=_volume_json(volume)), undo) as journal:
+            self.pending[volume.uuid] = (volume, "creating")
+            await self._accepted(pool, volume, accept)
+            await journal.mark(VolumeCreateStep.RECORD)
+            await self.store.pool_change(pool, add=volume)
+            await journal.mark(VolumeCreateStep.ACTIVATE)
+            await self._activate(volume)
+            await self._prepare(journal, volume, encryption, filesystem)
+        log.info("volume-create %s/%s: thick, %d segment(s), %d stripe(s), %d bytes%s%s", pool,
+                 name, len(segments), stripes, volume.size_bytes,
+                 ", luks2" if encryption else "", f", {filesystem}" if filesystem else "")
+        return volume
+
+    async def _remove_volume_devices(self, volume: VolumeRecord) -> None:
+        """Remove the volume's cleartext and own devices (absent ones are
+        fine), waiting out udev's probe of a device just closed."""
+        claim = self.owner(volume.pool)
+        for device in (cleartext_device(volume.pool, volume.name),
+                       volume_device(volume.pool, volume.name)):
             for wait in UNDO_BUSY_WAITS:
                 try:
                     await self.devices.remove(device, claim=claim)
@@ -817,6 +885,67 @@ class PoolService:
                     if wait is None:
                         raise
                     await asyncio.sleep(wait)
+
+    async def undo_thick(self, volume: VolumeRecord) -> None:
+        """A thick volume's devices and record gone (what is not there is fine)."""
+        await self._remove_volume_devices(volume)
+        if any(v.uuid == volume.uuid for v in await self.store.list_volumes(volume.pool)):
+            await self.store.pool_change(volume.pool, remove=volume.uuid)
+
+    async def _delete_thick(self, volume: VolumeRecord) -> None:
+        """Devices, then the record (which frees the segments): past the
+        devices' removal it rolls forward."""
+        pool, name = volume.pool, volume.name
+
+        async def finish(_: Journal) -> None:
+            await self.undo_thick(volume)
+
+        async with intent(self.store, self.fault, "volume-delete-thick", f"{pool}/{name}",
+                          PoolArgs(pool=pool, volume=_volume_json(volume)),
+                          roll_forward=finish) as journal:
+            await journal.mark(VolumeDeleteStep.DEACTIVATE)
+            await crypt.close_cleartext(self, pool, name)
+            with contextlib.suppress(errors.NotFound):
+                await self.devices.remove(volume_device(pool, name), claim=self.owner(pool))
+            journal.no_way_back()
+            await journal.mark(VolumeDeleteStep.RECORD)
+            await self.store.pool_change(pool, remove=volume.uuid)
+
+    async def _grow_thick(self, volume: VolumeRecord, size: int) -> VolumeRecord:
+        """More segments (another run of stripes), recorded (reserved) before
+        the device's table takes them; a crash between is finished by
+        reloading the recorded table."""
+        assert volume.thick is not None
+        pool, thick = volume.pool, volume.thick
+        record = await self.pool(pool)
+        more = allocate(record.layout, (size - volume.size_bytes) // 512, thick.stripes,
+                        thick.stripe_sectors, await self.thick_segments(pool))
+        grown_thick = replace(thick, segments=(*thick.segments, *more))
+        grown = replace(volume, thick=grown_thick, size_bytes=grown_thick.sectors * 512)
+
+        async def undo(journal: Journal) -> None:
+            await self.store.pool_change(pool, update=volume)
+            if volume.active:
+                await self.devices.reload(volume_device(pool, volume.name),
+                                          thick_table(record.layout, thick),
+                                          claim=self.owner(pool))
+
+        async with intent(self.store, self.fault, "volume-resize-thick",
+                          f"{pool}/{volume.name}",
+                          PoolArgs(pool=pool, volume=_volume_json(grown)), undo) as journal:
+            await journal.mark(ThickResizeStep.RECORD)
+            await self.store.pool_change(pool, update=grown)
+            if volume.active:
+                await journal.mark(ThickResizeStep.RELOAD)
+                await self.devices.reload(volume_device(pool, volume.name),
+                                          thick_table(record.layout, grown_thick),
+                                          claim=self.owner(pool))
+        return grown
+
+    async def _undo_thin(self, pool: str, volume: VolumeRecord, *, recorded: bool) -> None:
+        """Take a thin id back out (deleting what is not there is fine) and
+        leave the records at the kernel's transaction id."""
+        await self._remove_volume_devices(volume)
         await self._delete_thin(pool, volume)
         tid = await self._kernel_tid(pool)
         tid = await self._commit_tid(pool, tid)
@@ -826,6 +955,7 @@ class PoolService:
     async def _delete_thin(self, pool: str, volume: VolumeRecord) -> None:
         """Delete the volume's thin id; one the pool no longer has (ENODATA:
         deleted already, or never made) is fine."""
+        assert volume.thin_id is not None
         try:
             await self._send(pool, delete(volume.thin_id))
         except errors.Kernel as exc:
@@ -856,9 +986,14 @@ class PoolService:
 
     async def _activate(self, volume: VolumeRecord) -> None:
         await self.devices.create(
-            volume_device(volume.pool, volume.name),
-            _thin_table(volume.pool, volume.thin_id, volume.size_bytes),
+            volume_device(volume.pool, volume.name), await self.volume_table(volume),
             uuid=volume_uuid(volume.uuid), persistent=True, claim=self.owner(volume.pool))
+
+    async def volume_table(self, volume: VolumeRecord) -> list[TargetLine]:
+        if volume.thick is not None:
+            return thick_table((await self.pool(volume.pool)).layout, volume.thick)
+        assert volume.thin_id is not None
+        return _thin_table(volume.pool, volume.thin_id, volume.size_bytes)
 
     async def snapshot(self, pool: str, origin: str, name: str, *,
                        activate: bool = True, labels: Mapping[str, str] | None = None,
@@ -874,6 +1009,9 @@ class PoolService:
             await self.check_authorized(caller, Action.VOLUME, f"{pool}/{origin}", source.owner_uid)
             if any(v.name == name for v in await self.store.list_volumes(pool)):
                 raise errors.AlreadyExists(f"pool {pool!r} has a volume named {name!r}")
+            if source.thin_id is None:
+                raise errors.InvalidArgument(f"{origin!r} is a thick volume: only thin "
+                                             "volumes have snapshots")
             tid = await self._kernel_tid(pool, record)
             thin_id = await self._new_thin_id(record)
             # An encrypted origin's snapshot carries its header: the same
@@ -895,6 +1033,13 @@ class PoolService:
         async with self.changing(pool):
             volume = await self.volume(pool, name)
             await self.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
+            if volume.thin_id is None:
+                self.pending[volume.uuid] = (volume, "deleting")
+                await self._accepted(pool, volume, accept)
+                await self._delete_thick(volume)
+                log.info("volume-delete %s/%s: thick, its segments freed", pool, name)
+                return
+            thin_id = volume.thin_id
             tid = await self._kernel_tid(pool)
             claim = self.owner(pool)
 
@@ -913,7 +1058,7 @@ class PoolService:
                     await self.devices.remove(volume_device(pool, name), claim=claim)
                 journal.no_way_back()
                 await journal.mark(VolumeDeleteStep.MESSAGE)
-                await self._send(pool, delete(volume.thin_id))
+                await self._send(pool, delete(thin_id))
                 await journal.mark(VolumeDeleteStep.TRANSACTION)
                 await self._commit_tid(pool, tid)
                 await journal.mark(VolumeDeleteStep.RECORD)
@@ -947,14 +1092,24 @@ class PoolService:
             if volume.encryption is not None and await crypt.cleartext_present(self, pool, name):
                 raise errors.Busy(f"volume {pool}/{name} is unlocked: Lock it to resize it "
                                   "(its cleartext device takes the new size when unlocked)")
-            resized = replace(volume, size_bytes=size)
-            await self._accepted(pool, resized, accept)
-            if volume.active:
-                await self.devices.reload(volume_device(pool, name),
-                                          _thin_table(pool, volume.thin_id, size),
-                                          claim=self.owner(pool))
-            await self.store.pool_change(pool, update=resized)
-        log.info("volume-resize %s/%s: %d -> %d bytes", pool, name, volume.size_bytes, size)
+            if volume.thick is not None:
+                if size < volume.size_bytes:
+                    raise errors.InvalidArgument(f"{name!r} is a thick volume: it grows, "
+                                                 "never shrinks")
+                await self._accepted(pool, volume, accept)
+                resized = await self._grow_thick(volume, size) \
+                    if size > volume.size_bytes else volume
+            else:
+                assert volume.thin_id is not None
+                resized = replace(volume, size_bytes=size)
+                await self._accepted(pool, resized, accept)
+                if volume.active:
+                    await self.devices.reload(volume_device(pool, name),
+                                              _thin_table(pool, volume.thin_id, size),
+                                              claim=self.owner(pool))
+                await self.store.pool_change(pool, update=resized)
+        log.info("volume-resize %s/%s: %d -> %d bytes", pool, name, volume.size_bytes,
+                 resized.size_bytes)
         return resized
 
     async def set_active(self, pool: str, name: str, active: bool, *,
@@ -985,9 +1140,14 @@ class PoolService:
 def _volume_json(volume: VolumeRecord) -> dict[str, Any]:
     raw = asdict(volume)
     raw.pop("created_at", None)
+    raw["encryption"] = volume.encryption.to_json() if volume.encryption else None
+    raw["thick"] = volume.thick.to_json() if volume.thick else None
     return raw
 
 
 def volume_from_json(raw: dict[str, Any]) -> VolumeRecord:
-    return VolumeRecord(**raw)
+    fields = dict(raw)
+    fields["encryption"] = Encryption.from_json(fields.get("encryption"))
+    fields["thick"] = Thick.from_json(fields.get("thick"))
+    return VolumeRecord(**fields)
 

@@ -1,7 +1,14 @@
 """dmd's own metadata: managed devices, labels, the intent journal (SQLite)."""
 
 from dmd.state.errors import RecordExists, RecordNotFound, StateError
-from dmd.state.pool_records import Encryption, PoolLayout, PoolRecord, Segment, VolumeRecord
+from dmd.state.pool_records import (
+    Encryption,
+    PoolLayout,
+    PoolRecord,
+    Segment,
+    Thick,
+    VolumeRecord,
+)
 from dmd.state.redact import redact_table
 from dmd.state.store import (
     AsyncStateStore,
@@ -22,6 +29,7 @@ __all__ = [
     "Segment",
     "StateError",
     "StateStore",
+    "Thick",
     "VolumeRecord",
     "redact_table",
 ]

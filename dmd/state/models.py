@@ -91,7 +91,7 @@ class VolumeRow(Base):
     uuid: Mapped[str] = mapped_column(String(36), unique=True)
     pool_id: Mapped[int] = mapped_column(ForeignKey("pools.id", ondelete="RESTRICT"))
     name: Mapped[str] = mapped_column(String(64))
-    thin_id: Mapped[int]
+    thin_id: Mapped[int | None]  # revision 0007: NULL for a thick volume
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     origin_uuid: Mapped[str | None] = mapped_column(String(36))
     owner_uid: Mapped[int]
@@ -100,3 +100,5 @@ class VolumeRow(Base):
     created_at: Mapped[datetime]
     # Revision 0006: VolumeRecord.encryption as JSON; NULL for a plain volume.
     encryption_json: Mapped[str | None] = mapped_column(Text)
+    # Revision 0007: VolumeRecord.thick as JSON; NULL for a thin volume.
+    thick_json: Mapped[str | None] = mapped_column(Text)

@@ -28,7 +28,14 @@ import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Any
 
-from dmd.state.pool_records import Encryption, PoolLayout, PoolRecord, Segment, VolumeRecord
+from dmd.state.pool_records import (
+    Encryption,
+    PoolLayout,
+    PoolRecord,
+    Segment,
+    Thick,
+    VolumeRecord,
+)
 
 LABEL_MAGIC = b"DMDPOOL\x01"  # what dmd.engine.blockdev probes as "dmd_pool"
 COPY_MAGIC = b"DMDDESC\x01"
@@ -41,6 +48,11 @@ HEADER_BYTES = 4 << 20  # the layout's reserved header (HEADER_SECTORS * 512)
 
 _LABEL = struct.Struct("<8sII16s16sI")  # magic, version, index, pool, device, count
 _COPY = struct.Struct("<8sQI32s")  # magic, generation, length, sha256
+
+
+def _volume_order(volume: VolumeRecord) -> tuple[bool, int, str]:
+    """Thin volumes by thin id, then thick ones (no thin id) by name."""
+    return (volume.thin_id is None, volume.thin_id or 0, volume.name)
 
 
 class DescriptionError(ValueError):
@@ -104,7 +116,8 @@ class Description:
                 "size_bytes": v.size_bytes, "origin_uuid": v.origin_uuid,
                 "owner_uid": v.owner_uid, "labels": v.labels, "active": v.active,
                 **({"encryption": v.encryption.to_json()} if v.encryption else {}),
-            } for v in sorted(self.volumes, key=lambda v: v.thin_id)],
+                **({"thick": v.thick.to_json()} if v.thick else {}),
+            } for v in sorted(self.volumes, key=_volume_order)],
         }
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
@@ -156,7 +169,8 @@ class Description:
             volumes = tuple(VolumeRecord(v["uuid"], pool.name, v["name"], v["thin_id"],
                                          v["size_bytes"], v["origin_uuid"], v["owner_uid"],
                                          dict(v["labels"]), v["active"],
-                                         encryption=Encryption.from_json(v.get("encryption")))
+                                         encryption=Encryption.from_json(v.get("encryption")),
+                                         thick=Thick.from_json(v.get("thick")))
                             for v in doc["volumes"])
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, DescriptionError):

@@ -99,11 +99,38 @@ class Encryption:
 
 
 @dataclass(frozen=True, slots=True)
+class Thick:
+    """Where a thick volume's data lives: segments of the pool's devices,
+    in table order. With *stripes* > 1 they come in runs of *stripes*
+    segments of one length on as many devices, each run one striped table
+    line of *stripe_sectors* chunks."""
+
+    segments: tuple[Segment, ...]
+    stripes: int = 1
+    stripe_sectors: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"segments": [[s.device, s.start, s.length] for s in self.segments],
+                "stripes": self.stripes, "stripe_sectors": self.stripe_sectors}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any] | None) -> Thick | None:
+        if doc is None:
+            return None
+        return cls(tuple(Segment(*s) for s in doc["segments"]), int(doc["stripes"]),
+                   int(doc["stripe_sectors"]))
+
+    @property
+    def sectors(self) -> int:
+        return sum(s.length for s in self.segments)
+
+
+@dataclass(frozen=True, slots=True)
 class VolumeRecord:
     uuid: str
     pool: str  # the pool's name
     name: str
-    thin_id: int
+    thin_id: int | None  # None for a thick volume
     size_bytes: int
     origin_uuid: str | None
     owner_uid: int
@@ -111,6 +138,7 @@ class VolumeRecord:
     active: bool = True
     created_at: datetime | None = None
     encryption: Encryption | None = None
+    thick: Thick | None = None
 
 
 def pool_record(row: PoolRow) -> PoolRecord:
@@ -124,7 +152,8 @@ def volume_record(row: VolumeRow, pool_name: str) -> VolumeRecord:
     return VolumeRecord(row.uuid, pool_name, row.name, row.thin_id, row.size_bytes,
                         row.origin_uuid, row.owner_uid, json.loads(row.labels_json),
                         row.active, row.created_at,
-                        Encryption.from_json(json.loads(row.encryption_json or "null")))
+                        Encryption.from_json(json.loads(row.encryption_json or "null")),
+                        Thick.from_json(json.loads(row.thick_json or "null")))
 
 
 def volume_values(record: VolumeRecord) -> dict[str, Any]:
@@ -133,4 +162,6 @@ def volume_values(record: VolumeRecord) -> dict[str, Any]:
             "labels_json": json.dumps(record.labels), "active": record.active,
             "owner_uid": record.owner_uid,
             "encryption_json": (json.dumps(record.encryption.to_json())
-                                if record.encryption is not None else None)}
+                                if record.encryption is not None else None),
+            "thick_json": (json.dumps(record.thick.to_json())
+                           if record.thick is not None else None)}

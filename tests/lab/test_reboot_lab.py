@@ -13,7 +13,11 @@ volumes boot (last there) and ``test_after_the_reboot`` in the next boot:
   device numbers is the on-disk description's work); dmd starts and brings
   the pool and its active volumes up with their data, the deactivated one
   stays down until asked, and the pool's thin ids and transaction id are as
-  recorded.
+  recorded;
+- encrypted volumes: "sealed", whose key is a description in root's
+  keyring, waits locked (and says for what) until the key is put there,
+  then opens by itself with its data; "manual", whose key came as a
+  descriptor, waits for an Unlock with it.
 
 The after phase fails, never skips, when the before phase did not run, or
 ran in this same boot.
@@ -24,10 +28,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+from dbus_fast import Variant
 from lab_daemon import PROJECT, SystemDmd, dmsetup
+from test_encrypted_volumes_lab import FAST, KEY, create_encrypted, fd_call, unlock
 from test_pools_lab import (
     MIB,
     POOL_INTERFACE,
@@ -45,11 +52,14 @@ from test_pools_lab import (
     write_pattern,
 )
 
+from dmd.engine import keyring
+
 pytestmark = [pytest.mark.kernel]
 
 KEPT = PROJECT / ".lab-results" / "reboot"
 POOL = "dmdrb"  # not a name the lab's clean-up removes: it outlives its test
 SIZE = 8 * MIB
+SEALED_KEY = "dmd-lab:sealed"  # the description of its key in root's keyring
 
 
 def boot_id() -> str:
@@ -88,6 +98,16 @@ def test_before_the_reboot(stopped_dmd: SystemDmd, tmp_path: Path) -> None:
     (job,) = call(two, VOLUME_INTERFACE, "Deactivate", "a{sv}", "0")
     wait(job)
     assert prop(two, VOLUME_INTERFACE, "State") == "inactive"
+    serial = keyring.add_user_key(SEALED_KEY, KEY)
+    error, (_, job) = fd_call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", [
+        "sealed", 32 * MIB, {"encryption": Variant("s", "luks2"),
+                             "key-description": Variant("s", SEALED_KEY), **FAST}])
+    assert error is None
+    wait(job)
+    keyring.unlink_key(serial)
+    create_encrypted(pool, "manual")
+    for name in ("sealed", "manual"):
+        sums[name] = write_pattern(f"/dev/mapper/{POOL}-{name}-crypt", name.encode(), SIZE)
     record = {"boot_id": boot_id(), "disks": disks, "sums": sums, "pool": pool,
               "transaction_id": prop(pool, POOL_INTERFACE, "TransactionId"),
               "thin_ids": sorted(kernel_thin_ids(POOL))}
@@ -120,14 +140,33 @@ def test_after_the_reboot(stopped_dmd: SystemDmd) -> None:
         assert sorted(kernel_thin_ids(POOL)) == record["thin_ids"] == \
             sorted(recorded_thin_ids(dmd.state_dir))
         volumes = {prop(path, VOLUME_INTERFACE, "Name"): path for path in volume_paths()}
-        assert sorted(volumes) == ["one", "one.snap", "two"]
+        assert sorted(volumes) == ["manual", "one", "one.snap", "sealed", "two"]
+        sealed, manual = volumes["sealed"], volumes["manual"]
+        assert prop(sealed, VOLUME_INTERFACE, "Locked")
+        assert prop(sealed, VOLUME_INTERFACE, "LockedReason") == \
+            f"waiting for key {SEALED_KEY!r} in the keyring"
+        assert prop(manual, VOLUME_INTERFACE, "LockedReason") == \
+            "waiting for a key: Unlock with one"
+        serial = keyring.add_user_key(SEALED_KEY, KEY)
+        try:
+            deadline = time.monotonic() + 60
+            while prop(sealed, VOLUME_INTERFACE, "Locked"):
+                assert time.monotonic() < deadline, "the key came and the volume stayed locked"
+                time.sleep(0.2)
+        finally:
+            keyring.unlink_key(serial)
+        assert checksum(f"/dev/mapper/{POOL}-sealed-crypt", SIZE) == record["sums"]["sealed"]
+        assert prop(manual, VOLUME_INTERFACE, "Locked")
+        assert unlock(manual, KEY) is None
+        assert checksum(f"/dev/mapper/{POOL}-manual-crypt", SIZE) == record["sums"]["manual"]
         assert prop(volumes["two"], VOLUME_INTERFACE, "State") == "inactive"
         (job,) = call(volumes["two"], VOLUME_INTERFACE, "Activate", "a{sv}", "0")
         wait(job)
         assert checksum(f"/dev/mapper/{POOL}-two", SIZE) == record["sums"]["two"]
         dmd.stop()
     finally:
-        for name in ("one.snap", "one", "two", "tpool", "tdata", "tmeta"):
+        for name in ("sealed-crypt", "manual-crypt", "sealed", "manual", "one.snap", "one",
+                     "two", "tpool", "tdata", "tmeta"):
             subprocess.run(["dmsetup", "remove", f"{POOL}-{name}"], capture_output=True)
         for device in record["disks"].values():
             subprocess.run(["losetup", "-d", device], check=False)

@@ -19,8 +19,9 @@ from dmd.engine import DmFlags
 from dmd.engine.sim import SimDM
 from dmd.service import errors
 from dmd.service.journal import PoolExtendStep, PoolGrowStep
-from dmd.service.pool_space import Space, SpaceWatch, extend_pool, free_segments
-from dmd.service.pools import HEADER_SECTORS, PoolService
+from dmd.service.pool_room import HEADER_SECTORS, free_segments
+from dmd.service.pool_space import Space, SpaceWatch, extend_pool
+from dmd.service.pools import PoolService
 from dmd.state import Segment
 
 BLOCK = 64 << 10

@@ -24,6 +24,7 @@ from dmd.service.auth import Caller
 from dmd.service.kernel import KernelWorkers
 from dmd.service.operations import DeviceService
 from dmd.service.pool_recovery import recover_pools
+from dmd.service.pool_room import HEADER_SECTORS
 from dmd.service.pools import PoolService
 from dmd.service.recovery import recover
 from dmd.state import AsyncStateStore, PoolRecord, StateStore
@@ -79,8 +80,8 @@ async def state(pools: PoolService) -> dict[str, Any]:
         "pools": {p.name: p.transaction_id for p in await pools.store.list_pools()},
         "layouts": {p.name: (p.layout.devices, p.layout.data_sectors)
                     for p in await pools.store.list_pools()},
-        "volumes": sorted((v.pool, v.name, v.thin_id, v.size_bytes, v.active)
-                          for v in await pools.store.list_volumes()),
+        "volumes": sorted((v.pool, v.name, v.thin_id if v.thin_id is not None else -1,
+                           v.size_bytes, v.active) for v in await pools.store.list_volumes()),
         "thins": {k: sorted(v["thins"]) for k, v in engine.snapshot()["pools"].items()},
         "pending": [i.operation for i in await pools.store.pending_intents()],
     }
@@ -95,19 +96,34 @@ async def assert_agree(pools: PoolService) -> dict[str, Any]:
         pool_state = await pools.pool_state(pool.name)
         assert pool_state.transaction_id == pool.transaction_id, now
         volumes = await pools.store.list_volumes(pool.name)
-        assert max((v.thin_id for v in volumes), default=-1) < pool.next_thin_id
-        [thins] = [t for t in now["thins"].values() if set(t) == {v.thin_id for v in volumes}] \
-            or [None]
+        thin_ids = {v.thin_id for v in volumes if v.thin_id is not None}
+        assert max(thin_ids, default=-1) < pool.next_thin_id
+        [thins] = [t for t in now["thins"].values() if set(t) == thin_ids] or [None]
         assert thins is not None, f"pool thin ids {now['thins']} != records {volumes}"
         for volume in volumes:
             assert (f"{pool.name}-{volume.name}" in now["kernel"]) == volume.active
+        assert_disjoint(pool, volumes)
         await assert_described(pools, pool)
     return now
 
 
+def assert_disjoint(pool: PoolRecord, volumes: list[Any]) -> None:
+    """No two of the pool's metadata, data and thick volumes' segments share
+    a sector, and none reaches into a device's header or past its end."""
+    pieces = [*pool.layout.metadata, *pool.layout.data,
+              *(s for v in volumes if v.thick is not None for s in v.thick.segments)]
+    for index, size in enumerate(pool.layout.sizes):
+        mine = sorted((s for s in pieces if s.device == index), key=lambda s: s.start)
+        at = HEADER_SECTORS
+        for seg in mine:
+            assert seg.start >= at and seg.length > 0, (index, mine)
+            at = seg.start + seg.length
+        assert at <= size // 512, (index, mine)
+
+
 def _facts(description_or_records: Any) -> Any:
     return sorted((v.uuid, v.name, v.thin_id, v.size_bytes, v.origin_uuid, v.active,
-                   tuple(sorted(v.labels.items())), v.encryption)
+                   tuple(sorted(v.labels.items())), v.encryption, v.thick)
                   for v in description_or_records)
 
 

@@ -374,3 +374,16 @@ async def test_the_key_is_in_no_record_and_no_log(tmp_path: Path,
             content = path.read_bytes()
             assert KEY not in content and OTHER not in content, path
     assert KEY.decode() not in caplog.text and OTHER.decode() not in caplog.text
+
+
+async def test_a_pool_with_unlocked_volumes_is_destroyed_whole(tank: PoolService) -> None:
+    await tank.create_volume("tank", "a", GIB, encryption=request())
+    await tank.create_volume("tank", "b", GIB, encryption=request())
+    engine: SimDM = tank.kernel.engine  # type: ignore[assignment]
+    engine.open_device("tank-b-crypt")
+    with pytest.raises(errors.Busy, match="'b' is open"):
+        await tank.destroy_pool("tank", force=True)
+    engine.open_device("tank-b-crypt", -1)
+    await tank.destroy_pool("tank", force=True)
+    assert [d.name for d in engine.list_devices()] == []
+    assert await tank.store.list_devices() == []
