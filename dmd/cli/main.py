@@ -56,11 +56,15 @@ class Client:
         self.timeout, self.interactive = timeout, interactive
 
     async def call(self, path: str, interface: str, member: str, signature: str = "",
-                   body: list[Any] | None = None, mutating: bool = False) -> list[Any]:
+                   body: list[Any] | None = None, mutating: bool = False,
+                   fds: list[int] | None = None) -> list[Any]:
+        """*fds*: descriptors sent with the call (an h in *body* is an index
+        into them)."""
         flags = MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION if (
             mutating and self.interactive) else MessageFlag.NONE
         message = Message(destination=BUS_NAME, path=path, interface=interface, member=member,
-                          signature=signature, body=body or [], flags=flags)
+                          signature=signature, body=body or [], flags=flags,
+                          unix_fds=fds or [])
         try:
             reply = await asyncio.wait_for(self.bus.call(message), self.timeout)
         except TimeoutError:
@@ -448,7 +452,8 @@ def parser() -> argparse.ArgumentParser:
 async def run_verb(args: argparse.Namespace) -> None:
     bus_label = "session" if args.session else "system"
     try:
-        bus = MessageBus(bus_type=BusType.SESSION if args.session else BusType.SYSTEM)
+        bus = MessageBus(bus_type=BusType.SESSION if args.session else BusType.SYSTEM,
+                         negotiate_unix_fd=True)
         await bus.connect()
     except Exception as exc:
         raise Failure(f"cannot connect to the {bus_label} bus: {exc}") from None

@@ -7,6 +7,7 @@ its progress on a terminal) unless --no-wait, and fail with the job's error.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Callable, Coroutine
@@ -165,15 +166,97 @@ async def cmd_pool_add(c: Client, a: argparse.Namespace) -> None:
                    lambda p: f"{p['Name']}: {human(p['DataTotal'])} of data")
 
 
+def _key_fd(path: str) -> int:
+    """A descriptor of the key file *path* ("-": standard input) for dmd to
+    read: the key goes to dmd as a descriptor, never as a string."""
+    from dmd.cli.main import Failure
+
+    if path == "-":
+        return os.dup(0)
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise Failure(f"{path}: {exc.strerror}") from None
+
+
+class _Keys:
+    """Key files opened for one call: options that name them, the fds."""
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+
+    def add(self, path: str) -> Variant:
+        self.fds.append(_key_fd(path))
+        return Variant("h", len(self.fds) - 1)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+
+
 async def cmd_vol_create(c: Client, a: argparse.Namespace) -> None:
     from dmd.cli.main import labels_of
 
     options = {"labels": Variant("a{ss}", labels_of(a.label))} if a.label else {}
     if a.filesystem:
         options["filesystem"] = Variant("s", a.filesystem)
-    volume, job = await c.call(await _pool_path(c, a.pool), POOL_INTERFACE, "CreateVolume",
-                               "sta{sv}", [a.name, a.size, options], mutating=True)
-    await _run_job(c, a, job, volume, VOLUME_INTERFACE, lambda p: p.get("DevicePath", ""))
+    if a.thick or a.stripes:
+        options["thin"] = Variant("b", False)
+    if a.stripes:
+        options["stripes"] = Variant("u", a.stripes)
+    if a.stripe_size:
+        options["stripe-size"] = Variant("t", a.stripe_size)
+    keys = _Keys()
+    try:
+        if a.encrypt or a.key_file or a.key_description:
+            options["encryption"] = Variant("s", "luks2")
+        if a.key_file:
+            options["key"] = keys.add(a.key_file)
+        if a.key_description:
+            options["key-description"] = Variant("s", a.key_description)
+        if a.pbkdf_memory:
+            options["pbkdf-memory-kib"] = Variant("u", a.pbkdf_memory)
+        if a.pbkdf_iterations:
+            options["pbkdf-iterations"] = Variant("u", a.pbkdf_iterations)
+        volume, job = await c.call(await _pool_path(c, a.pool), POOL_INTERFACE,
+                                   "CreateVolume", "sta{sv}", [a.name, a.size, options],
+                                   mutating=True, fds=keys.fds)
+    finally:
+        keys.close()
+    await _run_job(c, a, job, volume, VOLUME_INTERFACE,
+                   lambda p: p.get("CleartextPath") or p.get("DevicePath", ""))
+
+
+async def cmd_unlock(c: Client, a: argparse.Namespace) -> None:
+    keys = _Keys()
+    try:
+        options = {"key": keys.add(a.key_file)} if a.key_file else {}
+        path = await _volume_path(c, a.pool, a.volume)
+        await c.call(path, VOLUME_INTERFACE, "Unlock", "a{sv}", [options], mutating=True,
+                     fds=keys.fds)
+    finally:
+        keys.close()
+    print((await _props(c, path, VOLUME_INTERFACE))["CleartextPath"])
+
+
+async def cmd_lock(c: Client, a: argparse.Namespace) -> None:
+    path = await _volume_path(c, a.pool, a.volume)
+    await c.call(path, VOLUME_INTERFACE, "Lock", "a{sv}", [{}], mutating=True)
+
+
+async def cmd_change_key(c: Client, a: argparse.Namespace) -> None:
+    keys = _Keys()
+    try:
+        options = {"key": keys.add(a.key_file)}
+        if a.command == "add-key":
+            options["new-key"] = keys.add(a.new_key_file)
+        else:
+            options["remove"] = Variant("b", True)
+        path = await _volume_path(c, a.pool, a.volume)
+        await c.call(path, VOLUME_INTERFACE, "ChangeKey", "a{sv}", [options], mutating=True,
+                     fds=keys.fds)
+    finally:
+        keys.close()
 
 
 async def cmd_vols(c: Client, a: argparse.Namespace) -> None:
@@ -185,7 +268,9 @@ async def cmd_vols(c: Client, a: argparse.Namespace) -> None:
                       if not a.pool or v["PoolName"] == a.pool),
                      key=lambda v: (str(v["PoolName"]), str(v["Name"])))
     rows = [f"{v['PoolName']}/{v['Name']}\t{v['State']}\t{human(v['Size'])}\tused "
-            f"{human(v['UsedBytes'])}\t{v['DevicePath'] or '-'}" for v in volumes]
+            f"{human(v['UsedBytes'])}\t{v['DevicePath'] or '-'}"
+            + (f"\t{'locked' if v['Locked'] else v['CleartextPath']}" if v["Encryption"] else "")
+            for v in volumes]
     emit(a, volumes, "\n".join(rows) or "No volumes")
 
 
@@ -224,10 +309,13 @@ def register(verb: Callable[[str, Verb, str], argparse.ArgumentParser]) -> None:
                         help="print the job's object path and return at once")
         return sp
 
-    def volume_args(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    def volume_only(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sp.add_argument("pool", metavar="POOL", help="the pool's name")
         sp.add_argument("volume", metavar="VOLUME", help="the volume's name")
-        return no_wait(sp)
+        return sp
+
+    def volume_args(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        return no_wait(volume_only(sp))
 
     sp = no_wait(verb("pool-create", cmd_pool_create,
                       "lay a thin pool over whole devices (their data is overwritten)"))
@@ -265,7 +353,7 @@ def register(verb: Callable[[str, Verb, str], argparse.ArgumentParser]) -> None:
     sp.add_argument("name", metavar="NAME", help="the pool's name")
     sp.add_argument("-f", "--force", action="store_true",
                     help="also when it has volumes (their data is lost)")
-    sp = no_wait(verb("vol-create", cmd_vol_create, "create a thin volume in a pool"))
+    sp = no_wait(verb("vol-create", cmd_vol_create, "create a volume in a pool"))
     sp.add_argument("pool", metavar="POOL", help="the pool's name")
     sp.add_argument("name", metavar="NAME", help="the volume's name")
     sp.add_argument("size", type=parse_size, metavar="SIZE",
@@ -274,6 +362,33 @@ def register(verb: Callable[[str, Verb, str], argparse.ArgumentParser]) -> None:
                     help="a label kept with the volume (repeatable)")
     sp.add_argument("--filesystem", choices=("ext4", "xfs"),
                     help="make this filesystem on it (labelled with its name)")
+    sp.add_argument("--encrypt", action="store_true",
+                    help="LUKS2 under it, opened as /dev/mapper/POOL-NAME-crypt")
+    sp.add_argument("--key-file", metavar="FILE",
+                    help="the key for --encrypt: all of FILE ('-': standard input)")
+    sp.add_argument("--key-description", metavar="DESC",
+                    help="the key for --encrypt: the user key DESC in root's keyring "
+                         "(opened again from there after a reboot)")
+    sp.add_argument("--pbkdf-memory", type=int, metavar="KIB",
+                    help="argon2's memory cost (default: cryptsetup's benchmark)")
+    sp.add_argument("--pbkdf-iterations", type=int, metavar="N",
+                    help="argon2's time cost, fixed instead of benchmarked")
+    sp.add_argument("--thick", action="store_true",
+                    help="allocate all of it now from the pool's room (not thin)")
+    sp.add_argument("--stripes", type=int, metavar="N",
+                    help="a thick volume striped over N of the pool's devices")
+    sp.add_argument("--stripe-size", type=parse_size, metavar="SIZE",
+                    help="with --stripes: the chunk on each device (default: 64K)")
+    sp = volume_only(verb("unlock", cmd_unlock, "open an encrypted volume"))
+    sp.add_argument("--key-file", metavar="FILE",
+                    help="its key ('-': standard input; default: its keyring key)")
+    volume_only(verb("lock", cmd_lock, "close an encrypted volume (the key leaves the kernel)"))
+    sp = volume_only(verb("add-key", cmd_change_key, "add a key to an encrypted volume"))
+    sp.add_argument("--key-file", metavar="FILE", required=True, help="a key it opens with")
+    sp.add_argument("--new-key-file", metavar="FILE", required=True, help="the key to add")
+    sp = volume_only(verb("remove-key", cmd_change_key,
+                          "remove the key given from an encrypted volume (never its last)"))
+    sp.add_argument("--key-file", metavar="FILE", required=True, help="the key to remove")
     sp = verb("vols", cmd_vols, "list volumes")
     sp.add_argument("pool", nargs="?", metavar="POOL", help="only this pool's")
     sp = volume_args(verb("snapshot", cmd_snapshot, "snapshot a volume"))

@@ -164,3 +164,32 @@ def test_pool_and_volume_verbs(dmd_session: Any) -> None:
     job = ok(dmd_session, "pool-destroy", "tank", "--force", "--no-wait").strip()
     assert job.startswith("/org/example/DeviceMapper/jobs/")
     assert parse_size("1GB") == 10 ** 9 and parse_size("2KiB") == 2048
+
+
+def test_encrypted_and_thick_volumes(dmd_session: Any, tmp_path: Path) -> None:
+    from dmd.engine.sim import SimDM
+
+    SimDM(dmd_session.sim).add_disk("/dev/simdisk1", 7, 1, 1024 * 2048)
+    ok(dmd_session, "pool-create", "tank", "/dev/simdisk1", "--data-size", "64M")
+    key, other = tmp_path / "key", tmp_path / "other"
+    key.write_bytes(b"a key of the admin's")
+    other.write_bytes(b"another key of theirs")
+    cheap = ("--pbkdf-memory", "32", "--pbkdf-iterations", "4")
+    assert ok(dmd_session, "vol-create", "tank", "vault", "64M", "--key-file", str(key),
+              *cheap) == "/dev/mapper/tank-vault-crypt\n"
+    ok(dmd_session, "lock", "tank", "vault")
+    assert ok(dmd_session, "vols", "tank").rstrip().endswith("\tlocked")
+    wrong = dmctl(dmd_session, "unlock", "tank", "vault", "--key-file", str(other))
+    assert wrong.returncode == 1 and "(WrongKey)" in wrong.stderr
+    assert ok(dmd_session, "unlock", "tank", "vault", "--key-file", "-",
+              stdin="a key of the admin's") == "/dev/mapper/tank-vault-crypt\n"
+    ok(dmd_session, "add-key", "tank", "vault", "--key-file", str(key), "--new-key-file",
+       str(other))
+    ok(dmd_session, "remove-key", "tank", "vault", "--key-file", str(key))
+    ok(dmd_session, "lock", "tank", "vault")
+    assert ok(dmd_session, "unlock", "tank", "vault", "--key-file", str(other)) == \
+        "/dev/mapper/tank-vault-crypt\n"
+    assert ok(dmd_session, "vol-create", "tank", "db", "32M", "--thick") == \
+        "/dev/mapper/tank-db\n"
+    listed = {v["Name"]: v for v in json.loads(ok(dmd_session, "--json", "vols", "tank"))}
+    assert (listed["db"]["Thin"], listed["vault"]["Encryption"]) == (False, "luks2")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import socket
 import tempfile
 from collections.abc import AsyncIterator
@@ -32,9 +31,6 @@ from dmd.service import errors
 from dmd.service.auth import Caller
 
 __all__ = ["disks"]  # the fixture, used by name
-
-pytestmark = pytest.mark.skipif(not shutil.which("cryptsetup"),
-                                reason="cryptsetup is not installed")
 
 MIB = 1 << 20
 KEY = b"a key that is long enough"

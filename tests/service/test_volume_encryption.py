@@ -37,9 +37,6 @@ from dmd.service.journal import VolumeCreateStep
 from dmd.service.pools import PoolService
 from dmd.service.volume_open import open_volume
 
-pytestmark = pytest.mark.skipif(
-    not __import__("shutil").which("cryptsetup"), reason="cryptsetup is not installed")
-
 KEY = b"correct horse battery staple"
 OTHER = b"another key, for slot two"
 # Cheap enough for tests; the default (argon2id benchmarked to 2 s) is what
