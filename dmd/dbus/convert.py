@@ -185,6 +185,8 @@ OPTIONS: dict[str, dict[str, str]] = {
     "Unlock": {"key": "h"},
     "Lock": {},
     "ChangeKey": {"key": "h", "new-key": "h", "remove": "b", **KDF_OPTIONS},
+    "AttachCache": {"mode": "s", "block-size": "t", "force": "b"},
+    "DetachCache": {},
 }
 
 

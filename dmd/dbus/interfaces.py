@@ -258,6 +258,14 @@ class VolumeInterface(CachedObject):
     def ChangeKey(self, options: Options) -> None:
         _routed()
 
+    @dbus_method()
+    def AttachCache(self, device: Str, options: Options) -> Path:
+        _routed()
+
+    @dbus_method()
+    def DetachCache(self, options: Options) -> Path:
+        _routed()
+
 
 class JobInterface(CachedObject):
     """Work that outlives its call: its end is the Completed signal and the

@@ -26,7 +26,7 @@ VOLUME_PROPERTIES: dict[str, str] = {
     "UsedBytes": "t", "State": "s", "Owner": "u", "Labels": "a{ss}", "Device": "o",
     "DevicePath": "s", "Encryption": "s", "Locked": "b", "LockedReason": "s",
     "KeyDescription": "s", "CleartextDevice": "o", "CleartextPath": "s",
-    "Thin": "b", "Stripes": "u",
+    "Thin": "b", "Stripes": "u", "Cache": "s", "CacheDevice": "s",
 }
 
 JOB_PROPERTIES: dict[str, str] = {
@@ -84,6 +84,8 @@ def volume_properties(volume: VolumeRecord, pool_uuid: str, state: str, used_byt
         if cleartext_minor is not None else "",
         "Thin": volume.thick is None,
         "Stripes": volume.thick.stripes if volume.thick is not None else 1,
+        "Cache": (volume.cache.mode or volume.cache.kind) if volume.cache is not None else "",
+        "CacheDevice": volume.cache.device if volume.cache is not None else "",
     }
 
 

@@ -23,6 +23,7 @@ from dmd.engine import DmError
 from dmd.engine.interface import Engine
 from dmd.engine.targets import parse_status
 from dmd.engine.targets.thin import ThinStatus
+from dmd.service.cache import corig
 from dmd.service.events import ChangeKind
 from dmd.service.inventory import DeviceView, Inventory
 from dmd.service.jobs import Job, JobEvent
@@ -47,6 +48,12 @@ def _used_bytes(engine: Engine, devices: list[str]) -> dict[str, int]:
             if isinstance(status, ThinStatus):
                 used[name] = status.mapped_sectors * 512
     return used
+
+
+def _thin_device(volume: VolumeRecord) -> str:
+    if volume.cache is not None:
+        return corig(volume.pool, volume.name)
+    return volume_device(volume.pool, volume.name)
 
 
 class PoolExporter:
@@ -144,7 +151,8 @@ class PoolExporter:
         for uuid, (volume, state) in self.pools.pending.items():
             if volume.pool == pool.name:
                 volumes[uuid] = (volume, state)
-        active = [volume_device(pool.name, v.name) for v, state in volumes.values()
+        # The thin device's mapped blocks: a cached volume's is under its cache.
+        active = [_thin_device(v) for v, state in volumes.values()
                   if state != "inactive" and v.thick is None]
         for gone in [d for d in self._used if d.startswith(f"{pool.name}-") and d not in active]:
             del self._used[gone]
@@ -170,7 +178,8 @@ class PoolExporter:
             # Most of a large pool's volumes are as they were: their
             # properties are made again only when what they are made from moved.
             # A thick volume holds all of its size.
-            used_bytes = volume.size_bytes if volume.thick is not None else used.get(device, 0)
+            used_bytes = (volume.size_bytes if volume.thick is not None
+                          else used.get(_thin_device(volume), 0))
             inputs = (volume, pool.uuid, state, used_bytes, minor,
                       volume.origin_uuid in known, cleartext_minor, waiting)
             if self._shown.get(path) == inputs:

@@ -10,7 +10,7 @@ from typing import Any
 from dmd.dbus.convert import KDF_OPTIONS, check_string, options_in
 from dmd.dbus.names import job_path, pool_path, volume_path
 from dmd.engine.luks import KdfSettings
-from dmd.service import errors
+from dmd.service import cache, errors
 from dmd.service.auth import Caller
 from dmd.service.encryption import (
     KINDS as ENCRYPTION_KINDS,
@@ -206,6 +206,23 @@ class VolumeHandlers:
         new_key = await read_key(opts["new-key"], "new-key") if "new-key" in opts else None
         await change_key(self.pools, pool, volume, key, new_key,
                          remove=opts.get("remove", False), kdf=kdf, caller=caller)
+
+
+    async def AttachCache(self, caller: Caller, pool: str, volume: str, device: str,
+                          options: dict[str, Any]) -> str:
+        opts = options_in("AttachCache", options)
+        job, _ = await self.pools.as_job("volume-cache-attach", caller, lambda accept:
+            cache.attach(self.pools, pool, volume, check_string(device, "device"),
+                         mode=opts.get("mode", "writeback"), block_size=opts.get("block-size"),
+                         force=opts.get("force", False), caller=caller, accept=accept))
+        return job_path(job.id)
+
+    async def DetachCache(self, caller: Caller, pool: str, volume: str,
+                          options: dict[str, Any]) -> str:
+        options_in("DetachCache", options)
+        job, _ = await self.pools.as_job("volume-cache-detach", caller, lambda accept:
+            cache.detach(self.pools, pool, volume, caller=caller, accept=accept))
+        return job_path(job.id)
 
 
 class JobHandlers:

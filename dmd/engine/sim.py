@@ -65,6 +65,7 @@ from dmd.engine.types import (
 )
 
 SIM_MAJOR = 253
+SIM_CLEAN_RATE = 2000  # dirty cache blocks written back a second
 SIM_VERSION = (4, 47, 0)
 # What Debian's 6.1 kernel lists with every dm module loaded.
 SIM_TARGETS: dict[str, tuple[int, int, int]] = {
@@ -107,6 +108,13 @@ class _Dev:
     external_opens: int = 0
     deferred_remove: bool = False
     size_sectors: int = 0
+    # A cache target's dirty blocks (set by set_cache_dirty: no I/O is
+    # modelled), written back at SIM_CLEAN_RATE a second from cleaning_since
+    # while a cleaner table is live; lost_dirty counts those a table swap
+    # away from the cache threw away (the kernel would lose those writes).
+    cache_dirty: int = 0
+    cleaning_since: float = 0.0
+    lost_dirty: int = 0
 
     def __setattr__(self, attr: str, value: object) -> None:
         owner: _Devices | None = self.__dict__.get("_owner")
@@ -1064,6 +1072,7 @@ class SimDM:
             if dev.suspended or dev.inactive is not None:
                 self._rearm_low_water(k, dev.inactive or dev.live)
             if dev.inactive is not None:
+                self._swap_cache(dev, dev.live, dev.inactive)
                 dev.live, dev.live_ro = dev.inactive, dev.inactive_ro
                 dev.inactive, dev.inactive_ro = None, False
                 self._event_raised = True  # a table swapped in
@@ -1075,6 +1084,55 @@ class SimDM:
                 dev.suspended = False
                 extra = DmFlags.DM_UEVENT_GENERATED
             return self._info(k, dev, extra)
+
+    # -- the cache model ---------------------------------------------------
+    @staticmethod
+    def _dirty_now(dev: _Dev) -> int:
+        if not dev.cleaning_since:
+            return dev.cache_dirty
+        cleaned = int((time.time() - dev.cleaning_since) * SIM_CLEAN_RATE)
+        return max(0, dev.cache_dirty - cleaned)
+
+    def _swap_cache(self, dev: _Dev, old: list[list[object]] | None,
+                    new: list[list[object]]) -> None:
+        was, becomes = _cache_kind(old), _cache_kind(new)
+        remaining = self._dirty_now(dev)
+        if was and not becomes:
+            dev.lost_dirty = dev.lost_dirty + remaining
+            dev.cache_dirty, dev.cleaning_since = 0, 0.0
+        elif becomes:
+            dev.cache_dirty = remaining
+            dev.cleaning_since = time.time() if _cleaner(new) else 0.0
+
+    def set_cache_dirty(self, id: DevId | str, blocks: int) -> None:
+        """Pretend writes left *blocks* dirty in the device's cache."""
+        with self._locked(write=True) as k:
+            dev = self._find(k, id, "cache")
+            dev.cache_dirty = blocks
+            dev.cleaning_since = time.time() if _cleaner(dev.live) else 0.0
+
+    def lost_cache_blocks(self, id: DevId | str) -> int:
+        """Dirty blocks a table swap threw away (0 when no write was lost)."""
+        with self._locked() as k:
+            return self._find(k, id, "cache").lost_dirty
+
+    def _cache_status(self, k: _Kernel, dev: _Dev, target_type: str, params: str) -> str:
+        args = params.split()
+        dirty = self._dirty_now(dev)
+        if target_type == "writecache":
+            block_sectors = int(args[3]) // 512
+            found = self._resolve(k, args[2])
+            total = (found[1] if found else 0) // block_sectors
+            return f"0 {total} {max(0, total - dirty)} 0"
+        block = int(args[3])
+        found = self._resolve(k, args[1])
+        total = (found[1] if found else 0) // block
+        count = int(args[4])
+        features = args[5:5 + count]
+        policy = args[5 + count]
+        used = min(total, dirty)
+        return (f"8 10/1024 {block} {used}/{total} 0 0 0 0 0 0 {dirty} {count} "
+                f"{' '.join(features)} 2 migration_threshold 2048 {policy} 0 rw -")
 
     def device_info(self, id: DevId | str) -> DeviceInfo:
         with self._locked() as k:
@@ -1196,6 +1254,8 @@ class SimDM:
                            _as_printed(str(t), str(p)) if flags & DmFlags.DM_STATUS_TABLE else
                            self._pool_status(k, dev, str(p)) if t == "thin-pool" and not inactive
                            else self._thin_status(k, str(p)) if t == "thin" and not inactive
+                           else self._cache_status(k, dev, str(t), str(p))
+                           if t in ("cache", "writecache") and not inactive
                            else _status(str(t), str(p)))
                 for s, n, t, p in table
             ]
@@ -1273,6 +1333,23 @@ def _as_printed(target: str, params: str) -> str:
     """A table line's params as the kernel prints them back: thin-pool's
     emit_flags() leaves a space after the last word."""
     return params + " " if target == "thin-pool" else params
+
+def _cache_kind(table: list[list[object]] | None) -> str | None:
+    kinds = {str(line[2]) for line in table or []} & {"cache", "writecache"}
+    return next(iter(kinds), None)
+
+
+def _cleaner(table: list[list[object]] | None) -> bool:
+    """A cache table that writes back its dirty blocks and takes no new
+    ones: dm-cache's cleaner policy, dm-writecache's cleaner option."""
+    for line in table or []:
+        words = str(line[3]).split()
+        if line[2] == "cache" and len(words) > 5 and words[5 + int(words[4])] == "cleaner":
+            return True
+        if line[2] == "writecache" and "cleaner" in words[5:]:
+            return True
+    return False
+
 
 def _status(target_type: str, params: str) -> str:
     """STATUSTYPE_INFO for the few targets whose status needs no I/O model."""

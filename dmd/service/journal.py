@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -195,13 +196,20 @@ class IntentStore(Protocol):
     async def finish_intent(self, intent_id: int, state: str) -> None: ...
 
 
+# How many intents the running task is inside (see Journal.outermost).
+_depth: contextvars.ContextVar[int] = contextvars.ContextVar("dmd_intent_depth", default=0)
+
+
 class Journal:
     """One intent's life. ``step`` is the last step marked (0 before any)."""
 
     def __init__(self, store: IntentStore, fault: FaultHook | None, operation: str,
-                 intent_id: int) -> None:
+                 intent_id: int, outermost: bool = True) -> None:
         self.store, self.fault, self.operation = store, fault, operation
         self.intent_id = intent_id
+        # Only the outermost journal's steps are its job's progress: the
+        # device operations a pool operation runs have journals of their own.
+        self.outermost = outermost
         self.step = 0
         self.beyond_undo = False
         self._queued: list[asyncio.Future[None]] = []
@@ -222,7 +230,8 @@ class Journal:
         if self.fault is not None:
             self.fault(self.operation, self.step)
         cancel_point(self.beyond_undo)
-        progress(self.step / (len(type(step)) + 1))
+        if self.outermost:
+            progress(self.step / (len(type(step)) + 1))
 
     async def marks_written(self) -> None:
         """Wait for the queued marks (so that their errors are not lost)."""
@@ -243,8 +252,11 @@ async def intent(store: IntentStore, fault: FaultHook | None, operation: str, de
     instead (the same steps recovery would take) and the intent is done; if
     that fails too, the intent stays pending for recovery. The body's
     exception is raised either way."""
+    depth = _depth.get()
     journal = Journal(store, fault, operation,
-                      await store.begin_intent(operation, device, args.to_json()))
+                      await store.begin_intent(operation, device, args.to_json()),
+                      outermost=depth == 0)
+    token = _depth.set(depth + 1)
     try:
         yield journal
         await journal.marks_written()
@@ -264,4 +276,6 @@ async def intent(store: IntentStore, fault: FaultHook | None, operation: str, de
                 await rollback(journal)
             await store.finish_intent(journal.intent_id, "rolled_back")
         raise
+    finally:
+        _depth.reset(token)
     await store.finish_intent(journal.intent_id, "done")

@@ -25,6 +25,7 @@ from dataclasses import replace
 from dmd.engine import DmError, DmFlags
 from dmd.engine.interface import Engine
 from dmd.service import errors
+from dmd.service.cache import recover as cache_recover
 from dmd.service.encryption import settle_at_start
 from dmd.service.journal import PoolArgs, PoolExtendStep, PoolGrowStep, VolumeCreateStep
 from dmd.service.pools import (
@@ -180,6 +181,8 @@ async def _settle(pools: PoolService, intent: IntentRecord) -> str | None:
     pools._claim(pool)
     assert args.volume is not None
     volume = volume_from_json(args.volume)
+    if intent.operation in ("cache-attach", "cache-detach"):
+        return await cache_recover(pools, intent.operation, volume)
     if intent.operation == "volume-create-thick":
         await pools.undo_thick(volume)  # a half-made volume is no volume to hand out
         return "rolled_back"

@@ -52,6 +52,7 @@ from dmd.engine.targets.thin import (
     valid_block_sectors,
 )
 from dmd.engine.types import MAX_DEVICE_SECTORS
+from dmd.service import cache as cached
 from dmd.service import encryption as crypt
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
@@ -75,7 +76,15 @@ from dmd.service.operations import DeviceService, check_labels
 from dmd.service.pool_descriptions import Descriptions
 from dmd.service.pool_room import HEADER_SECTORS, allocate, check_stripes, thick_table
 from dmd.service.volume_names import cleartext_device, volume_device
-from dmd.state import Encryption, PoolLayout, PoolRecord, Segment, Thick, VolumeRecord
+from dmd.state import (
+    Cache,
+    Encryption,
+    PoolLayout,
+    PoolRecord,
+    Segment,
+    Thick,
+    VolumeRecord,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +99,7 @@ POOL_OPERATIONS = frozenset({"pool-create", "pool-destroy", "pool-grow", "pool-i
                              "pool-extend",
                              "volume-create", "volume-snapshot", "volume-delete",
                              "volume-create-thick", "volume-delete-thick",
-                             "volume-resize-thick"})
+                             "volume-resize-thick", "cache-attach", "cache-detach"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +270,15 @@ class PoolService:
         """Show a change made outside an operation (the waiting of a volume)."""
         await self._settle(pool)
 
+    async def accept_now(self, pool: str, subject: Any, accept: Accept) -> None:
+        """Show the change begun and answer its caller (an operation of
+        another module, inside ``changing``)."""
+        await self._accepted(pool, subject, accept)
+
+    @staticmethod
+    def device_uuid(volume: VolumeRecord) -> str:
+        return volume_uuid(volume.uuid)
+
     async def _accepted(self, pool: str, subject: Any, accept: Accept) -> None:
         await self._settle(pool)
         accept(subject)
@@ -334,6 +352,12 @@ class PoolService:
         if record is None:
             raise errors.NotFound(f"no pool named {name!r}")
         return record
+
+    @staticmethod
+    def _uncached(volume: VolumeRecord, what: str) -> None:
+        if volume.cache is not None:
+            raise errors.Busy(f"volume {volume.pool}/{volume.name} has a cache: DetachCache "
+                              f"before {what} it")
 
     async def thick_segments(self, pool: str) -> tuple[Segment, ...]:
         """The segments of the pool's devices its thick volumes hold."""
@@ -985,6 +1009,9 @@ class PoolService:
                 log.info("volume %s/%s: activated", pool, volume.name)
 
     async def _activate(self, volume: VolumeRecord) -> None:
+        if volume.cache is not None:
+            await cached.activate_cached(self, volume)
+            return
         await self.devices.create(
             volume_device(volume.pool, volume.name), await self.volume_table(volume),
             uuid=volume_uuid(volume.uuid), persistent=True, claim=self.owner(volume.pool))
@@ -1012,6 +1039,8 @@ class PoolService:
             if source.thin_id is None:
                 raise errors.InvalidArgument(f"{origin!r} is a thick volume: only thin "
                                              "volumes have snapshots")
+            # Its latest writes may be in the cache, not yet in the thin volume.
+            self._uncached(source, "snapshotting")
             tid = await self._kernel_tid(pool, record)
             thin_id = await self._new_thin_id(record)
             # An encrypted origin's snapshot carries its header: the same
@@ -1033,6 +1062,7 @@ class PoolService:
         async with self.changing(pool):
             volume = await self.volume(pool, name)
             await self.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
+            self._uncached(volume, "deleting")
             if volume.thin_id is None:
                 self.pending[volume.uuid] = (volume, "deleting")
                 await self._accepted(pool, volume, accept)
@@ -1089,6 +1119,7 @@ class PoolService:
                 raise errors.InvalidArgument(
                     f"{size} bytes is smaller than {name!r} ({volume.size_bytes} bytes); "
                     "shrinking loses the data past the new end: pass shrink to do it")
+            self._uncached(volume, "resizing")
             if volume.encryption is not None and await crypt.cleartext_present(self, pool, name):
                 raise errors.Busy(f"volume {pool}/{name} is unlocked: Lock it to resize it "
                                   "(its cleartext device takes the new size when unlocked)")
@@ -1120,6 +1151,8 @@ class PoolService:
         async with self.changing(pool):
             volume = await self.volume(pool, name)
             await self.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
+            if not active:
+                self._uncached(volume, "deactivating")
             changed = replace(volume, active=active)
             await self._accepted(pool, changed, accept)
             device = volume_device(pool, name)
@@ -1142,6 +1175,7 @@ def _volume_json(volume: VolumeRecord) -> dict[str, Any]:
     raw.pop("created_at", None)
     raw["encryption"] = volume.encryption.to_json() if volume.encryption else None
     raw["thick"] = volume.thick.to_json() if volume.thick else None
+    raw["cache"] = volume.cache.to_json() if volume.cache else None
     return raw
 
 
@@ -1149,5 +1183,6 @@ def volume_from_json(raw: dict[str, Any]) -> VolumeRecord:
     fields = dict(raw)
     fields["encryption"] = Encryption.from_json(fields.get("encryption"))
     fields["thick"] = Thick.from_json(fields.get("thick"))
+    fields["cache"] = Cache.from_json(fields.get("cache"))
     return VolumeRecord(**fields)
 

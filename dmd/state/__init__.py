@@ -2,6 +2,7 @@
 
 from dmd.state.errors import RecordExists, RecordNotFound, StateError
 from dmd.state.pool_records import (
+    Cache,
     Encryption,
     PoolLayout,
     PoolRecord,
@@ -19,6 +20,7 @@ from dmd.state.store import (
 
 __all__ = [
     "AsyncStateStore",
+    "Cache",
     "DeviceRecord",
     "Encryption",
     "IntentRecord",

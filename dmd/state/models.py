@@ -102,3 +102,5 @@ class VolumeRow(Base):
     encryption_json: Mapped[str | None] = mapped_column(Text)
     # Revision 0007: VolumeRecord.thick as JSON; NULL for a thin volume.
     thick_json: Mapped[str | None] = mapped_column(Text)
+    # Revision 0008: VolumeRecord.cache as JSON; NULL without a cache.
+    cache_json: Mapped[str | None] = mapped_column(Text)

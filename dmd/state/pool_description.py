@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dmd.state.pool_records import (
+    Cache,
     Encryption,
     PoolLayout,
     PoolRecord,
@@ -117,6 +118,7 @@ class Description:
                 "owner_uid": v.owner_uid, "labels": v.labels, "active": v.active,
                 **({"encryption": v.encryption.to_json()} if v.encryption else {}),
                 **({"thick": v.thick.to_json()} if v.thick else {}),
+                **({"cache": v.cache.to_json()} if v.cache else {}),
             } for v in sorted(self.volumes, key=_volume_order)],
         }
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
@@ -170,7 +172,8 @@ class Description:
                                          v["size_bytes"], v["origin_uuid"], v["owner_uid"],
                                          dict(v["labels"]), v["active"],
                                          encryption=Encryption.from_json(v.get("encryption")),
-                                         thick=Thick.from_json(v.get("thick")))
+                                         thick=Thick.from_json(v.get("thick")),
+                                         cache=Cache.from_json(v.get("cache")))
                             for v in doc["volumes"])
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, DescriptionError):

@@ -126,6 +126,36 @@ class Thick:
 
 
 @dataclass(frozen=True, slots=True)
+class Cache:
+    """A cache in front of a volume: dm-cache ("cache": a metadata and a data
+    area, *mode* writeback or writethrough) or dm-writecache ("writecache":
+    all data), on *device*, a block device taken whole or a volume's device
+    (*volume_uuid* then names the volume)."""
+
+    kind: str
+    mode: str
+    device: str
+    block_sectors: int
+    metadata_sectors: int = 0
+    data_sectors: int = 0
+    volume_uuid: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "mode": self.mode, "device": self.device,
+                "block_sectors": self.block_sectors,
+                "metadata_sectors": self.metadata_sectors, "data_sectors": self.data_sectors,
+                "volume_uuid": self.volume_uuid}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any] | None) -> Cache | None:
+        if doc is None:
+            return None
+        return cls(str(doc["kind"]), str(doc["mode"]), str(doc["device"]),
+                   int(doc["block_sectors"]), int(doc["metadata_sectors"]),
+                   int(doc["data_sectors"]), doc.get("volume_uuid"))
+
+
+@dataclass(frozen=True, slots=True)
 class VolumeRecord:
     uuid: str
     pool: str  # the pool's name
@@ -139,6 +169,7 @@ class VolumeRecord:
     created_at: datetime | None = None
     encryption: Encryption | None = None
     thick: Thick | None = None
+    cache: Cache | None = None
 
 
 def pool_record(row: PoolRow) -> PoolRecord:
@@ -153,7 +184,8 @@ def volume_record(row: VolumeRow, pool_name: str) -> VolumeRecord:
                         row.origin_uuid, row.owner_uid, json.loads(row.labels_json),
                         row.active, row.created_at,
                         Encryption.from_json(json.loads(row.encryption_json or "null")),
-                        Thick.from_json(json.loads(row.thick_json or "null")))
+                        Thick.from_json(json.loads(row.thick_json or "null")),
+                        Cache.from_json(json.loads(row.cache_json or "null")))
 
 
 def volume_values(record: VolumeRecord) -> dict[str, Any]:
@@ -164,4 +196,6 @@ def volume_values(record: VolumeRecord) -> dict[str, Any]:
             "encryption_json": (json.dumps(record.encryption.to_json())
                                 if record.encryption is not None else None),
             "thick_json": (json.dumps(record.thick.to_json())
-                           if record.thick is not None else None)}
+                           if record.thick is not None else None),
+            "cache_json": (json.dumps(record.cache.to_json())
+                           if record.cache is not None else None)}
