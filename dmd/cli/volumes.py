@@ -300,6 +300,25 @@ async def cmd_vol_simple(c: Client, a: argparse.Namespace) -> None:
                    lambda p: p.get("DevicePath", ""))
 
 
+async def cmd_cache_attach(c: Client, a: argparse.Namespace) -> None:
+    options = {"mode": Variant("s", a.mode)}
+    if a.block_size:
+        options["block-size"] = Variant("t", a.block_size)
+    if a.force:
+        options["force"] = Variant("b", True)
+    path = await _volume_path(c, a.pool, a.volume)
+    (job,) = await c.call(path, VOLUME_INTERFACE, "AttachCache", "sa{sv}",
+                          [a.device, options], mutating=True)
+    await _run_job(c, a, job, path, VOLUME_INTERFACE,
+                   lambda p: f"{p['Cache']} cache on {p['CacheDevice']}")
+
+
+async def cmd_cache_detach(c: Client, a: argparse.Namespace) -> None:
+    path = await _volume_path(c, a.pool, a.volume)
+    (job,) = await c.call(path, VOLUME_INTERFACE, "DetachCache", "a{sv}", [{}], mutating=True)
+    await _run_job(c, a, job, path, VOLUME_INTERFACE, lambda p: p.get("DevicePath", ""))
+
+
 Verb = Callable[["Client", argparse.Namespace], Coroutine[Any, Any, None]]
 
 
@@ -389,6 +408,19 @@ def register(verb: Callable[[str, Verb, str], argparse.ArgumentParser]) -> None:
     sp = volume_only(verb("remove-key", cmd_change_key,
                           "remove the key given from an encrypted volume (never its last)"))
     sp.add_argument("--key-file", metavar="FILE", required=True, help="the key to remove")
+    sp = volume_args(verb("cache-attach", cmd_cache_attach,
+                          "put a cache in front of a volume"))
+    sp.add_argument("device", metavar="DEVICE",
+                    help="a fast block device (taken whole) or a volume as POOL/VOLUME")
+    sp.add_argument("--mode", choices=("writeback", "writethrough", "writecache"),
+                    default="writeback",
+                    help="dm-cache writeback (default) or writethrough, or dm-writecache")
+    sp.add_argument("--block-size", type=parse_size, metavar="SIZE",
+                    help="dm-cache's block, a multiple of 32K (default: 64K)")
+    sp.add_argument("-f", "--force", action="store_true",
+                    help="overwrite a device that carries a signature")
+    volume_args(verb("cache-detach", cmd_cache_detach,
+                     "write the cache's dirty blocks back and remove it (a job)"))
     sp = verb("vols", cmd_vols, "list volumes")
     sp.add_argument("pool", nargs="?", metavar="POOL", help="only this pool's")
     sp = volume_args(verb("snapshot", cmd_snapshot, "snapshot a volume"))

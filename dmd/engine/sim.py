@@ -115,6 +115,7 @@ class _Dev:
     cache_dirty: int = 0
     cleaning_since: float = 0.0
     lost_dirty: int = 0
+    flush_on_suspend: bool = False  # a writecache asked to write back at its suspend
 
     def __setattr__(self, attr: str, value: object) -> None:
         owner: _Devices | None = self.__dict__.get("_owner")
@@ -1061,6 +1062,9 @@ class SimDM:
             dev = self._find(k, id, "DM_DEV_SUSPEND")
             if flags & DmFlags.DM_SUSPEND:
                 dev.suspended = True
+                if dev.flush_on_suspend:
+                    dev.cache_dirty, dev.cleaning_since = 0, 0.0
+                    dev.flush_on_suspend = False
                 return self._info(k, dev)
             extra = DmFlags(0)
             if dev.inactive is not None and not self._areas_fit(k, dev.inactive):
@@ -1269,6 +1273,13 @@ class SimDM:
             dev = self._find(k, id, "DM_TARGET_MSG")
             if dev.live and len(dev.live) == 1 and dev.live[0][2] == "thin-pool":
                 self._pool_message(k, dev, message)
+                return self._info(k, dev), None
+            if dev.live and len(dev.live) == 1 and dev.live[0][2] == "writecache" and \
+                    message in ("flush", "flush_on_suspend"):
+                if message == "flush":
+                    dev.cache_dirty, dev.cleaning_since = 0, 0.0
+                else:
+                    dev.flush_on_suspend = True
                 return self._info(k, dev), None
             raise _fail(errno.EINVAL, "DM_TARGET_MSG", id)
 

@@ -61,6 +61,7 @@ MIN_CACHE_BLOCKS = 16
 ZERO_BYTES = 1 << 20  # of the metadata's start: the kernel then formats a new cache
 FLUSH_POLL = 0.5  # seconds between reads of the dirty count
 SWAP_TRIES = 10  # a suspend that finds blocks dirty again resumes and waits again
+WRITECACHE_STALL = 5.0  # seconds without fewer dirty blocks: flush on suspend instead
 
 
 class AttachStep(enum.IntEnum):
@@ -321,10 +322,10 @@ async def detach(pools: PoolService, pool: str, name: str, *, caller: Caller = R
             await pools.devices.reload(device, cache_table(volume, cleaner=True), claim=claim)
             await journal.mark(DetachStep.FLUSH)
             for _ in range(SWAP_TRIES):
-                await _flush(pools, device)
+                await _flush(pools, device, volume.cache.kind)
                 await journal.mark(DetachStep.SWAP)
                 if await _swap_when_clean(pools, device, await pools.volume_table(plain),
-                                          claim):
+                                          claim, volume.cache.kind):
                     break
             else:
                 raise errors.Busy(f"volume {pool}/{name}: its cache was dirty again at each "
@@ -344,21 +345,35 @@ async def _dirty(pools: PoolService, device: str) -> int:
     return dirty_blocks(lines[0])
 
 
-async def _flush(pools: PoolService, device: str) -> None:
+async def _flush(pools: PoolService, device: str, kind: str) -> None:
     """Wait for the cleaner to write every dirty block back; the job's
-    progress says how much of what was dirty is written."""
+    progress says how much of what was dirty is written. A writecache that
+    stops emptying (a writer rewrites the blocks it holds) is left to its
+    flush on suspend."""
     first = await _dirty(pools, device)
+    best, since = first, asyncio.get_running_loop().time()
     while (left := await _dirty(pools, device)) > 0:
+        now = asyncio.get_running_loop().time()
+        if left < best:
+            best, since = left, now
+        elif kind == "writecache" and now - since > WRITECACHE_STALL:
+            return
         progress((DetachStep.FLUSH + (1 - left / max(first, 1))) / (len(DetachStep) + 1))
         cancel_point(past_way_back=False)
         await asyncio.sleep(FLUSH_POLL)
 
 
 async def _swap_when_clean(pools: PoolService, device: str, table: list[TargetLine],
-                           claim: str) -> bool:
+                           claim: str, kind: str) -> bool:
     """Suspend (in-flight writes land), check that nothing is dirty while
     nothing can write, and swap in *table*; False (resumed as it was) if a
     block is dirty."""
+    if kind == "writecache":
+        # dm-writecache's cleaner still caches writes to blocks it holds (so
+        # that they stay in order): a writer that keeps rewriting them would
+        # keep it from ever emptying. Asked to, it writes everything back
+        # while it suspends, when nothing can write.
+        await pools.devices.message(device, 0, "flush_on_suspend", claim=claim)
     await pools.devices.suspend(device, claim=claim)
     try:
         if await _dirty(pools, device) > 0:

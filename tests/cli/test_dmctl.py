@@ -193,3 +193,18 @@ def test_encrypted_and_thick_volumes(dmd_session: Any, tmp_path: Path) -> None:
         "/dev/mapper/tank-db\n"
     listed = {v["Name"]: v for v in json.loads(ok(dmd_session, "--json", "vols", "tank"))}
     assert (listed["db"]["Thin"], listed["vault"]["Encryption"]) == (False, "luks2")
+
+
+def test_cache_verbs(dmd_session: Any) -> None:
+    from dmd.engine.sim import SimDM
+
+    sim = SimDM(dmd_session.sim)
+    sim.add_disk("/dev/simdisk1", 7, 1, 1024 * 2048)
+    sim.add_disk("/dev/simfast", 7, 2, 256 * 2048)
+    ok(dmd_session, "pool-create", "tank", "/dev/simdisk1")
+    ok(dmd_session, "vol-create", "tank", "v", "1G")
+    assert ok(dmd_session, "cache-attach", "tank", "v", "/dev/simfast") == \
+        "writeback cache on /dev/simfast\n"
+    busy = dmctl(dmd_session, "vol-delete", "tank", "v")
+    assert busy.returncode == 1 and "(Busy)" in busy.stderr
+    assert ok(dmd_session, "cache-detach", "tank", "v") == "/dev/mapper/tank-v\n"
