@@ -256,8 +256,8 @@ def test_kill_9_while_cryptsetup_runs(stopped_dmd: SystemDmd, disks: list[str]) 
     dmd = stopped_dmd
     dmd.start()
     pool = create_pool(POOL, [disks[0]])
-    slow = {"pbkdf-time-ms": Variant("u", 4000)}
-    slowly, _ = create_encrypted(pool, "slowly", **slow)  # its keyslot: 4 s to open
+    slow = {"pbkdf-time-ms": Variant("u", 2000)}
+    slowly, _ = create_encrypted(pool, "slowly", **slow)  # its keyslot: 2 s to open
     assert lock(slowly) is None
     create_encrypted(pool, "half", wait_for=False, **slow)
     wait_for(lambda: cryptsetup_running("luksFormat"))

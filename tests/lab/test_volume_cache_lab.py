@@ -136,3 +136,60 @@ def test_detach_under_writes_loses_nothing(system_dmd: SystemDmd, disks: list[st
     assert prop(volume, VOLUME_INTERFACE, "Cache") == ""
     assert checksum(path, SIZE) == hashlib.sha256(image).hexdigest(), \
         f"a write was lost ({before} blocks were dirty when the detach began)"
+
+
+def test_kill_9_during_a_detach_loses_nothing(stopped_dmd: SystemDmd,
+                                              disks: list[str]) -> None:
+    """dmd killed once the detach has begun: after the restart the cache is
+    either still attached with its own policy (recovery undid the detach)
+    or gone (the swap had happened), and the volume reads back what was
+    written either way; a detach then finishes the job."""
+    dmd = stopped_dmd
+    dmd.start()
+    pool = create_pool(POOL, [disks[0]])
+    error, (volume, job) = fd_call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}",
+                                   ["v", SIZE, {}])
+    assert error is None
+    wait(job)
+    path = f"/dev/mapper/{POOL}-v"
+    image = bytearray(b"".join(block("first", i) for i in range(SIZE // BLOCK)))
+    error, (job,) = fd_call(volume, VOLUME_INTERFACE, "AttachCache", "sa{sv}",
+                            [disks[1], {"mode": Variant("s", "writeback")}])
+    assert error is None
+    wait(job)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for round_ in range(60):
+            for index in range(SIZE // BLOCK):
+                data = block(f"hot{round_}", index)
+                os.pwrite(fd, data, index * BLOCK)
+                image[index * BLOCK:(index + 1) * BLOCK] = data
+            os.fsync(fd)
+            if dirty(f"{POOL}-v") > 0:
+                break
+    finally:
+        os.close(fd)
+    assert dirty(f"{POOL}-v") > 0
+    error, (job,) = fd_call(volume, VOLUME_INTERFACE, "DetachCache", "a{sv}", [{}])
+    assert error is None
+    while "cleaner" not in dmsetup("table", f"{POOL}-v") and \
+            prop(job, JOB_INTERFACE, "State") == "running":
+        time.sleep(0.05)
+    assert dmd.proc is not None
+    dmd.proc.kill()
+    dmd.wait_exit()
+    dmd.start()
+    kind = dmsetup("table", f"{POOL}-v").split()[2]
+    if kind == "cache":
+        assert "smq" in dmsetup("table", f"{POOL}-v"), "recovery put its own policy back"
+        assert prop(volume, VOLUME_INTERFACE, "Cache") == "writeback"
+    else:
+        assert kind == "thin" and prop(volume, VOLUME_INTERFACE, "Cache") == ""
+    assert checksum(path, SIZE) == hashlib.sha256(image).hexdigest()
+    if kind == "cache":
+        error, (job,) = fd_call(volume, VOLUME_INTERFACE, "DetachCache", "a{sv}", [{}])
+        assert error is None
+        wait(job)
+    assert dmsetup("table", f"{POOL}-v").split()[2] == "thin"
+    assert checksum(path, SIZE) == hashlib.sha256(image).hexdigest()
+    dmd.stop()
