@@ -32,7 +32,7 @@ def _resolve(kind: SignatureType, value: Any, fds: list[int]) -> Any:
     if token == "h":
         return _fd(value, fds)
     if token == "v":
-        if "h" not in value.signature:
+        if not may_carry_fds(value.signature):
             return value
         inner = get_signature_tree(value.signature).types[0]
         return Variant(value.signature, _resolve(inner, value.value, fds), verify=False)

@@ -11,7 +11,7 @@ from dmd.dbus.convert import KDF_OPTIONS, check_string, options_in
 from dmd.dbus.names import job_path, pool_path, volume_path
 from dmd.engine.luks import KdfSettings
 from dmd.service import cache, errors
-from dmd.service.auth import Caller
+from dmd.service.auth import Action, Caller
 from dmd.service.encryption import (
     KINDS as ENCRYPTION_KINDS,
 )
@@ -105,7 +105,10 @@ class PoolHandlers:
                            options: dict[str, Any]) -> list[str]:
         opts = options_in("CreateVolume", options)
         # Read now: the caller's descriptor is closed once the call is answered.
-        # create_volume wipes the key when its job ends.
+        # create_volume wipes the key when its job ends. Authorized first: a
+        # caller who may not would otherwise hold a reader for seconds.
+        if "encryption" in opts:
+            await self.pools.check_authorized(caller, Action.VOLUME, f"{pool}/{name}")
         encryption = await _encryption(opts, caller)
         job, volume = await self.pools.as_job("volume-create", caller, lambda accept:
             self.pools.create_volume(pool, check_string(name, "name"), _size(size, "size"),
@@ -185,9 +188,14 @@ class VolumeHandlers:
                                  exclusive=opts.get("exclusive", False), caller=caller)
 
 
+    async def _authorized(self, caller: Caller, pool: str, volume: str) -> None:
+        owner = (await self.pools.volume(pool, volume)).owner_uid
+        await self.pools.check_authorized(caller, Action.VOLUME, f"{pool}/{volume}", owner)
+
     async def Unlock(self, caller: Caller, pool: str, volume: str,
                      options: dict[str, Any]) -> None:
         opts = options_in("Unlock", options)
+        await self._authorized(caller, pool, volume)
         key = await read_key(opts["key"]) if "key" in opts else None
         await unlock(self.pools, pool, volume, key, caller=caller)
 
@@ -202,6 +210,7 @@ class VolumeHandlers:
         kdf = _kdf(opts)
         if "key" not in opts:
             raise errors.InvalidArgument("ChangeKey needs a key that opens the volume (key)")
+        await self._authorized(caller, pool, volume)
         key = await read_key(opts["key"])
         new_key = await read_key(opts["new-key"], "new-key") if "new-key" in opts else None
         await change_key(self.pools, pool, volume, key, new_key,

@@ -33,6 +33,7 @@ import fcntl
 import logging
 import os
 import stat
+import struct
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +60,8 @@ from dmd.engine.types import (
     validate_table,
 )
 from dmd.engine.udevsync import NodeWatcher, UdevSync, cookie
+
+BLKZEROOUT = 0x127F  # _IO(0x12, 127), linux/fs.h: zero a byte range of a block device
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +288,18 @@ class DM:
             os.close(fd)
             raise DmError(errno.ENXIO, "open", info.name)
         return fd
+
+    def zero_range(self, id: DevId | str, offset: int, length: int) -> None:
+        """Make *length* bytes of the device from *offset* read as zeros
+        (BLKZEROOUT: the device's own way, write-zeroes or writes, done
+        before it returns). Byte counts are whole 512-byte sectors."""
+        if offset % 512 or length % 512 or offset < 0 or length < 0:
+            raise InvalidArgument("zero_range takes whole 512-byte sectors")
+        fd = self.open_node(id, os.O_WRONLY)
+        try:
+            fcntl.ioctl(fd, BLKZEROOUT, struct.pack("=QQ", offset, length))
+        finally:
+            os.close(fd)
 
     def luks_open(self, id: DevId | str, name: str, key: bytes | bytearray) -> DeviceInfo:
         """Map the LUKS2 volume on device *id* as *name* (cryptsetup open:

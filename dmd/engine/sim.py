@@ -1172,6 +1172,18 @@ class SimDM:
             os.close(sizing)
         return os.open(path, flags)
 
+    def zero_range(self, id: DevId | str, offset: int, length: int) -> None:
+        """As DM.zero_range, on the device's backing file."""
+        if offset % 512 or length % 512 or offset < 0 or length < 0:
+            raise InvalidArgument("zero_range takes whole 512-byte sectors")
+        fd = self.open_node(id, os.O_WRONLY)
+        try:
+            chunk = bytes(1 << 20)
+            for at in range(offset, offset + length, len(chunk)):
+                os.pwrite(fd, chunk[:min(len(chunk), offset + length - at)], at)
+        finally:
+            os.close(fd)
+
     def luks_open(self, id: DevId | str, name: str, key: bytes | bytearray) -> DeviceInfo:
         """As DM.luks_open, with the real cryptsetup on the device's backing
         file for the header and the key (a wrong key fails as it would), and

@@ -61,6 +61,7 @@ MIN_CACHE_BLOCKS = 16
 ZERO_BYTES = 1 << 20  # of the metadata's start: the kernel then formats a new cache
 FLUSH_POLL = 0.5  # seconds between reads of the dirty count
 SWAP_TRIES = 10  # a suspend that finds blocks dirty again resumes and waits again
+SOURCES_LOCK = "/cache-sources"  # not a device name: no "/" in those
 WRITECACHE_STALL = 5.0  # seconds without fewer dirty blocks: flush on suspend instead
 
 
@@ -152,6 +153,9 @@ async def _source(pools: PoolService, source: str, force: bool, caller: Caller
     taken = {(v.cache.volume_uuid or v.cache.device): f"{v.pool}/{v.name}"
              for v in await pools.volumes() if v.cache is not None}
     if isinstance(source, str) and source.startswith("/"):
+        # A whole device is overwritten: the pool action's authority, as
+        # for CreatePool, not a volume owner's.
+        await pools.check_authorized(caller, Action.POOL, source)
         if source in taken:
             raise errors.Busy(f"{source} is the cache of volume {taken[source]}")
         [facts] = await pools.free_devices([source])
@@ -180,7 +184,9 @@ async def attach(pools: PoolService, pool: str, name: str, source: str, *,
                  force: bool = False, caller: Caller = ROOT,
                  accept: Accept | None = None) -> VolumeRecord:
     kind, io_mode, block = check_mode(mode, block_size)
-    async with pools.changing(pool):
+    # One attach at a time: two on different pools could both find the same
+    # device free before either holds it.
+    async with pools.locks.hold(SOURCES_LOCK), pools.changing(pool):
         volume = await pools.volume(pool, name)
         await pools.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
         if volume.cache is not None:
@@ -385,7 +391,14 @@ async def _swap_when_clean(pools: PoolService, device: str, table: list[TargetLi
             await pools.devices.resume(device, claim=claim)
         raise
     await pools.devices.resume(device, claim=claim)
+    await _record_table(pools, device, table)
     return True
+
+
+async def _record_table(pools: PoolService, device: str, table: list[TargetLine]) -> None:
+    """The device's record takes its new live table (a load and a resume
+    do not write it): a reboot re-creates the device from it."""
+    await pools.store.update_table(device, table, False)
 
 
 async def restore_cache(pools: PoolService, volume: VolumeRecord) -> None:
@@ -400,6 +413,9 @@ async def restore_cache(pools: PoolService, volume: VolumeRecord) -> None:
 
 
 async def _finish_detach(pools: PoolService, volume: VolumeRecord) -> None:
+    plain = replace(volume, cache=None)
+    await _record_table(pools, volume_device(volume.pool, volume.name),
+                        await pools.volume_table(plain))
     await _remove_cache_devices(pools, volume)
     await pools.store.pool_change(volume.pool, update=replace(volume, cache=None))
 
@@ -408,7 +424,7 @@ def _live_is_cache(lines: list[TargetLine]) -> bool:
     return bool(lines) and lines[0].target_type in ("cache", "writecache")
 
 
-async def recover(pools: PoolService, operation: str, volume: VolumeRecord) -> str:
+async def recover(pools: PoolService, operation: str, volume: VolumeRecord) -> str | None:
     """Settle an interrupted attach or detach by the volume's live table:
     a cache table means attached (a detach is undone), the volume's own
     means detached (an attach is undone)."""
@@ -417,8 +433,17 @@ async def recover(pools: PoolService, operation: str, volume: VolumeRecord) -> s
     try:
         info, lines = await pools.kernel(Engine.table_status, device, DmFlags.DM_STATUS_TABLE)
     except DmError:
-        info, lines = None, []
-    if info is not None and info.suspended:
+        # No device (its cache device late or gone at boot): which table is
+        # live cannot be known, and a detach finished now could drop dirty
+        # blocks. Left pending, and reported.
+        log.error("recovery: %s %s/%s: its device is missing; left for when it is back",
+                  operation, volume.pool, volume.name)
+        return None
+    if not lines:
+        log.error("recovery: %s %s/%s: its device has no live table; left pending",
+                  operation, volume.pool, volume.name)
+        return None
+    if info.suspended:
         if info.inactive_present:
             await pools.devices.clear(device, claim=claim)
         await pools.devices.resume(device, claim=claim)

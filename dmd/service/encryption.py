@@ -173,12 +173,16 @@ async def _subject(pools: PoolService, pool: str, name: str, caller: Caller
 
 
 async def unlock(pools: PoolService, pool: str, name: str, key: bytearray | None, *,
-                 caller: Caller = ROOT) -> None:
+                 caller: Caller = ROOT, only_if_waiting: bool = False) -> None:
     """Open the volume with *key*, or with its keyring key if None. Already
-    open: nothing to do (the key is not checked)."""
+    open: nothing to do (the key is not checked). *only_if_waiting*: only
+    if it still waits to be opened (a Lock meanwhile wins)."""
     with wiped(key):
         async with pools.changing(pool):
             volume, encryption = await _subject(pools, pool, name, caller)
+            if only_if_waiting and (volume.uuid not in pools.waiting
+                                    or not encryption.unlocked):
+                return
             if not volume.active:
                 raise errors.NotActive(f"volume {pool}/{name} is not active: Activate it "
                                        "first")
@@ -272,7 +276,18 @@ async def settle_at_start(pools: PoolService, pool: str) -> None:
         device = cleartext_device(pool, volume.name)
         present = device in names
         if present and (not encryption.unlocked or not volume.active):
-            await close_cleartext(pools, pool, volume.name)
+            try:
+                await close_cleartext(pools, pool, volume.name)
+            except errors.Busy:
+                # A Lock cut short while the cleartext was in use: it did
+                # not happen. The record says so again.
+                await _record(pools, volume, replace(encryption, unlocked=True))
+                if await pools.store.get_device(device) is None:
+                    await pools.devices.adopt(device, persistent=False,
+                                              claim=pools.owner(pool))
+                log.warning("volume %s/%s: recorded locked but its cleartext is in use: "
+                            "left unlocked", pool, volume.name)
+                continue
             log.info("volume %s/%s: recorded locked; its cleartext device removed", pool,
                      volume.name)
         elif present and await pools.store.get_device(device) is None:
@@ -317,7 +332,8 @@ class KeyWaiter:
                 if self._refused.get(volume.uuid) == digest:
                     continue
                 try:
-                    await unlock(pools, volume.pool, volume.name, key[:])
+                    await unlock(pools, volume.pool, volume.name, key[:],
+                                 only_if_waiting=True)
                 except errors.WrongKey:
                     self._refused[volume.uuid] = digest
                     pools.waiting[volume.uuid] = (f"the key {description!r} in the keyring "

@@ -92,6 +92,7 @@ class SnapshotStep(enum.IntEnum):
 class ThickResizeStep(enum.IntEnum):
     RECORD = 1  # the grown segments are recorded (reserved) next
     RELOAD = 2  # the device takes them next: recovery reloads the recorded table
+    ZERO = 3  # what they held before is zeroed next (recovery does it again)
 
 
 class VolumeDeleteStep(enum.IntEnum):
@@ -177,6 +178,7 @@ class PoolArgs(IntentArgs):
     volume: dict[str, Any] | None = None  # a VolumeRecord's fields
     origin_uuid: str | None = None
     layout: str | None = None  # pool-create: the PoolLayout's JSON
+    old_size: int = 0  # volume-resize-thick: bytes before, zeroed from there on
 
 
 # The marks recovery reads (it settles every other case from what the kernel

@@ -197,6 +197,8 @@ async def _settle(pools: PoolService, intent: IntentRecord) -> str | None:
         if now is not None and now.active and await pools.store.get_device(device) is not None:
             await pools.devices.reload(device, await pools.volume_table(now),
                                        claim=pools.owner(pool))
+            if now.size_bytes > args.old_size > 0:
+                await pools._zero(now, args.old_size)  # what the grown part held before
         return "done"
     if intent.operation == "volume-snapshot":
         volumes = {v.uuid: v for v in await pools.store.list_volumes(pool)}

@@ -883,6 +883,9 @@ class PoolService:
             await self.store.pool_change(pool, add=volume)
             await journal.mark(VolumeCreateStep.ACTIVATE)
             await self._activate(volume)
+            # Segments a deleted volume held still hold its data: nobody
+            # reads them through this one (the pool is held until then).
+            await self._zero(volume, 0)
             await self._prepare(journal, volume, encryption, filesystem)
         log.info("volume-create %s/%s: thick, %d segment(s), %d stripe(s), %d bytes%s%s", pool,
                  name, len(segments), stripes, volume.size_bytes,
@@ -956,7 +959,8 @@ class PoolService:
 
         async with intent(self.store, self.fault, "volume-resize-thick",
                           f"{pool}/{volume.name}",
-                          PoolArgs(pool=pool, volume=_volume_json(grown)), undo) as journal:
+                          PoolArgs(pool=pool, volume=_volume_json(grown),
+                                   old_size=volume.size_bytes), undo) as journal:
             await journal.mark(ThickResizeStep.RECORD)
             await self.store.pool_change(pool, update=grown)
             if volume.active:
@@ -964,7 +968,18 @@ class PoolService:
                 await self.devices.reload(volume_device(pool, volume.name),
                                           thick_table(record.layout, grown_thick),
                                           claim=self.owner(pool))
+                await journal.mark(ThickResizeStep.ZERO)
+                await self._zero(grown, volume.size_bytes)
         return grown
+
+    async def _zero(self, volume: VolumeRecord, start: int) -> None:
+        """A thick volume's device reads zeros from byte *start* to its end."""
+        device = volume_device(volume.pool, volume.name)
+        try:
+            await self.kernel(Engine.zero_range, device, start, volume.size_bytes - start)
+        except (DmError, OSError) as exc:
+            code = getattr(exc, "errno", 0) or 0
+            raise errors.Kernel(f"zeroing {device}: {os.strerror(code)}", code) from None
 
     async def _undo_thin(self, pool: str, volume: VolumeRecord, *, recorded: bool) -> None:
         """Take a thin id back out (deleting what is not there is fine) and
@@ -1120,6 +1135,10 @@ class PoolService:
                     f"{size} bytes is smaller than {name!r} ({volume.size_bytes} bytes); "
                     "shrinking loses the data past the new end: pass shrink to do it")
             self._uncached(volume, "resizing")
+            for other in await self.store.list_volumes():
+                if other.cache is not None and other.cache.volume_uuid == volume.uuid:
+                    raise errors.Busy(f"volume {pool}/{name} is the cache of volume "
+                                      f"{other.pool}/{other.name}: DetachCache first")
             if volume.encryption is not None and await crypt.cleartext_present(self, pool, name):
                 raise errors.Busy(f"volume {pool}/{name} is unlocked: Lock it to resize it "
                                   "(its cleartext device takes the new size when unlocked)")

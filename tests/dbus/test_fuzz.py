@@ -63,7 +63,7 @@ from dmd.engine.sim import SIM_TARGETS, SimDM
 
 U64 = (1 << 64) - 1
 CALL_TIMEOUT = 10.0  # seconds; every call must be answered well within this
-EXAMPLES = 240
+EXAMPLES = 360  # 240 drew 2,276 calls once the Volume interface grew; the floor is 3,000
 
 FAILED = ERROR_PREFIX + "Failed"
 INVALID = ERROR_PREFIX + "InvalidArgument"

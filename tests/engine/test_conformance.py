@@ -577,6 +577,32 @@ def test_open_node_gives_its_node_and_the_bytes_written_through_it(
     assert errno_of(lambda: engine.open_node(f"{P}missing", os.O_RDONLY)) == errno.ENXIO
 
 
+def test_zero_range_zeroes_exactly_its_range(engine: Engine, disk: Callable[[int], str]
+                                             ) -> None:
+    backing = disk(16)
+    name = active(engine, f"{P}zeroed", [TargetLine(0, 4096, "linear", f"{backing} 0")],
+                  uuid="dmdtest-zeroed-uuid")
+    fd = engine.open_node(name, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"\x5a" * 65536, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    engine.zero_range(name, 8192, 16384)
+    with pytest.raises(InvalidArgument):
+        engine.zero_range(name, 100, 512)
+    reader = engine.open_node(name, os.O_RDONLY | os.O_DIRECT if isinstance(engine, DM)
+                              else os.O_RDONLY)
+    try:
+        import mmap
+        buffer = mmap.mmap(-1, 65536)
+        os.preadv(reader, [buffer], 0)
+        got = bytes(buffer)
+    finally:
+        os.close(reader)
+    assert got == b"\x5a" * 8192 + bytes(16384) + b"\x5a" * (65536 - 24576)
+
+
 def _write(engine: Engine, name: str, sector: int, sectors: int) -> None:
     """Write *sectors* at *sector* of device *name* (the simulator is told)."""
     if not isinstance(engine, DM):

@@ -4,6 +4,7 @@ naming the disks and offsets dmd recorded."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -84,4 +85,7 @@ def test_striped_and_linear_thick_volumes(stopped_dmd: SystemDmd, disks: list[st
     assert dmsetup("table", f"{POOL}-again").split()[3:5] == line.split()[3:5], \
         "the room the delete gave back is used first"
     assert prop(again, VOLUME_INTERFACE, "Size") == 10 * MIB
+    # It is where "slow" was, and shows none of what "slow" held.
+    assert checksum(f"/dev/mapper/{POOL}-again", 10 * MIB) == \
+        hashlib.sha256(bytes(10 * MIB)).hexdigest()
     dmd.stop()

@@ -32,7 +32,7 @@ __all__ = ["disks"]  # the fixture, used by name
 pytestmark = [pytest.mark.kernel, pytest.mark.kernel_volumes]
 
 POOL = "dmdtpq"
-SIZE = 32 * MIB
+SIZE = 16 * MIB
 BLOCK = 64 * 1024
 
 

@@ -244,3 +244,30 @@ def test_a_crash_at_any_step_of_an_attach(tmp_path: Path, step: int) -> None:
 @pytest.mark.parametrize("step", list(DetachStep))
 def test_a_crash_at_any_step_of_a_detach_loses_no_write(tmp_path: Path, step: int) -> None:
     crash_case(tmp_path, "cache-detach", step, attach_first=True)
+
+
+def test_a_detached_volume_comes_back_without_its_cache_after_a_reboot(
+        tmp_path: Path) -> None:
+    async def prepare() -> list[tuple[str, str]]:
+        pools = open_pools(tmp_path)
+        try:
+            await tank_with_volume(pools)
+            plain = named(pools, "tank-v")
+            await cache.attach(pools, "tank", "v", CACHE_DISK)
+            await cache.detach(pools, "tank", "v")
+            return plain
+        finally:
+            close(pools)
+
+    plain = asyncio.run(prepare())
+    reboot(tmp_path)
+
+    async def restart() -> None:
+        pools = await recovered(tmp_path)
+        try:
+            assert named(pools, "tank-v") == plain, "re-made from the record of its own table"
+            await assert_agree(pools)
+        finally:
+            close(pools)
+
+    asyncio.run(restart())
