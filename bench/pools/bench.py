@@ -143,6 +143,26 @@ class Dmd:
             self.proc.wait(timeout=300)
 
 
+async def call(bus: MessageBus, path: str, interface: str, member: str, signature: str,
+               body: list[Any], fds: list[int] | None = None) -> list[Any]:
+    reply = await bus.call(Message(destination=BUS_NAME, path=path, interface=interface,
+                                   member=member, signature=signature, body=body,
+                                   unix_fds=fds or []))
+    for fd in fds or []:
+        os.close(fd)
+    assert reply is not None
+    if reply.message_type is MessageType.ERROR:
+        raise RuntimeError(f"{member}: {reply.error_name}: {reply.body}")
+    return list(reply.body)
+
+
+async def wait(bus: MessageBus, job: str) -> None:
+    assert await call(bus, job, JOB, "Wait", "d", [600.0]) == [True]
+    state = await call(bus, job, "org.freedesktop.DBus.Properties", "Get", "ss",
+                       [JOB, "State"])
+    assert state[0].value == "completed", state
+
+
 def wait_busctl(job: str) -> None:
     assert busctl("call", BUS_NAME, job, JOB, "Wait", "d", "300") == [True]
 

@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast import BusType, Variant
 from dbus_fast.aio import MessageBus
 
-from bench import BUS_NAME, DMD_LOG, JOB, MANAGER, POOL, ROOT, ROOT_PATH, Dmd, loop, run, settle
+from bench import DMD_LOG, MANAGER, POOL, ROOT, ROOT_PATH, Dmd, call, loop, run, settle, wait
 
 VOLUME = "org.example.DeviceMapper.Volume"
 VG = "dmdbenchcache"
@@ -69,23 +69,6 @@ def lvm_round(slow: str, fast: str) -> tuple[float, float]:
     detach = time.perf_counter() - start
     lvm("lvremove", "-q", "-y", f"{VG}/cpool")
     return attach, detach
-
-
-async def call(bus: MessageBus, path: str, interface: str, member: str, signature: str,
-               body: list[Any]) -> list[Any]:
-    reply = await bus.call(Message(destination=BUS_NAME, path=path, interface=interface,
-                                   member=member, signature=signature, body=body))
-    assert reply is not None
-    if reply.message_type is MessageType.ERROR:
-        raise RuntimeError(f"{member}: {reply.error_name}: {reply.body}")
-    return list(reply.body)
-
-
-async def wait(bus: MessageBus, job: str) -> None:
-    assert await call(bus, job, JOB, "Wait", "d", [600.0]) == [True]
-    (state,) = await call(bus, job, "org.freedesktop.DBus.Properties", "Get", "ss",
-                          [JOB, "State"])
-    assert state.value == "completed", state
 
 
 async def dmd_round(bus: MessageBus, volume: str, fast: str) -> tuple[float, float]:

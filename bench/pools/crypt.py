@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast import BusType, Variant
 from dbus_fast.aio import MessageBus
 
-from bench import BUS_NAME, DMD_LOG, JOB, MANAGER, POOL, ROOT, ROOT_PATH, Dmd, loop, run, settle
+from bench import DMD_LOG, MANAGER, POOL, ROOT, ROOT_PATH, Dmd, call, loop, run, settle, wait
 
 VOLUME = "org.example.DeviceMapper.Volume"
 KEY = b"benchmark key: correct horse battery staple"
@@ -47,26 +47,6 @@ def key_pipe() -> int:
     os.write(write_end, KEY)
     os.close(write_end)
     return read_end
-
-
-async def call(bus: MessageBus, path: str, interface: str, member: str, signature: str,
-               body: list[Any], fds: list[int] | None = None) -> list[Any]:
-    reply = await bus.call(Message(destination=BUS_NAME, path=path, interface=interface,
-                                   member=member, signature=signature, body=body,
-                                   unix_fds=fds or []))
-    for fd in fds or []:
-        os.close(fd)
-    assert reply is not None
-    if reply.message_type is MessageType.ERROR:
-        raise RuntimeError(f"{member}: {reply.error_name}: {reply.body}")
-    return list(reply.body)
-
-
-async def wait(bus: MessageBus, job: str) -> None:
-    assert await call(bus, job, JOB, "Wait", "d", [600.0]) == [True]
-    state = await call(bus, job, "org.freedesktop.DBus.Properties", "Get", "ss",
-                       [JOB, "State"])
-    assert state[0].value == "completed", state
 
 
 def cryptsetup_round(device: str, key_file: Path, name: str) -> tuple[float, float]:

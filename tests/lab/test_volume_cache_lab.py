@@ -50,6 +50,23 @@ def dirty(device: str) -> int:
     return status.total_blocks - status.free_blocks
 
 
+def write_until_dirty(path: str, image: bytearray, blocks: int) -> None:
+    """Rewrite the first *blocks* blocks (recorded in *image*) until the
+    cache holds some of them dirty, or 60 rounds have passed."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for round_ in range(60):
+            for index in range(blocks):
+                data = block(f"hot{round_}", index)
+                os.pwrite(fd, data, index * BLOCK)
+                image[index * BLOCK:(index + 1) * BLOCK] = data
+            os.fsync(fd)
+            if dirty(f"{POOL}-v") > 0:
+                break
+    finally:
+        os.close(fd)
+
+
 class Writer:
     """Rewrites blocks of the volume until stopped; knows what it last wrote."""
 
@@ -97,18 +114,7 @@ def test_detach_under_writes_loses_nothing(system_dmd: SystemDmd, disks: list[st
     assert dmsetup("table", f"{POOL}-v").split()[2] == \
         ("writecache" if mode == "writecache" else "cache")
     # Hot blocks: rewritten until the cache holds some of them dirty.
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        for round_ in range(60):
-            for index in range(0, 128):
-                data = block(f"hot{round_}", index)
-                os.pwrite(fd, data, index * BLOCK)
-                image[index * BLOCK:(index + 1) * BLOCK] = data
-            os.fsync(fd)
-            if dirty(f"{POOL}-v") > 0:
-                break
-    finally:
-        os.close(fd)
+    write_until_dirty(path, image, 128)
     before = dirty(f"{POOL}-v")
     assert before > 0, "the cache never held a dirty block: the test would prove nothing"
 
@@ -157,18 +163,7 @@ def test_kill_9_during_a_detach_loses_nothing(stopped_dmd: SystemDmd,
                             [disks[1], {"mode": Variant("s", "writeback")}])
     assert error is None
     wait(job)
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        for round_ in range(60):
-            for index in range(SIZE // BLOCK):
-                data = block(f"hot{round_}", index)
-                os.pwrite(fd, data, index * BLOCK)
-                image[index * BLOCK:(index + 1) * BLOCK] = data
-            os.fsync(fd)
-            if dirty(f"{POOL}-v") > 0:
-                break
-    finally:
-        os.close(fd)
+    write_until_dirty(path, image, SIZE // BLOCK)
     assert dirty(f"{POOL}-v") > 0
     error, (job,) = fd_call(volume, VOLUME_INTERFACE, "DetachCache", "a{sv}", [{}])
     assert error is None
