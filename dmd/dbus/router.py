@@ -107,6 +107,12 @@ class Router:
 
     # -- dispatch (runs inside dbus-fast's reader callback: must not block) --
     def handle(self, msg: Message) -> Message | bool | None:
+        # dbus-fast (5.2.0) starts a new descriptor list only after a message
+        # that had descriptors: a message without them shares its list with
+        # the next message, whose descriptors are added to it once read. This
+        # runs before the next message is read: the list held here is this
+        # message's alone, and the next one's descriptors go to the next.
+        msg.unix_fds = list(msg.unix_fds)
         answer = self._dispatch(msg)
         if answer is not True:
             _close(msg.unix_fds)  # only a running handler reads what a call sent
