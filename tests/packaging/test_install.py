@@ -29,8 +29,9 @@ def test_files_land_where_debian_looks(staged: Path) -> None:
         "usr/share/dbus-1/system.d/org.example.DeviceMapper.conf",
         "usr/share/dbus-1/system-services/org.example.DeviceMapper.service",
         "usr/share/polkit-1/actions/org.example.devicemapper.policy",
-        "usr/share/dbus-1/interfaces/org.example.DeviceMapper.Device.xml",
-        "usr/share/dbus-1/interfaces/org.example.DeviceMapper.Manager.xml",
+        *(f"usr/share/dbus-1/interfaces/{name}.xml" for name in (
+            names.MANAGER_INTERFACE, names.DEVICE_INTERFACE, names.POOL_INTERFACE,
+            names.VOLUME_INTERFACE, names.JOB_INTERFACE)),
         "etc/systemd/system/dmd.service",
         "usr/local/share/man/man8/dmd.8",
         "usr/local/share/man/man8/dmctl.8",
@@ -59,6 +60,18 @@ def test_unit_and_activation_name_the_bus_name(staged: Path) -> None:
     assert f"Name={names.BUS_NAME}" in activation
     assert "SystemdService=dbus-org.example.DeviceMapper.service" in activation
     assert "Alias=dbus-org.example.DeviceMapper.service" in unit
+
+
+def test_unit_is_hardened_as_its_comments_say(staged: Path) -> None:
+    lines = set((staged / "etc/systemd/system/dmd.service").read_text().splitlines())
+    assert {"LimitCORE=0", "ProtectKernelTunables=yes", "DevicePolicy=closed",
+            "DeviceAllow=/dev/mapper/control rw", "NoNewPrivileges=yes"} <= lines
+    assert any(line.startswith("TasksMax=") for line in lines)
+    assert any(line.startswith("MemoryMax=") for line in lines)
+    # /run/udev is only read: no write access to all of /run.
+    writable = {path.lstrip("-") for line in lines if line.startswith("ReadWritePaths=")
+                for path in line.removeprefix("ReadWritePaths=").split()}
+    assert writable == {"/run/cryptsetup"}
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
