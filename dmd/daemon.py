@@ -37,6 +37,7 @@ from dmd.dbus.names import BUS_NAME, ROOT_PATH
 from dmd.dbus.polkit import PolkitAuthorizer
 from dmd.dbus.publish import publish
 from dmd.engine.interface import Engine
+from dmd.service.device_names import PoolPart, parts
 from dmd.service.encryption import KEY_POLL_SECONDS, KeyWaiter
 from dmd.service.inventory import DeviceView, Inventory
 from dmd.service.kernel import KernelWorkers
@@ -319,8 +320,9 @@ class Daemon:
 
         def pool_event(view: DeviceView, _: object) -> None:
             # A thin pool's event: its low water mark, or out of space.
-            if view.name.endswith("-tpool"):
-                space.request(view.name.removesuffix("-tpool"))
+            split = parts(view.name)
+            if len(split) == 2 and split[1] == PoolPart.TPOOL:
+                space.request(split[0])
 
         reconciler.on_dm_event(pool_event)
 

@@ -465,7 +465,9 @@ async def run_verb(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    command_line = parser()
+    args = command_line.parse_args(volumes.split_volume_argument(
+        sys.argv[1:] if argv is None else list(argv)))
     try:
         asyncio.run(run_verb(args))
     except Failure as exc:

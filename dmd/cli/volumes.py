@@ -320,6 +320,21 @@ async def cmd_cache_detach(c: Client, a: argparse.Namespace) -> None:
 
 
 Verb = Callable[["Client", argparse.Namespace], Coroutine[Any, Any, None]]
+# The verbs that name a volume as POOL VOLUME: they take POOL/VOLUME too.
+VOLUME_VERBS: set[str] = set()
+
+
+def split_volume_argument(argv: list[str]) -> list[str]:
+    """*argv* with a volume verb's POOL/VOLUME (as ``dmctl vols`` prints a
+    volume) made POOL VOLUME; anything else as it is."""
+    verb = next((i for i, arg in enumerate(argv) if arg in VOLUME_VERBS), None)
+    if verb is None:
+        return argv
+    first = next((i for i in range(verb + 1, len(argv)) if not argv[i].startswith("-")), None)
+    if first is None or "/" not in argv[first]:
+        return argv
+    pool, _, volume = argv[first].partition("/")
+    return [*argv[:first], pool, volume, *argv[first + 1:]]
 
 
 def register(verb: Callable[[str, Verb, str], argparse.ArgumentParser]) -> None:
@@ -329,7 +344,9 @@ def register(verb: Callable[[str, Verb, str], argparse.ArgumentParser]) -> None:
         return sp
 
     def volume_only(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("pool", metavar="POOL", help="the pool's name")
+        VOLUME_VERBS.add(sp.prog.rsplit(" ", 1)[-1])
+        sp.add_argument("pool", metavar="POOL", help="the pool's name (or POOL/VOLUME, as "
+                        "dmctl vols prints a volume, for both)")
         sp.add_argument("volume", metavar="VOLUME", help="the volume's name")
         return sp
 
@@ -338,7 +355,7 @@ def register(verb: Callable[[str, Verb, str], argparse.ArgumentParser]) -> None:
 
     sp = no_wait(verb("pool-create", cmd_pool_create,
                       "lay a thin pool over whole devices (their data is overwritten)"))
-    sp.add_argument("name", metavar="NAME", help="the pool's name (letters, digits, _ . +)")
+    sp.add_argument("name", metavar="NAME", help="the pool's name (letters, digits, _ . + -)")
     sp.add_argument("devices", nargs="+", metavar="DEVICE", help="block devices to use")
     sp.add_argument("-f", "--force", action="store_true",
                     help="overwrite a device that carries a signature (filesystem, LVM, ...)")

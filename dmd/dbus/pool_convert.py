@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from dmd.dbus.names import NO_OBJECT, device_path, pool_path, volume_path
+from dmd.service.device_names import cleartext_device, volume_device
 from dmd.service.jobs import Job
 from dmd.service.pool_space import what_to_do
 from dmd.service.pools import PoolState
@@ -73,14 +74,14 @@ def volume_properties(volume: VolumeRecord, pool_uuid: str, state: str, used_byt
         "UsedBytes": used_bytes, "State": state, "Owner": volume.owner_uid,
         "Labels": dict(volume.labels),
         "Device": device_path(device_minor) if device_minor is not None else NO_OBJECT,
-        "DevicePath": f"/dev/mapper/{volume.pool}-{volume.name}"
+        "DevicePath": f"/dev/mapper/{volume_device(volume.pool, volume.name)}"
         if device_minor is not None else "",
         "Encryption": encryption.kind if encryption is not None else "",
         "Locked": locked, "LockedReason": reason,
         "KeyDescription": (encryption.key_description or "") if encryption is not None else "",
         "CleartextDevice": device_path(cleartext_minor) if cleartext_minor is not None
         else NO_OBJECT,
-        "CleartextPath": f"/dev/mapper/{volume.pool}-{volume.name}-crypt"
+        "CleartextPath": f"/dev/mapper/{cleartext_device(volume.pool, volume.name)}"
         if cleartext_minor is not None else "",
         "Thin": volume.thick is None,
         "Stripes": volume.thick.stripes if volume.thick is not None else 1,

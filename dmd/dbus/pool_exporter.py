@@ -24,13 +24,13 @@ from dmd.engine.interface import Engine
 from dmd.engine.targets import parse_status
 from dmd.engine.targets.thin import ThinStatus
 from dmd.service.cache import corig
+from dmd.service.device_names import claim_prefix, cleartext_device, in_pool, volume_device
 from dmd.service.events import ChangeKind
 from dmd.service.inventory import DeviceView, Inventory
 from dmd.service.jobs import Job, JobEvent
 from dmd.service.pool_space import Space
 from dmd.service.pools import PoolService, PoolState
 from dmd.service.reconcile import Coalesced
-from dmd.service.volume_names import cleartext_device, volume_device
 from dmd.state import PoolRecord, VolumeRecord
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,8 @@ class PoolExporter:
         self.bus, self.pools, self.inventory = bus, pools, inventory
         self.objects: dict[str, CachedObject] = {}
         self._pool_of_path: dict[str, str] = {}  # pool object path -> pool name
-        self._volume_of_path: dict[str, tuple[str, str]] = {}  # -> (pool, volume)
+        # -> (pool, volume, its UUID: what the object stands for)
+        self._volume_of_path: dict[str, tuple[str, str, str]] = {}
         self._paths_of_pool: dict[str, set[str]] = {}
         self._job_results: dict[int, str] = {}
         self._timer: asyncio.Task[None] | None = None
@@ -89,7 +90,7 @@ class PoolExporter:
     def pool_at(self, path: str) -> str | None:
         return self._pool_of_path.get(path)
 
-    def volume_at(self, path: str) -> tuple[str, str] | None:
+    def volume_at(self, path: str) -> tuple[str, str, str] | None:
         return self._volume_of_path.get(path)
 
     @staticmethod
@@ -154,7 +155,8 @@ class PoolExporter:
         # The thin device's mapped blocks: a cached volume's is under its cache.
         active = [_thin_device(v) for v, state in volumes.values()
                   if state != "inactive" and v.thick is None]
-        for gone in [d for d in self._used if d.startswith(f"{pool.name}-") and d not in active]:
+        prefix = claim_prefix(pool.name)
+        for gone in [d for d in self._used if in_pool(d, prefix) and d not in active]:
             del self._used[gone]
         touched = self._touched.pop(pool.name, set())
         unread = [d for d in active if usage or d not in self._used or d in touched]
@@ -187,7 +189,7 @@ class PoolExporter:
             self._put(path, VolumeInterface, volume_properties(
                 volume, pool.uuid, state, used_bytes, minor, known, cleartext_minor, waiting))
             self._shown[path] = inputs
-            self._volume_of_path[path] = (pool.name, volume.name)
+            self._volume_of_path[path] = (pool.name, volume.name, volume.uuid)
         return paths
 
     def _put(self, path: str, cls: type[CachedObject], values: dict[str, Any]) -> None:

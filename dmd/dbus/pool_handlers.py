@@ -137,100 +137,105 @@ class PoolHandlers:
 
 
 class VolumeHandlers:
-    """The Volume interface; (*pool*, *volume*) come from its object."""
+    """The Volume interface; (*pool*, *volume*, *uuid*) come from its object:
+    the service acts only if the volume of that name is still the object's."""
 
     def __init__(self, pools: PoolService) -> None:
         self.pools = pools
 
-    async def Snapshot(self, caller: Caller, pool: str, volume: str, name: str,
+    async def Snapshot(self, caller: Caller, pool: str, volume: str, uuid: str, name: str,
                        options: dict[str, Any]) -> list[str]:
         opts = options_in("Snapshot", options)
         job, snap = await self.pools.as_job("volume-snapshot", caller, lambda accept:
             self.pools.snapshot(pool, volume, check_string(name, "name"),
                                 activate=opts.get("activate", True), labels=opts.get("labels"),
-                                caller=caller, accept=accept))
+                                uuid=uuid, caller=caller, accept=accept))
         return [volume_path(snap.uuid), job_path(job.id)]
 
-    async def Resize(self, caller: Caller, pool: str, volume: str, size: int,
+    async def Resize(self, caller: Caller, pool: str, volume: str, uuid: str, size: int,
                      options: dict[str, Any]) -> str:
         opts = options_in("Resize", options)
         job, _ = await self.pools.as_job("volume-resize", caller, lambda accept:
             self.pools.resize_volume(pool, volume, _size(size, "size"),
-                                     shrink=opts.get("shrink", False), caller=caller,
+                                     shrink=opts.get("shrink", False), uuid=uuid, caller=caller,
                                      accept=accept))
         return job_path(job.id)
 
-    async def Delete(self, caller: Caller, pool: str, volume: str,
+    async def Delete(self, caller: Caller, pool: str, volume: str, uuid: str,
                      options: dict[str, Any]) -> str:
         options_in("Delete", options)
         job, _ = await self.pools.as_job("volume-delete", caller, lambda accept:
-            self.pools.delete_volume(pool, volume, caller=caller, accept=accept))
+            self.pools.delete_volume(pool, volume, uuid=uuid, caller=caller, accept=accept))
         return job_path(job.id)
 
-    async def Activate(self, caller: Caller, pool: str, volume: str,
+    async def Activate(self, caller: Caller, pool: str, volume: str, uuid: str,
                        options: dict[str, Any]) -> str:
         options_in("Activate", options)
         job, _ = await self.pools.as_job("volume-activate", caller, lambda accept:
-            self.pools.set_active(pool, volume, True, caller=caller, accept=accept))
+            self.pools.set_active(pool, volume, True, uuid=uuid, caller=caller, accept=accept))
         return job_path(job.id)
 
-    async def Deactivate(self, caller: Caller, pool: str, volume: str,
+    async def Deactivate(self, caller: Caller, pool: str, volume: str, uuid: str,
                          options: dict[str, Any]) -> str:
         options_in("Deactivate", options)
         job, _ = await self.pools.as_job("volume-deactivate", caller, lambda accept:
-            self.pools.set_active(pool, volume, False, caller=caller, accept=accept))
+            self.pools.set_active(pool, volume, False, uuid=uuid, caller=caller, accept=accept))
         return job_path(job.id)
 
-    async def OpenDevice(self, caller: Caller, pool: str, volume: str, mode: str,
+    async def OpenDevice(self, caller: Caller, pool: str, volume: str, uuid: str, mode: str,
                          options: dict[str, Any]) -> int:
         opts = options_in("OpenDevice", options)
         return await open_volume(self.pools, pool, volume, check_string(mode, "mode"),
-                                 exclusive=opts.get("exclusive", False), caller=caller)
+                                 exclusive=opts.get("exclusive", False), uuid=uuid,
+                                 caller=caller)
 
 
-    async def _authorized(self, caller: Caller, pool: str, volume: str) -> None:
-        owner = (await self.pools.volume(pool, volume)).owner_uid
+    async def _authorized(self, caller: Caller, pool: str, volume: str, uuid: str) -> None:
+        owner = (await self.pools.volume(pool, volume, uuid)).owner_uid
         await self.pools.check_authorized(caller, Action.VOLUME, f"{pool}/{volume}", owner)
 
-    async def Unlock(self, caller: Caller, pool: str, volume: str,
+    async def Unlock(self, caller: Caller, pool: str, volume: str, uuid: str,
                      options: dict[str, Any]) -> None:
         opts = options_in("Unlock", options)
-        await self._authorized(caller, pool, volume)
+        await self._authorized(caller, pool, volume, uuid)
         key = await read_key(opts["key"]) if "key" in opts else None
-        await unlock(self.pools, pool, volume, key, caller=caller)
+        await unlock(self.pools, pool, volume, key, uuid=uuid, caller=caller)
 
-    async def Lock(self, caller: Caller, pool: str, volume: str,
+    async def Lock(self, caller: Caller, pool: str, volume: str, uuid: str,
                    options: dict[str, Any]) -> None:
         options_in("Lock", options)
-        await lock(self.pools, pool, volume, caller=caller)
+        await lock(self.pools, pool, volume, uuid=uuid, caller=caller)
 
-    async def ChangeKey(self, caller: Caller, pool: str, volume: str,
+    async def ChangeKey(self, caller: Caller, pool: str, volume: str, uuid: str,
                         options: dict[str, Any]) -> None:
         opts = options_in("ChangeKey", options)
         kdf = _kdf(opts)
         if "key" not in opts:
             raise errors.InvalidArgument("ChangeKey needs a key that opens the volume (key)")
-        await self._authorized(caller, pool, volume)
+        await self._authorized(caller, pool, volume, uuid)
         key = await read_key(opts["key"])
         new_key = await read_key(opts["new-key"], "new-key") if "new-key" in opts else None
         await change_key(self.pools, pool, volume, key, new_key,
-                         remove=opts.get("remove", False), kdf=kdf, caller=caller)
+                         remove=opts.get("remove", False), kdf=kdf, uuid=uuid,
+                         caller=caller)
 
 
-    async def AttachCache(self, caller: Caller, pool: str, volume: str, device: str,
+    async def AttachCache(self, caller: Caller, pool: str, volume: str, uuid: str, device: str,
                           options: dict[str, Any]) -> str:
         opts = options_in("AttachCache", options)
         job, _ = await self.pools.as_job("volume-cache-attach", caller, lambda accept:
             cache.attach(self.pools, pool, volume, check_string(device, "device"),
                          mode=opts.get("mode", "writeback"), block_size=opts.get("block-size"),
-                         force=opts.get("force", False), caller=caller, accept=accept))
+                         force=opts.get("force", False), uuid=uuid, caller=caller,
+                         accept=accept))
         return job_path(job.id)
 
-    async def DetachCache(self, caller: Caller, pool: str, volume: str,
+    async def DetachCache(self, caller: Caller, pool: str, volume: str, uuid: str,
                           options: dict[str, Any]) -> str:
         options_in("DetachCache", options)
         job, _ = await self.pools.as_job("volume-cache-detach", caller, lambda accept:
-            cache.detach(self.pools, pool, volume, caller=caller, accept=accept))
+            cache.detach(self.pools, pool, volume, uuid=uuid, caller=caller,
+                         accept=accept))
         return job_path(job.id)
 
 

@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass
 
 BLKGETSIZE64 = 0x80081272
+BLKZEROOUT = 0x127F  # _IO(0x12, 127), linux/fs.h: zero a byte range of a block device
 
 # (offset, magic, name): enough of libblkid's table for what a pool must not
 # overwrite. The pool's own header is first, so a device of another dmd pool
@@ -129,9 +130,16 @@ def write(path: str, offset: int, data: bytes) -> None:
 
 
 def wipe(path: str, offset: int, length: int) -> None:
-    """Write zeros over *length* bytes of *path* from *offset*, durably."""
+    """Write zeros over *length* bytes of *path* from *offset*, durably: by
+    BLKZEROOUT where the range is in whole sectors (the device's own
+    write-zeroes, or the kernel's writes; gigabytes of a thick volume's
+    new space), else by writes."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
+        if offset % 512 == 0 and length % 512 == 0 and stat.S_ISBLK(os.fstat(fd).st_mode):
+            if length:
+                fcntl.ioctl(fd, BLKZEROOUT, struct.pack("=QQ", offset, length))
+            return
         zeros = bytes(min(length, 1 << 20))
         done = 0
         while done < length:

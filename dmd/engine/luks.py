@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 MIN_KEY_BYTES = 8
+HEADER_BYTES = 16 << 20  # LUKS2's default metadata and keyslots area: data starts after it
 MAX_KEY_BYTES = 8192
 KEYSLOTS = 32  # LUKS2's
 TIMEOUT = 600.0  # seconds: argon2 with a large memory cost on a slow machine

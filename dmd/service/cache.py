@@ -41,9 +41,9 @@ from dmd.engine.targets.cache import CacheParams, CacheStatus
 from dmd.engine.targets.writecache import WritecacheParams, WritecacheStatus
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
+from dmd.service.device_names import VolumePart, volume_device, volume_part
 from dmd.service.jobs import cancel_point, progress
 from dmd.service.journal import Journal, PoolArgs, intent
-from dmd.service.volume_names import volume_device
 from dmd.state import Cache, VolumeRecord
 
 if TYPE_CHECKING:
@@ -81,15 +81,15 @@ class DetachStep(enum.IntEnum):
 
 
 def corig(pool: str, volume: str) -> str:
-    return f"{volume_device(pool, volume)}-corig"
+    return volume_part(pool, volume, VolumePart.CORIG)
 
 
 def cmeta(pool: str, volume: str) -> str:
-    return f"{volume_device(pool, volume)}-cmeta"
+    return volume_part(pool, volume, VolumePart.CMETA)
 
 
 def cdata(pool: str, volume: str) -> str:
-    return f"{volume_device(pool, volume)}-cdata"
+    return volume_part(pool, volume, VolumePart.CDATA)
 
 
 def metadata_sectors_for(data_sectors: int, block_sectors: int) -> int:
@@ -181,13 +181,13 @@ async def _source(pools: PoolService, source: str, force: bool, caller: Caller
 
 async def attach(pools: PoolService, pool: str, name: str, source: str, *,
                  mode: str = "writeback", block_size: int | None = None,
-                 force: bool = False, caller: Caller = ROOT,
+                 force: bool = False, uuid: str | None = None, caller: Caller = ROOT,
                  accept: Accept | None = None) -> VolumeRecord:
     kind, io_mode, block = check_mode(mode, block_size)
     # One attach at a time: two on different pools could both find the same
     # device free before either holds it.
     async with pools.locks.hold(SOURCES_LOCK), pools.changing(pool):
-        volume = await pools.volume(pool, name)
+        volume = await pools.volume(pool, name, uuid)
         await pools.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
         if volume.cache is not None:
             raise errors.AlreadyExists(f"volume {pool}/{name} has a cache: DetachCache first")
@@ -302,10 +302,10 @@ async def activate_cached(pools: PoolService, volume: VolumeRecord) -> None:
                                uuid=pools.device_uuid(volume), persistent=True, claim=claim)
 
 
-async def detach(pools: PoolService, pool: str, name: str, *, caller: Caller = ROOT,
-                 accept: Accept | None = None) -> VolumeRecord:
+async def detach(pools: PoolService, pool: str, name: str, *, uuid: str | None = None,
+                 caller: Caller = ROOT, accept: Accept | None = None) -> VolumeRecord:
     async with pools.changing(pool):
-        volume = await pools.volume(pool, name)
+        volume = await pools.volume(pool, name, uuid)
         await pools.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
         if volume.cache is None:
             raise errors.InvalidArgument(f"volume {pool}/{name} has no cache")

@@ -32,8 +32,8 @@ from dmd.engine.interface import Engine
 from dmd.engine.luks import KdfSettings, Pbkdf
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
+from dmd.service.device_names import cleartext_device, volume_device
 from dmd.service.secrets import keyring_key, wipe, wiped
-from dmd.service.volume_names import cleartext_device, volume_device
 from dmd.state import Encryption, VolumeRecord
 
 if TYPE_CHECKING:
@@ -163,9 +163,9 @@ async def cleartext_present(pools: PoolService, pool: str, name: str) -> bool:
 
 
 # -- methods ------------------------------------------------------------------------
-async def _subject(pools: PoolService, pool: str, name: str, caller: Caller
-                   ) -> tuple[VolumeRecord, Encryption]:
-    volume = await pools.volume(pool, name)
+async def _subject(pools: PoolService, pool: str, name: str, caller: Caller,
+                   uuid: str | None) -> tuple[VolumeRecord, Encryption]:
+    volume = await pools.volume(pool, name, uuid)
     await pools.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
     if volume.encryption is None:
         raise errors.InvalidArgument(f"volume {pool}/{name} is not encrypted")
@@ -173,13 +173,14 @@ async def _subject(pools: PoolService, pool: str, name: str, caller: Caller
 
 
 async def unlock(pools: PoolService, pool: str, name: str, key: bytearray | None, *,
-                 caller: Caller = ROOT, only_if_waiting: bool = False) -> None:
+                 uuid: str | None = None, caller: Caller = ROOT,
+                 only_if_waiting: bool = False) -> None:
     """Open the volume with *key*, or with its keyring key if None. Already
     open: nothing to do (the key is not checked). *only_if_waiting*: only
     if it still waits to be opened (a Lock meanwhile wins)."""
     with wiped(key):
         async with pools.changing(pool):
-            volume, encryption = await _subject(pools, pool, name, caller)
+            volume, encryption = await _subject(pools, pool, name, caller, uuid)
             if only_if_waiting and (volume.uuid not in pools.waiting
                                     or not encryption.unlocked):
                 return
@@ -198,11 +199,12 @@ async def unlock(pools: PoolService, pool: str, name: str, key: bytearray | None
                 await _record(pools, volume, replace(encryption, unlocked=True))
 
 
-async def lock(pools: PoolService, pool: str, name: str, *, caller: Caller = ROOT) -> None:
+async def lock(pools: PoolService, pool: str, name: str, *, uuid: str | None = None,
+               caller: Caller = ROOT) -> None:
     """Remove the cleartext device (Busy while it is mounted or open): the
     key leaves the kernel. The volume stays locked across restarts."""
     async with pools.changing(pool):
-        volume, encryption = await _subject(pools, pool, name, caller)
+        volume, encryption = await _subject(pools, pool, name, caller, uuid)
         if encryption.unlocked:
             # Recorded first: a crash before the removal is finished at start.
             volume = await _record(pools, volume, replace(encryption, unlocked=False))
@@ -217,7 +219,8 @@ async def lock(pools: PoolService, pool: str, name: str, *, caller: Caller = ROO
 
 async def change_key(pools: PoolService, pool: str, name: str, key: bytearray,
                      new_key: bytearray | None, *, remove: bool = False,
-                     kdf: KdfSettings | None = None, caller: Caller = ROOT) -> None:
+                     kdf: KdfSettings | None = None, uuid: str | None = None,
+                     caller: Caller = ROOT) -> None:
     """Add a keyslot for *new_key*, authorized by *key*; or, with *remove*,
     remove the keyslot *key* opens (never the last one)."""
     with wiped(key, new_key):
@@ -225,11 +228,11 @@ async def change_key(pools: PoolService, pool: str, name: str, key: bytearray,
             raise errors.InvalidArgument("ChangeKey adds a key (new-key) or removes one "
                                          "(remove), one of the two")
         async with pools.changing(pool):
-            volume, _ = await _subject(pools, pool, name, caller)
+            volume, _ = await _subject(pools, pool, name, caller, uuid)
             if not volume.active:
                 raise errors.NotActive(f"volume {pool}/{name} is not active: Activate it "
                                        "first")
-            fd = await pools.kernel(Engine.open_node, volume_device(pool, name), os.O_RDWR)
+            fd = await pools.open_node(volume, os.O_RDWR)
             try:
                 await asyncio.to_thread(_change_key, fd, key, new_key, kdf or KdfSettings())
             except luks.WrongKey:

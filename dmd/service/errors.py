@@ -110,3 +110,10 @@ def from_engine(exc: BaseException, device: str, operation: str) -> ServiceError
 
 class ShuttingDown(ServiceError):
     name = "ShuttingDown"
+
+
+class LimitExceeded(ServiceError):
+    """A bound dmd keeps (a pool's description, a caller's calls or jobs in
+    flight) would be passed: the message names it."""
+
+    name = "LimitExceeded"

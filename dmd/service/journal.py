@@ -90,9 +90,9 @@ class SnapshotStep(enum.IntEnum):
 
 
 class ThickResizeStep(enum.IntEnum):
-    RECORD = 1  # the grown segments are recorded (reserved) next
-    RELOAD = 2  # the device takes them next: recovery reloads the recorded table
-    ZERO = 3  # what they held before is zeroed next (recovery does it again)
+    ZERO = 1  # the new segments are zeroed on the pool's devices next
+    RECORD = 2  # the grown segments are recorded (reserved) next
+    RELOAD = 3  # the device takes them next: recovery reloads the recorded table
 
 
 class VolumeDeleteStep(enum.IntEnum):
@@ -100,6 +100,22 @@ class VolumeDeleteStep(enum.IntEnum):
     MESSAGE = 2  # delete next: from here on the delete rolls forward
     TRANSACTION = 3
     RECORD = 4
+
+
+class VolumeActivateStep(enum.IntEnum):
+    """Activate and Deactivate: recovery makes the record follow the device
+    (there: active; gone: inactive), whichever step was marked."""
+
+    DEVICE = 1  # the volume's device is made (or its cleartext and it removed) next
+    RECORD = 2  # the record says so next
+
+
+class VolumeResizeStep(enum.IntEnum):
+    """A thin volume's Resize: recovery records the size its device has (an
+    inactive volume's: the old one unless the record was written)."""
+
+    RELOAD = 1  # the device is reloaded at the new size next
+    RECORD = 2  # the record takes the new size next
 
 
 class PoolGrowStep(enum.IntEnum):

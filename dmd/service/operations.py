@@ -36,6 +36,7 @@ from dmd.engine import InvalidArgument as EngineInvalidArgument
 from dmd.engine.interface import Engine
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Authorizer, Caller, RootOnly
+from dmd.service.device_names import in_pool
 from dmd.service.events import ChangeEvent, ChangeKind, EventBus
 from dmd.service.journal import (
     CreateArgs,
@@ -59,6 +60,7 @@ T = TypeVar("T")
 
 MAX_LABELS = 64
 MAX_LABEL_BYTES = 1024
+MAX_LABELS_BYTES = 16 << 10  # all of an object's labels, keys and values, in UTF-8
 
 
 def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
@@ -66,12 +68,26 @@ def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
         raise errors.InvalidArgument("labels must be a string-to-string map")
     if len(labels) > MAX_LABELS:
         raise errors.InvalidArgument(f"at most {MAX_LABELS} labels")
+    total = 0
     for key, value in labels.items():
         if not isinstance(key, str) or not isinstance(value, str) or not key:
             raise errors.InvalidArgument("labels must map non-empty strings to strings")
-        if len(key.encode()) + len(value.encode()) > MAX_LABEL_BYTES:
+        if not _printable(key) or not _printable(value):
+            # Control characters cost six bytes each in a pool's description
+            # and turn up in logs and terminals.
+            raise errors.InvalidArgument(f"label {key!r}: no control characters")
+        size = len(key.encode()) + len(value.encode())
+        if size > MAX_LABEL_BYTES:
             raise errors.InvalidArgument(f"label {key!r} is longer than {MAX_LABEL_BYTES} bytes")
+        total += size
+    if total > MAX_LABELS_BYTES:
+        raise errors.InvalidArgument(f"labels take {total} bytes; at most {MAX_LABELS_BYTES}")
     return dict(labels)
+
+
+def _printable(text: str) -> bool:
+    return not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or 0xD800 <= ord(c) < 0xE000
+                   for c in text)
 
 
 def validated(call: Callable[[], T]) -> T:
@@ -107,12 +123,12 @@ class DeviceService:
 
     def check_claim(self, name: str, claim: str | None) -> None:
         for prefix, owner in self.claims.items():
-            if name.startswith(prefix) and claim != owner:
+            if in_pool(name, prefix) and claim != owner:
                 raise errors.Busy(f"{name!r} belongs to {owner}: change it through the "
                                   "pool's or the volume's object")
 
     def claimed(self, name: str) -> bool:
-        return any(name.startswith(prefix) for prefix in self.claims)
+        return any(in_pool(name, prefix) for prefix in self.claims)
 
     async def authorize(self, caller: Caller, action: Action, device: str) -> None:
         """Ask first, before any validation that could leak what exists.

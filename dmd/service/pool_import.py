@@ -19,9 +19,17 @@ from dataclasses import replace
 from dmd.engine.interface import Engine
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
+from dmd.service.device_names import (
+    PoolName,
+    PoolPart,
+    VolumeName,
+    pool_device,
+    pool_devices,
+    tpool,
+)
 from dmd.service.encryption import settle_at_start
 from dmd.service.journal import PoolArgs, PoolImportStep, intent
-from dmd.service.pools import Accept, PoolService, _ignore, tpool
+from dmd.service.pools import Accept, PoolService, _ignore
 from dmd.state import PoolRecord
 from dmd.state.pool_description import Description
 
@@ -33,6 +41,12 @@ async def import_pool(pools: PoolService, paths: list[str], *, caller: Caller = 
     await pools.devices.authorize(caller, Action.POOL, "import")
     if not isinstance(paths, list) or not paths or len(set(paths)) != len(paths):
         raise errors.InvalidArgument("an import needs one or more distinct devices")
+    # A pool dmd has already is AlreadyExists, what a client can act on,
+    # before the check that its devices are free (they are: by that pool).
+    for known in await pools.store.list_pools():
+        if set(paths) <= set(known.layout.devices):
+            raise errors.AlreadyExists(f"{', '.join(paths)}: devices of pool "
+                                       f"{known.name!r}, which dmd has already")
     await pools.free_devices(paths)
     description, record = await _read(pools, paths)
     name = record.name
@@ -41,9 +55,9 @@ async def import_pool(pools: PoolService, paths: list[str], *, caller: Caller = 
     if any(p.uuid == record.uuid for p in await pools.store.list_pools()):
         raise errors.AlreadyExists(f"pool {record.uuid} is recorded already")
     present = {d.name for d in await pools.kernel(Engine.list_devices)}
-    for suffix in ("tmeta", "tdata", "tpool"):
-        if f"{name}-{suffix}" in present:
-            raise errors.AlreadyExists(f"a device named {name}-{suffix} exists")
+    for device in pool_devices(name):
+        if device in present:
+            raise errors.AlreadyExists(f"a device named {device} exists")
     async with pools.changing(name):
         pools._claim(name)
         try:
@@ -84,6 +98,11 @@ async def _read(pools: PoolService, paths: list[str]) -> tuple[Description, Pool
             raise errors.Corrupt("no copy of the pool's description on these devices is "
                                  "whole; nothing was written to them")
         raise errors.InvalidArgument("the devices carry no pool description")
+    # A description is what a disk says: its names are checked as a
+    # caller's are (a crafted disk must not name a volume "tdata").
+    PoolName(description.pool.name)
+    for volume in description.volumes:
+        VolumeName(volume.name, description.pool.name)
     layout = description.pool.layout
     missing = [f"device {i} (last seen as {layout.devices[i]})"
                for i, uid in enumerate(layout.ids) if uid not in by_id]
@@ -114,10 +133,10 @@ async def _activate(pools: PoolService, record: PoolRecord, description: Descrip
         pools.pending_pools[name] = (record, "importing")
         await pools._accepted(name, record, accept)
         await journal.mark(PoolImportStep.DEVICES)
-        await pools.devices.create(f"{name}-tmeta", _linear(plan, plan.metadata),
+        await pools.devices.create(pool_device(name, PoolPart.TMETA), _linear(plan, plan.metadata),
                                    uuid=f"DMD-POOL-{record.uuid}-tmeta", persistent=True,
                                    claim=claim)
-        await pools.devices.create(f"{name}-tdata", _linear(plan, plan.data),
+        await pools.devices.create(pool_device(name, PoolPart.TDATA), _linear(plan, plan.data),
                                    uuid=f"DMD-POOL-{record.uuid}-tdata", persistent=True,
                                    claim=claim)
         await journal.mark(PoolImportStep.POOL)

@@ -26,16 +26,15 @@ from dmd.engine import DmError, DmFlags
 from dmd.engine.interface import Engine
 from dmd.service import errors
 from dmd.service.cache import recover as cache_recover
+from dmd.service.device_names import tpool, volume_device
 from dmd.service.encryption import settle_at_start
 from dmd.service.journal import PoolArgs, PoolExtendStep, PoolGrowStep, VolumeCreateStep
 from dmd.service.pools import (
     POOL_OPERATIONS,
     PoolService,
-    tpool,
     volume_from_json,
 )
 from dmd.service.recovery import RecoveryReport
-from dmd.service.volume_names import volume_device
 from dmd.state import IntentRecord, PoolLayout, PoolRecord
 
 log = logging.getLogger(__name__)
@@ -195,11 +194,14 @@ async def _settle(pools: PoolService, intent: IntentRecord) -> str | None:
         now = {v.uuid: v for v in await pools.store.list_volumes(pool)}.get(volume.uuid)
         device = volume_device(pool, volume.name)
         if now is not None and now.active and await pools.store.get_device(device) is not None:
+            # (The new segments were zeroed before they were recorded.)
             await pools.devices.reload(device, await pools.volume_table(now),
                                        claim=pools.owner(pool))
-            if now.size_bytes > args.old_size > 0:
-                await pools._zero(now, args.old_size)  # what the grown part held before
         return "done"
+    if intent.operation in ("volume-activate", "volume-deactivate"):
+        return await pools.match_device(volume)
+    if intent.operation == "volume-resize":
+        return await pools.match_size(volume)
     if intent.operation == "volume-snapshot":
         volumes = {v.uuid: v for v in await pools.store.list_volumes(pool)}
         origin = volumes.get(args.origin_uuid or "")

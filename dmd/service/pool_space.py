@@ -31,6 +31,8 @@ from dmd.engine.interface import Engine
 from dmd.engine.targets.thin import MAX_METADATA_SECTORS
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
+from dmd.service.device_names import PoolPart, pool_device
+from dmd.service.device_names import tpool as tpool_name
 from dmd.service.journal import PoolArgs, PoolExtendStep, intent
 from dmd.service.pool_room import carve, room_sectors
 from dmd.service.pools import (
@@ -43,7 +45,6 @@ from dmd.service.pools import (
     metadata_growth,
 )
 from dmd.service.pools import metadata_low as metadata_short
-from dmd.service.pools import tpool as tpool_name
 from dmd.state import PoolLayout, PoolRecord, Segment
 
 log = logging.getLogger(__name__)
@@ -105,10 +106,10 @@ async def extend_pool(pools: PoolService, pool: str, data_bytes: int = 0,
             await pools._accepted(pool, grown, accept)
             await journal.mark(PoolExtendStep.DEVICES)
             if grown_layout.data != record.layout.data:
-                await pools.devices.reload(f"{pool}-tdata",
+                await pools.devices.reload(pool_device(pool, PoolPart.TDATA),
                                            _linear(grown_layout, grown_layout.data), claim=claim)
             if grown_layout.metadata != record.layout.metadata:
-                await pools.devices.reload(f"{pool}-tmeta",
+                await pools.devices.reload(pool_device(pool, PoolPart.TMETA),
                                            _linear(grown_layout, grown_layout.metadata),
                                            claim=claim)
             await journal.mark(PoolExtendStep.POOL)

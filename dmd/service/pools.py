@@ -28,13 +28,12 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from dmd.engine import DmError, NotABlockDevice, TargetLine
+from dmd.engine import DevId, DmError, DmFlags, NotABlockDevice, TargetLine, luks
 from dmd.engine.blockdev import BlockDevice
 from dmd.engine.interface import Engine
 from dmd.engine.targets import parse_status
@@ -56,6 +55,21 @@ from dmd.service import cache as cached
 from dmd.service import encryption as crypt
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
+from dmd.service.device_names import (
+    PoolName,
+    PoolPart,
+    VolumeName,
+    VolumePart,
+    claim_prefix,
+    cleartext_device,
+    cleartext_uuid,
+    in_pool,
+    parts,
+    pool_device,
+    pool_devices,
+    tpool,
+    volume_device,
+)
 from dmd.service.encryption import EncryptionRequest
 from dmd.service.filesystems import check_filesystem, make_filesystem
 from dmd.service.jobs import Job, Jobs, cancel_point, progress
@@ -67,15 +81,16 @@ from dmd.service.journal import (
     PoolGrowStep,
     SnapshotStep,
     ThickResizeStep,
+    VolumeActivateStep,
     VolumeCreateStep,
     VolumeDeleteStep,
+    VolumeResizeStep,
     intent,
 )
 from dmd.service.locks import DeviceLocks
 from dmd.service.operations import DeviceService, check_labels
 from dmd.service.pool_descriptions import Descriptions
 from dmd.service.pool_room import HEADER_SECTORS, allocate, check_stripes, thick_table
-from dmd.service.volume_names import cleartext_device, volume_device
 from dmd.state import (
     Cache,
     Encryption,
@@ -85,10 +100,10 @@ from dmd.state import (
     Thick,
     VolumeRecord,
 )
+from dmd.state.pool_description import PAYLOAD_ROOM, Description, DescriptionError
 
 log = logging.getLogger(__name__)
 
-NAME = re.compile(r"^[A-Za-z0-9_.+]{1,64}$")  # no "-": device names are POOL-VOLUME
 MIN_DEVICE_BYTES = 16 << 20
 DEFAULT_BLOCK_SECTORS = 128  # 64 KiB, LVM's default for thin pools
 WIPE_BYTES = 1 << 20  # of the metadata's start: the kernel then formats a new pool
@@ -99,7 +114,8 @@ POOL_OPERATIONS = frozenset({"pool-create", "pool-destroy", "pool-grow", "pool-i
                              "pool-extend",
                              "volume-create", "volume-snapshot", "volume-delete",
                              "volume-create-thick", "volume-delete-thick",
-                             "volume-resize-thick", "cache-attach", "cache-detach"})
+                             "volume-resize-thick", "cache-attach", "cache-detach",
+                             "volume-activate", "volume-deactivate", "volume-resize"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,13 +148,6 @@ def metadata_growth(total: int) -> int:
     return max(total * EXTEND_PERCENT // 100, 1 << 20) // 4096 * 4096
 
 
-def check_name(name: str, what: str) -> str:
-    if not isinstance(name, str) or not NAME.match(name) or name in (".", ".."):
-        raise errors.InvalidArgument(
-            f"a {what} name is 1 to 64 letters, digits, '_', '.' or '+', not {name!r}")
-    return name
-
-
 def check_size(size_bytes: int) -> int:
     """A volume size in bytes, rounded up to whole 512-byte sectors."""
     if not isinstance(size_bytes, int) or isinstance(size_bytes, bool) or size_bytes <= 0:
@@ -150,10 +159,6 @@ def check_size(size_bytes: int) -> int:
             f"{size_bytes} bytes is larger than the kernel's largest device "
             f"({MAX_DEVICE_SECTORS * 512} bytes)")
     return sectors * 512
-
-
-def tpool(pool: str) -> str:
-    return f"{pool}-tpool"
 
 
 def layout(devices: list[tuple[str, int]], block_sectors: int,
@@ -200,9 +205,10 @@ def _pool_table(record: PoolRecord, *, fail_writes: bool = False) -> list[Target
     queueing pool past its no-space-timeout)."""
     data = record.layout.data_sectors
     low_water = data // record.block_sectors * record.low_water_percent // 100
-    params = ThinPoolParams(f"/dev/mapper/{record.name}-tmeta",
-                            f"/dev/mapper/{record.name}-tdata", record.block_sectors,
-                            low_water, error_if_no_space=fail_writes or record.on_full == "error")
+    params = ThinPoolParams(f"/dev/mapper/{pool_device(record.name, PoolPart.TMETA)}",
+                            f"/dev/mapper/{pool_device(record.name, PoolPart.TDATA)}",
+                            record.block_sectors, low_water,
+                            error_if_no_space=fail_writes or record.on_full == "error")
     return [TargetLine(0, data, "thin-pool", params.to_params())]
 
 
@@ -300,6 +306,20 @@ class PoolService:
                 await self.describe(pool)
                 await self._settle(pool)
 
+    async def check_fits(self, record: PoolRecord, volume: VolumeRecord) -> None:
+        """LimitExceeded unless the pool's description, with *volume* added
+        (or put in place of the record of its UUID), fits in its copy on the
+        devices: refused before any work, so every change dmd makes can be
+        described (and the pool imported from its devices)."""
+        volumes = [v for v in await self.store.list_volumes(record.name)
+                   if v.uuid != volume.uuid]
+        size = len(Description(record.generation + 1, record, (*volumes, volume)).payload())
+        if size > PAYLOAD_ROOM:
+            raise errors.LimitExceeded(
+                f"pool {record.name!r}: its description would take {size} bytes, more than "
+                f"the {PAYLOAD_ROOM} its devices keep for it (fewer or shorter labels, or "
+                "another pool)")
+
     async def describe(self, pool: str) -> None:
         """Bring the description on the pool's devices to the generation of
         its records (nothing to do if it is there). A failure is logged: the
@@ -316,7 +336,7 @@ class PoolService:
             return
         try:
             await self.descriptions.write(record, await self.store.list_volumes(pool))
-        except OSError as exc:
+        except (OSError, DescriptionError) as exc:
             log.error("pool %s: could not write its description (generation %d): %s; "
                       "written again at its next change or dmd's next start", pool,
                       record.generation, exc)
@@ -331,10 +351,10 @@ class PoolService:
             self._claim(pool.name)
 
     def _claim(self, pool: str) -> None:
-        self.devices.claims[f"{pool}-"] = self.owner(pool)
+        self.devices.claims[claim_prefix(pool)] = self.owner(pool)
 
     def _release(self, pool: str) -> None:
-        self.devices.claims.pop(f"{pool}-", None)
+        self.devices.claims.pop(claim_prefix(pool), None)
 
     async def check_authorized(self, caller: Caller, action: Action, subject: str,
                          owner_uid: int | None = None) -> None:
@@ -367,12 +387,41 @@ class PoolService:
     async def volumes(self, pool: str | None = None) -> list[VolumeRecord]:
         return await self.store.list_volumes(pool)
 
-    async def volume(self, pool: str, name: str) -> VolumeRecord:
+    async def volume(self, pool: str, name: str, uuid: str | None = None) -> VolumeRecord:
+        """*uuid*: the volume a caller's object stands for. Read under the
+        pool's lock, it makes sure a call on a volume deleted meanwhile never
+        reaches another volume given the same name since."""
         for volume in await self.store.list_volumes(pool):
-            if volume.name == name:
+            if volume.name == name and uuid in (None, volume.uuid):
                 return volume
         await self.pool(pool)
+        if uuid is not None:
+            raise errors.NotFound(f"volume {uuid} ({pool}/{name}) is gone")
         raise errors.NotFound(f"no volume {name!r} in pool {pool!r}")
+
+    async def own_device(self, volume: VolumeRecord) -> bool:
+        """Whether the volume's device is recorded; Busy when a device of its
+        name is recorded that is not the volume's (its DM UUID says whose)."""
+        device = await self.store.get_device(volume_device(volume.pool, volume.name))
+        if device is None:
+            return False
+        if device.uuid != volume_uuid(volume.uuid):
+            raise errors.Busy(f"device {device.name} is not volume {volume.pool}/{volume.name}'s "
+                              f"(its DM UUID is {device.uuid!r})")
+        return True
+
+    async def open_node(self, volume: VolumeRecord, flags: int, *,
+                        cleartext: bool = False) -> int:
+        """An open descriptor of the volume's device (or its cleartext), found
+        by its DM UUID, so that whatever holds its name, the descriptor is
+        this volume's and nobody else's."""
+        if cleartext:
+            assert volume.encryption is not None
+            target = DevId.uuid(cleartext_uuid(volume.encryption.luks_uuid,
+                                               cleartext_device(volume.pool, volume.name)))
+        else:
+            target = DevId.uuid(volume_uuid(volume.uuid))
+        return int(await self.kernel(Engine.open_node, target, flags))
 
     async def pool_state(self, pool: str, record: PoolRecord | None = None) -> PoolState:
         """*record*: the pool's, where it is not in the store (yet)."""
@@ -417,7 +466,7 @@ class PoolService:
                           caller: Caller = ROOT,
                           accept: Accept = _ignore) -> PoolRecord:
         await self.check_authorized(caller, Action.POOL, name)
-        check_name(name, "pool")
+        name = PoolName(name)
         if not isinstance(paths, list) or not paths or len(set(paths)) != len(paths):
             raise errors.InvalidArgument("a pool needs one or more distinct devices")
         block_sectors = DEFAULT_BLOCK_SECTORS if block_size is None else block_size // 512
@@ -452,9 +501,9 @@ class PoolService:
             record = PoolRecord(name, str(uuidlib.uuid4()), caller.uid, block_sectors, on_full,
                                 low_water_percent, 0, 0, plan,
                                 no_space_timeout=no_space_timeout)
-            for suffix in ("tmeta", "tdata", "tpool"):
-                if (await self.devices.store.get_device(f"{name}-{suffix}")) is not None:
-                    raise errors.AlreadyExists(f"a device named {name}-{suffix} exists")
+            for device in pool_devices(name):
+                if (await self.devices.store.get_device(device)) is not None:
+                    raise errors.AlreadyExists(f"a device named {device} exists")
             self._claim(name)
             try:
                 await self._make_pool(record, accept)
@@ -521,10 +570,12 @@ class PoolService:
                 await self.kernel(Engine.wipe, path, 0, HEADER_SECTORS * 512)
             await self._wipe_metadata(plan)
             await journal.mark(PoolCreateStep.DEVICES)
-            await self.devices.create(f"{name}-tmeta", _linear(plan, plan.metadata),
+            await self.devices.create(pool_device(name, PoolPart.TMETA),
+                                      _linear(plan, plan.metadata),
                                       uuid=f"DMD-POOL-{record.uuid}-tmeta", persistent=True,
                                       claim=claim)
-            await self.devices.create(f"{name}-tdata", _linear(plan, plan.data),
+            await self.devices.create(pool_device(name, PoolPart.TDATA),
+                                      _linear(plan, plan.data),
                                       uuid=f"DMD-POOL-{record.uuid}-tdata", persistent=True,
                                       claim=claim)
             await journal.mark(PoolCreateStep.POOL)
@@ -545,11 +596,12 @@ class PoolService:
         """Remove the pool's devices, volumes first; each is tried."""
         claim = self.owner(pool)
         names = [d.name for d in await self.kernel(Engine.list_devices)]
-        internal = {f"{pool}-{s}" for s in ("tpool", "tdata", "tmeta")}
+        internal = pool_devices(pool)
+        prefix = claim_prefix(pool)
         # Cleartext devices first: each holds its volume's device.
-        order = sorted((n for n in names if n.startswith(f"{pool}-") and n not in internal),
-                       key=lambda n: (not n.endswith("-crypt"), n))
-        order += [n for n in (tpool(pool), f"{pool}-tdata", f"{pool}-tmeta") if n in names]
+        order = sorted((n for n in names if in_pool(n, prefix) and n not in internal),
+                       key=lambda n: (parts(n)[2:] != [VolumePart.CRYPT], n))
+        order += [n for n in internal if n in names]
         for device in order:
             with contextlib.suppress(errors.NotFound):
                 await self.devices.remove(device, claim=claim)
@@ -676,12 +728,12 @@ class PoolService:
                 if meta:
                     await journal.mark(PoolGrowStep.METADATA)
                     journal.no_way_back()
-                    await self.devices.reload(f"{pool}-tmeta", _linear(
+                    await self.devices.reload(pool_device(pool, PoolPart.TMETA), _linear(
                         with_metadata, with_metadata.metadata), claim=claim)
                     await self.devices.reload(tpool(pool), _pool_table(
                         replace(record, layout=with_metadata)), claim=claim)
                 await journal.mark(PoolGrowStep.DATA)
-                await self.devices.reload(f"{pool}-tdata", _linear(grown_layout,
+                await self.devices.reload(pool_device(pool, PoolPart.TDATA), _linear(grown_layout,
                                                                    grown_layout.data),
                                           claim=claim)
                 await journal.mark(PoolGrowStep.POOL)
@@ -699,9 +751,10 @@ class PoolService:
         *devices*: tdata and tmeta first (recovery does not know how far an
         operation got)."""
         claim = self.owner(grown.name)
-        for suffix, segments in (("tdata", grown.layout.data), ("tmeta", grown.layout.metadata)):
+        for part, segments in ((PoolPart.TDATA, grown.layout.data),
+                               (PoolPart.TMETA, grown.layout.metadata)):
             if devices:
-                await self.devices.reload(f"{grown.name}-{suffix}",
+                await self.devices.reload(pool_device(grown.name, part),
                                           _linear(grown.layout, segments), claim=claim)
         await self.devices.reload(tpool(grown.name), _pool_table(grown), claim=claim)
         await self.store.pool_change(grown.name, layout=grown.layout)
@@ -709,14 +762,14 @@ class PoolService:
     async def _restore_layout(self, record: PoolRecord) -> None:
         """Put the data and metadata devices back as *record* lays them out."""
         await self._restore_data(record)
-        await self.devices.reload(f"{record.name}-tmeta",
+        await self.devices.reload(pool_device(record.name, PoolPart.TMETA),
                                   _linear(record.layout, record.layout.metadata),
                                   claim=self.owner(record.name))
 
     async def _restore_data(self, record: PoolRecord) -> None:
         """Put the data device back as *record* lays it out (a grow that did
         not reach the pool's table)."""
-        await self.devices.reload(f"{record.name}-tdata",
+        await self.devices.reload(pool_device(record.name, PoolPart.TDATA),
                                   _linear(record.layout, record.layout.data),
                                   claim=self.owner(record.name))
 
@@ -753,9 +806,13 @@ class PoolService:
             if encryption is not None:
                 keys.callback(encryption.wipe)
             await self.check_authorized(caller, Action.VOLUME, f"{pool}/{name}")
-            check_name(name, "volume")
+            name = VolumeName(name, pool)
             size = check_size(size_bytes)
             check_filesystem(filesystem)
+            if encryption is not None and size < luks.HEADER_BYTES + (1 << 20):
+                raise errors.InvalidArgument(
+                    f"an encrypted volume takes at least {luks.HEADER_BYTES + (1 << 20)} bytes: "
+                    f"its LUKS2 header takes the first {luks.HEADER_BYTES}")
             clean_labels = check_labels(labels or {})
             if thin and (stripes != 1 or stripe_size is not None):
                 raise errors.InvalidArgument("stripes and stripe-size are for thick volumes "
@@ -773,12 +830,14 @@ class PoolService:
                         record, name, size, stripes, stripe_size, clean_labels, filesystem,
                         encryption, caller, accept)
                 tid = await self._kernel_tid(pool, record)
-                thin_id = await self._new_thin_id(record)
                 volume = VolumeRecord(
-                    str(uuidlib.uuid4()), pool, name, thin_id, size, None, caller.uid,
-                    clean_labels, True,
+                    str(uuidlib.uuid4()), pool, name, record.next_thin_id, size, None,
+                    caller.uid, clean_labels, True,
                     encryption=Encryption(str(uuidlib.uuid4()), encryption.key_description)
                     if encryption is not None else None)
+                await self.check_fits(record, volume)
+                thin_id = await self._new_thin_id(record)
+                assert thin_id == volume.thin_id
                 await self._add_thin(record, volume, tid, create_thin(thin_id),
                                      "volume-create", filesystem=filesystem,
                                      encryption=encryption, accept=accept)
@@ -871,6 +930,7 @@ class PoolService:
             labels, True,
             encryption=Encryption(str(uuidlib.uuid4()), encryption.key_description)
             if encryption is not None else None, thick=thick)
+        await self.check_fits(record, volume)
 
         async def undo(journal: Journal) -> None:
             await self.undo_thick(volume)
@@ -880,12 +940,12 @@ class PoolService:
             self.pending[volume.uuid] = (volume, "creating")
             await self._accepted(pool, volume, accept)
             await journal.mark(VolumeCreateStep.RECORD)
+            # Segments a deleted volume held still hold its data: zeroed on
+            # the pool's devices before any device maps them.
+            await self.zero_segments(record.layout, segments)
             await self.store.pool_change(pool, add=volume)
             await journal.mark(VolumeCreateStep.ACTIVATE)
             await self._activate(volume)
-            # Segments a deleted volume held still hold its data: nobody
-            # reads them through this one (the pool is held until then).
-            await self._zero(volume, 0)
             await self._prepare(journal, volume, encryption, filesystem)
         log.info("volume-create %s/%s: thick, %d segment(s), %d stripe(s), %d bytes%s%s", pool,
                  name, len(segments), stripes, volume.size_bytes,
@@ -949,6 +1009,7 @@ class PoolService:
                         thick.stripe_sectors, await self.thick_segments(pool))
         grown_thick = replace(thick, segments=(*thick.segments, *more))
         grown = replace(volume, thick=grown_thick, size_bytes=grown_thick.sectors * 512)
+        await self.check_fits(record, grown)
 
         async def undo(journal: Journal) -> None:
             await self.store.pool_change(pool, update=volume)
@@ -961,6 +1022,10 @@ class PoolService:
                           f"{pool}/{volume.name}",
                           PoolArgs(pool=pool, volume=_volume_json(grown),
                                    old_size=volume.size_bytes), undo) as journal:
+            # Zeroed on the pool's devices first, active volume or not: no
+            # device maps them before, so nobody ever reads what they held.
+            await journal.mark(ThickResizeStep.ZERO)
+            await self.zero_segments(record.layout, more)
             await journal.mark(ThickResizeStep.RECORD)
             await self.store.pool_change(pool, update=grown)
             if volume.active:
@@ -968,18 +1033,19 @@ class PoolService:
                 await self.devices.reload(volume_device(pool, volume.name),
                                           thick_table(record.layout, grown_thick),
                                           claim=self.owner(pool))
-                await journal.mark(ThickResizeStep.ZERO)
-                await self._zero(grown, volume.size_bytes)
         return grown
 
-    async def _zero(self, volume: VolumeRecord, start: int) -> None:
-        """A thick volume's device reads zeros from byte *start* to its end."""
-        device = volume_device(volume.pool, volume.name)
-        try:
-            await self.kernel(Engine.zero_range, device, start, volume.size_bytes - start)
-        except (DmError, OSError) as exc:
-            code = getattr(exc, "errno", 0) or 0
-            raise errors.Kernel(f"zeroing {device}: {os.strerror(code)}", code) from None
+    async def zero_segments(self, layout_: PoolLayout, segments: tuple[Segment, ...]) -> None:
+        """Zero *segments* of the pool's devices (a thick volume's new room:
+        what a deleted volume, or whatever the disk held, left there)."""
+        for seg in segments:
+            path = layout_.devices[seg.device]
+            try:
+                await self.kernel(Engine.wipe, path, seg.start * 512, seg.length * 512)
+            except OSError as exc:
+                code = exc.errno or 0
+                raise errors.Kernel(f"zeroing {seg.length} sectors of {path} at sector "
+                                    f"{seg.start}: {os.strerror(code)}", code) from None
 
     async def _undo_thin(self, pool: str, volume: VolumeRecord, *, recorded: bool) -> None:
         """Take a thin id back out (deleting what is not there is fine) and
@@ -1039,15 +1105,15 @@ class PoolService:
 
     async def snapshot(self, pool: str, origin: str, name: str, *,
                        activate: bool = True, labels: Mapping[str, str] | None = None,
-                       caller: Caller = ROOT,
+                       uuid: str | None = None, caller: Caller = ROOT,
                        accept: Accept = _ignore) -> VolumeRecord:
         """A new volume holding *origin*'s data as it is now. An active origin
         is suspended for the moment of the copy and resumed on every path."""
-        check_name(name, "volume")
+        name = VolumeName(name, pool)
         clean_labels = check_labels(labels or {})
         async with self.changing(pool):
             record = await self.pool(pool)
-            source = await self.volume(pool, origin)
+            source = await self.volume(pool, origin, uuid)
             await self.check_authorized(caller, Action.VOLUME, f"{pool}/{origin}", source.owner_uid)
             if any(v.name == name for v in await self.store.list_volumes(pool)):
                 raise errors.AlreadyExists(f"pool {pool!r} has a volume named {name!r}")
@@ -1057,13 +1123,15 @@ class PoolService:
             # Its latest writes may be in the cache, not yet in the thin volume.
             self._uncached(source, "snapshotting")
             tid = await self._kernel_tid(pool, record)
-            thin_id = await self._new_thin_id(record)
             # An encrypted origin's snapshot carries its header: the same
             # keys open it, locked until asked (it is a copy, not a second use).
-            volume = VolumeRecord(str(uuidlib.uuid4()), pool, name, thin_id, source.size_bytes,
-                                  source.uuid, caller.uid, clean_labels, activate,
-                                  encryption=replace(source.encryption, unlocked=False)
+            volume = VolumeRecord(str(uuidlib.uuid4()), pool, name, record.next_thin_id,
+                                  source.size_bytes, source.uuid, caller.uid, clean_labels,
+                                  activate, encryption=replace(source.encryption, unlocked=False)
                                   if source.encryption is not None else None)
+            await self.check_fits(record, volume)
+            thin_id = await self._new_thin_id(record)
+            assert thin_id == volume.thin_id
             origin_device = volume_device(pool, origin) if source.active else None
             await self._add_thin(record, volume, tid, create_snap(thin_id, source.thin_id),
                                  "volume-snapshot", snapshot=True, origin_device=origin_device,
@@ -1071,11 +1139,11 @@ class PoolService:
         log.info("volume-snapshot %s/%s of %s: thin id %d", pool, name, origin, thin_id)
         return volume
 
-    async def delete_volume(self, pool: str, name: str, *, caller: Caller = ROOT,
-                            accept: Accept = _ignore) -> None:
+    async def delete_volume(self, pool: str, name: str, *, uuid: str | None = None,
+                            caller: Caller = ROOT, accept: Accept = _ignore) -> None:
         """Remove the volume's device, delete its thin id, drop its record."""
         async with self.changing(pool):
-            volume = await self.volume(pool, name)
+            volume = await self.volume(pool, name, uuid)
             await self.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
             self._uncached(volume, "deleting")
             if volume.thin_id is None:
@@ -1124,11 +1192,11 @@ class PoolService:
         await self.store.pool_change(pool, transaction_id=tid, remove=volume.uuid)
 
     async def resize_volume(self, pool: str, name: str, size_bytes: int, *,
-                            shrink: bool = False, caller: Caller = ROOT,
-                            accept: Accept = _ignore) -> VolumeRecord:
+                            shrink: bool = False, uuid: str | None = None,
+                            caller: Caller = ROOT, accept: Accept = _ignore) -> VolumeRecord:
         size = check_size(size_bytes)
         async with self.changing(pool):
-            volume = await self.volume(pool, name)
+            volume = await self.volume(pool, name, uuid)
             await self.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
             if size < volume.size_bytes and not shrink:
                 raise errors.InvalidArgument(
@@ -1153,40 +1221,91 @@ class PoolService:
                 assert volume.thin_id is not None
                 resized = replace(volume, size_bytes=size)
                 await self._accepted(pool, resized, accept)
-                if volume.active:
-                    await self.devices.reload(volume_device(pool, name),
-                                              _thin_table(pool, volume.thin_id, size),
-                                              claim=self.owner(pool))
-                await self.store.pool_change(pool, update=resized)
+                async def match_size(_: Journal) -> None:
+                    await self.match_size(resized)
+
+                async with intent(self.store, self.fault, "volume-resize", f"{pool}/{name}",
+                                  PoolArgs(pool=pool, volume=_volume_json(resized),
+                                           old_size=volume.size_bytes),
+                                  roll_forward=match_size) as journal:
+                    if await self.own_device(volume):
+                        await journal.mark(VolumeResizeStep.RELOAD)
+                        await self.devices.reload(volume_device(pool, name),
+                                                  _thin_table(pool, volume.thin_id, size),
+                                                  claim=self.owner(pool))
+                        journal.no_way_back()  # the device has its size: the record follows
+                    await journal.mark(VolumeResizeStep.RECORD)
+                    await self.store.pool_change(pool, update=resized)
         log.info("volume-resize %s/%s: %d -> %d bytes", pool, name, volume.size_bytes,
                  resized.size_bytes)
         return resized
 
     async def set_active(self, pool: str, name: str, active: bool, *,
-                         caller: Caller = ROOT,
+                         uuid: str | None = None, caller: Caller = ROOT,
                          accept: Accept = _ignore) -> VolumeRecord:
         """Activate (make its device) or deactivate (remove it; data and record
         stay) a volume."""
         async with self.changing(pool):
-            volume = await self.volume(pool, name)
+            volume = await self.volume(pool, name, uuid)
             await self.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
             if not active:
                 self._uncached(volume, "deactivating")
             changed = replace(volume, active=active)
             await self._accepted(pool, changed, accept)
             device = volume_device(pool, name)
-            present = await self.devices.store.get_device(device) is not None
-            if active and not present:
-                await self._activate(volume)
-                if volume.encryption is not None and volume.encryption.unlocked:
-                    self.waiting[volume.uuid] = "waiting for a key: Unlock with one"
-            elif not active and present:
-                await crypt.close_cleartext(self, pool, name)
-                self.waiting.pop(volume.uuid, None)
-                await self.devices.remove(device, claim=self.owner(pool))
-            if changed != volume:
-                await self.store.pool_change(pool, update=changed)
+            present = await self.own_device(volume)
+
+            async def match(_: Journal) -> None:
+                await self.match_device(volume)
+
+            async with intent(self.store, self.fault,
+                              "volume-activate" if active else "volume-deactivate",
+                              f"{pool}/{name}", PoolArgs(pool=pool, volume=_volume_json(volume)),
+                              match, roll_forward=match) as journal:
+                await journal.mark(VolumeActivateStep.DEVICE)
+                if active and not present:
+                    await self._activate(volume)
+                    if volume.encryption is not None and volume.encryption.unlocked:
+                        self.waiting[volume.uuid] = "waiting for a key: Unlock with one"
+                elif not active and present:
+                    await crypt.close_cleartext(self, pool, name)
+                    self.waiting.pop(volume.uuid, None)
+                    await self.devices.remove(device, claim=self.owner(pool))
+                journal.no_way_back()  # the device is what it is to be: the record follows
+                await journal.mark(VolumeActivateStep.RECORD)
+                if changed != volume:
+                    await self.store.pool_change(pool, update=changed)
         return changed
+
+    async def match_size(self, resized: VolumeRecord) -> str:
+        """Make the volume's recorded size its device's (a thin Resize cut
+        short); an inactive volume's record is whole either way (the one
+        write of its resize). "done" if it has *resized*'s size now."""
+        now = {v.uuid: v for v in await self.store.list_volumes(resized.pool)}.get(resized.uuid)
+        if now is None:
+            return "rolled_back"
+        size = now.size_bytes
+        if await self.own_device(now):
+            device = volume_device(now.pool, now.name)
+            info, table = await self.kernel(Engine.table_status, device, DmFlags.DM_STATUS_TABLE)
+            if info.active_present:
+                size = sum(line.length for line in table) * 512
+        if size != now.size_bytes:
+            await self.store.pool_change(now.pool, update=replace(now, size_bytes=size))
+        return "done" if size == resized.size_bytes else "rolled_back"
+
+    async def match_device(self, volume: VolumeRecord) -> str:
+        """Make the volume's record say what its device is: active while it
+        has one, inactive when not (an Activate or Deactivate cut short, or
+        undone); "done" if the record changed, else "rolled_back"."""
+        now = {v.uuid: v for v in await self.store.list_volumes(volume.pool)}.get(volume.uuid)
+        if now is None:
+            return "rolled_back"
+        present = await self.own_device(now)
+        if now.active != present:
+            await self.store.pool_change(volume.pool, update=replace(now, active=present))
+            return "done"
+        return "rolled_back"
 
 
 def _volume_json(volume: VolumeRecord) -> dict[str, Any]:

@@ -16,11 +16,10 @@ import logging
 import os
 
 from dmd.engine import DmError
-from dmd.engine.interface import Engine
 from dmd.service import errors
 from dmd.service.auth import Action, Caller
+from dmd.service.device_names import cleartext_device, volume_device
 from dmd.service.pools import PoolService
-from dmd.service.volume_names import cleartext_device, volume_device
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +33,21 @@ def open_flags(mode: str, *, exclusive: bool = False) -> int:
 
 
 async def open_volume(pools: PoolService, pool: str, name: str, mode: str, *,
-                      exclusive: bool = False, caller: Caller) -> int:
+                      exclusive: bool = False, uuid: str | None = None,
+                      caller: Caller) -> int:
     """An open descriptor of volume *pool*/*name*'s device (the caller's to
     close); *mode* "r", "w" or "rw"; *exclusive* adds O_EXCL (refused with
     Busy while anyone holds the device: a mount, a table, another O_EXCL)."""
     flags = open_flags(mode, exclusive=exclusive)
     subject = f"{pool}/{name}"
-    # Authorized before waiting for the pool (a volume's owner never changes).
-    owner = (await pools.volume(pool, name)).owner_uid
-    await pools.check_authorized(caller, Action.VOLUME, subject, owner)
+    # Authorized before waiting for the pool, and again under its lock: the
+    # volume read then may be another one, given the name since.
+    first = await pools.volume(pool, name, uuid)
+    await pools.check_authorized(caller, Action.VOLUME, subject, first.owner_uid)
     async with pools.locks.hold(pool):
-        volume = await pools.volume(pool, name)
+        volume = await pools.volume(pool, name, first.uuid)
         device = volume_device(pool, name)
-        if not volume.active or await pools.store.get_device(device) is None:
+        if not volume.active or not await pools.own_device(volume):
             raise errors.NotActive(f"volume {subject} is not active: Activate it first")
         if volume.encryption is not None:
             # What a service wants of an encrypted volume is its cleartext.
@@ -54,7 +55,9 @@ async def open_volume(pools: PoolService, pool: str, name: str, mode: str, *,
             if await pools.store.get_device(device) is None:
                 raise errors.Locked(f"volume {subject} is locked: Unlock it first")
         try:
-            fd = await pools.kernel(Engine.open_node, device, flags)
+            # By the DM UUID: the descriptor is of this volume's device alone.
+            fd = await pools.open_node(volume, flags,
+                                       cleartext=volume.encryption is not None)
         except DmError as exc:
             raise errors.from_engine(exc, device, "open") from None
         except OSError as exc:

@@ -49,6 +49,7 @@ HEADER_BYTES = 4 << 20  # the layout's reserved header (HEADER_SECTORS * 512)
 
 _LABEL = struct.Struct("<8sII16s16sI")  # magic, version, index, pool, device, count
 _COPY = struct.Struct("<8sQI32s")  # magic, generation, length, sha256
+PAYLOAD_ROOM = COPY_SIZE - _COPY.size  # the most a description's JSON may take
 
 
 def _volume_order(volume: VolumeRecord) -> tuple[bool, int, str]:
@@ -121,12 +122,14 @@ class Description:
                 **({"cache": v.cache.to_json()} if v.cache else {}),
             } for v in sorted(self.volumes, key=_volume_order)],
         }
-        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        # UTF-8 as it is (no \uXXXX): a label's bytes cost what they are.
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False).encode()
 
     def encode(self) -> bytes:
         """The copy as written: header then payload, padded to whole blocks."""
         payload = self.payload()
-        room = COPY_SIZE - _COPY.size
+        room = PAYLOAD_ROOM
         if len(payload) > room:
             raise DescriptionError(f"the description takes {len(payload)} bytes; a copy "
                                    f"holds {room}")

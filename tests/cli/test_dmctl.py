@@ -143,7 +143,14 @@ def test_pool_and_volume_verbs(dmd_session: Any) -> None:
     assert [(v["Name"], v["State"], v["Size"]) for v in listed] == [
         ("vm1", "active", 30 << 30), ("vm1.snap", "inactive", 20 << 30)]
     assert "tank\tactive\tok\t" in ok(dmd_session, "pools")
+    # What `vols` prints (POOL/VOLUME) is what every volume verb takes.
+    ok(dmd_session, "activate", "tank/vm1.snap")
+    ok(dmd_session, "deactivate", "--no-wait", "tank/vm1.snap")
     ok(dmd_session, "activate", "tank", "vm1.snap")
+    # Names with "-", as people use them: the device doubles it, as LVM does.
+    assert ok(dmd_session, "vol-create", "tank", "web-data", "1G") == \
+        "/dev/mapper/tank-web--data\n"
+    ok(dmd_session, "vol-delete", "tank/web-data")
     ok(dmd_session, "vol-delete", "tank", "vm1")
     assert [v["Name"] for v in json.loads(ok(dmd_session, "--json", "vols"))] == ["vm1.snap"]
     refused = dmctl(dmd_session, "pool-destroy", "tank")

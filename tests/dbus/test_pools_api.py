@@ -298,7 +298,9 @@ async def test_import_pool_after_the_state_is_lost_with_busctl(dmd_session: Any,
         with pytest.raises(CallError) as caught:
             await client.call(ROOT_PATH, MANAGER_INTERFACE, "ImportPool", "asa{sv}",
                               [disks, {}])
-        assert caught.value.name.endswith(".Busy")  # its devices are a recorded pool's
+        # A pool dmd has: AlreadyExists (what a client can act on), not the
+        # Busy of its devices being in use (by that very pool).
+        assert caught.value.name.endswith(".AlreadyExists")
     finally:
         bus.disconnect()
 

@@ -128,8 +128,12 @@ async def test_what_is_not_one_whole_pool_is_refused_and_changes_nothing(
                                                               "other-tpool"]
         assert {p: sim.read_disk(p, 0, HEADER_BYTES) for p in DISKS} == heads
         await import_pool(pools, DISKS[:2])
-        with pytest.raises(errors.Busy, match="a device of pool 'tank'"):
-            await import_pool(pools, DISKS[:2])  # recorded already
+        # Recorded already: AlreadyExists, before the in-use check its own
+        # devices would fail (issue 26: a client can act on it).
+        with pytest.raises(errors.AlreadyExists, match="devices of pool 'tank'"):
+            await import_pool(pools, DISKS[:2])
+        with pytest.raises(errors.AlreadyExists, match="devices of pool 'tank'"):
+            await import_pool(pools, DISKS[1:2])
     finally:
         close(pools)
 

@@ -21,6 +21,7 @@ from dmd.engine import DmFlags, TargetLine
 from dmd.engine.sim import SimDM
 from dmd.service import errors
 from dmd.service.auth import Caller
+from dmd.service.device_names import volume_device
 from dmd.service.kernel import KernelWorkers
 from dmd.service.operations import DeviceService
 from dmd.service.pool_recovery import recover_pools
@@ -101,7 +102,11 @@ async def assert_agree(pools: PoolService) -> dict[str, Any]:
         [thins] = [t for t in now["thins"].values() if set(t) == thin_ids] or [None]
         assert thins is not None, f"pool thin ids {now['thins']} != records {volumes}"
         for volume in volumes:
-            assert (f"{pool.name}-{volume.name}" in now["kernel"]) == volume.active
+            device = volume_device(pool.name, volume.name)
+            assert (device in now["kernel"]) == volume.active, (volume, now)
+            if volume.active:  # and its size is its device's
+                assert sum(line[1] for line in now["kernel"][device][2]) * 512 == \
+                    volume.size_bytes, (volume, now["kernel"][device])
         assert_disjoint(pool, volumes)
         await assert_described(pools, pool)
     return now
@@ -223,7 +228,14 @@ async def bad_inputs(pools: PoolService) -> list[Case]:
         (errors.InvalidArgument, lambda: pools.create_volume("tank", "v", 0)),
         (errors.InvalidArgument, lambda: pools.create_volume("tank", "v", 1 << 63)),
         (errors.InvalidArgument, lambda: pools.create_volume("tank", "v", -1)),
-        (errors.InvalidArgument, lambda: pools.create_volume("tank", "a-b", GIB)),
+        (errors.InvalidArgument, lambda: pools.create_volume("tank", "-ab", GIB)),
+        (errors.InvalidArgument, lambda: pools.create_volume("tank", "ab-", GIB)),
+        (errors.InvalidArgument, lambda: pools.create_volume("tank", "v\n", GIB)),
+        (errors.InvalidArgument, lambda: pools.create_volume("tank", "v" * 65, GIB)),
+        (errors.InvalidArgument, lambda: pools.create_volume("tank", "tdata", GIB)),
+        (errors.InvalidArgument, lambda: pools.create_volume("tank", "tmeta", GIB)),
+        (errors.InvalidArgument, lambda: pools.snapshot("tank", "taken", "tpool")),
+        (errors.InvalidArgument, lambda: pools.snapshot("tank", "taken", "s\n")),
         (errors.InvalidArgument, lambda: pools.create_volume("tank", "", GIB)),
         (errors.NotFound, lambda: pools.create_volume("nosuch", "v", GIB)),
         (errors.AlreadyExists, lambda: pools.create_volume("tank", "taken", GIB)),
@@ -240,7 +252,9 @@ async def bad_inputs(pools: PoolService) -> list[Case]:
         (errors.InvalidArgument, lambda: pools.create_pool("o", [DISKS[2]], block_size=4096)),
         (errors.InvalidArgument, lambda: pools.create_pool("o", [DISKS[2]], on_full="drop")),
         (errors.AlreadyExists, lambda: pools.create_pool("tank", [DISKS[2]])),
-        (errors.InvalidArgument, lambda: pools.create_pool("bad-name", [DISKS[2]])),
+        (errors.InvalidArgument, lambda: pools.create_pool("bad-", [DISKS[2]])),
+        (errors.InvalidArgument, lambda: pools.create_pool("bad\n", [DISKS[2]])),
+        (errors.InvalidArgument, lambda: pools.create_pool("b/d", [DISKS[2]])),
     ]
 
 
@@ -307,9 +321,13 @@ OPERATIONS: dict[str, Callable[[PoolService], Awaitable[Any]]] = {
     "volume-delete": lambda p: p.delete_volume("tank", "base"),
     "pool-destroy": lambda p: p.destroy_pool("tank", force=True),
     "pool-grow": lambda p: p.add_device("tank", DISKS[2]),
+    "volume-activate": lambda p: p.set_active("tank", "idle", True),
+    "volume-deactivate": lambda p: p.set_active("tank", "base", False),
+    "volume-resize": lambda p: p.resize_volume("tank", "base", 2 * GIB),
 }
 STEPS = {"pool-create": 4, "volume-create": 4, "volume-snapshot": 6, "volume-delete": 4,
-         "pool-destroy": 2, "pool-grow": 5}
+         "pool-destroy": 2, "pool-grow": 5, "volume-activate": 2, "volume-deactivate": 2,
+         "volume-resize": 2}
 # Steps an operation does not take here: pool-grow's METADATA is for a pool
 # low on metadata (tests/service/test_pool_space.py).
 SKIPPED = {("pool-grow", 2)}
@@ -317,13 +335,15 @@ EVERY_STEP = [(op, k) for op, n in STEPS.items() for k in range(1, n + 1)
               if (op, k) not in SKIPPED]
 # Past these steps an operation rolls forward (the kernel cannot undo it).
 ROLLS_FORWARD = {("volume-delete", k) for k in (2, 3, 4)} | {
-    ("pool-destroy", 1), ("pool-destroy", 2), ("pool-grow", 5)}
+    ("pool-destroy", 1), ("pool-destroy", 2), ("pool-grow", 5), ("volume-activate", 2),
+    ("volume-deactivate", 2), ("volume-resize", 2)}
 
 
 async def prepare(tmp: Path) -> None:
     pools = open_pools(tmp)
     await pools.create_pool("tank", DISKS[:2])
     await pools.create_volume("tank", "base", GIB)
+    await pools.snapshot("tank", "base", "idle", activate=False)
     close(pools)
 
 

@@ -192,3 +192,28 @@ def test_a_crash_during_a_thick_delete_finishes_it(tmp_path: Path, step: int) ->
                            lambda pools: pools.delete_volume("tank", "kept"))
     assert [v[1] for v in seen["after"]["volumes"]] == []
     assert "tank-kept" not in seen["after"]["kernel"]
+
+
+@pytest.mark.parametrize("active", [True, False])
+async def test_new_room_is_zeroed_on_the_disks_active_or_not(tank: PoolService,
+                                                             active: bool) -> None:
+    """What a deleted volume (or whatever the disk held) left in the room is
+    zeroed on the pool's devices before a create or a grow maps it: an
+    inactive volume grown, then activated, reads nothing of it either."""
+    engine: SimDM = tank.kernel.engine  # type: ignore[assignment]
+    old = await tank.create_volume("tank", "old", 16 * MIB, thin=False)
+    assert old.thick is not None
+    left = [(DISKS[s.device], s.start * 512, s.length * 512) for s in old.thick.segments]
+    await tank.delete_volume("tank", "old")
+    for path, offset, length in left:  # its data, still on the disk
+        engine.write_disk(path, offset, b"\xaa" * length)
+    small = await tank.create_volume("tank", "v", 4 * MIB, thin=False)
+    assert small.thick is not None
+    if not active:
+        await tank.set_active("tank", "v", False)
+    grown = await tank.resize_volume("tank", "v", 16 * MIB)
+    assert grown.thick is not None
+    for seg in grown.thick.segments:
+        data = engine.read_disk(DISKS[seg.device], seg.start * 512, seg.length * 512)
+        assert data == bytes(len(data)), seg
+    await assert_agree(tank)

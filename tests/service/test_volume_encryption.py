@@ -152,6 +152,9 @@ async def test_bad_requests_change_nothing(tank: PoolService) -> None:
         await change_key(tank, "tank", "enc", bytearray(KEY), None)
     with pytest.raises(errors.Busy, match="Lock it"):
         await tank.resize_volume("tank", "enc", 2 * GIB)
+    # No room for data past LUKS2's 16 MiB header: refused, not a failing job.
+    with pytest.raises(errors.InvalidArgument, match="LUKS2 header"):
+        await tank.create_volume("tank", "tiny", 16 << 20, encryption=request())
     assert await state(tank) == before
     assert (await header(tank, "tank-enc")).keyslots == (0,)
 
