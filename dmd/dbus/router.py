@@ -33,6 +33,7 @@ from dmd.dbus.names import (
 )
 from dmd.service import errors
 from dmd.service.auth import Caller
+from dmd.service.limits import CallLimits
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class Router:
             assert not missing, f"{kind.prototype.name}: no handler for {sorted(missing)}"
         self._in_flight: set[asyncio.Task[None]] = set()
         self._fd_replies: dict[int, Message] = {}  # reply serial -> its call
+        self.limits = CallLimits()
         self.accepting = True
 
     # -- dispatch (runs inside dbus-fast's reader callback: must not block) --
@@ -184,13 +186,15 @@ class Router:
             caller = Caller(
                 uid=await self.bus.caller_uid(msg.sender or ""), bus_name=msg.sender,
                 interactive=bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION))
-            args: list[Any] = resolve_fds(route.in_signature, list(msg.body), msg.unix_fds)
-            if route.resolve is not None:
-                subject = route.resolve(msg.path or "")
-                if subject is None:
-                    raise errors.NotFound(f"no object at {msg.path} (it was removed)")
-                args[:0] = subject
-            result = await route.handler(caller, *args)
+            with self.limits.hold(caller.uid):
+                args: list[Any] = resolve_fds(route.in_signature, list(msg.body),
+                                              msg.unix_fds)
+                if route.resolve is not None:
+                    subject = route.resolve(msg.path or "")
+                    if subject is None:
+                        raise errors.NotFound(f"no object at {msg.path} (it was removed)")
+                    args[:0] = subject
+                result = await route.handler(caller, *args)
             body = [] if not route.outputs else [result] if route.outputs == 1 else list(result)
             # A handler returns an "h" as the descriptor itself, dmd's to close
             # once it is sent (the kernel has a copy in the message by then).

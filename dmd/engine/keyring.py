@@ -88,7 +88,12 @@ def read_user_key(description: str, limit: int) -> bytearray | None:
         size = _keyctl(KEYCTL_READ, ctypes.c_long(serial), buffer, ctypes.c_size_t(limit))
         if size > limit:
             raise ValueError(f"key {description!r} is {size} bytes; at most {limit}")
-        return bytearray(buffer.raw[:size])
+        # Copied into a buffer the caller can wipe: buffer.raw would make an
+        # immutable copy, which nothing can.
+        key = bytearray(size)
+        if size:
+            ctypes.memmove((ctypes.c_char * size).from_buffer(key), buffer, size)
+        return key
     except OSError as exc:
         if exc.errno in (errno.ENOKEY, errno.EKEYEXPIRED, errno.EKEYREVOKED):
             return None

@@ -33,7 +33,9 @@ MIN_KEY_BYTES = 8
 HEADER_BYTES = 16 << 20  # LUKS2's default metadata and keyslots area: data starts after it
 MAX_KEY_BYTES = 8192
 KEYSLOTS = 32  # LUKS2's
-TIMEOUT = 600.0  # seconds: argon2 with a large memory cost on a slow machine
+# seconds: argon2 at 1 GiB and the most passes a caller may ask for
+# (dmd.service.encryption) on a slow machine; past it, the command is killed.
+TIMEOUT = 180.0
 
 
 class Pbkdf(enum.Enum):

@@ -30,6 +30,11 @@ from dmd.service import errors
 log = logging.getLogger(__name__)
 
 RETENTION_SECONDS = 600.0
+# What one uid other than root may have: jobs running (each waits on a pool
+# lock, and may hold it), and finished jobs kept on the bus (each an object):
+# past this, its oldest finished job is forgotten early.
+MAX_RUNNING_PER_UID = 16
+MAX_KEPT_PER_UID = 64
 
 
 class JobState(enum.Enum):
@@ -104,6 +109,7 @@ class Jobs:
         self.retention = retention
         self._jobs: dict[int, Job] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._starting: dict[int, int] = {}  # job id -> uid, until accepted
         self._listeners: list[JobListener] = []
         self._next = 1
 
@@ -124,13 +130,21 @@ class Jobs:
                     body: Callable[[Callable[[Any], None]], Awaitable[Any]]) -> tuple[Job, Any]:
         """Run *body(accept)* as a job; return (job, accepted value) once it
         accepts. If it fails first, its error is raised here."""
+        if started_by != 0 and sum(
+                1 for j in self._jobs.values() if j.started_by == started_by
+                and j.state is JobState.RUNNING) + sum(
+                1 for t in self._starting.values() if t == started_by) >= MAX_RUNNING_PER_UID:
+            raise errors.LimitExceeded(f"uid {started_by} has {MAX_RUNNING_PER_UID} jobs "
+                                       "running; wait for one to end")
         job = Job(self._next, operation, started_by, time.time(), _jobs=self)
         self._next += 1
+        self._starting[job.id] = started_by
         accepted: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
         def accept(value: Any) -> None:
             if not accepted.done():
                 job.subject = value
+                self._starting.pop(job.id, None)
                 self._jobs[job.id] = job
                 self._tell(job, JobEvent.ADDED)
                 accepted.set_result(value)
@@ -153,12 +167,18 @@ class Jobs:
                     job.error_name, job.error_message = "Failed", f"{operation}: internal error"
             finally:
                 self._tasks.pop(job.id, None)
+                self._starting.pop(job.id, None)
             if not accepted.done():  # finished without accepting: accepted at its end
                 accept(job.result)
             job.finished_at = time.time()
             job.cancellable = False
             self._tell(job, JobEvent.FINISHED)
             asyncio.get_running_loop().call_later(self.retention, self._forget, job.id)
+            if job.started_by != 0:
+                kept = [j.id for j in self._jobs.values()
+                        if j.started_by == job.started_by and j.finished_at is not None]
+                for old in sorted(kept)[:-MAX_KEPT_PER_UID]:
+                    self._forget(old)
 
         task = asyncio.get_running_loop().create_task(run())
         self._tasks[job.id] = task

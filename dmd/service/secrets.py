@@ -17,6 +17,7 @@ import contextlib
 import os
 import select
 import stat
+import threading
 import time
 from collections.abc import Iterator
 
@@ -25,6 +26,8 @@ from dmd.engine.luks import MAX_KEY_BYTES, MIN_KEY_BYTES
 from dmd.service import errors
 
 KEY_READ_SECONDS = 5.0
+MAX_KEY_READERS = 16  # key reads at once, hung ones included
+_READERS = threading.BoundedSemaphore(MAX_KEY_READERS)
 
 
 def _kind(mode: int) -> str:
@@ -35,46 +38,121 @@ def _kind(mode: int) -> str:
     return "not a pipe or a regular file"
 
 
-def _read_key(fd: int, what: str) -> bytearray:
+def _read_key(fd: int, what: str, deadline: float) -> bytearray:
+    """The key on *fd* (this reader's own descriptor), by *deadline*."""
     mode = os.fstat(fd).st_mode
     if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode)):
         raise errors.InvalidArgument(f"{what}: a key comes on a pipe or a regular file, "
                                      f"and this descriptor is {_kind(mode)}")
-    key = bytearray()
-    if stat.S_ISREG(mode):
-        # From the start, whatever the sender's offset: the file is the key.
-        chunk = os.pread(fd, MAX_KEY_BYTES + 1, 0)
-        key += chunk
-    else:
-        deadline = time.monotonic() + KEY_READ_SECONDS
+    buffer = bytearray(MAX_KEY_BYTES + 1)
+    view = memoryview(buffer)
+    got = 0
+    try:
+        if stat.S_ISREG(mode):
+            # From the start, whatever the sender's offset: the file is the key.
+            while got < len(buffer):
+                n = os.preadv(fd, [view[got:]], got)
+                if not n:
+                    break
+                got += n
+        else:
+            got = _read_pipe(fd, view, what, deadline)
+        if not MIN_KEY_BYTES <= got <= MAX_KEY_BYTES:
+            raise errors.InvalidArgument(
+                f"{what}: a key is {MIN_KEY_BYTES} to {MAX_KEY_BYTES} bytes, "
+                f"not {'more than ' + str(MAX_KEY_BYTES) if got > MAX_KEY_BYTES else got}")
+        return buffer[:got]
+    finally:
+        view.release()
+        wipe(buffer)
+
+
+def _read_pipe(fd: int, view: memoryview, what: str, deadline: float) -> int:
+    """Read the pipe until its end into *view*: through a descriptor of its
+    own, opened non-blocking (the caller's is left as it is), so that a
+    second reader taking the bytes between the poll and the read makes the
+    read return, not wait."""
+    own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        first, second = os.fstat(fd), os.fstat(own)
+        if not stat.S_ISFIFO(second.st_mode) or (first.st_dev, first.st_ino) != (
+                second.st_dev, second.st_ino):
+            raise errors.InvalidArgument(f"{what}: the pipe changed while it was opened")
         poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        while len(key) <= MAX_KEY_BYTES:
+        poller.register(own, select.POLLIN)
+        got = 0
+        while got < len(view):
             left = deadline - time.monotonic()
             if left <= 0 or not poller.poll(left * 1000):
-                wipe(key)
                 raise errors.InvalidArgument(
                     f"{what}: the pipe was not closed within {KEY_READ_SECONDS:.0f} s "
                     "(write the key, then close the pipe's write end)")
-            # POLLIN or POLLHUP: a read returns what is there without waiting.
-            chunk = os.read(fd, MAX_KEY_BYTES + 1 - len(key))
-            if not chunk:
+            try:
+                n = os.readv(own, [view[got:]])
+            except BlockingIOError:
+                continue  # another reader took what was there
+            if not n:
                 break
-            key += chunk
-    if not MIN_KEY_BYTES <= len(key) <= MAX_KEY_BYTES:
-        size = len(key)
-        wipe(key)
-        raise errors.InvalidArgument(
-            f"{what}: a key is {MIN_KEY_BYTES} to {MAX_KEY_BYTES} bytes, "
-            f"not {'more than ' + str(MAX_KEY_BYTES) if size > MAX_KEY_BYTES else size}")
-    return key
+            got += n
+        return got
+    finally:
+        os.close(own)
 
 
 async def read_key(fd: object, what: str = "key") -> bytearray:
-    """The key on descriptor *fd* (the router's: not closed here)."""
+    """The key on descriptor *fd* (the router's: not closed here).
+
+    Read on a thread of its own with a copy of the descriptor, never on a
+    thread dmd shares: a file on a hung network or FUSE mount can block a
+    read for good. Past KEY_READ_SECONDS the call fails and the thread is
+    left to end whenever the read does (at most MAX_KEY_READERS of them:
+    more is LimitExceeded); what it reads then is wiped."""
     if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
         raise errors.InvalidArgument(f"{what}: a key is passed as a file descriptor (h)")
-    return await asyncio.to_thread(_read_key, fd, what)
+    try:
+        mine = os.dup(fd)
+    except OSError:
+        raise errors.InvalidArgument(f"{what}: not an open descriptor") from None
+    if not _READERS.acquire(blocking=False):
+        os.close(mine)
+        raise errors.LimitExceeded(f"{what}: {MAX_KEY_READERS} keys are being read (or "
+                                   "their files do not answer); try again later")
+    loop = asyncio.get_running_loop()
+    result: asyncio.Future[bytearray] = loop.create_future()
+    deadline = time.monotonic() + KEY_READ_SECONDS
+
+    def deliver(key: bytearray | None, error: BaseException | None) -> None:
+        if result.done():  # the caller was answered already: nobody takes it
+            wipe(key)
+        elif error is not None:
+            result.set_exception(error)
+        else:
+            assert key is not None
+            result.set_result(key)
+
+    def run() -> None:
+        key, error = None, None
+        try:
+            key = _read_key(mine, what, deadline)
+        except errors.ServiceError as exc:
+            error = exc
+        except OSError as exc:
+            error = errors.InvalidArgument(f"{what}: cannot be read: {exc.strerror}")
+        finally:
+            os.close(mine)
+            _READERS.release()
+        try:
+            loop.call_soon_threadsafe(deliver, key, error)
+        except RuntimeError:  # the loop is gone: dmd is stopping
+            wipe(key)
+
+    threading.Thread(target=run, name="dmd-key-read", daemon=True).start()
+    try:
+        return await asyncio.wait_for(asyncio.shield(result), KEY_READ_SECONDS + 1)
+    except TimeoutError:
+        result.cancel()
+        raise errors.InvalidArgument(f"{what}: could not be read within "
+                                     f"{KEY_READ_SECONDS:.0f} s") from None
 
 
 def check_key_description(description: object) -> str:

@@ -48,6 +48,56 @@ async def test_a_refusal_before_accepting_is_an_error_and_no_job() -> None:
     assert list(jobs) == []
 
 
+async def test_a_uid_has_so_many_jobs_running_and_kept() -> None:
+    """A service's jobs, waiting or running, are bounded (each may wait on a
+    pool's lock); root's are not; finished ones beyond a uid's share are
+    forgotten early, oldest first."""
+    from dmd.service.jobs import MAX_KEPT_PER_UID, MAX_RUNNING_PER_UID
+
+    jobs = Jobs()
+    gate = asyncio.Event()
+
+    async def waits(accept: Callable[[Any], None]) -> None:
+        await gate.wait()  # not yet accepted: queued behind a pool's lock
+        accept(None)
+
+    starts = [asyncio.create_task(jobs.start("op", 1000, waits))
+              for _ in range(MAX_RUNNING_PER_UID)]
+    await asyncio.sleep(0)
+    with pytest.raises(errors.LimitExceeded, match="uid 1000"):
+        await jobs.start("op", 1000, waits)
+    other = asyncio.create_task(jobs.start("op", 1001, waits))
+    roots = [asyncio.create_task(jobs.start("op", 0, waits)) for _ in range(20)]
+    gate.set()
+    done = [job for job, _ in await asyncio.gather(*starts, other, *roots)]
+    for job in done:
+        await jobs.wait(job.id, 5)
+
+    async def quick(accept: Callable[[Any], None]) -> None:
+        accept(None)
+
+    for _ in range(MAX_KEPT_PER_UID):
+        job, _ = await jobs.start("op", 1000, quick)
+        await jobs.wait(job.id, 5)
+    await asyncio.sleep(0)
+    mine = [j.id for j in jobs if j.started_by == 1000]
+    assert len(mine) == MAX_KEPT_PER_UID and min(mine) > max(j.id for j in done)
+    assert sum(1 for j in jobs if j.started_by == 0) == 20
+
+
+async def test_calls_in_flight_are_bounded_per_uid() -> None:
+    from dmd.service.limits import CallLimits
+
+    limits = CallLimits(per_uid=2)
+    with limits.hold(1000), limits.hold(1000):
+        with pytest.raises(errors.LimitExceeded), limits.hold(1000):
+            pass
+        with limits.hold(1001), limits.hold(0), limits.hold(0), limits.hold(0):
+            pass
+    with limits.hold(1000), limits.hold(1000):
+        pass
+
+
 async def test_failure_after_accepting_is_the_jobs_end() -> None:
     jobs = Jobs()
 
