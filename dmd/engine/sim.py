@@ -694,6 +694,21 @@ class SimDM:
         if int(args[1]) not in pool[1]["thins"]:
             raise _fail(errno.ENODATA, "DM_TABLE_LOAD", dev)  # __open_device
 
+    def _pool_size_fits(self, k: _Kernel, table: list[list[object]]) -> bool:
+        """A thin-pool table going live: its data no smaller than the
+        metadata says the pool has (which it then takes, if larger)."""
+        key = self._pool_key(k, table)
+        if key is None or key not in k.pools:
+            return True
+        blocks = int(str(table[0][1])) // int(str(table[0][3]).split()[2])
+        pool = k.pools[key]
+        if blocks < pool.get("blocks", 0):
+            return False
+        if blocks != pool.get("blocks"):
+            k.pools[key] = dict(pool, blocks=blocks)
+            k.dirty_pools.add(key)
+        return True
+
     def _open_pool(self, k: _Kernel, table: list[list[object]]) -> None:
         """pool_ctr: a metadata device whose first block is zero is formatted."""
         key = self._pool_key(k, table)
@@ -1072,6 +1087,23 @@ class SimDM:
                 # return with the device still suspended on its old table.
                 dev.suspended = True
                 dev.inactive, dev.inactive_ro = None, False
+                raise _fail(errno.EINVAL, "DM_DEV_SUSPEND", id)
+            if dev.inactive is not None:
+                # do_resume swaps the new table in; pool_preresume then fails
+                # the resume of a data device smaller than the metadata's data
+                # size ("pool target too small"): suspended, on the new table.
+                fits = self._pool_size_fits(k, dev.inactive)
+                if not fits:
+                    self._swap_cache(dev, dev.live, dev.inactive)
+                    dev.live, dev.live_ro = dev.inactive, dev.inactive_ro
+                    dev.inactive, dev.inactive_ro = None, False
+                    dev.size_sectors = sum(int(str(line[1])) for line in dev.live)
+            elif dev.suspended and dev.live is not None:
+                fits = self._pool_size_fits(k, dev.live)
+            else:
+                fits = True
+            if not fits:
+                dev.suspended = True
                 raise _fail(errno.EINVAL, "DM_DEV_SUSPEND", id)
             if dev.suspended or dev.inactive is not None:
                 self._rearm_low_water(k, dev.inactive or dev.live)

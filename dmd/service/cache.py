@@ -254,7 +254,7 @@ async def build_cache_devices(pools: PoolService, volume: VolumeRecord, *,
         first = areas[0][0]
         fd = await pools.kernel(Engine.open_node, first, os.O_RDWR)
         try:
-            await asyncio.to_thread(_zero, fd, min(ZERO_BYTES, areas[0][2] * 512))
+            await pools.kernel.run_slow(_zero, fd, min(ZERO_BYTES, areas[0][2] * 512))
         finally:
             os.close(fd)
 

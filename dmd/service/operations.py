@@ -113,6 +113,10 @@ class DeviceService:
         # named in errors. Only a call that names the same owner may change
         # such a device, so a raw call cannot corrupt a pool.
         self.claims: dict[str, str] = {}
+        # Asked before start-up re-creates a persistent device from its
+        # record: a reason not to (the disks its table names are not the ones
+        # it was made on), or None. A higher layer (pools) adds its own.
+        self.recreate_guards: list[Callable[[DeviceRecord], Awaitable[str | None]]] = []
 
     def close(self) -> None:
         self.kernel.close()

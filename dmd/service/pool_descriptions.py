@@ -76,7 +76,8 @@ class Descriptions:
                 unreadable.append((path, str(exc)))
         return Found(tuple(readings), tuple(unreadable))
 
-    async def write(self, pool: PoolRecord, volumes: Sequence[VolumeRecord]) -> None:
+    async def write(self, pool: PoolRecord, volumes: Sequence[VolumeRecord],
+                    pending: dict[str, Any] | None = None) -> None:
         """Write *pool*'s description at its generation: labels first where
         this dmd has not written them, then copy A on every device, then
         copy B (each write durable before the next begins)."""
@@ -86,7 +87,7 @@ class Descriptions:
                 label = Label(pool.uuid, layout.ids[index], index, len(layout.devices))
                 await self.kernel(Engine.write_disk, path, LABEL_OFFSET, label.encode())
             self.labelled[pool.uuid] = layout.ids
-        raw = Description(pool.generation, pool, tuple(volumes)).encode()
+        raw = Description(pool.generation, pool, tuple(volumes), pending).encode()
         for number, offset in enumerate(COPY_OFFSETS):
             if number and self.fault is not None:
                 self.fault("pool-describe", number)

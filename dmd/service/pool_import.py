@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import Any
 
 from dmd.engine.interface import Engine
 from dmd.service import errors
@@ -29,7 +30,7 @@ from dmd.service.device_names import (
 )
 from dmd.service.encryption import settle_at_start
 from dmd.service.journal import PoolArgs, PoolImportStep, intent
-from dmd.service.pools import Accept, PoolService, _ignore
+from dmd.service.pools import Accept, PoolService, _ignore, volume_from_json
 from dmd.state import PoolRecord
 from dmd.state.pool_description import Description
 
@@ -66,8 +67,17 @@ async def import_pool(pools: PoolService, paths: list[str], *, caller: Caller = 
             pools._release(name)
             raise
         pools.descriptions.labelled[record.uuid] = record.layout.ids
-        await pools.descriptions.repair(record, list(description.volumes),
-                                        await pools.descriptions.read(record.layout.devices))
+        if description.pending is not None and "volume" in description.pending:
+            await _settle_pending(pools, name, description.pending, record.transaction_id)
+        elif description.pending is not None:
+            # A growth: the description gave its larger layout, which the
+            # devices just made take (the kernel grows a pool on resume).
+            log.info("pool-import %s: its %s, cut short, is finished", name,
+                     description.pending.get("operation"))
+        else:
+            await pools.descriptions.repair(
+                record, list(description.volumes),
+                await pools.descriptions.read(record.layout.devices))
         await pools.activate_recorded(name)  # settled with the rest: the bus shows them
         # Encrypted volumes wait for their keys (the keyring's, or Unlock).
         await settle_at_start(pools, name)
@@ -119,6 +129,31 @@ async def _read(pools: PoolService, paths: list[str]) -> tuple[Description, Pool
                                 generation=description.generation)
 
 
+async def _settle_pending(pools: PoolService, name: str, pending: dict[str, Any],
+                          start: int) -> None:
+    """The operation the description names was cut short (its caller was
+    never told it ended: that comes after the description without it is
+    written): a create or snapshot is undone, its thin id deleted if the
+    kernel has it; a delete, past its way back once named, is finished. The
+    records then match the kernel's thin ids and transaction id, and the
+    description is written anew."""
+    volume = volume_from_json(pending["volume"])
+    VolumeName(volume.name, name)
+    if volume.pool != name or volume.thin_id is None:
+        raise errors.Corrupt(f"pool {name!r}: its description's pending operation names "
+                             "another pool's volume, or none")
+    operation = pending.get("operation")
+    if operation in ("volume-create", "volume-snapshot"):
+        await pools.undo_thin(name, volume, recorded=False)
+    elif operation == "volume-delete":
+        await pools.finish_delete(volume, start)
+    else:
+        raise errors.Corrupt(f"pool {name!r}: its description names an operation this dmd "
+                             f"does not know ({operation!r})")
+    log.info("pool-import %s: %s of %s, cut short, %s", name, operation, volume.name,
+             "finished" if operation == "volume-delete" else "undone")
+
+
 async def _activate(pools: PoolService, record: PoolRecord, description: Description,
                     accept: Accept) -> None:
     from dmd.service.pools import _linear, _pool_table
@@ -144,7 +179,11 @@ async def _activate(pools: PoolService, record: PoolRecord, description: Descrip
                                    uuid=f"DMD-POOL-{record.uuid}-tpool", persistent=True,
                                    claim=claim)
         tid = (await pools.pool_state(name, record)).transaction_id
-        if tid != record.transaction_id:
+        pending = description.pending or {}
+        # An operation the description names may have moved it one on.
+        moving = pending.get("transaction_from") == record.transaction_id and \
+            tid == record.transaction_id + 1
+        if tid != record.transaction_id and not moving:
             raise errors.Busy(
                 f"pool {name!r}: its metadata is at transaction id {tid}, its description "
                 f"(generation {description.generation}) at {record.transaction_id}: it was "

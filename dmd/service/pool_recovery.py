@@ -90,6 +90,15 @@ async def check_description(pools: PoolService, record: PoolRecord) -> None:
         log.error("recovery: pool %s is refused changes: %s", name, pools.refused[name])
         return
     newest = found.newest
+    if newest is not None and newest.pending is not None and \
+            newest.generation == record.generation:
+        # It names an operation recovery has settled above: the records are
+        # the pool now, in a generation of their own.
+        log.info("recovery: pool %s: its description named a %s under way; written again",
+                 name, newest.pending.get("operation"))
+        await pools.store.pool_change(name)
+        await pools.describe(name)
+        return
     if newest is None or newest.generation < record.generation:
         if newest is not None:
             log.info("recovery: pool %s: description at generation %d, records at %d: "
@@ -219,13 +228,13 @@ async def _settle(pools: PoolService, intent: IntentRecord) -> str | None:
         if intent.operation == "volume-create" and intent.step >= VolumeCreateStep.ENCRYPT:
             # luksFormat, cryptsetup open or mkfs was running: a half-made
             # header or filesystem is no volume to hand out.
-            await pools._undo_thin(pool, volume, recorded=volume.uuid in recorded)
+            await pools.undo_thin(pool, volume, recorded=volume.uuid in recorded)
             return "rolled_back"
         if tid == start:
             # The thin may exist (create_thin sent, the transaction not):
             # take it back. Nothing was recorded or activated yet.
-            await pools._undo_thin(pool, volume, recorded=False)
-            # _undo_thin moved the pool one transaction on; the records follow.
+            await pools.undo_thin(pool, volume, recorded=False)
+            # undo_thin moved the pool one transaction on; the records follow.
             return "rolled_back"
         if volume.uuid not in recorded:
             await pools.store.pool_change(pool, transaction_id=tid, add=volume)

@@ -89,6 +89,7 @@ async def extend_pool(pools: PoolService, pool: str, data_bytes: int = 0,
     async with pools.changing(pool):
         record = await pools.pool(pool)
         await pools.check_authorized(caller, Action.POOL, pool, record.owner_uid)
+        await pools.check_devices(record)
         grown_layout = extended(record, data_bytes // 512, metadata_bytes // 512,
                                 await pools.thick_segments(pool))
         grown = replace(record, layout=grown_layout)
@@ -104,6 +105,7 @@ async def extend_pool(pools: PoolService, pool: str, data_bytes: int = 0,
                           PoolArgs(pool=pool, layout=grown_layout.to_json()), undo,
                           roll_forward=finish) as journal:
             await pools._accepted(pool, grown, accept)
+            await pools.describe_pending(pool, "pool-extend", layout=grown_layout)
             await journal.mark(PoolExtendStep.DEVICES)
             if grown_layout.data != record.layout.data:
                 await pools.devices.reload(pool_device(pool, PoolPart.TDATA),

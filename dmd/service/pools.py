@@ -67,6 +67,7 @@ from dmd.service.device_names import (
     parts,
     pool_device,
     pool_devices,
+    pool_of,
     tpool,
     volume_device,
 )
@@ -93,6 +94,7 @@ from dmd.service.pool_descriptions import Descriptions
 from dmd.service.pool_room import HEADER_SECTORS, allocate, check_stripes, thick_table
 from dmd.state import (
     Cache,
+    DeviceRecord,
     Encryption,
     PoolLayout,
     PoolRecord,
@@ -100,7 +102,13 @@ from dmd.state import (
     Thick,
     VolumeRecord,
 )
-from dmd.state.pool_description import PAYLOAD_ROOM, Description, DescriptionError
+from dmd.state.pool_description import (
+    BLOCK,
+    PAYLOAD_ROOM,
+    Description,
+    DescriptionError,
+    Label,
+)
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +261,13 @@ class PoolService:
         # Encrypted volumes recorded unlocked that have no cleartext device
         # yet (uuid -> what they wait for): dmd.service.encryption.
         self.waiting: dict[str, str] = {}
+        # Pool UUID -> the generation whose description names an operation
+        # under way (describe_pending).
+        self._pending_described: dict[str, int] = {}
+        # Pool UUID -> why its disks are not its own (None: they are), as
+        # found at start-up (recreate_guard).
+        self._disks_checked: dict[str, str | None] = {}
+        devices.recreate_guards.append(self.recreate_guard)
 
     async def as_job(self, operation: str, caller: Caller,
                      call: Callable[[Accept], Awaitable[Any]]) -> tuple[Job, Any]:
@@ -320,6 +335,32 @@ class PoolService:
                 f"the {PAYLOAD_ROOM} its devices keep for it (fewer or shorter labels, or "
                 "another pool)")
 
+    async def describe_pending(self, pool: str, operation: str, *,
+                               transaction_from: int | None = None,
+                               volume: VolumeRecord | None = None,
+                               layout: PoolLayout | None = None) -> None:
+        """Before a step the kernel cannot take back: the description names
+        the operation under way (a generation of its own), so that
+        ImportPool, after a crash here and the loss of dmd's state, knows
+        what the kernel may hold that the records do not
+        (dmd.service.pool_import): a message moving the transaction id from
+        *transaction_from* about *volume*, or the pool growing to *layout*
+        (the description then says the pool is that: an import finishes the
+        growth). Its failure fails the operation."""
+        await self.store.pool_change(pool)
+        record = await self.pool(pool)
+        if layout is not None:
+            record = replace(record, layout=layout)
+        pending: dict[str, Any] = {"operation": operation}
+        if transaction_from is not None and volume is not None:
+            pending.update(transaction_from=transaction_from, volume=_volume_json(volume))
+        try:
+            await self.descriptions.write(record, await self.store.list_volumes(pool), pending)
+        except (OSError, DescriptionError) as exc:
+            raise errors.Kernel(f"pool {pool}: writing its description: {exc}", getattr(
+                exc, "errno", 0) or 0) from None
+        self._pending_described[record.uuid] = record.generation
+
     async def describe(self, pool: str) -> None:
         """Bring the description on the pool's devices to the generation of
         its records (nothing to do if it is there). A failure is logged: the
@@ -327,6 +368,11 @@ class PoolService:
         record = await self.store.get_pool(pool)
         if record is None or pool in self.refused:
             return
+        if self._pending_described.pop(record.uuid, None) == record.generation:
+            # The description there names an operation that has ended: the
+            # one without it gets a generation of its own.
+            await self.store.pool_change(pool)
+            record = await self.pool(pool)
         if len(record.layout.ids) != len(record.layout.devices):
             # Recorded before devices had labels: give each its UUID now.
             await self.store.pool_change(pool, layout=replace(
@@ -349,6 +395,45 @@ class PoolService:
         """Claim the names of every recorded pool."""
         for pool in await self.store.list_pools():
             self._claim(pool.name)
+
+    async def check_devices(self, record: PoolRecord) -> None:
+        """Busy unless every path of the pool's layout still names the disk
+        the pool was laid on: the label there says so (its pool's and its
+        own UUID). A path is looked up again at every table load; a disk
+        renamed (another disk now under that name) is refused, never
+        written: ImportPool finds the pool's disks by their labels."""
+        layout_ = record.layout
+        if len(layout_.ids) != len(layout_.devices):
+            return  # recorded before devices had labels: its next change gives them
+        for index, path in enumerate(layout_.devices):
+            try:
+                label = Label.decode(await self.kernel(Engine.read_disk, path, 0, BLOCK))
+            except (OSError, DescriptionError) as exc:
+                label, why = None, str(exc)
+            else:
+                why = "no dmd pool label" if label is None else "the label of another device"
+            if label is None or (label.pool_uuid, label.device_uuid) != (
+                    record.uuid, layout_.ids[index]):
+                raise errors.Busy(
+                    f"pool {record.name!r}: {path} is not the disk the pool was laid on "
+                    f"({why}); nothing was written to it (ImportPool finds a pool's disks "
+                    "by their labels)")
+
+    async def recreate_guard(self, device: DeviceRecord) -> str | None:
+        """DeviceService.recreate_guards: a pool's devices are re-created at
+        start-up only over the pool's own disks."""
+        pool = pool_of(device.name)
+        record = await self.store.get_pool(pool) if pool is not None else None
+        if record is None or not in_pool(device.name, claim_prefix(pool or "")):
+            return None
+        if record.uuid not in self._disks_checked:
+            try:
+                await self.check_devices(record)
+                self._disks_checked[record.uuid] = None
+            except errors.Busy as exc:
+                self._disks_checked[record.uuid] = str(exc)
+                self.refused[record.name] = str(exc)
+        return self._disks_checked[record.uuid]
 
     def _claim(self, pool: str) -> None:
         self.devices.claims[claim_prefix(pool)] = self.owner(pool)
@@ -685,6 +770,7 @@ class PoolService:
             await self.check_authorized(caller, Action.POOL, pool, record.owner_uid)
             if path in record.layout.devices:
                 raise errors.Busy(f"{path} is a device of pool {pool!r} already")
+            await self.check_devices(record)
             [(path, size)] = await self._check_devices([path], force)
             state = await self.pool_state(pool, record)
             meta = 0
@@ -725,6 +811,7 @@ class PoolService:
                 await self._accepted(pool, grown, accept)
                 await journal.mark(PoolGrowStep.WIPE)
                 await self.kernel(Engine.wipe, path, 0, HEADER_SECTORS * 512)
+                await self.describe_pending(pool, "pool-grow", layout=grown_layout)
                 if meta:
                     await journal.mark(PoolGrowStep.METADATA)
                     journal.no_way_back()
@@ -864,7 +951,7 @@ class PoolService:
                 assert origin_device is not None
                 with contextlib.suppress(errors.ServiceError):
                     await self.devices.resume(origin_device, claim=claim)
-            await self._undo_thin(name, volume, recorded=journal.step >= steps.ACTIVATE)
+            await self.undo_thin(name, volume, recorded=journal.step >= steps.ACTIVATE)
 
         assert volume.thin_id is not None
         args = PoolArgs(pool=name, transaction_from=tid, thin_id=volume.thin_id,
@@ -873,6 +960,7 @@ class PoolService:
                           args, undo) as journal:
             self.pending[volume.uuid] = (volume, "creating")
             await self._accepted(name, volume, accept)
+            await self.describe_pending(name, operation, transaction_from=tid, volume=volume)
             if snapshot:
                 await journal.mark(SnapshotStep.SUSPEND)
             if origin_device is not None:
@@ -921,6 +1009,7 @@ class PoolService:
         the device, then encrypt and make a filesystem as a thin volume's
         create does. Undone on error; a crash at any step undoes it all."""
         pool = record.name
+        await self.check_devices(record)
         stripe_sectors = check_stripes(record.layout, stripes, stripe_size)
         segments = allocate(record.layout, size // 512, stripes, stripe_sectors,
                             await self.thick_segments(pool))
@@ -1005,6 +1094,7 @@ class PoolService:
         assert volume.thick is not None
         pool, thick = volume.pool, volume.thick
         record = await self.pool(pool)
+        await self.check_devices(record)
         more = allocate(record.layout, (size - volume.size_bytes) // 512, thick.stripes,
                         thick.stripe_sectors, await self.thick_segments(pool))
         grown_thick = replace(thick, segments=(*thick.segments, *more))
@@ -1041,13 +1131,13 @@ class PoolService:
         for seg in segments:
             path = layout_.devices[seg.device]
             try:
-                await self.kernel(Engine.wipe, path, seg.start * 512, seg.length * 512)
+                await self.kernel.slow(Engine.wipe, path, seg.start * 512, seg.length * 512)
             except OSError as exc:
                 code = exc.errno or 0
                 raise errors.Kernel(f"zeroing {seg.length} sectors of {path} at sector "
                                     f"{seg.start}: {os.strerror(code)}", code) from None
 
-    async def _undo_thin(self, pool: str, volume: VolumeRecord, *, recorded: bool) -> None:
+    async def undo_thin(self, pool: str, volume: VolumeRecord, *, recorded: bool) -> None:
         """Take a thin id back out (deleting what is not there is fine) and
         leave the records at the kernel's transaction id."""
         await self._remove_volume_devices(volume)
@@ -1099,7 +1189,9 @@ class PoolService:
 
     async def volume_table(self, volume: VolumeRecord) -> list[TargetLine]:
         if volume.thick is not None:
-            return thick_table((await self.pool(volume.pool)).layout, volume.thick)
+            record = await self.pool(volume.pool)
+            await self.check_devices(record)
+            return thick_table(record.layout, volume.thick)
         assert volume.thin_id is not None
         return _thin_table(volume.pool, volume.thin_id, volume.size_bytes)
 
@@ -1170,6 +1262,8 @@ class PoolService:
                 with contextlib.suppress(errors.NotFound):
                     await self.devices.remove(volume_device(pool, name), claim=claim)
                 journal.no_way_back()
+                await self.describe_pending(pool, "volume-delete", transaction_from=tid,
+                                            volume=volume)
                 await journal.mark(VolumeDeleteStep.MESSAGE)
                 await self._send(pool, delete(thin_id))
                 await journal.mark(VolumeDeleteStep.TRANSACTION)

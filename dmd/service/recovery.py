@@ -121,6 +121,12 @@ async def _recreate(service: DeviceService, record: Any, report: RecoveryReport)
         report.failed.append(name)
         log.error("recovery: %s needs its key, which dmd does not store", name)
         return
+    for guard in service.recreate_guards:
+        why = await guard(record)
+        if why is not None:
+            report.failed.append(name)
+            log.error("recovery: %s not re-created: %s", name, why)
+            return
     try:
         await service.kernel(Engine.device_create, name, record.uuid)
         await service.kernel(Engine.table_load, name, list(record.table),

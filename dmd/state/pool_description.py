@@ -97,6 +97,11 @@ class Description:
     generation: int
     pool: PoolRecord
     volumes: tuple[VolumeRecord, ...]
+    # An operation that may be moving the pool's transaction id past the
+    # records above: {"operation", "transaction_from", "volume"} (the volume's
+    # record as the journal carries it). Written before its first kernel
+    # message, so that a pool imported after a crash there can be settled.
+    pending: dict[str, Any] | None = None
 
     def payload(self) -> bytes:
         p = self.pool
@@ -121,6 +126,7 @@ class Description:
                 **({"thick": v.thick.to_json()} if v.thick else {}),
                 **({"cache": v.cache.to_json()} if v.cache else {}),
             } for v in sorted(self.volumes, key=_volume_order)],
+            **({"pending": self.pending} if self.pending is not None else {}),
         }
         # UTF-8 as it is (no \uXXXX): a label's bytes cost what they are.
         return json.dumps(doc, sort_keys=True, separators=(",", ":"),
@@ -183,7 +189,11 @@ class Description:
                 raise
             raise DescriptionError(f"description generation {generation} is not "
                                    f"readable: {exc!r}") from None
-        return cls(generation, pool, volumes)
+        pending = doc.get("pending")
+        if pending is not None and not isinstance(pending, dict):
+            raise DescriptionError(f"description generation {generation}: its pending "
+                                   "operation is not readable")
+        return cls(generation, pool, volumes, pending)
 
 
 def _digest(generation: int, payload: bytes) -> bytes:

@@ -496,6 +496,29 @@ def test_pool_metadata_outlives_its_devices_until_wiped(engine: Engine,
     engine.target_msg(pool, 0, thin.create_thin(5))
 
 
+def test_a_pool_never_takes_less_data_than_its_metadata_has(
+        engine: Engine, disk: Callable[[int], str]) -> None:
+    """pool_preresume: a thin-pool table with less data than the metadata
+    records fails its resume ("pool target too small"): do_resume has swapped
+    it in, so the device stays suspended on it, and every resume fails until
+    a table of the pool's size is loaded. (An import of a pool whose growth
+    its description did not name failed so.)"""
+    from dmd.engine.targets.thin import ThinPoolParams
+
+    pool, _ = _thin_pool(engine, disk)
+    params = ThinPoolParams(f"/dev/mapper/{P}tmeta", f"/dev/mapper/{P}tdata", 128, 0)
+    small = [TargetLine(0, 61440, "thin-pool", params.to_params())]
+    engine.table_load(pool, small)
+    assert errno_of(lambda: engine.device_suspend(pool, DmFlags(0))) == errno.EINVAL
+    info, live = engine.table_status(pool, DmFlags.DM_STATUS_TABLE)
+    assert info.suspended and not info.inactive_present and live[0].length == 61440
+    assert errno_of(lambda: engine.device_suspend(pool, DmFlags(0))) == errno.EINVAL
+    engine.table_load(pool, [TargetLine(0, 122880, "thin-pool", params.to_params())])
+    assert not engine.device_suspend(pool, DmFlags(0)).suspended
+    assert _pool_status(engine, pool).total_data_blocks == 960
+    _remove_pool(engine)
+
+
 def test_pool_with_a_bad_block_size_is_refused(engine: Engine,
                                                disk: Callable[[int], str]) -> None:
     backing = disk(64)

@@ -25,18 +25,22 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
-from lab_daemon import SystemDmd, busctl, polkitd, unfinished
+from lab_daemon import SystemDmd, busctl, dmsetup, polkitd, unfinished
+from test_pools_lab import call as pools_call
 from test_pools_lab import create_pool, disks, prop, wait
 
 from dmd.dbus.names import (
     BUS_NAME,
     ERROR_PREFIX,
     JOB_INTERFACE,
+    MANAGER_INTERFACE,
     POOL_INTERFACE,
+    ROOT_PATH,
     VOLUME_INTERFACE,
 )
 
@@ -53,6 +57,29 @@ RULE = """polkit.addRule(function(action, subject) {
         return polkit.Result.YES;
 });
 """
+
+# Any call, as a user, printing the reply or the error's name (busctl prints
+# only an error's message).
+ASK = textwrap.dedent('''
+    import asyncio, json, sys
+    from dbus_fast import BusType, Message, MessageType, Variant
+    from dbus_fast.aio import MessageBus
+
+    async def main(path, interface, member, signature, body):
+        bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+        args = [{k: Variant(*v) for k, v in a.items()} if isinstance(a, dict) else a
+                for a in json.loads(body)]
+        reply = await bus.call(Message(
+            destination="org.example.DeviceMapper", path=path, interface=interface,
+            member=member, signature=signature, body=args))
+        if reply.message_type is MessageType.ERROR:
+            print(json.dumps({"error": reply.error_name.removeprefix(
+                "org.example.DeviceMapper.Error."), "message": str(reply.body[:1])}))
+        else:
+            print(json.dumps({"data": reply.body}))
+
+    asyncio.run(main(*sys.argv[1:6]))
+''')
 
 # The service: asks for the volume's device and uses the descriptor it gets.
 CLIENT = textwrap.dedent('''
@@ -98,6 +125,7 @@ def client() -> Iterator[Path]:
     home = Path(tempfile.mkdtemp(prefix="dmdtest-service-", dir="/run"))
     shutil.copytree(Path(dbus_fast.__file__).parent, home / "dbus_fast")
     (home / "service.py").write_text(CLIENT)
+    (home / "ask.py").write_text(ASK)
     for path in [home, *home.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     try:
@@ -292,3 +320,101 @@ def test_a_failing_mkfs_undoes_the_volume_on_the_kernel(stopped_dmd: SystemDmd,
         assert status[3] == "2", status  # transaction id: the create, then its undo
     finally:
         shutil.rmtree(tools)
+
+
+def _ask(client: Path, user: str, path: str, interface: str, member: str, signature: str,
+         *args: Any) -> tuple[str, Any]:
+    """("", the reply's body) or (the error's name, its message), as *user*;
+    an a{sv} argument as a dict of name -> (signature, value)."""
+    out = as_user(user, PYTHON, str(client.parent / "ask.py"), path, interface, member,
+                  signature, json.dumps(list(args)))
+    assert out.returncode == 0, out.stderr
+    reply = json.loads(out.stdout)
+    return (reply["error"], reply["message"]) if "error" in reply else ("", reply["data"])
+
+
+def test_a_service_reaches_nothing_but_its_own_volumes(
+        system_dmd: SystemDmd, disks: list[str], client: Path, volume_rule: None) -> None:
+    """Issue 26's attacks, by a uid polkit allows the volume action and
+    nothing else, on the real kernel: each gets a named error or its own
+    data, never the pool's devices, another's volume, or what a deleted
+    volume left on the disk."""
+    def ask(user: str, path: str, interface: str, member: str, signature: str,
+            *args: Any) -> tuple[str, Any]:
+        return _ask(client, user, path, interface, member, signature, *args)
+
+    def made(reply: tuple[str, Any]) -> str:
+        error, data = reply
+        assert not error, reply
+        wait(data[-1])
+        return str(data[0])
+
+    # A pool with room for thick volumes past its data.
+    pool, job = pools_call(ROOT_PATH, MANAGER_INTERFACE, "CreatePool", "sasa{sv}", "dmdtpi",
+                           "1", disks[0], "1", "data-size", "t", str(32 * MIB))
+    wait(job)
+    size = 16 * MIB
+    mine = made(ask(SERVICE, pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", "mine", size,
+                    {}))
+
+    # Names that are the pool's own devices, or that end in a newline.
+    for name in ("tdata", "tmeta", "tpool"):
+        assert ask(SERVICE, mine, VOLUME_INTERFACE, "Snapshot", "sa{sv}", name,
+                   {"activate": ["b", False]})[0] == "InvalidArgument"
+        assert ask(SERVICE, pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", name, size,
+                   {})[0] == "InvalidArgument"
+    assert ask(SERVICE, pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", "nl\n", size,
+               {})[0] == "InvalidArgument"
+    assert dmsetup("info", "-c", "--noheadings", "-o", "uuid", "dmdtpi-tdata").startswith(
+        "DMD-POOL-")
+
+    # A name people use: the device doubles its "-", as LVM's would.
+    made(ask(SERVICE, pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", "web-data", size, {}))
+    assert os.path.exists("/dev/mapper/dmdtpi-web--data")
+
+    # Another uid allowed the same action: nothing of the first one's.
+    for member, signature, args in [("Snapshot", "sa{sv}", ("stolen", {})),
+                                    ("Resize", "ta{sv}", (2 * size, {})),
+                                    ("Delete", "a{sv}", ({},)),
+                                    ("Deactivate", "a{sv}", ({},)),
+                                    ("AttachCache", "sa{sv}", ("dmdtpi/web-data", {})),
+                                    ("Lock", "a{sv}", ({},))]:
+        assert ask(OTHER, mine, VOLUME_INTERFACE, member, signature, *args)[0] == \
+            "NotAuthorized", member
+    opened = service(client, OTHER, mine, "r", "read")
+    assert opened.returncode == 3 and "NotAuthorized" in opened.stdout
+    # ... and the pool is not a volume user's to change.
+    assert ask(SERVICE, pool, POOL_INTERFACE, "Destroy", "a{sv}", {})[0] == "NotAuthorized"
+
+    # A stale object: SERVICE's volume deleted, OTHER makes one of its name.
+    old = made(ask(SERVICE, pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", "shared", size,
+                   {}))
+    wait(ask(SERVICE, old, VOLUME_INTERFACE, "Delete", "a{sv}", {})[1][0])
+    new = made(ask(OTHER, pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", "shared", size,
+                   {}))
+    assert new != old
+    error, _ = ask(SERVICE, old, VOLUME_INTERFACE, "OpenDevice", "sa{sv}", "rw", {})
+    assert error in ("NotFound", "org.freedesktop.DBus.Error.UnknownObject",
+                     "org.freedesktop.DBus.Error.UnknownMethod"), error
+
+    # New room never shows what a deleted volume left: root fills a thick
+    # volume, the service deletes it, then grows an inactive thick volume of
+    # its own into that room, activates it and reads zeros.
+    old_thick = made(ask(SERVICE, pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", "old",
+                         size, {"thin": ["b", False]}))
+    with open("/dev/mapper/dmdtpi-old", "r+b") as f:
+        f.write(b"\xa5" * size)
+        f.flush()
+        os.fsync(f.fileno())
+    wait(ask(SERVICE, old_thick, VOLUME_INTERFACE, "Delete", "a{sv}", {})[1][0])
+    grown = made(ask(SERVICE, pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", "grown",
+                     4 * MIB, {"thin": ["b", False]}))
+    for member, signature, args in [("Deactivate", "a{sv}", ({},)),
+                                    ("Resize", "ta{sv}", (size, {})),
+                                    ("Activate", "a{sv}", ({},))]:
+        error, data = ask(SERVICE, grown, VOLUME_INTERFACE, member, signature, *args)
+        assert not error, (member, data)
+        wait(data[0])
+    read = service(client, SERVICE, grown, "r", "read", size=size)
+    assert read.returncode == 0, read.stdout + read.stderr
+    assert read.stdout.strip() == hashlib.sha256(bytes(size)).hexdigest()

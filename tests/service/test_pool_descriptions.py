@@ -140,9 +140,15 @@ def test_a_crash_between_the_two_copies_is_repaired(tmp_path: Path) -> None:
     pid = os.fork()
     if pid == 0:
         try:
+            described: list[int] = []
+
             def crash(op: str, number: int) -> None:
+                # The second description: the create's last (its first names
+                # the create under way, before the kernel's message).
                 if op == "pool-describe":
-                    os._exit(42)
+                    described.append(number)
+                    if len(described) == 2:
+                        os._exit(42)
 
             async def child() -> None:
                 pools = open_pools(tmp_path, crash)

@@ -15,7 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_pools import DISKS, GIB, assert_agree, close, recovered, state
+from test_pool_space import crash_at
+from test_pools import (
+    DISKS,
+    EVERY_STEP,
+    GIB,
+    OPERATIONS,
+    assert_agree,
+    close,
+    open_pools,
+    prepare,
+    recovered,
+    state,
+)
 
 from dmd.engine import DmError
 from dmd.engine.sim import SimDM
@@ -23,7 +35,9 @@ from dmd.engine.targets.thin import set_transaction_id
 from dmd.service import errors
 from dmd.service.journal import PoolImportStep
 from dmd.service.pool_import import import_pool
-from dmd.state.pool_description import COPY_OFFSETS, HEADER_BYTES
+from dmd.service.pool_recovery import recover_pools
+from dmd.service.recovery import recover
+from dmd.state.pool_description import COPY_OFFSETS, HEADER_BYTES, read_device
 
 
 def engine(tmp_path: Path) -> SimDM:
@@ -219,3 +233,75 @@ def test_a_crash_at_any_step_of_an_import_leaves_it_done_or_undone(
             close(pools)
 
     asyncio.run(restart())
+
+
+# Operations whose crash may leave no pool to import: a destroy wipes the
+# description (that is what it is for).
+NOT_IMPORTED = {"pool-destroy"}
+
+
+@pytest.mark.parametrize(("operation", "step"),
+                         [(op, k) for op, k in EVERY_STEP if op not in NOT_IMPORTED])
+def test_a_crash_at_any_step_then_a_lost_state_imports(tmp_path: Path, operation: str,
+                                                       step: int) -> None:
+    """Killed at any step of any pool or volume operation, the state
+    directory then lost: ImportPool brings the pool back from its devices,
+    its thin ids the records', nothing half-made."""
+    asyncio.run(prepare(tmp_path))
+    crash_at(tmp_path, operation, step, OPERATIONS[operation])
+    reboot_and_lose_the_state(tmp_path)
+
+    async def imported() -> None:
+        pools = await recovered(tmp_path)
+        sim = engine(tmp_path)
+        # Every device that carries the pool's label, as an admin gives them
+        # (a grow labels its new device before the kernel takes it).
+        labels = [read_device(p, sim.read_disk(p, 0, HEADER_BYTES)).label for p in DISKS]
+        pool_uuid = labels[0].pool_uuid if labels[0] is not None else None
+        paths = [p for p, label in zip(DISKS, labels, strict=True)
+                 if label is not None and label.pool_uuid == pool_uuid]
+        try:
+            record = await import_pool(pools, paths)
+            assert record.name == "tank"
+            await assert_agree(pools)
+            await pools.create_volume("tank", "after", GIB)  # and it goes on
+            await assert_agree(pools)
+        finally:
+            close(pools)
+
+    asyncio.run(imported())
+
+
+async def test_a_disk_now_under_another_name_is_never_written(tmp_path: Path) -> None:
+    """After a reboot that swapped two disks' names, the pool's recorded paths
+    name each other's disk: start-up re-creates none of its devices over
+    them (the labels say whose disk is whose), refuses the pool, and writes
+    nothing; the disks stay as they were."""
+    pools = await recovered(tmp_path)
+    try:
+        await pools.create_pool("tank", DISKS[:2], data_size=64 << 20)
+        await pools.create_volume("tank", "thin", GIB)
+        await pools.create_volume("tank", "thick", 16 << 20, thin=False)
+    finally:
+        close(pools)
+    sim = engine(tmp_path)
+    while names := [d.name for d in sim.list_devices()]:  # a reboot: the state stays
+        for name in names:
+            with contextlib.suppress(DmError):
+                sim.device_remove(name)
+    sim.move_disk(DISKS[0], "/dev/simdisk9", 29)
+    sim.move_disk(DISKS[1], DISKS[0], 31)
+    sim.move_disk("/dev/simdisk9", DISKS[1], 32)
+    heads = {p: sim.read_disk(p, 0, HEADER_BYTES) for p in DISKS[:2]}
+    pools = open_pools(tmp_path)
+    try:
+        report = await recover(pools.devices)
+        await recover_pools(pools, report)
+        assert "tank" in pools.refused, pools.refused
+        assert [d.name for d in engine(tmp_path).list_devices()] == []
+        assert set(report.failed) >= {"tank-tmeta", "tank-tdata"}
+        assert {p: engine(tmp_path).read_disk(p, 0, HEADER_BYTES) for p in DISKS[:2]} == heads
+        with pytest.raises(errors.Busy, match="not changed by dmd"):
+            await pools.create_volume("tank", "more", GIB)
+    finally:
+        close(pools)
