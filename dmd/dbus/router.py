@@ -114,6 +114,7 @@ class Router:
         # the next message, whose descriptors are added to it once read. This
         # runs before the next message is read: the list held here is this
         # message's alone, and the next one's descriptors go to the next.
+        # (Reported upstream as docs/upstream/dbus-fast-unix-fds.md says.)
         msg.unix_fds = list(msg.unix_fds)
         answer = self._dispatch(msg)
         if answer is not True:

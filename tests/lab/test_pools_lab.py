@@ -410,8 +410,10 @@ def test_import_after_a_crash_between_copies_the_state_lost_and_the_disks_renumb
 
     try:
         a, b = attach(images[0]), attach(images[1])
-        # The 4th description written (the snapshot's) is cut between its copies.
-        dmd.start({"DMD_TEST_KILL_AT": "pool-describe:1:4"})
+        # The 7th description written (the snapshot's last) is cut between its
+        # copies: the pool's, then each create's and the snapshot's first
+        # (naming the operation under way) and last.
+        dmd.start({"DMD_TEST_KILL_AT": "pool-describe:1:7"})
         pool = create_pool("dmdtp7", [a, b])
         one = create_volume(pool, "one", 16 * MIB)
         create_volume(pool, "two", 16 * MIB)

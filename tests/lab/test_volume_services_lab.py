@@ -51,6 +51,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.kernel_volumes]
 MIB = 1 << 20
 PYTHON = os.path.realpath(sys.executable)
 SERVICE, OTHER = "65534", "1"  # nobody, daemon
+NOBODY_ALLOWED = "2"  # bin: no rule allows it anything
 RULE = """polkit.addRule(function(action, subject) {
     if (action.id == "org.example.devicemapper.volume" &&
         (subject.user == "nobody" || subject.user == "daemon"))
@@ -385,6 +386,11 @@ def test_a_service_reaches_nothing_but_its_own_volumes(
     assert opened.returncode == 3 and "NotAuthorized" in opened.stdout
     # ... and the pool is not a volume user's to change.
     assert ask(SERVICE, pool, POOL_INTERFACE, "Destroy", "a{sv}", {})[0] == "NotAuthorized"
+    # A uid no rule allows anything may read, and change nothing.
+    assert ask(NOBODY_ALLOWED, pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", "mine2", size,
+               {})[0] == "NotAuthorized"
+    assert ask(NOBODY_ALLOWED, mine, VOLUME_INTERFACE, "Delete", "a{sv}", {})[0] == \
+        "NotAuthorized"
 
     # A stale object: SERVICE's volume deleted, OTHER makes one of its name.
     old = made(ask(SERVICE, pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", "shared", size,
