@@ -387,3 +387,33 @@ async def test_a_pool_with_unlocked_volumes_is_destroyed_whole(tank: PoolService
     await tank.destroy_pool("tank", force=True)
     assert [d.name for d in engine.list_devices()] == []
     assert await tank.store.list_devices() == []
+
+
+async def test_another_services_keys_and_volume_are_not_its_to_touch(
+        tank: PoolService) -> None:
+    """A uid allowed the volume action opens, locks, unlocks and re-keys its
+    own encrypted volume only; another such uid gets NotAuthorized for each,
+    and nothing changes."""
+    from dmd.service.auth import Action
+
+    class VolumesOnly:
+        async def authorize(self, caller: Caller, action: Action, device: str) -> None:
+            if action is not Action.VOLUME:
+                raise errors.NotAuthorized("pools are for admins")
+
+    tank.devices.authorizer = VolumesOnly()
+    alice, bob = Caller(uid=1001), Caller(uid=1002)
+    await tank.create_volume("tank", "secret", 64 * MIB, encryption=request(), caller=alice)
+    before = await state(tank)
+    for attempt in (lambda: lock(tank, "tank", "secret", caller=bob),
+                    lambda: unlock(tank, "tank", "secret", bytearray(KEY), caller=bob),
+                    lambda: change_key(tank, "tank", "secret", bytearray(KEY),
+                                       bytearray(OTHER), kdf=FAST, caller=bob),
+                    lambda: open_volume(tank, "tank", "secret", "r", caller=bob)):
+        with pytest.raises(errors.NotAuthorized):
+            await attempt()
+    assert await state(tank) == before
+    await lock(tank, "tank", "secret", caller=alice)
+    with pytest.raises(errors.NotAuthorized):
+        await unlock(tank, "tank", "secret", bytearray(KEY), caller=bob)
+    await unlock(tank, "tank", "secret", bytearray(KEY), caller=alice)
