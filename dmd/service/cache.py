@@ -31,6 +31,7 @@ import contextlib
 import enum
 import logging
 import os
+import uuid as uuidlib
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -44,7 +45,9 @@ from dmd.service.auth import ROOT, Action, Caller
 from dmd.service.device_names import VolumePart, volume_device, volume_part
 from dmd.service.jobs import cancel_point, progress
 from dmd.service.journal import Journal, PoolArgs, intent
+from dmd.service.pool_room import HEADER_SECTORS
 from dmd.state import Cache, VolumeRecord
+from dmd.state.pool_description import BLOCK, DescriptionError, Label
 
 if TYPE_CHECKING:
     from dmd.service.pools import Accept, PoolService
@@ -197,6 +200,9 @@ async def attach(pools: PoolService, pool: str, name: str, source: str, *,
         if source == f"{pool}/{name}":
             raise errors.InvalidArgument("a volume is not its own cache")
         path, sectors, volume_uuid = await _source(pools, source, force, caller)
+        # A device taken whole is labelled, as a pool's are (HEADER_SECTORS).
+        header = HEADER_SECTORS if volume_uuid is None else 0
+        sectors -= header
         meta = metadata_sectors_for(sectors, block) if kind == "cache" else 0
         data = (sectors - meta) // block * block
         if data < MIN_CACHE_BLOCKS * block:
@@ -204,8 +210,9 @@ async def attach(pools: PoolService, pool: str, name: str, source: str, *,
                 f"{source} ({sectors * 512} bytes) is smaller than the cache needs: "
                 f"{meta * 512} bytes of metadata and {MIN_CACHE_BLOCKS} blocks of "
                 f"{block * 512} bytes")
-        cached = replace(volume, cache=Cache(kind, io_mode, path, block, meta, data,
-                                             volume_uuid))
+        cached = replace(volume, cache=Cache(
+            kind, io_mode, path, block, meta, data, volume_uuid, header,
+            str(uuidlib.uuid4()) if volume_uuid is None else None))
         claim = pools.owner(pool)
 
         async def undo(_: Journal) -> None:
@@ -220,6 +227,7 @@ async def attach(pools: PoolService, pool: str, name: str, source: str, *,
             if accept is not None:
                 await pools.accept_now(pool, cached, accept)
             await journal.mark(AttachStep.DEVICES)
+            await _label(pools, cached)
             await build_cache_devices(pools, cached, fresh=True)
             await journal.mark(AttachStep.ORIGIN)
             await pools.devices.create(corig(pool, name), await pools.volume_table(volume),
@@ -242,9 +250,12 @@ async def build_cache_devices(pools: PoolService, volume: VolumeRecord, *,
     cache = volume.cache
     assert cache is not None
     pool, name, claim = volume.pool, volume.name, pools.owner(volume.pool)
-    areas = [(cdata(pool, name), cache.metadata_sectors, cache.data_sectors)]
+    if not fresh:
+        await check_label(pools, volume)
+    header = cache.header_sectors
+    areas = [(cdata(pool, name), header + cache.metadata_sectors, cache.data_sectors)]
     if cache.kind == "cache":
-        areas.insert(0, (cmeta(pool, name), 0, cache.metadata_sectors))
+        areas.insert(0, (cmeta(pool, name), header, cache.metadata_sectors))
     for device, start, length in areas:
         if await pools.store.get_device(device) is None:
             await pools.devices.create(device, [(0, length, "linear",
@@ -265,6 +276,9 @@ def _zero(fd: int, length: int) -> None:
 
 
 async def _remove_cache_devices(pools: PoolService, volume: VolumeRecord) -> None:
+    """The cache's devices gone, and the label on a device taken whole
+    wiped (only where it is still the cache's: a name may now be another
+    disk's), so the device is free again."""
     claim = pools.owner(volume.pool)
     for device in (corig(volume.pool, volume.name), cmeta(volume.pool, volume.name),
                    cdata(volume.pool, volume.name)):
@@ -273,6 +287,46 @@ async def _remove_cache_devices(pools: PoolService, volume: VolumeRecord) -> Non
         except errors.NotFound:
             if await pools.store.get_device(device) is not None:
                 await pools.store.remove_device(device)
+    cache = volume.cache
+    if cache is not None and cache.label_uuid is not None and \
+            await _label_is_ours(pools, volume):
+        await pools.kernel(Engine.wipe, cache.device, 0, BLOCK)
+
+
+async def _label(pools: PoolService, volume: VolumeRecord) -> None:
+    """Write the label that names a device taken whole as this cache."""
+    cache = volume.cache
+    assert cache is not None
+    if cache.label_uuid is None:
+        return
+    record = await pools.pool(volume.pool)
+    await pools.kernel(Engine.write_disk, cache.device, 0,
+                       Label(record.uuid, cache.label_uuid, 0, 1).encode())
+
+
+async def _label_is_ours(pools: PoolService, volume: VolumeRecord) -> bool:
+    cache = volume.cache
+    assert cache is not None and cache.label_uuid is not None
+    record = await pools.pool(volume.pool)
+    try:
+        label = Label.decode(await pools.kernel(Engine.read_disk, cache.device, 0, BLOCK))
+    except (OSError, DescriptionError):
+        return False
+    return label is not None and (label.pool_uuid, label.device_uuid) == (
+        record.uuid, cache.label_uuid)
+
+
+async def check_label(pools: PoolService, volume: VolumeRecord) -> None:
+    """Busy unless the volume's cache device (taken whole) is still the disk
+    it was attached on, as its label says: a path now naming another disk is
+    never mapped."""
+    cache = volume.cache
+    if cache is None or cache.label_uuid is None:
+        return  # another volume (known by its DM UUID), or attached before labels
+    if not await _label_is_ours(pools, volume):
+        raise errors.Busy(f"volume {volume.pool}/{volume.name}: {cache.device} is not the "
+                          "disk its cache was attached on (no such label there); it stays "
+                          "inactive until the cache's disk is back under that name")
 
 
 async def activate_cached(pools: PoolService, volume: VolumeRecord) -> None:

@@ -433,7 +433,21 @@ class PoolService:
             except errors.Busy as exc:
                 self._disks_checked[record.uuid] = str(exc)
                 self.refused[record.name] = str(exc)
-        return self._disks_checked[record.uuid]
+        if self._disks_checked[record.uuid] is not None:
+            return self._disks_checked[record.uuid]
+        split = parts(device.name)
+        if len(split) == 2 or (len(split) == 3 and split[2] in (VolumePart.CMETA,
+                                                                 VolumePart.CDATA)):
+            # A cache's areas, and the volume's device over them: over the
+            # cache's own disk only (its label says).
+            volume = next((v for v in await self.store.list_volumes(record.name)
+                           if v.name == split[1]), None)
+            if volume is not None:
+                try:
+                    await cached.check_label(self, volume)
+                except errors.Busy as exc:
+                    return str(exc)
+        return None
 
     def _claim(self, pool: str) -> None:
         self.devices.claims[claim_prefix(pool)] = self.owner(pool)

@@ -139,12 +139,18 @@ class Cache:
     metadata_sectors: int = 0
     data_sectors: int = 0
     volume_uuid: str | None = None
+    # A device taken whole keeps its first *header_sectors* for dmd's label,
+    # which names it *label_uuid*: how dmd knows the disk whatever its name
+    # (caches attached before labels have neither).
+    header_sectors: int = 0
+    label_uuid: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "mode": self.mode, "device": self.device,
                 "block_sectors": self.block_sectors,
                 "metadata_sectors": self.metadata_sectors, "data_sectors": self.data_sectors,
-                "volume_uuid": self.volume_uuid}
+                "volume_uuid": self.volume_uuid, "header_sectors": self.header_sectors,
+                "label_uuid": self.label_uuid}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any] | None) -> Cache | None:
@@ -152,7 +158,8 @@ class Cache:
             return None
         return cls(str(doc["kind"]), str(doc["mode"]), str(doc["device"]),
                    int(doc["block_sectors"]), int(doc["metadata_sectors"]),
-                   int(doc["data_sectors"]), doc.get("volume_uuid"))
+                   int(doc["data_sectors"]), doc.get("volume_uuid"),
+                   int(doc.get("header_sectors", 0)), doc.get("label_uuid"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,11 @@ from dmd.engine.sim import SimDM
 from dmd.service import cache, errors
 from dmd.service.auth import ROOT
 from dmd.service.cache import AttachStep, DetachStep
+from dmd.service.pool_recovery import recover_pools
+from dmd.service.pool_room import HEADER_SECTORS
 from dmd.service.pools import PoolService
+from dmd.service.recovery import recover
+from dmd.state.pool_description import BLOCK, Label
 
 MIB = 1 << 20
 CACHE_DISK = DISKS[2]
@@ -267,6 +271,53 @@ def test_a_detached_volume_comes_back_without_its_cache_after_a_reboot(
         try:
             assert named(pools, "tank-v") == plain, "re-made from the record of its own table"
             await assert_agree(pools)
+        finally:
+            close(pools)
+
+    asyncio.run(restart())
+
+
+async def test_a_cache_disk_taken_whole_carries_its_label(tank: PoolService) -> None:
+    """Its first 4 MiB hold dmd's label (the cache's areas start after it),
+    which a detach wipes: the disk is free again."""
+    cached = await cache.attach(tank, "tank", "v", CACHE_DISK)
+    assert cached.cache is not None and cached.cache.label_uuid is not None
+    label = Label.decode(engine_of(tank).read_disk(CACHE_DISK, 0, BLOCK))
+    assert label is not None and label.device_uuid == cached.cache.label_uuid
+    assert live(tank, "tank-v-cmeta")[0][1].endswith(f" {HEADER_SECTORS}")
+    await cache.detach(tank, "tank", "v")
+    assert Label.decode(engine_of(tank).read_disk(CACHE_DISK, 0, BLOCK)) is None
+    await assert_agree(tank)
+
+
+def test_a_cache_disk_under_another_name_is_never_mapped(tmp_path: Path) -> None:
+    """After a reboot that gave the cache's disk another name and its old
+    name to a blank disk, start-up maps none of the cache's areas over the
+    blank one (its label is not there), and writes nothing to it."""
+    async def prepare() -> None:
+        pools = open_pools(tmp_path)
+        try:
+            await tank_with_volume(pools)
+            await cache.attach(pools, "tank", "v", CACHE_DISK)
+        finally:
+            close(pools)
+
+    asyncio.run(prepare())
+    reboot(tmp_path)
+    sim = SimDM(tmp_path / "kernel.json")
+    sim.move_disk(CACHE_DISK, "/dev/simdisk9", 39)
+    sim.add_disk(CACHE_DISK, 7, 40, 256 * 2048)
+    blank = sim.read_disk(CACHE_DISK, 0, 8 << 20)
+
+    async def restart() -> None:
+        pools = open_pools(tmp_path)
+        try:
+            report = await recover(pools.devices)
+            await recover_pools(pools, report)
+            assert {"tank-v-cmeta", "tank-v-cdata"} <= set(report.failed), report
+            names = {d.name for d in engine_of(pools).list_devices()}
+            assert not names & {"tank-v-cmeta", "tank-v-cdata", "tank-v"}, names
+            assert engine_of(pools).read_disk(CACHE_DISK, 0, 8 << 20) == blank
         finally:
             close(pools)
 
