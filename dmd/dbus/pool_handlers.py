@@ -209,10 +209,11 @@ class VolumeHandlers:
     async def ChangeKey(self, caller: Caller, pool: str, volume: str, uuid: str,
                         options: dict[str, Any]) -> None:
         opts = options_in("ChangeKey", options)
+        # Asked first: another's caller learns nothing of the volume or keys.
+        await self._authorized(caller, pool, volume, uuid)
         kdf = _kdf(opts)
         if "key" not in opts:
             raise errors.InvalidArgument("ChangeKey needs a key that opens the volume (key)")
-        await self._authorized(caller, pool, volume, uuid)
         key = await read_key(opts["key"])
         new_key = await read_key(opts["new-key"], "new-key") if "new-key" in opts else None
         await change_key(self.pools, pool, volume, key, new_key,

@@ -379,7 +379,9 @@ def test_a_service_reaches_nothing_but_its_own_volumes(
                                     ("Delete", "a{sv}", ({},)),
                                     ("Deactivate", "a{sv}", ({},)),
                                     ("AttachCache", "sa{sv}", ("dmdtpi/web-data", {})),
-                                    ("Lock", "a{sv}", ({},))]:
+                                    ("Lock", "a{sv}", ({},)),
+                                    ("Unlock", "a{sv}", ({},)),
+                                    ("ChangeKey", "a{sv}", ({},))]:
         assert ask(OTHER, mine, VOLUME_INTERFACE, member, signature, *args)[0] == \
             "NotAuthorized", member
     opened = service(client, OTHER, mine, "r", "read")
