@@ -63,7 +63,7 @@ async def _encryption(opts: dict[str, Any], caller: Caller) -> EncryptionRequest
     if description is not None:
         _root_keyring(caller)
         check_key_description(description)
-    key = await read_key(opts["key"]) if "key" in opts else None
+    key = await read_key(opts["key"], uid=caller.uid) if "key" in opts else None
     return EncryptionRequest(await request_key(key, description), description, kdf)
 
 
@@ -198,7 +198,7 @@ class VolumeHandlers:
                      options: dict[str, Any]) -> None:
         opts = options_in("Unlock", options)
         await self._authorized(caller, pool, volume, uuid)
-        key = await read_key(opts["key"]) if "key" in opts else None
+        key = await read_key(opts["key"], uid=caller.uid) if "key" in opts else None
         await unlock(self.pools, pool, volume, key, uuid=uuid, caller=caller)
 
     async def Lock(self, caller: Caller, pool: str, volume: str, uuid: str,
@@ -214,8 +214,9 @@ class VolumeHandlers:
         kdf = _kdf(opts)
         if "key" not in opts:
             raise errors.InvalidArgument("ChangeKey needs a key that opens the volume (key)")
-        key = await read_key(opts["key"])
-        new_key = await read_key(opts["new-key"], "new-key") if "new-key" in opts else None
+        key = await read_key(opts["key"], uid=caller.uid)
+        new_key = (await read_key(opts["new-key"], "new-key", uid=caller.uid)
+                   if "new-key" in opts else None)
         await change_key(self.pools, pool, volume, key, new_key,
                          remove=opts.get("remove", False), kdf=kdf, uuid=uuid,
                          caller=caller)

@@ -34,6 +34,7 @@ from dmd.service import errors
 NAME_MAX = 64
 DM_NAME_MAX = 127  # DM_NAME_LEN (128) with its NUL
 _NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.+-]{0,62}[A-Za-z0-9])?")
+_LEGACY = re.compile(r"[A-Za-z0-9_.+]{1,64}")  # the rule before "-" was allowed
 
 
 class PoolPart(StrEnum):
@@ -68,12 +69,19 @@ def _check(name: object, what: str) -> str:
 
 
 class PoolName(str):
-    """A pool name, checked when made."""
+    """A pool name, checked when made: its own devices' names (its "-"
+    doubled) must be names the kernel takes."""
 
     __slots__ = ()
 
     def __new__(cls, name: object) -> PoolName:
-        return super().__new__(cls, _check(name, "pool"))
+        checked = _check(name, "pool")
+        longest = max(len(join(checked, part)) for part in PoolPart)
+        if longest > DM_NAME_MAX:
+            raise errors.InvalidArgument(
+                f"pool {checked!r} would make a device name of {longest} characters; the "
+                f"kernel takes {DM_NAME_MAX}")
+        return super().__new__(cls, checked)
 
 
 class VolumeName(str):
@@ -153,6 +161,39 @@ def volume_part(pool: str, volume: str, part: VolumePart) -> str:
 def cleartext_device(pool: str, volume: str) -> str:
     """An encrypted volume's opened (cleartext) device."""
     return volume_part(pool, volume, VolumePart.CRYPT)
+
+
+# cryptsetup's DM UUID for a cleartext device, CRYPT-LUKS2-<32 hex>-NAME,
+# must fit the kernel's 128 characters: it bounds the name of an encrypted
+# volume's cleartext device.
+CLEARTEXT_NAME_MAX = 128 - len("CRYPT-LUKS2-") - 32 - 1
+
+
+def check_cleartext(pool: str, volume: str) -> None:
+    """InvalidArgument unless an encrypted volume of this name can be opened
+    (its cleartext device's DM UUID holds its name)."""
+    name = cleartext_device(pool, volume)
+    if len(name) > CLEARTEXT_NAME_MAX:
+        raise errors.InvalidArgument(
+            f"an encrypted volume's cleartext device {name!r} would have {len(name)} "
+            f"characters; cryptsetup's DM UUID holds {CLEARTEXT_NAME_MAX}: a shorter name")
+
+
+def legacy_name(name: object, what: str, pool: str | None = None) -> str:
+    """A name read from a pool's description: this dmd's rule, or the one
+    before it (letters, digits, "_", "." and "+", up to 64; no "-", so its
+    device names never were ambiguous), never a pool's own device's part, a
+    newline, or a device name the kernel refuses. An older dmd's pool must
+    stay importable: it is how a pool comes back when dmd's state is lost."""
+    if isinstance(name, str) and _LEGACY.fullmatch(name) and name not in (".", ".."):
+        if name in POOL_PARTS and what == "volume":
+            raise errors.InvalidArgument(f"{name!r} names a pool's own device")
+        device = join(pool, name, VolumePart.CORIG) if pool is not None else \
+            join(name, PoolPart.TPOOL)
+        if len(device) > DM_NAME_MAX:
+            raise errors.InvalidArgument(f"{what} {name!r}: its device names are too long")
+        return name
+    return PoolName(name) if what == "pool" else VolumeName(name, pool)
 
 
 def cleartext_uuid(luks_uuid: str, device: str) -> str:

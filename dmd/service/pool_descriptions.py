@@ -20,6 +20,7 @@ from typing import Any
 from dmd.engine.interface import Engine
 from dmd.state import PoolRecord, VolumeRecord
 from dmd.state.pool_description import (
+    BLOCK,
     COPY_OFFSETS,
     HEADER_BYTES,
     LABEL_OFFSET,
@@ -83,10 +84,7 @@ class Descriptions:
         copy B (each write durable before the next begins)."""
         layout = pool.layout
         if self.labelled.get(pool.uuid) != layout.ids:
-            for index, path in enumerate(layout.devices):
-                label = Label(pool.uuid, layout.ids[index], index, len(layout.devices))
-                await self.kernel(Engine.write_disk, path, LABEL_OFFSET, label.encode())
-            self.labelled[pool.uuid] = layout.ids
+            await self.label(pool)
         raw = Description(pool.generation, pool, tuple(volumes), pending).encode()
         for number, offset in enumerate(COPY_OFFSETS):
             if number and self.fault is not None:
@@ -94,6 +92,29 @@ class Descriptions:
             for path in layout.devices:
                 await self.kernel(Engine.write_disk, path, offset, raw)
         self.written[pool.uuid] = pool.generation
+
+    async def label(self, pool: PoolRecord) -> None:
+        """Write the label of every device of *pool*'s layout: before the
+        pool is recorded, so a pool dmd knows always has them (start-up
+        re-creates a pool's devices only over disks whose labels say so)."""
+        layout = pool.layout
+        for index, path in enumerate(layout.devices):
+            label = Label(pool.uuid, layout.ids[index], index, len(layout.devices))
+            await self.kernel(Engine.write_disk, path, LABEL_OFFSET, label.encode())
+        self.labelled[pool.uuid] = layout.ids
+
+    async def unlabel(self, paths: Sequence[str], ids: Sequence[str]) -> None:
+        """Wipe the label of each of *paths* that still carries one of *ids*
+        (a create or a grow undone: the device is free again); a label that
+        is not one of them (a name now another disk's) is left alone."""
+        for path in paths:
+            try:
+                label = Label.decode(await self.kernel(Engine.read_disk, path, LABEL_OFFSET,
+                                                       BLOCK))
+            except (OSError, DescriptionError):
+                continue
+            if label is not None and label.device_uuid in ids:
+                await self.kernel(Engine.wipe, path, LABEL_OFFSET, BLOCK)
 
     async def repair(self, pool: PoolRecord, volumes: Sequence[VolumeRecord],
                      found: Found) -> None:

@@ -21,9 +21,8 @@ from dmd.engine.interface import Engine
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
 from dmd.service.device_names import (
-    PoolName,
     PoolPart,
-    VolumeName,
+    legacy_name,
     pool_device,
     pool_devices,
     tpool,
@@ -110,9 +109,9 @@ async def _read(pools: PoolService, paths: list[str]) -> tuple[Description, Pool
         raise errors.InvalidArgument("the devices carry no pool description")
     # A description is what a disk says: its names are checked as a
     # caller's are (a crafted disk must not name a volume "tdata").
-    PoolName(description.pool.name)
+    legacy_name(description.pool.name, "pool")
     for volume in description.volumes:
-        VolumeName(volume.name, description.pool.name)
+        legacy_name(volume.name, "volume", description.pool.name)
     layout = description.pool.layout
     missing = [f"device {i} (last seen as {layout.devices[i]})"
                for i, uid in enumerate(layout.ids) if uid not in by_id]
@@ -138,7 +137,7 @@ async def _settle_pending(pools: PoolService, name: str, pending: dict[str, Any]
     records then match the kernel's thin ids and transaction id, and the
     description is written anew."""
     volume = volume_from_json(pending["volume"])
-    VolumeName(volume.name, name)
+    legacy_name(volume.name, "volume", name)
     if volume.pool != name or volume.thin_id is None:
         raise errors.Corrupt(f"pool {name!r}: its description's pending operation names "
                              "another pool's volume, or none")

@@ -145,7 +145,9 @@ async def _settle(pools: PoolService, intent: IntentRecord) -> str | None:
         # Its layout is not recorded; the kernel's formatting, if it got
         # that far, lies at the metadata device's start: zeroed again.
         if args.layout is not None:
-            await pools._wipe_metadata(PoolLayout.from_json(args.layout))
+            plan = PoolLayout.from_json(args.layout)
+            await pools._wipe_metadata(plan)
+            await pools.descriptions.unlabel(plan.devices, plan.ids)
         return "rolled_back"
     if intent.operation == "pool-import":
         if record is not None:
@@ -183,6 +185,8 @@ async def _settle(pools: PoolService, intent: IntentRecord) -> str | None:
             await pools.store.pool_change(pool, layout=grown)  # the pool grew
             return "done"
         await pools._restore_data(record)
+        added = len(record.layout.devices)
+        await pools.descriptions.unlabel(grown.devices[added:], grown.ids[added:])
         return "rolled_back"
     if record is None:
         return "rolled_back" if intent.operation != "volume-delete" else "done"

@@ -60,6 +60,7 @@ from dmd.service.device_names import (
     PoolPart,
     VolumeName,
     VolumePart,
+    check_cleartext,
     claim_prefix,
     cleartext_device,
     cleartext_uuid,
@@ -374,9 +375,18 @@ class PoolService:
             await self.store.pool_change(pool)
             record = await self.pool(pool)
         if len(record.layout.ids) != len(record.layout.devices):
-            # Recorded before devices had labels: give each its UUID now.
-            await self.store.pool_change(pool, layout=replace(
+            # Recorded before devices had labels: each gets its UUID now, on
+            # the device first (a crash between leaves labels no record
+            # names, written again next time; never a record of labels
+            # that are not there).
+            labelled = replace(record, layout=replace(
                 record.layout, ids=tuple(str(uuidlib.uuid4()) for _ in record.layout.devices)))
+            try:
+                await self.descriptions.label(labelled)
+            except OSError as exc:
+                log.error("pool %s: could not label its devices: %s", pool, exc)
+                return
+            await self.store.pool_change(pool, layout=labelled.layout)
             record = await self.pool(pool)
         if self.descriptions.written.get(record.uuid) == record.generation:
             return
@@ -659,6 +669,7 @@ class PoolService:
             await self._remove_pool_devices(name)
             if journal.step >= PoolCreateStep.POOL:  # the kernel may have formatted it
                 await self._wipe_metadata(plan)
+            await self.descriptions.unlabel(plan.devices, plan.ids)
 
         async with intent(self.store, self.fault, "pool-create", name,
                           PoolArgs(pool=name, layout=plan.to_json()), undo) as journal:
@@ -668,6 +679,7 @@ class PoolService:
             for path in plan.devices:  # old signatures, and any old description
                 await self.kernel(Engine.wipe, path, 0, HEADER_SECTORS * 512)
             await self._wipe_metadata(plan)
+            await self.descriptions.label(record)
             await journal.mark(PoolCreateStep.DEVICES)
             await self.devices.create(pool_device(name, PoolPart.TMETA),
                                       _linear(plan, plan.metadata),
@@ -812,6 +824,7 @@ class PoolService:
             async def undo(journal: Journal) -> None:
                 if journal.step >= PoolGrowStep.POOL:
                     await self._restore_data(record)
+                await self.descriptions.unlabel([path], grown_layout.ids[new:])
 
             async def finish(_: Journal) -> None:
                 if meta:
@@ -910,6 +923,8 @@ class PoolService:
             name = VolumeName(name, pool)
             size = check_size(size_bytes)
             check_filesystem(filesystem)
+            if encryption is not None:
+                check_cleartext(pool, name)
             if encryption is not None and size < luks.HEADER_BYTES + (1 << 20):
                 raise errors.InvalidArgument(
                     f"an encrypted volume takes at least {luks.HEADER_BYTES + (1 << 20)} bytes: "
@@ -1226,6 +1241,8 @@ class PoolService:
             if source.thin_id is None:
                 raise errors.InvalidArgument(f"{origin!r} is a thick volume: only thin "
                                              "volumes have snapshots")
+            if source.encryption is not None:
+                check_cleartext(pool, name)
             # Its latest writes may be in the cache, not yet in the thin volume.
             self._uncached(source, "snapshotting")
             tid = await self._kernel_tid(pool, record)

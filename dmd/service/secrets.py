@@ -13,7 +13,9 @@ chased, but none is made on purpose).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import fcntl
 import os
 import select
 import stat
@@ -26,8 +28,26 @@ from dmd.engine.luks import MAX_KEY_BYTES, MIN_KEY_BYTES
 from dmd.service import errors
 
 KEY_READ_SECONDS = 5.0
-MAX_KEY_READERS = 16  # key reads at once, hung ones included
-_READERS = threading.BoundedSemaphore(MAX_KEY_READERS)
+MAX_KEY_READERS = 64  # key reads at once, hung ones included
+MAX_KEY_READERS_PER_UID = 4  # one uid's files on a mount it controls hold no more
+_readers: collections.Counter[int] = collections.Counter()
+_readers_lock = threading.Lock()
+
+
+def _take_reader(uid: int) -> bool:
+    with _readers_lock:
+        if sum(_readers.values()) >= MAX_KEY_READERS or (
+                uid != 0 and _readers[uid] >= MAX_KEY_READERS_PER_UID):
+            return False
+        _readers[uid] += 1
+        return True
+
+
+def _give_back_reader(uid: int) -> None:
+    with _readers_lock:
+        _readers[uid] -= 1
+        if not _readers[uid]:
+            del _readers[uid]
 
 
 def _kind(mode: int) -> str:
@@ -68,55 +88,57 @@ def _read_key(fd: int, what: str, deadline: float) -> bytearray:
 
 
 def _read_pipe(fd: int, view: memoryview, what: str, deadline: float) -> int:
-    """Read the pipe until its end into *view*: through a descriptor of its
-    own, opened non-blocking (the caller's is left as it is), so that a
-    second reader taking the bytes between the poll and the read makes the
-    read return, not wait."""
-    own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        first, second = os.fstat(fd), os.fstat(own)
-        if not stat.S_ISFIFO(second.st_mode) or (first.st_dev, first.st_ino) != (
-                second.st_dev, second.st_ino):
-            raise errors.InvalidArgument(f"{what}: the pipe changed while it was opened")
-        poller = select.poll()
-        poller.register(own, select.POLLIN)
-        got = 0
-        while got < len(view):
-            left = deadline - time.monotonic()
-            if left <= 0 or not poller.poll(left * 1000):
-                raise errors.InvalidArgument(
-                    f"{what}: the pipe was not closed within {KEY_READ_SECONDS:.0f} s "
-                    "(write the key, then close the pipe's write end)")
-            try:
-                n = os.readv(own, [view[got:]])
-            except BlockingIOError:
-                continue  # another reader took what was there
-            if not n:
-                break
-            got += n
-        return got
-    finally:
-        os.close(own)
+    """Read the pipe until its end into *view*, non-blocking (set on the
+    pipe's read end: it was the caller's to give away), so that a second
+    reader taking the bytes between the poll and the read makes the read
+    return, not wait. (Not a reopen through /proc/self/fd: that checks the
+    pipe's 0600 owner, which root without CAP_DAC_OVERRIDE, as dmd's unit
+    runs it, is not for another user's pipe.)"""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if flags & os.O_ACCMODE != os.O_RDONLY:
+        raise errors.InvalidArgument(f"{what}: a key comes on a pipe's read end")
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    got = 0
+    while got < len(view):
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(left * 1000):
+            raise errors.InvalidArgument(
+                f"{what}: the pipe was not closed within {KEY_READ_SECONDS:.0f} s "
+                "(write the key, then close the pipe's write end)")
+        try:
+            n = os.readv(fd, [view[got:]])
+        except BlockingIOError:
+            continue  # another reader took what was there
+        if not n:
+            break
+        got += n
+    return got
 
 
-async def read_key(fd: object, what: str = "key") -> bytearray:
-    """The key on descriptor *fd* (the router's: not closed here).
+async def read_key(fd: object, what: str = "key", uid: int = 0) -> bytearray:
+    """The key on descriptor *fd* (the router's: not closed here), sent by
+    *uid*.
 
     Read on a thread of its own with a copy of the descriptor, never on a
     thread dmd shares: a file on a hung network or FUSE mount can block a
     read for good. Past KEY_READ_SECONDS the call fails and the thread is
-    left to end whenever the read does (at most MAX_KEY_READERS of them:
-    more is LimitExceeded); what it reads then is wiped."""
+    left to end whenever the read does (at most MAX_KEY_READERS of them, and
+    MAX_KEY_READERS_PER_UID of one uid's, so that one service's hung files
+    cannot stop everyone's keys: more is LimitExceeded); what it reads then
+    is wiped."""
     if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
         raise errors.InvalidArgument(f"{what}: a key is passed as a file descriptor (h)")
     try:
         mine = os.dup(fd)
     except OSError:
         raise errors.InvalidArgument(f"{what}: not an open descriptor") from None
-    if not _READERS.acquire(blocking=False):
+    if not _take_reader(uid):
         os.close(mine)
-        raise errors.LimitExceeded(f"{what}: {MAX_KEY_READERS} keys are being read (or "
-                                   "their files do not answer); try again later")
+        raise errors.LimitExceeded(f"{what}: too many keys of uid {uid} (or of everyone) "
+                                   "are being read, or their files do not answer; try again "
+                                   "later")
     loop = asyncio.get_running_loop()
     result: asyncio.Future[bytearray] = loop.create_future()
     deadline = time.monotonic() + KEY_READ_SECONDS
@@ -140,13 +162,19 @@ async def read_key(fd: object, what: str = "key") -> bytearray:
             error = errors.InvalidArgument(f"{what}: cannot be read: {exc.strerror}")
         finally:
             os.close(mine)
-            _READERS.release()
+            _give_back_reader(uid)
         try:
             loop.call_soon_threadsafe(deliver, key, error)
         except RuntimeError:  # the loop is gone: dmd is stopping
             wipe(key)
 
-    threading.Thread(target=run, name="dmd-key-read", daemon=True).start()
+    try:
+        threading.Thread(target=run, name="dmd-key-read", daemon=True).start()
+    except RuntimeError:  # no thread to be had (TasksMax)
+        os.close(mine)
+        _give_back_reader(uid)
+        raise errors.LimitExceeded(f"{what}: no thread to read it on; try again later") \
+            from None
     try:
         return await asyncio.wait_for(asyncio.shield(result), KEY_READ_SECONDS + 1)
     except TimeoutError:

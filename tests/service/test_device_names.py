@@ -17,7 +17,9 @@ from dmd.service.device_names import (
     PoolPart,
     VolumeName,
     VolumePart,
+    check_cleartext,
     join,
+    legacy_name,
     parts,
     pool_devices,
     volume_device,
@@ -87,3 +89,27 @@ async def test_names_with_dashes_and_pools_that_share_a_prefix(tmp_path: Path) -
         assert [v.name for v in await pools.volumes("a-b")] == ["web"]
     finally:
         close(pools)
+
+
+def test_a_pool_name_whose_devices_the_kernel_refuses_is_refused() -> None:
+    with pytest.raises(errors.InvalidArgument, match="characters"):
+        PoolName("a" + "-" * 62 + "a")  # doubled: 126 before "-tpool"
+    assert PoolName("a" * 64) == "a" * 64
+
+
+def test_an_encrypted_volumes_name_fits_cryptsetups_dm_uuid() -> None:
+    check_cleartext("tank", "v" * 60)
+    with pytest.raises(errors.InvalidArgument, match="cleartext"):
+        check_cleartext("p" * 30, "v" * 60)
+
+
+@pytest.mark.parametrize("name", ["_scratch", "data.", "+x", "web_1"])
+def test_an_older_dmds_names_are_read_back_from_a_description(name: str) -> None:
+    """ImportPool is how a pool comes back: names an older dmd took (no
+    "-" then) still are, except a pool's own device parts."""
+    assert legacy_name(name, "volume", "tank") == name
+    assert legacy_name(name, "pool") == name
+    with pytest.raises(errors.InvalidArgument):
+        legacy_name("tdata", "volume", "tank")
+    with pytest.raises(errors.InvalidArgument):
+        legacy_name("x\n", "volume", "tank")

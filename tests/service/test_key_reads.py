@@ -19,12 +19,12 @@ from dmd.service import errors, secrets
 KEY = b"correct horse battery staple"
 
 
-async def read_from_a_pipe() -> bytearray:
+async def read_from_a_pipe(uid: int = 0) -> bytearray:
     r, w = os.pipe()
     os.write(w, KEY)
     os.close(w)
     try:
-        return await secrets.read_key(r)
+        return await secrets.read_key(r, uid=uid)
     finally:
         os.close(r)
 
@@ -54,15 +54,20 @@ async def test_a_hanging_file_read_holds_no_shared_thread(
     monkeypatch.setattr(os, "preadv", hang)
     path = tmp_path / "key"
     path.write_bytes(KEY)
-    fds = [os.open(path, os.O_RDONLY) for _ in range(secrets.MAX_KEY_READERS + 4)]
+    per_uid = secrets.MAX_KEY_READERS_PER_UID
+    fds = [os.open(path, os.O_RDONLY) for _ in range(per_uid + 4)]
     try:
         began = time.monotonic()
-        results = await asyncio.gather(*(secrets.read_key(fd) for fd in fds),
+        results = await asyncio.gather(*(secrets.read_key(fd, uid=1000) for fd in fds),
                                        return_exceptions=True)
         assert time.monotonic() - began < 3
         timed_out = [r for r in results if isinstance(r, errors.InvalidArgument)]
         refused = [r for r in results if isinstance(r, errors.LimitExceeded)]
-        assert len(timed_out) == secrets.MAX_KEY_READERS and len(refused) == 4, results
+        # One uid's hung files hold its own share of readers, nobody else's.
+        assert len(timed_out) == per_uid and len(refused) == 4, results
+        with pytest.raises(errors.LimitExceeded):
+            await read_from_a_pipe(uid=1000)
+        assert await read_from_a_pipe(uid=1001) == KEY
         # The shared executor answers meanwhile.
         assert await asyncio.wait_for(asyncio.to_thread(lambda: 1), 1) == 1
     finally:
@@ -72,7 +77,7 @@ async def test_a_hanging_file_read_holds_no_shared_thread(
     # Their threads end once the reads do, and give their places back.
     for _ in range(100):
         try:
-            assert await read_from_a_pipe() == KEY
+            assert await read_from_a_pipe(uid=1000) == KEY
             break
         except errors.LimitExceeded:
             await asyncio.sleep(0.05)
@@ -123,3 +128,13 @@ async def test_what_is_not_a_pipe_or_a_file_is_refused(tmp_path: Path, kind: str
         os.close(fd)
         if keep is not None:
             keep.close()
+
+
+async def test_a_pipes_write_end_is_refused() -> None:
+    r, w = os.pipe()
+    try:
+        with pytest.raises(errors.InvalidArgument, match="read end"):
+            await secrets.read_key(w)
+    finally:
+        os.close(r)
+        os.close(w)

@@ -33,7 +33,7 @@ from dmd.engine import DmError
 from dmd.engine.sim import SimDM
 from dmd.engine.targets.thin import set_transaction_id
 from dmd.service import errors
-from dmd.service.journal import PoolImportStep
+from dmd.service.journal import PoolCreateStep, PoolGrowStep, PoolImportStep
 from dmd.service.pool_import import import_pool
 from dmd.service.pool_recovery import recover_pools
 from dmd.service.recovery import recover
@@ -305,3 +305,34 @@ async def test_a_disk_now_under_another_name_is_never_written(tmp_path: Path) ->
             await pools.create_volume("tank", "more", GIB)
     finally:
         close(pools)
+
+
+def test_an_undone_create_or_grow_leaves_its_disk_free(tmp_path: Path) -> None:
+    """A pool's disks are labelled before it is recorded (so a pool dmd knows
+    always has its labels); a create or a grow undone, by a crash or an
+    error, takes its labels back: the disk is free for the next pool."""
+    asyncio.run(prepare(tmp_path))
+    crash_at(tmp_path, "pool-create", PoolCreateStep.DEVICES,
+             lambda p: p.create_pool("new", [DISKS[2]]))
+
+    async def restart() -> None:
+        pools = await recovered(tmp_path)
+        sim = engine(tmp_path)
+        try:
+            assert read_device(DISKS[2], sim.read_disk(DISKS[2], 0, HEADER_BYTES)).label is None
+
+            def fail(op: str, number: int) -> None:
+                if op == "pool-grow" and number == PoolGrowStep.POOL:
+                    raise errors.Failed("boom")
+
+            pools.devices.fault = pools.fault = fail
+            with pytest.raises(errors.Failed):
+                await pools.add_device("tank", DISKS[2])
+            pools.devices.fault = pools.fault = None
+            assert read_device(DISKS[2], sim.read_disk(DISKS[2], 0, HEADER_BYTES)).label is None
+            await pools.create_pool("new", [DISKS[2]])
+            await assert_agree(pools)
+        finally:
+            close(pools)
+
+    asyncio.run(restart())
