@@ -30,7 +30,7 @@ from dmd.service.device_names import (
 from dmd.service.encryption import settle_at_start
 from dmd.service.journal import PoolArgs, PoolImportStep, intent
 from dmd.service.pools import Accept, PoolService, _ignore, volume_from_json
-from dmd.state import PoolRecord
+from dmd.state import PoolRecord, VolumeRecord
 from dmd.state.pool_description import Description
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,8 @@ async def import_pool(pools: PoolService, paths: list[str], *, caller: Caller = 
             raise
         pools.descriptions.labelled[record.uuid] = record.layout.ids
         if description.pending is not None and "volume" in description.pending:
-            await _settle_pending(pools, name, description.pending, record.transaction_id)
+            await _settle_pending(pools, name, description.pending, record.transaction_id,
+                                  description.volumes)
         elif description.pending is not None:
             # A growth: the description gave its larger layout, which the
             # devices just made take (the kernel grows a pool on resume).
@@ -129,14 +130,22 @@ async def _read(pools: PoolService, paths: list[str]) -> tuple[Description, Pool
 
 
 async def _settle_pending(pools: PoolService, name: str, pending: dict[str, Any],
-                          start: int) -> None:
+                          start: int, volumes: tuple[VolumeRecord, ...]) -> None:
     """The operation the description names was cut short (its caller was
     never told it ended: that comes after the description without it is
     written): a create or snapshot is undone, its thin id deleted if the
     kernel has it; a delete, past its way back once named, is finished. The
     records then match the kernel's thin ids and transaction id, and the
-    description is written anew."""
-    volume = volume_from_json(pending["volume"])
+    description is written anew. A delete names its volume by UUID (it is
+    among the description's volumes); a create, by its whole record."""
+    raw = pending["volume"]
+    if set(raw) == {"uuid"}:
+        volume = next((v for v in volumes if v.uuid == raw["uuid"]), None)
+        if volume is None:
+            raise errors.Corrupt(f"pool {name!r}: its description's pending operation names "
+                                 f"volume {raw['uuid']}, which it does not hold")
+    else:
+        volume = volume_from_json(raw)
     legacy_name(volume.name, "volume", name)
     if volume.pool != name or volume.thin_id is None:
         raise errors.Corrupt(f"pool {name!r}: its description's pending operation names "

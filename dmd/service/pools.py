@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import os
 import uuid as uuidlib
@@ -330,6 +331,10 @@ class PoolService:
         volumes = [v for v in await self.store.list_volumes(record.name)
                    if v.uuid != volume.uuid]
         size = len(Description(record.generation + 1, record, (*volumes, volume)).payload())
+        # The description naming the operation under way holds its record
+        # once more (describe_pending).
+        size += len(json.dumps(_volume_json(volume), separators=(",", ":"),
+                               ensure_ascii=False).encode()) + 128
         if size > PAYLOAD_ROOM:
             raise errors.LimitExceeded(
                 f"pool {record.name!r}: its description would take {size} bytes, more than "
@@ -354,7 +359,11 @@ class PoolService:
             record = replace(record, layout=layout)
         pending: dict[str, Any] = {"operation": operation}
         if transaction_from is not None and volume is not None:
-            pending.update(transaction_from=transaction_from, volume=_volume_json(volume))
+            # A deleted volume is among the description's own: its UUID says
+            # which (and a delete never needs more room than there is).
+            pending.update(transaction_from=transaction_from,
+                           volume={"uuid": volume.uuid} if operation == "volume-delete"
+                           else _volume_json(volume))
         try:
             await self.descriptions.write(record, await self.store.list_volumes(pool), pending)
         except (OSError, DescriptionError) as exc:
