@@ -134,6 +134,10 @@ class DmdBus(MessageBus):
             raise BusCallFailed(reply.error_name or "?", str(text))
         return reply
 
+    def known_uid(self, sender: str) -> int | None:
+        """The uid behind *sender*, if it was asked for already."""
+        return self._uids.get(sender)
+
     async def caller_uid(self, sender: str) -> int:
         """The uid behind a unique bus name, asked of the bus daemon (which
         got it from the kernel): the only identity a caller cannot forge.

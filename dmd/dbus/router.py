@@ -146,7 +146,13 @@ class Router:
             # a handler that may wait long (a lock, polkit) has run.
             _close(msg.unix_fds)
             msg.unix_fds = []
+        sender = msg.sender or ""
+        if not self.limits.enter(sender, self.bus.known_uid(sender)):
+            return error_reply(msg, errors.LimitExceeded(
+                f"{sender} has {self.limits.per_connection} calls to dmd in flight; wait for "
+                "their replies"))
         task = asyncio.get_running_loop().create_task(self._run(msg, route))
+        task.add_done_callback(lambda _: self.limits.leave(sender))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
         return True

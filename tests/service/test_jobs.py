@@ -88,7 +88,7 @@ async def test_a_uid_has_so_many_jobs_running_and_kept() -> None:
 async def test_calls_in_flight_are_bounded_per_uid() -> None:
     from dmd.service.limits import CallLimits
 
-    limits = CallLimits(per_uid=2)
+    limits = CallLimits(per_uid=2, per_connection=2)
     with limits.hold(1000), limits.hold(1000):
         with pytest.raises(errors.LimitExceeded), limits.hold(1000):
             pass
@@ -96,6 +96,12 @@ async def test_calls_in_flight_are_bounded_per_uid() -> None:
             pass
     with limits.hold(1000), limits.hold(1000):
         pass
+    # Per connection, before its uid is known.
+    assert limits.enter(":1.5") and limits.enter(":1.5")
+    assert not limits.enter(":1.5") and limits.enter(":1.6")
+    limits.leave(":1.5")
+    assert limits.enter(":1.5")
+    assert all(limits.enter(":1.7", 0) for _ in range(5))  # root's connection
 
 
 async def test_failure_after_accepting_is_the_jobs_end() -> None:
