@@ -1,12 +1,13 @@
 """The seeded crash stream of tests/dbus/test_crash_stream.py on the real
 kernel, with data: several volume operations in flight through the system
 bus, dmd killed (SIGKILL) every 1 to 4 seconds and started again on the same
-state, ten times or more (until ten volumes' data have been read back); each new volume is written as soon as its create is
-acknowledged. After every restart nothing is half-made, every acknowledged
-effect is there, and every active volume whose data is known for sure reads
-back its checksum (a snapshot, its origin's); at the end, stopped cleanly,
-the pool's thin ids (thin_ls on a metadata snapshot) are the recorded ones
-and its transaction id the recorded one."""
+state, ten times or more (until ten volumes' data have been read back); each
+new volume is written as soon as its create is acknowledged. After every
+restart nothing is half-made, every acknowledged effect is there, and every
+active volume whose data is known for sure reads back its checksum (a
+snapshot, its origin's); at the end, stopped cleanly, the pool's thin ids
+(thin_ls on a metadata snapshot) are the recorded ones and its transaction
+id the recorded one."""
 
 from __future__ import annotations
 
