@@ -47,7 +47,7 @@ from dmd.service.jobs import cancel_point, progress
 from dmd.service.journal import Journal, PoolArgs, intent
 from dmd.service.pool_room import HEADER_SECTORS
 from dmd.state import Cache, VolumeRecord
-from dmd.state.pool_description import BLOCK, DescriptionError, Label
+from dmd.state.pool_description import BLOCK, Label
 
 if TYPE_CHECKING:
     from dmd.service.pools import Accept, PoolService
@@ -308,10 +308,7 @@ async def _label_is_ours(pools: PoolService, volume: VolumeRecord) -> bool:
     cache = volume.cache
     assert cache is not None and cache.label_uuid is not None
     record = await pools.pool(volume.pool)
-    try:
-        label = Label.decode(await pools.kernel(Engine.read_disk, cache.device, 0, BLOCK))
-    except (OSError, DescriptionError):
-        return False
+    label, _ = await pools.descriptions.read_label(cache.device)
     return label is not None and (label.pool_uuid, label.device_uuid) == (
         record.uuid, cache.label_uuid)
 

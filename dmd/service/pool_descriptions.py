@@ -103,16 +103,22 @@ class Descriptions:
             await self.kernel(Engine.write_disk, path, LABEL_OFFSET, label.encode())
         self.labelled[pool.uuid] = layout.ids
 
+    async def read_label(self, path: str) -> tuple[Label | None, str]:
+        """The label on *path* (None when there is none, or it cannot be
+        read), and why there is none."""
+        try:
+            label = Label.decode(await self.kernel(Engine.read_disk, path, LABEL_OFFSET,
+                                                   BLOCK))
+        except (OSError, DescriptionError) as exc:
+            return None, str(exc)
+        return label, "no dmd pool label" if label is None else ""
+
     async def unlabel(self, paths: Sequence[str], ids: Sequence[str]) -> None:
         """Wipe the label of each of *paths* that still carries one of *ids*
         (a create or a grow undone: the device is free again); a label that
         is not one of them (a name now another disk's) is left alone."""
         for path in paths:
-            try:
-                label = Label.decode(await self.kernel(Engine.read_disk, path, LABEL_OFFSET,
-                                                       BLOCK))
-            except (OSError, DescriptionError):
-                continue
+            label, _ = await self.read_label(path)
             if label is not None and label.device_uuid in ids:
                 await self.kernel(Engine.wipe, path, LABEL_OFFSET, BLOCK)
 

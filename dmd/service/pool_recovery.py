@@ -204,7 +204,7 @@ async def _settle(pools: PoolService, intent: IntentRecord) -> str | None:
     if intent.operation == "volume-resize-thick":
         # The device takes whatever the record says: the grown segments if
         # they were recorded (reserved), else its old ones.
-        now = {v.uuid: v for v in await pools.store.list_volumes(pool)}.get(volume.uuid)
+        now = await pools.recorded(volume)
         device = volume_device(pool, volume.name)
         if now is not None and now.active and await pools.store.get_device(device) is not None:
             # (The new segments were zeroed before they were recorded.)

@@ -105,11 +105,9 @@ from dmd.state import (
     VolumeRecord,
 )
 from dmd.state.pool_description import (
-    BLOCK,
     PAYLOAD_ROOM,
     Description,
     DescriptionError,
-    Label,
 )
 
 log = logging.getLogger(__name__)
@@ -425,12 +423,8 @@ class PoolService:
         if len(layout_.ids) != len(layout_.devices):
             return  # recorded before devices had labels: its next change gives them
         for index, path in enumerate(layout_.devices):
-            try:
-                label = Label.decode(await self.kernel(Engine.read_disk, path, 0, BLOCK))
-            except (OSError, DescriptionError) as exc:
-                label, why = None, str(exc)
-            else:
-                why = "no dmd pool label" if label is None else "the label of another device"
+            label, why = await self.descriptions.read_label(path)
+            why = why or "the label of another device"
             if label is None or (label.pool_uuid, label.device_uuid) != (
                     record.uuid, layout_.ids[index]):
                 raise errors.Busy(
@@ -1411,11 +1405,16 @@ class PoolService:
                     await self.store.pool_change(pool, update=changed)
         return changed
 
+    async def recorded(self, volume: VolumeRecord) -> VolumeRecord | None:
+        """The volume's record as it is now (by its UUID), or None."""
+        return next((v for v in await self.store.list_volumes(volume.pool)
+                     if v.uuid == volume.uuid), None)
+
     async def match_size(self, resized: VolumeRecord) -> str:
         """Make the volume's recorded size its device's (a thin Resize cut
         short); an inactive volume's record is whole either way (the one
         write of its resize). "done" if it has *resized*'s size now."""
-        now = {v.uuid: v for v in await self.store.list_volumes(resized.pool)}.get(resized.uuid)
+        now = await self.recorded(resized)
         if now is None:
             return "rolled_back"
         size = now.size_bytes
@@ -1432,7 +1431,7 @@ class PoolService:
         """Make the volume's record say what its device is: active while it
         has one, inactive when not (an Activate or Deactivate cut short, or
         undone); "done" if the record changed, else "rolled_back"."""
-        now = {v.uuid: v for v in await self.store.list_volumes(volume.pool)}.get(volume.uuid)
+        now = await self.recorded(volume)
         if now is None:
             return "rolled_back"
         present = await self.own_device(now)
