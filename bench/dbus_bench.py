@@ -64,7 +64,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast import BusType
 from dmd.dbus.interfaces import DeviceInterface
 from dmd.dbus.convert import device_properties
-from dmd.service.inventory import DeviceView
+from dmd.service.devices.inventory import DeviceView
 from dmd.engine import TargetLine
 
 async def main(n):

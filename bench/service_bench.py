@@ -20,9 +20,9 @@ from typing import Any
 
 from dmd.engine import TargetLine
 from dmd.engine.sim import SimDM
+from dmd.service.devices.operations import DeviceService
+from dmd.service.devices.recovery import recover
 from dmd.service.kernel import KernelWorkers
-from dmd.service.operations import DeviceService
-from dmd.service.recovery import recover
 from dmd.state import AsyncStateStore, StateStore
 
 ZERO = [TargetLine(0, 2048, "zero", "")]

@@ -37,17 +37,17 @@ from dmd.dbus.names import BUS_NAME, ROOT_PATH
 from dmd.dbus.polkit import PolkitAuthorizer
 from dmd.dbus.publish import publish
 from dmd.engine.interface import Engine
-from dmd.service.device_names import PoolPart, parts
-from dmd.service.encryption import KEY_POLL_SECONDS, KeyWaiter
-from dmd.service.inventory import DeviceView, Inventory
+from dmd.service.devices.inventory import DeviceView, Inventory
+from dmd.service.devices.kernel_events import KernelEventWatcher
+from dmd.service.devices.operations import DeviceService, default_workers
+from dmd.service.devices.reconcile import Reconciler
+from dmd.service.devices.recovery import recover
 from dmd.service.kernel import KernelWorkers
-from dmd.service.kernel_events import KernelEventWatcher
-from dmd.service.operations import DeviceService, default_workers
-from dmd.service.pool_recovery import recover_pools
-from dmd.service.pool_space import SpaceWatch
-from dmd.service.pools import PoolService
-from dmd.service.reconcile import Reconciler
-from dmd.service.recovery import recover
+from dmd.service.pools.crypt import KEY_POLL_SECONDS, KeyWaiter
+from dmd.service.pools.names import PoolPart, parts
+from dmd.service.pools.recovery import recover_pools
+from dmd.service.pools.service import PoolService
+from dmd.service.pools.space import SpaceWatch
 from dmd.state import AsyncStateStore, StateError, StateStore
 from dmd.udev.monitor import RECEIVE_BUFFER, UdevMonitor
 

@@ -17,7 +17,7 @@ from dmd.engine import InvalidArgument as EngineInvalidArgument
 from dmd.engine import TargetLine
 from dmd.engine.targets import TargetFailed, parse_status
 from dmd.service import errors
-from dmd.service.inventory import DeviceView
+from dmd.service.devices.inventory import DeviceView
 
 # A table's text goes into one ioctl buffer; the kernel caps a table at a few
 # MiB of memory anyway. These limits keep one call from costing the daemon
@@ -158,7 +158,7 @@ def table_in(raw: object) -> list[TargetLine]:
     return lines
 
 
-# How a new keyslot derives its key (dmd.service.encryption.check_kdf).
+# How a new keyslot derives its key (dmd.service.pools.crypt.check_kdf).
 KDF_OPTIONS = {"pbkdf": "s", "pbkdf-time-ms": "u", "pbkdf-memory-kib": "u",
                "pbkdf-iterations": "u"}
 

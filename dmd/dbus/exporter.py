@@ -9,8 +9,8 @@ from dmd.dbus.convert import device_properties, table_out
 from dmd.dbus.interfaces import DeviceInterface
 from dmd.dbus.names import device_path
 from dmd.engine import TargetLine
+from dmd.service.devices.inventory import DeviceView, Inventory
 from dmd.service.events import ChangeKind
-from dmd.service.inventory import DeviceView, Inventory
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any
 from dmd.dbus.convert import check_string, options_in, table_in, table_out, typed_status_out
 from dmd.dbus.names import device_path
 from dmd.service.auth import Caller
-from dmd.service.inventory import Inventory
-from dmd.service.operations import DeviceService
+from dmd.service.devices.inventory import Inventory
+from dmd.service.devices.operations import DeviceService
 
 
 class ManagerHandlers:

@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 from dmd.dbus.names import NO_OBJECT, device_path, pool_path, volume_path
-from dmd.service.device_names import cleartext_device, volume_device
 from dmd.service.jobs import Job
-from dmd.service.pool_space import what_to_do
-from dmd.service.pools import PoolState
+from dmd.service.pools.names import cleartext_device, volume_device
+from dmd.service.pools.service import PoolState
+from dmd.service.pools.space import what_to_do
 from dmd.state import PoolRecord, VolumeRecord
 
 POOL_PROPERTIES: dict[str, str] = {

@@ -23,14 +23,14 @@ from dmd.engine import DmError
 from dmd.engine.interface import Engine
 from dmd.engine.targets import parse_status
 from dmd.engine.targets.thin import ThinStatus
-from dmd.service.cache import corig
-from dmd.service.device_names import claim_prefix, cleartext_device, in_pool, volume_device
+from dmd.service.devices.inventory import DeviceView, Inventory
+from dmd.service.devices.reconcile import Coalesced
 from dmd.service.events import ChangeKind
-from dmd.service.inventory import DeviceView, Inventory
 from dmd.service.jobs import Job, JobEvent
-from dmd.service.pool_space import Space
-from dmd.service.pools import PoolService, PoolState
-from dmd.service.reconcile import Coalesced
+from dmd.service.pools.cache import corig
+from dmd.service.pools.names import claim_prefix, cleartext_device, in_pool, volume_device
+from dmd.service.pools.service import PoolService, PoolState
+from dmd.service.pools.space import Space
 from dmd.state import PoolRecord, VolumeRecord
 
 log = logging.getLogger(__name__)

@@ -10,12 +10,13 @@ from typing import Any
 from dmd.dbus.convert import KDF_OPTIONS, check_string, options_in
 from dmd.dbus.names import job_path, pool_path, volume_path
 from dmd.engine.luks import KdfSettings
-from dmd.service import cache, errors
+from dmd.service import errors
 from dmd.service.auth import Action, Caller
-from dmd.service.encryption import (
+from dmd.service.pools import cache
+from dmd.service.pools.crypt import (
     KINDS as ENCRYPTION_KINDS,
 )
-from dmd.service.encryption import (
+from dmd.service.pools.crypt import (
     EncryptionRequest,
     change_key,
     check_kdf,
@@ -23,10 +24,10 @@ from dmd.service.encryption import (
     request_key,
     unlock,
 )
-from dmd.service.pool_import import import_pool
-from dmd.service.pools import PoolService
+from dmd.service.pools.importing import import_pool
+from dmd.service.pools.open import open_volume
+from dmd.service.pools.service import PoolService
 from dmd.service.secrets import check_key_description, read_key
-from dmd.service.volume_open import open_volume
 
 
 def _size(value: Any, what: str) -> int:

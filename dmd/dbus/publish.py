@@ -19,10 +19,10 @@ from dmd.dbus.names import DEVICES_PATH, JOBS_PATH, POOLS_PATH, VOLUMES_PATH
 from dmd.dbus.pool_exporter import PoolExporter
 from dmd.dbus.pool_handlers import JobHandlers, PoolHandlers, VolumeHandlers
 from dmd.dbus.router import ObjectKind, Router
-from dmd.service.inventory import Inventory
-from dmd.service.operations import DeviceService
-from dmd.service.pool_space import SpaceWatch
-from dmd.service.pools import PoolService
+from dmd.service.devices.inventory import Inventory
+from dmd.service.devices.operations import DeviceService
+from dmd.service.pools.service import PoolService
+from dmd.service.pools.space import SpaceWatch
 
 
 def _one(value: Any) -> list[Any] | None:

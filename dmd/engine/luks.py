@@ -34,7 +34,7 @@ HEADER_BYTES = 16 << 20  # LUKS2's default metadata and keyslots area: data star
 MAX_KEY_BYTES = 8192
 KEYSLOTS = 32  # LUKS2's
 # seconds: argon2 at 1 GiB and the most passes a caller may ask for
-# (dmd.service.encryption) on a slow machine; past it, the command is killed.
+# (dmd.service.pools.crypt) on a slow machine; past it, the command is killed.
 TIMEOUT = 180.0
 
 

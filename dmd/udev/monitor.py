@@ -20,8 +20,8 @@ from typing import Any
 
 import pyudev
 
-from dmd.service.inventory import UdevInfo
-from dmd.service.reconcile import UdevEvent
+from dmd.service.devices.inventory import UdevInfo
+from dmd.service.devices.reconcile import UdevEvent
 
 log = logging.getLogger(__name__)
 

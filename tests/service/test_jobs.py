@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_pools import DISKS, GIB, assert_agree, open_pools, state
 
 from dmd.service import errors
 from dmd.service.auth import ROOT
 from dmd.service.jobs import JobEvent, Jobs, JobState, cancel_point
+from tests.service.pools.kit import DISKS, GIB, assert_agree, open_pools, state
 
 
 async def test_accepted_job_answers_before_it_ends() -> None:

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from dmd.service import errors
 from dmd.service.auth import Action, Caller
-from dmd.service.pools import PoolService, volume_uuid
-from dmd.service.volume_open import open_volume
-from tests.service.test_pools import DISKS, GIB, close, open_pools
+from dmd.service.pools.open import open_volume
+from dmd.service.pools.service import PoolService, volume_uuid
+from tests.service.pools.kit import DISKS, GIB
 
 ALICE, BOB = Caller(uid=1001), Caller(uid=1002)
 
@@ -29,12 +27,10 @@ class VolumesOnly:
 
 
 @pytest.fixture
-async def tank(tmp_path: Path) -> AsyncIterator[PoolService]:
-    pools = open_pools(tmp_path)
+async def tank(pools: PoolService) -> PoolService:
     pools.devices.authorizer = VolumesOnly()
     await pools.create_pool("tank", DISKS[:2])
-    yield pools
-    close(pools)
+    return pools
 
 
 async def test_no_volume_or_snapshot_takes_a_pools_device_name(tank: PoolService) -> None:

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 from dmd.engine import DeviceInfo, DmError, DmFlags, TargetLine
 from dmd.engine.interface import Engine
+from dmd.service.devices.inventory import DeviceView, Inventory, UdevInfo
 from dmd.service.events import ChangeKind
-from dmd.service.inventory import DeviceView, Inventory, UdevInfo
 from dmd.state.redact import redact_table
 
 log = logging.getLogger(__name__)

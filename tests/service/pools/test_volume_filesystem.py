@@ -14,14 +14,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_pool_space import crash_at
-from test_pools import DISKS, GIB, assert_agree, close, open_pools, recovered, state
 
 from dmd.engine.interface import Engine
 from dmd.service import errors
 from dmd.service.auth import ROOT
 from dmd.service.journal import VolumeCreateStep
-from dmd.service.pools import PoolService
+from dmd.service.pools.service import PoolService
+from tests.service.pools.kit import (
+    DISKS,
+    GIB,
+    assert_agree,
+    close,
+    crash_at,
+    open_pools,
+    recovered,
+    state,
+)
 
 MIB = 1 << 20
 
@@ -35,14 +43,6 @@ async def probe(pools: PoolService, device: str) -> dict[str, str]:
     finally:
         os.close(fd)
     return dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
-
-
-@pytest.fixture
-async def tank(tmp_path: Path) -> Any:
-    pools = open_pools(tmp_path)
-    await pools.create_pool("tank", DISKS[:2])
-    yield pools
-    close(pools)
 
 
 @pytest.mark.parametrize("fstype", ["ext4", "xfs"])

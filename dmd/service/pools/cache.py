@@ -42,15 +42,15 @@ from dmd.engine.targets.cache import CacheParams, CacheStatus
 from dmd.engine.targets.writecache import WritecacheParams, WritecacheStatus
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
-from dmd.service.device_names import VolumePart, volume_device, volume_part
 from dmd.service.jobs import cancel_point, progress
 from dmd.service.journal import Journal, PoolArgs, intent
-from dmd.service.pool_room import HEADER_SECTORS
+from dmd.service.pools.names import VolumePart, volume_device, volume_part
+from dmd.service.pools.room import HEADER_SECTORS
 from dmd.state import Cache, VolumeRecord
 from dmd.state.pool_description import BLOCK, Label
 
 if TYPE_CHECKING:
-    from dmd.service.pools import Accept, PoolService
+    from dmd.service.pools.service import Accept, PoolService
 
 log = logging.getLogger(__name__)
 
@@ -513,6 +513,6 @@ async def recover(pools: PoolService, operation: str, volume: VolumeRecord) -> s
 
 
 def _json(volume: VolumeRecord) -> dict[str, object]:
-    from dmd.service.pools import _volume_json
+    from dmd.service.pools.service import _volume_json
 
     return _volume_json(volume)

@@ -20,16 +20,16 @@ from typing import Any
 from dmd.engine.interface import Engine
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
-from dmd.service.device_names import (
+from dmd.service.journal import PoolArgs, PoolImportStep, intent
+from dmd.service.pools.crypt import settle_at_start
+from dmd.service.pools.names import (
     PoolPart,
     legacy_name,
     pool_device,
     pool_devices,
     tpool,
 )
-from dmd.service.encryption import settle_at_start
-from dmd.service.journal import PoolArgs, PoolImportStep, intent
-from dmd.service.pools import Accept, PoolService, _ignore, volume_from_json
+from dmd.service.pools.service import Accept, PoolService, _ignore, volume_from_json
 from dmd.state import PoolRecord, VolumeRecord
 from dmd.state.pool_description import Description
 
@@ -164,7 +164,7 @@ async def _settle_pending(pools: PoolService, name: str, pending: dict[str, Any]
 
 async def _activate(pools: PoolService, record: PoolRecord, description: Description,
                     accept: Accept) -> None:
-    from dmd.service.pools import _linear, _pool_table
+    from dmd.service.pools.service import _linear, _pool_table
 
     name, plan, claim = record.name, record.layout, pools.owner(record.name)
 

@@ -27,9 +27,9 @@ from typing import Any
 from dmd.engine import DmError, DmFlags, InvalidArgument, TargetLine, validate_name
 from dmd.engine.interface import Engine
 from dmd.service import errors
-from dmd.service.drift import live_differs
+from dmd.service.devices.drift import live_differs
+from dmd.service.devices.operations import DeviceService, validated
 from dmd.service.events import ChangeKind
-from dmd.service.operations import DeviceService, validated
 from dmd.state.redact import redact_table
 
 log = logging.getLogger(__name__)

@@ -31,12 +31,12 @@ from dmd.engine.interface import Engine
 from dmd.engine.luks import KdfSettings, Pbkdf
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
-from dmd.service.device_names import cleartext_device, volume_device
+from dmd.service.pools.names import cleartext_device, volume_device
 from dmd.service.secrets import keyring_key, wipe, wiped
 from dmd.state import Encryption, VolumeRecord
 
 if TYPE_CHECKING:
-    from dmd.service.pools import PoolService
+    from dmd.service.pools.service import PoolService
 
 log = logging.getLogger(__name__)
 

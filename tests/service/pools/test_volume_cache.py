@@ -13,19 +13,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_pool_space import crash_at
-from test_pools import DISKS, GIB, assert_agree, close, open_pools, recovered, state
 
 from dmd.engine import DmError, DmFlags
 from dmd.engine.sim import SimDM
-from dmd.service import cache, errors
+from dmd.service import errors
 from dmd.service.auth import ROOT
-from dmd.service.cache import AttachStep, DetachStep
-from dmd.service.pool_recovery import recover_pools
-from dmd.service.pool_room import HEADER_SECTORS
-from dmd.service.pools import PoolService
-from dmd.service.recovery import recover
+from dmd.service.devices.recovery import recover
+from dmd.service.pools import cache
+from dmd.service.pools.cache import AttachStep, DetachStep
+from dmd.service.pools.recovery import recover_pools
+from dmd.service.pools.room import HEADER_SECTORS
+from dmd.service.pools.service import PoolService
 from dmd.state.pool_description import BLOCK, Label
+from tests.service.pools.kit import (
+    DISKS,
+    GIB,
+    assert_agree,
+    close,
+    crash_at,
+    open_pools,
+    recovered,
+    state,
+)
 
 MIB = 1 << 20
 CACHE_DISK = DISKS[2]
@@ -60,11 +69,9 @@ async def tank_with_volume(pools: PoolService) -> None:
 
 
 @pytest.fixture
-async def tank(tmp_path: Path) -> Any:
-    pools = open_pools(tmp_path)
+async def tank(pools: PoolService) -> PoolService:
     await tank_with_volume(pools)
-    yield pools
-    close(pools)
+    return pools
 
 
 @pytest.mark.parametrize("mode", ["writeback", "writethrough", "writecache"])

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dmd.service import errors
-from dmd.service.device_names import (
+from dmd.service.pools.names import (
     DM_NAME_MAX,
     PoolName,
     PoolPart,
@@ -24,8 +24,8 @@ from dmd.service.device_names import (
     pool_devices,
     volume_device,
 )
-from dmd.service.pools import PoolService
-from tests.service.test_pools import DISKS, GIB, close, open_pools
+from dmd.service.pools.service import PoolService
+from tests.service.pools.kit import DISKS, GIB, close, open_pools
 
 NAMES = st.from_regex(r"[A-Za-z0-9](?:[A-Za-z0-9_.+-]{0,10}[A-Za-z0-9])?", fullmatch=True)
 WORDS = st.sampled_from([*PoolPart, *VolumePart]).map(str)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from dmd.engine import TargetLine
 from dmd.engine.interface import Engine
-from dmd.service.operations import DeviceService
+from dmd.service.devices.operations import DeviceService
 from dmd.state.redact import redact_table
 
 

@@ -4,7 +4,7 @@ made of thin-provisioning devices it never has to learn about.
 A pool is laid out by dmd over whole devices an admin hands it: each device
 keeps its first 4 MiB for the pool's own description (a label and two
 copies of the pool's and its volumes' records: dmd.state.pool_description,
-rewritten at the end of every change: dmd.service.pool_descriptions), the
+rewritten at the end of every change: dmd.service.pools.descriptions), the
 metadata device takes the size the kernel's documentation asks for from the
 first device, and the data device is everything else. Its device-mapper devices are named after it:
 
@@ -52,29 +52,9 @@ from dmd.engine.targets.thin import (
     valid_block_sectors,
 )
 from dmd.engine.types import MAX_DEVICE_SECTORS
-from dmd.service import cache as cached
-from dmd.service import encryption as crypt
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
-from dmd.service.device_names import (
-    PoolName,
-    PoolPart,
-    VolumeName,
-    VolumePart,
-    check_cleartext,
-    claim_prefix,
-    cleartext_device,
-    cleartext_uuid,
-    in_pool,
-    parts,
-    pool_device,
-    pool_devices,
-    pool_of,
-    tpool,
-    volume_device,
-)
-from dmd.service.encryption import EncryptionRequest
-from dmd.service.filesystems import check_filesystem, make_filesystem
+from dmd.service.devices.operations import DeviceService, check_labels
 from dmd.service.jobs import Job, Jobs, cancel_point, progress
 from dmd.service.journal import (
     Journal,
@@ -91,9 +71,29 @@ from dmd.service.journal import (
     intent,
 )
 from dmd.service.locks import DeviceLocks
-from dmd.service.operations import DeviceService, check_labels
-from dmd.service.pool_descriptions import Descriptions
-from dmd.service.pool_room import HEADER_SECTORS, allocate, check_stripes, thick_table
+from dmd.service.pools import cache as cached
+from dmd.service.pools import crypt as crypt
+from dmd.service.pools.crypt import EncryptionRequest
+from dmd.service.pools.descriptions import Descriptions
+from dmd.service.pools.filesystems import check_filesystem, make_filesystem
+from dmd.service.pools.names import (
+    PoolName,
+    PoolPart,
+    VolumeName,
+    VolumePart,
+    check_cleartext,
+    claim_prefix,
+    cleartext_device,
+    cleartext_uuid,
+    in_pool,
+    parts,
+    pool_device,
+    pool_devices,
+    pool_of,
+    tpool,
+    volume_device,
+)
+from dmd.service.pools.room import HEADER_SECTORS, allocate, check_stripes, thick_table
 from dmd.state import (
     Cache,
     DeviceRecord,
@@ -174,7 +174,7 @@ def layout(devices: list[tuple[str, int]], block_sectors: int,
     """Metadata from the first device after its header, data over the rest
     of it and every other device, in whole data blocks; with *data_sectors*,
     only that much data (rounded down to whole blocks), the rest left free
-    for the pool to grow into (dmd.service.pool_space). The metadata is sized
+    for the pool to grow into (dmd.service.pools.space). The metadata is sized
     for all of it either way, unless *meta_sectors* says how much."""
     usable = [(size // 512) - HEADER_SECTORS for _, size in devices]
     total = sum(usable)
@@ -259,7 +259,7 @@ class PoolService:
         # cannot be trusted, or another manager moved their transaction id.
         self.refused: dict[str, str] = {}
         # Encrypted volumes recorded unlocked that have no cleartext device
-        # yet (uuid -> what they wait for): dmd.service.encryption.
+        # yet (uuid -> what they wait for): dmd.service.pools.crypt.
         self.waiting: dict[str, str] = {}
         # Pool UUID -> the generation whose description names an operation
         # under way (describe_pending).
@@ -347,7 +347,7 @@ class PoolService:
         the operation under way (a generation of its own), so that
         ImportPool, after a crash here and the loss of dmd's state, knows
         what the kernel may hold that the records do not
-        (dmd.service.pool_import): a message moving the transaction id from
+        (dmd.service.pools.importing): a message moving the transaction id from
         *transaction_from* about *volume*, or the pool growing to *layout*
         (the description then says the pool is that: an import finishes the
         growth). Its failure fails the operation."""
@@ -916,9 +916,9 @@ class PoolService:
                             accept: Accept = _ignore) -> VolumeRecord:
         """*filesystem*: "ext4" or "xfs", made on the new volume as the last
         step (its failure undoes the volume); *encryption*: LUKS2 under it,
-        opened (dmd.service.encryption). The request's key is wiped here.
+        opened (dmd.service.pools.crypt). The request's key is wiped here.
         Not *thin*: a thick volume, its segments taken from the room on the
-        pool's devices (dmd.service.pool_room), *stripes* wide."""
+        pool's devices (dmd.service.pools.room), *stripes* wide."""
         with contextlib.ExitStack() as keys:
             if encryption is not None:
                 keys.callback(encryption.wipe)

@@ -13,16 +13,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_pool_space import crash_at
-from test_pools import DISKS, assert_agree, close, open_pools, recovered, state
 
 from dmd.engine import DmError, DmFlags
 from dmd.engine.sim import SimDM
 from dmd.service import errors
 from dmd.service.journal import ThickResizeStep, VolumeCreateStep, VolumeDeleteStep
-from dmd.service.pool_space import extend_pool
-from dmd.service.pools import PoolService
+from dmd.service.pools.service import PoolService
+from dmd.service.pools.space import extend_pool
 from dmd.state import Segment
+from tests.service.pools.kit import (
+    DISKS,
+    assert_agree,
+    close,
+    crash_at,
+    open_pools,
+    recovered,
+    state,
+)
 
 MIB = 1 << 20
 DISK_SECTORS = 256 * 2048  # each simulated disk: 256 MiB
@@ -40,11 +47,9 @@ def table(pools: PoolService, device: str) -> list[tuple[Any, ...]]:
 
 
 @pytest.fixture
-async def tank(tmp_path: Path) -> Any:
-    pools = open_pools(tmp_path)
+async def tank(pools: PoolService) -> PoolService:
     await pool_with_room(pools)
-    yield pools
-    close(pools)
+    return pools
 
 
 async def test_a_linear_thick_volume_takes_room_and_gives_it_back(tank: PoolService) -> None:

@@ -31,11 +31,11 @@ from dmd.engine.interface import Engine
 from dmd.engine.targets.thin import MAX_METADATA_SECTORS
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
-from dmd.service.device_names import PoolPart, pool_device
-from dmd.service.device_names import tpool as tpool_name
 from dmd.service.journal import PoolArgs, PoolExtendStep, intent
-from dmd.service.pool_room import carve, room_sectors
-from dmd.service.pools import (
+from dmd.service.pools.names import PoolPart, pool_device
+from dmd.service.pools.names import tpool as tpool_name
+from dmd.service.pools.room import carve, room_sectors
+from dmd.service.pools.service import (
     EXTEND_PERCENT,
     Accept,
     PoolService,
@@ -44,7 +44,7 @@ from dmd.service.pools import (
     _pool_table,
     metadata_growth,
 )
-from dmd.service.pools import metadata_low as metadata_short
+from dmd.service.pools.service import metadata_low as metadata_short
 from dmd.state import PoolLayout, PoolRecord, Segment
 
 log = logging.getLogger(__name__)

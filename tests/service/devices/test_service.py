@@ -21,10 +21,10 @@ import pytest
 from dmd.engine import DM, DmFlags, TargetLine
 from dmd.engine.sim import SimDM
 from dmd.service import errors
+from dmd.service.devices.operations import DeviceService
+from dmd.service.devices.recovery import recover
 from dmd.service.events import ChangeKind
 from dmd.service.kernel import KernelWorkers
-from dmd.service.operations import DeviceService
-from dmd.service.recovery import recover
 from dmd.state import AsyncStateStore, StateStore
 
 ZERO = [TargetLine(0, 2048, "zero", "")]

@@ -10,15 +10,22 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_pools import DISKS, GIB, assert_agree, assert_described, close, open_pools
 
 from dmd.engine.sim import SimDM
 from dmd.engine.targets.thin import set_transaction_id
 from dmd.service import errors
-from dmd.service.pool_recovery import recover_pools
-from dmd.service.pools import PoolService
-from dmd.service.recovery import recover
+from dmd.service.devices.recovery import recover
+from dmd.service.pools.recovery import recover_pools
+from dmd.service.pools.service import PoolService
 from dmd.state.pool_description import COPY_OFFSETS, HEADER_BYTES
+from tests.service.pools.kit import (
+    DISKS,
+    GIB,
+    assert_agree,
+    assert_described,
+    close,
+    open_pools,
+)
 
 
 async def started(tmp_path: Path) -> PoolService:

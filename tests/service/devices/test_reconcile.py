@@ -18,9 +18,9 @@ from test_service import ZERO, P, open_service
 
 from dmd.engine import DM, DevId, DmFlags, TargetLine
 from dmd.engine.sim import SimDM
-from dmd.service.inventory import DeviceView, Inventory, UdevInfo
-from dmd.service.operations import DeviceService
-from dmd.service.reconcile import Reconciler, UdevEvent
+from dmd.service.devices.inventory import DeviceView, Inventory, UdevInfo
+from dmd.service.devices.operations import DeviceService
+from dmd.service.devices.reconcile import Reconciler, UdevEvent
 
 OTHER_TABLE = [TargetLine(0, 4096, "error", "")]
 
@@ -296,7 +296,7 @@ async def test_each_change_reads_the_device_once_and_is_shown_on_return(
 async def test_back_to_back_syncs_take_at_most_their_duty_share() -> None:
     """A job asked for again while it runs rests between runs, so a listing
     whose cost grows with the device count cannot take over the loop."""
-    from dmd.service.reconcile import Coalesced
+    from dmd.service.devices.reconcile import Coalesced
 
     busy = 0.0
     runs: list[float] = []
@@ -323,7 +323,7 @@ async def test_back_to_back_syncs_take_at_most_their_duty_share() -> None:
 async def test_only_the_overhead_a_job_reports_is_bounded() -> None:
     """A sync's refreshes are the work it exists for: only its listing (the
     overhead it returns) makes it rest."""
-    from dmd.service.reconcile import Coalesced
+    from dmd.service.devices.reconcile import Coalesced
 
     runs = 0
 
@@ -344,7 +344,7 @@ async def test_only_the_overhead_a_job_reports_is_bounded() -> None:
 
 
 async def test_a_single_request_runs_at_once_and_does_not_rest() -> None:
-    from dmd.service.reconcile import Coalesced
+    from dmd.service.devices.reconcile import Coalesced
 
     ran = asyncio.Event()
 

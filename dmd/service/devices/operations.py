@@ -36,7 +36,6 @@ from dmd.engine import InvalidArgument as EngineInvalidArgument
 from dmd.engine.interface import Engine
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Authorizer, Caller, RootOnly
-from dmd.service.device_names import in_pool
 from dmd.service.events import ChangeEvent, ChangeKind, EventBus
 from dmd.service.journal import (
     CreateArgs,
@@ -53,6 +52,7 @@ from dmd.service.journal import (
 )
 from dmd.service.kernel import KernelWorkers
 from dmd.service.locks import DeviceLocks
+from dmd.service.pools.names import in_pool
 from dmd.state import AsyncStateStore, DeviceRecord
 
 log = logging.getLogger(__name__)

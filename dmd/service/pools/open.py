@@ -18,8 +18,8 @@ import os
 from dmd.engine import DmError
 from dmd.service import errors
 from dmd.service.auth import Action, Caller
-from dmd.service.device_names import cleartext_device, volume_device
-from dmd.service.pools import PoolService
+from dmd.service.pools.names import cleartext_device, volume_device
+from dmd.service.pools.service import PoolService
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,12 @@ one it moved from nor the one it moved to, is left pending (another
 manager touched the pool, or its devices are missing) and reported.
 
 Then each pool's description on its devices is checked against its records
-(see dmd.service.pool_descriptions): written where it is behind, taken where
+(see dmd.service.pools.descriptions): written where it is behind, taken where
 it is ahead, a copy repaired where one is stale or torn; and a pool whose
 devices cannot vouch for it, or whose transaction id another manager moved,
 is refused changes. Last, every active volume without its device gets one,
 and every encrypted volume's cleartext device is brought to its record
-(dmd.service.encryption).
+(dmd.service.pools.crypt).
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ from dataclasses import replace
 from dmd.engine import DmError, DmFlags
 from dmd.engine.interface import Engine
 from dmd.service import errors
-from dmd.service.cache import recover as cache_recover
-from dmd.service.device_names import tpool, volume_device
-from dmd.service.encryption import settle_at_start
+from dmd.service.devices.recovery import RecoveryReport
 from dmd.service.journal import PoolArgs, PoolExtendStep, PoolGrowStep, VolumeCreateStep
-from dmd.service.pools import (
+from dmd.service.pools.cache import recover as cache_recover
+from dmd.service.pools.crypt import settle_at_start
+from dmd.service.pools.names import tpool, volume_device
+from dmd.service.pools.service import (
     POOL_OPERATIONS,
     PoolService,
     volume_from_json,
 )
-from dmd.service.recovery import RecoveryReport
 from dmd.state import IntentRecord, PoolLayout, PoolRecord
 
 log = logging.getLogger(__name__)

@@ -15,29 +15,29 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_pool_space import crash_at
-from test_pools import (
+
+from dmd.engine import DmError
+from dmd.engine.sim import SimDM
+from dmd.engine.targets.thin import set_transaction_id
+from dmd.service import errors
+from dmd.service.devices.recovery import recover
+from dmd.service.journal import PoolCreateStep, PoolGrowStep, PoolImportStep
+from dmd.service.pools.importing import import_pool
+from dmd.service.pools.recovery import recover_pools
+from dmd.state.pool_description import COPY_OFFSETS, HEADER_BYTES, read_device
+from tests.service.pools.kit import (
     DISKS,
     EVERY_STEP,
     GIB,
     OPERATIONS,
     assert_agree,
     close,
+    crash_at,
     open_pools,
     prepare,
     recovered,
     state,
 )
-
-from dmd.engine import DmError
-from dmd.engine.sim import SimDM
-from dmd.engine.targets.thin import set_transaction_id
-from dmd.service import errors
-from dmd.service.journal import PoolCreateStep, PoolGrowStep, PoolImportStep
-from dmd.service.pool_import import import_pool
-from dmd.service.pool_recovery import recover_pools
-from dmd.service.recovery import recover
-from dmd.state.pool_description import COPY_OFFSETS, HEADER_BYTES, read_device
 
 
 def engine(tmp_path: Path) -> SimDM:

@@ -7,22 +7,30 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_pools import DISKS, GIB, assert_agree, close, open_pools, recovered, state
 
 from dmd.engine import DmFlags
 from dmd.engine.sim import SimDM
 from dmd.service import errors
 from dmd.service.journal import PoolExtendStep, PoolGrowStep
-from dmd.service.pool_room import HEADER_SECTORS, free_segments
-from dmd.service.pool_space import Space, SpaceWatch, extend_pool
-from dmd.service.pools import PoolService
+from dmd.service.pools.room import HEADER_SECTORS, free_segments
+from dmd.service.pools.service import PoolService
+from dmd.service.pools.space import Space, SpaceWatch, extend_pool
 from dmd.state import Segment
+from tests.service.pools.kit import (
+    DISKS,
+    GIB,
+    assert_agree,
+    close,
+    crash_at,
+    open_pools,
+    recovered,
+    state,
+)
 
 BLOCK = 64 << 10
 
@@ -50,13 +58,13 @@ def watch(pools: PoolService) -> tuple[SpaceWatch, list[tuple[str, str, Space]]]
 
 
 @pytest.fixture
-async def pools(tmp_path: Path) -> Any:
-    svc = open_pools(tmp_path)
-    yield svc
+async def pools(pools: PoolService) -> AsyncIterator[PoolService]:
+    """The folder's pool service; every watch a test made has settled
+    before it closes."""
+    yield pools
     for space in spaces:
         await space.settled()
     spaces.clear()
-    close(svc)
 
 
 async def test_data_size_keeps_the_rest_of_the_devices_as_room(pools: PoolService) -> None:
@@ -141,7 +149,7 @@ async def test_a_queueing_pool_fails_its_writes_after_its_no_space_timeout(
     assert record.on_full == "queue" and record.no_space_timeout == 1  # the policy stays
     # A reload of the pool's table while it is still full (a metadata
     # extension, recovery) makes it queue again: past its time, it fails at once.
-    from dmd.service.pools import _pool_table
+    from dmd.service.pools.service import _pool_table
 
     await pools.devices.reload("tank-tpool", _pool_table(record), claim=pools.owner("tank"))
     assert "error_if_no_space" not in tpool_features(pools, "tank")
@@ -184,7 +192,7 @@ async def test_no_space_timeout_is_checked(pools: PoolService) -> None:
 
 async def test_metadata_is_low_at_the_kernels_mark_or_under_a_fifth_free(
         pools: PoolService) -> None:
-    from dmd.service.pool_space import metadata_low
+    from dmd.service.pools.space import metadata_low
 
     await pools.create_pool("tank", DISKS[:1])
     state_ = await pools.pool_state("tank")  # the kernel's mark: min(4 MiB, a quarter)
@@ -204,7 +212,7 @@ async def test_metadata_is_low_at_the_kernels_mark_or_under_a_fifth_free(
 def test_what_to_do_names_the_way_out() -> None:
     from dataclasses import replace
 
-    from dmd.service.pool_space import what_to_do
+    from dmd.service.pools.space import what_to_do
     from dmd.state import PoolLayout, PoolRecord
 
     record = PoolRecord("tank", "u", 0, 128, "queue", 20, 0, 0, PoolLayout((), (), (), ()),
@@ -260,30 +268,6 @@ async def test_metadata_grows_into_the_room_too(pools: PoolService) -> None:
     await assert_agree(pools)
     with pytest.raises(errors.InvalidArgument, match="no room"):
         await extend_pool(pools, "tank", data_bytes=1 << 40)
-
-
-def crash_at(tmp: Path, operation: str, step: int,
-             run: Callable[[PoolService], Awaitable[Any]]) -> None:
-    """*run* in a forked child on the pools in *tmp*, which dies at *step*
-    of *operation*."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            def crash(op: str, number: int) -> None:
-                if op == operation and number == step:
-                    os._exit(42)
-
-            async def child() -> None:
-                pools = open_pools(tmp, crash)
-                pools.fault = crash
-                await pools.start()
-                await run(pools)
-
-            asyncio.run(child())
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 42, "the child did not die at that step"
 
 
 @pytest.mark.parametrize("step", list(PoolExtendStep))

@@ -19,10 +19,10 @@ from typing import Any
 
 from dmd.engine import DmError, DmFlags, TargetLine, carries_key
 from dmd.engine.interface import Engine
-from dmd.service.drift import live_differs
+from dmd.service.devices.drift import live_differs
+from dmd.service.devices.operations import DeviceService
 from dmd.service.journal import ReloadArgs, ReloadStep, RenameArgs
-from dmd.service.operations import DeviceService
-from dmd.service.pools import POOL_OPERATIONS
+from dmd.service.pools.service import POOL_OPERATIONS
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ async def recover(service: DeviceService) -> RecoveryReport:
     store = service.store
     for intent in sorted(await store.pending_intents(), key=lambda i: i.id):
         if intent.operation in POOL_OPERATIONS:
-            continue  # settled by dmd.service.pool_recovery, after the devices
+            continue  # settled by dmd.service.pools.recovery, after the devices
         try:
             await _settle_intent(service, intent, report)
         except Exception:

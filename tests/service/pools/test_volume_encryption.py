@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_pool_space import crash_at
-from test_pools import DISKS, GIB, assert_agree, close, open_pools, recovered, state
 
 from dmd.engine import DmError, keyring, luks
 from dmd.engine.interface import Engine
@@ -25,7 +23,8 @@ from dmd.engine.luks import KdfSettings, Pbkdf
 from dmd.engine.sim import SimDM
 from dmd.service import errors
 from dmd.service.auth import ROOT, Caller
-from dmd.service.encryption import (
+from dmd.service.journal import VolumeCreateStep
+from dmd.service.pools.crypt import (
     EncryptionRequest,
     KeyWaiter,
     change_key,
@@ -33,9 +32,18 @@ from dmd.service.encryption import (
     settle_at_start,
     unlock,
 )
-from dmd.service.journal import VolumeCreateStep
-from dmd.service.pools import PoolService
-from dmd.service.volume_open import open_volume
+from dmd.service.pools.open import open_volume
+from dmd.service.pools.service import PoolService
+from tests.service.pools.kit import (
+    DISKS,
+    GIB,
+    assert_agree,
+    close,
+    crash_at,
+    open_pools,
+    recovered,
+    state,
+)
 
 KEY = b"correct horse battery staple"
 OTHER = b"another key, for slot two"
@@ -80,14 +88,6 @@ async def header(pools: PoolService, device: str) -> luks.Header:
         return await asyncio.to_thread(luks.dump, fd)
     finally:
         os.close(fd)
-
-
-@pytest.fixture
-async def tank(tmp_path: Path) -> Any:
-    pools = open_pools(tmp_path)
-    await pools.create_pool("tank", DISKS[:2])
-    yield pools
-    close(pools)
 
 
 async def test_an_encrypted_volume_holds_data_across_lock_and_unlock(

@@ -1,0 +1,1 @@
+"""The pool family: pools, their volumes, and every operation on them."""
