@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -177,6 +177,25 @@ class VolumeRecord:
     encryption: Encryption | None = None
     thick: Thick | None = None
     cache: Cache | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as the journal keeps it in an intent (and a pool's
+        description names an operation under way): every field but when it
+        was made."""
+        raw = asdict(self)
+        raw.pop("created_at", None)
+        raw["encryption"] = self.encryption.to_json() if self.encryption else None
+        raw["thick"] = self.thick.to_json() if self.thick else None
+        raw["cache"] = self.cache.to_json() if self.cache else None
+        return raw
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> VolumeRecord:
+        fields = dict(raw)
+        fields["encryption"] = Encryption.from_json(fields.get("encryption"))
+        fields["thick"] = Thick.from_json(fields.get("thick"))
+        fields["cache"] = Cache.from_json(fields.get("cache"))
+        return cls(**fields)
 
 
 def pool_record(row: PoolRow) -> PoolRecord:

@@ -22,9 +22,11 @@ from dmd.engine.interface import Engine
 from dmd.service.devices.drift import live_differs
 from dmd.service.devices.operations import DeviceService
 from dmd.service.journal import ReloadArgs, ReloadStep, RenameArgs
-from dmd.service.pools.service import POOL_OPERATIONS
 
 log = logging.getLogger(__name__)
+
+# The device family's operations (dmd.service.devices.operations journals them).
+DEVICE_OPERATIONS = frozenset({"create", "reload", "rename", "remove"})
 
 
 @dataclass
@@ -147,8 +149,8 @@ async def recover(service: DeviceService) -> RecoveryReport:
     report = RecoveryReport()
     store = service.store
     for intent in sorted(await store.pending_intents(), key=lambda i: i.id):
-        if intent.operation in POOL_OPERATIONS:
-            continue  # settled by dmd.service.pools.recovery, after the devices
+        if intent.operation not in DEVICE_OPERATIONS:
+            continue  # another family's: settled by its own recovery, after the devices
         try:
             await _settle_intent(service, intent, report)
         except Exception:

@@ -33,7 +33,6 @@ import logging
 import os
 import uuid as uuidlib
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from dmd.engine import DmError, DmFlags, TargetLine
 from dmd.engine.interface import Engine
@@ -44,13 +43,11 @@ from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
 from dmd.service.jobs import cancel_point, progress
 from dmd.service.journal import Journal, PoolArgs, intent
+from dmd.service.pools.core import Accept, PoolCore, Recover
 from dmd.service.pools.names import VolumePart, volume_device, volume_part
 from dmd.service.pools.room import HEADER_SECTORS
-from dmd.state import Cache, VolumeRecord
+from dmd.state import Cache, IntentRecord, PoolRecord, VolumeRecord
 from dmd.state.pool_description import BLOCK, Label
-
-if TYPE_CHECKING:
-    from dmd.service.pools.service import Accept, PoolService
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +147,7 @@ def check_mode(mode: str, block_size: int | None) -> tuple[str, str, int]:
     return kind, io_mode, block
 
 
-async def _source(pools: PoolService, source: str, force: bool, caller: Caller
+async def _source(pools: PoolCore, source: str, force: bool, caller: Caller
                   ) -> tuple[str, int, str | None]:
     """(path, sectors, volume uuid) of the cache device named *source*."""
     taken = {(v.cache.volume_uuid or v.cache.device): f"{v.pool}/{v.name}"
@@ -182,14 +179,14 @@ async def _source(pools: PoolService, source: str, force: bool, caller: Caller
     return f"/dev/mapper/{volume_device(pool, name)}", volume.size_bytes // 512, volume.uuid
 
 
-async def attach(pools: PoolService, pool: str, name: str, source: str, *,
+async def attach(pools: PoolCore, pool: str, name: str, source: str, *,
                  mode: str = "writeback", block_size: int | None = None,
                  force: bool = False, uuid: str | None = None, caller: Caller = ROOT,
                  accept: Accept | None = None) -> VolumeRecord:
     kind, io_mode, block = check_mode(mode, block_size)
     # One attach at a time: two on different pools could both find the same
     # device free before either holds it.
-    async with pools.locks.hold(SOURCES_LOCK), pools.changing(pool):
+    async with pools.locks.hold(SOURCES_LOCK), pools.change(pool) as change:
         volume = await pools.volume(pool, name, uuid)
         await pools.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
         if volume.cache is not None:
@@ -222,10 +219,10 @@ async def attach(pools: PoolService, pool: str, name: str, source: str, *,
             await pools.store.pool_change(pool, update=cached)
 
         async with intent(pools.store, pools.fault, "cache-attach", f"{pool}/{name}",
-                          PoolArgs(pool=pool, volume=_json(cached)), undo,
+                          PoolArgs(pool=pool, volume=cached.to_json()), undo,
                           roll_forward=finish) as journal:
             if accept is not None:
-                await pools.accept_now(pool, cached, accept)
+                await change.accepted(cached, accept)
             await journal.mark(AttachStep.DEVICES)
             await _label(pools, cached)
             await build_cache_devices(pools, cached, fresh=True)
@@ -242,7 +239,7 @@ async def attach(pools: PoolService, pool: str, name: str, source: str, *,
     return cached
 
 
-async def build_cache_devices(pools: PoolService, volume: VolumeRecord, *,
+async def build_cache_devices(pools: PoolCore, volume: VolumeRecord, *,
                               fresh: bool) -> None:
     """cmeta (dm-cache only) and cdata over the cache device; *fresh*: the
     start of the metadata (writecache: of the data) is zeroed, so that the
@@ -275,7 +272,7 @@ def _zero(fd: int, length: int) -> None:
     os.fsync(fd)
 
 
-async def _remove_cache_devices(pools: PoolService, volume: VolumeRecord) -> None:
+async def _remove_cache_devices(pools: PoolCore, volume: VolumeRecord) -> None:
     """The cache's devices gone, and the label on a device taken whole
     wiped (only where it is still the cache's: a name may now be another
     disk's), so the device is free again."""
@@ -293,7 +290,7 @@ async def _remove_cache_devices(pools: PoolService, volume: VolumeRecord) -> Non
         await pools.kernel(Engine.wipe, cache.device, 0, BLOCK)
 
 
-async def _label(pools: PoolService, volume: VolumeRecord) -> None:
+async def _label(pools: PoolCore, volume: VolumeRecord) -> None:
     """Write the label that names a device taken whole as this cache."""
     cache = volume.cache
     assert cache is not None
@@ -304,7 +301,7 @@ async def _label(pools: PoolService, volume: VolumeRecord) -> None:
                        Label(record.uuid, cache.label_uuid, 0, 1).encode())
 
 
-async def _label_is_ours(pools: PoolService, volume: VolumeRecord) -> bool:
+async def _label_is_ours(pools: PoolCore, volume: VolumeRecord) -> bool:
     cache = volume.cache
     assert cache is not None and cache.label_uuid is not None
     record = await pools.pool(volume.pool)
@@ -313,7 +310,7 @@ async def _label_is_ours(pools: PoolService, volume: VolumeRecord) -> bool:
         record.uuid, cache.label_uuid)
 
 
-async def check_label(pools: PoolService, volume: VolumeRecord) -> None:
+async def check_label(pools: PoolCore, volume: VolumeRecord) -> None:
     """Busy unless the volume's cache device (taken whole) is still the disk
     it was attached on, as its label says: a path now naming another disk is
     never mapped."""
@@ -326,7 +323,7 @@ async def check_label(pools: PoolService, volume: VolumeRecord) -> None:
                           "inactive until the cache's disk is back under that name")
 
 
-async def activate_cached(pools: PoolService, volume: VolumeRecord) -> None:
+async def activate_cached(pools: PoolCore, volume: VolumeRecord) -> None:
     """Make a cached volume's stack (after an import: a reboot's recovery
     makes it from the device records). The cache device must be there: its
     dirty blocks are the volume's latest writes."""
@@ -353,9 +350,9 @@ async def activate_cached(pools: PoolService, volume: VolumeRecord) -> None:
                                uuid=pools.device_uuid(volume), persistent=True, claim=claim)
 
 
-async def detach(pools: PoolService, pool: str, name: str, *, uuid: str | None = None,
+async def detach(pools: PoolCore, pool: str, name: str, *, uuid: str | None = None,
                  caller: Caller = ROOT, accept: Accept | None = None) -> VolumeRecord:
-    async with pools.changing(pool):
+    async with pools.change(pool) as change:
         volume = await pools.volume(pool, name, uuid)
         await pools.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
         if volume.cache is None:
@@ -371,10 +368,10 @@ async def detach(pools: PoolService, pool: str, name: str, *, uuid: str | None =
             await _finish_detach(pools, volume)
 
         async with intent(pools.store, pools.fault, "cache-detach", f"{pool}/{name}",
-                          PoolArgs(pool=pool, volume=_json(volume)), undo,
+                          PoolArgs(pool=pool, volume=volume.to_json()), undo,
                           roll_forward=finish) as journal:
             if accept is not None:
-                await pools.accept_now(pool, volume, accept)
+                await change.accepted(volume, accept)
             await journal.mark(DetachStep.CLEAN)
             await pools.devices.reload(device, cache_table(volume, cleaner=True), claim=claim)
             await journal.mark(DetachStep.FLUSH)
@@ -397,12 +394,12 @@ async def detach(pools: PoolService, pool: str, name: str, *, uuid: str | None =
     return plain
 
 
-async def _dirty(pools: PoolService, device: str) -> int:
+async def _dirty(pools: PoolCore, device: str) -> int:
     _, lines = await pools.kernel(Engine.table_status, device, DmFlags(0))
     return dirty_blocks(lines[0])
 
 
-async def _flush(pools: PoolService, device: str, kind: str) -> None:
+async def _flush(pools: PoolCore, device: str, kind: str) -> None:
     """Wait for the cleaner to write every dirty block back; the job's
     progress says how much of what was dirty is written. A writecache that
     stops emptying (a writer rewrites the blocks it holds) is left to its
@@ -420,7 +417,7 @@ async def _flush(pools: PoolService, device: str, kind: str) -> None:
         await asyncio.sleep(FLUSH_POLL)
 
 
-async def _swap_when_clean(pools: PoolService, device: str, table: list[TargetLine],
+async def _swap_when_clean(pools: PoolCore, device: str, table: list[TargetLine],
                            claim: str, kind: str) -> bool:
     """Suspend (in-flight writes land), check that nothing is dirty while
     nothing can write, and swap in *table*; False (resumed as it was) if a
@@ -446,13 +443,13 @@ async def _swap_when_clean(pools: PoolService, device: str, table: list[TargetLi
     return True
 
 
-async def _record_table(pools: PoolService, device: str, table: list[TargetLine]) -> None:
+async def _record_table(pools: PoolCore, device: str, table: list[TargetLine]) -> None:
     """The device's record takes its new live table (a load and a resume
     do not write it): a reboot re-creates the device from it."""
     await pools.store.update_table(device, table, False)
 
 
-async def restore_cache(pools: PoolService, volume: VolumeRecord) -> None:
+async def restore_cache(pools: PoolCore, volume: VolumeRecord) -> None:
     """The cache attached as it was (its normal policy), the device resumed:
     a detach undone keeps every dirty block where it is."""
     device = volume_device(volume.pool, volume.name)
@@ -463,7 +460,7 @@ async def restore_cache(pools: PoolService, volume: VolumeRecord) -> None:
     await pools.devices.reload(device, cache_table(volume), claim=claim)
 
 
-async def _finish_detach(pools: PoolService, volume: VolumeRecord) -> None:
+async def _finish_detach(pools: PoolCore, volume: VolumeRecord) -> None:
     plain = replace(volume, cache=None)
     await _record_table(pools, volume_device(volume.pool, volume.name),
                         await pools.volume_table(plain))
@@ -475,7 +472,7 @@ def _live_is_cache(lines: list[TargetLine]) -> bool:
     return bool(lines) and lines[0].target_type in ("cache", "writecache")
 
 
-async def recover(pools: PoolService, operation: str, volume: VolumeRecord) -> str | None:
+async def recover(pools: PoolCore, operation: str, volume: VolumeRecord) -> str | None:
     """Settle an interrupted attach or detach by the volume's live table:
     a cache table means attached (a detach is undone), the volume's own
     means detached (an attach is undone)."""
@@ -512,7 +509,15 @@ async def recover(pools: PoolService, operation: str, volume: VolumeRecord) -> s
     return "done"
 
 
-def _json(volume: VolumeRecord) -> dict[str, object]:
-    from dmd.service.pools.service import _volume_json
 
-    return _volume_json(volume)
+async def recover_intent(pools: PoolCore, intent: IntentRecord, args: PoolArgs,
+                         record: PoolRecord | None) -> str | None:
+    """After a crash (dmd.service.pools.recovery)."""
+    if record is None:
+        return "rolled_back"
+    pools.claim(args.pool)
+    assert args.volume is not None
+    return await recover(pools, intent.operation, VolumeRecord.from_json(args.volume))
+
+
+RECOVERY: dict[str, Recover] = {"cache-attach": recover_intent, "cache-detach": recover_intent}

@@ -24,19 +24,16 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 from dmd.engine import DmError, luks
 from dmd.engine.interface import Engine
 from dmd.engine.luks import KdfSettings, Pbkdf
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
+from dmd.service.pools.core import PoolCore
 from dmd.service.pools.names import cleartext_device, volume_device
 from dmd.service.secrets import keyring_key, wipe, wiped
 from dmd.state import Encryption, VolumeRecord
-
-if TYPE_CHECKING:
-    from dmd.service.pools.service import PoolService
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +102,7 @@ async def request_key(key: bytearray | None, key_description: str | None) -> byt
 
 
 # -- the device's side, shared by create, unlock and start-up -------------------
-async def format_volume(pools: PoolService, volume: VolumeRecord, key: bytearray,
+async def format_volume(pools: PoolCore, volume: VolumeRecord, key: bytearray,
                         kdf: KdfSettings) -> None:
     """A LUKS2 header with *key* on the volume's (new, active) device, with
     the UUID its record names."""
@@ -122,7 +119,7 @@ async def format_volume(pools: PoolService, volume: VolumeRecord, key: bytearray
         os.close(fd)
 
 
-async def open_cleartext(pools: PoolService, volume: VolumeRecord, key: bytearray) -> None:
+async def open_cleartext(pools: PoolCore, volume: VolumeRecord, key: bytearray) -> None:
     """Make the volume's cleartext device and manage it."""
     pool, name = volume.pool, volume.name
     device = cleartext_device(pool, name)
@@ -146,7 +143,7 @@ async def open_cleartext(pools: PoolService, volume: VolumeRecord, key: bytearra
     log.info("volume-unlock %s/%s: %s made", pool, name, device)
 
 
-async def close_cleartext(pools: PoolService, pool: str, name: str) -> bool:
+async def close_cleartext(pools: PoolCore, pool: str, name: str) -> bool:
     """Remove the volume's cleartext device (Busy while it is used); whether
     there was one."""
     device = cleartext_device(pool, name)
@@ -160,7 +157,7 @@ async def close_cleartext(pools: PoolService, pool: str, name: str) -> bool:
     return True
 
 
-async def cleartext_present(pools: PoolService, pool: str, name: str) -> bool:
+async def cleartext_present(pools: PoolCore, pool: str, name: str) -> bool:
     try:
         await pools.kernel(Engine.device_info, cleartext_device(pool, name))
     except DmError:
@@ -169,7 +166,7 @@ async def cleartext_present(pools: PoolService, pool: str, name: str) -> bool:
 
 
 # -- methods ------------------------------------------------------------------------
-async def _subject(pools: PoolService, pool: str, name: str, caller: Caller,
+async def _subject(pools: PoolCore, pool: str, name: str, caller: Caller,
                    uuid: str | None) -> tuple[VolumeRecord, Encryption]:
     volume = await pools.volume(pool, name, uuid)
     await pools.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
@@ -178,14 +175,14 @@ async def _subject(pools: PoolService, pool: str, name: str, caller: Caller,
     return volume, volume.encryption
 
 
-async def unlock(pools: PoolService, pool: str, name: str, key: bytearray | None, *,
+async def unlock(pools: PoolCore, pool: str, name: str, key: bytearray | None, *,
                  uuid: str | None = None, caller: Caller = ROOT,
                  only_if_waiting: bool = False) -> None:
     """Open the volume with *key*, or with its keyring key if None. Already
     open: nothing to do (the key is not checked). *only_if_waiting*: only
     if it still waits to be opened (a Lock meanwhile wins)."""
     with wiped(key):
-        async with pools.changing(pool):
+        async with pools.change(pool):
             volume, encryption = await _subject(pools, pool, name, caller, uuid)
             if only_if_waiting and (volume.uuid not in pools.waiting
                                     or not encryption.unlocked):
@@ -205,11 +202,11 @@ async def unlock(pools: PoolService, pool: str, name: str, key: bytearray | None
                 await _record(pools, volume, replace(encryption, unlocked=True))
 
 
-async def lock(pools: PoolService, pool: str, name: str, *, uuid: str | None = None,
+async def lock(pools: PoolCore, pool: str, name: str, *, uuid: str | None = None,
                caller: Caller = ROOT) -> None:
     """Remove the cleartext device (Busy while it is mounted or open): the
     key leaves the kernel. The volume stays locked across restarts."""
-    async with pools.changing(pool):
+    async with pools.change(pool):
         volume, encryption = await _subject(pools, pool, name, caller, uuid)
         if encryption.unlocked:
             # Recorded first: a crash before the removal is finished at start.
@@ -223,7 +220,7 @@ async def lock(pools: PoolService, pool: str, name: str, *, uuid: str | None = N
             raise
 
 
-async def change_key(pools: PoolService, pool: str, name: str, key: bytearray,
+async def change_key(pools: PoolCore, pool: str, name: str, key: bytearray,
                      new_key: bytearray | None, *, remove: bool = False,
                      kdf: KdfSettings | None = None, uuid: str | None = None,
                      caller: Caller = ROOT) -> None:
@@ -233,7 +230,7 @@ async def change_key(pools: PoolService, pool: str, name: str, key: bytearray,
         if remove == (new_key is not None):
             raise errors.InvalidArgument("ChangeKey adds a key (new-key) or removes one "
                                          "(remove), one of the two")
-        async with pools.changing(pool):
+        async with pools.change(pool):
             volume, _ = await _subject(pools, pool, name, caller, uuid)
             if not volume.active:
                 raise errors.NotActive(f"volume {pool}/{name} is not active: Activate it "
@@ -265,7 +262,7 @@ def _change_key(fd: int, key: bytearray, new_key: bytearray | None,
     luks.remove_key(fd, key)
 
 
-async def _record(pools: PoolService, volume: VolumeRecord,
+async def _record(pools: PoolCore, volume: VolumeRecord,
                   encryption: Encryption) -> VolumeRecord:
     changed = replace(volume, encryption=encryption)
     await pools.store.pool_change(volume.pool, update=changed)
@@ -273,7 +270,7 @@ async def _record(pools: PoolService, volume: VolumeRecord,
 
 
 # -- start-up --------------------------------------------------------------------
-async def settle_at_start(pools: PoolService, pool: str) -> None:
+async def settle_at_start(pools: PoolCore, pool: str) -> None:
     """Bring each encrypted volume's cleartext device to its record: remove
     one recorded locked (an unlock or a lock a crash cut short), manage one
     dmd lost the record of, forget the record of one a reboot took, and
@@ -316,7 +313,7 @@ class KeyWaiter:
     """Opens volumes that wait for their keyring key, as keys arrive. A key
     that does not open its volume is tried again only once it changes."""
 
-    def __init__(self, pools: PoolService) -> None:
+    def __init__(self, pools: PoolCore) -> None:
         self.pools = pools
         self._refused: dict[str, bytes] = {}  # volume uuid -> digest of the key tried
 
@@ -353,7 +350,7 @@ class KeyWaiter:
                                                   "does not open it")
                     log.error("volume %s/%s: key %r opens no keyslot; tried again when it "
                               "changes", volume.pool, volume.name, description)
-                    await pools.settle_now(volume.pool)
+                    await pools.settle(volume.pool)
                 except errors.ServiceError as exc:
                     log.error("volume %s/%s: could not be opened at start: %s", volume.pool,
                               volume.name, exc)

@@ -20,7 +20,9 @@ from typing import Any
 from dmd.engine.interface import Engine
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
-from dmd.service.journal import PoolArgs, PoolImportStep, intent
+from dmd.service.journal import PoolArgs, PoolImportStep
+from dmd.service.pools import activation
+from dmd.service.pools.core import Accept, PoolChange, PoolCore, Recover, ignore
 from dmd.service.pools.crypt import settle_at_start
 from dmd.service.pools.names import (
     PoolPart,
@@ -29,15 +31,16 @@ from dmd.service.pools.names import (
     pool_devices,
     tpool,
 )
-from dmd.service.pools.service import Accept, PoolService, _ignore, volume_from_json
-from dmd.state import PoolRecord, VolumeRecord
+from dmd.service.pools.tables import linear, pool_table
+from dmd.service.pools.volumes import finish_delete, undo_thin
+from dmd.state import IntentRecord, PoolRecord, VolumeRecord
 from dmd.state.pool_description import Description
 
 log = logging.getLogger(__name__)
 
 
-async def import_pool(pools: PoolService, paths: list[str], *, caller: Caller = ROOT,
-                      accept: Accept = _ignore) -> PoolRecord:
+async def import_pool(pools: PoolCore, paths: list[str], *, caller: Caller = ROOT,
+                      accept: Accept = ignore) -> PoolRecord:
     await pools.devices.authorize(caller, Action.POOL, "import")
     if not isinstance(paths, list) or not paths or len(set(paths)) != len(paths):
         raise errors.InvalidArgument("an import needs one or more distinct devices")
@@ -58,12 +61,12 @@ async def import_pool(pools: PoolService, paths: list[str], *, caller: Caller = 
     for device in pool_devices(name):
         if device in present:
             raise errors.AlreadyExists(f"a device named {device} exists")
-    async with pools.changing(name):
-        pools._claim(name)
+    async with pools.change(name) as change:
+        pools.claim(name)
         try:
-            await _activate(pools, record, description, accept)
+            await _activate(change, record, description, accept)
         except BaseException:
-            pools._release(name)
+            pools.release(name)
             raise
         pools.descriptions.labelled[record.uuid] = record.layout.ids
         if description.pending is not None and "volume" in description.pending:
@@ -78,7 +81,7 @@ async def import_pool(pools: PoolService, paths: list[str], *, caller: Caller = 
             await pools.descriptions.repair(
                 record, list(description.volumes),
                 await pools.descriptions.read(record.layout.devices))
-        await pools.activate_recorded(name)  # settled with the rest: the bus shows them
+        await activation.activate_recorded(pools, name)  # settled with the rest: the bus shows them
         # Encrypted volumes wait for their keys (the keyring's, or Unlock).
         await settle_at_start(pools, name)
     log.info("pool-import %s: %d device(s), %d volume(s), generation %d", name, len(paths),
@@ -86,7 +89,7 @@ async def import_pool(pools: PoolService, paths: list[str], *, caller: Caller = 
     return record
 
 
-async def _read(pools: PoolService, paths: list[str]) -> tuple[Description, PoolRecord]:
+async def _read(pools: PoolCore, paths: list[str]) -> tuple[Description, PoolRecord]:
     """The newest description on *paths*, and the record it makes with the
     devices where they are now; refused unless the devices are the pool's,
     all of them."""
@@ -129,7 +132,7 @@ async def _read(pools: PoolService, paths: list[str]) -> tuple[Description, Pool
                                 generation=description.generation)
 
 
-async def _settle_pending(pools: PoolService, name: str, pending: dict[str, Any],
+async def _settle_pending(pools: PoolCore, name: str, pending: dict[str, Any],
                           start: int, volumes: tuple[VolumeRecord, ...]) -> None:
     """The operation the description names was cut short (its caller was
     never told it ended: that comes after the description without it is
@@ -145,16 +148,16 @@ async def _settle_pending(pools: PoolService, name: str, pending: dict[str, Any]
             raise errors.Corrupt(f"pool {name!r}: its description's pending operation names "
                                  f"volume {raw['uuid']}, which it does not hold")
     else:
-        volume = volume_from_json(raw)
+        volume = VolumeRecord.from_json(raw)
     legacy_name(volume.name, "volume", name)
     if volume.pool != name or volume.thin_id is None:
         raise errors.Corrupt(f"pool {name!r}: its description's pending operation names "
                              "another pool's volume, or none")
     operation = pending.get("operation")
     if operation in ("volume-create", "volume-snapshot"):
-        await pools.undo_thin(name, volume, recorded=False)
+        await undo_thin(pools, name, volume, recorded=False)
     elif operation == "volume-delete":
-        await pools.finish_delete(volume, start)
+        await finish_delete(pools, volume, start)
     else:
         raise errors.Corrupt(f"pool {name!r}: its description names an operation this dmd "
                              f"does not know ({operation!r})")
@@ -162,28 +165,26 @@ async def _settle_pending(pools: PoolService, name: str, pending: dict[str, Any]
              "finished" if operation == "volume-delete" else "undone")
 
 
-async def _activate(pools: PoolService, record: PoolRecord, description: Description,
+async def _activate(change: PoolChange, record: PoolRecord, description: Description,
                     accept: Accept) -> None:
-    from dmd.service.pools.service import _linear, _pool_table
-
-    name, plan, claim = record.name, record.layout, pools.owner(record.name)
+    pools, name, plan, claim = change.core, record.name, record.layout, change.owner
 
     async def undo(_: object) -> None:
-        await pools._remove_pool_devices(name)
+        await pools.remove_pool_devices(name)
 
-    async with intent(pools.store, pools.fault, "pool-import", name,
-                      PoolArgs(pool=name, layout=plan.to_json()), undo) as journal:
-        pools.pending_pools[name] = (record, "importing")
-        await pools._accepted(name, record, accept)
+    async with change.intent("pool-import", name,
+                             PoolArgs(pool=name, layout=plan.to_json()), undo) as journal:
+        change.show(record, "importing")
+        await change.accepted(record, accept)
         await journal.mark(PoolImportStep.DEVICES)
-        await pools.devices.create(pool_device(name, PoolPart.TMETA), _linear(plan, plan.metadata),
+        await pools.devices.create(pool_device(name, PoolPart.TMETA), linear(plan, plan.metadata),
                                    uuid=f"DMD-POOL-{record.uuid}-tmeta", persistent=True,
                                    claim=claim)
-        await pools.devices.create(pool_device(name, PoolPart.TDATA), _linear(plan, plan.data),
+        await pools.devices.create(pool_device(name, PoolPart.TDATA), linear(plan, plan.data),
                                    uuid=f"DMD-POOL-{record.uuid}-tdata", persistent=True,
                                    claim=claim)
         await journal.mark(PoolImportStep.POOL)
-        await pools.devices.create(tpool(name), _pool_table(record),
+        await pools.devices.create(tpool(name), pool_table(record),
                                    uuid=f"DMD-POOL-{record.uuid}-tpool", persistent=True,
                                    claim=claim)
         tid = (await pools.pool_state(name, record)).transaction_id
@@ -198,3 +199,15 @@ async def _activate(pools: PoolService, record: PoolRecord, description: Descrip
                 "changed without dmd since; not imported")
         await journal.mark(PoolImportStep.RECORD)
         await pools.store.import_pool(record, list(description.volumes))
+
+
+async def recover_import(pools: PoolCore, intent: IntentRecord, args: PoolArgs,
+                         record: PoolRecord | None) -> str | None:
+    """After a crash (dmd.service.pools.recovery)."""
+    if record is not None:
+        return "done"  # its volumes are activated by recovery, as every pool's are
+    await pools.remove_pool_devices(args.pool)  # the devices' data and description stay
+    return "rolled_back"
+
+
+RECOVERY: dict[str, Recover] = {"pool-import": recover_import}

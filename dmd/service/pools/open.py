@@ -18,8 +18,8 @@ import os
 from dmd.engine import DmError
 from dmd.service import errors
 from dmd.service.auth import Action, Caller
+from dmd.service.pools.core import PoolCore
 from dmd.service.pools.names import cleartext_device, volume_device
-from dmd.service.pools.service import PoolService
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def open_flags(mode: str, *, exclusive: bool = False) -> int:
     return MODES[mode] | (os.O_EXCL if exclusive else 0)
 
 
-async def open_volume(pools: PoolService, pool: str, name: str, mode: str, *,
+async def open_volume(pools: PoolCore, pool: str, name: str, mode: str, *,
                       exclusive: bool = False, uuid: str | None = None,
                       caller: Caller) -> int:
     """An open descriptor of volume *pool*/*name*'s device (the caller's to

@@ -31,21 +31,21 @@ from dmd.engine.interface import Engine
 from dmd.engine.targets.thin import MAX_METADATA_SECTORS
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
-from dmd.service.journal import PoolArgs, PoolExtendStep, intent
+from dmd.service.journal import PoolArgs, PoolExtendStep
+from dmd.service.pools.core import (
+    EXTEND_PERCENT,
+    Accept,
+    PoolCore,
+    Recover,
+    ignore,
+    metadata_growth,
+)
+from dmd.service.pools.core import metadata_low as metadata_short
 from dmd.service.pools.names import PoolPart, pool_device
 from dmd.service.pools.names import tpool as tpool_name
 from dmd.service.pools.room import carve, room_sectors
-from dmd.service.pools.service import (
-    EXTEND_PERCENT,
-    Accept,
-    PoolService,
-    _ignore,
-    _linear,
-    _pool_table,
-    metadata_growth,
-)
-from dmd.service.pools.service import metadata_low as metadata_short
-from dmd.state import PoolLayout, PoolRecord, Segment
+from dmd.service.pools.tables import linear, pool_table
+from dmd.state import IntentRecord, PoolLayout, PoolRecord, Segment
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +82,12 @@ def extended(record: PoolRecord, data_sectors: int, metadata_sectors: int,
     return layout
 
 
-async def extend_pool(pools: PoolService, pool: str, data_bytes: int = 0,
+async def extend_pool(pools: PoolCore, pool: str, data_bytes: int = 0,
                       metadata_bytes: int = 0, *, caller: Caller = ROOT,
-                      accept: Accept = _ignore) -> PoolRecord:
+                      accept: Accept = ignore) -> PoolRecord:
     """Grow the pool's data and/or metadata into its devices' free space."""
-    async with pools.changing(pool):
-        record = await pools.pool(pool)
+    async with pools.change(pool) as change:
+        record = await change.record()
         await pools.check_authorized(caller, Action.POOL, pool, record.owner_uid)
         await pools.check_devices(record)
         grown_layout = extended(record, data_bytes // 512, metadata_bytes // 512,
@@ -96,23 +96,23 @@ async def extend_pool(pools: PoolService, pool: str, data_bytes: int = 0,
         claim = pools.owner(pool)
 
         async def undo(journal: object) -> None:
-            await pools._restore_layout(record)
+            await pools.restore_layout(record)
 
         async def finish(_: object) -> None:
             await pools.finish_layout(grown)
 
-        async with intent(pools.store, pools.fault, "pool-extend", pool,
-                          PoolArgs(pool=pool, layout=grown_layout.to_json()), undo,
-                          roll_forward=finish) as journal:
-            await pools._accepted(pool, grown, accept)
-            await pools.describe_pending(pool, "pool-extend", layout=grown_layout)
+        async with change.intent("pool-extend", pool,
+                                 PoolArgs(pool=pool, layout=grown_layout.to_json()), undo,
+                                 roll_forward=finish) as journal:
+            await change.accepted(grown, accept)
+            await change.describe_pending("pool-extend", layout=grown_layout)
             await journal.mark(PoolExtendStep.DEVICES)
             if grown_layout.data != record.layout.data:
                 await pools.devices.reload(pool_device(pool, PoolPart.TDATA),
-                                           _linear(grown_layout, grown_layout.data), claim=claim)
+                                           linear(grown_layout, grown_layout.data), claim=claim)
             if grown_layout.metadata != record.layout.metadata:
                 await pools.devices.reload(pool_device(pool, PoolPart.TMETA),
-                                           _linear(grown_layout, grown_layout.metadata),
+                                           linear(grown_layout, grown_layout.metadata),
                                            claim=claim)
             await journal.mark(PoolExtendStep.POOL)
             journal.no_way_back()
@@ -127,7 +127,7 @@ class SpaceWatch:
     """Checks a pool's space when asked (its event, a resume, start-up) and
     extends it or reports; one check per pool at a time."""
 
-    def __init__(self, pools: PoolService) -> None:
+    def __init__(self, pools: PoolCore) -> None:
         self.pools = pools
         self.listeners: list[SpaceListener] = []
         self.reported: dict[str, str] = {}  # pool -> the last "low" / "full" / "ok" said
@@ -267,13 +267,13 @@ class SpaceWatch:
         if not await self._failing_writes(pool):
             self._queueing.add(pool)
         else:
-            async with self.pools.changing(pool):
+            async with self.pools.change(pool):
                 # What holds now: an operation may have had the lock meanwhile.
                 record = await self.pools.pool(pool)
                 state = await self.pools.pool_state(pool, record)
                 if state.mode == "out-of-data-space" or not await self._failing_writes(pool):
                     return
-                await self.pools.devices.reload(tpool_name(pool), _pool_table(record),
+                await self.pools.devices.reload(tpool_name(pool), pool_table(record),
                                                 claim=self.pools.owner(pool))
                 self._queueing.add(pool)
             log.info("pool %s: space again: writes queue when it is full", pool)
@@ -286,7 +286,7 @@ class SpaceWatch:
     async def _fail_writes_after(self, pool: str, seconds: int) -> None:
         await asyncio.sleep(seconds)
         try:
-            async with self.pools.changing(pool):
+            async with self.pools.change(pool):
                 record = await self.pools.pool(pool)
                 state = await self.pools.pool_state(pool, record)
                 if state.mode != "out-of-data-space" or await self._failing_writes(pool):
@@ -296,7 +296,7 @@ class SpaceWatch:
                             pool, record.no_space_timeout)
                 self._queueing.discard(pool)
                 await self.pools.devices.reload(tpool_name(pool),
-                                                _pool_table(record, fail_writes=True),
+                                                pool_table(record, fail_writes=True),
                                                 claim=self.pools.owner(pool))
         except errors.NotFound:
             pass  # destroyed meanwhile
@@ -336,3 +336,21 @@ def _to_clear(used: int, total: int, low_percent: int) -> int:
     # (total + x - used) / (total + x) > p  <=>  x > (used - (1 - p) * total) / (1 - p)
     keep = 1 - low_percent / 100
     return max(0, int((used - keep * total) / keep) + 1)
+
+
+async def recover_extend(pools: PoolCore, intent: IntentRecord, args: PoolArgs,
+                         record: PoolRecord | None) -> str | None:
+    """After a crash (dmd.service.pools.recovery)."""
+    if record is None:
+        return "rolled_back"
+    assert args.layout is not None
+    larger = replace(record, layout=PoolLayout.from_json(args.layout))
+    pools.claim(args.pool)
+    if intent.step >= PoolExtendStep.POOL:  # the kernel may have taken it: forward
+        await pools.finish_layout(larger)
+        return "done"
+    await pools.restore_layout(record)
+    return "rolled_back"
+
+
+RECOVERY: dict[str, Recover] = {"pool-extend": recover_extend}

@@ -149,9 +149,9 @@ async def test_a_queueing_pool_fails_its_writes_after_its_no_space_timeout(
     assert record.on_full == "queue" and record.no_space_timeout == 1  # the policy stays
     # A reload of the pool's table while it is still full (a metadata
     # extension, recovery) makes it queue again: past its time, it fails at once.
-    from dmd.service.pools.service import _pool_table
+    from dmd.service.pools.tables import pool_table
 
-    await pools.devices.reload("tank-tpool", _pool_table(record), claim=pools.owner("tank"))
+    await pools.devices.reload("tank-tpool", pool_table(record), claim=pools.owner("tank"))
     assert "error_if_no_space" not in tpool_features(pools, "tank")
     await check(space, "tank")
     await asyncio.sleep(0.3)

@@ -1,0 +1,732 @@
+"""The pool family's core: the one writer of pools and volumes, and the seam
+every operation on a pool goes through.
+
+``PoolCore`` holds what all operations share (the store, the kernel's
+workers, the device service, the pools' locks and descriptions, the jobs)
+and the steps more than one of them takes (claims, a pool's devices and
+tables, thin ids and the transaction id, a thick volume's room zeroed). Each
+operation lives in a module of its own (lifecycle, volumes, thick,
+activation, crypt, cache, space, importing) and runs inside
+``PoolCore.change``, which hands it a ``PoolChange``: the pool's lock, its
+records read once and handed down, the intent journaled with its undo or
+finish, the moment it is accepted, what the bus shows meanwhile, and the
+description naming it before a step the kernel cannot take back. At its
+end, however it ends, the description is brought to the records and the
+change settled (the bus shows it). Each of those modules also says how its
+operations are finished or undone after a crash: dmd.service.pools.recovery
+gathers them into the one list of pool operations.
+
+A pool is laid out by dmd over whole devices an admin hands it: each device
+keeps its first 4 MiB for the pool's own description (a label and two
+copies of the pool's and its volumes' records: dmd.state.pool_description,
+rewritten at the end of every change: dmd.service.pools.descriptions), the
+metadata device takes the size the kernel's documentation asks for from the
+first device, and the data device is everything else. Its device-mapper
+devices are named after it (dmd.service.pools.names):
+
+    P-tmeta  P-tdata  P-tpool   and one  P-V  per active volume V
+
+and claimed (``DeviceService.claims``): raw device calls on them are refused
+with Busy, naming the pool. Every device is a persistent managed device, so
+after a reboot the device recovery re-creates them in order (each after the
+devices its table names), over the pool's own disks only
+(dmd.service.pools.guard).
+
+Thin ids are handed out from the pool's ``next_thin_id`` (made durable
+before the id is used, and only ever raised), and every change to the set of
+thin ids moves the pool's transaction id by one, as described in
+dmd.service.journal; the pools' recovery reads it after a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import uuid as uuidlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from dmd.engine import DevId, DmError, NotABlockDevice, TargetLine
+from dmd.engine.blockdev import BlockDevice
+from dmd.engine.interface import Engine
+from dmd.engine.targets import parse_status
+from dmd.engine.targets.thin import (
+    MAX_THIN_ID,
+    ThinPoolStatus,
+    metadata_sectors,
+    set_transaction_id,
+)
+from dmd.engine.types import MAX_DEVICE_SECTORS
+from dmd.service import errors
+from dmd.service.auth import Action, Caller
+from dmd.service.devices.operations import DeviceService
+from dmd.service.jobs import Job, Jobs
+from dmd.service.journal import (
+    Journal,
+    PoolArgs,
+    intent,
+)
+from dmd.service.locks import DeviceLocks
+from dmd.service.pools.descriptions import Descriptions
+from dmd.service.pools.names import (
+    PoolPart,
+    VolumePart,
+    claim_prefix,
+    cleartext_device,
+    cleartext_uuid,
+    in_pool,
+    parts,
+    pool_device,
+    pool_devices,
+    tpool,
+    volume_device,
+)
+from dmd.service.pools.room import HEADER_SECTORS, thick_table
+from dmd.service.pools.tables import linear, pool_table, thin_table, volume_uuid
+from dmd.state import (
+    IntentRecord,
+    PoolLayout,
+    PoolRecord,
+    Segment,
+    VolumeRecord,
+)
+from dmd.state.pool_description import (
+    PAYLOAD_ROOM,
+    Description,
+    DescriptionError,
+)
+
+log = logging.getLogger(__name__)
+
+MIN_DEVICE_BYTES = 16 << 20
+DEFAULT_BLOCK_SECTORS = 128  # 64 KiB, LVM's default for thin pools
+WIPE_BYTES = 1 << 20  # of the metadata's start: the kernel then formats a new pool
+EXTEND_PERCENT = 20  # LVM's thin_pool_autoextend_percent default
+METADATA_LOW_PERCENT = 20  # metadata free below this: extend it too
+UNDO_BUSY_WAITS = (*[0.2] * 25, None)  # seconds between tries of an undo's remove
+
+@dataclass(frozen=True, slots=True)
+class PoolState:
+    """What the kernel says of a pool now (None where the pool is not active)."""
+
+    transaction_id: int | None
+    data_used_bytes: int
+    data_total_bytes: int
+    metadata_used_bytes: int
+    metadata_total_bytes: int
+    # ok, out-of-data-space, out-of-metadata-space, read-only, needs-check, inactive
+    mode: str
+    # Metadata free below this raises the pool's event: min(4 MiB, a quarter
+    # of the metadata device), fixed by the kernel.
+    metadata_low_water_bytes: int = 0
+
+
+def metadata_low(used: int, total: int, low_water: int) -> bool:
+    """Under METADATA_LOW_PERCENT free, or at the kernel's own mark (a
+    quarter free on a small metadata device, 4 MiB on a large one: its
+    event says so, and it comes once)."""
+    return total > 0 and (100.0 * (total - used) / total <= METADATA_LOW_PERCENT
+                          or total - used <= low_water)
+
+
+def metadata_growth(total: int) -> int:
+    """How much a low metadata device grows by: EXTEND_PERCENT, at least
+    1 MiB, in whole 4 KiB metadata blocks."""
+    return max(total * EXTEND_PERCENT // 100, 1 << 20) // 4096 * 4096
+
+
+def check_size(size_bytes: int) -> int:
+    """A volume size in bytes, rounded up to whole 512-byte sectors."""
+    if not isinstance(size_bytes, int) or isinstance(size_bytes, bool) or size_bytes <= 0:
+        raise errors.InvalidArgument(f"a volume size is a positive number of bytes, "
+                                     f"not {size_bytes!r}")
+    sectors = -(-size_bytes // 512)
+    if sectors > MAX_DEVICE_SECTORS:
+        raise errors.InvalidArgument(
+            f"{size_bytes} bytes is larger than the kernel's largest device "
+            f"({MAX_DEVICE_SECTORS * 512} bytes)")
+    return sectors * 512
+
+
+def layout(devices: list[tuple[str, int]], block_sectors: int,
+           data_sectors: int | None = None, meta_sectors: int | None = None) -> PoolLayout:
+    """Metadata from the first device after its header, data over the rest
+    of it and every other device, in whole data blocks; with *data_sectors*,
+    only that much data (rounded down to whole blocks), the rest left free
+    for the pool to grow into (dmd.service.pools.space). The metadata is sized
+    for all of it either way, unless *meta_sectors* says how much."""
+    usable = [(size // 512) - HEADER_SECTORS for _, size in devices]
+    total = sum(usable)
+    meta = metadata_sectors(total, block_sectors) if meta_sectors is None else meta_sectors
+    if meta >= usable[0]:
+        raise errors.InvalidArgument(
+            f"{devices[0][0]} is too small for the pool's metadata ({meta * 512} bytes)")
+    data: list[Segment] = [Segment(0, HEADER_SECTORS + meta, usable[0] - meta)]
+    data += [Segment(i, HEADER_SECTORS, n) for i, n in enumerate(usable) if i > 0]
+    extra = sum(s.length for s in data) % block_sectors
+    if data_sectors is not None:
+        extra = max(extra, sum(s.length for s in data) - data_sectors // block_sectors
+                    * block_sectors)
+    while extra:  # whole blocks only (or no more than asked): trim the tail
+        last = data[-1]
+        cut = min(extra, last.length)
+        data[-1:] = [replace(last, length=last.length - cut)] if last.length > cut else []
+        extra -= cut
+    if sum(s.length for s in data) < block_sectors:
+        raise errors.InvalidArgument("the devices leave no room for data")
+    return PoolLayout(tuple(p for p, _ in devices), tuple(s for _, s in devices),
+                      (Segment(0, HEADER_SECTORS, meta),), tuple(data))
+
+
+Accept = Callable[[Any], None]
+
+
+def ignore(_: Any) -> None:
+    """An accept for a call nobody waits on (a test, recovery)."""
+
+
+class PoolChange:
+    """One operation on one pool, under the pool's lock (``PoolCore.change``
+    makes it). Its records are read once and handed down: ``record`` and
+    ``volumes`` read the store the first time, and again only after the
+    change itself wrote (``write``)."""
+
+    def __init__(self, core: PoolCore, pool: str) -> None:
+        self.core = core
+        self.pool = pool
+        self.owner = core.owner(pool)
+        self._record: PoolRecord | None = None
+        self._volumes: list[VolumeRecord] | None = None
+
+    async def record(self) -> PoolRecord:
+        """The pool's record (NotFound if there is none)."""
+        if self._record is None:
+            self._record = await self.core.pool(self.pool)
+        return self._record
+
+    async def volumes(self) -> list[VolumeRecord]:
+        if self._volumes is None:
+            self._volumes = await self.core.store.list_volumes(self.pool)
+        return self._volumes
+
+    def known(self) -> tuple[PoolRecord, list[VolumeRecord]] | None:
+        """The records in hand, if the change read both and wrote nothing since."""
+        if self._record is None or self._volumes is None:
+            return None
+        return self._record, self._volumes
+
+    async def volume(self, name: str, uuid: str | None = None) -> VolumeRecord:
+        """*uuid*: the volume a caller's object stands for. Read under the
+        pool's lock, it makes sure a call on a volume deleted meanwhile never
+        reaches another volume given the same name since."""
+        for volume in await self.volumes():
+            if volume.name == name and uuid in (None, volume.uuid):
+                return volume
+        await self.record()
+        if uuid is not None:
+            raise errors.NotFound(f"volume {uuid} ({self.pool}/{name}) is gone")
+        raise errors.NotFound(f"no volume {name!r} in pool {self.pool!r}")
+
+    async def check_new_name(self, name: str) -> None:
+        if any(v.name == name for v in await self.volumes()):
+            raise errors.AlreadyExists(f"pool {self.pool!r} has a volume named {name!r}")
+
+    async def write(self, *, transaction_id: int | None = None,
+                    next_thin_id: int | None = None, add: VolumeRecord | None = None,
+                    update: VolumeRecord | None = None, remove: str | None = None,
+                    layout: PoolLayout | None = None) -> None:
+        """Record what the operation changed (one transaction: the store's
+        ``pool_change``); the next read sees it."""
+        self._record = self._volumes = None
+        await self.core.store.pool_change(
+            self.pool, transaction_id=transaction_id, next_thin_id=next_thin_id, add=add,
+            update=update, remove=remove, layout=layout)
+
+    def show(self, subject: VolumeRecord | PoolRecord, state: str) -> None:
+        """What the bus shows of *subject* until the change ends ("creating",
+        "deleting", "destroying", "importing"): its records are not final."""
+        if isinstance(subject, VolumeRecord):
+            self.core.pending[subject.uuid] = (subject, state)
+        else:
+            self.core.pending_pools[subject.name] = (subject, state)
+
+    async def accepted(self, subject: Any, accept: Accept) -> None:
+        """The request can no longer be refused: the bus shows the change
+        begun, then its caller is answered."""
+        await self.core.settle(self.pool)
+        accept(subject)
+
+    def intent(self, operation: str, subject: str, args: PoolArgs,
+               undo: Callable[[Journal], Awaitable[None]] | None = None, *,
+               roll_forward: Callable[[Journal], Awaitable[None]] | None = None,
+               ) -> contextlib.AbstractAsyncContextManager[Journal]:
+        """The operation's intent, journaled (dmd.service.journal)."""
+        return intent(self.core.store, self.core.fault, operation, subject, args, undo,
+                      roll_forward=roll_forward)
+
+    async def describe_pending(self, operation: str, *,
+                               transaction_from: int | None = None,
+                               volume: VolumeRecord | None = None,
+                               layout: PoolLayout | None = None) -> None:
+        """Before a step the kernel cannot take back: the description names
+        the operation under way (a generation of its own), so that
+        ImportPool, after a crash here and the loss of dmd's state, knows
+        what the kernel may hold that the records do not
+        (dmd.service.pools.importing): a message moving the transaction id
+        from *transaction_from* about *volume*, or the pool growing to
+        *layout* (the description then says the pool is that: an import
+        finishes the growth). Its failure fails the operation."""
+        await self.write()
+        record = await self.record()
+        if layout is not None:
+            record = replace(record, layout=layout)
+        pending: dict[str, Any] = {"operation": operation}
+        if transaction_from is not None and volume is not None:
+            # A deleted volume is among the description's own: its UUID says
+            # which (and a delete never needs more room than there is).
+            pending.update(transaction_from=transaction_from,
+                           volume={"uuid": volume.uuid} if operation == "volume-delete"
+                           else volume.to_json())
+        try:
+            await self.core.descriptions.write(record, await self.volumes(), pending)
+        except (OSError, DescriptionError) as exc:
+            raise errors.Kernel(f"pool {self.pool}: writing its description: {exc}", getattr(
+                exc, "errno", 0) or 0) from None
+        self.core.described_pending[record.uuid] = record.generation
+
+
+class PoolCore:
+    """Every operation that changes something calls *accept* with its subject
+    once the request can no longer be refused (validated, intent durable):
+    a Job (dmd.service.jobs) answers its caller then."""
+
+    def __init__(self, devices: DeviceService) -> None:
+        self.devices = devices
+        self.kernel = devices.kernel
+        self.store = devices.store
+        self.fault = devices.fault
+        self.locks = DeviceLocks()
+        # Subjects mid-operation, shown while their records are not final:
+        # uuid -> (volume, "creating" | "deleting"); name -> (pool, state).
+        self.pending: dict[str, tuple[VolumeRecord, str]] = {}
+        self.pending_pools: dict[str, tuple[PoolRecord, str]] = {}
+        self._settlers: list[Callable[[str], Awaitable[None]]] = []
+        self.jobs = Jobs()
+        self.descriptions = Descriptions(self.kernel, devices.fault)
+        # Pools this dmd will not change (name -> why): their description
+        # cannot be trusted, or another manager moved their transaction id.
+        self.refused: dict[str, str] = {}
+        # Encrypted volumes recorded unlocked that have no cleartext device
+        # yet (uuid -> what they wait for): dmd.service.pools.crypt.
+        self.waiting: dict[str, str] = {}
+        # Pool UUID -> the generation whose description names an operation
+        # under way (describe_pending).
+        self.described_pending: dict[str, int] = {}
+        # Pool UUID -> why its disks are not its own (None: they are), as
+        # found at start-up (recreate_guard).
+        self.disks_checked: dict[str, str | None] = {}
+
+    async def as_job(self, operation: str, caller: Caller,
+                     call: Callable[[Accept], Awaitable[Any]]) -> tuple[Job, Any]:
+        """Run *call(accept)* (one of the methods below, given its accept) as a
+        Job: returns once it is accepted, with the job and its subject."""
+        return await self.jobs.start(operation, caller.uid, call)
+
+    def add_settler(self, settler: Callable[[str], Awaitable[None]]) -> None:
+        """*settler(pool)* runs after every change to a pool or its volumes,
+        before the change's caller hears of it (the bus shows it then)."""
+        self._settlers.append(settler)
+
+    async def settle(self, pool: str) -> None:
+        for settler in list(self._settlers):
+            try:
+                await settler(pool)
+            except Exception:
+                log.exception("pool %s: settling the change failed", pool)
+
+    @staticmethod
+    def device_uuid(volume: VolumeRecord) -> str:
+        return volume_uuid(volume.uuid)
+
+    async def accepted(self, pool: str, subject: Any, accept: Accept) -> None:
+        await self.settle(pool)
+        accept(subject)
+
+    @contextlib.asynccontextmanager
+    async def change(self, pool: str) -> AsyncIterator[PoolChange]:
+        """One change at a time to a pool; described and settled however it
+        ends."""
+        async with self.locks.hold(pool):
+            if pool in self.refused:
+                raise errors.Busy(f"pool {pool!r} is not changed by dmd: {self.refused[pool]}")
+            change = PoolChange(self, pool)
+            try:
+                yield change
+            finally:
+                # The lock makes this operation the only one on the pool, so
+                # whatever is pending in it is this operation's.
+                for key in [k for k, (v, _) in self.pending.items() if v.pool == pool]:
+                    del self.pending[key]
+                self.pending_pools.pop(pool, None)
+                await self.describe(pool, change.known())
+                await self.settle(pool)
+
+    @staticmethod
+    def check_fits(record: PoolRecord, volumes: list[VolumeRecord],
+                   volume: VolumeRecord) -> None:
+        """LimitExceeded unless the pool's description, with *volume* added
+        to *volumes* (or put in place of the record of its UUID), fits in its
+        copy on the devices: refused before any work, so every change dmd
+        makes can be described (and the pool imported from its devices)."""
+        volumes = [v for v in volumes if v.uuid != volume.uuid]
+        size = len(Description(record.generation + 1, record, (*volumes, volume)).payload())
+        # The description naming the operation under way holds its record
+        # once more (describe_pending).
+        size += len(json.dumps(volume.to_json(), separators=(",", ":"),
+                               ensure_ascii=False).encode()) + 128
+        if size > PAYLOAD_ROOM:
+            raise errors.LimitExceeded(
+                f"pool {record.name!r}: its description would take {size} bytes, more than "
+                f"the {PAYLOAD_ROOM} its devices keep for it (fewer or shorter labels, or "
+                "another pool)")
+
+    async def describe(self, pool: str,
+                       known: tuple[PoolRecord, list[VolumeRecord]] | None = None) -> None:
+        """Bring the description on the pool's devices to the generation of
+        its records (nothing to do if it is there); *known*: those records,
+        in hand. A failure is logged: the records stand, and the next change
+        or start-up writes it again."""
+        record = await self.store.get_pool(pool)
+        if record is None or pool in self.refused:
+            return
+        # The volumes in hand are the pool's if its generation has not moved
+        # since they were read (every change of a volume moves it).
+        volumes = known[1] if known is not None and \
+            known[0].generation == record.generation else None
+        if self.described_pending.pop(record.uuid, None) == record.generation:
+            # The description there names an operation that has ended: the
+            # one without it gets a generation of its own.
+            await self.store.pool_change(pool)
+            record, volumes = await self.pool(pool), None
+        if len(record.layout.ids) != len(record.layout.devices):
+            # Recorded before devices had labels: each gets its UUID now, on
+            # the device first (a crash between leaves labels no record
+            # names, written again next time; never a record of labels
+            # that are not there).
+            labelled = replace(record, layout=replace(
+                record.layout, ids=tuple(str(uuidlib.uuid4()) for _ in record.layout.devices)))
+            try:
+                await self.descriptions.label(labelled)
+            except OSError as exc:
+                log.error("pool %s: could not label its devices: %s", pool, exc)
+                return
+            await self.store.pool_change(pool, layout=labelled.layout)
+            record, volumes = await self.pool(pool), None
+        if self.descriptions.written.get(record.uuid) == record.generation:
+            return
+        try:
+            if volumes is None:
+                volumes = await self.store.list_volumes(pool)
+            await self.descriptions.write(record, volumes)
+        except (OSError, DescriptionError) as exc:
+            log.error("pool %s: could not write its description (generation %d): %s; "
+                      "written again at its next change or dmd's next start", pool,
+                      record.generation, exc)
+
+    @staticmethod
+    def owner(pool: str) -> str:
+        return f"pool {pool!r}"
+
+    async def start(self) -> None:
+        """Claim the names of every recorded pool."""
+        for pool in await self.store.list_pools():
+            self.claim(pool.name)
+
+    async def check_devices(self, record: PoolRecord) -> None:
+        """Busy unless every path of the pool's layout still names the disk
+        the pool was laid on: the label there says so (its pool's and its
+        own UUID). A path is looked up again at every table load; a disk
+        renamed (another disk now under that name) is refused, never
+        written: ImportPool finds the pool's disks by their labels."""
+        layout_ = record.layout
+        if len(layout_.ids) != len(layout_.devices):
+            return  # recorded before devices had labels: its next change gives them
+        for index, path in enumerate(layout_.devices):
+            label, why = await self.descriptions.read_label(path)
+            why = why or "the label of another device"
+            if label is None or (label.pool_uuid, label.device_uuid) != (
+                    record.uuid, layout_.ids[index]):
+                raise errors.Busy(
+                    f"pool {record.name!r}: {path} is not the disk the pool was laid on "
+                    f"({why}); nothing was written to it (ImportPool finds a pool's disks "
+                    "by their labels)")
+
+    def claim(self, pool: str) -> None:
+        self.devices.claims[claim_prefix(pool)] = self.owner(pool)
+
+    def release(self, pool: str) -> None:
+        self.devices.claims.pop(claim_prefix(pool), None)
+
+    async def check_authorized(self, caller: Caller, action: Action, subject: str,
+                         owner_uid: int | None = None) -> None:
+        await self.devices.authorize(caller, action, subject)
+        if owner_uid is not None and caller.uid not in (0, owner_uid):
+            raise errors.NotAuthorized(
+                f"{subject} belongs to uid {owner_uid}; uid {caller.uid} may not change it")
+
+    async def pools(self) -> list[PoolRecord]:
+        return await self.store.list_pools()
+
+    async def pool(self, name: str) -> PoolRecord:
+        record = await self.store.get_pool(name)
+        if record is None:
+            raise errors.NotFound(f"no pool named {name!r}")
+        return record
+
+    @staticmethod
+    def check_uncached(volume: VolumeRecord, what: str) -> None:
+        if volume.cache is not None:
+            raise errors.Busy(f"volume {volume.pool}/{volume.name} has a cache: DetachCache "
+                              f"before {what} it")
+
+    async def thick_segments(self, pool: str) -> tuple[Segment, ...]:
+        """The segments of the pool's devices its thick volumes hold."""
+        return tuple(s for v in await self.store.list_volumes(pool) if v.thick is not None
+                     for s in v.thick.segments)
+
+    async def volumes(self, pool: str | None = None) -> list[VolumeRecord]:
+        return await self.store.list_volumes(pool)
+
+    async def volume(self, pool: str, name: str, uuid: str | None = None) -> VolumeRecord:
+        """*uuid*: the volume a caller's object stands for. Read under the
+        pool's lock, it makes sure a call on a volume deleted meanwhile never
+        reaches another volume given the same name since."""
+        for volume in await self.store.list_volumes(pool):
+            if volume.name == name and uuid in (None, volume.uuid):
+                return volume
+        await self.pool(pool)
+        if uuid is not None:
+            raise errors.NotFound(f"volume {uuid} ({pool}/{name}) is gone")
+        raise errors.NotFound(f"no volume {name!r} in pool {pool!r}")
+
+    async def own_device(self, volume: VolumeRecord) -> bool:
+        """Whether the volume's device is recorded; Busy when a device of its
+        name is recorded that is not the volume's (its DM UUID says whose)."""
+        device = await self.store.get_device(volume_device(volume.pool, volume.name))
+        if device is None:
+            return False
+        if device.uuid != volume_uuid(volume.uuid):
+            raise errors.Busy(f"device {device.name} is not volume {volume.pool}/{volume.name}'s "
+                              f"(its DM UUID is {device.uuid!r})")
+        return True
+
+    async def open_node(self, volume: VolumeRecord, flags: int, *,
+                        cleartext: bool = False) -> int:
+        """An open descriptor of the volume's device (or its cleartext), found
+        by its DM UUID, so that whatever holds its name, the descriptor is
+        this volume's and nobody else's."""
+        if cleartext:
+            assert volume.encryption is not None
+            target = DevId.uuid(cleartext_uuid(volume.encryption.luks_uuid,
+                                               cleartext_device(volume.pool, volume.name)))
+        else:
+            target = DevId.uuid(volume_uuid(volume.uuid))
+        return int(await self.kernel(Engine.open_node, target, flags))
+
+    async def pool_state(self, pool: str, record: PoolRecord | None = None) -> PoolState:
+        """*record*: the pool's, where it is not in the store (yet)."""
+        record = record or await self.pool(pool)
+        try:
+            _, lines = await self.kernel(Engine.table_status, tpool(pool))
+        except DmError:
+            return PoolState(None, 0, record.layout.data_sectors * 512, 0,
+                             record.layout.metadata_sectors * 512, "inactive")
+        status = parse_status("thin-pool", lines[0].params)
+        assert isinstance(status, ThinPoolStatus)
+        block = record.block_sectors * 512
+        # A reload puts a full pool back in write mode until its next
+        # allocation fails: no free block is out of data space all the same.
+        full = status.mode == "out_of_data_space" or (
+            status.total_data_blocks > 0 and status.used_data_blocks >= status.total_data_blocks)
+        # The kernel says "ro" for a pool whose metadata ran out as for one it
+        # stopped after an error; only the first goes on once the metadata
+        # grows (and its free count is 0: the kernel keeps a reserve unshown).
+        mode = ("needs-check" if status.needs_check else
+                "out-of-metadata-space" if status.mode == "ro"
+                and status.used_metadata_blocks >= status.total_metadata_blocks else
+                "read-only" if status.mode == "ro" else "out-of-data-space" if full else "ok")
+        low = status.metadata_low_water_mark_blocks
+        return PoolState(status.transaction_id, status.used_data_blocks * block,
+                         status.total_data_blocks * block, status.used_metadata_blocks * 4096,
+                         status.total_metadata_blocks * 4096, mode,
+                         (min(1024, status.total_metadata_blocks // 4) if low is None else low)
+                         * 4096)
+
+    async def kernel_tid(self, pool: str, record: PoolRecord | None = None) -> int:
+        state = await self.pool_state(pool, record)
+        if state.transaction_id is None:
+            raise errors.Busy(f"pool {pool!r} is not active")
+        return state.transaction_id
+
+    async def free_devices(self, paths: list[str]) -> list[BlockDevice]:
+        """What each of *paths* is, refused unless it is a block device that
+        no recorded pool has and nobody holds open."""
+        taken = {p: pool.name for pool in await self.store.list_pools()
+                 for p in pool.layout.devices}
+        found = []
+        for path in paths:
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise errors.InvalidArgument(f"a pool device is an absolute path, not {path!r}")
+            if path in taken:
+                raise errors.Busy(f"{path} is a device of pool {taken[path]!r}")
+            try:
+                facts = await self.kernel(Engine.block_device, path)
+            except NotABlockDevice as exc:
+                raise errors.InvalidArgument(str(exc)) from None
+            except OSError as exc:
+                raise errors.InvalidArgument(f"{path}: {exc.strerror}") from None
+            if facts.in_use:
+                raise errors.Busy(f"{path} is in use (mounted, or held by another device)")
+            found.append(facts)
+        return found
+
+    async def check_free_devices(self, paths: list[str], force: bool) -> list[tuple[str, int]]:
+        """free_devices, and none with a signature (unless *force*; another
+        pool's never) or too small: what a new pool or AddDevice may take."""
+        sized = []
+        for facts in await self.free_devices(paths):
+            path = facts.path
+            if facts.signature == "dmd_pool" or (facts.signature and not force):
+                raise errors.Busy(
+                    f"{path} carries a {facts.signature} signature; pass force to overwrite it"
+                    if facts.signature != "dmd_pool" else f"{path} belongs to another dmd pool")
+            if facts.size_bytes < MIN_DEVICE_BYTES:
+                raise errors.InvalidArgument(
+                    f"{path} is {facts.size_bytes} bytes; a pool device needs at least "
+                    f"{MIN_DEVICE_BYTES}")
+            sized.append((path, facts.size_bytes))
+        return sized
+
+    async def wipe_metadata(self, plan: PoolLayout) -> None:
+        """Zero the start of the pool's metadata: the kernel then sees no pool
+        there (a new one is formatted, an old one cannot come back)."""
+        meta = plan.metadata[0]
+        await self.kernel(Engine.wipe, plan.devices[meta.device], meta.start * 512,
+                          WIPE_BYTES)
+
+    async def remove_pool_devices(self, pool: str) -> None:
+        """Remove the pool's devices, volumes first; each is tried."""
+        claim = self.owner(pool)
+        names = [d.name for d in await self.kernel(Engine.list_devices)]
+        internal = pool_devices(pool)
+        prefix = claim_prefix(pool)
+        # Cleartext devices first: each holds its volume's device.
+        order = sorted((n for n in names if in_pool(n, prefix) and n not in internal),
+                       key=lambda n: (parts(n)[2:] != [VolumePart.CRYPT], n))
+        order += [n for n in internal if n in names]
+        for device in order:
+            with contextlib.suppress(errors.NotFound):
+                await self.devices.remove(device, claim=claim)
+        for record in await self.store.list_devices():
+            if record.name in internal:
+                await self.store.remove_device(record.name)
+
+    async def finish_layout(self, grown: PoolRecord, *, devices: bool = True) -> None:
+        """The pool's table reloaded at *grown*'s size (the kernel takes
+        larger data and metadata devices on the resume), then the record;
+        *devices*: tdata and tmeta first (recovery does not know how far an
+        operation got)."""
+        claim = self.owner(grown.name)
+        for part, segments in ((PoolPart.TDATA, grown.layout.data),
+                               (PoolPart.TMETA, grown.layout.metadata)):
+            if devices:
+                await self.devices.reload(pool_device(grown.name, part),
+                                          linear(grown.layout, segments), claim=claim)
+        await self.devices.reload(tpool(grown.name), pool_table(grown), claim=claim)
+        await self.store.pool_change(grown.name, layout=grown.layout)
+
+    async def restore_layout(self, record: PoolRecord) -> None:
+        """Put the data and metadata devices back as *record* lays them out."""
+        await self.restore_data(record)
+        await self.devices.reload(pool_device(record.name, PoolPart.TMETA),
+                                  linear(record.layout, record.layout.metadata),
+                                  claim=self.owner(record.name))
+
+    async def restore_data(self, record: PoolRecord) -> None:
+        """Put the data device back as *record* lays it out (a grow that did
+        not reach the pool's table)."""
+        await self.devices.reload(pool_device(record.name, PoolPart.TDATA),
+                                  linear(record.layout, record.layout.data),
+                                  claim=self.owner(record.name))
+
+    async def new_thin_id(self, pool: PoolRecord) -> int:
+        """The next thin id, durably taken before anything uses it."""
+        thin_id = pool.next_thin_id
+        if thin_id > MAX_THIN_ID:
+            raise errors.Busy(f"pool {pool.name!r} has used every thin id")
+        await self.store.pool_change(pool.name, next_thin_id=thin_id + 1)
+        return thin_id
+
+    async def send(self, pool: str, message: str) -> None:
+        await self.devices.message(tpool(pool), 0, message, claim=self.owner(pool))
+
+    async def commit_tid(self, pool: str, current: int) -> int:
+        await self.send(pool, set_transaction_id(current, current + 1))
+        return current + 1
+
+    async def remove_volume_devices(self, volume: VolumeRecord) -> None:
+        """Remove the volume's cleartext and own devices (absent ones are
+        fine), waiting out udev's probe of a device just closed."""
+        claim = self.owner(volume.pool)
+        for device in (cleartext_device(volume.pool, volume.name),
+                       volume_device(volume.pool, volume.name)):
+            for wait in UNDO_BUSY_WAITS:
+                try:
+                    await self.devices.remove(device, claim=claim)
+                    break
+                except errors.NotFound:
+                    if await self.store.get_device(device) is not None:
+                        await self.store.remove_device(device)
+                    break
+                except errors.Busy:
+                    # A new device was just closed (by mkfs, say): udev's watch
+                    # rule has blkid open it for a moment. Nobody else knows it.
+                    if wait is None:
+                        raise
+                    await asyncio.sleep(wait)
+
+    async def zero_segments(self, layout_: PoolLayout, segments: tuple[Segment, ...]) -> None:
+        """Zero *segments* of the pool's devices (a thick volume's new room:
+        what a deleted volume, or whatever the disk held, left there)."""
+        for seg in segments:
+            path = layout_.devices[seg.device]
+            try:
+                await self.kernel.slow(Engine.wipe, path, seg.start * 512, seg.length * 512)
+            except OSError as exc:
+                code = exc.errno or 0
+                raise errors.Kernel(f"zeroing {seg.length} sectors of {path} at sector "
+                                    f"{seg.start}: {os.strerror(code)}", code) from None
+
+    async def volume_table(self, volume: VolumeRecord) -> list[TargetLine]:
+        if volume.thick is not None:
+            record = await self.pool(volume.pool)
+            await self.check_devices(record)
+            return thick_table(record.layout, volume.thick)
+        assert volume.thin_id is not None
+        return thin_table(volume.pool, volume.thin_id, volume.size_bytes)
+
+    async def recorded(self, volume: VolumeRecord) -> VolumeRecord | None:
+        """The volume's record as it is now (by its UUID), or None."""
+        return next((v for v in await self.store.list_volumes(volume.pool)
+                     if v.uuid == volume.uuid), None)
+
+
+# How an operation cut short by a crash is finished or undone, from its
+# intent, its arguments and the pool's record (None if there is none):
+# "done", "rolled_back", or None to leave it pending for an admin.
+Recover = Callable[[PoolCore, IntentRecord, PoolArgs, PoolRecord | None],
+                   Awaitable[str | None]]
