@@ -194,8 +194,7 @@ def filled_sim(path: Path, devices: int) -> None:
         sim.device_create(f"m{i:05d}")
         sim.table_load(f"m{i:05d}", ZERO)
         sim.device_suspend(f"m{i:05d}")
-    sim.path = path
-    sim._save()
+    sim.save_as(path)
 
 
 async def main() -> None:

@@ -23,7 +23,7 @@ from dmd.engine.sim import SimDM
 from dmd.service.devices.operations import DeviceService
 from dmd.service.devices.recovery import recover
 from dmd.service.kernel import KernelWorkers
-from dmd.state import AsyncStateStore, StateStore
+from dmd.state import AsyncStateStore, DeviceRecord, StateStore
 
 ZERO = [TargetLine(0, 2048, "zero", "")]
 
@@ -44,7 +44,13 @@ def unjournaled(store: AsyncStateStore) -> AsyncStateStore:
         return None
 
     store.begin_intent = begin  # type: ignore[method-assign]
+    def soon(*_: Any) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
     store.advance_intent = nothing  # type: ignore[method-assign]
+    store.advance_intent_soon = soon  # type: ignore[method-assign]
     store.finish_intent = nothing  # type: ignore[method-assign]
     return store
 
@@ -75,17 +81,9 @@ async def recovery(devices: int) -> None:
             sim.device_create(f"m{i:05d}")
             sim.table_load(f"m{i:05d}", ZERO)
             sim.device_suspend(f"m{i:05d}")
-        sim.path = Path(tmp) / "kernel.json"
-        sim._save()
-        with state._session() as session:  # one transaction for the bulk insert
-            from dmd.state.models import DeviceRow
-            from dmd.state.store import _now, _table_json
-
-            session.add_all(DeviceRow(
-                name=f"m{i:05d}", uuid=None, table_json=_table_json(ZERO), read_only=False,
-                owner_uid=0, created_at=_now(), persistent=True, key_withheld=False)
-                for i in range(devices))
-            session.commit()
+        sim.save_as(Path(tmp) / "kernel.json")
+        state.add_devices([DeviceRecord(f"m{i:05d}", None, list(ZERO), False, 0, True)
+                           for i in range(devices)])
         state.close()
         service = DeviceService(KernelWorkers(SimDM(Path(tmp) / "kernel.json")),
                                 AsyncStateStore(StateStore.open(Path(tmp) / "state")))

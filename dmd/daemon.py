@@ -354,7 +354,7 @@ class Daemon:
         if not stopping.done():
             stopping.cancel()
             raise StartupError(f"lost the connection to the bus ({bus_loss(disconnected)})")
-        log.info("stopping: finishing %d call(s) in flight", len(router._in_flight))
+        log.info("stopping: finishing %d call(s) in flight", router.in_flight)
         await router.drain()
         await pools.jobs.drain()
         space_timer.cancel()

@@ -11,10 +11,12 @@ import os
 import re
 import sys
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dbus_fast import Variant
 
+from dmd.cli.client import Client, Failure
+from dmd.cli.output import emit, labels_of
 from dmd.dbus.names import (
     JOB_INTERFACE,
     MANAGER_INTERFACE,
@@ -24,9 +26,6 @@ from dmd.dbus.names import (
     ROOT_PATH,
     VOLUME_INTERFACE,
 )
-
-if TYPE_CHECKING:
-    from dmd.cli.main import Client
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
           "p": 1 << 50, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12}
@@ -68,7 +67,6 @@ async def _pool_path(c: Client, pool: str) -> str:
 
 
 async def _volume_path(c: Client, pool: str, volume: str) -> str:
-    from dmd.cli.main import Failure
 
     await _pool_path(c, pool)  # NotFound names the pool
     for path, p in (await _objects(c, VOLUME_INTERFACE)).items():
@@ -79,7 +77,6 @@ async def _volume_path(c: Client, pool: str, volume: str) -> str:
 
 async def wait_job(c: Client, a: argparse.Namespace, job: str) -> dict[str, Any]:
     """Wait for *job*; its final properties. A failed job is a Failure."""
-    from dmd.cli.main import Failure
 
     show = sys.stderr.isatty() and not a.json
     while True:
@@ -99,7 +96,6 @@ async def wait_job(c: Client, a: argparse.Namespace, job: str) -> dict[str, Any]
 
 async def _run_job(c: Client, a: argparse.Namespace, job: str, subject: str | None,
                    interface: str | None, text: Callable[[dict[str, Any]], str]) -> None:
-    from dmd.cli.main import emit
 
     if a.no_wait:
         emit(a, {"job": job, "object": subject}, job)
@@ -139,7 +135,6 @@ async def cmd_pool_import(c: Client, a: argparse.Namespace) -> None:
 
 
 async def cmd_pools(c: Client, a: argparse.Namespace) -> None:
-    from dmd.cli.main import emit
 
     pools = sorted((await _objects(c, POOL_INTERFACE)).values(), key=lambda p: str(p["Name"]))
     volumes = list((await _objects(c, VOLUME_INTERFACE)).values())
@@ -169,7 +164,6 @@ async def cmd_pool_add(c: Client, a: argparse.Namespace) -> None:
 def _key_fd(path: str) -> int:
     """A descriptor of the key file *path* ("-": standard input) for dmd to
     read: the key goes to dmd as a descriptor, never as a string."""
-    from dmd.cli.main import Failure
 
     if path == "-":
         return os.dup(0)
@@ -195,7 +189,6 @@ class _Keys:
 
 
 async def cmd_vol_create(c: Client, a: argparse.Namespace) -> None:
-    from dmd.cli.main import labels_of
 
     options = {"labels": Variant("a{ss}", labels_of(a.label))} if a.label else {}
     if a.filesystem:
@@ -260,7 +253,6 @@ async def cmd_change_key(c: Client, a: argparse.Namespace) -> None:
 
 
 async def cmd_vols(c: Client, a: argparse.Namespace) -> None:
-    from dmd.cli.main import emit
 
     if a.pool:
         await _pool_path(c, a.pool)

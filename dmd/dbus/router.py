@@ -107,6 +107,11 @@ class Router:
         self.limits = CallLimits()
         self.accepting = True
 
+    @property
+    def in_flight(self) -> int:
+        """Calls being answered now."""
+        return len(self._in_flight)
+
     # -- dispatch (runs inside dbus-fast's reader callback: must not block) --
     def handle(self, msg: Message) -> Message | bool | None:
         # dbus-fast (5.2.0) starts a new descriptor list only after a message

@@ -479,6 +479,12 @@ class SimDM:
         self._log_lines += len(lines)
         k.clean()
 
+    def save_as(self, path: Path) -> None:
+        """Write a kernel filled in memory to *path* at once (a benchmark's
+        thousand devices), and keep it there from now on."""
+        self.path = path
+        self._save()
+
     def _save(self) -> None:
         """Replace the file with a snapshot of the whole kernel."""
         assert self.path is not None

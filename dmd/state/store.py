@@ -336,6 +336,20 @@ class StateStore:
         return row
 
     # -- devices -----------------------------------------------------------
+    def add_devices(self, records: Sequence[DeviceRecord]) -> None:
+        """Many label-less records in one transaction (a benchmark's or an
+        import's thousand devices); each as add_device would store it."""
+        if any(record.labels for record in records):
+            raise ValueError("add_devices takes records without labels")
+        with self._session() as session:
+            session.add_all(DeviceRow(
+                name=record.name, uuid=record.uuid or None,
+                table_json=_table_json(redact_table(record.table)[0]),
+                read_only=record.read_only, owner_uid=record.owner_uid, created_at=_now(),
+                persistent=record.persistent, key_withheld=redact_table(record.table)[1])
+                for record in records)
+            session.commit()
+
     def add_device(self, record: DeviceRecord) -> None:
         stored, withheld = redact_table(record.table)
         labels = dict(record.labels)

@@ -52,7 +52,6 @@ from dmd.service.journal import (
 )
 from dmd.service.kernel import KernelWorkers
 from dmd.service.locks import DeviceLocks
-from dmd.service.pools.names import in_pool
 from dmd.state import AsyncStateStore, DeviceRecord
 
 log = logging.getLogger(__name__)
@@ -109,10 +108,11 @@ class DeviceService:
         self.locks = DeviceLocks()
         self.fault = fault
         self._in_flight: set[asyncio.Task[Any]] = set()
-        # Device names a higher layer owns (pools): prefix -> the owner, as
-        # named in errors. Only a call that names the same owner may change
-        # such a device, so a raw call cannot corrupt a pool.
-        self.claims: dict[str, str] = {}
+        # Device names a higher layer owns (pools): the owner, as named in
+        # errors -> whether a device name is one of its own (the owner's
+        # naming rule is its own business). Only a call that names the same
+        # owner may change such a device, so a raw call cannot corrupt a pool.
+        self.claims: dict[str, Callable[[str], bool]] = {}
         # Asked before start-up re-creates a persistent device from its
         # record: a reason not to (the disks its table names are not the ones
         # it was made on), or None. A higher layer (pools) adds its own.
@@ -126,13 +126,13 @@ class DeviceService:
         self.events.publish(ChangeEvent(kind, name, device, operation))
 
     def check_claim(self, name: str, claim: str | None) -> None:
-        for prefix, owner in self.claims.items():
-            if in_pool(name, prefix) and claim != owner:
+        for owner, owns in self.claims.items():
+            if owns(name) and claim != owner:
                 raise errors.Busy(f"{name!r} belongs to {owner}: change it through the "
                                   "pool's or the volume's object")
 
     def claimed(self, name: str) -> bool:
-        return any(in_pool(name, prefix) for prefix in self.claims)
+        return any(owns(name) for owns in self.claims.values())
 
     async def authorize(self, caller: Caller, action: Action, device: str) -> None:
         """Ask first, before any validation that could leak what exists.

@@ -466,10 +466,11 @@ class PoolCore:
                     "by their labels)")
 
     def claim(self, pool: str) -> None:
-        self.devices.claims[claim_prefix(pool)] = self.owner(pool)
+        prefix = claim_prefix(pool)
+        self.devices.claims[self.owner(pool)] = lambda name: in_pool(name, prefix)
 
     def release(self, pool: str) -> None:
-        self.devices.claims.pop(claim_prefix(pool), None)
+        self.devices.claims.pop(self.owner(pool), None)
 
     async def check_authorized(self, caller: Caller, action: Action, subject: str,
                          owner_uid: int | None = None) -> None:
