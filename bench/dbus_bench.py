@@ -62,8 +62,7 @@ PEER = """
 import asyncio, sys
 from dbus_fast.aio import MessageBus
 from dbus_fast import BusType
-from dmd.dbus.interfaces import DeviceInterface
-from dmd.dbus.convert import device_properties
+from dmd.dbus.device import DeviceInterface, device_properties
 from dmd.service.devices.inventory import DeviceView
 from dmd.engine import TargetLine
 

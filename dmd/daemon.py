@@ -32,7 +32,7 @@ from dbus_fast import BusType, Message, NameFlag, RequestNameReply
 
 from dmd import __version__
 from dmd.dbus.bus import DmdBus
-from dmd.dbus.interfaces import ManagerInterface
+from dmd.dbus.manager import ManagerInterface
 from dmd.dbus.names import BUS_NAME, ROOT_PATH
 from dmd.dbus.polkit import PolkitAuthorizer
 from dmd.dbus.publish import publish

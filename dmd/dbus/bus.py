@@ -26,7 +26,7 @@ from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface
 
-from dmd.dbus.interfaces import CachedObject
+from dmd.dbus.declare import CachedObject
 from dmd.dbus.names import OBJECT_MANAGER_INTERFACE, ROOT_PATH
 from dmd.service import errors
 

@@ -8,16 +8,20 @@ never a crash deep inside.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from dbus_fast import Variant
 
 from dmd.engine import InvalidArgument as EngineInvalidArgument
 from dmd.engine import TargetLine
+from dmd.engine.luks import KdfSettings
 from dmd.engine.targets import TargetFailed, parse_status
 from dmd.service import errors
-from dmd.service.devices.inventory import DeviceView
+from dmd.service.auth import Caller
+from dmd.service.pools.crypt import KINDS as ENCRYPTION_KINDS
+from dmd.service.pools.crypt import EncryptionRequest, check_kdf, request_key
+from dmd.service.secrets import check_key_description, read_key
 
 # A table's text goes into one ioctl buffer; the kernel caps a table at a few
 # MiB of memory anyway. These limits keep one call from costing the daemon
@@ -28,43 +32,6 @@ MAX_STRING_BYTES = 65536
 
 def table_out(table: tuple[TargetLine, ...] | list[TargetLine]) -> list[list[Any]]:
     return [[line.start, line.length, line.target_type, line.params] for line in table]
-
-
-# The properties of org.example.DeviceMapper.Device: the one list. Each is
-# (its D-Bus signature, its value taken from the view). DeviceInterface's
-# property declarations, the introspection XML and the variants sent in
-# signals and GetManagedObjects are all made from it.
-DEVICE_PROPERTY_SOURCES: dict[str, tuple[str, Callable[[DeviceView], Any]]] = {
-    "Name": ("s", lambda v: v.name),
-    "UUID": ("s", lambda v: v.uuid),
-    "Major": ("u", lambda v: v.device[0]),
-    "Minor": ("u", lambda v: v.device[1]),
-    "DevicePath": ("s", lambda v: f"/dev/mapper/{v.name}"),
-    "Size": ("t", lambda v: v.size_bytes),
-    "Suspended": ("b", lambda v: v.suspended),
-    "ReadOnly": ("b", lambda v: v.read_only),
-    "OpenCount": ("i", lambda v: v.open_count),
-    "EventNumber": ("u", lambda v: v.event_nr & 0xFFFFFFFF),
-    "LiveTable": ("a(ttss)", lambda v: table_out(v.live_table)),
-    "InactiveTable": ("a(ttss)", lambda v: table_out(v.inactive_table)),
-    "Dependencies": ("a(uu)", lambda v: [list(dev) for dev in v.dependencies]),
-    "Managed": ("b", lambda v: v.managed),
-    "Persistent": ("b", lambda v: v.persistent),
-    "Labels": ("a{ss}", lambda v: dict(v.labels)),
-    "Drifted": ("b", lambda v: v.drifted),
-    "Symlinks": ("as", lambda v: list(v.udev.symlinks)),
-    "FilesystemType": ("s", lambda v: v.udev.fs_type),
-    "FilesystemUUID": ("s", lambda v: v.udev.fs_uuid),
-    "UdevReady": ("b", lambda v: v.udev.ready),
-}
-# Name -> signature.
-DEVICE_PROPERTIES: dict[str, str] = {
-    name: signature for name, (signature, _) in DEVICE_PROPERTY_SOURCES.items()}
-
-
-def device_properties(view: DeviceView) -> dict[str, Any]:
-    """Plain values of every Device property (no I/O: from the view)."""
-    return {name: value(view) for name, (_, value) in DEVICE_PROPERTY_SOURCES.items()}
 
 
 def _typed_value(value: Any) -> Variant | None:
@@ -125,7 +92,7 @@ def typed_status_out(lines: list[TargetLine]) -> list[dict[str, Variant]]:
     return out
 
 
-def as_variants(values: Mapping[str, Any], signatures: Mapping[str, str] = DEVICE_PROPERTIES
+def as_variants(values: Mapping[str, Any], signatures: Mapping[str, str]
                 ) -> dict[str, Variant]:
     return {name: Variant(signatures[name], value) for name, value in values.items()}
 
@@ -206,3 +173,41 @@ def options_in(method: str, raw: object) -> dict[str, Any]:
                 f"{method}: option {key!r} must be of type {allowed[key]!r}")
         out[key] = variant.value
     return out
+
+
+def size_in(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise errors.InvalidArgument(f"{what} must be a number of bytes")
+    return value
+
+
+def kdf_in(opts: dict[str, Any]) -> KdfSettings:
+    return check_kdf(opts.get("pbkdf", "argon2id"), opts.get("pbkdf-time-ms"),
+                     opts.get("pbkdf-memory-kib"), opts.get("pbkdf-iterations"))
+
+
+def _root_keyring(caller: Caller) -> None:
+    if caller.uid != 0:
+        raise errors.NotAuthorized("key-description names a key in root's keyring: only "
+                                   "root may name one (pass the key itself, key)")
+
+
+async def encryption_in(opts: dict[str, Any], caller: Caller) -> EncryptionRequest | None:
+    """CreateVolume's encryption options, with the key read (before the call
+    is answered: the caller's descriptor is closed then)."""
+    kind = opts.get("encryption")
+    keyed = "key" in opts or "key-description" in opts
+    if kind is None:
+        if keyed or any(k in opts for k in KDF_OPTIONS):
+            raise errors.InvalidArgument("key and pbkdf options go with encryption")
+        return None
+    if kind not in ENCRYPTION_KINDS:
+        raise errors.InvalidArgument(f"encryption {kind!r}: one of "
+                                     f"{', '.join(ENCRYPTION_KINDS)}")
+    kdf = kdf_in(opts)
+    description = opts.get("key-description")
+    if description is not None:
+        _root_keyring(caller)
+        check_key_description(description)
+    key = await read_key(opts["key"], uid=caller.uid) if "key" in opts else None
+    return EncryptionRequest(await request_key(key, description), description, kdf)

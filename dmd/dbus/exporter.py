@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 
 from dmd.dbus.bus import DmdBus
-from dmd.dbus.convert import device_properties, table_out
-from dmd.dbus.interfaces import DeviceInterface
+from dmd.dbus.convert import table_out
+from dmd.dbus.device import DeviceInterface, device_properties
 from dmd.dbus.names import device_path
 from dmd.engine import TargetLine
 from dmd.service.devices.inventory import DeviceView, Inventory

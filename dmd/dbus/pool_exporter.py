@@ -16,9 +16,11 @@ import logging
 from typing import Any
 
 from dmd.dbus.bus import DmdBus
-from dmd.dbus.interfaces import CachedObject, JobInterface, PoolInterface, VolumeInterface
+from dmd.dbus.declare import CachedObject
+from dmd.dbus.job import JobInterface, job_properties
 from dmd.dbus.names import NO_OBJECT, job_path, pool_path, volume_path
-from dmd.dbus.pool_convert import job_properties, pool_properties, volume_properties
+from dmd.dbus.pool import PoolInterface, pool_properties
+from dmd.dbus.volume import VolumeInterface, volume_properties
 from dmd.engine import DmError
 from dmd.engine.interface import Engine
 from dmd.engine.targets import parse_status
@@ -101,7 +103,7 @@ class PoolExporter:
     def space_changed(self, pool: str, level: str, space: Space) -> None:
         """LowSpace or Full on the pool's object (its Mode follows with the
         refresh the pool's event starts)."""
-        record = self.pools.pending_pools.get(pool)
+        record = self.pools.shown.pool_under_way(pool)
         path = next((p for p, name in self._pool_of_path.items() if name == pool), None)
         obj = self.objects.get(path) if path is not None else None
         if record is not None or not isinstance(obj, PoolInterface) or level == "ok":
@@ -127,7 +129,7 @@ class PoolExporter:
         volumes not read yet)."""
         record = await self.pools.store.get_pool(pool)
         lifecycle = "active"
-        pending = self.pools.pending_pools.get(pool)
+        pending = self.pools.shown.pool_under_way(pool)
         if pending is not None:
             record, lifecycle = pending[0], pending[1]
         paths: set[str] = set()
@@ -137,7 +139,7 @@ class PoolExporter:
                                     record.layout.metadata_sectors * 512, "inactive"))
             path = pool_path(record.uuid)
             self._put(path, PoolInterface, pool_properties(record, state, lifecycle,
-                                                           self.pools.refused.get(pool, "")))
+                                                           self.pools.shown.refused.get(pool, "")))
             self._pool_of_path[path] = pool
             paths.add(path)
             paths |= await self._refresh_volumes(record, usage)
@@ -149,9 +151,8 @@ class PoolExporter:
         volumes: dict[str, tuple[VolumeRecord, str]] = {
             v.uuid: (v, "active" if v.active else "inactive")
             for v in await self.pools.store.list_volumes(pool.name)}
-        for uuid, (volume, state) in self.pools.pending.items():
-            if volume.pool == pool.name:
-                volumes[uuid] = (volume, state)
+        for volume, state in self.pools.shown.volumes_under_way(pool.name):
+            volumes[volume.uuid] = (volume, state)
         # The thin device's mapped blocks: a cached volume's is under its cache.
         active = [_thin_device(v) for v, state in volumes.values()
                   if state != "inactive" and v.thick is None]
@@ -174,7 +175,7 @@ class PoolExporter:
             cleartext = (self.inventory.get(cleartext_device(pool.name, volume.name))
                          if volume.encryption is not None else None)
             cleartext_minor = cleartext.device[1] if cleartext is not None else None
-            waiting = self.pools.waiting.get(uuid, "")
+            waiting = self.pools.shown.waiting.get(uuid, "")
             path = volume_path(uuid)
             paths.add(path)
             # Most of a large pool's volumes are as they were: their

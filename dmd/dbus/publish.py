@@ -6,19 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 from dmd.dbus.bus import DmdBus
+from dmd.dbus.device import DeviceHandlers, DeviceInterface
 from dmd.dbus.exporter import Exporter
-from dmd.dbus.handlers import DeviceHandlers, ManagerHandlers
-from dmd.dbus.interfaces import (
-    DeviceInterface,
-    JobInterface,
-    ManagerInterface,
-    PoolInterface,
-    VolumeInterface,
-)
+from dmd.dbus.job import JobHandlers, JobInterface
+from dmd.dbus.manager import ManagerHandlers, ManagerInterface
 from dmd.dbus.names import DEVICES_PATH, JOBS_PATH, POOLS_PATH, VOLUMES_PATH
+from dmd.dbus.pool import PoolHandlers, PoolInterface
 from dmd.dbus.pool_exporter import PoolExporter
-from dmd.dbus.pool_handlers import JobHandlers, PoolHandlers, VolumeHandlers
 from dmd.dbus.router import ObjectKind, Router
+from dmd.dbus.volume import VolumeHandlers, VolumeInterface
 from dmd.service.devices.inventory import Inventory
 from dmd.service.devices.operations import DeviceService
 from dmd.service.pools.service import PoolService
@@ -42,13 +38,11 @@ async def publish(bus: DmdBus, manager: ManagerInterface, service: DeviceService
     pool_exporter = PoolExporter(bus, pools, inventory)
     space.listen(pool_exporter.space_changed)
     await pool_exporter.start()
-    pool_handlers = PoolHandlers(pools)
     router = Router(bus, [
-        ObjectKind(manager, ManagerHandlers(service, inventory)),
-        ObjectKind(manager, pool_handlers),
+        ObjectKind(manager, ManagerHandlers(service, inventory, pools)),
         ObjectKind(DeviceInterface({}), DeviceHandlers(service, inventory), DEVICES_PATH,
                    lambda path: _one(exporter.name_at(path))),
-        ObjectKind(PoolInterface({}), pool_handlers, POOLS_PATH,
+        ObjectKind(PoolInterface({}), PoolHandlers(pools), POOLS_PATH,
                    lambda path: _one(pool_exporter.pool_at(path))),
         ObjectKind(VolumeInterface({}), VolumeHandlers(pools), VOLUMES_PATH,
                    lambda path: _all(pool_exporter.volume_at(path))),

@@ -24,8 +24,8 @@ from dbus_fast.service import ServiceInterface
 from dbus_fast.signature import get_signature_tree
 
 from dmd.dbus.bus import DmdBus
+from dmd.dbus.declare import CachedObject
 from dmd.dbus.fds import may_carry_fds, resolve_fds
-from dmd.dbus.interfaces import CachedObject
 from dmd.dbus.names import (
     ERROR_PREFIX,
     OBJECT_MANAGER_INTERFACE,

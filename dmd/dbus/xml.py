@@ -13,13 +13,11 @@ from xml.etree import ElementTree
 from dbus_fast import introspection as intr
 from dbus_fast.service import ServiceInterface
 
-from dmd.dbus.interfaces import (
-    DeviceInterface,
-    JobInterface,
-    ManagerInterface,
-    PoolInterface,
-    VolumeInterface,
-)
+from dmd.dbus.device import DeviceInterface
+from dmd.dbus.job import JobInterface
+from dmd.dbus.manager import ManagerInterface
+from dmd.dbus.pool import PoolInterface
+from dmd.dbus.volume import VolumeInterface
 
 
 def interfaces() -> list[ServiceInterface]:

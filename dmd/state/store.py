@@ -520,11 +520,12 @@ class StateStore:
     def pool_change(self, pool: str, *, transaction_id: int | None = None,
                     next_thin_id: int | None = None, add: VolumeRecord | None = None,
                     update: VolumeRecord | None = None, remove: str | None = None,
-                    layout: PoolLayout | None = None) -> None:
+                    layout: PoolLayout | None = None) -> PoolRecord:
         """One transaction for what a pool operation records at its end: the
         pool's new transaction id (and next thin id) with the volume it
-        added, changed or removed (by UUID), so the two never disagree."""
-        def work(session: Session) -> Callable[[], None]:
+        added, changed or removed (by UUID), so the two never disagree.
+        Returns the pool's record as it is now (its generation moved on)."""
+        def work(session: Session) -> tuple[Callable[[], None], PoolRecord]:
             row = self._pool_row(session, pool)
             before = (row.uuid, row.generation)
             row.generation += 1
@@ -562,9 +563,11 @@ class StateStore:
                            for v in cached[1] if v.uuid != remove]
                 self._volumes[pool] = (after, [*volumes, *([fresh] if fresh else [])])
 
-            return learn
+            return learn, pool_record(row)
 
-        self._after_commit(self._write(work))
+        learn, record = self._write(work)
+        self._after_commit(learn)
+        return record
 
     def _forget_volumes(self, pool: str) -> Callable[[], None]:
         def forget() -> None:
@@ -763,8 +766,8 @@ class AsyncStateStore:
     async def pool_change(self, pool: str, *, transaction_id: int | None = None,
                           next_thin_id: int | None = None, add: VolumeRecord | None = None,
                           update: VolumeRecord | None = None, remove: str | None = None,
-                          layout: PoolLayout | None = None) -> None:
-        await self._write(lambda: self.sync.pool_change(
+                          layout: PoolLayout | None = None) -> PoolRecord:
+        return await self._write(lambda: self.sync.pool_change(
             pool, transaction_id=transaction_id, next_thin_id=next_thin_id, add=add,
             update=update, remove=remove, layout=layout))
 

@@ -25,8 +25,8 @@ from test_pools_api import (  # type: ignore[import-not-found]
     props,
 )
 
+from dmd.dbus.convert import encryption_in
 from dmd.dbus.names import BUS_NAME, POOL_INTERFACE, VOLUME_INTERFACE
-from dmd.dbus.pool_handlers import _encryption
 from dmd.service import errors
 from dmd.service.auth import Caller
 
@@ -186,5 +186,5 @@ async def test_bad_descriptors_and_keys_are_named_errors_that_change_nothing(
 
 async def test_only_root_names_a_keyring_key() -> None:
     with pytest.raises(errors.NotAuthorized):
-        await _encryption({"encryption": "luks2", "key-description": "anything"},
+        await encryption_in({"encryption": "luks2", "key-description": "anything"},
                           Caller(uid=1000))

@@ -40,13 +40,13 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from dmd.dbus.convert import (
-    DEVICE_PROPERTIES,
     MAX_STRING_BYTES,
     MAX_TABLE_BYTES,
     MAX_TABLE_LINES,
     OPTIONS,
 )
-from dmd.dbus.interfaces import DeviceInterface, ManagerInterface
+from dmd.dbus.device import DEVICE_PROPERTIES, DeviceInterface
+from dmd.dbus.manager import ManagerInterface
 from dmd.dbus.names import (
     BUS_NAME,
     DEVICE_INTERFACE,

@@ -57,10 +57,10 @@ async def set_active(pools: PoolCore, pool: str, name: str, active: bool, *,
             if active and not present:
                 await activate(pools, volume)
                 if volume.encryption is not None and volume.encryption.unlocked:
-                    pools.waiting[volume.uuid] = "waiting for a key: Unlock with one"
+                    pools.shown.wait(volume.uuid, "waiting for a key: Unlock with one")
             elif not active and present:
                 await crypt.close_cleartext(pools, pool, name)
-                pools.waiting.pop(volume.uuid, None)
+                pools.shown.stop_waiting(volume.uuid)
                 await pools.devices.remove(device, claim=pools.owner(pool))
             journal.no_way_back()  # the device is what it is to be: the record follows
             await journal.mark(VolumeActivateStep.RECORD)
@@ -108,7 +108,7 @@ async def match_device(pools: PoolCore, volume: VolumeRecord) -> str:
         return "rolled_back"
     present = await pools.own_device(now)
     if now.active != present:
-        await pools.store.pool_change(volume.pool, update=replace(now, active=present))
+        await pools.record_change(volume.pool, update=replace(now, active=present))
         return "done"
     return "rolled_back"
 

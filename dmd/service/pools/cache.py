@@ -216,7 +216,7 @@ async def attach(pools: PoolCore, pool: str, name: str, source: str, *,
             await _remove_cache_devices(pools, cached)
 
         async def finish(_: Journal) -> None:
-            await pools.store.pool_change(pool, update=cached)
+            await pools.record_change(pool, update=cached)
 
         async with intent(pools.store, pools.fault, "cache-attach", f"{pool}/{name}",
                           PoolArgs(pool=pool, volume=cached.to_json()), undo,
@@ -233,7 +233,7 @@ async def attach(pools: PoolCore, pool: str, name: str, source: str, *,
             await pools.devices.reload(device, cache_table(cached), claim=claim)
             journal.no_way_back()
             await journal.mark(AttachStep.RECORD)
-            await pools.store.pool_change(pool, update=cached)
+            await pools.record_change(pool, update=cached)
     log.info("cache-attach %s/%s: %s%s on %s, %d blocks of %d bytes", pool, name, kind,
              f" ({io_mode})" if io_mode else "", path, data // block, block * 512)
     return cached
@@ -388,7 +388,7 @@ async def detach(pools: PoolCore, pool: str, name: str, *, uuid: str | None = No
             await journal.mark(DetachStep.REMOVE)
             await _remove_cache_devices(pools, volume)
             await journal.mark(DetachStep.RECORD)
-            await pools.store.pool_change(pool, update=plain)
+            await pools.record_change(pool, update=plain)
     log.info("cache-detach %s/%s: every dirty block written back, %s released", pool, name,
              volume.cache.device)
     return plain
@@ -465,7 +465,7 @@ async def _finish_detach(pools: PoolCore, volume: VolumeRecord) -> None:
     await _record_table(pools, volume_device(volume.pool, volume.name),
                         await pools.volume_table(plain))
     await _remove_cache_devices(pools, volume)
-    await pools.store.pool_change(volume.pool, update=replace(volume, cache=None))
+    await pools.record_change(volume.pool, update=replace(volume, cache=None))
 
 
 def _live_is_cache(lines: list[TargetLine]) -> bool:
@@ -498,7 +498,7 @@ async def recover(pools: PoolCore, operation: str, volume: VolumeRecord) -> str 
     if operation == "cache-attach":
         attached = volume
         if _live_is_cache(lines):
-            await pools.store.pool_change(volume.pool, update=attached)
+            await pools.record_change(volume.pool, update=attached)
             return "done"
         await _remove_cache_devices(pools, attached)
         return "rolled_back"

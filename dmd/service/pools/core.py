@@ -46,8 +46,9 @@ import json
 import logging
 import os
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import Any
 
 from dmd.engine import DevId, DmError, NotABlockDevice, TargetLine
@@ -189,6 +190,60 @@ def ignore(_: Any) -> None:
     """An accept for a call nobody waits on (a test, recovery)."""
 
 
+class Shown:
+    """What the bus shows of pools and volumes beyond their records: a
+    subject mid-operation (its records are not final), a pool dmd refuses to
+    change and why, an encrypted volume waiting for its key. The pool family
+    writes it; the bus side reads it, through these methods only."""
+
+    def __init__(self) -> None:
+        self._volumes: dict[str, tuple[VolumeRecord, str]] = {}  # uuid -> (volume, state)
+        self._pools: dict[str, tuple[PoolRecord, str]] = {}  # name -> (pool, state)
+        self._refused: dict[str, str] = {}  # pool name -> why
+        self._waiting: dict[str, str] = {}  # volume uuid -> what it waits for
+
+    @property
+    def refused(self) -> Mapping[str, str]:
+        """Pools this dmd will not change (name -> why): their description
+        cannot be trusted, their disks are not theirs, or another manager
+        moved their transaction id."""
+        return MappingProxyType(self._refused)
+
+    @property
+    def waiting(self) -> Mapping[str, str]:
+        """Encrypted volumes recorded unlocked that have no cleartext device
+        yet (uuid -> what they wait for): dmd.service.pools.crypt."""
+        return MappingProxyType(self._waiting)
+
+    def refuse(self, pool: str, why: str) -> None:
+        self._refused[pool] = why
+
+    def wait(self, uuid: str, why: str) -> None:
+        self._waiting[uuid] = why
+
+    def stop_waiting(self, uuid: str) -> None:
+        self._waiting.pop(uuid, None)
+
+    def under_way(self, subject: VolumeRecord | PoolRecord, state: str) -> None:
+        if isinstance(subject, VolumeRecord):
+            self._volumes[subject.uuid] = (subject, state)
+        else:
+            self._pools[subject.name] = (subject, state)
+
+    def pool_under_way(self, pool: str) -> tuple[PoolRecord, str] | None:
+        return self._pools.get(pool)
+
+    def volumes_under_way(self, pool: str) -> list[tuple[VolumeRecord, str]]:
+        return [(v, state) for v, state in self._volumes.values() if v.pool == pool]
+
+    def ended(self, pool: str) -> None:
+        """The pool's operation ended: whatever was under way in it (the
+        pool's lock made it the only one) is final now."""
+        for uuid in [u for u, (v, _) in self._volumes.items() if v.pool == pool]:
+            del self._volumes[uuid]
+        self._pools.pop(pool, None)
+
+
 class PoolChange:
     """One operation on one pool, under the pool's lock (``PoolCore.change``
     makes it). Its records are read once and handed down: ``record`` and
@@ -240,19 +295,32 @@ class PoolChange:
                     update: VolumeRecord | None = None, remove: str | None = None,
                     layout: PoolLayout | None = None) -> None:
         """Record what the operation changed (one transaction: the store's
-        ``pool_change``); the next read sees it."""
-        self._record = self._volumes = None
-        await self.core.store.pool_change(
+        ``pool_change``). The records in hand follow: the pool's as the store
+        returns it, the volumes changed here as they were written (the pool's
+        lock makes this change the only writer of the pool)."""
+        if self._record is not None and self.core.generations.get(
+                self.pool, self._record.generation) != self._record.generation:
+            self._volumes = None  # a step of it wrote around the records in hand
+        self._record = await self.core.record_change(
             self.pool, transaction_id=transaction_id, next_thin_id=next_thin_id, add=add,
             update=update, remove=remove, layout=layout)
+        if self._volumes is not None:
+            volumes = [update if update is not None and v.uuid == update.uuid else v
+                       for v in self._volumes if v.uuid != remove]
+            self._volumes = [*volumes, *([add] if add is not None else [])]
+
+    async def take_thin_id(self) -> int:
+        """The pool's next thin id, durably taken before anything uses it."""
+        thin_id = (await self.record()).next_thin_id
+        if thin_id > MAX_THIN_ID:
+            raise errors.Busy(f"pool {self.pool!r} has used every thin id")
+        await self.write(next_thin_id=thin_id + 1)
+        return thin_id
 
     def show(self, subject: VolumeRecord | PoolRecord, state: str) -> None:
         """What the bus shows of *subject* until the change ends ("creating",
         "deleting", "destroying", "importing"): its records are not final."""
-        if isinstance(subject, VolumeRecord):
-            self.core.pending[subject.uuid] = (subject, state)
-        else:
-            self.core.pending_pools[subject.name] = (subject, state)
+        self.core.shown.under_way(subject, state)
 
     async def accepted(self, subject: Any, accept: Accept) -> None:
         """The request can no longer be refused: the bus shows the change
@@ -280,8 +348,14 @@ class PoolChange:
         from *transaction_from* about *volume*, or the pool growing to
         *layout* (the description then says the pool is that: an import
         finishes the growth). Its failure fails the operation."""
-        await self.write()
         record = await self.record()
+        written = self.core.descriptions.written.get(record.uuid)
+        if written is None or written >= record.generation:
+            # Its generation may be described already (without the operation):
+            # it takes one of its own. (After a change not yet described, a
+            # thin id taken, it has one.)
+            await self.write()
+            record = await self.record()
         if layout is not None:
             record = replace(record, layout=layout)
         pending: dict[str, Any] = {"operation": operation}
@@ -312,20 +386,16 @@ class PoolCore:
         self.locks = DeviceLocks()
         # Subjects mid-operation, shown while their records are not final:
         # uuid -> (volume, "creating" | "deleting"); name -> (pool, state).
-        self.pending: dict[str, tuple[VolumeRecord, str]] = {}
-        self.pending_pools: dict[str, tuple[PoolRecord, str]] = {}
+        self.shown = Shown()
         self._settlers: list[Callable[[str], Awaitable[None]]] = []
         self.jobs = Jobs()
         self.descriptions = Descriptions(self.kernel, devices.fault)
-        # Pools this dmd will not change (name -> why): their description
-        # cannot be trusted, or another manager moved their transaction id.
-        self.refused: dict[str, str] = {}
-        # Encrypted volumes recorded unlocked that have no cleartext device
-        # yet (uuid -> what they wait for): dmd.service.pools.crypt.
-        self.waiting: dict[str, str] = {}
         # Pool UUID -> the generation whose description names an operation
         # under way (describe_pending).
         self.described_pending: dict[str, int] = {}
+        # Pool name -> the generation its records were last written at by
+        # record_change (describe trusts records in hand at that generation).
+        self.generations: dict[str, int] = {}
         # Pool UUID -> why its disks are not its own (None: they are), as
         # found at start-up (recreate_guard).
         self.disks_checked: dict[str, str | None] = {}
@@ -361,17 +431,16 @@ class PoolCore:
         """One change at a time to a pool; described and settled however it
         ends."""
         async with self.locks.hold(pool):
-            if pool in self.refused:
-                raise errors.Busy(f"pool {pool!r} is not changed by dmd: {self.refused[pool]}")
+            if pool in self.shown.refused:
+                raise errors.Busy(f"pool {pool!r} is not changed by dmd: "
+                                  f"{self.shown.refused[pool]}")
             change = PoolChange(self, pool)
             try:
                 yield change
             finally:
                 # The lock makes this operation the only one on the pool, so
                 # whatever is pending in it is this operation's.
-                for key in [k for k, (v, _) in self.pending.items() if v.pool == pool]:
-                    del self.pending[key]
-                self.pending_pools.pop(pool, None)
+                self.shown.ended(pool)
                 await self.describe(pool, change.known())
                 await self.settle(pool)
 
@@ -400,18 +469,21 @@ class PoolCore:
         its records (nothing to do if it is there); *known*: those records,
         in hand. A failure is logged: the records stand, and the next change
         or start-up writes it again."""
-        record = await self.store.get_pool(pool)
-        if record is None or pool in self.refused:
+        # The records in hand are the pool's if its generation has not moved
+        # since they were read or written (every change of the pool or a
+        # volume moves it, through record_change).
+        volumes: list[VolumeRecord] | None = None
+        record: PoolRecord | None
+        if known is not None and self.generations.get(pool) == known[0].generation:
+            record, volumes = known
+        else:
+            record = await self.store.get_pool(pool)
+        if record is None or pool in self.shown.refused:
             return
-        # The volumes in hand are the pool's if its generation has not moved
-        # since they were read (every change of a volume moves it).
-        volumes = known[1] if known is not None and \
-            known[0].generation == record.generation else None
         if self.described_pending.pop(record.uuid, None) == record.generation:
             # The description there names an operation that has ended: the
             # one without it gets a generation of its own.
-            await self.store.pool_change(pool)
-            record, volumes = await self.pool(pool), None
+            record = await self.record_change(pool)
         if len(record.layout.ids) != len(record.layout.devices):
             # Recorded before devices had labels: each gets its UUID now, on
             # the device first (a crash between leaves labels no record
@@ -424,7 +496,7 @@ class PoolCore:
             except OSError as exc:
                 log.error("pool %s: could not label its devices: %s", pool, exc)
                 return
-            await self.store.pool_change(pool, layout=labelled.layout)
+            await self.record_change(pool, layout=labelled.layout)
             record, volumes = await self.pool(pool), None
         if self.descriptions.written.get(record.uuid) == record.generation:
             return
@@ -478,6 +550,15 @@ class PoolCore:
         if owner_uid is not None and caller.uid not in (0, owner_uid):
             raise errors.NotAuthorized(
                 f"{subject} belongs to uid {owner_uid}; uid {caller.uid} may not change it")
+
+    async def check_volume_authorized(self, caller: Caller, pool: str, name: str,
+                                      uuid: str | None = None) -> None:
+        """NotAuthorized unless *caller* may change the volume (its owner or
+        root, and the authority agrees): asked before a call reads a key the
+        caller sent, so that another's caller learns nothing of the volume
+        or its keys."""
+        volume = await self.volume(pool, name, uuid)
+        await self.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
 
     async def pools(self) -> list[PoolRecord]:
         return await self.store.list_pools()
@@ -648,7 +729,7 @@ class PoolCore:
                 await self.devices.reload(pool_device(grown.name, part),
                                           linear(grown.layout, segments), claim=claim)
         await self.devices.reload(tpool(grown.name), pool_table(grown), claim=claim)
-        await self.store.pool_change(grown.name, layout=grown.layout)
+        await self.record_change(grown.name, layout=grown.layout)
 
     async def restore_layout(self, record: PoolRecord) -> None:
         """Put the data and metadata devices back as *record* lays them out."""
@@ -664,13 +745,23 @@ class PoolCore:
                                   linear(record.layout, record.layout.data),
                                   claim=self.owner(record.name))
 
-    async def new_thin_id(self, pool: PoolRecord) -> int:
-        """The next thin id, durably taken before anything uses it."""
-        thin_id = pool.next_thin_id
-        if thin_id > MAX_THIN_ID:
-            raise errors.Busy(f"pool {pool.name!r} has used every thin id")
-        await self.store.pool_change(pool.name, next_thin_id=thin_id + 1)
-        return thin_id
+    def records_replaced(self, pool: str) -> None:
+        """The pool's records were written whole (made, imported, replaced)
+        or removed: no records in hand are current."""
+        self.generations.pop(pool, None)
+
+    async def record_change(self, pool: str, *, transaction_id: int | None = None,
+                            next_thin_id: int | None = None, add: VolumeRecord | None = None,
+                            update: VolumeRecord | None = None, remove: str | None = None,
+                            layout: PoolLayout | None = None) -> PoolRecord:
+        """The one writer of a pool's records (the store's ``pool_change``):
+        the pool's generation it leaves is known here, so a change's records
+        in hand are known to be current without reading them again."""
+        record = await self.store.pool_change(
+            pool, transaction_id=transaction_id, next_thin_id=next_thin_id, add=add,
+            update=update, remove=remove, layout=layout)
+        self.generations[pool] = record.generation
+        return record
 
     async def send(self, pool: str, message: str) -> None:
         await self.devices.message(tpool(pool), 0, message, claim=self.owner(pool))

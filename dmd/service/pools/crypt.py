@@ -184,7 +184,7 @@ async def unlock(pools: PoolCore, pool: str, name: str, key: bytearray | None, *
     with wiped(key):
         async with pools.change(pool):
             volume, encryption = await _subject(pools, pool, name, caller, uuid)
-            if only_if_waiting and (volume.uuid not in pools.waiting
+            if only_if_waiting and (volume.uuid not in pools.shown.waiting
                                     or not encryption.unlocked):
                 return
             if not volume.active:
@@ -197,7 +197,7 @@ async def unlock(pools: PoolCore, pool: str, name: str, key: bytearray | None, *
                 used = await request_key(key, encryption.key_description)
                 with wiped(used if used is not key else None):
                     await open_cleartext(pools, volume, used)
-            pools.waiting.pop(volume.uuid, None)
+            pools.shown.stop_waiting(volume.uuid)
             if not encryption.unlocked:
                 await _record(pools, volume, replace(encryption, unlocked=True))
 
@@ -211,7 +211,7 @@ async def lock(pools: PoolCore, pool: str, name: str, *, uuid: str | None = None
         if encryption.unlocked:
             # Recorded first: a crash before the removal is finished at start.
             volume = await _record(pools, volume, replace(encryption, unlocked=False))
-        pools.waiting.pop(volume.uuid, None)
+        pools.shown.stop_waiting(volume.uuid)
         try:
             await close_cleartext(pools, pool, name)
         except BaseException:
@@ -265,7 +265,7 @@ def _change_key(fd: int, key: bytearray, new_key: bytearray | None,
 async def _record(pools: PoolCore, volume: VolumeRecord,
                   encryption: Encryption) -> VolumeRecord:
     changed = replace(volume, encryption=encryption)
-    await pools.store.pool_change(volume.pool, update=changed)
+    await pools.record_change(volume.pool, update=changed)
     return changed
 
 
@@ -303,10 +303,10 @@ async def settle_at_start(pools: PoolCore, pool: str) -> None:
             if await pools.store.get_device(device) is not None:
                 await pools.store.remove_device(device)
             if encryption.unlocked and volume.active:
-                pools.waiting[volume.uuid] = (
+                pools.shown.wait(volume.uuid, (
                     f"waiting for key {encryption.key_description!r} in the keyring"
                     if encryption.key_description is not None
-                    else "waiting for a key: Unlock with one")
+                    else "waiting for a key: Unlock with one"))
 
 
 class KeyWaiter:
@@ -319,10 +319,10 @@ class KeyWaiter:
 
     async def run_once(self) -> None:
         pools = self.pools
-        if not pools.waiting:
+        if not pools.shown.waiting:
             return
         for volume in await pools.volumes():
-            if volume.uuid not in pools.waiting or volume.encryption is None:
+            if volume.uuid not in pools.shown.waiting or volume.encryption is None:
                 continue
             description = volume.encryption.key_description
             if description is None:
@@ -346,8 +346,8 @@ class KeyWaiter:
                                  only_if_waiting=True)
                 except errors.WrongKey:
                     self._refused[volume.uuid] = digest
-                    pools.waiting[volume.uuid] = (f"the key {description!r} in the keyring "
-                                                  "does not open it")
+                    pools.shown.wait(volume.uuid, (f"the key {description!r} in the keyring "
+                                                  "does not open it"))
                     log.error("volume %s/%s: key %r opens no keyslot; tried again when it "
                               "changes", volume.pool, volume.name, description)
                     await pools.settle(volume.pool)

@@ -36,7 +36,7 @@ async def recreate_guard(pools: PoolCore, device: DeviceRecord) -> str | None:
             pools.disks_checked[record.uuid] = None
         except errors.Busy as exc:
             pools.disks_checked[record.uuid] = str(exc)
-            pools.refused[record.name] = str(exc)
+            pools.shown.refuse(record.name, str(exc))
     if pools.disks_checked[record.uuid] is not None:
         return pools.disks_checked[record.uuid]
     split = parts(device.name)

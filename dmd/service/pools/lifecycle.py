@@ -141,6 +141,7 @@ async def make_pool(change: PoolChange, record: PoolRecord, accept: Accept) -> N
                                   claim=change.owner)
         await journal.mark(PoolCreateStep.RECORD)
         await pools.store.add_pool(record)
+        pools.records_replaced(name)
 
 
 async def destroy_pool(pools: PoolCore, name: str, *, force: bool = False,
@@ -202,9 +203,10 @@ async def destroy_devices(pools: PoolCore, record: PoolRecord) -> None:
 
 async def destroy_records(pools: PoolCore, record: PoolRecord) -> None:
     for volume in await pools.store.list_volumes(record.name):
-        await pools.store.pool_change(record.name, remove=volume.uuid)
+        await pools.record_change(record.name, remove=volume.uuid)
     if await pools.store.get_pool(record.name) is not None:
         await pools.store.remove_pool(record.name)
+        pools.records_replaced(record.name)
 
 
 async def add_device(pools: PoolCore, pool: str, path: str, *, force: bool = False,
@@ -323,7 +325,7 @@ async def recover_grow(pools: PoolCore, intent: IntentRecord, args: PoolArgs,
         return "done"
     _, table = await pools.kernel(Engine.table_status, tpool(pool), DmFlags.DM_STATUS_TABLE)
     if sum(line.length for line in table) == grown.data_sectors:
-        await pools.store.pool_change(pool, layout=grown)  # the pool grew
+        await pools.record_change(pool, layout=grown)  # the pool grew
         return "done"
     await pools.restore_data(record)
     added = len(record.layout.devices)

@@ -71,7 +71,7 @@ async def recover_pools(pools: PoolCore, report: RecoveryReport) -> None:
         try:
             await check_description(pools, record)
             await _check_transaction_id(pools, record.name)
-            if record.name not in pools.refused:
+            if record.name not in pools.shown.refused:
                 await activation.activate_recorded(pools, record.name)
                 await settle_at_start(pools, record.name)
         except (errors.ServiceError, OSError) as exc:
@@ -83,20 +83,20 @@ async def check_description(pools: PoolCore, record: PoolRecord) -> None:
     name = record.name
     found = await pools.descriptions.read(record.layout.devices)
     for path, why in found.unreadable:
-        pools.refused[name] = f"its device {path} cannot be read ({why})"
+        pools.shown.refuse(name, f"its device {path} cannot be read ({why})")
     ids = record.layout.ids
     for index, reading in enumerate(found.readings):
         label = reading.label
         if label is not None and (label.pool_uuid != record.uuid or (
                 len(ids) == len(record.layout.devices) and label.device_uuid != ids[index])):
-            pools.refused[name] = (f"{reading.path} carries the label of another pool's "
-                                   "device: the devices were moved; ImportPool finds them")
+            pools.shown.refuse(name, (f"{reading.path} carries the label of another pool's "
+                                   "device: the devices were moved; ImportPool finds them"))
     if found.corrupt:
-        pools.refused[name] = ("no copy of its description on any device is whole; nothing "
+        pools.shown.refuse(name, ("no copy of its description on any device is whole; nothing "
                                "is written to it (restore its devices, or ImportPool from a "
-                               "copy of them)")
-    if name in pools.refused:
-        log.error("recovery: pool %s is refused changes: %s", name, pools.refused[name])
+                               "copy of them)"))
+    if name in pools.shown.refused:
+        log.error("recovery: pool %s is refused changes: %s", name, pools.shown.refused[name])
         return
     newest = found.newest
     if newest is not None and newest.pending is not None and \
@@ -105,7 +105,7 @@ async def check_description(pools: PoolCore, record: PoolRecord) -> None:
         # the pool now, in a generation of their own.
         log.info("recovery: pool %s: its description named a %s under way; written again",
                  name, newest.pending.get("operation"))
-        await pools.store.pool_change(name)
+        await pools.record_change(name)
         await pools.describe(name)
         return
     if newest is None or newest.generation < record.generation:
@@ -122,6 +122,7 @@ async def check_description(pools: PoolCore, record: PoolRecord) -> None:
                                                      devices=record.layout.devices),
                          generation=newest.generation)
         await pools.store.replace_pool(record, list(newest.volumes))
+        pools.records_replaced(name)
         record = await pools.pool(name)
     await pools.descriptions.repair(record, await pools.store.list_volumes(name), found)
 
@@ -129,7 +130,7 @@ async def check_description(pools: PoolCore, record: PoolRecord) -> None:
 async def _check_transaction_id(pools: PoolCore, pool: str) -> None:
     record = await pools.pool(pool)
     tid = (await pools.pool_state(pool)).transaction_id
-    if tid is not None and tid != record.transaction_id and pool not in pools.refused:
-        pools.refused[pool] = (f"its transaction id is {tid} in the kernel, {record.transaction_id}"
-                               " in dmd's records: another manager changed it")
-        log.error("recovery: pool %s is refused changes: %s", pool, pools.refused[pool])
+    if tid is not None and tid != record.transaction_id and pool not in pools.shown.refused:
+        pools.shown.refuse(pool, f"its transaction id is {tid} in the kernel, "
+                           f"{record.transaction_id} in dmd's records: another manager changed it")
+        log.error("recovery: pool %s is refused changes: %s", pool, pools.shown.refused[pool])

@@ -195,7 +195,7 @@ class SpaceWatch:
     async def check(self, pool: str) -> Space:
         record = await self.pools.pool(pool)
         space = await self.read(pool, record)
-        if space.data_total == 0 or pool in self.pools.refused:
+        if space.data_total == 0 or pool in self.pools.shown.refused:
             return space
         low_data = _free_percent(space.data_used, space.data_total) <= record.low_water_percent
         low_meta = metadata_low(space)

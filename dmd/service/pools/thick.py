@@ -81,7 +81,7 @@ async def undo_thick(pools: PoolCore, volume: VolumeRecord) -> None:
     """A thick volume's devices and record gone (what is not there is fine)."""
     await pools.remove_volume_devices(volume)
     if any(v.uuid == volume.uuid for v in await pools.store.list_volumes(volume.pool)):
-        await pools.store.pool_change(volume.pool, remove=volume.uuid)
+        await pools.record_change(volume.pool, remove=volume.uuid)
 
 
 async def delete_thick(change: PoolChange, volume: VolumeRecord) -> None:

@@ -103,7 +103,7 @@ async def create_volume(pools: PoolCore, pool: str, name: str, size_bytes: int, 
                 encryption=Encryption(str(uuidlib.uuid4()), encryption.key_description)
                 if encryption is not None else None)
             pools.check_fits(record, await change.volumes(), volume)
-            thin_id = await pools.new_thin_id(record)
+            thin_id = await change.take_thin_id()
             assert thin_id == volume.thin_id
             await add_thin(change, record, volume, tid, create_thin(thin_id),
                                  "volume-create", filesystem=filesystem,
@@ -171,7 +171,7 @@ async def undo_thin(pools: PoolCore, pool: str, volume: VolumeRecord, *, recorde
     await delete_thin(pools, pool, volume)
     tid = await pools.kernel_tid(pool)
     tid = await pools.commit_tid(pool, tid)
-    await pools.store.pool_change(pool, transaction_id=tid,
+    await pools.record_change(pool, transaction_id=tid,
                                   remove=volume.uuid if recorded else None)
 
 
@@ -216,7 +216,7 @@ async def snapshot(pools: PoolCore, pool: str, origin: str, name: str, *,
                               activate, encryption=replace(source.encryption, unlocked=False)
                               if source.encryption is not None else None)
         pools.check_fits(record, await change.volumes(), volume)
-        thin_id = await pools.new_thin_id(record)
+        thin_id = await change.take_thin_id()
         assert thin_id == volume.thin_id
         origin_device = volume_device(pool, origin) if source.active else None
         await add_thin(change, record, volume, tid, create_snap(thin_id, source.thin_id),
@@ -240,7 +240,7 @@ async def delete_volume(pools: PoolCore, pool: str, name: str, *, uuid: str | No
             log.info("volume-delete %s/%s: thick, its segments freed", pool, name)
             return
         thin_id = volume.thin_id
-        tid = await pools.kernel_tid(pool)
+        tid = await pools.kernel_tid(pool, await change.record())
         claim = pools.owner(pool)
 
         async def finish(_: Journal) -> None:
@@ -279,7 +279,7 @@ async def finish_delete(pools: PoolCore, volume: VolumeRecord, start: int) -> No
     if tid == start:
         await delete_thin(pools, pool, volume)
         tid = await pools.commit_tid(pool, start)
-    await pools.store.pool_change(pool, transaction_id=tid, remove=volume.uuid)
+    await pools.record_change(pool, transaction_id=tid, remove=volume.uuid)
 
 
 async def resize_volume(pools: PoolCore, pool: str, name: str, size_bytes: int, *,
@@ -347,7 +347,7 @@ async def match_size(pools: PoolCore, resized: VolumeRecord) -> str:
         if info.active_present:
             size = sum(line.length for line in table) * 512
     if size != now.size_bytes:
-        await pools.store.pool_change(now.pool, update=replace(now, size_bytes=size))
+        await pools.record_change(now.pool, update=replace(now, size_bytes=size))
     return "done" if size == resized.size_bytes else "rolled_back"
 
 
@@ -408,7 +408,7 @@ async def recover_thin(pools: PoolCore, intent: IntentRecord, args: PoolArgs,
         await undo_thin(pools, pool, volume, recorded=False)
         return "rolled_back"
     if volume.uuid not in recorded:
-        await pools.store.pool_change(pool, transaction_id=tid, add=volume)
+        await pools.record_change(pool, transaction_id=tid, add=volume)
     if volume.active and await pools.store.get_device(volume_device(pool, volume.name)) is None:
         await activation.activate(pools, volume)
     return "done"

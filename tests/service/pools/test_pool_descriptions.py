@@ -109,7 +109,7 @@ async def test_a_pool_no_copy_vouches_for_is_refused_and_left_alone(tmp_path: Pa
     pools = await started(tmp_path)
     try:
         before = heads(engine_of(pools), DISKS[:2])
-        assert "no copy of its description" in pools.refused["tank"]  # the bus shows it
+        assert "no copy of its description" in pools.shown.refused["tank"]  # the bus shows it
         with pytest.raises(errors.Busy, match="no copy of its description"):
             await pools.create_volume("tank", "two", GIB)
         with pytest.raises(errors.Busy):

@@ -297,7 +297,7 @@ async def test_a_disk_now_under_another_name_is_never_written(tmp_path: Path) ->
     try:
         report = await recover(pools.devices)
         await recover_pools(pools, report)
-        assert "tank" in pools.refused, pools.refused
+        assert "tank" in pools.shown.refused, pools.shown.refused
         assert [d.name for d in engine(tmp_path).list_devices()] == []
         assert set(report.failed) >= {"tank-tmeta", "tank-tdata"}
         assert {p: engine(tmp_path).read_disk(p, 0, HEADER_BYTES) for p in DISKS[:2]} == heads

@@ -228,7 +228,7 @@ async def test_after_a_reboot_a_volume_waits_for_its_keyring_key(
     pools = await recovered(tmp_path)
     try:
         volumes = {v.name: v for v in await pools.volumes("tank")}
-        assert pools.waiting == {
+        assert pools.shown.waiting == {
             volumes["auto"].uuid: f"waiting for key {description!r} in the keyring",
             volumes["manual"].uuid: "waiting for a key: Unlock with one"}
         waiter = KeyWaiter(pools)
@@ -236,15 +236,15 @@ async def test_after_a_reboot_a_volume_waits_for_its_keyring_key(
         assert not await present(pools, "tank-auto-crypt")
         user_key(description, OTHER)  # the wrong one
         await waiter.run_once()
-        assert "does not open it" in pools.waiting[volumes["auto"].uuid]
+        assert "does not open it" in pools.shown.waiting[volumes["auto"].uuid]
         user_key(description, KEY)
         await waiter.run_once()
-        assert volumes["auto"].uuid not in pools.waiting
+        assert volumes["auto"].uuid not in pools.shown.waiting
         assert await digest(pools, "auto", MIB) == hashlib.sha256(data).hexdigest()
         assert not await present(pools, "tank-manual-crypt")
         assert not await present(pools, "tank-shut-crypt")
         await unlock(pools, "tank", "manual", bytearray(KEY))
-        assert pools.waiting == {}
+        assert pools.shown.waiting == {}
         await assert_agree(pools)
     finally:
         close(pools)
@@ -306,7 +306,7 @@ def test_a_lock_cut_short_is_finished_at_start(tmp_path: Path) -> None:
         pools = await recovered(tmp_path)
         try:
             assert not await present(pools, "tank-v-crypt")
-            assert pools.waiting == {}
+            assert pools.shown.waiting == {}
             await assert_agree(pools)
         finally:
             close(pools)
