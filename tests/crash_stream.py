@@ -31,7 +31,7 @@ from dmd.dbus.names import (
     ROOT_PATH,
     VOLUME_INTERFACE,
 )
-from tests.dbus.conftest import CallError, Client
+from tests.dbus.bus_client import CallError, Client
 
 MIB = 1 << 20
 NAMES = 3  # per worker

@@ -30,6 +30,7 @@ from dmd.service.devices.reconcile import Coalesced
 from dmd.service.events import ChangeKind
 from dmd.service.jobs import Job, JobEvent
 from dmd.service.pools.cache import corig
+from dmd.service.pools.core import Records
 from dmd.service.pools.names import claim_prefix, cleartext_device, in_pool, volume_device
 from dmd.service.pools.service import PoolService, PoolState
 from dmd.service.pools.space import Space
@@ -116,18 +117,20 @@ class PoolExporter:
             obj.LowSpace(*figures)
 
     # -- pools and volumes -----------------------------------------------------
-    async def _settled(self, pool: str) -> None:
+    async def _settled(self, pool: str, records: Records | None) -> None:
         # An operation's own change: usage is read for the volumes whose
         # devices it made or changed, not for every volume of the pool
         # (O(volumes) ioctls twice an operation); the others on their pool's
         # events and the timer.
-        await self.refresh(pool, usage=False)
+        await self.refresh(pool, usage=False, records=records)
 
-    async def refresh(self, pool: str, usage: bool = True) -> None:
+    async def refresh(self, pool: str, usage: bool = True,
+                      records: Records | None = None) -> None:
         """Make the pool's objects show what the service holds now; *usage*:
         read every active volume's mapped bytes again (else only of the
-        volumes not read yet)."""
-        record = await self.pools.store.get_pool(pool)
+        volumes not read yet); *records*: the pool's, as they are now (else
+        read)."""
+        record = records[0] if records is not None else await self.pools.store.get_pool(pool)
         lifecycle = "active"
         pending = self.pools.shown.pool_under_way(pool)
         if pending is not None:
@@ -142,15 +145,18 @@ class PoolExporter:
                                                            self.pools.shown.refused.get(pool, "")))
             self._pool_of_path[path] = pool
             paths.add(path)
-            paths |= await self._refresh_volumes(record, usage)
+            paths |= await self._refresh_volumes(
+                record, usage, records[1] if records is not None and pending is None else None)
         for stale in self._paths_of_pool.get(pool, set()) - paths:
             self._drop(stale)
         self._paths_of_pool[pool] = paths
 
-    async def _refresh_volumes(self, pool: PoolRecord, usage: bool) -> set[str]:
+    async def _refresh_volumes(self, pool: PoolRecord, usage: bool,
+                               recorded: list[VolumeRecord] | None) -> set[str]:
+        if recorded is None:
+            recorded = await self.pools.store.list_volumes(pool.name)
         volumes: dict[str, tuple[VolumeRecord, str]] = {
-            v.uuid: (v, "active" if v.active else "inactive")
-            for v in await self.pools.store.list_volumes(pool.name)}
+            v.uuid: (v, "active" if v.active else "inactive") for v in recorded}
         for volume, state in self.pools.shown.volumes_under_way(pool.name):
             volumes[volume.uuid] = (volume, state)
         # The thin device's mapped blocks: a cached volume's is under its cache.

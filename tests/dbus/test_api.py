@@ -10,7 +10,6 @@ import sys
 from typing import Any
 
 import pytest
-from conftest import CallError, Client, plain, variants  # type: ignore[import-not-found]
 from dbus_fast import Variant
 
 from dmd.dbus.names import (
@@ -20,6 +19,7 @@ from dmd.dbus.names import (
     ROOT_PATH,
     device_path,
 )
+from tests.dbus.bus_client import CallError, Client, plain, variants
 
 ZERO = [(0, 2048, "zero", "")]
 

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import CallError, Client  # type: ignore[import-not-found]
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from test_open_device import open_device  # type: ignore[import-not-found]
@@ -29,6 +28,7 @@ from dmd.dbus.convert import encryption_in
 from dmd.dbus.names import BUS_NAME, POOL_INTERFACE, VOLUME_INTERFACE
 from dmd.service import errors
 from dmd.service.auth import Caller
+from tests.dbus.bus_client import CallError, Client
 
 __all__ = ["disks"]  # the fixture, used by name
 

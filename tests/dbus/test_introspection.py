@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from conftest import Client  # type: ignore[import-not-found]
 from dbus_fast import introspection as intr
 
 from dmd.dbus.names import (
@@ -17,6 +16,7 @@ from dmd.dbus.names import (
     ROOT_PATH,
 )
 from dmd.dbus.xml import interface_xml, interfaces
+from tests.dbus.bus_client import Client
 
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / "dbus-interfaces"
 ZERO = [(0, 2048, "zero", "")]

@@ -13,12 +13,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import CallError, Client  # type: ignore[import-not-found]
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from test_pools_api import create_pool, disks, finished  # type: ignore[import-not-found]
 
 from dmd.dbus.names import BUS_NAME, VOLUME_INTERFACE
+from tests.dbus.bus_client import CallError, Client
 
 __all__ = ["disks"]  # the fixture, used by name
 

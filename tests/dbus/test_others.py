@@ -12,13 +12,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from conftest import Client  # type: ignore[import-not-found]
 from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 
 from dmd.dbus.names import device_path
 from dmd.engine import DevId, DmFlags, TargetLine
 from dmd.engine.sim import SimDM
+from tests.dbus.bus_client import Client
 from tests.helpers import unvariant, wakeups
 
 AUDIT = 0.2  # seconds

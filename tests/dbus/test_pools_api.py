@@ -10,7 +10,6 @@ import subprocess
 from typing import Any
 
 import pytest
-from conftest import CallError, Client  # type: ignore[import-not-found]
 from dbus_fast import Variant
 
 from dmd.dbus.names import (
@@ -25,6 +24,7 @@ from dmd.dbus.names import (
     VOLUME_INTERFACE,
 )
 from dmd.engine.sim import SimDM
+from tests.dbus.bus_client import CallError, Client
 from tests.helpers import plain
 
 GIB = 1 << 30

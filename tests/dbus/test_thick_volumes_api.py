@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import CallError, Client  # type: ignore[import-not-found]
 from dbus_fast import Variant
 from test_pools_api import create_pool, disks, finished, props  # type: ignore[import-not-found]
 
 from dmd.dbus.names import POOL_INTERFACE, VOLUME_INTERFACE
+from tests.dbus.bus_client import CallError, Client
 
 __all__ = ["disks"]  # the fixture, used by name
 

@@ -4,11 +4,11 @@ DetachCache as jobs, the properties that show the cache, named errors."""
 from __future__ import annotations
 
 import pytest
-from conftest import CallError, Client  # type: ignore[import-not-found]
 from dbus_fast import Variant
 from test_pools_api import create_pool, disks, finished, props  # type: ignore[import-not-found]
 
 from dmd.dbus.names import POOL_INTERFACE, VOLUME_INTERFACE
+from tests.dbus.bus_client import CallError, Client
 
 __all__ = ["disks"]  # the fixture, used by name
 

@@ -184,6 +184,9 @@ def layout(devices: list[tuple[str, int]], block_sectors: int,
 
 
 Accept = Callable[[Any], None]
+# A pool's record and its volumes', as the store holds them now (a change's
+# records in hand, handed to whoever shows the change: no read again).
+Records = tuple[PoolRecord, list[VolumeRecord]]
 
 
 def ignore(_: Any) -> None:
@@ -268,9 +271,11 @@ class PoolChange:
             self._volumes = await self.core.store.list_volumes(self.pool)
         return self._volumes
 
-    def known(self) -> tuple[PoolRecord, list[VolumeRecord]] | None:
-        """The records in hand, if the change read both and wrote nothing since."""
-        if self._record is None or self._volumes is None:
+    def known(self) -> Records | None:
+        """The records in hand, if the change read both and nothing wrote
+        around them since."""
+        if self._record is None or self._volumes is None or self.core.generations.get(
+                self.pool, self._record.generation) != self._record.generation:
             return None
         return self._record, self._volumes
 
@@ -325,7 +330,7 @@ class PoolChange:
     async def accepted(self, subject: Any, accept: Accept) -> None:
         """The request can no longer be refused: the bus shows the change
         begun, then its caller is answered."""
-        await self.core.settle(self.pool)
+        await self.core.settle(self.pool, self.known())
         accept(subject)
 
     def intent(self, operation: str, subject: str, args: PoolArgs,
@@ -387,7 +392,7 @@ class PoolCore:
         # Subjects mid-operation, shown while their records are not final:
         # uuid -> (volume, "creating" | "deleting"); name -> (pool, state).
         self.shown = Shown()
-        self._settlers: list[Callable[[str], Awaitable[None]]] = []
+        self._settlers: list[Callable[[str, Records | None], Awaitable[None]]] = []
         self.jobs = Jobs()
         self.descriptions = Descriptions(self.kernel, devices.fault)
         # Pool UUID -> the generation whose description names an operation
@@ -406,15 +411,17 @@ class PoolCore:
         Job: returns once it is accepted, with the job and its subject."""
         return await self.jobs.start(operation, caller.uid, call)
 
-    def add_settler(self, settler: Callable[[str], Awaitable[None]]) -> None:
+    def add_settler(self, settler: Callable[[str, Records | None], Awaitable[None]]
+                    ) -> None:
         """*settler(pool)* runs after every change to a pool or its volumes,
         before the change's caller hears of it (the bus shows it then)."""
         self._settlers.append(settler)
 
-    async def settle(self, pool: str) -> None:
+    async def settle(self, pool: str, records: Records | None = None) -> None:
+        """Show a change (*records*: the pool's as they are now, if in hand)."""
         for settler in list(self._settlers):
             try:
-                await settler(pool)
+                await settler(pool, records)
             except Exception:
                 log.exception("pool %s: settling the change failed", pool)
 
@@ -441,8 +448,7 @@ class PoolCore:
                 # The lock makes this operation the only one on the pool, so
                 # whatever is pending in it is this operation's.
                 self.shown.ended(pool)
-                await self.describe(pool, change.known())
-                await self.settle(pool)
+                await self.settle(pool, await self.describe(pool, change.known()))
 
     @staticmethod
     def check_fits(record: PoolRecord, volumes: list[VolumeRecord],
@@ -463,12 +469,11 @@ class PoolCore:
                 f"the {PAYLOAD_ROOM} its devices keep for it (fewer or shorter labels, or "
                 "another pool)")
 
-    async def describe(self, pool: str,
-                       known: tuple[PoolRecord, list[VolumeRecord]] | None = None) -> None:
+    async def describe(self, pool: str, known: Records | None = None) -> Records | None:
         """Bring the description on the pool's devices to the generation of
         its records (nothing to do if it is there); *known*: those records,
         in hand. A failure is logged: the records stand, and the next change
-        or start-up writes it again."""
+        or start-up writes it again. Returns the records, where it holds them."""
         # The records in hand are the pool's if its generation has not moved
         # since they were read or written (every change of the pool or a
         # volume moves it, through record_change).
@@ -479,7 +484,7 @@ class PoolCore:
         else:
             record = await self.store.get_pool(pool)
         if record is None or pool in self.shown.refused:
-            return
+            return None
         if self.described_pending.pop(record.uuid, None) == record.generation:
             # The description there names an operation that has ended: the
             # one without it gets a generation of its own.
@@ -495,11 +500,11 @@ class PoolCore:
                 await self.descriptions.label(labelled)
             except OSError as exc:
                 log.error("pool %s: could not label its devices: %s", pool, exc)
-                return
+                return None
             await self.record_change(pool, layout=labelled.layout)
             record, volumes = await self.pool(pool), None
         if self.descriptions.written.get(record.uuid) == record.generation:
-            return
+            return (record, volumes) if volumes is not None else None
         try:
             if volumes is None:
                 volumes = await self.store.list_volumes(pool)
@@ -508,6 +513,7 @@ class PoolCore:
             log.error("pool %s: could not write its description (generation %d): %s; "
                       "written again at its next change or dmd's next start", pool,
                       record.generation, exc)
+        return (record, volumes) if volumes is not None else None
 
     @staticmethod
     def owner(pool: str) -> str:

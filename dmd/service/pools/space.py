@@ -36,6 +36,7 @@ from dmd.service.pools.core import (
     EXTEND_PERCENT,
     Accept,
     PoolCore,
+    Records,
     Recover,
     ignore,
     metadata_growth,
@@ -154,7 +155,7 @@ class SpaceWatch:
         else:
             self._running[pool] = asyncio.get_running_loop().create_task(self._run(pool))
 
-    async def _changed(self, pool: str) -> None:
+    async def _changed(self, pool: str, _: Records | None) -> None:
         self.request(pool)
 
     async def _run(self, pool: str) -> Space | None:
