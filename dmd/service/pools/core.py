@@ -87,7 +87,14 @@ from dmd.service.pools.names import (
     volume_device,
 )
 from dmd.service.pools.room import HEADER_SECTORS, thick_table
-from dmd.service.pools.tables import linear, pool_table, thin_table, volume_uuid
+from dmd.service.pools.tables import (
+    linear,
+    part_table,
+    pool_part_uuid,
+    pool_table,
+    thin_table,
+    volume_uuid,
+)
 from dmd.state import (
     IntentRecord,
     PoolLayout,
@@ -722,6 +729,14 @@ class PoolCore:
         for record in await self.store.list_devices():
             if record.name in internal:
                 await self.store.remove_device(record.name)
+
+    async def create_pool_devices(self, record: PoolRecord, *parts: PoolPart) -> None:
+        """Make *parts* of the pool's own devices, as its record lays them out:
+        persistent, claimed by the pool."""
+        for part in parts:
+            await self.devices.create(pool_device(record.name, part), part_table(record, part),
+                                      uuid=pool_part_uuid(record.uuid, part), persistent=True,
+                                      claim=self.owner(record.name))
 
     async def finish_layout(self, grown: PoolRecord, *, devices: bool = True) -> None:
         """The pool's table reloaded at *grown*'s size (the kernel takes

@@ -27,11 +27,8 @@ from dmd.service.pools.crypt import settle_at_start
 from dmd.service.pools.names import (
     PoolPart,
     legacy_name,
-    pool_device,
     pool_devices,
-    tpool,
 )
-from dmd.service.pools.tables import linear, pool_table
 from dmd.service.pools.volumes import finish_delete, undo_thin
 from dmd.state import IntentRecord, PoolRecord, VolumeRecord
 from dmd.state.pool_description import Description
@@ -167,7 +164,7 @@ async def _settle_pending(pools: PoolCore, name: str, pending: dict[str, Any],
 
 async def _activate(change: PoolChange, record: PoolRecord, description: Description,
                     accept: Accept) -> None:
-    pools, name, plan, claim = change.core, record.name, record.layout, change.owner
+    pools, name, plan = change.core, record.name, record.layout
 
     async def undo(_: object) -> None:
         await pools.remove_pool_devices(name)
@@ -177,16 +174,9 @@ async def _activate(change: PoolChange, record: PoolRecord, description: Descrip
         change.show(record, "importing")
         await change.accepted(record, accept)
         await journal.mark(PoolImportStep.DEVICES)
-        await pools.devices.create(pool_device(name, PoolPart.TMETA), linear(plan, plan.metadata),
-                                   uuid=f"DMD-POOL-{record.uuid}-tmeta", persistent=True,
-                                   claim=claim)
-        await pools.devices.create(pool_device(name, PoolPart.TDATA), linear(plan, plan.data),
-                                   uuid=f"DMD-POOL-{record.uuid}-tdata", persistent=True,
-                                   claim=claim)
+        await pools.create_pool_devices(record, PoolPart.TMETA, PoolPart.TDATA)
         await journal.mark(PoolImportStep.POOL)
-        await pools.devices.create(tpool(name), pool_table(record),
-                                   uuid=f"DMD-POOL-{record.uuid}-tpool", persistent=True,
-                                   claim=claim)
+        await pools.create_pool_devices(record, PoolPart.TPOOL)
         tid = (await pools.pool_state(name, record)).transaction_id
         pending = description.pending or {}
         # An operation the description names may have moved it one on.

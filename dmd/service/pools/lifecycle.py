@@ -127,18 +127,9 @@ async def make_pool(change: PoolChange, record: PoolRecord, accept: Accept) -> N
         await pools.wipe_metadata(plan)
         await pools.descriptions.label(record)
         await journal.mark(PoolCreateStep.DEVICES)
-        await pools.devices.create(pool_device(name, PoolPart.TMETA),
-                                  linear(plan, plan.metadata),
-                                  uuid=f"DMD-POOL-{record.uuid}-tmeta", persistent=True,
-                                  claim=change.owner)
-        await pools.devices.create(pool_device(name, PoolPart.TDATA),
-                                  linear(plan, plan.data),
-                                  uuid=f"DMD-POOL-{record.uuid}-tdata", persistent=True,
-                                  claim=change.owner)
+        await pools.create_pool_devices(record, PoolPart.TMETA, PoolPart.TDATA)
         await journal.mark(PoolCreateStep.POOL)
-        await pools.devices.create(tpool(name), pool_table(record),
-                                  uuid=f"DMD-POOL-{record.uuid}-tpool", persistent=True,
-                                  claim=change.owner)
+        await pools.create_pool_devices(record, PoolPart.TPOOL)
         await journal.mark(PoolCreateStep.RECORD)
         await pools.store.add_pool(record)
         pools.records_replaced(name)

@@ -32,6 +32,19 @@ def pool_table(record: PoolRecord, *, fail_writes: bool = False) -> list[TargetL
     return [TargetLine(0, data, "thin-pool", params.to_params())]
 
 
+def part_table(record: PoolRecord, part: PoolPart) -> list[TargetLine]:
+    """The table of one of the pool's own devices, as its record lays it out."""
+    if part is PoolPart.TPOOL:
+        return pool_table(record)
+    layout = record.layout
+    return linear(layout, layout.metadata if part is PoolPart.TMETA else layout.data)
+
+
+def pool_part_uuid(pool_uuid: str, part: PoolPart) -> str:
+    """The device-mapper UUID of one of the pool's own devices."""
+    return f"DMD-POOL-{pool_uuid}-{part}"
+
+
 def thin_table(pool: str, thin_id: int, size_bytes: int) -> list[TargetLine]:
     return [TargetLine(0, size_bytes // 512, "thin", f"/dev/mapper/{tpool(pool)} {thin_id}")]
 
