@@ -290,3 +290,36 @@ async def test_pool_state_shows_what_volumes_use(pools: PoolService) -> None:
     state_ = await pools.pool_state("tank")
     assert state_.data_used_bytes == 11 * (64 << 10) and state_.mode == "ok"
     assert state_.metadata_used_bytes > 0
+
+
+async def test_an_operation_reads_its_pool_once_and_hands_it_down(pools: PoolService) -> None:
+    """Create, snapshot and delete read the pool's record and its volumes
+    once each (the description at the end and the bus refresh are made from
+    the records in hand), and write them twice: create and snapshot their
+    thin id, then the record; delete its description's generation, then the
+    record."""
+    await pools.create_pool("tank", DISKS[:2])
+    await pools.create_volume("tank", "base", GIB)
+    shown: list[Any] = []
+
+    async def settler(pool: str, records: Any) -> None:
+        shown.append(records)
+
+    pools.add_settler(settler)
+    calls: dict[str, int] = {}
+    for name in ("get_pool", "list_volumes", "pool_change"):
+        def counted(method: Any, name: str = name) -> Any:
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                calls[name] = calls.get(name, 0) + 1
+                return await method(*args, **kwargs)
+            return call
+        setattr(pools.store, name, counted(getattr(pools.store, name)))
+    for operation in (lambda: pools.create_volume("tank", "v", GIB),
+                      lambda: pools.snapshot("tank", "base", "s"),
+                      lambda: pools.delete_volume("tank", "v")):
+        calls.clear()
+        shown.clear()
+        await operation()
+        assert calls == {"get_pool": 1, "list_volumes": 1, "pool_change": 2}, calls
+        assert shown and all(records is not None for records in shown), shown
+    await assert_agree(pools)
