@@ -24,6 +24,7 @@ from dmd.dbus.declare import (
     routed,
 )
 from dmd.dbus.names import DEVICE_INTERFACE
+from dmd.engine import mapper_path
 from dmd.service.auth import Caller
 from dmd.service.devices.inventory import DeviceView, Inventory
 from dmd.service.devices.operations import DeviceService
@@ -37,7 +38,7 @@ DEVICE_PROPERTY_SOURCES: dict[str, tuple[str, Callable[[DeviceView], Any]]] = {
     "UUID": ("s", lambda v: v.uuid),
     "Major": ("u", lambda v: v.device[0]),
     "Minor": ("u", lambda v: v.device[1]),
-    "DevicePath": ("s", lambda v: f"/dev/mapper/{v.name}"),
+    "DevicePath": ("s", lambda v: mapper_path(v.name)),
     "Size": ("t", lambda v: v.size_bytes),
     "Suspended": ("b", lambda v: v.suspended),
     "ReadOnly": ("b", lambda v: v.read_only),

@@ -138,8 +138,7 @@ class PoolExporter:
         paths: set[str] = set()
         if record is not None:
             state = (await self.pools.pool_state(pool, record) if lifecycle != "creating"
-                     else PoolState(None, 0, record.layout.data_sectors * 512, 0,
-                                    record.layout.metadata_sectors * 512, "inactive"))
+                     else PoolState.inactive(record))
             path = pool_path(record.uuid)
             self._put(path, PoolInterface, pool_properties(record, state, lifecycle,
                                                            self.pools.shown.refused.get(pool, "")))

@@ -29,6 +29,7 @@ from dmd.dbus.names import (
     pool_path,
     volume_path,
 )
+from dmd.engine import mapper_path
 from dmd.service import errors
 from dmd.service.auth import Caller
 from dmd.service.pools import cache
@@ -67,14 +68,14 @@ def volume_properties(volume: VolumeRecord, pool_uuid: str, state: str, used_byt
         "UsedBytes": used_bytes, "State": state, "Owner": volume.owner_uid,
         "Labels": dict(volume.labels),
         "Device": device_path(device_minor) if device_minor is not None else NO_OBJECT,
-        "DevicePath": f"/dev/mapper/{volume_device(volume.pool, volume.name)}"
+        "DevicePath": mapper_path(volume_device(volume.pool, volume.name))
         if device_minor is not None else "",
         "Encryption": encryption.kind if encryption is not None else "",
         "Locked": locked, "LockedReason": reason,
         "KeyDescription": (encryption.key_description or "") if encryption is not None else "",
         "CleartextDevice": device_path(cleartext_minor) if cleartext_minor is not None
         else NO_OBJECT,
-        "CleartextPath": f"/dev/mapper/{cleartext_device(volume.pool, volume.name)}"
+        "CleartextPath": mapper_path(cleartext_device(volume.pool, volume.name))
         if cleartext_minor is not None else "",
         "Thin": volume.thick is None,
         "Stripes": volume.thick.stripes if volume.thick is not None else 1,

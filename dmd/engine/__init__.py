@@ -12,7 +12,7 @@ Standard library only, usable without the rest of dmd::
 """
 
 from dmd.engine.blockdev import BlockDevice, NotABlockDevice
-from dmd.engine.dm import CONTROL_PATH, DM, dev_majors
+from dmd.engine.dm import CONTROL_PATH, DM, dev_majors, mapper_path
 from dmd.engine.keys import carries_key, redact_table
 from dmd.engine.types import (
     MAX_DEVICE_SECTORS,
@@ -54,6 +54,7 @@ __all__ = [
     "UnsafeOperation",
     "carries_key",
     "dev_majors",
+    "mapper_path",
     "redact_table",
     "validate_name",
     "validate_table",

@@ -67,6 +67,11 @@ log = logging.getLogger(__name__)
 
 CONTROL_PATH = "/dev/mapper/control"
 
+
+def mapper_path(name: str) -> str:
+    """The node udev makes for the device-mapper device *name*."""
+    return f"/dev/mapper/{name}"
+
 # Commands whose answer can outgrow a bare header start with this much room;
 # the rest send only what they must (the kernel copies data_size both ways).
 _OUTPUT_COMMANDS = frozenset({
@@ -279,7 +284,7 @@ class DM:
         (or that someone replaced) is never handed out in its place."""
         info = self.device_info(id)
         try:
-            fd = os.open(f"/dev/mapper/{info.name}", flags | os.O_CLOEXEC)
+            fd = os.open(mapper_path(info.name), flags | os.O_CLOEXEC)
         except FileNotFoundError:  # no table was ever made live: udev made no node
             raise DmError(errno.ENXIO, "open", info.name) from None
         st = os.fstat(fd)
@@ -305,7 +310,7 @@ class DM:
         """Map the LUKS2 volume on device *id* as *name* (cryptsetup open:
         see dmd.engine.luks); the new device's info."""
         info = self.device_info(id)
-        luks.open_mapping(f"/dev/mapper/{info.name}", name, key)
+        luks.open_mapping(mapper_path(info.name), name, key)
         return self.device_info(name)
 
     # -- per-device commands -----------------------------------------------

@@ -34,7 +34,7 @@ import os
 import uuid as uuidlib
 from dataclasses import replace
 
-from dmd.engine import DmError, DmFlags, TargetLine
+from dmd.engine import DmError, DmFlags, TargetLine, mapper_path
 from dmd.engine.interface import Engine
 from dmd.engine.targets import parse_status
 from dmd.engine.targets.cache import CacheParams, CacheStatus
@@ -106,12 +106,12 @@ def cache_table(volume: VolumeRecord, *, cleaner: bool = False) -> list[TargetLi
     pool, name = volume.pool, volume.name
     length = volume.size_bytes // 512
     if cache.kind == "writecache":
-        params = WritecacheParams(origin_device=f"/dev/mapper/{corig(pool, name)}",
-                                  cache_device=f"/dev/mapper/{cdata(pool, name)}",
+        params = WritecacheParams(origin_device=mapper_path(corig(pool, name)),
+                                  cache_device=mapper_path(cdata(pool, name)),
                                   block_size_bytes=cache.block_sectors * 512, cleaner=cleaner)
         return [TargetLine(0, length, "writecache", params.to_params())]
-    params_ = CacheParams(f"/dev/mapper/{cmeta(pool, name)}", f"/dev/mapper/{cdata(pool, name)}",
-                          f"/dev/mapper/{corig(pool, name)}", cache.block_sectors,
+    params_ = CacheParams(mapper_path(cmeta(pool, name)), mapper_path(cdata(pool, name)),
+                          mapper_path(corig(pool, name)), cache.block_sectors,
                           # writethrough while cleaning: new writes make no dirty block
                           "writethrough" if cleaner else cache.mode, metadata2=True,
                           policy="cleaner" if cleaner else "smq")
@@ -176,7 +176,7 @@ async def _source(pools: PoolCore, source: str, force: bool, caller: Caller
                                      "cache goes on a plain volume")
     if not volume.active:
         raise errors.NotActive(f"volume {source} is not active")
-    return f"/dev/mapper/{volume_device(pool, name)}", volume.size_bytes // 512, volume.uuid
+    return mapper_path(volume_device(pool, name)), volume.size_bytes // 512, volume.uuid
 
 
 async def attach(pools: PoolCore, pool: str, name: str, source: str, *,

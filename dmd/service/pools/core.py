@@ -132,6 +132,12 @@ class PoolState:
     # of the metadata device), fixed by the kernel.
     metadata_low_water_bytes: int = 0
 
+    @classmethod
+    def inactive(cls, record: PoolRecord) -> PoolState:
+        """A pool whose devices are not there (yet): its sizes from its record."""
+        return cls(None, 0, record.layout.data_sectors * 512, 0,
+                   record.layout.metadata_sectors * 512, "inactive")
+
 
 def metadata_low(used: int, total: int, low_water: int) -> bool:
     """Under METADATA_LOW_PERCENT free, or at the kernel's own mark (a
@@ -638,8 +644,7 @@ class PoolCore:
         try:
             _, lines = await self.kernel(Engine.table_status, tpool(pool))
         except DmError:
-            return PoolState(None, 0, record.layout.data_sectors * 512, 0,
-                             record.layout.metadata_sectors * 512, "inactive")
+            return PoolState.inactive(record)
         status = parse_status("thin-pool", lines[0].params)
         assert isinstance(status, ThinPoolStatus)
         block = record.block_sectors * 512

@@ -4,7 +4,7 @@ its room: dmd.service.pools.room)."""
 
 from __future__ import annotations
 
-from dmd.engine import TargetLine
+from dmd.engine import TargetLine, mapper_path
 from dmd.engine.targets.thin import ThinPoolParams
 from dmd.service.pools.names import PoolPart, pool_device, tpool
 from dmd.state import PoolLayout, PoolRecord, Segment
@@ -25,8 +25,8 @@ def pool_table(record: PoolRecord, *, fail_writes: bool = False) -> list[TargetL
     queueing pool past its no-space-timeout)."""
     data = record.layout.data_sectors
     low_water = data // record.block_sectors * record.low_water_percent // 100
-    params = ThinPoolParams(f"/dev/mapper/{pool_device(record.name, PoolPart.TMETA)}",
-                            f"/dev/mapper/{pool_device(record.name, PoolPart.TDATA)}",
+    params = ThinPoolParams(mapper_path(pool_device(record.name, PoolPart.TMETA)),
+                            mapper_path(pool_device(record.name, PoolPart.TDATA)),
                             record.block_sectors, low_water,
                             error_if_no_space=fail_writes or record.on_full == "error")
     return [TargetLine(0, data, "thin-pool", params.to_params())]
@@ -46,7 +46,7 @@ def pool_part_uuid(pool_uuid: str, part: PoolPart) -> str:
 
 
 def thin_table(pool: str, thin_id: int, size_bytes: int) -> list[TargetLine]:
-    return [TargetLine(0, size_bytes // 512, "thin", f"/dev/mapper/{tpool(pool)} {thin_id}")]
+    return [TargetLine(0, size_bytes // 512, "thin", f"{mapper_path(tpool(pool))} {thin_id}")]
 
 
 def volume_uuid(uuid: str) -> str:
