@@ -46,6 +46,7 @@ import json
 import logging
 import os
 import uuid as uuidlib
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
@@ -263,23 +264,39 @@ class Shown:
 class PoolChange:
     """One operation on one pool, under the pool's lock (``PoolCore.change``
     makes it). Its records are read once and handed down: ``record`` and
-    ``volumes`` read the store the first time, and again only after the
-    change itself wrote (``write``)."""
+    ``volumes`` read the store the first time, and again only when
+    something wrote the pool's records around them (an undo, a step of
+    another module: ``PoolCore.writes`` counts every write); its own writes
+    (``write``) keep them current.
+    """
 
     def __init__(self, core: PoolCore, pool: str) -> None:
         self.core = core
         self.pool = pool
         self.owner = core.owner(pool)
+        # Set by an operation past which its records must not be described
+        # again (a destroy that has wiped its disks).
+        self.describe_at_end = True
         self._record: PoolRecord | None = None
         self._volumes: list[VolumeRecord] | None = None
+        self._seen = core.writes[pool]  # the writes the records in hand include
+
+    def _fresh(self) -> None:
+        """Drop the records in hand if anything wrote the pool's records
+        since they were read."""
+        if self._seen != self.core.writes[self.pool]:
+            self._record = self._volumes = None
+            self._seen = self.core.writes[self.pool]
 
     async def record(self) -> PoolRecord:
         """The pool's record (NotFound if there is none)."""
+        self._fresh()
         if self._record is None:
             self._record = await self.core.pool(self.pool)
         return self._record
 
     async def volumes(self) -> list[VolumeRecord]:
+        self._fresh()
         if self._volumes is None:
             self._volumes = await self.core.store.list_volumes(self.pool)
         return self._volumes
@@ -287,8 +304,8 @@ class PoolChange:
     def known(self) -> Records | None:
         """The records in hand, if the change read both and nothing wrote
         around them since."""
-        if self._record is None or self._volumes is None or self.core.generations.get(
-                self.pool, self._record.generation) != self._record.generation:
+        self._fresh()
+        if self._record is None or self._volumes is None:
             return None
         return self._record, self._volumes
 
@@ -316,12 +333,11 @@ class PoolChange:
         ``pool_change``). The records in hand follow: the pool's as the store
         returns it, the volumes changed here as they were written (the pool's
         lock makes this change the only writer of the pool)."""
-        if self._record is not None and self.core.generations.get(
-                self.pool, self._record.generation) != self._record.generation:
-            self._volumes = None  # a step of it wrote around the records in hand
+        self._fresh()
         self._record = await self.core.record_change(
             self.pool, transaction_id=transaction_id, next_thin_id=next_thin_id, add=add,
             update=update, remove=remove, layout=layout)
+        self._seen = self.core.writes[self.pool]
         if self._volumes is not None:
             volumes = [update if update is not None and v.uuid == update.uuid else v
                        for v in self._volumes if v.uuid != remove]
@@ -411,9 +427,9 @@ class PoolCore:
         # Pool UUID -> the generation whose description names an operation
         # under way (describe_pending).
         self.described_pending: dict[str, int] = {}
-        # Pool name -> the generation its records were last written at by
-        # record_change (describe trusts records in hand at that generation).
-        self.generations: dict[str, int] = {}
+        # Pool name -> how many times its records were written (record_change,
+        # records_replaced): records in hand read at another count are stale.
+        self.writes: Counter[str] = Counter()
         # Pool UUID -> why its disks are not its own (None: they are), as
         # found at start-up (recreate_guard).
         self.disks_checked: dict[str, str | None] = {}
@@ -461,7 +477,9 @@ class PoolCore:
                 # The lock makes this operation the only one on the pool, so
                 # whatever is pending in it is this operation's.
                 self.shown.ended(pool)
-                await self.settle(pool, await self.describe(pool, change.known()))
+                records = (await self.describe(pool, change.known())
+                           if change.describe_at_end else None)
+                await self.settle(pool, records)
 
     @staticmethod
     def check_fits(record: PoolRecord, volumes: list[VolumeRecord],
@@ -487,12 +505,9 @@ class PoolCore:
         its records (nothing to do if it is there); *known*: those records,
         in hand. A failure is logged: the records stand, and the next change
         or start-up writes it again. Returns the records, where it holds them."""
-        # The records in hand are the pool's if its generation has not moved
-        # since they were read or written (every change of the pool or a
-        # volume moves it, through record_change).
         volumes: list[VolumeRecord] | None = None
         record: PoolRecord | None
-        if known is not None and self.generations.get(pool) == known[0].generation:
+        if known is not None:
             record, volumes = known
         else:
             record = await self.store.get_pool(pool)
@@ -774,20 +789,21 @@ class PoolCore:
     def records_replaced(self, pool: str) -> None:
         """The pool's records were written whole (made, imported, replaced)
         or removed: no records in hand are current."""
-        self.generations.pop(pool, None)
+        self.writes[pool] += 1
 
     async def record_change(self, pool: str, *, transaction_id: int | None = None,
                             next_thin_id: int | None = None, add: VolumeRecord | None = None,
                             update: VolumeRecord | None = None, remove: str | None = None,
                             layout: PoolLayout | None = None) -> PoolRecord:
         """The one writer of a pool's records (the store's ``pool_change``):
-        the pool's generation it leaves is known here, so a change's records
-        in hand are known to be current without reading them again."""
-        record = await self.store.pool_change(
-            pool, transaction_id=transaction_id, next_thin_id=next_thin_id, add=add,
-            update=update, remove=remove, layout=layout)
-        self.generations[pool] = record.generation
-        return record
+        every write is counted here, so a change's records in hand are known
+        to be current without reading them again."""
+        try:
+            return await self.store.pool_change(
+                pool, transaction_id=transaction_id, next_thin_id=next_thin_id, add=add,
+                update=update, remove=remove, layout=layout)
+        finally:
+            self.writes[pool] += 1  # even a failed write may have left them unknown
 
     async def send(self, pool: str, message: str) -> None:
         await self.devices.message(tpool(pool), 0, message, claim=self.owner(pool))

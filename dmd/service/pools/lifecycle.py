@@ -163,6 +163,9 @@ async def destroy_pool(pools: PoolCore, name: str, *, force: bool = False,
             change.show(record, "destroying")
             await change.accepted(record, accept)
             journal.no_way_back()
+            # Past here its disks are wiped: never described again, even if
+            # the records outlive an error (the roll-forward removes them).
+            change.describe_at_end = False
             await journal.mark(PoolDestroyStep.DEVICES)
             await destroy_devices(pools, record)
             await journal.mark(PoolDestroyStep.RECORD)

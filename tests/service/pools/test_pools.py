@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -323,3 +324,19 @@ async def test_an_operation_reads_its_pool_once_and_hands_it_down(pools: PoolSer
         assert calls == {"get_pool": 1, "list_volumes": 1, "pool_change": 2}, calls
         assert shown and all(records is not None for records in shown), shown
     await assert_agree(pools)
+
+
+async def test_records_written_around_a_change_are_read_again(tank: PoolService) -> None:
+    """A step that writes the pool's records around a change's records in
+    hand (an undo, another module's step) makes the change read them again:
+    its own write keeps nothing stale, and the description at its end says
+    what the store says."""
+    await tank.create_volume("tank", "a", GIB)
+    await tank.create_volume("tank", "b", GIB)
+    async with tank.change("tank") as change:
+        a, b = sorted(await change.volumes(), key=lambda v: v.name)
+        await tank.record_change("tank", update=replace(a, labels={"around": "yes"}))
+        await change.write(update=replace(b, labels={"mine": "yes"}))
+        assert {v.name: v.labels for v in await change.volumes()} == {
+            "a": {"around": "yes"}, "b": {"mine": "yes"}}
+    await assert_agree(tank)
