@@ -29,7 +29,7 @@ from tests.crash_stream import MIB, Model, check_whole, connect, worker
 
 __all__ = ["disks"]  # the fixture, used by name
 
-pytestmark = [pytest.mark.kernel, pytest.mark.kernel_volumes]
+pytestmark = [pytest.mark.kernel]
 
 SEED = 2026
 KILLS = 10

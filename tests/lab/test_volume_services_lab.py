@@ -46,7 +46,7 @@ from dmd.dbus.names import (
 
 __all__ = ["disks"]  # the fixture, used by name
 
-pytestmark = [pytest.mark.kernel, pytest.mark.kernel_volumes]
+pytestmark = [pytest.mark.kernel]
 
 MIB = 1 << 20
 PYTHON = os.path.realpath(sys.executable)
