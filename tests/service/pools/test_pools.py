@@ -10,7 +10,6 @@ active volume has its device, and the description on the pool's devices
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +30,7 @@ from tests.service.pools.kit import (
     OPERATIONS,
     assert_agree,
     close,
+    crash_at,
     open_pools,
     prepare,
     recovered,
@@ -250,24 +250,7 @@ def test_crash_at_any_step_then_recovery_agrees(tmp_path: Path, operation: str,
             close(pools)
 
     before = asyncio.run(before_crash())
-    pid = os.fork()
-    if pid == 0:
-        try:
-            def crash(op: str, number: int) -> None:
-                if op == operation and number == step:
-                    os._exit(42)
-
-            async def child() -> None:
-                pools = open_pools(tmp_path, crash)
-                pools.fault = crash
-                await pools.start()
-                await OPERATIONS[operation](pools)
-
-            asyncio.run(child())
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 42, "the child did not die at that step"
+    crash_at(tmp_path, operation, step, OPERATIONS[operation])
 
     async def restart() -> dict[str, Any]:
         pools = await recovered(tmp_path)
