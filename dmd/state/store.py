@@ -15,6 +15,7 @@ import json
 import os
 import sqlite3
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -653,6 +654,16 @@ class AsyncStateStore:
         self._queue_lock = threading.Lock()
         self._flush_scheduled = False
         self.commits = 0  # transactions committed by _flush (for tests and benches)
+        # Pool name -> how many writes of its records (pool or volumes) were
+        # made: records read at another count may be stale. Counted for a
+        # failed write too (what it left is not known).
+        self.pool_writes: Counter[str] = Counter()
+
+    async def _pool_write(self, pool: str, call: Callable[[], T]) -> T:
+        try:
+            return await self._write(call)
+        finally:
+            self.pool_writes[pool] += 1
 
     async def _run(self, call: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, call, *args)
@@ -743,7 +754,7 @@ class AsyncStateStore:
         return await self._run(self.sync.pending_intents)
 
     async def add_pool(self, record: PoolRecord) -> None:
-        await self._write(self.sync.add_pool, record)
+        await self._pool_write(record.name, lambda: self.sync.add_pool(record))
 
     async def list_pools(self) -> list[PoolRecord]:
         return await self._run(self.sync.list_pools)
@@ -752,13 +763,13 @@ class AsyncStateStore:
         return await self._run(self.sync.get_pool, name)
 
     async def remove_pool(self, name: str) -> None:
-        await self._write(self.sync.remove_pool, name)
+        await self._pool_write(name, lambda: self.sync.remove_pool(name))
 
     async def import_pool(self, record: PoolRecord, volumes: list[VolumeRecord]) -> None:
-        await self._write(self.sync.import_pool, record, volumes)
+        await self._pool_write(record.name, lambda: self.sync.import_pool(record, volumes))
 
     async def replace_pool(self, record: PoolRecord, volumes: list[VolumeRecord]) -> None:
-        await self._write(self.sync.replace_pool, record, volumes)
+        await self._pool_write(record.name, lambda: self.sync.replace_pool(record, volumes))
 
     async def list_volumes(self, pool: str | None = None) -> list[VolumeRecord]:
         return await self._run(self.sync.list_volumes, pool)
@@ -767,7 +778,7 @@ class AsyncStateStore:
                           next_thin_id: int | None = None, add: VolumeRecord | None = None,
                           update: VolumeRecord | None = None, remove: str | None = None,
                           layout: PoolLayout | None = None) -> PoolRecord:
-        return await self._write(lambda: self.sync.pool_change(
+        return await self._pool_write(pool, lambda: self.sync.pool_change(
             pool, transaction_id=transaction_id, next_thin_id=next_thin_id, add=add,
             update=update, remove=remove, layout=layout))
 

@@ -46,7 +46,6 @@ import json
 import logging
 import os
 import uuid as uuidlib
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
@@ -266,7 +265,8 @@ class PoolChange:
     makes it). Its records are read once and handed down: ``record`` and
     ``volumes`` read the store the first time, and again only when
     something wrote the pool's records around them (an undo, a step of
-    another module: ``PoolCore.writes`` counts every write); its own writes
+    another module: the store counts every write of a pool's records,
+    ``AsyncStateStore.pool_writes``); its own writes
     (``write``) keep them current.
     """
 
@@ -427,9 +427,9 @@ class PoolCore:
         # Pool UUID -> the generation whose description names an operation
         # under way (describe_pending).
         self.described_pending: dict[str, int] = {}
-        # Pool name -> how many times its records were written (record_change,
-        # records_replaced): records in hand read at another count are stale.
-        self.writes: Counter[str] = Counter()
+        # Pool name -> how many writes of its records the store made: records
+        # in hand read at another count are stale.
+        self.writes = self.store.pool_writes
         # Pool UUID -> why its disks are not its own (None: they are), as
         # found at start-up (recreate_guard).
         self.disks_checked: dict[str, str | None] = {}
@@ -786,24 +786,16 @@ class PoolCore:
                                   linear(record.layout, record.layout.data),
                                   claim=self.owner(record.name))
 
-    def records_replaced(self, pool: str) -> None:
-        """The pool's records were written whole (made, imported, replaced)
-        or removed: no records in hand are current."""
-        self.writes[pool] += 1
-
     async def record_change(self, pool: str, *, transaction_id: int | None = None,
                             next_thin_id: int | None = None, add: VolumeRecord | None = None,
                             update: VolumeRecord | None = None, remove: str | None = None,
                             layout: PoolLayout | None = None) -> PoolRecord:
         """The one writer of a pool's records (the store's ``pool_change``):
-        every write is counted here, so a change's records in hand are known
-        to be current without reading them again."""
-        try:
-            return await self.store.pool_change(
-                pool, transaction_id=transaction_id, next_thin_id=next_thin_id, add=add,
-                update=update, remove=remove, layout=layout)
-        finally:
-            self.writes[pool] += 1  # even a failed write may have left them unknown
+        the store counts it, so a change's records in hand are known to be
+        current without reading them again."""
+        return await self.store.pool_change(
+            pool, transaction_id=transaction_id, next_thin_id=next_thin_id, add=add,
+            update=update, remove=remove, layout=layout)
 
     async def send(self, pool: str, message: str) -> None:
         await self.devices.message(tpool(pool), 0, message, claim=self.owner(pool))

@@ -189,7 +189,6 @@ async def _activate(change: PoolChange, record: PoolRecord, description: Descrip
                 "changed without dmd since; not imported")
         await journal.mark(PoolImportStep.RECORD)
         await pools.store.import_pool(record, list(description.volumes))
-        pools.records_replaced(name)
 
 
 async def recover_import(pools: PoolCore, intent: IntentRecord, args: PoolArgs,

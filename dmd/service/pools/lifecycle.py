@@ -132,7 +132,6 @@ async def make_pool(change: PoolChange, record: PoolRecord, accept: Accept) -> N
         await pools.create_pool_devices(record, PoolPart.TPOOL)
         await journal.mark(PoolCreateStep.RECORD)
         await pools.store.add_pool(record)
-        pools.records_replaced(name)
 
 
 async def destroy_pool(pools: PoolCore, name: str, *, force: bool = False,
@@ -200,7 +199,6 @@ async def destroy_records(pools: PoolCore, record: PoolRecord) -> None:
         await pools.record_change(record.name, remove=volume.uuid)
     if await pools.store.get_pool(record.name) is not None:
         await pools.store.remove_pool(record.name)
-        pools.records_replaced(record.name)
 
 
 async def add_device(pools: PoolCore, pool: str, path: str, *, force: bool = False,

@@ -122,7 +122,6 @@ async def check_description(pools: PoolCore, record: PoolRecord) -> None:
                                                      devices=record.layout.devices),
                          generation=newest.generation)
         await pools.store.replace_pool(record, list(newest.volumes))
-        pools.records_replaced(name)
         record = await pools.pool(name)
     await pools.descriptions.repair(record, await pools.store.list_volumes(name), found)
 
