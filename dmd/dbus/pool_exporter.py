@@ -39,6 +39,11 @@ from dmd.state import PoolRecord, VolumeRecord
 log = logging.getLogger(__name__)
 
 USAGE_INTERVAL = 30.0
+# A job's Progress is published at most this often: a quick job's ten steps
+# were ten PropertiesChanged signals (each marshalled here and routed by the
+# bus daemon) for a job over in a fraction of a second; a long job's
+# progress still moves several times a second.
+PROGRESS_INTERVAL = 0.25
 
 
 def _used_bytes(engine: Engine, devices: list[str]) -> dict[str, int]:
@@ -76,6 +81,10 @@ class PoolExporter:
         self._touched: dict[str, set[str]] = {}
         # volume path -> what its properties were last made from
         self._shown: dict[str, tuple[Any, ...]] = {}
+        # job path -> when its properties were last published, and the
+        # publication of its progress due later (at most one)
+        self._job_published: dict[str, float] = {}
+        self._progress_due: dict[str, asyncio.TimerHandle] = {}
         pools.add_settler(self._settled)
         pools.jobs.subscribe(self._on_job)
         inventory.subscribe(self._on_device)
@@ -264,9 +273,22 @@ class PoolExporter:
 
     def _on_job(self, job: Job, event: JobEvent) -> None:
         path = job_path(job.id)
+        due = self._progress_due.pop(path, None)
+        if due is not None:
+            due.cancel()
         if event is JobEvent.FORGOTTEN:
+            self._job_published.pop(path, None)
             self._drop(path)
             return
+        loop = asyncio.get_running_loop()
+        if event is JobEvent.PROGRESS:
+            wait = self._job_published.get(path, 0.0) + PROGRESS_INTERVAL - loop.time()
+            if wait > 0:
+                # Published with the job's next event, or once the interval is over.
+                self._progress_due[path] = loop.call_later(
+                    wait, self._on_job, job, JobEvent.PROGRESS)
+                return
+        self._job_published[path] = loop.time()
         self._put(path, JobInterface, self._job_values(job))
         if event is JobEvent.FINISHED:
             obj = self.objects[path]

@@ -138,6 +138,26 @@ async def test_job_ends_with_a_completed_signal_and_stays_readable(
     assert added and added[0].path == ROOT_PATH
 
 
+async def test_a_quick_job_is_not_a_storm_of_progress_signals(
+        client: Client, disks: list[str]) -> None:
+    """A create's ten journal steps, over in a moment, are not ten
+    PropertiesChanged signals: Progress is published at most every
+    PROGRESS_INTERVAL (dmd.dbus.pool_exporter), and the end brings it to 1."""
+    await client.watch()
+    pool, job = await create_pool(client, "tank", disks[:1])
+    await finished(client, job)
+    client.signals.clear()
+    _, job = await client.call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}",
+                               ["v", GIB, {}])
+    end = await finished(client, job)
+    assert end["State"] == "completed" and end["Progress"] == 1.0
+    await asyncio.sleep(0.5)  # a progress still due would be published by now
+    changes = [plain(m.body[1]["Progress"].value) for m in client.signals
+               if m.path == job and m.member == "PropertiesChanged"
+               and "Progress" in m.body[1]]
+    assert changes and changes[-1] == 1.0 and len(changes) <= 2, changes
+
+
 async def test_bad_input_is_an_error_reply_and_changes_nothing(
         client: Client, disks: list[str]) -> None:
     pool, job = await create_pool(client, "tank", disks[:1])
