@@ -31,7 +31,7 @@ from dmd.engine.types import (
     validate_table,
     validate_uuid,
 )
-from dmd.engine.udevsync import UdevSync, UdevTimeout
+from dmd.engine.udevsync import UdevSync, UdevTimeout, UdevWait
 
 __all__ = [
     "CONTROL_PATH",
@@ -51,6 +51,7 @@ __all__ = [
     "UdevFlags",
     "UdevSync",
     "UdevTimeout",
+    "UdevWait",
     "UnsafeOperation",
     "carries_key",
     "dev_majors",

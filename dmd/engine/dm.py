@@ -26,7 +26,6 @@ always made with it, and no exception or log line carries table parameters.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -59,7 +58,7 @@ from dmd.engine.types import (
     validate_name,
     validate_table,
 )
-from dmd.engine.udevsync import NodeWatcher, UdevSync, cookie
+from dmd.engine.udevsync import NodeWatcher, UdevSync, UdevWait, cookie
 
 BLKZEROOUT = 0x127F  # _IO(0x12, 127), linux/fs.h: zero a byte range of a block device
 
@@ -337,8 +336,11 @@ class DM:
         log.info("created %s (%d:%d)", name, *info.device)
         return info
 
-    def device_remove(self, id: DevId | str, flags: DmFlags = DmFlags(0)) -> DeviceInfo:
+    def device_remove(self, id: DevId | str, flags: DmFlags = DmFlags(0),
+                      later: list[UdevWait] | None = None) -> DeviceInfo:
         """Remove a device; returns what it was, with the kernel's answer flags.
+        *later*: udev's work (the node going) is added to it as a UdevWait
+        instead of waited for here.
 
         The kernel's reply to DM_DEV_REMOVE carries no device number, so the
         device is looked up first: the udev wait and the kernel-bug guard both
@@ -347,7 +349,8 @@ class DM:
         dev = _as_devid(id)
         flags = validate_flags(flags, DmFlags.DM_DEFERRED_REMOVE)
         before = self.device_info(dev)
-        with self.nodes.listening() as events:
+        events = self.nodes.open_events()
+        try:
             header, _ = self._ioctl(Command.DM_DEV_REMOVE, dev, flags=flags, event_nr=cookie())
             answer = ioctl.flags_of(header)
             info = dataclasses.replace(
@@ -358,7 +361,17 @@ class DM:
             if not answer & DmFlags.DM_DEFERRED_REMOVE:
                 self._cleared.discard(info.device)
             if answer & DmFlags.DM_UEVENT_GENERATED:
-                self.nodes.disappeared(info.name, info.device, events)
+                name, device = info.name, info.device
+                wait = UdevWait(lambda ev: self.nodes.disappeared(name, device, ev), events,
+                                f"removing /dev/mapper/{name}")
+                events = None  # the wait's now
+                if later is None:
+                    wait.wait()
+                else:
+                    later.append(wait)
+        finally:
+            if events is not None:
+                events.close()
         log.info("%s %s", "deferred removal of" if answer & DmFlags.DM_DEFERRED_REMOVE
                  else "removed", info.name)
         return info
@@ -392,8 +405,11 @@ class DM:
         log.info("renamed %s to %s %s", dev, "uuid" if new_id.is_uuid else "name", new_id.value)
         return info
 
-    def device_suspend(self, id: DevId | str, flags: DmFlags = DmFlags(0)) -> DeviceInfo:
-        """Suspend with ``DM_SUSPEND``; resume (swapping in a loaded table) without it."""
+    def device_suspend(self, id: DevId | str, flags: DmFlags = DmFlags(0),
+                       later: list[UdevWait] | None = None) -> DeviceInfo:
+        """Suspend with ``DM_SUSPEND``; resume (swapping in a loaded table)
+        without it. *later*: udev's work after a resume (the node made or
+        changed) is added to it as a UdevWait instead of waited for here."""
         dev = _as_devid(id)
         flags = validate_flags(
             flags,
@@ -401,13 +417,23 @@ class DM:
             | DmFlags.DM_READONLY,
         )
         resuming = not flags & DmFlags.DM_SUSPEND
-        watch = self.nodes.listening() if resuming else contextlib.nullcontext(None)
-        with watch as events:
+        events = self.nodes.open_events() if resuming else None
+        try:
             header, _ = self._ioctl(Command.DM_DEV_SUSPEND, dev, flags=flags,
                                     event_nr=cookie() if resuming else 0)
             info = self._info(header)
             if resuming and info.active_present and info.flags & DmFlags.DM_UEVENT_GENERATED:
-                self.nodes.appeared(info.name, info.device, events)
+                name, device = info.name, info.device
+                wait = UdevWait(lambda ev: self.nodes.appeared(name, device, ev), events,
+                                f"adding /dev/mapper/{name}")
+                events = None  # the wait's now
+                if later is None:
+                    wait.wait()
+                else:
+                    later.append(wait)
+        finally:
+            if events is not None:
+                events.close()
         log.info("%s %s", "resumed" if resuming else "suspended", info.name)
         return info
 

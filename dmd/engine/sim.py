@@ -63,6 +63,7 @@ from dmd.engine.types import (
     validate_table,
     validate_uuid,
 )
+from dmd.engine.udevsync import UdevWait
 
 SIM_MAJOR = 253
 SIM_CLEAN_RATE = 2000  # dirty cache blocks written back a second
@@ -1035,8 +1036,11 @@ class SimDM:
             self._event_raised = True
             return self._info(k, dev)
 
-    def device_remove(self, id: DevId | str, flags: DmFlags = DmFlags(0)) -> DeviceInfo:
+    def device_remove(self, id: DevId | str, flags: DmFlags = DmFlags(0),
+                      later: list[UdevWait] | None = None) -> DeviceInfo:
         flags = validate_flags(flags, DmFlags.DM_DEFERRED_REMOVE)
+        if later is not None:  # no udev here: its wait is over at once
+            later.append(UdevWait(lambda _: None, None, f"removing {id}"))
         with self._locked(write=True) as k:
             dev = self._find(k, id, "DM_DEV_REMOVE")
             if self._open_count(k, dev):
@@ -1071,7 +1075,10 @@ class SimDM:
             self._event_raised = True
             return self._info(k, dev, DmFlags.DM_UEVENT_GENERATED)
 
-    def device_suspend(self, id: DevId | str, flags: DmFlags = DmFlags(0)) -> DeviceInfo:
+    def device_suspend(self, id: DevId | str, flags: DmFlags = DmFlags(0),
+                       later: list[UdevWait] | None = None) -> DeviceInfo:
+        if later is not None and not flags & DmFlags.DM_SUSPEND:
+            later.append(UdevWait(lambda _: None, None, f"adding {id}"))
         flags = validate_flags(
             flags,
             DmFlags.DM_SUSPEND | DmFlags.DM_SKIP_LOCKFS | DmFlags.DM_NOFLUSH

@@ -125,6 +125,31 @@ class UdevEvents:
                 return True
 
 
+class UdevWait:
+    """udev's work after one ioctl, not waited for by the call that made it:
+    its caller goes on meanwhile, and waits (``wait``: blocking, on a worker
+    thread) once it needs the node, or gives up (``close``). The monitor
+    socket was opened before the ioctl, so no event is missed however late
+    the wait begins. ``device_suspend`` and ``device_remove`` make one when
+    given a list to add it to."""
+
+    def __init__(self, wait: Callable[[UdevEvents | None], None],
+                 events: UdevEvents | None, what: str) -> None:
+        self._wait, self._events, self.what = wait, events, what
+
+    def wait(self) -> None:
+        """Until udev has done its work (UdevTimeout if it does not)."""
+        try:
+            self._wait(self._events)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+
+
 def _is_device(props: Properties, device: tuple[int, int]) -> bool:
     return props.get("MAJOR") == str(device[0]) and props.get("MINOR") == str(device[1])
 
@@ -139,15 +164,20 @@ class NodeWatcher:
         self.udev_data = udev_data
         self.timeout = timeout
 
+    def open_events(self) -> UdevEvents | None:
+        """udev's monitor socket, opened before an ioctl (WAIT mode; None
+        when there is none: the wait polls instead). The caller closes it."""
+        if self.mode is UdevSync.WAIT:
+            try:
+                return UdevEvents()
+            except OSError as exc:
+                log.debug("no udev monitor socket (%s): will poll instead", exc)
+        return None
+
     @contextlib.contextmanager
     def listening(self) -> Iterator[UdevEvents | None]:
         """Open udev's monitor socket for the span of one operation (WAIT mode)."""
-        events = None
-        if self.mode is UdevSync.WAIT:
-            try:
-                events = UdevEvents()
-            except OSError as exc:
-                log.debug("no udev monitor socket (%s): will poll instead", exc)
+        events = self.open_events()
         try:
             yield events
         finally:

@@ -28,6 +28,7 @@ from dmd.engine import (
     TargetLine,
     TargetVersion,
     UdevTimeout,
+    UdevWait,
     validate_name,
     validate_table,
     validate_uuid,
@@ -164,8 +165,10 @@ class DeviceService:
     async def create(self, name: str, table: Sequence[Sequence[object]], *,
                      uuid: str | None = None, read_only: bool = False,
                      persistent: bool = False, labels: Mapping[str, str] | None = None,
-                     caller: Caller = ROOT,
-                     claim: str | None = None) -> DeviceInfo:
+                     caller: Caller = ROOT, claim: str | None = None,
+                     later: list[UdevWait] | None = None) -> DeviceInfo:
+        """*later*: udev's work on the new node is added to it (a UdevWait,
+        for the caller to wait for) instead of waited for here."""
         await self.authorize(caller, Action.CREATE, name)
         self.check_claim(name, claim)
         validated(lambda: validate_name(name))
@@ -174,11 +177,11 @@ class DeviceService:
         lines = validated(lambda: validate_table(table))
         clean_labels = check_labels(labels or {})
         return await self._guard("create", name, lambda: self._create(
-            name, lines, uuid or None, read_only, persistent, clean_labels, caller))
+            name, lines, uuid or None, read_only, persistent, clean_labels, caller, later))
 
     async def _create(self, name: str, lines: list[TargetLine], uuid: str | None,
                       read_only: bool, persistent: bool, clean_labels: dict[str, str],
-                      caller: Caller) -> DeviceInfo:
+                      caller: Caller, later: list[UdevWait] | None) -> DeviceInfo:
         async with self.locks.hold(name):
             if await self.store.get_device(name) is not None:
                 raise errors.AlreadyExists(f"dmd already manages a device named {name!r}")
@@ -194,7 +197,7 @@ class DeviceService:
                 flags = DmFlags.DM_READONLY if read_only else DmFlags(0)
                 await self.kernel(Engine.table_load, name, lines, flags)
                 await journal.mark(CreateStep.RESUME)
-                info = await self.kernel(Engine.device_suspend, name, DmFlags(0))
+                info = await self.kernel(Engine.device_suspend, name, DmFlags(0), later)
                 await journal.mark(CreateStep.RECORD)
                 await self.store.add_device(DeviceRecord(
                     name, uuid, lines, read_only, caller.uid, persistent, clean_labels))
@@ -327,8 +330,8 @@ class DeviceService:
             flags |= DmFlags.DM_SKIP_LOCKFS
         return await self._simple("suspend", name, flags)
 
-    async def resume(self, name: str, *, caller: Caller = ROOT,
-                     claim: str | None = None) -> DeviceInfo:
+    async def resume(self, name: str, *, caller: Caller = ROOT, claim: str | None = None,
+                     later: list[UdevWait] | None = None) -> DeviceInfo:
         """Resume. If a loaded table fails to go live, the kernel throws it away
         and leaves the device suspended; dmd resumes the device on its old
         table and loads the refused table back, so the call changes nothing
@@ -344,7 +347,7 @@ class DeviceService:
                     _, live_before = await self.kernel(Engine.table_status, name,
                                                        DmFlags.DM_STATUS_TABLE)
                 try:
-                    info = await self.kernel(Engine.device_suspend, name, DmFlags(0))
+                    info = await self.kernel(Engine.device_suspend, name, DmFlags(0), later)
                 except DmError:
                     with contextlib.suppress(DmError):
                         await self.kernel(Engine.device_suspend, name, DmFlags(0))
@@ -453,12 +456,13 @@ class DeviceService:
         return sorted(names)
 
     async def remove(self, name: str, *, force: bool = False, deferred: bool = False,
-                     caller: Caller = ROOT,
-                     claim: str | None = None) -> DeviceInfo:
+                     caller: Caller = ROOT, claim: str | None = None,
+                     later: list[UdevWait] | None = None) -> DeviceInfo:
         """Remove a device. An open device, or one other devices use, is refused
         with the names of its users unless *deferred* (the kernel removes it
         when the last user closes it) or *force* (its table is first replaced
-        by ``error`` so users fail fast instead of hanging, then deferred)."""
+        by ``error`` so users fail fast instead of hanging, then deferred).
+        *later*: as for create, udev's work on the node going."""
         await self.authorize(caller, Action.REMOVE, name)
         self.check_claim(name, claim)
         async def body() -> DeviceInfo:
@@ -481,7 +485,7 @@ class DeviceService:
                         await self.kernel(Engine.device_suspend, name, DmFlags(0))
                     await journal.mark(RemoveStep.REMOVE)
                     flags = DmFlags.DM_DEFERRED_REMOVE if (force or deferred) else DmFlags(0)
-                    gone = await self.kernel(Engine.device_remove, name, flags)
+                    gone = await self.kernel(Engine.device_remove, name, flags, later)
                     journal.no_way_back()
                     try:
                         await journal.mark(RemoveStep.RECORD)

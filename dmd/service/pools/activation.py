@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+from dmd.engine import UdevWait
 from dmd.engine.interface import Engine
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
@@ -90,13 +91,17 @@ async def activate_recorded(pools: PoolCore, pool: str) -> None:
             log.info("volume %s/%s: activated", pool, volume.name)
 
 
-async def activate(pools: PoolCore, volume: VolumeRecord) -> None:
+async def activate(pools: PoolCore, volume: VolumeRecord,
+                   later: list[UdevWait] | None = None) -> None:
+    """*later*: udev's work on the new node is added to it, not waited for
+    (a cached volume's is waited for: its devices are stacked)."""
     if volume.cache is not None:
         await cache.activate_cached(pools, volume)
         return
     await pools.devices.create(
         volume_device(volume.pool, volume.name), await pools.volume_table(volume),
-        uuid=volume_uuid(volume.uuid), persistent=True, claim=pools.owner(volume.pool))
+        uuid=volume_uuid(volume.uuid), persistent=True, claim=pools.owner(volume.pool),
+        later=later)
 
 
 async def match_device(pools: PoolCore, volume: VolumeRecord) -> str:

@@ -51,7 +51,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
-from dmd.engine import DevId, DmError, NotABlockDevice, TargetLine
+from dmd.engine import DevId, DmError, NotABlockDevice, TargetLine, UdevTimeout, UdevWait
 from dmd.engine.blockdev import BlockDevice
 from dmd.engine.interface import Engine
 from dmd.engine.targets import parse_status
@@ -137,6 +137,10 @@ class PoolState:
         """A pool whose devices are not there (yet): its sizes from its record."""
         return cls(None, 0, record.layout.data_sectors * 512, 0,
                    record.layout.metadata_sectors * 512, "inactive")
+
+
+def _udev_done(_: Engine, wait: UdevWait) -> None:
+    wait.wait()
 
 
 def metadata_low(used: int, total: int, low_water: int) -> bool:
@@ -280,6 +284,9 @@ class PoolChange:
         self._record: PoolRecord | None = None
         self._volumes: list[VolumeRecord] | None = None
         self._seen = core.writes[pool]  # the writes the records in hand include
+        # udev's work on the nodes the change made or removed, waited for at
+        # its end (see udev_done): meanwhile the change goes on.
+        self.udev: list[UdevWait] = []
 
     def _fresh(self) -> None:
         """Drop the records in hand if anything wrote the pool's records
@@ -350,6 +357,26 @@ class PoolChange:
             raise errors.Busy(f"pool {self.pool!r} has used every thin id")
         await self.write(next_thin_id=thin_id + 1)
         return thin_id
+
+    async def udev_done(self) -> None:
+        """Wait until udev has done its work on the nodes the change made
+        or removed (``udev``): before a step that opens one, and at the end
+        of the change, before its caller hears of it. A wait udev does not
+        end in time is logged (the device is what the change made it; its
+        node follows when udev catches up), not the change's failure."""
+        waits, self.udev = self.udev, []
+        for wait in waits:
+            try:
+                await self.core.kernel(_udev_done, wait)
+            except UdevTimeout as exc:
+                log.warning("pool %s: %s; the kernel's part is done, udev's follows when "
+                            "it catches up", self.pool, exc)
+
+    def give_up_udev(self) -> None:
+        """A change that failed: its undo waited for udev where it needed to."""
+        waits, self.udev = self.udev, []
+        for wait in waits:
+            wait.close()
 
     def show(self, subject: VolumeRecord | PoolRecord, state: str) -> None:
         """What the bus shows of *subject* until the change ends ("creating",
@@ -473,12 +500,17 @@ class PoolCore:
             change = PoolChange(self, pool)
             try:
                 yield change
+            except BaseException:
+                change.give_up_udev()
+                raise
             finally:
                 # The lock makes this operation the only one on the pool, so
                 # whatever is pending in it is this operation's.
                 self.shown.ended(pool)
                 records = (await self.describe(pool, change.known())
                            if change.describe_at_end else None)
+                # udev worked on the change's nodes meanwhile.
+                await change.udev_done()
                 await self.settle(pool, records)
 
     @staticmethod

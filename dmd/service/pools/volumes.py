@@ -154,13 +154,18 @@ async def add_thin(change: PoolChange, pool: PoolRecord, volume: VolumeRecord, t
         if snapshot:
             await journal.mark(SnapshotStep.RESUME)
         if origin_device is not None:
-            await pools.devices.resume(origin_device, claim=claim)
+            await pools.devices.resume(origin_device, claim=claim, later=change.udev)
             suspended = False
         await journal.mark(steps.RECORD)
         await change.write(transaction_id=tid + 1, add=volume)
         if volume.active:
             await journal.mark(steps.ACTIVATE)
-            await activation.activate(pools, volume)
+            # udev makes the node while the change goes on (it is waited for
+            # at the change's end, or before the content needs it): under
+            # emulation udev's rules take longer than the rest of a create.
+            await activation.activate(pools, volume, later=change.udev)
+        if encryption is not None or filesystem is not None:
+            await change.udev_done()
         await content.prepare(pools, journal, volume, encryption, filesystem)
 
 
@@ -255,7 +260,8 @@ async def delete_volume(pools: PoolCore, pool: str, name: str, *, uuid: str | No
             await journal.mark(VolumeDeleteStep.DEACTIVATE)
             await crypt.close_cleartext(pools, pool, name)
             with contextlib.suppress(errors.NotFound):
-                await pools.devices.remove(volume_device(pool, name), claim=claim)
+                await pools.devices.remove(volume_device(pool, name), claim=claim,
+                                           later=change.udev)
             journal.no_way_back()
             await change.describe_pending("volume-delete", transaction_from=tid,
                                         volume=volume)

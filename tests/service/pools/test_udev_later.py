@@ -1,0 +1,115 @@
+"""udev's work on a change's nodes runs while the change goes on: a create,
+snapshot or delete waits for it once, at its end, before its caller hears
+of it (under emulation udev's rules took longer than the rest of a
+create); a change that fails gives the waits up instead."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+from dmd.engine import DmFlags, UdevWait
+from dmd.engine.sim import SimDM
+from dmd.service.pools.service import PoolService
+from dmd.service.pools.volumes import VolumeDeleteStep
+from tests.service.pools.kit import GIB, assert_agree
+
+
+class SlowUdev:
+    """The sim's resumes and removes hand their udev wait on (as the kernel's
+    engine does); each wait blocks until ``done`` is set."""
+
+    def __init__(self, sim: SimDM) -> None:
+        self.done = threading.Event()
+        self.waiting: list[str] = []  # what a wait began on, in order
+        self.closed: list[str] = []  # closed (after a wait, or given up)
+        for name in ("device_suspend", "device_remove"):
+            setattr(sim, name, self._slow(getattr(sim, name)))
+
+    def _slow(self, call: Any) -> Any:
+        def slowed(id: Any, flags: DmFlags = DmFlags(0),
+                   later: list[UdevWait] | None = None) -> Any:
+            info = call(id, flags)
+            if later is not None and not flags & DmFlags.DM_SUSPEND:
+                what = f"{call.__name__} {id}"
+
+                def wait(_: Any) -> None:
+                    self.waiting.append(what)
+                    assert self.done.wait(30), "never released"
+
+                wait_ = UdevWait(wait, None, what)
+                close = wait_.close
+
+                def closed() -> None:
+                    self.closed.append(what)
+                    close()
+
+                wait_.close = closed  # type: ignore[method-assign]
+                later.append(wait_)
+            return info
+        return slowed
+
+
+async def test_a_create_goes_on_while_udev_works_and_ends_after_it(
+        tank: PoolService) -> None:
+    udev = SlowUdev(tank.kernel.engine)  # type: ignore[arg-type]
+    shown: list[Any] = []
+
+    async def settler(pool: str, records: Any) -> None:
+        shown.append(list(udev.waiting))
+
+    tank.add_settler(settler)
+    task = asyncio.create_task(tank.create_volume("tank", "v", GIB))
+    for _ in range(200):
+        if udev.waiting:
+            break
+        await asyncio.sleep(0.01)
+    # udev's wait is the last step: the volume is recorded and described.
+    assert udev.waiting == ["device_suspend tank-v"]
+    assert [v.name for v in await tank.store.list_volumes("tank")] == ["v"]
+    assert not task.done()
+    udev.done.set()
+    await task
+    # The bus was shown the change only once udev was done.
+    assert shown[-1] == ["device_suspend tank-v"]
+    await assert_agree(tank)
+
+
+async def test_a_snapshot_and_a_delete_wait_at_their_end(tank: PoolService) -> None:
+    await tank.create_volume("tank", "v", GIB)
+    udev = SlowUdev(tank.kernel.engine)  # type: ignore[arg-type]
+    udev.done.set()
+    await tank.snapshot("tank", "v", "s")
+    # The origin's resume and the snapshot's new device.
+    assert udev.waiting == ["device_suspend tank-v", "device_suspend tank-s"]
+    udev.waiting.clear()
+    await tank.delete_volume("tank", "s")
+    assert udev.waiting == ["device_remove tank-s"]
+    await assert_agree(tank)
+
+
+async def test_a_change_that_fails_gives_its_udev_waits_up(tmp_path: Any) -> None:
+    from tests.service.pools.kit import DISKS, close, open_pools
+
+    class Failed(Exception):
+        pass
+
+    def fault(operation: str, step: int) -> None:
+        if operation == "volume-delete" and step == VolumeDeleteStep.MESSAGE:
+            raise Failed("the disk went away")
+
+    pools = open_pools(tmp_path)
+    try:
+        await pools.create_pool("tank", DISKS[:2])
+        await pools.create_volume("tank", "v", GIB)
+        udev = SlowUdev(pools.kernel.engine)  # type: ignore[arg-type]
+        pools.fault = fault
+        with pytest.raises(Failed):
+            await asyncio.wait_for(pools.delete_volume("tank", "v"), 10)
+        # Not waited for (it would block until released): closed.
+        assert udev.waiting == [] and udev.closed == ["device_remove tank-v"]
+    finally:
+        close(pools)
