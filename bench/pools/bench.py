@@ -120,6 +120,8 @@ class Dmd:
         command = [sys.executable, "-m", "dmd", "--state-dir", str(self.state), "--log-level",
                    "warning"]
         if self.profile is not None:
+            if not (Path(sys.executable).parent / "py-spy").exists():
+                raise SystemExit("--profile needs py-spy: .venv/bin/pip install -e '.[bench]'")
             # Wall-clock samples (--idle: waits on the kernel and udev count),
             # every thread, as collapsed stacks.
             command = [str(Path(sys.executable).parent / "py-spy"), "record", "--idle",
