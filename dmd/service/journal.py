@@ -199,8 +199,9 @@ class PoolArgs(IntentArgs):
 
 # The marks recovery reads (it settles every other case from what the kernel
 # holds): the operation waits until these are committed before the step they
-# announce. Any other mark is queued and committed with the next write, in
-# order, which spares a round trip to the store's thread per step.
+# announce. Any other mark is queued and committed with the next write (a
+# record, the intent's end), in order, in that write's transaction: it costs
+# no round trip to the store's thread, and no transaction of its own.
 RECOVERY_READS: frozenset[tuple[str, int]] = frozenset({
     ("reload", ReloadStep.RESUME), ("pool-extend", PoolExtendStep.POOL),
     ("pool-grow", PoolGrowStep.METADATA), ("volume-create", VolumeCreateStep.FILESYSTEM),
@@ -230,7 +231,6 @@ class Journal:
         self.outermost = outermost
         self.step = 0
         self.beyond_undo = False
-        self._queued: list[asyncio.Future[None]] = []
 
     def no_way_back(self) -> None:
         """The kernel has done what cannot be undone (a remove): from here on
@@ -244,18 +244,20 @@ class Journal:
         if (self.operation, self.step) in RECOVERY_READS:
             await self.store.advance_intent(self.intent_id, self.step)
         else:
-            self._queued.append(self.store.advance_intent_soon(self.intent_id, self.step))
+            self.store.advance_intent_soon(self.intent_id, self.step).add_done_callback(
+                self._mark_written)
         if self.fault is not None:
             self.fault(self.operation, self.step)
         cancel_point(self.beyond_undo)
         if self.outermost:
             progress(self.step / (len(type(step)) + 1))
 
-    async def marks_written(self) -> None:
-        """Wait for the queued marks (so that their errors are not lost)."""
-        queued, self._queued = self._queued, []
-        for future in queued:
-            await future
+    def _mark_written(self, future: asyncio.Future[None]) -> None:
+        # Nobody waits for a queued mark: its failure is logged here (the
+        # write it went with, awaited, fails the operation if theirs did).
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("%s (intent %d): a progress mark was not written: %s",
+                        self.operation, self.intent_id, future.exception())
 
 
 @contextlib.asynccontextmanager
@@ -277,10 +279,7 @@ async def intent(store: IntentStore, fault: FaultHook | None, operation: str, de
     token = _depth.set(depth + 1)
     try:
         yield journal
-        await journal.marks_written()
     except BaseException:
-        with contextlib.suppress(Exception):  # the failure being handled comes first
-            await journal.marks_written()
         if journal.beyond_undo:
             if roll_forward is not None:
                 try:

@@ -671,15 +671,17 @@ class AsyncStateStore:
     async def _write(self, call: Callable[..., T], *args: Any, durable: bool = True) -> T:
         return await self._enqueue(call, *args, durable=durable)
 
-    def _enqueue(self, call: Callable[..., T], *args: Any, durable: bool = True
-                 ) -> asyncio.Future[T]:
+    def _enqueue(self, call: Callable[..., T], *args: Any, durable: bool = True,
+                 flush: bool = True) -> asyncio.Future[T]:
         """Queue a write now (writes commit in the order they were queued);
-        the future settles once its transaction is committed."""
+        the future settles once its transaction is committed. Not *flush*:
+        the write starts no transaction of its own, it goes with the next
+        write queued."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         with self._queue_lock:
             self._queue.append((lambda: call(*args), durable, future))
-            schedule = not self._flush_scheduled
-            self._flush_scheduled = True
+            schedule = flush and not self._flush_scheduled
+            self._flush_scheduled |= flush
         if schedule:
             self._thread.submit(self._flush)
         return future
@@ -743,9 +745,12 @@ class AsyncStateStore:
         await self._write(self.sync.advance_intent, intent_id, step, durable=False)
 
     def advance_intent_soon(self, intent_id: int, step: int) -> asyncio.Future[None]:
-        """Queue a progress mark without waiting for its commit: it is written
-        before anything queued after it (the intent's end, the record)."""
-        return self._enqueue(self.sync.advance_intent, intent_id, step, durable=False)
+        """Queue a progress mark without waiting for its commit: it goes with
+        the next write queued after it (the intent's end, a record), in its
+        transaction, and never makes one of its own (a create's marks were
+        half of its transactions, each a round of the store's thread)."""
+        return self._enqueue(self.sync.advance_intent, intent_id, step, durable=False,
+                             flush=False)
 
     async def finish_intent(self, intent_id: int, state: str) -> None:
         await self._write(self.sync.finish_intent, intent_id, state)

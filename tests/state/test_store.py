@@ -216,6 +216,22 @@ async def test_async_store_runs_on_one_thread_off_the_loop(tmp_path: Path) -> No
     store.close()
 
 
+async def test_a_progress_mark_goes_with_the_next_write(tmp_path: Path) -> None:
+    """A mark queued with advance_intent_soon starts no transaction: it is
+    committed with the next write queued after it, before it, in order."""
+    store = AsyncStateStore(StateStore.open(tmp_path))
+    intent = await store.begin_intent("create", "a", {})
+    before = store.commits
+    mark = store.advance_intent_soon(intent, 3)
+    await asyncio.sleep(0.1)
+    assert not mark.done() and store.commits == before
+    assert [i.step for i in await store.pending_intents()] == [0]
+    await store.add_device(record("a"))
+    assert mark.done() and store.commits == before + 1
+    assert [i.step for i in await store.pending_intents()] == [3]
+    store.close()
+
+
 async def test_concurrent_writes_share_commits(tmp_path: Path) -> None:
     """Group commit: 64 operations at once take a handful of transactions,
     each caller learns its own outcome, and one refused write spoils no other."""

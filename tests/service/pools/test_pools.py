@@ -309,6 +309,19 @@ async def test_an_operation_reads_its_pool_once_and_hands_it_down(pools: PoolSer
     await assert_agree(pools)
 
 
+async def test_a_create_is_seven_transactions(tank: PoolService) -> None:
+    """Its thin id, its intent begun and ended, its device's intent begun
+    and ended, the device's record, the volume's record: its progress marks
+    go with those (they were five transactions more)."""
+    await tank.create_volume("tank", "base", GIB)
+    for operation in (lambda: tank.create_volume("tank", "v", GIB),
+                      lambda: tank.snapshot("tank", "base", "s"),
+                      lambda: tank.delete_volume("tank", "v")):
+        before = tank.store.commits
+        await operation()
+        assert tank.store.commits - before <= 7, tank.store.commits - before
+
+
 async def test_records_written_around_a_change_are_read_again(tank: PoolService) -> None:
     """A step that writes the pool's records around a change's records in
     hand (an undo, another module's step) makes the change read them again:
