@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import Row
+
 from dmd.state.models import PoolRow, VolumeRow
 
 
@@ -198,11 +200,15 @@ class VolumeRecord:
         return cls(**fields)
 
 
-def pool_record(row: PoolRow) -> PoolRecord:
+def pool_record(row: PoolRow | Row[Any]) -> PoolRecord:
+    """*row*: the ORM's, or a raw statement's with the same column names
+    (its time is SQLite's text)."""
+    created = row.created_at
     return PoolRecord(row.name, row.uuid, row.owner_uid, row.block_sectors, row.on_full,
                       row.low_water_percent, row.transaction_id, row.next_thin_id,
-                      PoolLayout.from_json(row.layout_json), row.created_at, row.generation,
-                      row.no_space_timeout)
+                      PoolLayout.from_json(row.layout_json),
+                      datetime.fromisoformat(created) if isinstance(created, str) else created,
+                      row.generation, row.no_space_timeout)
 
 
 def volume_record(row: VolumeRow, pool_name: str) -> VolumeRecord:

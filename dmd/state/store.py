@@ -18,7 +18,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -492,7 +492,8 @@ class StateStore:
 
     def get_pool(self, name: str) -> PoolRecord | None:
         with self._session() as session:
-            row = session.scalar(select(PoolRow).where(PoolRow.name == name))
+            row = session.connection().exec_driver_sql(
+                f"SELECT {_POOL_COLUMNS} FROM pools WHERE name = ?", (name,)).first()
             return pool_record(row) if row is not None else None
 
     def remove_pool(self, name: str) -> None:
@@ -526,35 +527,49 @@ class StateStore:
         pool's new transaction id (and next thin id) with the volume it
         added, changed or removed (by UUID), so the two never disagree.
         Returns the pool's record as it is now (its generation moved on)."""
+        # Raw statements: every create, snapshot and delete makes two of these
+        # changes, and the ORM's select-load-flush was most of their time.
         def work(session: Session) -> tuple[Callable[[], None], PoolRecord]:
-            row = self._pool_row(session, pool)
+            sql = session.connection().exec_driver_sql
+            row = sql(f"SELECT {_POOL_COLUMNS} FROM pools WHERE name = ?", (pool,)).first()
+            if row is None:
+                raise RecordNotFound(f"no record of a pool named {pool!r}")
             before = (row.uuid, row.generation)
-            row.generation += 1
-            if transaction_id is not None:
-                row.transaction_id = transaction_id
-            if next_thin_id is not None:
-                row.next_thin_id = max(row.next_thin_id, next_thin_id)
-            if layout is not None:
-                row.layout_json = layout.to_json()
-            added = changed = None
-            if add is not None:
-                added = _volume_row(add, row.id)
-                session.add(added)
-            if update is not None:
-                changed = session.scalar(select(VolumeRow).where(VolumeRow.uuid == update.uuid))
-                if changed is None:
-                    raise RecordNotFound(f"no record of volume {update.uuid}")
-                for key, value in volume_values(update).items():
-                    setattr(changed, key, value)
-            if remove is not None:
-                volume = session.scalar(select(VolumeRow).where(VolumeRow.uuid == remove))
-                if volume is not None:
-                    session.delete(volume)
-            session.flush()
-            after = (row.uuid, row.generation)
+            record = replace(
+                pool_record(row), generation=row.generation + 1,
+                transaction_id=row.transaction_id if transaction_id is None
+                else transaction_id,
+                next_thin_id=row.next_thin_id if next_thin_id is None
+                else max(row.next_thin_id, next_thin_id),
+                layout=layout if layout is not None else pool_record(row).layout)
+            sql("UPDATE pools SET generation = ?, transaction_id = ?, next_thin_id = ?, "
+                "layout_json = ? WHERE id = ?",
+                (record.generation, record.transaction_id, record.next_thin_id,
+                 layout.to_json() if layout is not None else row.layout_json, row.id))
             # What a read would now give, for the cache once committed.
-            fresh = volume_record(added, pool) if added is not None else None
-            edited = volume_record(changed, pool) if changed is not None else None
+            fresh = edited = None
+            if add is not None:
+                created = _now()
+                fresh = replace(add, pool=pool, created_at=created)
+                columns = {"uuid": add.uuid, "pool_id": row.id, "thin_id": add.thin_id,
+                           "origin_uuid": add.origin_uuid, "created_at": _sql_time(created),
+                           **volume_values(add)}
+                sql(f"INSERT INTO volumes ({', '.join(columns)}) "
+                    f"VALUES ({', '.join('?' for _ in columns)})", tuple(columns.values()))
+            if update is not None:
+                values = volume_values(update)
+                done = sql(f"UPDATE volumes SET {', '.join(f'{k} = ?' for k in values)} "
+                           "WHERE uuid = ?", (*values.values(), update.uuid))
+                if done.rowcount != 1:
+                    raise RecordNotFound(f"no record of volume {update.uuid}")
+                kept = sql("SELECT thin_id, origin_uuid, created_at FROM volumes "
+                           "WHERE uuid = ?", (update.uuid,)).one()
+                edited = replace(update, pool=pool, thin_id=kept.thin_id,
+                                 origin_uuid=kept.origin_uuid,
+                                 created_at=datetime.fromisoformat(kept.created_at))
+            if remove is not None:
+                sql("DELETE FROM volumes WHERE uuid = ?", (remove,))
+            after = (record.uuid, record.generation)
 
             def learn() -> None:
                 cached = self._volumes.pop(pool, None)
@@ -564,7 +579,7 @@ class StateStore:
                            for v in cached[1] if v.uuid != remove]
                 self._volumes[pool] = (after, [*volumes, *([fresh] if fresh else [])])
 
-            return learn, pool_record(row)
+            return learn, record
 
         learn, record = self._write(work)
         self._after_commit(learn)
@@ -786,6 +801,13 @@ class AsyncStateStore:
         return await self._pool_write(pool, lambda: self.sync.pool_change(
             pool, transaction_id=transaction_id, next_thin_id=next_thin_id, add=add,
             update=update, remove=remove, layout=layout))
+
+
+# The columns of a pool's record (dmd.state.pool_records.pool_record), for raw
+# statements.
+_POOL_COLUMNS = ("id, name, uuid, owner_uid, block_sectors, on_full, low_water_percent, "
+                 "transaction_id, next_thin_id, layout_json, created_at, generation, "
+                 "no_space_timeout")
 
 
 def _pool_row(record: PoolRecord, generation: int) -> PoolRow:
