@@ -365,8 +365,8 @@ class DM:
                 wait = UdevWait(lambda ev: self.nodes.disappeared(name, device, ev), events,
                                 f"removing /dev/mapper/{name}")
                 events = None  # the wait's now
-                if later is None:
-                    wait.wait()
+                if later is None or self.nodes.mode is not UdevSync.WAIT:
+                    wait.wait()  # without udevd the engine makes the node: now
                 else:
                     later.append(wait)
         finally:
@@ -427,8 +427,8 @@ class DM:
                 wait = UdevWait(lambda ev: self.nodes.appeared(name, device, ev), events,
                                 f"adding /dev/mapper/{name}")
                 events = None  # the wait's now
-                if later is None:
-                    wait.wait()
+                if later is None or self.nodes.mode is not UdevSync.WAIT:
+                    wait.wait()  # without udevd the engine makes the node: now
                 else:
                     later.append(wait)
         finally:

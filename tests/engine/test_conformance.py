@@ -28,6 +28,7 @@ from dmd.engine import (
     TargetLine,
 )
 from dmd.engine.sim import SimDM
+from dmd.engine.udevsync import UdevSync, UdevWait
 
 P = "dmdtest-"
 Engine = Any  # DM or SimDM: the same interface
@@ -340,6 +341,46 @@ def test_many_devices_listed_in_few_ioctls(engine: Engine) -> None:
     second = engine.ioctl_count - before
     assert all(listed[n] == "DMDTEST-" + n for n in names)
     assert first <= 2 and second == 1
+
+
+def test_udev_work_can_be_waited_for_later(engine: Engine) -> None:
+    """A resume or a remove given a list hands its udev wait there (its
+    caller goes on, and waits once it needs the node): waited for, the node
+    is there, then gone."""
+    name = active(engine, P + "later")
+    engine.device_suspend(name, DmFlags.DM_SUSPEND)
+    later: list[UdevWait] = []
+    info = engine.device_suspend(name, DmFlags(0), later)
+    assert not info.suspended and len(later) == 1
+    later.pop().wait()
+    node = Path("/dev/mapper") / name
+    if isinstance(engine, DM):
+        assert node.is_block_device()
+    engine.device_remove(name, DmFlags(0), later)
+    assert len(later) == 1
+    later.pop().wait()
+    if isinstance(engine, DM):
+        assert not node.exists()
+
+
+@pytest.mark.kernel
+def test_without_udevd_the_node_is_made_at_once_even_when_asked_later(
+        clean_dm: DM, tmp_path: Path) -> None:
+    """Without udevd the engine makes and removes the node itself: that is
+    the work, not a wait, so it is done at once (a caller's giving a wait up
+    must never leave a node naming a freed device number)."""
+    engine = DM(udev_sync=UdevSync.NODES, dev_dir=str(tmp_path))
+    try:
+        name = P + "nodes"
+        engine.device_create(name)
+        engine.table_load(name, zero())
+        later: list[UdevWait] = []
+        engine.device_suspend(name, DmFlags(0), later)
+        assert later == [] and (tmp_path / "mapper" / name).is_block_device()
+        engine.device_remove(name, DmFlags(0), later)
+        assert later == [] and not (tmp_path / "mapper" / name).exists()
+    finally:
+        engine.close()
 
 
 def test_remove_all_removes_unused_devices(tmp_path: Path) -> None:

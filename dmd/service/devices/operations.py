@@ -90,6 +90,11 @@ def _printable(text: str) -> bool:
                    for c in text)
 
 
+def udev_done(_: Engine, wait: UdevWait) -> None:
+    """For the kernel workers: until udev is done with what *wait* is about."""
+    wait.wait()
+
+
 def validated(call: Callable[[], T]) -> T:
     """*call*'s result; the engine's refusal of an argument as the service's."""
     try:
@@ -185,8 +190,17 @@ class DeviceService:
         async with self.locks.hold(name):
             if await self.store.get_device(name) is not None:
                 raise errors.AlreadyExists(f"dmd already manages a device named {name!r}")
+            begun = len(later) if later is not None else 0
+
             async def undo(journal: Journal) -> None:
                 if journal.step >= CreateStep.TABLE:  # the device was made
+                    if later is not None:
+                        # udev may still be probing it: let it finish first.
+                        mine = later[begun:]
+                        del later[begun:]
+                        for wait in mine:
+                            with contextlib.suppress(Exception):
+                                await self.kernel(udev_done, wait)
                     await self.remove_quietly(name)
 
             async with intent(self.store, self.fault, "create", name,

@@ -64,7 +64,7 @@ from dmd.engine.targets.thin import (
 from dmd.engine.types import MAX_DEVICE_SECTORS
 from dmd.service import errors
 from dmd.service.auth import Action, Caller
-from dmd.service.devices.operations import DeviceService
+from dmd.service.devices.operations import DeviceService, udev_done
 from dmd.service.jobs import Job, Jobs
 from dmd.service.journal import (
     Journal,
@@ -137,10 +137,6 @@ class PoolState:
         """A pool whose devices are not there (yet): its sizes from its record."""
         return cls(None, 0, record.layout.data_sectors * 512, 0,
                    record.layout.metadata_sectors * 512, "inactive")
-
-
-def _udev_done(_: Engine, wait: UdevWait) -> None:
-    wait.wait()
 
 
 def metadata_low(used: int, total: int, low_water: int) -> bool:
@@ -365,12 +361,20 @@ class PoolChange:
         end in time is logged (the device is what the change made it; its
         node follows when udev catches up), not the change's failure."""
         waits, self.udev = self.udev, []
-        for wait in waits:
-            try:
-                await self.core.kernel(_udev_done, wait)
-            except UdevTimeout as exc:
-                log.warning("pool %s: %s; the kernel's part is done, udev's follows when "
-                            "it catches up", self.pool, exc)
+        try:
+            while waits:
+                try:
+                    await self.core.kernel(udev_done, waits[0])
+                except UdevTimeout as exc:
+                    log.warning("pool %s: %s; the kernel's part is done, udev's follows "
+                                "when it catches up", self.pool, exc)
+                except Exception as exc:
+                    log.error("pool %s: waiting for udev (%s): %s", self.pool,
+                              waits[0].what, exc)
+                del waits[0]
+        finally:
+            for wait in waits[1:]:  # cancelled: the first is its worker's to close
+                wait.close()
 
     def give_up_udev(self) -> None:
         """A change that failed: its undo waited for udev where it needed to."""
@@ -510,8 +514,10 @@ class PoolCore:
                 records = (await self.describe(pool, change.known())
                            if change.describe_at_end else None)
                 # udev worked on the change's nodes meanwhile.
-                await change.udev_done()
-                await self.settle(pool, records)
+                try:
+                    await change.udev_done()
+                finally:
+                    await self.settle(pool, records)
 
     @staticmethod
     def check_fits(record: PoolRecord, volumes: list[VolumeRecord],

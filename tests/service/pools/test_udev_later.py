@@ -22,7 +22,8 @@ class SlowUdev:
     """The sim's resumes and removes hand their udev wait on (as the kernel's
     engine does); each wait blocks until ``done`` is set."""
 
-    def __init__(self, sim: SimDM) -> None:
+    def __init__(self, sim: SimDM, fails: Exception | None = None) -> None:
+        self.fails = fails
         self.done = threading.Event()
         self.waiting: list[str] = []  # what a wait began on, in order
         self.closed: list[str] = []  # closed (after a wait, or given up)
@@ -38,6 +39,8 @@ class SlowUdev:
 
                 def wait(_: Any) -> None:
                     self.waiting.append(what)
+                    if self.fails is not None:
+                        raise self.fails
                     assert self.done.wait(30), "never released"
 
                 wait_ = UdevWait(wait, None, what)
@@ -111,5 +114,53 @@ async def test_a_change_that_fails_gives_its_udev_waits_up(tmp_path: Any) -> Non
             await asyncio.wait_for(pools.delete_volume("tank", "v"), 10)
         # Not waited for (it would block until released): closed.
         assert udev.waiting == [] and udev.closed == ["device_remove tank-v"]
+    finally:
+        close(pools)
+
+
+async def test_a_udev_wait_that_fails_is_logged_and_the_change_stands(
+        tank: PoolService, caplog: pytest.LogCaptureFixture) -> None:
+    """The change is recorded and described when udev is waited for: a wait
+    that fails (a broken monitor socket) is the log's, and the bus is still
+    shown the change."""
+    SlowUdev(tank.kernel.engine, OSError("the monitor socket broke"))  # type: ignore[arg-type]
+    shown: list[Any] = []
+
+    async def settler(pool: str, records: Any) -> None:
+        shown.append(records)
+
+    tank.add_settler(settler)
+    await tank.create_volume("tank", "v", GIB)
+    assert shown and [v.name for v in await tank.store.list_volumes("tank")] == ["v"]
+    assert "the monitor socket broke" in caplog.text
+    await assert_agree(tank)
+
+
+async def test_a_create_undone_lets_udev_finish_before_removing_its_device(
+        tmp_path: Any) -> None:
+    """udev may still be probing the new device when a later step fails:
+    the undo waits for it (a remove while blkid holds the device is EBUSY)."""
+    from dmd.service.journal import CreateStep
+    from tests.service.pools.kit import DISKS, close, open_pools
+
+    class Failed(Exception):
+        pass
+
+    def fault(operation: str, step: int) -> None:
+        if operation == "create" and step == CreateStep.RECORD:
+            raise Failed("the store went away")
+
+    pools = open_pools(tmp_path)
+    try:
+        await pools.create_pool("tank", DISKS[:2])
+        udev = SlowUdev(pools.kernel.engine)  # type: ignore[arg-type]
+        udev.done.set()
+        pools.devices.fault = fault
+        with pytest.raises(Failed):
+            await pools.create_volume("tank", "v", GIB)
+        # Waited for by the undo (the change would only have given it up).
+        assert udev.waiting == ["device_suspend tank-v"]
+        pools.devices.fault = None
+        await assert_agree(pools)
     finally:
         close(pools)
