@@ -1,106 +1,106 @@
-"""SQLAlchemy models: what dmd knows that the kernel does not."""
+"""The schema: what dmd knows that the kernel does not, as SQLAlchemy Core
+tables. Core, not the ORM: the store turns rows into its own records
+(dmd.state.store, dmd.state.pool_records) and never needed an identity map,
+while importing and mapping the ORM was about a fifth of dmd's start."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
 
-from sqlalchemy import BigInteger, ForeignKey, Integer, String, Text, UniqueConstraint
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+metadata = MetaData()
 
+devices = Table(
+    "devices", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(127), nullable=False, unique=True),
+    Column("uuid", String(128), unique=True),
+    Column("table_json", Text, nullable=False),
+    Column("read_only", Boolean, nullable=False),
+    Column("owner_uid", Integer, nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("persistent", Boolean, nullable=False),
+    Column("key_withheld", Boolean, nullable=False),
+    Column("drifted", Text),  # revision 0002
+)
 
-class Base(DeclarativeBase):
-    pass
+# One row per label: labels are looked up and replaced one device at a time,
+# and a table keeps them queryable (devices with label X) unlike JSON.
+labels = Table(
+    "labels", metadata,
+    Column("device_id", Integer, ForeignKey("devices.id", ondelete="CASCADE"),
+           primary_key=True),
+    Column("key", String(255), primary_key=True),
+    Column("value", Text, nullable=False),
+)
 
+intents = Table(
+    "intents", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("operation", String(32), nullable=False),
+    Column("device", String(127), nullable=False),
+    Column("args_json", Text, nullable=False),
+    Column("state", String(16), nullable=False, index=True),
+    Column("step", Integer, nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("finished_at", DateTime),
+)
 
-class DeviceRow(Base):
-    __tablename__ = "devices"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(127), unique=True)
-    uuid: Mapped[str | None] = mapped_column(String(128), unique=True)
-    table_json: Mapped[str] = mapped_column(Text)
-    read_only: Mapped[bool]
-    owner_uid: Mapped[int]
-    created_at: Mapped[datetime]
-    persistent: Mapped[bool]
-    key_withheld: Mapped[bool]
-    drifted: Mapped[str | None] = mapped_column(Text)  # revision 0002
-    labels: Mapped[list[LabelRow]] = relationship(
-        back_populates="device", cascade="all, delete-orphan", lazy="selectin")
-
-
-class LabelRow(Base):
-    """One row per label: labels are looked up and replaced one device at a
-    time, and a table keeps them queryable (devices with label X) unlike JSON."""
-
-    __tablename__ = "labels"
-
-    device_id: Mapped[int] = mapped_column(
-        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
-    key: Mapped[str] = mapped_column(String(255), primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
-    device: Mapped[DeviceRow] = relationship(back_populates="labels")
-
-
-class IntentRow(Base):
-    __tablename__ = "intents"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    operation: Mapped[str] = mapped_column(String(32))
-    device: Mapped[str] = mapped_column(String(127))
-    args_json: Mapped[str] = mapped_column(Text)
-    state: Mapped[str] = mapped_column(String(16), index=True)
-    step: Mapped[int]
-    created_at: Mapped[datetime]
-    finished_at: Mapped[datetime | None]
-
-
-class PoolRow(Base):
-    """A thin pool dmd laid out and owns (revision 0003). ``layout_json``
-    holds its devices (with the UUIDs their labels carry) and segments."""
-
-    __tablename__ = "pools"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(64), unique=True)
-    uuid: Mapped[str] = mapped_column(String(36), unique=True)
-    owner_uid: Mapped[int]
-    block_sectors: Mapped[int]
-    on_full: Mapped[str] = mapped_column(String(16))
-    low_water_percent: Mapped[int]
-    transaction_id: Mapped[int]
-    next_thin_id: Mapped[int]
-    layout_json: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[datetime]
+# A thin pool dmd laid out and owns (revision 0003). ``layout_json`` holds its
+# devices (with the UUIDs their labels carry) and segments.
+pools = Table(
+    "pools", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("uuid", String(36), nullable=False, unique=True),
+    Column("owner_uid", Integer, nullable=False),
+    Column("block_sectors", Integer, nullable=False),
+    Column("on_full", String(16), nullable=False),
+    Column("low_water_percent", Integer, nullable=False),
+    Column("transaction_id", Integer, nullable=False),
+    Column("next_thin_id", Integer, nullable=False),
+    Column("layout_json", Text, nullable=False),
+    Column("created_at", DateTime, nullable=False),
     # Revision 0004: moves by one with every change of the pool or its
     # volumes; the description on the pool's devices carries the generation
     # it was written from, so the two can be compared.
-    generation: Mapped[int] = mapped_column(Integer, default=1, server_default="0")
+    Column("generation", Integer, nullable=False, default=1, server_default="0"),
     # Revision 0005: PoolRecord.no_space_timeout.
-    no_space_timeout: Mapped[int] = mapped_column(Integer, default=60, server_default="60")
+    Column("no_space_timeout", Integer, nullable=False, default=60, server_default="60"),
+)
 
-
-class VolumeRow(Base):
-    """A thin volume of a pool (revision 0003); its thin id is unique in the
-    pool and never handed out twice (the pool's next_thin_id only grows)."""
-
-    __tablename__ = "volumes"
-    __table_args__ = (UniqueConstraint("pool_id", "name"), UniqueConstraint("pool_id", "thin_id"))
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    uuid: Mapped[str] = mapped_column(String(36), unique=True)
-    pool_id: Mapped[int] = mapped_column(ForeignKey("pools.id", ondelete="RESTRICT"))
-    name: Mapped[str] = mapped_column(String(64))
-    thin_id: Mapped[int | None]  # revision 0007: NULL for a thick volume
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
-    origin_uuid: Mapped[str | None] = mapped_column(String(36))
-    owner_uid: Mapped[int]
-    labels_json: Mapped[str] = mapped_column(Text)
-    active: Mapped[bool]
-    created_at: Mapped[datetime]
+# A volume of a pool (revision 0003); a thin one's thin id is unique in the
+# pool and never handed out twice (the pool's next_thin_id only grows).
+volumes = Table(
+    "volumes", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("uuid", String(36), nullable=False, unique=True),
+    Column("pool_id", Integer, ForeignKey("pools.id", ondelete="RESTRICT"), nullable=False),
+    Column("name", String(64), nullable=False),
+    Column("thin_id", Integer),  # revision 0007: NULL for a thick volume
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("origin_uuid", String(36)),
+    Column("owner_uid", Integer, nullable=False),
+    Column("labels_json", Text, nullable=False),
+    Column("active", Boolean, nullable=False),
+    Column("created_at", DateTime, nullable=False),
     # Revision 0006: VolumeRecord.encryption as JSON; NULL for a plain volume.
-    encryption_json: Mapped[str | None] = mapped_column(Text)
+    Column("encryption_json", Text),
     # Revision 0007: VolumeRecord.thick as JSON; NULL for a thin volume.
-    thick_json: Mapped[str | None] = mapped_column(Text)
+    Column("thick_json", Text),
     # Revision 0008: VolumeRecord.cache as JSON; NULL without a cache.
-    cache_json: Mapped[str | None] = mapped_column(Text)
+    Column("cache_json", Text),
+    UniqueConstraint("pool_id", "name"),
+    UniqueConstraint("pool_id", "thin_id"),
+)

@@ -9,8 +9,6 @@ from typing import Any
 
 from sqlalchemy import Row
 
-from dmd.state.models import PoolRow, VolumeRow
-
 
 @dataclass(frozen=True, slots=True)
 class Segment:
@@ -69,7 +67,7 @@ class PoolRecord:
     next_thin_id: int
     layout: PoolLayout
     created_at: datetime | None = None
-    generation: int = 0  # see PoolRow.generation
+    generation: int = 0  # see the pools table's generation (dmd.state.models)
     # on_full "queue": seconds writes wait for space before dmd makes them
     # fail (0: as long as the kernel's module-wide no_space_timeout allows).
     no_space_timeout: int = 60
@@ -200,9 +198,9 @@ class VolumeRecord:
         return cls(**fields)
 
 
-def pool_record(row: PoolRow | Row[Any]) -> PoolRecord:
-    """*row*: the ORM's, or a raw statement's with the same column names
-    (its time is SQLite's text)."""
+def pool_record(row: Row[Any]) -> PoolRecord:
+    """*row*: a row of the pools table (a raw statement's has its time as
+    SQLite's text)."""
     created = row.created_at
     return PoolRecord(row.name, row.uuid, row.owner_uid, row.block_sectors, row.on_full,
                       row.low_water_percent, row.transaction_id, row.next_thin_id,
@@ -211,7 +209,7 @@ def pool_record(row: PoolRow | Row[Any]) -> PoolRecord:
                       row.generation, row.no_space_timeout)
 
 
-def volume_record(row: VolumeRow, pool_name: str) -> VolumeRecord:
+def volume_record(row: Row[Any], pool_name: str) -> VolumeRecord:
     return VolumeRecord(row.uuid, pool_name, row.name, row.thin_id, row.size_bytes,
                         row.origin_uuid, row.owner_uid, json.loads(row.labels_json),
                         row.active, row.created_at,

@@ -23,13 +23,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, select
+from sqlalchemy import Connection, Engine, Row, create_engine, delete, event, insert, select, update
 from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
 
 from dmd.engine import TargetLine
+from dmd.state import models as tables
 from dmd.state.errors import RecordExists, RecordNotFound, StateError
-from dmd.state.models import Base, DeviceRow, IntentRow, LabelRow, PoolRow, VolumeRow
 from dmd.state.pool_records import (
     PoolLayout,
     PoolRecord,
@@ -103,16 +102,15 @@ def _table(raw: str) -> list[TargetLine]:
     return [TargetLine(int(s), int(n), str(t), str(p)) for s, n, t, p in json.loads(raw)]
 
 
-def _device(row: DeviceRow) -> DeviceRecord:
+def _device(row: Row[Any], labels: dict[str, str]) -> DeviceRecord:
     return DeviceRecord(
         name=row.name, uuid=row.uuid, table=_table(row.table_json), read_only=row.read_only,
-        owner_uid=row.owner_uid, persistent=row.persistent,
-        labels={label.key: label.value for label in row.labels},
+        owner_uid=row.owner_uid, persistent=row.persistent, labels=labels,
         created_at=row.created_at, key_withheld=row.key_withheld, drifted=row.drifted,
     )
 
 
-def _intent(row: IntentRow) -> IntentRecord:
+def _intent(row: Row[Any]) -> IntentRecord:
     return IntentRecord(row.id, row.operation, row.device, json.loads(row.args_json),
                         row.state, row.step, row.created_at, row.finished_at)
 
@@ -141,10 +139,9 @@ class StateStore:
     def __init__(self, path: Path, engine: Engine) -> None:
         self.path = path
         self._engine = engine
-        self._session = sessionmaker(engine, expire_on_commit=False)
         # Inside batch(): the one transaction every write joins, and what the
         # caches below learn once it is committed.
-        self._batch: Session | None = None
+        self._batch: Connection | None = None
         self._batch_learnt: list[Callable[[], None]] = []
         # Caches of the devices table, for the reads every operation makes
         # ("is this name managed?", the record of the device just changed):
@@ -221,7 +218,7 @@ class StateStore:
         with engine.connect() as connection:
             # pysqlite would run the CREATEs outside any transaction.
             connection.exec_driver_sql("BEGIN IMMEDIATE")
-            Base.metadata.create_all(connection)
+            tables.metadata.create_all(connection)
             connection.exec_driver_sql(
                 "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL, "
                 "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))")
@@ -258,13 +255,12 @@ class StateStore:
         with one fsync if *durable*, when the block ends. Nothing is visible
         to readers, or durable, before that."""
         assert self._batch is None, "batches do not nest"
-        with self._session() as session:
-            session.connection().exec_driver_sql(
-                f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-            self._batch = session
+        with self._engine.connect() as connection:
+            connection.exec_driver_sql(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._batch = connection
             try:
                 yield
-                session.commit()
+                connection.commit()
                 for learn in self._batch_learnt:
                     learn()
             finally:
@@ -300,7 +296,7 @@ class StateStore:
             self._names = set(self._records)
         return self._names
 
-    def _write(self, work: Callable[[Session], T], durable: bool = True,
+    def _write(self, work: Callable[[Connection], T], durable: bool = True,
                may_conflict: bool = True) -> T:
         """Run *work* in one transaction. Durable commits fsync the WAL; the
         others survive a crashed dmd but not a power cut, and are made durable
@@ -316,25 +312,41 @@ class StateStore:
             except IntegrityError:
                 raise RecordExists("a device with that name or UUID is recorded already"
                                    ) from None
-        with self._session() as session:
+        with self._engine.connect() as connection:
             try:
                 # pysqlite opens the transaction only at the first write, so the
                 # pragma still applies to this commit.
-                session.connection().exec_driver_sql(
+                connection.exec_driver_sql(
                     f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-                result = work(session)
-                session.commit()
+                result = work(connection)
+                connection.commit()
             except IntegrityError:
-                session.rollback()
+                connection.rollback()
                 raise RecordExists("a device with that name or UUID is recorded already"
                                    ) from None
             return result
 
-    def _row(self, session: Session, name: str) -> DeviceRow:
-        row = session.scalar(select(DeviceRow).where(DeviceRow.name == name))
-        if row is None:
+    @staticmethod
+    def _device_id(connection: Connection, name: str) -> int:
+        table = tables.devices
+        found = connection.execute(select(table.c.id).where(table.c.name == name)).first()
+        if found is None:
             raise RecordNotFound(f"no record of a device named {name!r}")
-        return row
+        return int(found.id)
+
+    @staticmethod
+    def _devices(connection: Connection, name: str | None = None) -> list[DeviceRecord]:
+        """Every device's record (or the one named *name*), with its labels."""
+        rows, tags_ = tables.devices, tables.labels
+        query = select(rows).order_by(rows.c.id)
+        tags = select(tags_).order_by(tags_.c.key)
+        if name is not None:
+            query = query.where(rows.c.name == name)
+            tags = tags.join(rows, rows.c.id == tags_.c.device_id).where(rows.c.name == name)
+        of: dict[int, dict[str, str]] = {}
+        for tag in connection.execute(tags):
+            of.setdefault(tag.device_id, {})[tag.key] = tag.value
+        return [_device(row, of.get(row.id, {})) for row in connection.execute(query)]
 
     # -- devices -----------------------------------------------------------
     def add_devices(self, records: Sequence[DeviceRecord]) -> None:
@@ -342,14 +354,13 @@ class StateStore:
         import's thousand devices); each as add_device would store it."""
         if any(record.labels for record in records):
             raise ValueError("add_devices takes records without labels")
-        with self._session() as session:
-            session.add_all(DeviceRow(
+        with self._engine.begin() as connection:
+            connection.execute(insert(tables.devices), [dict(
                 name=record.name, uuid=record.uuid or None,
                 table_json=_table_json(redact_table(record.table)[0]),
                 read_only=record.read_only, owner_uid=record.owner_uid, created_at=_now(),
                 persistent=record.persistent, key_withheld=redact_table(record.table)[1])
-                for record in records)
-            session.commit()
+                for record in records])
 
     def add_device(self, record: DeviceRecord) -> None:
         stored, withheld = redact_table(record.table)
@@ -361,9 +372,8 @@ class StateStore:
             persistent=record.persistent, labels=labels, created_at=created,
             key_withheld=withheld, drifted=None)
 
-        def work(session: Session) -> None:
+        def work(connection: Connection) -> None:
             # Straight to the driver, as the journal's writes: one per create.
-            connection = session.connection()
             done = connection.exec_driver_sql(
                 "INSERT INTO devices (name, uuid, table_json, read_only, owner_uid, "
                 "created_at, persistent, key_withheld) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -383,130 +393,137 @@ class StateStore:
         cached = self._records.get(name)
         if cached is not None:
             return cached
-        with self._session() as session:
-            row = session.scalar(select(DeviceRow).where(DeviceRow.name == name))
-            record = _device(row) if row is not None else None
+        with self._engine.connect() as connection:
+            found = self._devices(connection, name)
+        record = found[0] if found else None
         if record is not None:
             self._records[name] = record
         return record
 
     def list_devices(self) -> list[DeviceRecord]:
-        with self._session() as session:
-            return [_device(r) for r in session.scalars(select(DeviceRow).order_by(DeviceRow.id))]
+        with self._engine.connect() as connection:
+            return self._devices(connection)
 
     def update_table(self, name: str, table: Sequence[TargetLine], read_only: bool) -> None:
         stored, withheld = redact_table(table)
 
-        def work(session: Session) -> None:
-            row = self._row(session, name)
-            row.table_json, row.read_only, row.key_withheld = (
-                _table_json(stored), read_only, withheld)
-            row.drifted = None
+        def work(connection: Connection) -> None:
+            connection.execute(update(tables.devices).where(
+                tables.devices.c.id == self._device_id(connection, name)).values(
+                table_json=_table_json(stored), read_only=read_only, key_withheld=withheld,
+                drifted=None))
 
         self._write(work)
         self._learn(name)
 
     def rename_device(self, old: str, new: str) -> None:
-        def work(session: Session) -> None:
-            self._row(session, old).name = new
-            session.flush()
+        def work(connection: Connection) -> None:
+            connection.execute(update(tables.devices).where(
+                tables.devices.c.id == self._device_id(connection, old)).values(name=new))
 
         self._write(work)
         self._learn(old, new, added=new, removed=old)
 
     def set_uuid(self, name: str, uuid: str) -> None:
-        def work(session: Session) -> None:
-            self._row(session, name).uuid = uuid
-            session.flush()
+        def work(connection: Connection) -> None:
+            connection.execute(update(tables.devices).where(
+                tables.devices.c.id == self._device_id(connection, name)).values(uuid=uuid))
 
         self._write(work)
         self._learn(name)
 
     def set_labels(self, name: str, labels: dict[str, str]) -> None:
-        def work(session: Session) -> None:
-            row = self._row(session, name)
-            row.labels = [LabelRow(key=k, value=v) for k, v in labels.items()]
+        def work(connection: Connection) -> None:
+            device_id = self._device_id(connection, name)
+            connection.execute(delete(tables.labels).where(
+                tables.labels.c.device_id == device_id))
+            if labels:
+                connection.execute(insert(tables.labels), [
+                    {"device_id": device_id, "key": k, "value": v} for k, v in labels.items()])
 
         self._write(work)
         self._learn(name)
 
     def set_drifted(self, name: str, reason: str | None) -> None:
-        self._write(lambda s: setattr(self._row(s, name), "drifted", reason),
-                    may_conflict=False)
+        self._write(lambda c: c.execute(update(tables.devices).where(
+            tables.devices.c.id == self._device_id(c, name)).values(drifted=reason)),
+            may_conflict=False)
         self._learn(name)
 
     def remove_device(self, name: str) -> None:
-        self._write(lambda s: s.delete(self._row(s, name)), may_conflict=False)
+        def work(connection: Connection) -> None:
+            device_id = self._device_id(connection, name)
+            connection.execute(delete(tables.labels).where(
+                tables.labels.c.device_id == device_id))
+            connection.execute(delete(tables.devices).where(tables.devices.c.id == device_id))
+
+        self._write(work, may_conflict=False)
         self._learn(name, removed=name)
 
     # -- pools and volumes ---------------------------------------------------
-    def _pool_row(self, session: Session, name: str) -> PoolRow:
-        row = session.scalar(select(PoolRow).where(PoolRow.name == name))
-        if row is None:
-            raise RecordNotFound(f"no record of a pool named {name!r}")
-        return row
-
     def add_pool(self, record: PoolRecord) -> None:
-        def work(session: Session) -> None:
-            session.add(_pool_row(record, max(record.generation, 1)))
-            session.flush()
-
-        self._write(work)
+        self._write(lambda c: c.execute(insert(tables.pools).values(
+            _pool_values(record, max(record.generation, 1)))))
 
     def import_pool(self, record: PoolRecord, volumes: list[VolumeRecord]) -> None:
         """Record a pool found on its devices, with its volumes and the
         generation of the description they came from, in one transaction."""
-        def work(session: Session) -> None:
-            row = _pool_row(record, record.generation)
-            session.add(row)
-            session.flush()
-            session.add_all(_volume_row(volume, row.id) for volume in volumes)
-            session.flush()
+        def work(connection: Connection) -> None:
+            done = connection.execute(insert(tables.pools).values(
+                _pool_values(record, record.generation)))
+            assert done.inserted_primary_key is not None
+            _insert_volumes(connection, done.inserted_primary_key[0], volumes)
 
         self._write(work)
 
     def replace_pool(self, record: PoolRecord, volumes: list[VolumeRecord]) -> None:
         """Make the records of pool *record* (by UUID) what its devices say:
         the pool's fields and exactly *volumes*, in one transaction."""
-        def work(session: Session) -> Callable[[], None]:
-            row = session.scalar(select(PoolRow).where(PoolRow.uuid == record.uuid))
-            if row is None:
+        def work(connection: Connection) -> Callable[[], None]:
+            found = connection.execute(
+                select(tables.pools.c.id).where(tables.pools.c.uuid == record.uuid)).first()
+            if found is None:
                 raise RecordNotFound(f"no record of pool {record.uuid}")
-            row.owner_uid, row.block_sectors = record.owner_uid, record.block_sectors
-            row.on_full, row.low_water_percent = record.on_full, record.low_water_percent
-            row.no_space_timeout = record.no_space_timeout
-            row.transaction_id, row.next_thin_id = record.transaction_id, record.next_thin_id
-            row.layout_json, row.generation = record.layout.to_json(), record.generation
-            for old in session.scalars(select(VolumeRow).where(VolumeRow.pool_id == row.id)):
-                session.delete(old)
-            session.flush()
-            session.add_all(_volume_row(volume, row.id) for volume in volumes)
-            session.flush()
+            values = _pool_values(record, record.generation)
+            for kept in ("name", "uuid", "created_at"):
+                del values[kept]
+            connection.execute(update(tables.pools).where(
+                tables.pools.c.id == found.id).values(values))
+            connection.execute(delete(tables.volumes).where(
+                tables.volumes.c.pool_id == found.id))
+            _insert_volumes(connection, found.id, volumes)
             return self._forget_volumes(record.name)
 
         self._after_commit(self._write(work))
 
     def list_pools(self) -> list[PoolRecord]:
-        with self._session() as session:
-            return [pool_record(r) for r in session.scalars(select(PoolRow).order_by(PoolRow.id))]
+        with self._engine.connect() as connection:
+            return [pool_record(r) for r in connection.execute(
+                select(tables.pools).order_by(tables.pools.c.id))]
 
     def get_pool(self, name: str) -> PoolRecord | None:
-        with self._session() as session:
-            row = session.connection().exec_driver_sql(
+        with self._engine.connect() as connection:
+            row = connection.exec_driver_sql(
                 f"SELECT {_POOL_COLUMNS} FROM pools WHERE name = ?", (name,)).first()
             return pool_record(row) if row is not None else None
 
     def remove_pool(self, name: str) -> None:
-        self._write(lambda s: s.delete(self._pool_row(s, name)), may_conflict=False)
+        def work(connection: Connection) -> None:
+            gone = connection.execute(delete(tables.pools).where(tables.pools.c.name == name))
+            if gone.rowcount != 1:
+                raise RecordNotFound(f"no record of a pool named {name!r}")
+
+        self._write(work, may_conflict=False)
         self._after_commit(self._forget_volumes(name))
 
     def list_volumes(self, pool: str | None = None) -> list[VolumeRecord]:
-        with self._session() as session:
-            query = select(VolumeRow, PoolRow.name).join(PoolRow, VolumeRow.pool_id == PoolRow.id)
+        with self._engine.connect() as connection:
+            query = select(tables.volumes, tables.pools.c.name.label("pool_name")).join(
+                tables.pools, tables.volumes.c.pool_id == tables.pools.c.id)
             if pool is None:
-                return [volume_record(v, p)
-                        for v, p in session.execute(query.order_by(VolumeRow.id))]
-            found = session.connection().exec_driver_sql(
+                return [volume_record(row, row.pool_name)
+                        for row in connection.execute(query.order_by(tables.volumes.c.id))]
+            found = connection.exec_driver_sql(
                 "SELECT uuid, generation FROM pools WHERE name = ?", (pool,)).first()
             if found is None:
                 return []
@@ -514,10 +531,10 @@ class StateStore:
             cached = self._volumes.get(pool)
             if cached is not None and cached[0] == key:
                 return list(cached[1])
-            volumes = [volume_record(v, p) for v, p in session.execute(
-                query.where(PoolRow.name == pool).order_by(VolumeRow.id))]
-            self._volumes[pool] = (key, volumes)
-            return list(volumes)
+            read = [volume_record(row, pool) for row in connection.execute(
+                query.where(tables.pools.c.name == pool).order_by(tables.volumes.c.id))]
+            self._volumes[pool] = (key, read)
+            return list(read)
 
     def pool_change(self, pool: str, *, transaction_id: int | None = None,
                     next_thin_id: int | None = None, add: VolumeRecord | None = None,
@@ -529,8 +546,8 @@ class StateStore:
         Returns the pool's record as it is now (its generation moved on)."""
         # Raw statements: every create, snapshot and delete makes two of these
         # changes, and the ORM's select-load-flush was most of their time.
-        def work(session: Session) -> tuple[Callable[[], None], PoolRecord]:
-            sql = session.connection().exec_driver_sql
+        def work(connection: Connection) -> tuple[Callable[[], None], PoolRecord]:
+            sql = connection.exec_driver_sql
             row = sql(f"SELECT {_POOL_COLUMNS} FROM pools WHERE name = ?", (pool,)).first()
             if row is None:
                 raise RecordNotFound(f"no record of a pool named {pool!r}")
@@ -602,8 +619,8 @@ class StateStore:
     # every operation makes several, and the ORM's load-modify-flush (or even
     # compiling a Core statement) was most of the store thread's time.
     def begin_intent(self, operation: str, device: str, args: dict[str, Any]) -> int:
-        def work(session: Session) -> int:
-            done = session.connection().exec_driver_sql(
+        def work(connection: Connection) -> int:
+            done = connection.exec_driver_sql(
                 "INSERT INTO intents (operation, device, args_json, state, step, created_at) "
                 "VALUES (?, ?, ?, 'pending', 0, ?)",
                 (operation, device, json.dumps(args), _sql_now()))
@@ -613,9 +630,9 @@ class StateStore:
 
     @staticmethod
     def _update_intent(intent_id: int, sql: str, values: tuple[Any, ...]
-                       ) -> Callable[[Session], None]:
-        def work(session: Session) -> None:
-            done = session.connection().exec_driver_sql(sql, (*values, intent_id))
+                       ) -> Callable[[Connection], None]:
+        def work(connection: Connection) -> None:
+            done = connection.exec_driver_sql(sql, (*values, intent_id))
             if done.rowcount != 1:
                 raise RecordNotFound(f"no intent {intent_id}")
 
@@ -632,10 +649,10 @@ class StateStore:
             (state, _sql_now())), may_conflict=False)
 
     def pending_intents(self) -> list[IntentRecord]:
-        with self._session() as session:
-            rows = session.scalars(select(IntentRow).where(IntentRow.state == "pending")
-                                   .order_by(IntentRow.id))
-            return [_intent(r) for r in rows]
+        with self._engine.connect() as connection:
+            return [_intent(row) for row in connection.execute(
+                select(tables.intents).where(tables.intents.c.state == "pending")
+                .order_by(tables.intents.c.id))]
 
 
 def _configure_connection(dbapi_connection: Any, _record: Any) -> None:
@@ -810,8 +827,8 @@ _POOL_COLUMNS = ("id, name, uuid, owner_uid, block_sectors, on_full, low_water_p
                  "no_space_timeout")
 
 
-def _pool_row(record: PoolRecord, generation: int) -> PoolRow:
-    return PoolRow(
+def _pool_values(record: PoolRecord, generation: int) -> dict[str, Any]:
+    return dict(
         name=record.name, uuid=record.uuid, owner_uid=record.owner_uid,
         block_sectors=record.block_sectors, on_full=record.on_full,
         low_water_percent=record.low_water_percent, no_space_timeout=record.no_space_timeout,
@@ -819,10 +836,13 @@ def _pool_row(record: PoolRecord, generation: int) -> PoolRow:
         layout_json=record.layout.to_json(), created_at=_now(), generation=generation)
 
 
-def _volume_row(volume: VolumeRecord, pool_id: int) -> VolumeRow:
-    return VolumeRow(uuid=volume.uuid, pool_id=pool_id, thin_id=volume.thin_id,
-                     origin_uuid=volume.origin_uuid, created_at=_now(),
-                     **volume_values(volume))
+def _insert_volumes(connection: Connection, pool_id: int,
+                    records: Sequence[VolumeRecord]) -> None:
+    if records:
+        connection.execute(insert(tables.volumes), [dict(
+            uuid=volume.uuid, pool_id=pool_id, thin_id=volume.thin_id,
+            origin_uuid=volume.origin_uuid, created_at=_now(), **volume_values(volume))
+            for volume in records])
 
 
 def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:

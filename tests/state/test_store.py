@@ -347,3 +347,18 @@ def test_opening_a_current_or_new_database_does_not_import_alembic(tmp_path: Pat
     done = subprocess.run([sys.executable, "-c", child, str(tmp_path)], check=True,
                           capture_output=True, text=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_dmd_starts_without_the_orm(tmp_path: Path) -> None:
+    """The store works on SQLAlchemy Core tables: the ORM, about a fifth of
+    dmd's start, is never imported (by the daemon or by opening its state)."""
+    child = (
+        "import sys\n"
+        "import dmd.daemon\n"
+        "from dmd.state import StateStore\n"
+        "StateStore.open(sys.argv[1]).close()\n"
+        "print(sorted(m for m in sys.modules if m.startswith('sqlalchemy.orm')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", child, str(tmp_path)], check=True,
+                          capture_output=True, text=True)
+    assert done.stdout.strip() == "[]"
