@@ -237,6 +237,12 @@ async def cmd_lock(c: Client, a: argparse.Namespace) -> None:
     await c.call(path, VOLUME_INTERFACE, "Lock", "a{sv}", [{}], mutating=True)
 
 
+async def cmd_vol_label(c: Client, a: argparse.Namespace) -> None:
+    path = await _volume_path(c, a.pool, a.volume)
+    await c.call(path, VOLUME_INTERFACE, "SetLabels", "a{ss}a{sv}", [labels_of(a.labels), {}],
+                 mutating=True)
+
+
 async def cmd_change_key(c: Client, a: argparse.Namespace) -> None:
     keys = _Keys()
     try:
@@ -411,6 +417,9 @@ def register(verb: Callable[[str, Verb, str], argparse.ArgumentParser]) -> None:
     sp.add_argument("--key-file", metavar="FILE",
                     help="its key ('-': standard input; default: its keyring key)")
     volume_only(verb("lock", cmd_lock, "close an encrypted volume (the key leaves the kernel)"))
+    sp = volume_only(verb("vol-label", cmd_vol_label, "set a volume's labels"))
+    sp.add_argument("labels", nargs="*", metavar="KEY=VALUE",
+                    help="the labels, replacing all the old ones (none: clear them)")
     sp = volume_only(verb("add-key", cmd_change_key, "add a key to an encrypted volume"))
     sp.add_argument("--key-file", metavar="FILE", required=True, help="a key it opens with")
     sp.add_argument("--new-key-file", metavar="FILE", required=True, help="the key to add")

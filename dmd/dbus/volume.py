@@ -14,6 +14,7 @@ from dmd.dbus.declare import (
     U64,
     CachedObject,
     Fd,
+    Labels,
     ObjectAndJob,
     Options,
     Path,
@@ -132,6 +133,10 @@ class VolumeInterface(CachedObject):
         routed()
 
     @dbus_method()
+    def SetLabels(self, labels: Labels, options: Options) -> None:
+        routed()
+
+    @dbus_method()
     def DetachCache(self, options: Options) -> Path:
         routed()
 
@@ -228,6 +233,11 @@ class VolumeHandlers:
                          force=opts.get("force", False), uuid=uuid, caller=caller,
                          accept=accept))
         return job_path(job.id)
+
+    async def SetLabels(self, caller: Caller, pool: str, volume: str, uuid: str,
+                        labels: dict[str, str], options: dict[str, Any]) -> None:
+        options_in("SetLabels", options)
+        await self.pools.set_labels(pool, volume, labels, uuid=uuid, caller=caller)
 
     async def DetachCache(self, caller: Caller, pool: str, volume: str, uuid: str,
                           options: dict[str, Any]) -> str:

@@ -110,6 +110,12 @@ class VolumeActivateStep(enum.IntEnum):
     RECORD = 2  # the record says so next
 
 
+class VolumeLabelsStep(enum.IntEnum):
+    """SetLabels: one record written (recovery finds it written or not)."""
+
+    RECORD = 1  # the record takes the new labels next
+
+
 class VolumeResizeStep(enum.IntEnum):
     """A thin volume's Resize: recovery records the size its device has (an
     inactive volume's: the old one unless the record was written)."""

@@ -200,6 +200,14 @@ def test_encrypted_and_thick_volumes(dmd_session: Any, tmp_path: Path) -> None:
         "/dev/mapper/tank-db\n"
     listed = {v["Name"]: v for v in json.loads(ok(dmd_session, "--json", "vols", "tank"))}
     assert (listed["db"]["Thin"], listed["vault"]["Encryption"]) == (False, "luks2")
+    ok(dmd_session, "vol-label", "tank/db", "role=database", "tier=")
+    listed = {v["Name"]: v for v in json.loads(ok(dmd_session, "--json", "vols", "tank"))}
+    assert listed["db"]["Labels"] == {"role": "database", "tier": ""}
+    bad = dmctl(dmd_session, "vol-label", "tank", "db", "=nameless")
+    assert bad.returncode != 0
+    ok(dmd_session, "vol-label", "tank", "db")
+    listed = {v["Name"]: v for v in json.loads(ok(dmd_session, "--json", "vols", "tank"))}
+    assert listed["db"]["Labels"] == {}
 
 
 def test_cache_verbs(dmd_session: Any) -> None:

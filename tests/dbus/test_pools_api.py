@@ -140,6 +140,31 @@ async def test_job_ends_with_a_completed_signal_and_stays_readable(
     assert added and added[0].path == ROOT_PATH
 
 
+async def test_a_volumes_labels_are_set_over_the_bus(client: Client, disks: list[str]) -> None:
+    await client.watch()
+    pool, job = await create_pool(client, "tank", disks[:1])
+    await finished(client, job)
+    volume, job = await client.call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}",
+                                    ["v", GIB, {"labels": Variant("a{ss}", {"a": "b"})}])
+    await finished(client, job)
+    client.signals.clear()
+    await client.call(volume, VOLUME_INTERFACE, "SetLabels", "a{ss}a{sv}",
+                      [{"snapshot/key": "k1"}, {}])
+    # Shown when the call returns, and said by a signal.
+    assert (await props(client, volume, VOLUME_INTERFACE))["Labels"] == {"snapshot/key": "k1"}
+    assert any(m.path == volume and m.member == "PropertiesChanged" and "Labels" in m.body[1]
+               for m in client.signals)
+    with pytest.raises(CallError) as bad:
+        await client.call(volume, VOLUME_INTERFACE, "SetLabels", "a{ss}a{sv}",
+                          [{"k": "x" * 5000}, {}])
+    assert bad.value.short == "InvalidArgument"
+    with pytest.raises(CallError) as unknown:
+        await client.call(volume, VOLUME_INTERFACE, "SetLabels", "a{ss}a{sv}",
+                          [{}, {"force": Variant("b", True)}])
+    assert unknown.value.short == "InvalidArgument"
+    assert (await props(client, volume, VOLUME_INTERFACE))["Labels"] == {"snapshot/key": "k1"}
+
+
 async def test_a_quick_job_is_not_a_storm_of_progress_signals(
         client: Client, disks: list[str]) -> None:
     """A create's ten journal steps, over in a moment, are not ten

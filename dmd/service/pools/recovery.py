@@ -28,6 +28,7 @@ from dmd.service.pools import (
     activation,
     cache,
     importing,
+    labels,
     lifecycle,
     space,
     thick,
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 # module that owns an operation says so.
 RECOVERY: dict[str, Recover] = {**lifecycle.RECOVERY, **space.RECOVERY, **importing.RECOVERY,
                                 **volumes.RECOVERY, **thick.RECOVERY, **activation.RECOVERY,
-                                **cache.RECOVERY}
+                                **cache.RECOVERY, **labels.RECOVERY}
 POOL_OPERATIONS = frozenset(RECOVERY)
 
 
