@@ -243,6 +243,12 @@ async def cmd_vol_label(c: Client, a: argparse.Namespace) -> None:
                  mutating=True)
 
 
+async def cmd_vol_rename(c: Client, a: argparse.Namespace) -> None:
+    path = await _volume_path(c, a.pool, a.volume)
+    await c.call(path, VOLUME_INTERFACE, "Rename", "sa{sv}", [a.name, {}], mutating=True)
+    print((await _props(c, path, VOLUME_INTERFACE))["DevicePath"] or f"{a.pool}/{a.name}")
+
+
 async def cmd_change_key(c: Client, a: argparse.Namespace) -> None:
     keys = _Keys()
     try:
@@ -417,6 +423,9 @@ def register(verb: Callable[[str, Verb, str], argparse.ArgumentParser]) -> None:
     sp.add_argument("--key-file", metavar="FILE",
                     help="its key ('-': standard input; default: its keyring key)")
     volume_only(verb("lock", cmd_lock, "close an encrypted volume (the key leaves the kernel)"))
+    sp = volume_only(verb("vol-rename", cmd_vol_rename,
+                          "give a volume another name (its data, UUID and owner stay)"))
+    sp.add_argument("name", metavar="NEW", help="its new name")
     sp = volume_only(verb("vol-label", cmd_vol_label, "set a volume's labels"))
     sp.add_argument("labels", nargs="*", metavar="KEY=VALUE",
                     help="the labels, replacing all the old ones (none: clear them)")

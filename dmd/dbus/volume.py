@@ -137,6 +137,10 @@ class VolumeInterface(CachedObject):
         routed()
 
     @dbus_method()
+    def Rename(self, name: Str, options: Options) -> None:
+        routed()
+
+    @dbus_method()
     def DetachCache(self, options: Options) -> Path:
         routed()
 
@@ -238,6 +242,12 @@ class VolumeHandlers:
                         labels: dict[str, str], options: dict[str, Any]) -> None:
         options_in("SetLabels", options)
         await self.pools.set_labels(pool, volume, labels, uuid=uuid, caller=caller)
+
+    async def Rename(self, caller: Caller, pool: str, volume: str, uuid: str, name: str,
+                     options: dict[str, Any]) -> None:
+        options_in("Rename", options)
+        await self.pools.rename_volume(pool, volume, check_string(name, "name"), uuid=uuid,
+                                       caller=caller)
 
     async def DetachCache(self, caller: Caller, pool: str, volume: str, uuid: str,
                           options: dict[str, Any]) -> str:

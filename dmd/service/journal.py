@@ -116,6 +116,14 @@ class VolumeLabelsStep(enum.IntEnum):
     RECORD = 1  # the record takes the new labels next
 
 
+class VolumeRenameStep(enum.IntEnum):
+    """Rename: recovery finds the volume's device by its DM UUID; under the
+    new name, the record follows it (forward), else it stays (back)."""
+
+    DEVICE = 1  # the volume's device is renamed next (if it is active)
+    RECORD = 2  # the record takes the new name next
+
+
 class VolumeResizeStep(enum.IntEnum):
     """A thin volume's Resize: recovery records the size its device has (an
     inactive volume's: the old one unless the record was written)."""

@@ -208,6 +208,13 @@ def test_encrypted_and_thick_volumes(dmd_session: Any, tmp_path: Path) -> None:
     ok(dmd_session, "vol-label", "tank", "db")
     listed = {v["Name"]: v for v in json.loads(ok(dmd_session, "--json", "vols", "tank"))}
     assert listed["db"]["Labels"] == {}
+    assert ok(dmd_session, "vol-rename", "tank", "db", "pg") == "/dev/mapper/tank-pg\n"
+    unlocked = dmctl(dmd_session, "vol-rename", "tank", "vault", "safe")
+    assert unlocked.returncode == 1 and "Lock it to rename it" in unlocked.stderr
+    ok(dmd_session, "lock", "tank", "vault")
+    ok(dmd_session, "vol-rename", "tank/vault", "safe")
+    assert ok(dmd_session, "unlock", "tank", "safe", "--key-file", str(other)) == \
+        "/dev/mapper/tank-safe-crypt\n"
 
 
 def test_cache_verbs(dmd_session: Any) -> None:

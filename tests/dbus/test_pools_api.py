@@ -165,6 +165,29 @@ async def test_a_volumes_labels_are_set_over_the_bus(client: Client, disks: list
     assert (await props(client, volume, VOLUME_INTERFACE))["Labels"] == {"snapshot/key": "k1"}
 
 
+async def test_a_volume_is_renamed_and_keeps_its_object(client: Client,
+                                                       disks: list[str]) -> None:
+    pool, job = await create_pool(client, "tank", disks[:1])
+    await finished(client, job)
+    volume, job = await client.call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}",
+                                    ["v", GIB, {}])
+    await finished(client, job)
+    other, job = await client.call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}",
+                                   ["taken", GIB, {}])
+    await finished(client, job)
+    await client.call(volume, VOLUME_INTERFACE, "Rename", "sa{sv}", ["db", {}])
+    v = await props(client, volume, VOLUME_INTERFACE)
+    assert v["Name"] == "db" and v["DevicePath"] == "/dev/mapper/tank-db"
+    assert v["Device"] in await objects(client)
+    with pytest.raises(CallError) as taken:
+        await client.call(volume, VOLUME_INTERFACE, "Rename", "sa{sv}", ["taken", {}])
+    assert taken.value.short == "AlreadyExists"
+    assert (await props(client, volume, VOLUME_INTERFACE))["Name"] == "db"
+    names = {i[VOLUME_INTERFACE]["Name"]: path for path, i in (await objects(client)).items()
+             if VOLUME_INTERFACE in i}
+    assert names == {"db": volume, "taken": other}
+
+
 async def test_a_quick_job_is_not_a_storm_of_progress_signals(
         client: Client, disks: list[str]) -> None:
     """A create's ten journal steps, over in a moment, are not ten

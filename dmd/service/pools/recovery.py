@@ -28,8 +28,8 @@ from dmd.service.pools import (
     activation,
     cache,
     importing,
-    labels,
     lifecycle,
+    naming,
     space,
     thick,
     volumes,
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 # module that owns an operation says so.
 RECOVERY: dict[str, Recover] = {**lifecycle.RECOVERY, **space.RECOVERY, **importing.RECOVERY,
                                 **volumes.RECOVERY, **thick.RECOVERY, **activation.RECOVERY,
-                                **cache.RECOVERY, **labels.RECOVERY}
+                                **cache.RECOVERY, **naming.RECOVERY}
 POOL_OPERATIONS = frozenset(RECOVERY)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 
 from dmd.service.devices.operations import DeviceService
-from dmd.service.pools import activation, guard, labels, lifecycle, thick, volumes
+from dmd.service.pools import activation, guard, lifecycle, naming, thick, volumes
 from dmd.service.pools.core import PoolCore, PoolState, check_size, layout, metadata_low
 from dmd.service.pools.tables import volume_uuid
 
@@ -34,6 +34,7 @@ class PoolService(PoolCore):
     match_size = volumes.match_size
     undo_thick = thick.undo_thick
     set_active = activation.set_active
-    set_labels = labels.set_labels
+    set_labels = naming.set_labels
+    rename_volume = naming.rename_volume
     activate_recorded = activation.activate_recorded
     match_device = activation.match_device

@@ -176,10 +176,11 @@ OPERATIONS: dict[str, Callable[[PoolService], Awaitable[Any]]] = {
     "volume-deactivate": lambda p: p.set_active("tank", "base", False),
     "volume-resize": lambda p: p.resize_volume("tank", "base", 2 * GIB),
     "volume-set-labels": lambda p: p.set_labels("tank", "base", {"owner": "backup"}),
+    "volume-rename": lambda p: p.rename_volume("tank", "base", "renamed"),
 }
 STEPS = {"pool-create": 4, "volume-create": 4, "volume-snapshot": 6, "volume-delete": 4,
          "pool-destroy": 2, "pool-grow": 5, "volume-activate": 2, "volume-deactivate": 2,
-         "volume-resize": 2, "volume-set-labels": 1}
+         "volume-resize": 2, "volume-set-labels": 1, "volume-rename": 2}
 # Steps an operation does not take here: pool-grow's METADATA is for a pool
 # low on metadata (tests/service/pools/test_pool_space.py).
 SKIPPED = {("pool-grow", 2)}

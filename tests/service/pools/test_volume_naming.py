@@ -1,7 +1,9 @@
-"""SetLabels: a volume's labels replaced after its creation, in the records
-and the pool's description at once; refused, with nothing changed, beyond
-the bounds every label has or for another uid; a crash leaves the old
-labels or the new, never a description that disagrees."""
+"""Rename and SetLabels: a volume's name and labels changed after its
+creation, in the kernel, the records and the pool's description at once;
+refused, with nothing changed, where they cannot be (bad labels, another
+uid's volume, a name taken, a cache or an open cleartext device); a crash
+leaves the old or the new, never a description that disagrees. (A crash at
+every step of both is in test_pools.py's every-step tests.)"""
 
 from __future__ import annotations
 
@@ -10,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from dmd.engine.sim import SimDM
 from dmd.service import errors
 from dmd.service.auth import Action, Caller
 from dmd.service.devices.operations import MAX_LABEL_BYTES, MAX_LABELS
-from dmd.service.journal import VolumeLabelsStep
-from dmd.service.pools.service import PoolService
+from dmd.service.journal import VolumeLabelsStep, VolumeRenameStep
+from dmd.service.pools.service import PoolService, volume_uuid
 from tests.service.pools.kit import (
     DISKS,
     GIB,
@@ -24,6 +27,7 @@ from tests.service.pools.kit import (
     crash_at,
     open_pools,
     recovered,
+    state,
 )
 
 
@@ -128,3 +132,80 @@ async def _labelled_then_crash(pools: PoolService) -> None:
 
     pools.store.finish_intent = crash_first  # type: ignore[method-assign]
     await pools.set_labels("tank", "v", {"new": "2"})
+
+
+async def test_a_rename_keeps_the_volume_and_its_data(tank: PoolService) -> None:
+    sim: SimDM = tank.kernel.engine  # type: ignore[assignment]
+    base = await tank.create_volume("tank", "base", GIB)
+    sim.write("tank-base", 0, 128)
+    snap = await tank.snapshot("tank", "base", "base.snap")
+    renamed = await tank.rename_volume("tank", "base", "db")
+    assert (renamed.uuid, renamed.thin_id, renamed.owner_uid) == \
+        (base.uuid, base.thin_id, base.owner_uid)
+    names = {d.name for d in sim.list_devices()}
+    assert "tank-db" in names and "tank-base" not in names
+    assert sim.device_info("tank-db").uuid == volume_uuid(base.uuid)
+    # Its snapshot still names it as its origin (by UUID).
+    (s,) = [v for v in await tank.store.list_volumes("tank") if v.name == "base.snap"]
+    assert s.origin_uuid == renamed.uuid == snap.origin_uuid
+    await assert_described(tank, await tank.pool("tank"))
+    await assert_agree(tank)
+    # An inactive volume: only its record.
+    await tank.set_active("tank", "base.snap", False)
+    await tank.rename_volume("tank", "base.snap", "db.before")
+    assert {v.name for v in await tank.store.list_volumes("tank")} == {"db", "db.before"}
+    await tank.set_active("tank", "db.before", True)
+    assert "tank-db.before" in {d.name for d in sim.list_devices()}
+    await assert_agree(tank)
+
+
+async def test_a_rename_that_cannot_be_is_refused_and_changes_nothing(
+        tank: PoolService) -> None:
+    await tank.create_volume("tank", "a", GIB)
+    await tank.create_volume("tank", "b", GIB)
+    before = await state(tank)
+    with pytest.raises(errors.AlreadyExists):
+        await tank.rename_volume("tank", "a", "b")
+    for bad in ("", "x/y", "-lead", "a" * 200):
+        with pytest.raises(errors.InvalidArgument):
+            await tank.rename_volume("tank", "a", bad)
+    with pytest.raises(errors.NotFound):
+        await tank.rename_volume("tank", "nope", "c")
+    assert await state(tank) == before
+
+
+async def test_a_device_of_that_name_made_by_another_tool_stops_the_rename(
+        tank: PoolService) -> None:
+    sim: SimDM = tank.kernel.engine  # type: ignore[assignment]
+    await tank.create_volume("tank", "a", GIB)
+    sim.device_create("tank-b")  # not dmd's: another tool's, or a leftover
+    with pytest.raises(errors.ServiceError):
+        await tank.rename_volume("tank", "a", "b")
+    assert [v.name for v in await tank.store.list_volumes("tank")] == ["a"]
+    assert sim.device_info("tank-a").uuid == volume_uuid(
+        (await tank.store.list_volumes("tank"))[0].uuid)
+
+
+@pytest.mark.parametrize("step", [VolumeRenameStep.DEVICE, VolumeRenameStep.RECORD])
+def test_a_crash_in_a_rename_leaves_one_name_everywhere(tmp_path: Path, step: int) -> None:
+    async def prepare() -> None:
+        pools = open_pools(tmp_path)
+        await pools.create_pool("tank", DISKS[:2])
+        await pools.create_volume("tank", "v", GIB)
+        close(pools)
+
+    asyncio.run(prepare())
+    crash_at(tmp_path, "volume-rename", step, lambda p: p.rename_volume("tank", "v", "w"))
+
+    async def restart() -> None:
+        pools = await recovered(tmp_path)
+        try:
+            (volume,) = await pools.store.list_volumes("tank")
+            sim: SimDM = pools.kernel.engine  # type: ignore[assignment]
+            assert volume.name in {d.name.removeprefix("tank-") for d in sim.list_devices()}
+            await assert_agree(pools)
+            await assert_described(pools, await pools.pool("tank"))
+        finally:
+            close(pools)
+
+    asyncio.run(restart())

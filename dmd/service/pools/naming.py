@@ -1,0 +1,136 @@
+"""What a volume is called and labelled, changed after its creation: Rename
+(its device renamed, its UUID, object path and owner kept) and SetLabels
+(what a service keeps with its volume: a container runtime's snapshot key
+and parent, a VM manager's disk name). Both are in the records and the
+pool's description alike, so they survive a lost state directory and travel
+with ImportPool."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import replace
+
+from dmd.engine import DevId, DmError
+from dmd.engine.interface import Engine
+from dmd.service import errors
+from dmd.service.auth import ROOT, Action, Caller
+from dmd.service.devices.operations import check_labels
+from dmd.service.journal import Journal, PoolArgs, VolumeLabelsStep, VolumeRenameStep
+from dmd.service.pools import crypt
+from dmd.service.pools.core import PoolCore, Recover
+from dmd.service.pools.names import VolumeName, check_cleartext, volume_device
+from dmd.service.pools.tables import volume_uuid
+from dmd.state import IntentRecord, PoolRecord, VolumeRecord
+
+log = logging.getLogger(__name__)
+
+
+async def set_labels(pools: PoolCore, pool: str, name: str, labels: Mapping[str, str], *,
+                     uuid: str | None = None, caller: Caller = ROOT) -> VolumeRecord:
+    """Replace the volume's labels with *labels* (within the bounds every
+    label has: dmd.service.devices.operations.check_labels), journaled:
+    a crash leaves the old labels or the new, in the records and, once dmd
+    is back, in the description."""
+    clean = check_labels(labels)
+    async with pools.change(pool) as change:
+        volume = await change.volume(name, uuid)
+        await pools.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
+        changed = replace(volume, labels=clean)
+        if changed == volume:
+            return volume
+        pools.check_fits(await change.record(), await change.volumes(), changed)
+        async with change.intent("volume-set-labels", f"{pool}/{name}",
+                                 PoolArgs(pool=pool, volume=changed.to_json())) as journal:
+            await journal.mark(VolumeLabelsStep.RECORD)
+            await change.write(update=changed)
+    log.info("volume-set-labels %s/%s: %d label(s)", pool, name, len(clean))
+    return changed
+
+
+async def rename_volume(pools: PoolCore, pool: str, name: str, new_name: str, *,
+                        uuid: str | None = None, caller: Caller = ROOT) -> VolumeRecord:
+    """Give the volume another name: its device (if active) renamed, then
+    its record; its UUID, object path, owner, data and snapshots stay.
+    Refused (Busy) while it has a cache or is unlocked: their devices carry
+    the volume's name in DM UUIDs the kernel never changes (DetachCache or
+    Lock it first)."""
+    new_name = VolumeName(new_name, pool)
+    async with pools.change(pool) as change:
+        volume = await change.volume(name, uuid)
+        await pools.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
+        if new_name == volume.name:
+            return volume
+        await change.check_new_name(new_name)
+        pools.check_uncached(volume, "renaming")
+        if volume.encryption is not None:
+            check_cleartext(pool, new_name)
+            if await crypt.cleartext_present(pools, pool, name):
+                raise errors.Busy(f"volume {pool}/{name} is unlocked: Lock it to rename it")
+        renamed = replace(volume, name=new_name)
+        pools.check_fits(await change.record(), await change.volumes(), renamed)
+        old_device, new_device = volume_device(pool, name), volume_device(pool, new_name)
+        claim = pools.owner(pool)
+        active = await pools.own_device(volume)
+
+        async def undo(journal: Journal) -> None:
+            # Back: the device (if renamed) takes its old name again; the
+            # record was not written (its write is the last step).
+            if await _kernel_name(pools, volume) == new_device:
+                await pools.devices.rename(new_device, old_device, claim=claim)
+
+        async with change.intent("volume-rename", f"{pool}/{name}",
+                                 PoolArgs(pool=pool, volume=renamed.to_json()),
+                                 undo) as journal:
+            await journal.mark(VolumeRenameStep.DEVICE)
+            if active:
+                await pools.devices.rename(old_device, new_device, claim=claim)
+            await journal.mark(VolumeRenameStep.RECORD)
+            await change.write(update=renamed)
+    log.info("volume-rename %s/%s: now %s/%s", pool, name, pool, new_name)
+    return renamed
+
+
+async def _kernel_name(pools: PoolCore, volume: VolumeRecord) -> str | None:
+    """The name of the volume's device in the kernel (found by its DM UUID),
+    or None when it has none."""
+    try:
+        info = await pools.kernel(Engine.device_info, DevId.uuid(volume_uuid(volume.uuid)))
+    except DmError:
+        return None
+    return info.name
+
+
+async def recover_rename(pools: PoolCore, intent: IntentRecord, args: PoolArgs,
+                         record: PoolRecord | None) -> str | None:
+    """After a crash: the record follows the device (found by its DM UUID).
+    Under the new name, the record takes it ("done"); else the record and
+    the device keep the old one ("rolled_back")."""
+    if record is None:
+        return "rolled_back"
+    pools.claim(args.pool)
+    assert args.volume is not None
+    new = VolumeRecord.from_json(args.volume)
+    now = await pools.recorded(new)
+    if now is None:
+        return "rolled_back"
+    device = await _kernel_name(pools, new)
+    if device == volume_device(new.pool, new.name):
+        if now.name != new.name:
+            await pools.record_change(new.pool, update=replace(now, name=new.name))
+        return "done"
+    # Inactive, or still under its old name (the record is written last).
+    return "done" if now.name == new.name else "rolled_back"
+
+
+async def recover(pools: PoolCore, intent: IntentRecord, args: PoolArgs,
+                  record: PoolRecord | None) -> str | None:
+    """The record was written in one transaction, or not at all: which one
+    says how the intent ended."""
+    assert args.volume is not None
+    wanted = VolumeRecord.from_json(args.volume)
+    now = await pools.recorded(wanted) if record is not None else None
+    return "done" if now is not None and now.labels == wanted.labels else "rolled_back"
+
+
+RECOVERY: dict[str, Recover] = {"volume-set-labels": recover, "volume-rename": recover_rename}
