@@ -19,6 +19,7 @@ from dmd.service.pools.service import PoolService
 JOB_PROPERTIES: dict[str, str] = {
     "Operation": "s", "Objects": "ao", "StartedBy": "u", "StartTime": "t", "Progress": "d",
     "State": "s", "ErrorName": "s", "ErrorMessage": "s", "Result": "o", "Cancellable": "b",
+    "Bytes": "t", "Rate": "t", "ExpectedEndTime": "t",
 }
 
 
@@ -29,6 +30,9 @@ def job_properties(job: Job, objects: list[str], result: str) -> dict[str, Any]:
         "State": job.state.value, "ErrorName": job.error_name,
         "ErrorMessage": job.error_message, "Result": result,
         "Cancellable": job.cancellable and job.state.value == "running",
+        # Where the work has a size; 0 where it has none, or is not known yet.
+        "Bytes": job.size_bytes, "Rate": job.rate(),
+        "ExpectedEndTime": int(job.expected_end() * 1_000_000),
     }
 
 

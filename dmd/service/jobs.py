@@ -62,8 +62,30 @@ class Job:
     result: Any = None
     cancellable: bool = True
     finished_at: float | None = None
+    # Work with a size (a filesystem made on a volume, a cache's dirty blocks
+    # written back, room zeroed): its bytes, how many are done, and when
+    # (time.monotonic()) it began; see work_bytes.
+    size_bytes: int = 0
+    done_bytes: int = 0
+    sized_since: float | None = None
     _cancel_requested: bool = field(default=False, repr=False)
     _jobs: Jobs | None = field(default=None, repr=False)
+
+
+    def rate(self, now: float | None = None) -> int:
+        """Bytes a second of its sized work so far (0: none, or not yet)."""
+        if self.sized_since is None or self.state is not JobState.RUNNING:
+            return 0
+        elapsed = (time.monotonic() if now is None else now) - self.sized_since
+        return int(self.done_bytes / elapsed) if elapsed > 0 else 0
+
+    def expected_end(self) -> float:
+        """When its sized work should be done, at its rate so far
+        (time.time(); 0: not known)."""
+        rate = self.rate()
+        if rate <= 0:
+            return 0.0
+        return time.time() + (self.size_bytes - self.done_bytes) / rate
 
 
 class JobEvent(enum.Enum):
@@ -102,6 +124,19 @@ def progress(fraction: float) -> None:
         job.progress = min(fraction, 0.99)  # 1.0 is for the end
         if job._jobs is not None and job.id in job._jobs._jobs:
             job._jobs._tell(job, JobEvent.PROGRESS)
+
+
+def work_bytes(done: int, total: int) -> None:
+    """The running job (if any) has done *done* of the *total* bytes of
+    its sized work: its Bytes, Rate and ExpectedEndTime (as udisks' jobs show
+    them) follow, published with its next progress. Work of another size
+    begins the count again."""
+    job = _current.get()
+    if job is None or job.state is not JobState.RUNNING:
+        return
+    if job.sized_since is None or job.size_bytes != total:
+        job.size_bytes, job.sized_since = total, time.monotonic()
+    job.done_bytes = min(max(done, 0), total)
 
 
 class Jobs:

@@ -4,6 +4,7 @@ honoured only where the work can still be undone."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 
 from dmd.service import errors
 from dmd.service.auth import ROOT
-from dmd.service.jobs import JobEvent, Jobs, JobState, cancel_point
+from dmd.service.jobs import JobEvent, Jobs, JobState, cancel_point, work_bytes
 from tests.service.pools.kit import DISKS, GIB, assert_agree, open_pools, state
 
 
@@ -35,6 +36,29 @@ async def test_accepted_job_answers_before_it_ends() -> None:
     assert await jobs.wait(job.id, 5)
     assert job.state is JobState.COMPLETED and job.result == "result" and job.progress == 1.0
     assert events[-1] == (job.id, JobEvent.FINISHED) and jobs.get(job.id) is job
+
+
+async def test_work_with_a_size_has_a_rate_and_an_end() -> None:
+    jobs = Jobs()
+    gate = asyncio.Event()
+    work_bytes(10, 100)  # outside any job: nothing to say it to
+
+    async def body(accept: Callable[[Any], None]) -> None:
+        accept(None)
+        work_bytes(0, 1000)
+        await asyncio.sleep(0.2)
+        work_bytes(400, 1000)
+        await gate.wait()
+
+    job, _ = await jobs.start("op", 0, body)
+    await asyncio.sleep(0.3)
+    assert (job.size_bytes, job.done_bytes) == (1000, 400)
+    assert 0 < job.rate() <= 2000  # 400 bytes in 0.2 s or more
+    end = job.expected_end()
+    assert time.time() < end < time.time() + 600 / job.rate() + 1
+    gate.set()
+    assert await jobs.wait(job.id, 5)
+    assert job.rate() == 0 and job.expected_end() == 0
 
 
 async def test_a_refusal_before_accepting_is_an_error_and_no_job() -> None:

@@ -41,7 +41,7 @@ from dmd.engine.targets.cache import CacheParams, CacheStatus
 from dmd.engine.targets.writecache import WritecacheParams, WritecacheStatus
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
-from dmd.service.jobs import cancel_point, progress
+from dmd.service.jobs import cancel_point, progress, work_bytes
 from dmd.service.journal import Journal, PoolArgs, intent
 from dmd.service.pools.core import Accept, PoolCore, Recover
 from dmd.service.pools.names import VolumePart, volume_device, volume_part
@@ -376,7 +376,8 @@ async def detach(pools: PoolCore, pool: str, name: str, *, uuid: str | None = No
             await pools.devices.reload(device, cache_table(volume, cleaner=True), claim=claim)
             await journal.mark(DetachStep.FLUSH)
             for _ in range(SWAP_TRIES):
-                await _flush(pools, device, volume.cache.kind)
+                await _flush(pools, device, volume.cache.kind,
+                             volume.cache.block_sectors * 512)
                 await journal.mark(DetachStep.SWAP)
                 if await _swap_when_clean(pools, device, await pools.volume_table(plain),
                                           claim, volume.cache.kind):
@@ -399,7 +400,7 @@ async def _dirty(pools: PoolCore, device: str) -> int:
     return dirty_blocks(lines[0])
 
 
-async def _flush(pools: PoolCore, device: str, kind: str) -> None:
+async def _flush(pools: PoolCore, device: str, kind: str, block_bytes: int) -> None:
     """Wait for the cleaner to write every dirty block back; the job's
     progress says how much of what was dirty is written. A writecache that
     stops emptying (a writer rewrites the blocks it holds) is left to its
@@ -412,6 +413,7 @@ async def _flush(pools: PoolCore, device: str, kind: str) -> None:
             best, since = left, now
         elif kind == "writecache" and now - since > WRITECACHE_STALL:
             return
+        work_bytes((first - left) * block_bytes, first * block_bytes)
         progress((DetachStep.FLUSH + (1 - left / max(first, 1))) / (len(DetachStep) + 1))
         cancel_point(past_way_back=False)
         await asyncio.sleep(FLUSH_POLL)

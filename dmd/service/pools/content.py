@@ -8,7 +8,7 @@ import logging
 import os
 
 from dmd.engine.interface import Engine
-from dmd.service.jobs import cancel_point, progress
+from dmd.service.jobs import cancel_point, progress, work_bytes
 from dmd.service.journal import (
     Journal,
     VolumeCreateStep,
@@ -40,8 +40,12 @@ async def prepare(pools: PoolCore, journal: Journal, volume: VolumeRecord,
         await journal.mark(VolumeCreateStep.FILESYSTEM)
         device = (cleartext_device if encryption else volume_device)(volume.pool,
                                                                     volume.name)
+        def made(done: float) -> None:
+            # mkfs's counters, as the volume's bytes and the part of the job
+            # after the mark.
+            work_bytes(int(done * volume.size_bytes), volume.size_bytes)
+            progress((VolumeCreateStep.FILESYSTEM + done) / (len(VolumeCreateStep) + 1))
+
         await make_filesystem(
             lambda: pools.kernel(Engine.open_node, device, os.O_RDWR), filesystem,
-            volume.name, lambda done: progress(  # the part of the job after the mark
-                (VolumeCreateStep.FILESYSTEM + done) / (len(VolumeCreateStep) + 1)),
-            lambda: cancel_point(past_way_back=False))
+            volume.name, made, lambda: cancel_point(past_way_back=False))

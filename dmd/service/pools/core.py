@@ -65,7 +65,7 @@ from dmd.engine.types import MAX_DEVICE_SECTORS
 from dmd.service import errors
 from dmd.service.auth import Action, Caller
 from dmd.service.devices.operations import DeviceService, udev_done
-from dmd.service.jobs import Job, Jobs
+from dmd.service.jobs import Job, Jobs, work_bytes
 from dmd.service.journal import (
     Journal,
     PoolArgs,
@@ -866,14 +866,18 @@ class PoolCore:
     async def zero_segments(self, layout_: PoolLayout, segments: tuple[Segment, ...]) -> None:
         """Zero *segments* of the pool's devices (a thick volume's new room:
         what a deleted volume, or whatever the disk held, left there)."""
+        total, done = sum(seg.length for seg in segments) * 512, 0
         for seg in segments:
             path = layout_.devices[seg.device]
+            work_bytes(done, total)
             try:
                 await self.kernel.slow(Engine.wipe, path, seg.start * 512, seg.length * 512)
+                done += seg.length * 512
             except OSError as exc:
                 code = exc.errno or 0
                 raise errors.Kernel(f"zeroing {seg.length} sectors of {path} at sector "
                                     f"{seg.start}: {os.strerror(code)}", code) from None
+        work_bytes(done, total)
 
     async def volume_table(self, volume: VolumeRecord) -> list[TargetLine]:
         if volume.thick is not None:

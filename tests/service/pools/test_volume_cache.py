@@ -89,12 +89,15 @@ async def test_attach_then_detach_writes_every_dirty_block_back(tank: PoolServic
     engine_of(tank).set_cache_dirty("tank-v", 3000)  # 1.5 s of writing back
     job, _ = await tank.as_job("volume-cache-detach", ROOT,
                                lambda accept: cache.detach(tank, "tank", "v", accept=accept))
-    seen = []
+    seen, rates = [], []
     while job.state.value == "running":
         seen.append(job.progress)
+        rates.append(job.rate())
         await asyncio.sleep(0.1)
     assert job.state.value == "completed", job.error_message
     assert seen == sorted(seen) and len({round(p, 2) for p in seen}) > 3, seen
+    # The dirty blocks written back are work with a size: Bytes and a rate.
+    assert job.size_bytes >= 2000 * 4096 and any(r > 0 for r in rates), (job, rates)
     assert live(tank, "tank-v") == thin_table
     assert lost(tank) == 0
     [volume] = await tank.volumes("tank")

@@ -75,6 +75,30 @@ def fake_tool(directory: Path, script: str) -> None:
     tool.chmod(0o755)
 
 
+async def test_a_filesystems_job_says_its_bytes_rate_and_end(
+        tank: PoolService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Making a filesystem is work with a size (the volume's bytes): the job
+    says how many, at what rate, and when it should end, as mkfs counts."""
+    fake_tool(tmp_path / "bin", "sleep 0.3; echo 'Writing inode tables: 1/4'; sleep 0.6\n"
+                                "echo 'Writing inode tables: 3/4'; sleep 0.6\n")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    job, _ = await tank.as_job("volume-create", ROOT, lambda accept: tank.create_volume(
+        "tank", "v", 4 * GIB, filesystem="ext4", accept=accept))
+    seen: list[tuple[int, int, int, float]] = []
+    while job.state.value == "running":
+        seen.append((job.size_bytes, job.done_bytes, job.rate(), job.expected_end()))
+        await asyncio.sleep(0.05)
+    assert job.state.value == "completed"
+    quarter = [s for s in seen if s[1] == GIB]
+    assert quarter and all(s[0] == 4 * GIB for s in quarter)
+    # A gibibyte in about 0.3 s or more: a rate, and an end some seconds away.
+    _, _, rate, end = quarter[-1]
+    assert 0 < rate < 4 * GIB and time.time() < end < time.time() + 60
+    assert any(s[1] == 3 * GIB for s in seen)
+    assert job.rate() == 0  # over: no rate, no end
+    assert job.expected_end() == 0
+
+
 async def test_progress_follows_mke2fs_and_a_failure_names_the_tool(
         tank: PoolService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake_tool(tmp_path / "bin", "echo 'Writing inode tables: 1/4'; sleep 0.3\n"
