@@ -14,6 +14,8 @@ volumes boot (last there) and ``test_after_the_reboot`` in the next boot:
   the pool and its active volumes up with their data, the deactivated one
   stays down until asked, and the pool's thin ids and transaction id are as
   recorded;
+- a volume renamed (and labelled) before the reboot comes back under its
+  new name, with its data and labels;
 - encrypted volumes: "sealed", whose key is a description in root's
   keyring, waits locked (and says for what) until the key is put there,
   then opens by itself with its data; "manual", whose key came as a
@@ -98,6 +100,14 @@ def test_before_the_reboot(stopped_dmd: SystemDmd, tmp_path: Path) -> None:
     (job,) = call(two, VOLUME_INTERFACE, "Deactivate", "a{sv}", "0")
     wait(job)
     assert prop(two, VOLUME_INTERFACE, "State") == "inactive"
+    # A volume renamed while it holds data, and labelled after its creation.
+    old = create_volume(pool, "old", 32 * MIB)
+    written = write_pattern(f"/dev/mapper/{POOL}-old", b"renamed", SIZE)
+    call(old, VOLUME_INTERFACE, "Rename", "sa{sv}", "renamed", "0")
+    call(old, VOLUME_INTERFACE, "SetLabels", "a{ss}a{sv}", "1", "role", "db", "0")
+    assert not Path(f"/dev/mapper/{POOL}-old").exists()
+    sums["renamed"] = checksum(f"/dev/mapper/{POOL}-renamed", SIZE)
+    assert sums["renamed"] == written
     serial = keyring.add_user_key(SEALED_KEY, KEY)
     error, (_, job) = fd_call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", [
         "sealed", 32 * MIB, {"encryption": Variant("s", "luks2"),
@@ -140,7 +150,10 @@ def test_after_the_reboot(stopped_dmd: SystemDmd) -> None:
         assert sorted(kernel_thin_ids(POOL)) == record["thin_ids"] == \
             sorted(recorded_thin_ids(dmd.state_dir))
         volumes = {prop(path, VOLUME_INTERFACE, "Name"): path for path in volume_paths()}
-        assert sorted(volumes) == ["manual", "one", "one.snap", "sealed", "two"]
+        assert sorted(volumes) == ["manual", "one", "one.snap", "renamed", "sealed", "two"]
+        assert checksum(f"/dev/mapper/{POOL}-renamed", SIZE) == record["sums"]["renamed"]
+        assert not Path(f"/dev/mapper/{POOL}-old").exists()
+        assert prop(volumes["renamed"], VOLUME_INTERFACE, "Labels") == {"role": "db"}
         sealed, manual = volumes["sealed"], volumes["manual"]
         assert prop(sealed, VOLUME_INTERFACE, "Locked")
         assert prop(sealed, VOLUME_INTERFACE, "LockedReason") == \
@@ -166,7 +179,7 @@ def test_after_the_reboot(stopped_dmd: SystemDmd) -> None:
         dmd.stop()
     finally:
         for name in ("sealed-crypt", "manual-crypt", "sealed", "manual", "one.snap", "one",
-                     "two", "tpool", "tdata", "tmeta"):
+                     "two", "renamed", "tpool", "tdata", "tmeta"):
             subprocess.run(["dmsetup", "remove", f"{POOL}-{name}"], capture_output=True)
         for device in record["disks"].values():
             subprocess.run(["losetup", "-d", device], check=False)
