@@ -509,7 +509,11 @@ class StateStore:
 
     def remove_pool(self, name: str) -> None:
         def work(connection: Connection) -> None:
-            gone = connection.execute(delete(tables.pools).where(tables.pools.c.name == name))
+            try:
+                gone = connection.execute(delete(tables.pools).where(tables.pools.c.name == name))
+            except IntegrityError:  # the volumes' foreign key
+                raise StateError(f"pool {name!r} still has volume records; they go first"
+                                 ) from None
             if gone.rowcount != 1:
                 raise RecordNotFound(f"no record of a pool named {name!r}")
 

@@ -647,6 +647,14 @@ class PoolCore:
             raise errors.Busy(f"volume {volume.pool}/{volume.name} has a cache: DetachCache "
                               f"before {what} it")
 
+    async def check_not_a_cache(self, volume: VolumeRecord) -> None:
+        """Busy if *volume* is another volume's cache: that volume's record
+        and devices name it by its path."""
+        for other in await self.store.list_volumes():
+            if other.cache is not None and other.cache.volume_uuid == volume.uuid:
+                raise errors.Busy(f"volume {volume.pool}/{volume.name} is the cache of volume "
+                                  f"{other.pool}/{other.name}: DetachCache first")
+
     async def thick_segments(self, pool: str) -> tuple[Segment, ...]:
         """The segments of the pool's devices its thick volumes hold."""
         return tuple(s for v in await self.store.list_volumes(pool) if v.thick is not None

@@ -19,7 +19,7 @@ from dmd.service.devices.operations import check_labels
 from dmd.service.journal import Journal, PoolArgs, VolumeLabelsStep, VolumeRenameStep
 from dmd.service.pools import crypt
 from dmd.service.pools.core import PoolCore, Recover
-from dmd.service.pools.names import VolumeName, check_cleartext, volume_device
+from dmd.service.pools.names import VolumeName, check_cleartext, cleartext_device, volume_device
 from dmd.service.pools.tables import volume_uuid
 from dmd.state import IntentRecord, PoolRecord, VolumeRecord
 
@@ -63,13 +63,22 @@ async def rename_volume(pools: PoolCore, pool: str, name: str, new_name: str, *,
             return volume
         await change.check_new_name(new_name)
         pools.check_uncached(volume, "renaming")
+        await pools.check_not_a_cache(volume)
+        old_device, new_device = volume_device(pool, name), volume_device(pool, new_name)
+        taken = [new_device]
         if volume.encryption is not None:
             check_cleartext(pool, new_name)
             if await crypt.cleartext_present(pools, pool, name):
                 raise errors.Busy(f"volume {pool}/{name} is unlocked: Lock it to rename it")
+            taken.append(cleartext_device(pool, new_name))
+        for device in taken:
+            # Inactive or not: the name must be free when it is activated.
+            if await pools.store.get_device(device) is not None or \
+                    await _in_kernel(pools, device):
+                raise errors.AlreadyExists(f"a device named {device} exists: {pool}/{new_name} "
+                                           "would be its name")
         renamed = replace(volume, name=new_name)
         pools.check_fits(await change.record(), await change.volumes(), renamed)
-        old_device, new_device = volume_device(pool, name), volume_device(pool, new_name)
         claim = pools.owner(pool)
         active = await pools.own_device(volume)
 
@@ -91,6 +100,14 @@ async def rename_volume(pools: PoolCore, pool: str, name: str, new_name: str, *,
     return renamed
 
 
+async def _in_kernel(pools: PoolCore, device: str) -> bool:
+    try:
+        await pools.kernel(Engine.device_info, device)
+    except DmError:
+        return False
+    return True
+
+
 async def _kernel_name(pools: PoolCore, volume: VolumeRecord) -> str | None:
     """The name of the volume's device in the kernel (found by its DM UUID),
     or None when it has none."""
@@ -103,24 +120,32 @@ async def _kernel_name(pools: PoolCore, volume: VolumeRecord) -> str | None:
 
 async def recover_rename(pools: PoolCore, intent: IntentRecord, args: PoolArgs,
                          record: PoolRecord | None) -> str | None:
-    """After a crash: the record follows the device (found by its DM UUID).
-    Under the new name, the record takes it ("done"); else the record and
-    the device keep the old one ("rolled_back")."""
+    """After a crash: the record follows the device, found by its DM UUID in
+    the kernel, else by the device records (its pool may not be up yet).
+    Under the new name, the record takes it ("done"); under the old one, the
+    record keeps or takes that ("rolled_back"); with no device at all (an
+    inactive volume), the record stands as written."""
     if record is None:
         return "rolled_back"
     pools.claim(args.pool)
     assert args.volume is not None
     new = VolumeRecord.from_json(args.volume)
+    old_name = intent.device.split("/", 1)[1]
     now = await pools.recorded(new)
     if now is None:
         return "rolled_back"
-    device = await _kernel_name(pools, new)
-    if device == volume_device(new.pool, new.name):
-        if now.name != new.name:
-            await pools.record_change(new.pool, update=replace(now, name=new.name))
-        return "done"
-    # Inactive, or still under its old name (the record is written last).
-    return "done" if now.name == new.name else "rolled_back"
+    where = await _kernel_name(pools, new)
+    if where is None:
+        for candidate in (new.name, old_name):
+            device = await pools.store.get_device(volume_device(new.pool, candidate))
+            if device is not None and device.uuid == volume_uuid(new.uuid):
+                where = device.name
+    forward = (where == volume_device(new.pool, new.name)
+               or (where is None and now.name == new.name))
+    name = new.name if forward else old_name
+    if now.name != name:
+        await pools.record_change(new.pool, update=replace(now, name=name))
+    return "done" if forward else "rolled_back"
 
 
 async def recover(pools: PoolCore, intent: IntentRecord, args: PoolArgs,

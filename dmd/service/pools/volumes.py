@@ -300,10 +300,7 @@ async def resize_volume(pools: PoolCore, pool: str, name: str, size_bytes: int, 
                 f"{size} bytes is smaller than {name!r} ({volume.size_bytes} bytes); "
                 "shrinking loses the data past the new end: pass shrink to do it")
         pools.check_uncached(volume, "resizing")
-        for other in await pools.store.list_volumes():
-            if other.cache is not None and other.cache.volume_uuid == volume.uuid:
-                raise errors.Busy(f"volume {pool}/{name} is the cache of volume "
-                                  f"{other.pool}/{other.name}: DetachCache first")
+        await pools.check_not_a_cache(volume)
         if volume.encryption is not None and await crypt.cleartext_present(pools, pool, name):
             raise errors.Busy(f"volume {pool}/{name} is unlocked: Lock it to resize it "
                               "(its cleartext device takes the new size when unlocked)")

@@ -174,6 +174,11 @@ async def test_a_fast_pools_volume_as_the_cache(tank: PoolService) -> None:
     await tank.create_volume("tank", "w", GIB)
     with pytest.raises(errors.Busy, match="cache of volume tank/v"):
         await cache.attach(tank, "tank", "w", "fast/c")
+    # Its path is in the cached volume's record and tables: not renamed.
+    for refused in (tank.rename_volume("fast", "c", "c2"),
+                    tank.resize_volume("fast", "c", 256 * MIB)):
+        with pytest.raises(errors.Busy, match="cache of volume tank/v"):
+            await refused
     await cache.detach(tank, "tank", "v")
     await tank.delete_volume("fast", "c")
     await assert_agree(tank)

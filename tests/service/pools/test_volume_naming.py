@@ -8,6 +8,7 @@ every step of both is in test_pools.py's every-step tests.)"""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from dmd.engine.sim import SimDM
 from dmd.service import errors
 from dmd.service.auth import Action, Caller
 from dmd.service.devices.operations import MAX_LABEL_BYTES, MAX_LABELS
-from dmd.service.journal import VolumeLabelsStep, VolumeRenameStep
+from dmd.service.journal import PoolArgs, VolumeLabelsStep, VolumeRenameStep
+from dmd.service.pools import naming
 from dmd.service.pools.service import PoolService, volume_uuid
 from tests.service.pools.kit import (
     DISKS,
@@ -209,3 +211,32 @@ def test_a_crash_in_a_rename_leaves_one_name_everywhere(tmp_path: Path, step: in
             close(pools)
 
     asyncio.run(restart())
+
+
+async def test_an_inactive_volume_is_not_renamed_to_a_name_taken_in_the_kernel(
+        tank: PoolService) -> None:
+    sim: SimDM = tank.kernel.engine  # type: ignore[assignment]
+    await tank.create_volume("tank", "a", GIB)
+    await tank.set_active("tank", "a", False)
+    sim.device_create("tank-b")  # another tool's
+    with pytest.raises(errors.AlreadyExists, match="tank-b"):
+        await tank.rename_volume("tank", "a", "b")
+    assert [v.name for v in await tank.store.list_volumes("tank")] == ["a"]
+
+
+async def test_recovery_follows_the_device_record_when_the_kernel_has_none(
+        tank: PoolService) -> None:
+    """A crash after the device's rename, before the record's, and a start
+    whose pool is not up yet: the device records say where the device is."""
+    sim: SimDM = tank.kernel.engine  # type: ignore[assignment]
+    volume = await tank.create_volume("tank", "v", GIB)
+    await tank.devices.rename("tank-v", "tank-w", claim=tank.owner("tank"))
+    sim.device_remove("tank-w")  # the kernel holds no device of it now
+    renamed = replace(volume, name="w")
+    intent_id = await tank.store.begin_intent(
+        "volume-rename", "tank/v", PoolArgs(pool="tank", volume=renamed.to_json()).to_json())
+    (intent,) = [i for i in await tank.store.pending_intents() if i.id == intent_id]
+    state_ = await naming.recover_rename(tank, intent, PoolArgs.from_json(intent.args),
+                                         await tank.pool("tank"))
+    assert state_ == "done"
+    assert [v.name for v in await tank.store.list_volumes("tank")] == ["w"]
