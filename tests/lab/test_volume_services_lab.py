@@ -158,6 +158,7 @@ def volume_rule() -> Iterator[None]:
         rules.unlink(missing_ok=True)
 
 
+@pytest.mark.kernel_volumes  # the boots' balance: docs/kernel-lab.md
 def test_a_service_gets_its_volume_as_a_descriptor(system_dmd: SystemDmd, disks: list[str],
                                                    client: Path, volume_rule: None) -> None:
     pool = create_pool("dmdtpo", disks[:1])
@@ -220,6 +221,7 @@ def test_a_service_gets_its_volume_as_a_descriptor(system_dmd: SystemDmd, disks:
     assert again.returncode == 0 and again.stdout.strip() == written.stdout.strip()
 
 
+@pytest.mark.kernel_volumes  # the boots' balance: docs/kernel-lab.md
 @pytest.mark.parametrize("fstype", ["ext4", "xfs"])
 def test_a_volume_comes_with_the_filesystem_asked_for(system_dmd: SystemDmd, disks: list[str],
                                                       fstype: str, tmp_path: Path) -> None:
@@ -252,6 +254,7 @@ def test_a_volume_comes_with_the_filesystem_asked_for(system_dmd: SystemDmd, dis
     assert prop(volume, VOLUME_INTERFACE, "State") == "active"
 
 
+@pytest.mark.kernel_volumes  # the boots' balance: docs/kernel-lab.md
 def test_a_client_without_descriptor_passing_hears_why_at_once(
         system_dmd: SystemDmd, disks: list[str]) -> None:
     """The system bus drops a reply with a descriptor to such a client and
@@ -290,6 +293,7 @@ exit 3
 """
 
 
+@pytest.mark.kernel_volumes  # the boots' balance: docs/kernel-lab.md
 def test_a_failing_mkfs_undoes_the_volume_on_the_kernel(stopped_dmd: SystemDmd,
                                                        disks: list[str]) -> None:
     """After mkfs wrote and closed the device, udev's watch rule probes it:
