@@ -1,7 +1,7 @@
 """The schema: what dmd knows that the kernel does not, as SQLAlchemy Core
 tables. Core, not the ORM: the store turns rows into its own records
 (dmd.state.store, dmd.state.pool_records) and never needed an identity map,
-while importing and mapping the ORM was about a fifth of dmd's start."""
+while importing and mapping the ORM was about a seventh of dmd's start."""
 
 from __future__ import annotations
 
