@@ -365,10 +365,7 @@ class DM:
                 wait = UdevWait(lambda ev: self.nodes.disappeared(name, device, ev), events,
                                 f"removing /dev/mapper/{name}")
                 events = None  # the wait's now
-                if later is None or self.nodes.mode is not UdevSync.WAIT:
-                    wait.wait()  # without udevd the engine makes the node: now
-                else:
-                    later.append(wait)
+                self.nodes.now_or_later(wait, later)
         finally:
             if events is not None:
                 events.close()
@@ -427,10 +424,7 @@ class DM:
                 wait = UdevWait(lambda ev: self.nodes.appeared(name, device, ev), events,
                                 f"adding /dev/mapper/{name}")
                 events = None  # the wait's now
-                if later is None or self.nodes.mode is not UdevSync.WAIT:
-                    wait.wait()  # without udevd the engine makes the node: now
-                else:
-                    later.append(wait)
+                self.nodes.now_or_later(wait, later)
         finally:
             if events is not None:
                 events.close()

@@ -174,6 +174,16 @@ class NodeWatcher:
                 log.debug("no udev monitor socket (%s): will poll instead", exc)
         return None
 
+    def now_or_later(self, wait: UdevWait, later: list[UdevWait] | None) -> None:
+        """Wait for udev now, or hand *wait* to *later* (its caller's, to wait
+        for once it needs the node). Without udevd the wait is the engine's
+        own work on the node, done now whatever the caller asked: a wait
+        given up must never leave a node naming a freed device number."""
+        if later is None or self.mode is not UdevSync.WAIT:
+            wait.wait()
+        else:
+            later.append(wait)
+
     @contextlib.contextmanager
     def listening(self) -> Iterator[UdevEvents | None]:
         """Open udev's monitor socket for the span of one operation (WAIT mode)."""
