@@ -647,6 +647,14 @@ class PoolCore:
             raise errors.Busy(f"volume {volume.pool}/{volume.name} has a cache: DetachCache "
                               f"before {what} it")
 
+    async def in_kernel(self, device: str) -> bool:
+        """Whether the kernel holds a device of that name (anyone's)."""
+        try:
+            await self.kernel(Engine.device_info, device)
+        except DmError:
+            return False
+        return True
+
     async def check_not_a_cache(self, volume: VolumeRecord) -> None:
         """Busy if *volume* is another volume's cache: that volume's record
         and devices name it by its path."""

@@ -158,11 +158,7 @@ async def close_cleartext(pools: PoolCore, pool: str, name: str) -> bool:
 
 
 async def cleartext_present(pools: PoolCore, pool: str, name: str) -> bool:
-    try:
-        await pools.kernel(Engine.device_info, cleartext_device(pool, name))
-    except DmError:
-        return False
-    return True
+    return await pools.in_kernel(cleartext_device(pool, name))
 
 
 # -- methods ------------------------------------------------------------------------

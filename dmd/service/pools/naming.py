@@ -74,7 +74,7 @@ async def rename_volume(pools: PoolCore, pool: str, name: str, new_name: str, *,
         for device in taken:
             # Inactive or not: the name must be free when it is activated.
             if await pools.store.get_device(device) is not None or \
-                    await _in_kernel(pools, device):
+                    await pools.in_kernel(device):
                 raise errors.AlreadyExists(f"a device named {device} exists: {pool}/{new_name} "
                                            "would be its name")
         renamed = replace(volume, name=new_name)
@@ -98,14 +98,6 @@ async def rename_volume(pools: PoolCore, pool: str, name: str, new_name: str, *,
             await change.write(update=renamed)
     log.info("volume-rename %s/%s: now %s/%s", pool, name, pool, new_name)
     return renamed
-
-
-async def _in_kernel(pools: PoolCore, device: str) -> bool:
-    try:
-        await pools.kernel(Engine.device_info, device)
-    except DmError:
-        return False
-    return True
 
 
 async def _kernel_name(pools: PoolCore, volume: VolumeRecord) -> str | None:
