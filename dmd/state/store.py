@@ -503,8 +503,7 @@ class StateStore:
 
     def get_pool(self, name: str) -> PoolRecord | None:
         with self._engine.connect() as connection:
-            row = connection.exec_driver_sql(
-                f"SELECT {_POOL_COLUMNS} FROM pools WHERE name = ?", (name,)).first()
+            row = _pool_named(connection, name)
             return pool_record(row) if row is not None else None
 
     def remove_pool(self, name: str) -> None:
@@ -552,17 +551,18 @@ class StateStore:
         # changes, and the ORM's select-load-flush was most of their time.
         def work(connection: Connection) -> tuple[Callable[[], None], PoolRecord]:
             sql = connection.exec_driver_sql
-            row = sql(f"SELECT {_POOL_COLUMNS} FROM pools WHERE name = ?", (pool,)).first()
+            row = _pool_named(connection, pool)
             if row is None:
                 raise RecordNotFound(f"no record of a pool named {pool!r}")
-            before = (row.uuid, row.generation)
+            now = pool_record(row)
+            before = (now.uuid, now.generation)
             record = replace(
-                pool_record(row), generation=row.generation + 1,
-                transaction_id=row.transaction_id if transaction_id is None
+                now, generation=now.generation + 1,
+                transaction_id=now.transaction_id if transaction_id is None
                 else transaction_id,
-                next_thin_id=row.next_thin_id if next_thin_id is None
-                else max(row.next_thin_id, next_thin_id),
-                layout=layout if layout is not None else pool_record(row).layout)
+                next_thin_id=now.next_thin_id if next_thin_id is None
+                else max(now.next_thin_id, next_thin_id),
+                layout=layout if layout is not None else now.layout)
             sql("UPDATE pools SET generation = ?, transaction_id = ?, next_thin_id = ?, "
                 "layout_json = ? WHERE id = ?",
                 (record.generation, record.transaction_id, record.next_thin_id,
@@ -829,6 +829,13 @@ class AsyncStateStore:
 _POOL_COLUMNS = ("id, name, uuid, owner_uid, block_sectors, on_full, low_water_percent, "
                  "transaction_id, next_thin_id, layout_json, created_at, generation, "
                  "no_space_timeout")
+
+
+def _pool_named(connection: Connection, name: str) -> Row[Any] | None:
+    """The pool's row by a raw statement (an operation's read of its pool,
+    and its change's: the hot path), or None."""
+    return connection.exec_driver_sql(
+        f"SELECT {_POOL_COLUMNS} FROM pools WHERE name = ?", (name,)).first()
 
 
 def _pool_values(record: PoolRecord, generation: int) -> dict[str, Any]:
