@@ -336,29 +336,25 @@ def test_start_killed_while_creating_the_database_leaves_it_usable(tmp_path: Pat
     assert [d.name for d in store.list_devices()] == ["a"]
 
 
-def test_opening_a_current_or_new_database_does_not_import_alembic(tmp_path: Path) -> None:
-    child = (
-        "import sys\n"
-        "from dmd.state import StateStore\n"
-        "StateStore.open(sys.argv[1]).close()\n"
-        "StateStore.open(sys.argv[1]).close()\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n"
-    )
+def imported(tmp_path: Path, code: str, prefix: str) -> list[str]:
+    """The modules named *prefix* or under it that a fresh interpreter has
+    imported after *code* (``sys.argv[1]`` is *tmp_path*)."""
+    child = (f"import sys\n{code}\n"
+             f"print('\\n'.join(sorted(m for m in sys.modules "
+             f"if m == {prefix!r} or m.startswith({prefix + '.'!r}))))\n")
     done = subprocess.run([sys.executable, "-c", child, str(tmp_path)], check=True,
                           capture_output=True, text=True)
-    assert done.stdout.strip() == "[]"
+    return done.stdout.split()
+
+
+def test_opening_a_current_or_new_database_does_not_import_alembic(tmp_path: Path) -> None:
+    assert imported(tmp_path, "from dmd.state import StateStore\n"
+                              "StateStore.open(sys.argv[1]).close()\n"
+                              "StateStore.open(sys.argv[1]).close()", "alembic") == []
 
 
 def test_dmd_starts_without_the_orm(tmp_path: Path) -> None:
-    """The store works on SQLAlchemy Core tables: the ORM, about a fifth of
-    dmd's start, is never imported (by the daemon or by opening its state)."""
-    child = (
-        "import sys\n"
-        "import dmd.daemon\n"
-        "from dmd.state import StateStore\n"
-        "StateStore.open(sys.argv[1]).close()\n"
-        "print(sorted(m for m in sys.modules if m.startswith('sqlalchemy.orm')))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", child, str(tmp_path)], check=True,
-                          capture_output=True, text=True)
-    assert done.stdout.strip() == "[]"
+    """The store works on SQLAlchemy Core tables: the ORM, about a seventh
+    of dmd's start, is never imported (by the daemon or by opening its state)."""
+    assert imported(tmp_path, "import dmd.daemon\nfrom dmd.state import StateStore\n"
+                              "StateStore.open(sys.argv[1]).close()", "sqlalchemy.orm") == []
