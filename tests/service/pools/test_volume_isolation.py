@@ -139,5 +139,11 @@ async def test_labels_are_bounded_and_the_description_always_fits(tank: PoolServ
     with pytest.raises(errors.LimitExceeded):
         await tank.snapshot("tank", "v0", "snap", caller=ALICE, labels=labels)
     await tank.snapshot("tank", "v0", "snap", caller=ALICE)  # a label-less one fits
+    # Labels set afterwards are held to the same room: refused, nothing changed.
+    generation = (await tank.pool("tank")).generation
+    with pytest.raises(errors.LimitExceeded):
+        await tank.set_labels("tank", "snap", labels, caller=ALICE)
+    assert [v.labels for v in await tank.volumes("tank") if v.name == "snap"] == [{}]
+    assert (await tank.pool("tank")).generation == generation
     await tank.describe("tank")
     assert tank.descriptions.written[record.uuid] == (await tank.pool("tank")).generation

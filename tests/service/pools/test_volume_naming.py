@@ -168,7 +168,8 @@ async def test_a_rename_that_cannot_be_is_refused_and_changes_nothing(
     before = await state(tank)
     with pytest.raises(errors.AlreadyExists):
         await tank.rename_volume("tank", "a", "b")
-    for bad in ("", "x/y", "-lead", "a" * 200):
+    # Empty, a path, the pool's own devices' names, a newline, too long.
+    for bad in ("", "x/y", "-lead", "tpool", "tdata", "tmeta", "nl\n", "a" * 200):
         with pytest.raises(errors.InvalidArgument):
             await tank.rename_volume("tank", "a", bad)
     with pytest.raises(errors.NotFound):
