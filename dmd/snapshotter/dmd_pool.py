@@ -1,0 +1,198 @@
+"""The snapshotter's side of dmd's D-Bus API: one pool's volumes, mirrored.
+
+The mirror follows dmd's ObjectManager and PropertiesChanged signals, and
+is read again whole whenever dmd's bus name gets a new owner (dmd started
+again). dmd settles a change's objects on the bus before it replies to the
+call or ends the change's Job, and a connection receives one sender's
+messages in order, so once a call has returned (or its Job's Wait has said
+done) the mirror already shows what the call did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from dmd.dbus.names import (
+    BUS_NAME,
+    ERROR_PREFIX,
+    JOB_INTERFACE,
+    MANAGER_INTERFACE,
+    OBJECT_MANAGER_INTERFACE,
+    POOL_INTERFACE,
+    PROPERTIES_INTERFACE,
+    ROOT_PATH,
+    VOLUME_INTERFACE,
+)
+from dmd.snapshotter.catalog import Volume
+
+log = logging.getLogger("dmd.snapshotter")
+
+DBUS = "org.freedesktop.DBus"
+NO_REPLY = {"org.freedesktop.DBus.Error.NoReply", "org.freedesktop.DBus.Error.ServiceUnknown",
+            "org.freedesktop.DBus.Error.NameHasNoOwner", "org.freedesktop.DBus.Error.Disconnected"}
+JOB_WAIT_SECONDS = 30.0
+
+
+class DmdError(Exception):
+    """An error reply from dmd (or from the bus on its way there); *name* is
+    dmd's short error name (``NotFound``, ``Busy`` ...) or the bus's full one."""
+
+    def __init__(self, name: str, text: str) -> None:
+        super().__init__(f"{text} ({name})")
+        self.name, self.text = name, text
+
+    @property
+    def unreachable(self) -> bool:
+        """dmd went away or never answered: whether the call took effect is
+        unknown (dmd's journal finishes or undoes it on its next start)."""
+        return self.name in NO_REPLY
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Variant):
+        return _plain(value.value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+class DmdPool:
+    """One pool of dmd, seen through the bus: its volumes (those of
+    *owner*, the snapshotter's uid) and the calls that change them."""
+
+    def __init__(self, bus: MessageBus, pool: str, owner: int) -> None:
+        self.bus, self.pool, self.owner = bus, pool, owner
+        self.volumes: dict[str, Volume] = {}
+        self.pool_path = ""
+        self._dmd = ""  # dmd's unique name: only its signals count
+        self._resync: asyncio.Task[None] | None = None
+
+    # -- calls ------------------------------------------------------------------
+    async def call(self, path: str, interface: str, member: str, signature: str = "",
+                   body: list[Any] | None = None, destination: str = BUS_NAME) -> list[Any]:
+        reply = await self.bus.call(Message(destination=destination, path=path,
+                                            interface=interface, member=member,
+                                            signature=signature, body=body or []))
+        assert reply is not None
+        if reply.message_type is MessageType.ERROR:
+            name = (reply.error_name or "?").removeprefix(ERROR_PREFIX)
+            raise DmdError(name, str(reply.body[0]) if reply.body else "")
+        return [_plain(v) for v in reply.body]
+
+    async def wait_job(self, job: str) -> None:
+        """Until *job* ends; DmdError when it did not complete."""
+        while not (await self.call(job, JOB_INTERFACE, "Wait", "d", [JOB_WAIT_SECONDS]))[0]:
+            pass
+        (props,) = await self.call(job, PROPERTIES_INTERFACE, "GetAll", "s", [JOB_INTERFACE])
+        if props["State"] != "completed":
+            name = str(props["ErrorName"]).removeprefix(ERROR_PREFIX) or str(props["State"])
+            raise DmdError(name, str(props["ErrorMessage"]))
+
+    async def create_volume(self, name: str, size: int, options: Mapping[str, Variant]
+                            ) -> str:
+        volume, job = await self.call(self.pool_path, POOL_INTERFACE, "CreateVolume",
+                                      "sta{sv}", [name, size, dict(options)])
+        await self.wait_job(job)
+        return str(volume)
+
+    async def snapshot(self, origin: str, name: str, labels: Mapping[str, str]) -> str:
+        options = {"labels": Variant("a{ss}", dict(labels)), "activate": Variant("b", True)}
+        volume, job = await self.call(origin, VOLUME_INTERFACE, "Snapshot", "sa{sv}",
+                                      [name, options])
+        await self.wait_job(job)
+        return str(volume)
+
+    async def set_labels(self, path: str, labels: Mapping[str, str]) -> None:
+        await self.call(path, VOLUME_INTERFACE, "SetLabels", "a{ss}a{sv}", [dict(labels), {}])
+
+    async def volume_job(self, path: str, member: str) -> None:
+        """Delete, Activate or Deactivate; until its job ends."""
+        (job,) = await self.call(path, VOLUME_INTERFACE, member, "a{sv}", [{}])
+        await self.wait_job(job)
+
+    # -- the mirror --------------------------------------------------------------
+    async def start(self) -> None:
+        """Follow dmd's signals, then read the pool and its volumes."""
+        self.bus.add_message_handler(self._on_message)
+        for rule in (f"type='signal',sender='{BUS_NAME}',interface='{OBJECT_MANAGER_INTERFACE}'",
+                     f"type='signal',sender='{BUS_NAME}',interface='{PROPERTIES_INTERFACE}',"
+                     f"member='PropertiesChanged',arg0='{VOLUME_INTERFACE}'",
+                     f"type='signal',sender='{DBUS}',member='NameOwnerChanged',"
+                     f"arg0='{BUS_NAME}'"):
+            await self.call("/org/freedesktop/DBus", DBUS, "AddMatch", "s", [rule],
+                            destination=DBUS)
+        await self.read_all()
+
+    async def read_all(self) -> None:
+        """Read dmd's owner, the pool's path and every volume again."""
+        (self._dmd,) = await self.call("/org/freedesktop/DBus", DBUS, "GetNameOwner", "s",
+                                       [BUS_NAME], destination=DBUS)
+        (self.pool_path,) = await self.call(ROOT_PATH, MANAGER_INTERFACE, "GetPool", "s",
+                                            [self.pool])
+        (objects,) = await self.call(ROOT_PATH, OBJECT_MANAGER_INTERFACE, "GetManagedObjects")
+        self.volumes = {}
+        for path, interfaces in objects.items():
+            if VOLUME_INTERFACE in interfaces:
+                self._put(path, interfaces[VOLUME_INTERFACE])
+
+    def _put(self, path: str, props: Mapping[str, Any]) -> None:
+        volume = Volume.from_properties(path, props)
+        if volume.pool == self.pool and volume.owner == self.owner:
+            self.volumes[path] = volume
+        else:
+            self.volumes.pop(path, None)
+
+    def _on_message(self, msg: Message) -> bool:
+        if msg.message_type is not MessageType.SIGNAL:
+            return False
+        if msg.member == "NameOwnerChanged" and msg.sender == DBUS:
+            if msg.body and msg.body[0] == BUS_NAME:
+                self._dmd = str(msg.body[2])
+                if self._dmd:
+                    self._read_again()
+            return False
+        if not self._dmd or msg.sender != self._dmd:
+            return False
+        body = msg.body
+        if msg.member == "InterfacesAdded" and VOLUME_INTERFACE in body[1]:
+            self._put(str(body[0]), _plain(body[1][VOLUME_INTERFACE]))
+        elif msg.member == "InterfacesRemoved" and VOLUME_INTERFACE in body[1]:
+            self.volumes.pop(str(body[0]), None)
+        elif msg.member == "PropertiesChanged" and body[0] == VOLUME_INTERFACE:
+            old = self.volumes.get(msg.path or "")
+            if old is not None:
+                self._put(old.path, {**self._properties(old), **_plain(body[1])})
+            if body[2]:  # invalidated: read them
+                self._read_again()
+        return False
+
+    def _read_again(self) -> None:
+        if self._resync is None or self._resync.done():
+            self._resync = asyncio.get_running_loop().create_task(self._read_all_logged())
+
+    async def _read_all_logged(self) -> None:
+        try:
+            await self.read_all()
+        except DmdError as exc:
+            log.warning("pool %s: reading dmd's volumes again failed: %s", self.pool, exc)
+
+    async def settled(self) -> None:
+        """Until a read of everything that is under way has ended."""
+        if self._resync is not None:
+            await asyncio.shield(self._resync)
+
+    @staticmethod
+    def _properties(volume: Volume | None) -> dict[str, Any]:
+        if volume is None:
+            return {}
+        return {"Name": volume.name, "PoolName": volume.pool, "Owner": volume.owner,
+                "State": volume.state, "DevicePath": volume.device_path,
+                "UsedBytes": volume.used_bytes, "Labels": dict(volume.labels)}

@@ -1,0 +1,165 @@
+"""containerd's snapshot calls against dmd (simulated kernel, real bus)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from dmd.snapshotter import snapshots_pb2 as pb
+from tests.snapshotter.conftest import POOL, Rig
+
+ACTIVE, VIEW, COMMITTED = pb.ACTIVE, pb.VIEW, pb.COMMITTED
+
+
+async def code_of(call: object) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call  # type: ignore[misc]
+    return caught.value.code()
+
+
+async def test_a_layer_is_prepared_committed_and_built_on(rig: Rig) -> None:
+    api = rig.api
+    (mount,) = await api.prepare("extract-1", **{"containerd.io/gc.root": "x"})
+    volumes = await rig.volumes()
+    (name,) = [n for n in volumes if n != "containerd.base"]
+    assert mount.type == "ext4" and list(mount.options) == []
+    assert mount.source == f"/dev/mapper/{POOL}-{name}"
+    # The base is made once, and stays inactive: snapshots of it need no suspend.
+    assert volumes["containerd.base"]["State"] == "inactive"
+    info = await api.stat("extract-1")
+    assert (info.name, info.parent, info.kind) == ("extract-1", "", ACTIVE)
+    assert dict(info.labels) == {"containerd.io/gc.root": "x"}
+    assert info.created_at == info.updated_at
+
+    await api.commit("sha256:layer1", "extract-1", l="1")
+    assert await code_of(api.stat("extract-1")) is grpc.StatusCode.NOT_FOUND
+    info = await api.stat("sha256:layer1")
+    assert (info.name, info.parent, info.kind, dict(info.labels)) == (
+        "sha256:layer1", "", COMMITTED, {"l": "1"})
+    # The committed layer is the same volume: nothing was copied.
+    assert set(await rig.volumes()) == set(volumes)
+
+    (child,) = await api.prepare("container-1", "sha256:layer1")
+    (view,) = await api.view("view-1", "sha256:layer1")
+    assert list(view.options) == ["ro", "noload"] and list(child.options) == []
+    assert {(i.name, i.parent, i.kind) for i in await api.walk()} == {
+        ("sha256:layer1", "", COMMITTED), ("container-1", "sha256:layer1", ACTIVE),
+        ("view-1", "sha256:layer1", VIEW)}
+    mounts = await api("Mounts", pb.MountsRequest(key="view-1"))
+    assert list(mounts.mounts) == [view]
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.remove("sha256:layer1")
+    assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "remove" in (caught.value.details() or "")
+    for key in ("container-1", "view-1", "sha256:layer1"):
+        await api.remove(key)
+    assert set(await rig.volumes()) == {"containerd.base"}
+    assert await api.walk() == []
+
+
+async def test_walk_filters_as_containerd_writes_them(rig: Rig) -> None:
+    api = rig.api
+    await api.prepare("p-tmp", **{"containerd.io/gc.root": "w"})
+    await api.commit("p", "p-tmp", **{"containerd.io/gc.root": "w"})
+    await api.prepare("a", "p", l="2")
+    await api.view("v", "p", **{"containerd.io/gc.root": "w", "l": "3"})
+    await api.prepare("a-np", **{"containerd.io/gc.root": "w"})
+    cases = {
+        ('labels."containerd.io/gc.root"==w',): {"p", "v", "a-np"},
+        ("kind==active",): {"a", "a-np"},
+        ("kind==view,labels.l",): {"v"},
+        ("name==p", "name==a"): {"p", "a"},
+        ("parent==p",): {"a", "v"},
+        ('parent!=""',): {"a", "v"},
+        ("labels.l==2",): {"a"},
+        ("name~=/^a/",): {"a", "a-np"},
+        ("labels.l", 'labels."containerd.io/gc.root"'): {"a", "v", "p", "a-np"},
+        (): {"p", "a", "v", "a-np"},
+    }
+    for filters, names in cases.items():
+        assert {i.name for i in await api.walk(*filters)} == names, filters
+    assert await code_of(api.walk("name==")) is grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_update_changes_labels_only(rig: Rig) -> None:
+    api = rig.api
+    await api.prepare("a", k1="v1", k2="v2")
+    before = await api.stat("a")
+    info = pb.Info(name="a", parent="elsewhere", labels={"k1": "new", "k3": "v3"})
+    reply = await api("Update", pb.UpdateSnapshotRequest(
+        info=info, update_mask={"paths": ["labels.k1", "labels.k2"]}))
+    assert dict(reply.info.labels) == {"k1": "new"}
+    assert reply.info.parent == "" and reply.info.created_at == before.created_at
+    assert reply.info.updated_at.ToNanoseconds() > before.updated_at.ToNanoseconds()
+    reply = await api("Update", pb.UpdateSnapshotRequest(info=info))
+    assert dict(reply.info.labels) == {"k1": "new", "k3": "v3"}
+    assert dict((await api.stat("a")).labels) == {"k1": "new", "k3": "v3"}
+    for path in ("parent", "kind", "name"):
+        request = pb.UpdateSnapshotRequest(info=info, update_mask={"paths": [path]})
+        assert await code_of(api("Update", request)) is grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_bad_requests_get_containerd_codes_and_change_nothing(rig: Rig) -> None:
+    api = rig.api
+    await api.prepare("active")
+    await api.prepare("base-tmp")
+    await api.commit("committed", "base-tmp")
+    before = await rig.volumes()
+    codes = [
+        (api.stat("nope"), grpc.StatusCode.NOT_FOUND),
+        (api.remove("nope"), grpc.StatusCode.NOT_FOUND),
+        (api.prepare("x", "nope"), grpc.StatusCode.NOT_FOUND),
+        (api.commit("c2", "nope"), grpc.StatusCode.NOT_FOUND),
+        (api.prepare("x", "active"), grpc.StatusCode.INVALID_ARGUMENT),
+        (api.prepare("active"), grpc.StatusCode.ALREADY_EXISTS),
+        (api.view("committed", "committed"), grpc.StatusCode.ALREADY_EXISTS),
+        (api.commit("committed", "active"), grpc.StatusCode.ALREADY_EXISTS),
+        (api.commit("c3", "committed"), grpc.StatusCode.FAILED_PRECONDITION),
+        (api("Mounts", pb.MountsRequest(key="committed")), grpc.StatusCode.FAILED_PRECONDITION),
+        (api.prepare("huge", big="x" * 4000), grpc.StatusCode.INVALID_ARGUMENT),
+        (api.prepare("many", **{f"l{i}": "v" for i in range(80)}),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (api.prepare("ctl", bad="a\nb"), grpc.StatusCode.INVALID_ARGUMENT),
+        (api.prepare(""), grpc.StatusCode.INVALID_ARGUMENT),
+        (api.using(None).prepare("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (api.using("bad namespace").prepare("x"), grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+    for call, code in codes:
+        assert await code_of(call) is code
+    after = await rig.volumes()
+    assert after.keys() == before.keys()
+    assert all(after[n]["Labels"] == before[n]["Labels"] for n in after)
+    assert {i.name for i in await api.walk()} == {"active", "committed"}
+
+
+async def test_namespaces_hold_their_own_keys(rig: Rig) -> None:
+    one, two = rig.api.using("one"), rig.api.using("two")
+    await one.prepare("k", mine="one")
+    await two.prepare("k", mine="two")
+    assert [dict(i.labels) for i in await one.walk()] == [{"mine": "one"}]
+    assert dict((await two.stat("k")).labels) == {"mine": "two"}
+    await one.remove("k")
+    assert await code_of(one.stat("k")) is grpc.StatusCode.NOT_FOUND
+    assert (await two.stat("k")).name == "k"
+    # Without a namespace (containerd's garbage collector): every namespace.
+    unscoped = rig.api.using(None)
+    await one.prepare("only-one")
+    assert {i.name for i in await unscoped.walk()} == {"k", "only-one"}
+    await one.prepare("k")
+    assert await code_of(unscoped.remove("k")) is grpc.StatusCode.FAILED_PRECONDITION
+    await unscoped.remove("only-one")
+    assert {i.name for i in await one.walk()} == {"k"}
+
+
+async def test_a_restarted_snapshotter_knows_everything_from_dmd(rig: Rig) -> None:
+    api = rig.api
+    await api.prepare("tmp", gc="1")
+    await api.commit("layer", "tmp", gc="2")
+    await api.prepare("rw", "layer")
+    before = {i.name: i for i in await api.walk()}
+    await rig.restart()
+    assert {i.name: i for i in await api.walk()} == before
+    await api.prepare("rw2", "layer")
+    await api.remove("rw")
+    assert {i.name for i in await api.walk()} == {"layer", "rw2"}
