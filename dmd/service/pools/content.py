@@ -48,4 +48,5 @@ async def prepare(pools: PoolCore, journal: Journal, volume: VolumeRecord,
 
         await make_filesystem(
             lambda: pools.kernel(Engine.open_node, device, os.O_RDWR), filesystem,
-            volume.name, made, lambda: cancel_point(past_way_back=False))
+            volume.name, made, lambda: cancel_point(past_way_back=False),
+            zeroed=encryption is None)
