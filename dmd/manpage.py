@@ -3,9 +3,10 @@ that what `man dmd` says cannot drift from what `dmd` accepts.
 
     python -m dmd.manpage dmd            dmd(8) in roff, on stdout
     python -m dmd.manpage dmctl          dmctl(8)
+    python -m dmd.manpage dmd-snapshotter   dmd-snapshotter(8)
     python -m dmd.manpage --bash dmctl   bash completion for dmctl
 
-scripts/install writes all three. argparse has no public API for walking a
+scripts/install writes them all. argparse has no public API for walking a
 parser; its ``_actions`` list is what argparse's own help formatter reads.
 """
 
@@ -136,6 +137,23 @@ def dmctl_page() -> Page:
     ))
 
 
+def snapshotter_page() -> Page:
+    from dmd.snapshotter.main import DEFAULT_SOCKET, parser
+    return Page(parser(), "containerd's snapshotter on dmd's volumes", (
+        ("CONTAINERD", roff_escape(
+            "In containerd's configuration (/etc/containerd/config.toml), then "
+            "ctr run --snapshotter dmd, or the CRI plugin's snapshotter = \"dmd\":") +
+         "\n.nf\n" + roff_escape(
+            f'[proxy_plugins]\n  [proxy_plugins.dmd]\n    type = "snapshot"\n'
+            f'    address = "{DEFAULT_SOCKET}"') + "\n.fi"),
+        ("FILES", "\n".join([
+            ".TP", f"\\fB{DEFAULT_SOCKET}\\fR",
+            "the socket it serves gRPC on (mode 0600: a client acts with its rights)."])),
+        ("SEE ALSO", "\\fBdmd\\fR(8), \\fBdmctl\\fR(8), \\fBctr\\fR(8), "
+         "\\fBcontainerd\\fR(8)"),
+    ))
+
+
 def bash_completion(parser: argparse.ArgumentParser) -> str:
     """A completion function for bash: verbs, each verb's options, and device
     names (asked of dmd with `ls`) where a verb takes a NAME."""
@@ -178,11 +196,13 @@ complete -F {fn} {prog}
 def main(argv: list[str] | None = None) -> int:
     args = argparse.ArgumentParser(
         prog="python -m dmd.manpage",
-        description="print dmd's or dmctl's man page (roff), or dmctl's bash completion")
+        description="print the man page (roff) of dmd, dmctl or dmd-snapshotter, or "
+                    "dmctl's bash completion")
     args.add_argument("--bash", action="store_true", help="print bash completion instead")
-    args.add_argument("program", choices=("dmd", "dmctl"))
+    args.add_argument("program", choices=("dmd", "dmctl", "dmd-snapshotter"))
     ns = args.parse_args(argv)
-    page = dmd_page() if ns.program == "dmd" else dmctl_page()
+    page = {"dmd": dmd_page, "dmctl": dmctl_page,
+            "dmd-snapshotter": snapshotter_page}[ns.program]()
     sys.stdout.write(bash_completion(page.parser) if ns.bash else render(page))
     return 0
 

@@ -1,11 +1,15 @@
 """The snapshotter's side of dmd's D-Bus API: one pool's volumes, mirrored.
 
-The mirror follows dmd's ObjectManager and PropertiesChanged signals, and
-is read again whole whenever dmd's bus name gets a new owner (dmd started
-again). dmd settles a change's objects on the bus before it replies to the
-call or ends the change's Job, and a connection receives one sender's
-messages in order, so once a call has returned (or its Job's Wait has said
-done) the mirror already shows what the call did.
+The mirror follows dmd's ObjectManager and PropertiesChanged signals. dmd
+settles a change's objects on the bus before it replies to the call or ends
+the change's Job, and a connection receives one sender's messages in order,
+so once a call has returned (or its Job's Wait has said done) the mirror
+already shows what the call did. It is read again whole (``settled``, before
+the next request is answered) when it may have missed something: dmd's name
+got a new owner (dmd started again), or a call to dmd was cut off. The whole
+read is applied where its reply arrives among the signals (in the message
+handler, not when the awaiting code resumes), so a signal dmd sent after it
+is never overwritten by it.
 """
 
 from __future__ import annotations
@@ -73,18 +77,25 @@ class DmdPool:
         self.volumes: dict[str, Volume] = {}
         self.pool_path = ""
         self._dmd = ""  # dmd's unique name: only its signals count
-        self._resync: asyncio.Task[None] | None = None
+        self._stale = False  # read everything again before the next answer
+        self._objects_serial = 0  # of the GetManagedObjects call in flight
+        self._reading = asyncio.Lock()
 
     # -- calls ------------------------------------------------------------------
     async def call(self, path: str, interface: str, member: str, signature: str = "",
                    body: list[Any] | None = None, destination: str = BUS_NAME) -> list[Any]:
-        reply = await self.bus.call(Message(destination=destination, path=path,
-                                            interface=interface, member=member,
-                                            signature=signature, body=body or []))
+        return await self._send(Message(destination=destination, path=path, interface=interface,
+                                        member=member, signature=signature, body=body or []))
+
+    async def _send(self, message: Message) -> list[Any]:
+        reply = await self.bus.call(message)
         assert reply is not None
         if reply.message_type is MessageType.ERROR:
             name = (reply.error_name or "?").removeprefix(ERROR_PREFIX)
-            raise DmdError(name, str(reply.body[0]) if reply.body else "")
+            error = DmdError(name, str(reply.body[0]) if reply.body else "")
+            if error.unreachable:
+                self._stale = True
+            raise error
         return [_plain(v) for v in reply.body]
 
     async def wait_job(self, job: str) -> None:
@@ -137,11 +148,31 @@ class DmdPool:
                                        [BUS_NAME], destination=DBUS)
         (self.pool_path,) = await self.call(ROOT_PATH, MANAGER_INTERFACE, "GetPool", "s",
                                             [self.pool])
-        (objects,) = await self.call(ROOT_PATH, OBJECT_MANAGER_INTERFACE, "GetManagedObjects")
+        message = Message(destination=BUS_NAME, path=ROOT_PATH,
+                          interface=OBJECT_MANAGER_INTERFACE, member="GetManagedObjects",
+                          serial=self.bus.next_serial())
+        self._objects_serial = message.serial
+        try:
+            await self._send(message)  # _on_message applies the reply
+        finally:
+            self._objects_serial = 0
+
+    def _load(self, objects: Mapping[str, Any]) -> None:
         self.volumes = {}
         for path, interfaces in objects.items():
             if VOLUME_INTERFACE in interfaces:
-                self._put(path, interfaces[VOLUME_INTERFACE])
+                self._put(path, _plain(interfaces[VOLUME_INTERFACE]))
+
+    async def settled(self) -> None:
+        """Read everything again first if the mirror may have missed something."""
+        async with self._reading:
+            if self._stale:
+                self._stale = False
+                try:
+                    await self.read_all()
+                except DmdError:
+                    self._stale = True
+                    raise
 
     def _put(self, path: str, props: Mapping[str, Any]) -> None:
         volume = Volume.from_properties(path, props)
@@ -151,13 +182,16 @@ class DmdPool:
             self.volumes.pop(path, None)
 
     def _on_message(self, msg: Message) -> bool:
+        if (msg.message_type is MessageType.METHOD_RETURN and self._objects_serial
+                and msg.reply_serial == self._objects_serial):
+            self._load(msg.body[0])
+            return False
         if msg.message_type is not MessageType.SIGNAL:
             return False
         if msg.member == "NameOwnerChanged" and msg.sender == DBUS:
             if msg.body and msg.body[0] == BUS_NAME:
                 self._dmd = str(msg.body[2])
-                if self._dmd:
-                    self._read_again()
+                self._stale = True
             return False
         if not self._dmd or msg.sender != self._dmd:
             return False
@@ -170,24 +204,9 @@ class DmdPool:
             old = self.volumes.get(msg.path or "")
             if old is not None:
                 self._put(old.path, {**self._properties(old), **_plain(body[1])})
-            if body[2]:  # invalidated: read them
-                self._read_again()
+            if body[2]:  # invalidated, not sent: read them
+                self._stale = True
         return False
-
-    def _read_again(self) -> None:
-        if self._resync is None or self._resync.done():
-            self._resync = asyncio.get_running_loop().create_task(self._read_all_logged())
-
-    async def _read_all_logged(self) -> None:
-        try:
-            await self.read_all()
-        except DmdError as exc:
-            log.warning("pool %s: reading dmd's volumes again failed: %s", self.pool, exc)
-
-    async def settled(self) -> None:
-        """Until a read of everything that is under way has ended."""
-        if self._resync is not None:
-            await asyncio.shield(self._resync)
 
     @staticmethod
     def _properties(volume: Volume | None) -> dict[str, Any]:

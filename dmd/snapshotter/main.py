@@ -17,12 +17,10 @@ import os
 import signal
 import sys
 
-import grpc
 from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 
 from dmd.snapshotter.dmd_pool import DmdError, DmdPool
-from dmd.snapshotter.grpc_server import Servicer, handlers
 from dmd.snapshotter.service import DEFAULT_BASE_SIZE, Snapshotter
 
 log = logging.getLogger("dmd.snapshotter")
@@ -71,6 +69,15 @@ async def start_pool(bus: MessageBus, pool_name: str) -> DmdPool:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    # gRPC is the optional extra: imported here, so that the man page (made
+    # from parser()) needs none of it.
+    try:
+        import grpc
+
+        from dmd.snapshotter.grpc_server import Servicer, handlers
+    except ImportError as exc:
+        sys.exit(f"dmd-snapshotter: {exc.name} is missing: install dmd with its "
+                 "snapshotter extra (pip install 'dmd[snapshotter]')")
     bus = await connect(args.bus)
     pool = await start_pool(bus, args.pool)
     snapshotter = Snapshotter(pool, args.base_size)
@@ -101,8 +108,11 @@ async def serve(args: argparse.Namespace) -> None:
 
 def run(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    # Only the snapshotter's own messages at the level asked for: grpc's
+    # debug output is one line per call.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(args.log_level.upper())
     try:
         asyncio.run(serve(args))
     except DmdError as exc:

@@ -94,10 +94,7 @@ class Found:
 
 
 def check_namespace(namespace: str) -> str:
-    if not namespace:
-        raise SnapshotError(Code.FAILED_PRECONDITION,
-                            "namespace is required (the containerd-namespace header)")
-    if len(namespace) > MAX_NAMESPACE or not _NAMESPACE.match(namespace):
+    if namespace and (len(namespace) > MAX_NAMESPACE or not _NAMESPACE.match(namespace)):
         raise SnapshotError(Code.INVALID_ARGUMENT, f"namespace {namespace!r} is not valid")
     return namespace
 
@@ -107,9 +104,13 @@ def now_ns() -> int:
 
 
 class Snapshotter:
-    """The snapshots of one dmd pool. A *namespace* of "" (a call without
-    one: containerd's garbage collector) reads and removes across every
-    namespace; making a snapshot needs one."""
+    """The snapshots of one dmd pool, each in the namespace of the call that
+    made it: the containerd-namespace header, or "" for a call without one.
+    containerd 1.6 sends none (its own keys carry the namespace); a newer
+    containerd sends it with every call but those of its garbage collector,
+    which must see everything. So a call without one finds a name in every
+    namespace (a name in two of them is refused there, FailedPrecondition),
+    and what it makes goes into "" (a name found anywhere is taken)."""
 
     def __init__(self, pool: DmdPool, base_size: int = DEFAULT_BASE_SIZE,
                  empty_root: Callable[[str], Awaitable[None]] | None = None) -> None:
@@ -121,6 +122,12 @@ class Snapshotter:
         self._base_lock = asyncio.Lock()
 
     # -- reading -----------------------------------------------------------------
+    async def _settled(self) -> None:
+        try:
+            await self.pool.settled()
+        except DmdError as exc:
+            raise from_dmd(exc, "reading dmd's volumes") from None
+
     def _all(self, namespace: str) -> Iterator[Found]:
         for volume in list(self.pool.volumes.values()):
             snapshot = volume.snapshot()
@@ -135,6 +142,9 @@ class Snapshotter:
                                 "name one (the containerd-namespace header)")
         return found[0] if found else None
 
+    def _taken(self, namespace: str, name: str) -> bool:
+        return any(f.snapshot.name == name for f in self._all(namespace))
+
     def _get(self, namespace: str, name: str) -> Found:
         found = self._find(namespace, name)
         if found is None:
@@ -142,7 +152,7 @@ class Snapshotter:
         return found
 
     async def stat(self, namespace: str, name: str) -> Snapshot:
-        await self.pool.settled()
+        await self._settled()
         return self._get(namespace, name).snapshot
 
     async def walk(self, namespace: str, texts: Sequence[str]) -> list[Snapshot]:
@@ -150,12 +160,12 @@ class Snapshotter:
             parsed = filters.parse_all(texts)
         except filters.FilterError as exc:
             raise SnapshotError(Code.INVALID_ARGUMENT, str(exc)) from None
-        await self.pool.settled()
+        await self._settled()
         return [f.snapshot for f in self._all(namespace)
                 if filters.matches(parsed, _fields(f.snapshot))]
 
     async def mounts(self, namespace: str, name: str) -> list[Mount]:
-        await self.pool.settled()
+        await self._settled()
         found = self._get(namespace, name)
         if found.snapshot.kind is Kind.COMMITTED:
             raise SnapshotError(Code.FAILED_PRECONDITION,
@@ -166,7 +176,7 @@ class Snapshotter:
         """(bytes, inodes): the bytes the pool holds for the snapshot's volume
         (shared with its parent where unchanged, as the kernel counts them);
         inodes are not counted (0)."""
-        await self.pool.settled()
+        await self._settled()
         return self._get(namespace, name).volume.used_bytes, 0
 
     # -- changing ---------------------------------------------------------------
@@ -189,9 +199,9 @@ class Snapshotter:
         check_namespace(namespace)
         if not key:
             raise SnapshotError(Code.INVALID_ARGUMENT, "a snapshot needs a key")
-        await self.pool.settled()
+        await self._settled()
         with self._claim(namespace, key):
-            if self._find(namespace, key) is not None:
+            if self._taken(namespace, key):
                 raise SnapshotError(Code.ALREADY_EXISTS, f"snapshot {key!r} already exists")
             origin = None
             if parent:
@@ -213,7 +223,7 @@ class Snapshotter:
         volume = self.pool.volumes.get(path)
         if volume is None:
             raise SnapshotError(Code.UNKNOWN, f"snapshot {key!r}: its volume went away")
-        log.info("snapshot %s/%s: %s from %s (volume %s)", namespace, key, kind.value,
+        log.info("snapshot %s: %s from %s (volume %s)", _where(namespace, key), kind.value,
                  parent or "the base", volume.name)
         return self._mounts(Found(snapshot, volume))
 
@@ -233,27 +243,27 @@ class Snapshotter:
         check_namespace(namespace)
         if not name:
             raise SnapshotError(Code.INVALID_ARGUMENT, "a committed snapshot needs a name")
-        await self.pool.settled()
+        await self._settled()
         with self._claim(namespace, name, key):
             active = self._get(namespace, key)
             if active.snapshot.kind is not Kind.ACTIVE:
                 raise SnapshotError(Code.FAILED_PRECONDITION,
                                     f"snapshot {key!r} is not active")
-            if self._find(namespace, name) is not None:
+            if self._taken(namespace, name):
                 raise SnapshotError(Code.ALREADY_EXISTS,
                                     f"committed snapshot {name!r} already exists")
             stamp = now_ns()
-            committed = Snapshot(namespace, name, Kind.COMMITTED, active.snapshot.parent,
-                                 stamp, stamp, dict(labels))
+            committed = Snapshot(active.snapshot.namespace, name, Kind.COMMITTED,
+                                 active.snapshot.parent, stamp, stamp, dict(labels))
             try:
                 await self.pool.set_labels(active.volume.path, committed.volume_labels())
             except DmdError as exc:
                 raise from_dmd(exc, f"commit {key!r} as {name!r}") from None
-        log.info("snapshot %s/%s: committed as %s (volume %s)", namespace, key, name,
+        log.info("snapshot %s: committed as %s (volume %s)", _where(namespace, key), name,
                  active.volume.name)
 
     async def remove(self, namespace: str, name: str) -> None:
-        await self.pool.settled()
+        await self._settled()
         found = self._get(namespace, name)
         ns = found.snapshot.namespace  # the call may name none
         with self._claim(ns, name):
@@ -266,13 +276,13 @@ class Snapshotter:
                 await self.pool.volume_job(found.volume.path, "Delete")
             except DmdError as exc:
                 raise from_dmd(exc, f"remove {name!r}") from None
-        log.info("snapshot %s/%s: removed (volume %s)", ns, name, found.volume.name)
+        log.info("snapshot %s: removed (volume %s)", _where(ns, name), found.volume.name)
 
     async def update(self, namespace: str, name: str, labels: Mapping[str, str],
                      paths: Sequence[str]) -> Snapshot:
         """Labels only: all of them when *paths* is empty, else ``labels``
         (all) and ``labels.KEY`` (one, removed when absent from *labels*)."""
-        await self.pool.settled()
+        await self._settled()
         with self._claim(namespace, name):
             found = self._get(namespace, name)
             new = dict(found.snapshot.labels)
@@ -346,6 +356,11 @@ class Snapshotter:
         # read-only must mean nothing written.
         options = ("ro", "noload") if found.snapshot.kind is Kind.VIEW else ()
         return [Mount("ext4", found.volume.device_path, options)]
+
+
+def _where(namespace: str, name: str) -> str:
+    """A snapshot as the log names it: NAMESPACE/NAME, or NAME in ""."""
+    return f"{namespace}/{name}" if namespace else name
 
 
 def _fields(snapshot: Snapshot) -> filters.Fields:

@@ -33,8 +33,10 @@ def test_files_land_where_debian_looks(staged: Path) -> None:
             names.MANAGER_INTERFACE, names.DEVICE_INTERFACE, names.POOL_INTERFACE,
             names.VOLUME_INTERFACE, names.JOB_INTERFACE)),
         "etc/systemd/system/dmd.service",
+        "etc/systemd/system/dmd-snapshotter.service",
         "usr/local/share/man/man8/dmd.8",
         "usr/local/share/man/man8/dmctl.8",
+        "usr/local/share/man/man8/dmd-snapshotter.8",
         "usr/local/share/bash-completion/completions/dmctl",
     ]:
         assert (staged / path).is_file(), path
@@ -75,16 +77,18 @@ def test_unit_is_hardened_as_its_comments_say(staged: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
-def test_unit_verifies(tmp_path: Path, staged: Path) -> None:
+@pytest.mark.parametrize(("name", "program"), [("dmd.service", "/usr/local/bin/dmd"),
+                                               ("dmd-snapshotter.service",
+                                                "/usr/local/bin/dmd-snapshotter")])
+def test_unit_verifies(tmp_path: Path, staged: Path, name: str, program: str) -> None:
     # dmd is not installed on the test machine: point ExecStart at a program
     # that exists, everything else as shipped.
-    unit = (staged / "etc/systemd/system/dmd.service").read_text().replace(
-        "/usr/local/bin/dmd", "/bin/true")
-    copy = tmp_path / "dmd.service"
+    unit = (staged / "etc/systemd/system" / name).read_text().replace(program, "/bin/true")
+    copy = tmp_path / name
     copy.write_text(unit)
     out = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True,
                          text=True)
-    problems = [line for line in out.stderr.splitlines() if "dmd.service" in line]
+    problems = [line for line in out.stderr.splitlines() if name in line]
     assert out.returncode == 0 and not problems, out.stderr
 
 

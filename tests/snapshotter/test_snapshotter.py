@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+from typing import Any
+
 import grpc
 import pytest
 
+from dmd.dbus.names import JOB_INTERFACE, MANAGER_INTERFACE, ROOT_PATH
+from dmd.engine.sim import SimDM
 from dmd.snapshotter import snapshots_pb2 as pb
 from tests.snapshotter.conftest import POOL, Rig
 
@@ -122,7 +127,6 @@ async def test_bad_requests_get_containerd_codes_and_change_nothing(rig: Rig) ->
          grpc.StatusCode.INVALID_ARGUMENT),
         (api.prepare("ctl", bad="a\nb"), grpc.StatusCode.INVALID_ARGUMENT),
         (api.prepare(""), grpc.StatusCode.INVALID_ARGUMENT),
-        (api.using(None).prepare("x"), grpc.StatusCode.FAILED_PRECONDITION),
         (api.using("bad namespace").prepare("x"), grpc.StatusCode.INVALID_ARGUMENT),
     ]
     for call, code in codes:
@@ -150,6 +154,15 @@ async def test_namespaces_hold_their_own_keys(rig: Rig) -> None:
     assert await code_of(unscoped.remove("k")) is grpc.StatusCode.FAILED_PRECONDITION
     await unscoped.remove("only-one")
     assert {i.name for i in await one.walk()} == {"k"}
+    # containerd 1.6 sends no namespace at all: its snapshots live in "", and a
+    # name any namespace holds is taken there.
+    assert await code_of(unscoped.prepare("k")) is grpc.StatusCode.ALREADY_EXISTS
+    await unscoped.prepare("gc-visible-tmp")
+    await unscoped.commit("gc-visible", "gc-visible-tmp")
+    assert {i.name for i in await one.walk()} == {"k"}
+    assert {i.name for i in await unscoped.walk()} == {"k", "gc-visible"}
+    await unscoped.prepare("child", "gc-visible")
+    assert (await unscoped.stat("child")).parent == "gc-visible"
 
 
 async def test_a_restarted_snapshotter_knows_everything_from_dmd(rig: Rig) -> None:
@@ -163,3 +176,29 @@ async def test_a_restarted_snapshotter_knows_everything_from_dmd(rig: Rig) -> No
     await api.prepare("rw2", "layer")
     await api.remove("rw")
     assert {i.name for i in await api.walk()} == {"layer", "rw2"}
+
+
+async def test_snapshots_survive_a_lost_state_directory(rig: Rig, dmd_session: Any) -> None:
+    """Everything a snapshot is lives in the pool's description on its disk:
+    dmd's state directory deleted and every device gone (a reboot), the pool
+    brought back by ImportPool, a new snapshotter lists the same snapshots."""
+    api = rig.api
+    await api.prepare("tmp", **{"containerd.io/gc.root": "x"})
+    await api.commit("layer", "tmp", l="1")
+    await api.prepare("rw", "layer")
+    await api.view("ro", "layer")
+    before = {i.name: i for i in await api.walk()}
+    assert dmd_session.stop() == 0
+    shutil.rmtree(dmd_session.state_dir)
+    sim = SimDM(dmd_session.sim)
+    sim.remove_all()
+    assert sim.list_devices() == []
+    dmd_session.start()
+    (_, job) = await rig.client.call(ROOT_PATH, MANAGER_INTERFACE, "ImportPool", "asa{sv}",
+                                     [["/dev/simdisk1"], {}])
+    assert (await rig.client.call(job, JOB_INTERFACE, "Wait", "d", [30.0]))[0]
+    await rig.restart()
+    assert {i.name: i for i in await api.walk()} == before
+    await api.prepare("rw2", "layer")
+    await api.remove("ro")
+    assert {i.name for i in await api.walk()} == {"layer", "rw", "rw2"}
