@@ -86,6 +86,9 @@ def start_dmd_snapshotter(work: Path, socket: Path) -> subprocess.Popen[bytes]:
 def per_operation(kind: str, work: Path, n: int, socket: Path) -> dict[str, list[float]]:
     root = work / f"root-{kind}"
     root.mkdir()
+    if kind == "overlayfs":
+        # The guest's / is itself an overlay, which overlayfs refuses as an upper.
+        run("mount", "-t", "tmpfs", "bench-overlayfs", str(root))
     args = [str(DRIVER), "-kind", kind, "-root", str(root), "-n", str(n)]
     if kind == "dmd":
         args += ["-socket", str(socket)]
@@ -130,6 +133,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 def ctr_runs(work: Path, socket: Path, n: int) -> dict[str, list[float]]:
     config = work / "containerd.toml"
     config.write_text(CONTAINERD.format(work=work, socket=socket, pool=THIN_POOL))
+    (work / "containerd").mkdir()  # on a tmpfs: overlayfs refuses the guest's overlaid /
+    run("mount", "-t", "tmpfs", "bench-containerd", str(work / "containerd"))
     address = "/run/dmd-bench-containerd/containerd.sock"
     log = (RESULTS / "bench-snapshotters-containerd.log").open("ab")
     daemon = subprocess.Popen(["containerd", "--config", str(config)], stdout=log, stderr=log)
@@ -163,6 +168,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=30, help="rounds of each operation")
     parser.add_argument("--runs", type=int, default=5, help="ctr runs on each")
     parser.add_argument("--no-suite", action="store_true", help="skip the two suites (~10 min)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="dmd's wall-clock samples (py-spy, raw) to this file; "
+                             "dmd-snapshotter's operations only, no ratio")
     args = parser.parse_args()
     for built in (DRIVER, DEVMAPPER_SUITE, DMD_SUITE):
         if not built.exists():
@@ -172,11 +180,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-snapshotters-"))
     socket = work / "snapshotter.sock"
     devmapper_pool(work)
-    dmd = Dmd(work / "state")
+    dmd = Dmd(work / "state", args.profile)
     dmd.start()
     snapshotter = start_dmd_snapshotter(work, socket)
     figures: dict[str, Any] = {"n": args.n}
     try:
+        if args.profile is not None:
+            times = per_operation("dmd", work, args.n, socket)
+            print(json.dumps({op: round(statistics.median(times[op]) * 1000, 1) for op in OPS}))
+            return
         ops = {kind: per_operation(kind, work, args.n, socket)
                for kind in ("overlayfs", "devmapper", "dmd")}
         figures["operations_ms"] = {

@@ -144,7 +144,7 @@ OPTIONS: dict[str, dict[str, str]] = {
     "CreateVolume": {"labels": "a{ss}", "filesystem": "s", "encryption": "s", "key": "h",
                      "key-description": "s", **KDF_OPTIONS,
                      "thin": "b", "stripes": "u", "stripe-size": "t"},
-    "Snapshot": {"labels": "a{ss}", "activate": "b"},
+    "Snapshot": {"labels": "a{ss}", "activate": "b", "udev-sync": "b"},
     "Resize": {"shrink": "b"},
     "Destroy": {"force": "b"},
     "AddDevice": {"force": "b"},

@@ -158,7 +158,8 @@ class VolumeHandlers:
         job, snap = await self.pools.as_job("volume-snapshot", caller, lambda accept:
             self.pools.snapshot(pool, volume, check_string(name, "name"),
                                 activate=opts.get("activate", True), labels=opts.get("labels"),
-                                uuid=uuid, caller=caller, accept=accept))
+                                udev_sync=opts.get("udev-sync", True), uuid=uuid,
+                                caller=caller, accept=accept))
         return [volume_path(snap.uuid), job_path(job.id)]
 
     async def Resize(self, caller: Caller, pool: str, volume: str, uuid: str, size: int,

@@ -62,6 +62,7 @@ class Volume:
     owner: int
     state: str
     device_path: str
+    device: str  # its Device object ("/" when inactive)
     used_bytes: int
     labels: Mapping[str, str]
 
@@ -71,6 +72,7 @@ class Volume:
                    pool=str(props.get("PoolName", "")), owner=int(props.get("Owner", -1)),
                    state=str(props.get("State", "")),
                    device_path=str(props.get("DevicePath", "")),
+                   device=str(props.get("Device", "/")),
                    used_bytes=int(props.get("UsedBytes", 0)),
                    labels=dict(props.get("Labels", {})))
 

@@ -24,6 +24,7 @@ from dbus_fast.aio import MessageBus
 
 from dmd.dbus.names import (
     BUS_NAME,
+    DEVICE_INTERFACE,
     ERROR_PREFIX,
     JOB_INTERFACE,
     MANAGER_INTERFACE,
@@ -75,6 +76,7 @@ class DmdPool:
     def __init__(self, bus: MessageBus, pool: str, owner: int) -> None:
         self.bus, self.pool, self.owner = bus, pool, owner
         self.volumes: dict[str, Volume] = {}
+        self.minors: dict[str, int] = {}  # Device object -> its dm minor
         self.pool_path = ""
         self._dmd = ""  # dmd's unique name: only its signals count
         self._stale = False  # read everything again before the next answer
@@ -115,7 +117,10 @@ class DmdPool:
         return str(volume)
 
     async def snapshot(self, origin: str, name: str, labels: Mapping[str, str]) -> str:
-        options = {"labels": Variant("a{ss}", dict(labels)), "activate": Variant("b", True)}
+        """The new volume's path, once the kernel and dmd's records hold it;
+        udev's part (the /dev/mapper link) may follow: see node()."""
+        options = {"labels": Variant("a{ss}", dict(labels)), "activate": Variant("b", True),
+                   "udev-sync": Variant("b", False)}
         volume, job = await self.call(origin, VOLUME_INTERFACE, "Snapshot", "sa{sv}",
                                       [name, options])
         await self.wait_job(job)
@@ -158,10 +163,22 @@ class DmdPool:
             self._objects_serial = 0
 
     def _load(self, objects: Mapping[str, Any]) -> None:
-        self.volumes = {}
+        self.volumes, self.minors = {}, {}
         for path, interfaces in objects.items():
-            if VOLUME_INTERFACE in interfaces:
-                self._put(path, _plain(interfaces[VOLUME_INTERFACE]))
+            self._added(path, interfaces)
+
+    def _added(self, path: str, interfaces: Mapping[str, Any]) -> None:
+        if VOLUME_INTERFACE in interfaces:
+            self._put(path, _plain(interfaces[VOLUME_INTERFACE]))
+        if DEVICE_INTERFACE in interfaces:
+            self.minors[path] = int(_plain(interfaces[DEVICE_INTERFACE]).get("Minor", -1))
+
+    def node(self, volume: Volume) -> str:
+        """The volume's block device node: /dev/dm-N, which the kernel's
+        devtmpfs makes when the device is made (udev's /dev/mapper link may
+        not be there yet); its /dev/mapper path when the minor is unknown."""
+        minor = self.minors.get(volume.device, -1)
+        return f"/dev/dm-{minor}" if minor >= 0 else volume.device_path
 
     async def settled(self) -> None:
         """Read everything again first if the mirror may have missed something."""
@@ -196,10 +213,13 @@ class DmdPool:
         if not self._dmd or msg.sender != self._dmd:
             return False
         body = msg.body
-        if msg.member == "InterfacesAdded" and VOLUME_INTERFACE in body[1]:
-            self._put(str(body[0]), _plain(body[1][VOLUME_INTERFACE]))
-        elif msg.member == "InterfacesRemoved" and VOLUME_INTERFACE in body[1]:
-            self.volumes.pop(str(body[0]), None)
+        if msg.member == "InterfacesAdded":
+            self._added(str(body[0]), body[1])
+        elif msg.member == "InterfacesRemoved":
+            if VOLUME_INTERFACE in body[1]:
+                self.volumes.pop(str(body[0]), None)
+            if DEVICE_INTERFACE in body[1]:
+                self.minors.pop(str(body[0]), None)
         elif msg.member == "PropertiesChanged" and body[0] == VOLUME_INTERFACE:
             old = self.volumes.get(msg.path or "")
             if old is not None:

@@ -259,8 +259,20 @@ class Snapshotter:
                 await self.pool.set_labels(active.volume.path, committed.volume_labels())
             except DmdError as exc:
                 raise from_dmd(exc, f"commit {key!r} as {name!r}") from None
+            await self._deactivate(active.volume, f"committed {name!r}")
         log.info("snapshot %s: committed as %s (volume %s)", _where(namespace, key), name,
                  active.volume.name)
+
+    async def _deactivate(self, volume: Volume, what: str) -> None:
+        """A committed layer's device goes: nothing mounts a committed
+        snapshot, tools that scan block devices (blkid, udisks, LVM) do not
+        see thousands of layers, and a snapshot of it or its Remove then
+        touches no device (no suspend of it, no device to remove). One still
+        in use (mounted: containerd commits some mounted) keeps its device."""
+        try:
+            await self.pool.volume_job(volume.path, "Deactivate")
+        except DmdError as exc:
+            log.info("%s: its volume %s stays active (%s)", what, volume.name, exc)
 
     async def remove(self, namespace: str, name: str) -> None:
         await self._settled()
@@ -272,11 +284,16 @@ class Snapshotter:
                 raise SnapshotError(Code.FAILED_PRECONDITION,
                                     f"cannot remove snapshot {name!r} with child "
                                     f"{(children or ['being made'])[0]!r}")
-            try:
-                await self.pool.volume_job(found.volume.path, "Delete")
-            except DmdError as exc:
-                raise from_dmd(exc, f"remove {name!r}") from None
+            await self._delete(found.volume, name)
         log.info("snapshot %s: removed (volume %s)", _where(ns, name), found.volume.name)
+
+    async def _delete(self, volume: Volume, name: str) -> None:
+        """Delete the volume (dmd waits out a moment's open by udev's probe;
+        one still open, mounted say, is Busy: FailedPrecondition)."""
+        try:
+            await self.pool.volume_job(volume.path, "Delete")
+        except DmdError as exc:
+            raise from_dmd(exc, f"remove {name!r}") from None
 
     async def update(self, namespace: str, name: str, labels: Mapping[str, str],
                      paths: Sequence[str]) -> Snapshot:
@@ -355,7 +372,7 @@ class Snapshotter:
         # A view never replays the journal of a layer committed while mounted:
         # read-only must mean nothing written.
         options = ("ro", "noload") if found.snapshot.kind is Kind.VIEW else ()
-        return [Mount("ext4", found.volume.device_path, options)]
+        return [Mount("ext4", self.pool.node(found.volume), options)]
 
 
 def _where(namespace: str, name: str) -> str:

@@ -8,7 +8,13 @@ from typing import Any
 import grpc
 import pytest
 
-from dmd.dbus.names import JOB_INTERFACE, MANAGER_INTERFACE, ROOT_PATH
+from dmd.dbus.names import (
+    DEVICE_INTERFACE,
+    JOB_INTERFACE,
+    MANAGER_INTERFACE,
+    PROPERTIES_INTERFACE,
+    ROOT_PATH,
+)
 from dmd.engine.sim import SimDM
 from dmd.snapshotter import snapshots_pb2 as pb
 from tests.snapshotter.conftest import POOL, Rig
@@ -28,7 +34,12 @@ async def test_a_layer_is_prepared_committed_and_built_on(rig: Rig) -> None:
     volumes = await rig.volumes()
     (name,) = [n for n in volumes if n != "containerd.base"]
     assert mount.type == "ext4" and list(mount.options) == []
-    assert mount.source == f"/dev/mapper/{POOL}-{name}"
+    # The kernel's own node (devtmpfs makes it with the device): the
+    # snapshotter does not wait for udev's /dev/mapper link.
+    (minor,) = await rig.client.call(volumes[name]["Device"], PROPERTIES_INTERFACE, "Get",
+                                     "ss", [DEVICE_INTERFACE, "Minor"])
+    assert mount.source == f"/dev/dm-{minor.value}"
+    assert volumes[name]["DevicePath"] == f"/dev/mapper/{POOL}-{name}"
     # The base is made once, and stays inactive: snapshots of it need no suspend.
     assert volumes["containerd.base"]["State"] == "inactive"
     info = await api.stat("extract-1")
@@ -41,8 +52,10 @@ async def test_a_layer_is_prepared_committed_and_built_on(rig: Rig) -> None:
     info = await api.stat("sha256:layer1")
     assert (info.name, info.parent, info.kind, dict(info.labels)) == (
         "sha256:layer1", "", COMMITTED, {"l": "1"})
-    # The committed layer is the same volume: nothing was copied.
+    # The committed layer is the same volume: nothing was copied. Its device
+    # is gone: nothing mounts a committed layer.
     assert set(await rig.volumes()) == set(volumes)
+    assert (await rig.volumes())[name]["State"] == "inactive"
 
     (child,) = await api.prepare("container-1", "sha256:layer1")
     (view,) = await api.view("view-1", "sha256:layer1")

@@ -62,7 +62,7 @@ async def set_active(pools: PoolCore, pool: str, name: str, active: bool, *,
             elif not active and present:
                 await crypt.close_cleartext(pools, pool, name)
                 pools.shown.stop_waiting(volume.uuid)
-                await pools.devices.remove(device, claim=pools.owner(pool))
+                await pools.remove_closed(device, pools.owner(pool))
             journal.no_way_back()  # the device is what it is to be: the record follows
             await journal.mark(VolumeActivateStep.RECORD)
             if changed != volume:

@@ -116,6 +116,11 @@ WIPE_BYTES = 1 << 20  # of the metadata's start: the kernel then formats a new p
 EXTEND_PERCENT = 20  # LVM's thin_pool_autoextend_percent default
 METADATA_LOW_PERCENT = 20  # metadata free below this: extend it too
 UNDO_BUSY_WAITS = (*[0.2] * 25, None)  # seconds between tries of an undo's remove
+# A device just made or just closed is opened for a moment by udev (its
+# probe, through the watch rule): a volume's delete or deactivate waits that
+# out, ~1 s in all, before it says Busy (LVM and containerd's devmapper
+# snapshotter retry their removes alike).
+PROBE_WAITS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4)
 
 @dataclass(frozen=True, slots=True)
 class PoolState:
@@ -281,8 +286,13 @@ class PoolChange:
         self._volumes: list[VolumeRecord] | None = None
         self._seen = core.writes[pool]  # the writes the records in hand include
         # udev's work on the nodes the change made or removed, waited for at
-        # its end (see udev_done): meanwhile the change goes on.
+        # its end (see udev_done): meanwhile the change goes on. A caller
+        # that needs no /dev/mapper name (it uses /dev/dm-N, which the
+        # kernel's devtmpfs makes at once) may not wait (udev_sync False,
+        # as lvcreate --noudevsync): the change ends when the kernel and the
+        # records hold it, and udev's part follows.
         self.udev: list[UdevWait] = []
+        self.udev_sync = True
 
     def _fresh(self) -> None:
         """Drop the records in hand if anything wrote the pool's records
@@ -377,7 +387,8 @@ class PoolChange:
                 wait.close()
 
     def give_up_udev(self) -> None:
-        """A change that failed: its undo waited for udev where it needed to."""
+        """A change that failed (its undo waited for udev where it needed
+        to), or one whose caller does not wait for udev (udev_sync)."""
         waits, self.udev = self.udev, []
         for wait in waits:
             wait.close()
@@ -515,7 +526,10 @@ class PoolCore:
                            if change.describe_at_end else None)
                 # udev worked on the change's nodes meanwhile.
                 try:
-                    await change.udev_done()
+                    if change.udev_sync:
+                        await change.udev_done()
+                    else:
+                        change.give_up_udev()
                 finally:
                     await self.settle(pool, records)
 
@@ -857,6 +871,19 @@ class PoolCore:
     async def commit_tid(self, pool: str, current: int) -> int:
         await self.send(pool, set_transaction_id(current, current + 1))
         return current + 1
+
+    async def remove_closed(self, device: str, claim: str,
+                            later: list[UdevWait] | None = None) -> None:
+        """Remove a volume's *device* once it is closed, waiting out a
+        moment's open (PROBE_WAITS); Busy if it stays open."""
+        for wait in (*PROBE_WAITS, None):
+            try:
+                await self.devices.remove(device, claim=claim, later=later)
+                return
+            except errors.Busy:
+                if wait is None:
+                    raise
+            await asyncio.sleep(wait)
 
     async def remove_volume_devices(self, volume: VolumeRecord) -> None:
         """Remove the volume's cleartext and own devices (absent ones are

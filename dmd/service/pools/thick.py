@@ -98,7 +98,7 @@ async def delete_thick(change: PoolChange, volume: VolumeRecord) -> None:
         await journal.mark(VolumeDeleteStep.DEACTIVATE)
         await crypt.close_cleartext(pools, pool, name)
         with contextlib.suppress(errors.NotFound):
-            await pools.devices.remove(volume_device(pool, name), claim=pools.owner(pool))
+            await pools.remove_closed(volume_device(pool, name), pools.owner(pool))
         journal.no_way_back()
         await journal.mark(VolumeDeleteStep.RECORD)
         await change.write(remove=volume.uuid)

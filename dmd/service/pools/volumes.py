@@ -195,13 +195,16 @@ async def delete_thin(pools: PoolCore, pool: str, volume: VolumeRecord) -> None:
 
 async def snapshot(pools: PoolCore, pool: str, origin: str, name: str, *,
                    activate: bool = True, labels: Mapping[str, str] | None = None,
-                   uuid: str | None = None, caller: Caller = ROOT,
+                   udev_sync: bool = True, uuid: str | None = None, caller: Caller = ROOT,
                    accept: Accept = ignore) -> VolumeRecord:
     """A new volume holding *origin*'s data as it is now. An active origin
-    is suspended for the moment of the copy and resumed on every path."""
+    is suspended for the moment of the copy and resumed on every path.
+    *udev_sync* False: done without waiting for udev's work on the new
+    device (PoolChange.udev_sync)."""
     name = VolumeName(name, pool)
     clean_labels = check_labels(labels or {})
     async with pools.change(pool) as change:
+        change.udev_sync = udev_sync
         record = await change.record()
         source = await change.volume(origin, uuid)
         await pools.check_authorized(caller, Action.VOLUME, f"{pool}/{origin}", source.owner_uid)
@@ -260,8 +263,7 @@ async def delete_volume(pools: PoolCore, pool: str, name: str, *, uuid: str | No
             await journal.mark(VolumeDeleteStep.DEACTIVATE)
             await crypt.close_cleartext(pools, pool, name)
             with contextlib.suppress(errors.NotFound):
-                await pools.devices.remove(volume_device(pool, name), claim=claim,
-                                           later=change.udev)
+                await pools.remove_closed(volume_device(pool, name), claim, change.udev)
             journal.no_way_back()
             await change.describe_pending("volume-delete", transaction_from=tid,
                                         volume=volume)

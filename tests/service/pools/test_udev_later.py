@@ -164,3 +164,24 @@ async def test_a_create_undone_lets_udev_finish_before_removing_its_device(
         await assert_agree(pools)
     finally:
         close(pools)
+
+
+async def test_a_snapshot_without_udev_sync_ends_before_udev(tank: PoolService) -> None:
+    """udev_sync False (lvcreate --noudevsync): the snapshot is done when the
+    kernel and the records hold it; its udev wait is given up, never waited."""
+    await tank.create_volume("tank", "origin", GIB)
+    udev = SlowUdev(tank.kernel.engine)  # type: ignore[arg-type]
+    await asyncio.wait_for(tank.snapshot("tank", "origin", "quick", udev_sync=False), 10)
+    # the origin's resume (it was suspended for the copy) and the new device's
+    assert udev.waiting == []
+    assert udev.closed == ["device_suspend tank-origin", "device_suspend tank-quick"]
+    assert "quick" in [v.name for v in await tank.store.list_volumes("tank")]
+    # Without the option it waits, as before.
+    task = asyncio.create_task(tank.snapshot("tank", "origin", "synced"))
+    for _ in range(200):
+        if udev.waiting:
+            break
+        await asyncio.sleep(0.01)
+    assert udev.waiting == ["device_suspend tank-origin"] and not task.done()
+    udev.done.set()
+    await task
