@@ -41,7 +41,9 @@ log = logging.getLogger("dmd.snapshotter")
 DBUS = "org.freedesktop.DBus"
 NO_REPLY = {"org.freedesktop.DBus.Error.NoReply", "org.freedesktop.DBus.Error.ServiceUnknown",
             "org.freedesktop.DBus.Error.NameHasNoOwner", "org.freedesktop.DBus.Error.Disconnected"}
-JOB_WAIT_SECONDS = 30.0
+JOB_SIGNAL_SECONDS = 10.0  # then Job.Wait is asked too: a lost signal never hangs a call
+ENDED_KEPT = 256  # Completed signals of jobs nobody waits for yet (the call's reply is
+                  # handled after the signals that followed it)
 
 
 class DmdError(Exception):
@@ -82,6 +84,9 @@ class DmdPool:
         self._stale = False  # read everything again before the next answer
         self._objects_serial = 0  # of the GetManagedObjects call in flight
         self._reading = asyncio.Lock()
+        # jobs' ends from their Completed signals: (success, error name, message)
+        self._waiting: dict[str, asyncio.Future[tuple[bool, str, str]]] = {}
+        self._ended: dict[str, tuple[bool, str, str]] = {}
 
     # -- calls ------------------------------------------------------------------
     async def call(self, path: str, interface: str, member: str, signature: str = "",
@@ -101,13 +106,31 @@ class DmdPool:
         return [_plain(v) for v in reply.body]
 
     async def wait_job(self, job: str) -> None:
-        """Until *job* ends; DmdError when it did not complete."""
-        while not (await self.call(job, JOB_INTERFACE, "Wait", "d", [JOB_WAIT_SECONDS]))[0]:
-            pass
+        """Until *job* ends, told by its Completed signal (no call: a job's
+        Wait and GetAll would be two more round trips through the bus);
+        DmdError when it did not complete."""
+        ended = self._ended.pop(job, None)
+        if ended is None:
+            future = asyncio.get_running_loop().create_future()
+            self._waiting[job] = future
+            try:
+                while ended is None:
+                    try:
+                        ended = await asyncio.wait_for(asyncio.shield(future),
+                                                       JOB_SIGNAL_SECONDS)
+                    except TimeoutError:
+                        if (await self.call(job, JOB_INTERFACE, "Wait", "d", [0.0]))[0]:
+                            ended = await self._job_end(job)
+            finally:
+                self._waiting.pop(job, None)
+        success, name, text = ended
+        if not success:
+            raise DmdError(name.removeprefix(ERROR_PREFIX) or "Failed", text)
+
+    async def _job_end(self, job: str) -> tuple[bool, str, str]:
         (props,) = await self.call(job, PROPERTIES_INTERFACE, "GetAll", "s", [JOB_INTERFACE])
-        if props["State"] != "completed":
-            name = str(props["ErrorName"]).removeprefix(ERROR_PREFIX) or str(props["State"])
-            raise DmdError(name, str(props["ErrorMessage"]))
+        return (props["State"] == "completed", str(props["ErrorName"] or props["State"]),
+                str(props["ErrorMessage"]))
 
     async def create_volume(self, name: str, size: int, options: Mapping[str, Variant]
                             ) -> str:
@@ -141,6 +164,8 @@ class DmdPool:
         for rule in (f"type='signal',sender='{BUS_NAME}',interface='{OBJECT_MANAGER_INTERFACE}'",
                      f"type='signal',sender='{BUS_NAME}',interface='{PROPERTIES_INTERFACE}',"
                      f"member='PropertiesChanged',arg0='{VOLUME_INTERFACE}'",
+                     f"type='signal',sender='{BUS_NAME}',interface='{JOB_INTERFACE}',"
+                     "member='Completed'",
                      f"type='signal',sender='{DBUS}',member='NameOwnerChanged',"
                      f"arg0='{BUS_NAME}'"):
             await self.call("/org/freedesktop/DBus", DBUS, "AddMatch", "s", [rule],
@@ -172,6 +197,15 @@ class DmdPool:
             self._put(path, _plain(interfaces[VOLUME_INTERFACE]))
         if DEVICE_INTERFACE in interfaces:
             self.minors[path] = int(_plain(interfaces[DEVICE_INTERFACE]).get("Minor", -1))
+
+    def _job_ended(self, job: str, ended: tuple[bool, str, str]) -> None:
+        future = self._waiting.get(job)
+        if future is not None and not future.done():
+            future.set_result(ended)
+            return
+        self._ended[job] = ended
+        while len(self._ended) > ENDED_KEPT:
+            del self._ended[next(iter(self._ended))]
 
     def node(self, volume: Volume) -> str:
         """The volume's block device node: /dev/dm-N, which the kernel's
@@ -209,11 +243,18 @@ class DmdPool:
             if msg.body and msg.body[0] == BUS_NAME:
                 self._dmd = str(msg.body[2])
                 self._stale = True
+                self._ended.clear()
+                for future in self._waiting.values():  # their jobs died with dmd
+                    if not future.done():
+                        future.set_exception(DmdError(
+                            "org.freedesktop.DBus.Error.NoReply", "dmd went away"))
             return False
         if not self._dmd or msg.sender != self._dmd:
             return False
         body = msg.body
-        if msg.member == "InterfacesAdded":
+        if msg.member == "Completed" and msg.interface == JOB_INTERFACE:
+            self._job_ended(msg.path or "", (bool(body[0]), str(body[1]), str(body[2])))
+        elif msg.member == "InterfacesAdded":
             self._added(str(body[0]), body[1])
         elif msg.member == "InterfacesRemoved":
             if VOLUME_INTERFACE in body[1]:

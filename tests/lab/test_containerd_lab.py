@@ -28,7 +28,7 @@ from tests.helpers import unvariant
 pytestmark = [pytest.mark.kernel, pytest.mark.kernel_containerd]
 
 IMAGE = "docker.io/library/dmd-lab:latest"
-POOL = "ctd"
+POOL = "dmdtpctd"  # dmdtp*: the lab fixtures remove its devices after the test
 RUN = Path("/run/dmd-lab-containerd")  # short: the shims' socket paths must fit
 CONFIG = """version = 2
 root = "{root}"

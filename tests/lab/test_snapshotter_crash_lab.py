@@ -29,7 +29,7 @@ from dmd.snapshotter.grpc_server import SERVICE
 
 pytestmark = [pytest.mark.kernel, pytest.mark.kernel_containerd]
 
-POOL = "ctdcrash"
+POOL = "dmdtpstorm"  # dmdtp*: the lab fixtures remove its devices after the test
 WORKERS = 4
 HEADER = (("containerd-namespace", "storm"),)
 

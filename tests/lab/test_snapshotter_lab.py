@@ -28,6 +28,7 @@ RESULTS = PROJECT / ".lab-results" / "containerd"
 SUITE = RESULTS / "dmd-snapshotter-suite.test"
 SNAPSHOTTER = Path(sys.executable).parent / "dmd-snapshotter"
 SUITE_TESTS = 21
+POOL = "dmdtpsuite"  # dmdtp*: the lab fixtures remove its devices after the test
 SKIPPED_BY_THE_SUITE = {"Rename"}
 
 
@@ -60,9 +61,9 @@ def start_snapshotter(pool: str, socket: Path, log: Path) -> Snapshotter:
 @pytest.fixture
 def snapshotter(system_dmd: SystemDmd, loop_device: Callable[[int], str],
                 tmp_path: Path) -> Iterator[Snapshotter]:
-    create_pool("ctd", [loop_device(4096)])
+    create_pool(POOL, [loop_device(4096)])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    running = start_snapshotter("ctd", tmp_path / "snapshotter.sock",
+    running = start_snapshotter(POOL, tmp_path / "snapshotter.sock",
                                 RESULTS / "snapshotter.log")
     try:
         yield running

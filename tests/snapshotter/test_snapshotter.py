@@ -215,3 +215,19 @@ async def test_snapshots_survive_a_lost_state_directory(rig: Rig, dmd_session: A
     await api.prepare("rw2", "layer")
     await api.remove("ro")
     assert {i.name for i in await api.walk()} == {"layer", "rw", "rw2"}
+
+
+async def test_remove_of_a_mounted_snapshot_is_a_failed_precondition(rig: Rig,
+                                                                     dmd_session: Any) -> None:
+    """dmd's Delete fails (Busy) while the device is open: containerd hears
+    FailedPrecondition and the snapshot stays; closed, it goes."""
+    api = rig.api
+    await api.prepare("busy")
+    (name,) = [n for n in await rig.volumes() if n != "containerd.base"]
+    sim = SimDM(dmd_session.sim)
+    sim.open_device(f"{POOL}-{name}")  # mounted, say
+    assert await code_of(api.remove("busy")) is grpc.StatusCode.FAILED_PRECONDITION
+    assert (await api.stat("busy")).name == "busy"
+    sim.open_device(f"{POOL}-{name}", -1)
+    await api.remove("busy")
+    assert await code_of(api.stat("busy")) is grpc.StatusCode.NOT_FOUND
