@@ -21,6 +21,7 @@ KIND = PREFIX + "kind"
 PARENT = PREFIX + "parent"
 CREATED = PREFIX + "created"  # nanoseconds since the epoch
 UPDATED = PREFIX + "updated"
+USAGE = PREFIX + "usage"  # a committed layer's bytes when committed (its device goes)
 LABEL = PREFIX + "label/"  # + one of containerd's own labels
 
 # The volume every parentless snapshot starts from: formatted once.
@@ -43,11 +44,14 @@ class Snapshot:
     created_ns: int
     updated_ns: int
     labels: Mapping[str, str] = field(default_factory=dict)
+    usage_bytes: int | None = None  # committed: what its volume held then
 
     def volume_labels(self) -> dict[str, str]:
         labels = {NAMESPACE: self.namespace, NAME: self.name, KIND: self.kind.value,
                   PARENT: self.parent, CREATED: str(self.created_ns),
                   UPDATED: str(self.updated_ns)}
+        if self.usage_bytes is not None:
+            labels[USAGE] = str(self.usage_bytes)
         labels.update({LABEL + key: value for key, value in self.labels.items()})
         return labels
 
@@ -84,8 +88,9 @@ class Volume:
             kind = Kind(labels.get(KIND, ""))
             created, updated = int(labels[CREATED]), int(labels[UPDATED])
             namespace, name, parent = labels[NAMESPACE], labels[NAME], labels[PARENT]
+            usage = int(labels[USAGE]) if USAGE in labels else None
         except (KeyError, ValueError):
             return None
         own = {key[len(LABEL):]: value for key, value in labels.items()
                if key.startswith(LABEL)}
-        return Snapshot(namespace, name, kind, parent, created, updated, own)
+        return Snapshot(namespace, name, kind, parent, created, updated, own, usage)

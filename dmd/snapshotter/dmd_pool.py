@@ -84,17 +84,22 @@ class DmdPool:
         self._stale = False  # read everything again before the next answer
         self._objects_serial = 0  # of the GetManagedObjects call in flight
         self._reading = asyncio.Lock()
-        # jobs' ends from their Completed signals: (success, error name, message)
-        self._waiting: dict[str, asyncio.Future[tuple[bool, str, str]]] = {}
-        self._ended: dict[str, tuple[bool, str, str]] = {}
+        # jobs' ends from their Completed signals, (success, error name,
+        # message), keyed by (dmd's unique name, job path): a dmd started
+        # again numbers its jobs from 1 again
+        self._waiting: dict[tuple[str, str], asyncio.Future[tuple[bool, str, str]]] = {}
+        self._ended: dict[tuple[str, str], tuple[bool, str, str]] = {}
+        self._following = False
 
     # -- calls ------------------------------------------------------------------
     async def call(self, path: str, interface: str, member: str, signature: str = "",
                    body: list[Any] | None = None, destination: str = BUS_NAME) -> list[Any]:
-        return await self._send(Message(destination=destination, path=path, interface=interface,
-                                        member=member, signature=signature, body=body or []))
+        return (await self._send(Message(destination=destination, path=path,
+                                         interface=interface, member=member,
+                                         signature=signature, body=body or [])))[0]
 
-    async def _send(self, message: Message) -> list[Any]:
+    async def _send(self, message: Message) -> tuple[list[Any], str]:
+        """The reply's body, and its sender (dmd's unique name)."""
         reply = await self.bus.call(message)
         assert reply is not None
         if reply.message_type is MessageType.ERROR:
@@ -103,40 +108,56 @@ class DmdPool:
             if error.unreachable:
                 self._stale = True
             raise error
-        return [_plain(v) for v in reply.body]
+        return [_plain(v) for v in reply.body], reply.sender or ""
 
-    async def wait_job(self, job: str) -> None:
-        """Until *job* ends, told by its Completed signal (no call: a job's
-        Wait and GetAll would be two more round trips through the bus);
-        DmdError when it did not complete."""
-        ended = self._ended.pop(job, None)
+    async def job_call(self, path: str, interface: str, member: str, signature: str,
+                       body: list[Any]) -> list[Any]:
+        """A call that starts a job (its path last in the reply); once the
+        job has ended well, the reply. DmdError otherwise."""
+        reply, sender = await self._send(Message(destination=BUS_NAME, path=path,
+                                                 interface=interface, member=member,
+                                                 signature=signature, body=body))
+        await self.wait_job(str(reply[-1]), sender)
+        return reply
+
+    async def wait_job(self, job: str, dmd: str) -> None:
+        """Until *job* of the dmd whose unique name is *dmd* ends, told by
+        its Completed signal (no call: a job's Wait and GetAll would be two
+        more round trips through the bus); DmdError when it did not
+        complete, and at once (unreachable) when that dmd has gone."""
+        key = (dmd, job)
+        ended = self._ended.pop(key, None)
         if ended is None:
+            if dmd != self._dmd:
+                raise DmdError("org.freedesktop.DBus.Error.NoReply", "dmd went away")
             future = asyncio.get_running_loop().create_future()
-            self._waiting[job] = future
+            self._waiting[key] = future
             try:
                 while ended is None:
                     try:
                         ended = await asyncio.wait_for(asyncio.shield(future),
                                                        JOB_SIGNAL_SECONDS)
                     except TimeoutError:
-                        if (await self.call(job, JOB_INTERFACE, "Wait", "d", [0.0]))[0]:
-                            ended = await self._job_end(job)
+                        # Asked of that dmd itself: never another's job of the same path.
+                        if (await self.call(job, JOB_INTERFACE, "Wait", "d", [0.0],
+                                            destination=dmd))[0]:
+                            ended = await self._job_end(job, dmd)
             finally:
-                self._waiting.pop(job, None)
+                self._waiting.pop(key, None)
         success, name, text = ended
         if not success:
             raise DmdError(name.removeprefix(ERROR_PREFIX) or "Failed", text)
 
-    async def _job_end(self, job: str) -> tuple[bool, str, str]:
-        (props,) = await self.call(job, PROPERTIES_INTERFACE, "GetAll", "s", [JOB_INTERFACE])
+    async def _job_end(self, job: str, dmd: str) -> tuple[bool, str, str]:
+        (props,) = await self.call(job, PROPERTIES_INTERFACE, "GetAll", "s", [JOB_INTERFACE],
+                                   destination=dmd)
         return (props["State"] == "completed", str(props["ErrorName"] or props["State"]),
                 str(props["ErrorMessage"]))
 
     async def create_volume(self, name: str, size: int, options: Mapping[str, Variant]
                             ) -> str:
-        volume, job = await self.call(self.pool_path, POOL_INTERFACE, "CreateVolume",
-                                      "sta{sv}", [name, size, dict(options)])
-        await self.wait_job(job)
+        volume, _ = await self.job_call(self.pool_path, POOL_INTERFACE, "CreateVolume",
+                                        "sta{sv}", [name, size, dict(options)])
         return str(volume)
 
     async def snapshot(self, origin: str, name: str, labels: Mapping[str, str]) -> str:
@@ -144,9 +165,8 @@ class DmdPool:
         udev's part (the /dev/mapper link) may follow: see node()."""
         options = {"labels": Variant("a{ss}", dict(labels)), "activate": Variant("b", True),
                    "udev-sync": Variant("b", False)}
-        volume, job = await self.call(origin, VOLUME_INTERFACE, "Snapshot", "sa{sv}",
-                                      [name, options])
-        await self.wait_job(job)
+        volume, _ = await self.job_call(origin, VOLUME_INTERFACE, "Snapshot", "sa{sv}",
+                                        [name, options])
         return str(volume)
 
     async def set_labels(self, path: str, labels: Mapping[str, str]) -> None:
@@ -154,12 +174,18 @@ class DmdPool:
 
     async def volume_job(self, path: str, member: str) -> None:
         """Delete, Activate or Deactivate; until its job ends."""
-        (job,) = await self.call(path, VOLUME_INTERFACE, member, "a{sv}", [{}])
-        await self.wait_job(job)
+        await self.job_call(path, VOLUME_INTERFACE, member, "a{sv}", [{}])
 
     # -- the mirror --------------------------------------------------------------
     async def start(self) -> None:
-        """Follow dmd's signals, then read the pool and its volumes."""
+        """Follow dmd's signals, then read the pool and its volumes (again
+        when called again: the handler and the rules are added once)."""
+        if not self._following:
+            await self._follow()
+            self._following = True
+        await self.read_all()
+
+    async def _follow(self) -> None:
         self.bus.add_message_handler(self._on_message)
         for rule in (f"type='signal',sender='{BUS_NAME}',interface='{OBJECT_MANAGER_INTERFACE}'",
                      f"type='signal',sender='{BUS_NAME}',interface='{PROPERTIES_INTERFACE}',"
@@ -170,7 +196,6 @@ class DmdPool:
                      f"arg0='{BUS_NAME}'"):
             await self.call("/org/freedesktop/DBus", DBUS, "AddMatch", "s", [rule],
                             destination=DBUS)
-        await self.read_all()
 
     async def read_all(self) -> None:
         """Read dmd's owner, the pool's path and every volume again."""
@@ -183,7 +208,7 @@ class DmdPool:
                           serial=self.bus.next_serial())
         self._objects_serial = message.serial
         try:
-            await self._send(message)  # _on_message applies the reply
+            await self._send(message)  # _on_message applies the reply, in order
         finally:
             self._objects_serial = 0
 
@@ -198,12 +223,12 @@ class DmdPool:
         if DEVICE_INTERFACE in interfaces:
             self.minors[path] = int(_plain(interfaces[DEVICE_INTERFACE]).get("Minor", -1))
 
-    def _job_ended(self, job: str, ended: tuple[bool, str, str]) -> None:
-        future = self._waiting.get(job)
+    def _job_ended(self, key: tuple[str, str], ended: tuple[bool, str, str]) -> None:
+        future = self._waiting.get(key)
         if future is not None and not future.done():
             future.set_result(ended)
             return
-        self._ended[job] = ended
+        self._ended[key] = ended
         while len(self._ended) > ENDED_KEPT:
             del self._ended[next(iter(self._ended))]
 
@@ -243,9 +268,8 @@ class DmdPool:
             if msg.body and msg.body[0] == BUS_NAME:
                 self._dmd = str(msg.body[2])
                 self._stale = True
-                self._ended.clear()
-                for future in self._waiting.values():  # their jobs died with dmd
-                    if not future.done():
+                for (dmd, _), future in self._waiting.items():  # their jobs died with it
+                    if dmd != self._dmd and not future.done():
                         future.set_exception(DmdError(
                             "org.freedesktop.DBus.Error.NoReply", "dmd went away"))
             return False
@@ -253,7 +277,8 @@ class DmdPool:
             return False
         body = msg.body
         if msg.member == "Completed" and msg.interface == JOB_INTERFACE:
-            self._job_ended(msg.path or "", (bool(body[0]), str(body[1]), str(body[2])))
+            self._job_ended((msg.sender or "", msg.path or ""),
+                            (bool(body[0]), str(body[1]), str(body[2])))
         elif msg.member == "InterfacesAdded":
             self._added(str(body[0]), body[1])
         elif msg.member == "InterfacesRemoved":
@@ -275,4 +300,5 @@ class DmdPool:
             return {}
         return {"Name": volume.name, "PoolName": volume.pool, "Owner": volume.owner,
                 "State": volume.state, "DevicePath": volume.device_path,
-                "UsedBytes": volume.used_bytes, "Labels": dict(volume.labels)}
+                "Device": volume.device, "UsedBytes": volume.used_bytes,
+                "Labels": dict(volume.labels)}

@@ -79,7 +79,9 @@ class _Reader:
             self.at += 1
 
     def peek(self) -> str:
-        self.skip_space()
+        """The next character, spaces included: as in containerd's parser,
+        spaces may come before a field, an operator or a value, nowhere else
+        (not before "," or "." or the end)."""
         return self.text[self.at] if self.at < len(self.text) else ""
 
     def quoted(self) -> tuple[str, str]:
@@ -149,6 +151,7 @@ def _selector(reader: _Reader) -> Selector:
         path.append(_field(reader))
     if reader.peek() in ("", ","):
         return Selector(tuple(path), Operator.PRESENT)
+    reader.skip_space()
     start = reader.at
     while reader.at < len(reader.text) and reader.text[reader.at] in "=!~":
         reader.at += 1
@@ -163,13 +166,14 @@ def _selector(reader: _Reader) -> Selector:
     pattern = None
     if operator is Operator.MATCHES:
         try:
-            pattern = re.compile(value)
+            pattern = re.compile(value, re.ASCII)  # as RE2's \w and \d
         except re.error as exc:
             raise reader.fail(f"not a regular expression: {exc}") from None
     return Selector(tuple(path), operator, value, pattern)
 
 
 def _field(reader: _Reader) -> str:
+    reader.skip_space()
     char = reader.peek()
     if char == '"':
         return reader.quoted()[1]
@@ -181,6 +185,7 @@ def _field(reader: _Reader) -> str:
 
 
 def _value(reader: _Reader, regex: bool) -> str:
+    reader.skip_space()
     char = reader.peek()
     if char in _QUOTES and char:
         quote, value = reader.quoted()

@@ -100,7 +100,16 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    stopping = asyncio.create_task(stop.wait())
+    bus_lost = asyncio.create_task(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
+    await asyncio.wait((stopping, bus_lost), return_when=asyncio.FIRST_COMPLETED)
+    if bus_lost.done():
+        # Nothing it holds could be trusted without dmd's signals: the unit
+        # starts it again, and it reads everything anew.
+        log.error("the bus connection is lost: exiting")
+        await server.stop(0)
+        sys.exit(1)
+    bus_lost.cancel()
     log.info("stopping: calls in flight get 10 s")
     await server.stop(10)
     bus.disconnect()

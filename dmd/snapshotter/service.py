@@ -126,7 +126,11 @@ class Snapshotter:
         try:
             await self.pool.settled()
         except DmdError as exc:
-            raise from_dmd(exc, "reading dmd's volumes") from None
+            # Never NotFound (containerd would take a Remove as done): the
+            # pool is not there, or dmd is not.
+            raise SnapshotError(Code.UNAVAILABLE,
+                                f"reading pool {self.pool.pool}'s volumes from dmd: {exc}"
+                                ) from None
 
     def _all(self, namespace: str) -> Iterator[Found]:
         for volume in list(self.pool.volumes.values()):
@@ -174,12 +178,21 @@ class Snapshotter:
 
     async def usage(self, namespace: str, name: str) -> tuple[int, int]:
         """(bytes, inodes): the bytes the pool holds for the snapshot's volume
-        (shared with its parent where unchanged, as the kernel counts them);
-        inodes are not counted (0)."""
+        (shared with its parent where unchanged, as the kernel counts them),
+        for a committed one as dmd last read them when it was committed (its
+        device is gone since); inodes are not counted (0)."""
         await self._settled()
-        return self._get(namespace, name).volume.used_bytes, 0
+        found = self._get(namespace, name)
+        if found.snapshot.usage_bytes is not None:
+            return found.snapshot.usage_bytes, 0
+        return found.volume.used_bytes, 0
 
     # -- changing ---------------------------------------------------------------
+    def _check_unclaimed(self, namespace: str, name: str) -> None:
+        if (namespace, name) in self._claimed:
+            raise SnapshotError(Code.FAILED_PRECONDITION,
+                                f"snapshot {name!r} is being changed by another call")
+
     @contextlib.contextmanager
     def _claim(self, namespace: str, *names: str) -> Iterator[None]:
         keys = [(namespace, name) for name in names]
@@ -203,23 +216,24 @@ class Snapshotter:
         with self._claim(namespace, key):
             if self._taken(namespace, key):
                 raise SnapshotError(Code.ALREADY_EXISTS, f"snapshot {key!r} already exists")
-            origin = None
+            origin, coming = None, ("", "")
             if parent:
-                with self._claim(namespace, parent):
-                    origin = self._get(namespace, parent)
+                origin = self._get(namespace, parent)
+                coming = (origin.snapshot.namespace, parent)  # as Remove counts them
+                self._check_unclaimed(*coming)
                 if origin.snapshot.kind is not Kind.COMMITTED:
                     raise SnapshotError(Code.INVALID_ARGUMENT,
                                         f"parent {parent!r} is not a committed snapshot")
             stamp = now_ns()
             snapshot = Snapshot(namespace, key, kind, parent, stamp, stamp, dict(labels))
-            self._children_coming[(namespace, parent)] += 1
+            self._children_coming[coming] += 1
             try:
                 origin_path = origin.volume.path if origin else await self._base()
                 path = await self._snapshot(origin_path, snapshot)
             finally:
-                self._children_coming[(namespace, parent)] -= 1
-                if not self._children_coming[(namespace, parent)]:
-                    del self._children_coming[(namespace, parent)]
+                self._children_coming[coming] -= 1
+                if not self._children_coming[coming]:
+                    del self._children_coming[coming]
         volume = self.pool.volumes.get(path)
         if volume is None:
             raise SnapshotError(Code.UNKNOWN, f"snapshot {key!r}: its volume went away")
@@ -244,8 +258,9 @@ class Snapshotter:
         if not name:
             raise SnapshotError(Code.INVALID_ARGUMENT, "a committed snapshot needs a name")
         await self._settled()
-        with self._claim(namespace, name, key):
-            active = self._get(namespace, key)
+        active = self._get(namespace, key)
+        # Claimed in the snapshot's own namespace, whatever the call named.
+        with self._claim(active.snapshot.namespace, name, key):
             if active.snapshot.kind is not Kind.ACTIVE:
                 raise SnapshotError(Code.FAILED_PRECONDITION,
                                     f"snapshot {key!r} is not active")
@@ -254,7 +269,8 @@ class Snapshotter:
                                     f"committed snapshot {name!r} already exists")
             stamp = now_ns()
             committed = Snapshot(active.snapshot.namespace, name, Kind.COMMITTED,
-                                 active.snapshot.parent, stamp, stamp, dict(labels))
+                                 active.snapshot.parent, stamp, stamp, dict(labels),
+                                 usage_bytes=active.volume.used_bytes)
             try:
                 await self.pool.set_labels(active.volume.path, committed.volume_labels())
             except DmdError as exc:
@@ -300,8 +316,8 @@ class Snapshotter:
         """Labels only: all of them when *paths* is empty, else ``labels``
         (all) and ``labels.KEY`` (one, removed when absent from *labels*)."""
         await self._settled()
-        with self._claim(namespace, name):
-            found = self._get(namespace, name)
+        found = self._get(namespace, name)
+        with self._claim(found.snapshot.namespace, name):
             new = dict(found.snapshot.labels)
             if not paths:
                 new = dict(labels)
@@ -349,7 +365,7 @@ class Snapshotter:
                     await self.pool.set_labels(base.path, {KIND: BASE_KIND})
                 if base.state == "active":
                     # snapshots of an inactive origin need no suspend of it
-                    await self.pool.volume_job(base.path, "Deactivate")
+                    await self._deactivate(base, "the base")
             except DmdError as exc:
                 raise from_dmd(exc, f"the base volume {BASE_NAME}") from None
             return base.path

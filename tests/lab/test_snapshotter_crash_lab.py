@@ -238,7 +238,8 @@ def test_sigkill_of_dmd_and_of_the_snapshotter_in_a_storm(pool: SystemDmd,
         assert len(ledger.committed) > made
         print(f"storm: {len(ledger.committed)} layers, {len(ledger.removed)} removed, "
               f"{len(ledger.errors)} calls cut off by the kills")
-        assert ledger.errors, "the kills cut no call off: the test tested nothing"
+        cut_off = [e for e in ledger.errors if e.startswith("UNAVAILABLE")]
+        assert cut_off, f"the kills cut no call off: the test tested nothing ({ledger.errors})"
     finally:
         snapshotter.stop()
         subprocess.run(["udevadm", "settle", "--timeout=30"], check=False)

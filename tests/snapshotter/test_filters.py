@@ -23,8 +23,8 @@ def fields(path: Sequence[str]) -> tuple[str, bool]:
     ('labels."containerd.io/gc.root"', (Selector(("labels", "containerd.io/gc.root"),
                                                   Operator.PRESENT),)),
     ('parent!=""', (Selector(("parent",), Operator.NOT_EQUAL, ""),)),
-    (' kind == view , labels.l ', (Selector(("kind",), Operator.EQUAL, "view"),
-                                  Selector(("labels", "l"), Operator.PRESENT))),
+    (' kind == view,labels.l', (Selector(("kind",), Operator.EQUAL, "view"),
+                                Selector(("labels", "l"), Operator.PRESENT))),
     ('name=="a\\"b\\x41\\u00e9"', (Selector(("name",), Operator.EQUAL, 'a"bAé'),)),
     ("labels.a.b==1.2", (Selector(("labels", "a", "b"), Operator.EQUAL, "1.2"),)),
     ("", ()),
@@ -36,7 +36,9 @@ def test_parse(text: str, parsed: tuple[Selector, ...]) -> None:
 
 @pytest.mark.parametrize("text", [
     "name==", "==a", "name=a", "name===a", "name==/a/", 'name=="open', "name==a,",
-    "name==a b", "labels.", "name~=/(/", 'name=="\\q"', "na-me==a"])
+    "name==a b", "labels.", "name~=/(/", 'name=="\\q"', "na-me==a",
+    # spaces only before a field, an operator or a value, as containerd's parser
+    "kind==view ,labels.l", "labels.l ", "labels .l"])
 def test_bad_filters_are_refused(text: str) -> None:
     with pytest.raises(filters.FilterError):
         filters.parse(text)

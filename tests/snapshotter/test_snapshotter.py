@@ -231,3 +231,19 @@ async def test_remove_of_a_mounted_snapshot_is_a_failed_precondition(rig: Rig,
     sim.open_device(f"{POOL}-{name}", -1)
     await api.remove("busy")
     assert await code_of(api.stat("busy")) is grpc.StatusCode.NOT_FOUND
+
+
+async def test_mounts_and_usage_after_labels_change(rig: Rig) -> None:
+    """A label change (PropertiesChanged of Labels alone) keeps what the
+    snapshotter knows of the volume's device; a committed layer's Usage is
+    what its volume held when committed (its device is gone since)."""
+    api = rig.api
+    (before,) = await api.prepare("a")
+    await api("Update", pb.UpdateSnapshotRequest(info=pb.Info(name="a", labels={"x": "1"})))
+    (after,) = list((await api("Mounts", pb.MountsRequest(key="a"))).mounts)
+    assert after == before and after.source.startswith("/dev/dm-")
+    await api.commit("layer", "a")
+    (name,) = [n for n in await rig.volumes() if n != "containerd.base"]
+    labels = (await rig.volumes())[name]["Labels"]
+    usage = await api("Usage", pb.UsageRequest(key="layer"))
+    assert str(usage.size) == labels["containerd/usage"] and usage.inodes == 0
