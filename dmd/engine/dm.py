@@ -363,7 +363,7 @@ class DM:
             if answer & DmFlags.DM_UEVENT_GENERATED:
                 name, device = info.name, info.device
                 wait = UdevWait(lambda ev: self.nodes.disappeared(name, device, ev), events,
-                                f"removing /dev/mapper/{name}")
+                                f"removing /dev/mapper/{name}", name)
                 events = None  # the wait's now
                 self.nodes.now_or_later(wait, later)
         finally:
@@ -422,7 +422,7 @@ class DM:
             if resuming and info.active_present and info.flags & DmFlags.DM_UEVENT_GENERATED:
                 name, device = info.name, info.device
                 wait = UdevWait(lambda ev: self.nodes.appeared(name, device, ev), events,
-                                f"adding /dev/mapper/{name}")
+                                f"adding /dev/mapper/{name}", name)
                 events = None  # the wait's now
                 self.nodes.now_or_later(wait, later)
         finally:

@@ -134,8 +134,9 @@ class UdevWait:
     given a list to add it to."""
 
     def __init__(self, wait: Callable[[UdevEvents | None], None],
-                 events: UdevEvents | None, what: str) -> None:
-        self._wait, self._events, self.what = wait, events, what
+                 events: UdevEvents | None, what: str, name: str = "") -> None:
+        # *name*: the device's, for a caller that keeps waits by device
+        self._wait, self._events, self.what, self.name = wait, events, what, name
 
     def wait(self) -> None:
         """Until udev has done its work (UdevTimeout if it does not)."""

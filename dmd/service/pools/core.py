@@ -121,6 +121,7 @@ UNDO_BUSY_WAITS = (*[0.2] * 25, None)  # seconds between tries of an undo's remo
 # out, ~1 s in all, before it says Busy (LVM and containerd's devmapper
 # snapshotter retry their removes alike).
 PROBE_WAITS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4)
+UDEV_KEPT = 256  # devices whose udev work is kept to wait for (keep_udev)
 
 @dataclass(frozen=True, slots=True)
 class PoolState:
@@ -457,6 +458,7 @@ class PoolCore:
     def __init__(self, devices: DeviceService) -> None:
         self.devices = devices
         self.kernel = devices.kernel
+        self.udev_kept: dict[str, UdevWait] = {}  # see keep_udev
         self.store = devices.store
         self.fault = devices.fault
         self.locks = DeviceLocks()
@@ -529,7 +531,8 @@ class PoolCore:
                     if change.udev_sync:
                         await change.udev_done()
                     else:
-                        change.give_up_udev()
+                        self.keep_udev(change.udev)
+                        change.udev = []
                 finally:
                     await self.settle(pool, records)
 
@@ -872,12 +875,35 @@ class PoolCore:
         await self.send(pool, set_transaction_id(current, current + 1))
         return current + 1
 
+    def keep_udev(self, waits: list[UdevWait]) -> None:
+        """udev's work on devices a change made without waiting for it
+        (udev_sync False): kept by device, waited for before that device is
+        removed (udev's probe of a new device holds it open, for seconds
+        under load); the oldest closed past UDEV_KEPT (done long since)."""
+        for wait in waits:
+            old = self.udev_kept.pop(wait.name, None) if wait.name else None
+            if old is not None:
+                old.close()
+            if wait.name:
+                self.udev_kept[wait.name] = wait
+            else:
+                wait.close()
+        while len(self.udev_kept) > UDEV_KEPT:
+            self.udev_kept.pop(next(iter(self.udev_kept))).close()
+
     async def remove_closed(self, device: str, claim: str,
                             later: list[UdevWait] | None = None) -> None:
-        """Remove a volume's *device* once it is closed, waiting out a
-        moment's open (PROBE_WAITS); Busy (naming its users) if it stays
-        open. Each wait looks at the open count alone (one ioctl): who has
-        it open is asked once, at the end."""
+        """Remove a volume's *device* once it is closed: udev's work on it
+        that nobody waited for is waited for first (keep_udev), then a
+        moment's open is waited out (PROBE_WAITS); Busy (naming its users)
+        if it stays open. Each wait looks at the open count alone (one
+        ioctl): who has it open is asked once, at the end."""
+        kept = self.udev_kept.pop(device, None)
+        if kept is not None:
+            try:
+                await self.kernel(udev_done, kept)
+            except Exception as exc:  # udev's lateness is no reason to refuse
+                log.warning("remove %s: waiting for udev's earlier work: %s", device, exc)
         for wait in PROBE_WAITS:
             try:
                 info = await self.kernel(Engine.device_info, device)

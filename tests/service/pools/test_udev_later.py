@@ -43,7 +43,7 @@ class SlowUdev:
                         raise self.fails
                     assert self.done.wait(30), "never released"
 
-                wait_ = UdevWait(wait, None, what)
+                wait_ = UdevWait(wait, None, what, id if isinstance(id, str) else "")
                 close = wait_.close
 
                 def closed() -> None:
@@ -168,14 +168,25 @@ async def test_a_create_undone_lets_udev_finish_before_removing_its_device(
 
 async def test_a_snapshot_without_udev_sync_ends_before_udev(tank: PoolService) -> None:
     """udev_sync False (lvcreate --noudevsync): the snapshot is done when the
-    kernel and the records hold it; its udev wait is given up, never waited."""
+    kernel and the records hold it; its udev work is kept, not waited for,
+    until the device is removed: its delete waits for it first (udev's probe
+    of a new device holds it open)."""
     await tank.create_volume("tank", "origin", GIB)
     udev = SlowUdev(tank.kernel.engine)  # type: ignore[arg-type]
     await asyncio.wait_for(tank.snapshot("tank", "origin", "quick", udev_sync=False), 10)
-    # the origin's resume (it was suspended for the copy) and the new device's
-    assert udev.waiting == []
-    assert udev.closed == ["device_suspend tank-origin", "device_suspend tank-quick"]
+    # the origin's resume (it was suspended for the copy) and the new device's: kept
+    assert udev.waiting == [] and udev.closed == []
     assert "quick" in [v.name for v in await tank.store.list_volumes("tank")]
+    deleting = asyncio.create_task(tank.delete_volume("tank", "quick"))
+    for _ in range(200):
+        if udev.waiting:
+            break
+        await asyncio.sleep(0.01)
+    assert udev.waiting == ["device_suspend tank-quick"] and not deleting.done()
+    udev.done.set()
+    await deleting
+    udev.done.clear()
+    udev.waiting.clear()
     # Without the option it waits, as before.
     task = asyncio.create_task(tank.snapshot("tank", "origin", "synced"))
     for _ in range(200):
