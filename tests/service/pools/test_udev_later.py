@@ -30,6 +30,13 @@ class SlowUdev:
         for name in ("device_suspend", "device_remove"):
             setattr(sim, name, self._slow(getattr(sim, name)))
 
+    async def begun(self) -> None:
+        """Until a wait has begun (or 2 s have gone: the test's asserts judge)."""
+        for _ in range(200):
+            if self.waiting:
+                return
+            await asyncio.sleep(0.01)
+
     def _slow(self, call: Any) -> Any:
         def slowed(id: Any, flags: DmFlags = DmFlags(0),
                    later: list[UdevWait] | None = None) -> Any:
@@ -66,10 +73,7 @@ async def test_a_create_goes_on_while_udev_works_and_ends_after_it(
 
     tank.add_settler(settler)
     task = asyncio.create_task(tank.create_volume("tank", "v", GIB))
-    for _ in range(200):
-        if udev.waiting:
-            break
-        await asyncio.sleep(0.01)
+    await udev.begun()
     # udev's wait is the last step: the volume is recorded and described.
     assert udev.waiting == ["device_suspend tank-v"]
     assert [v.name for v in await tank.store.list_volumes("tank")] == ["v"]
@@ -178,10 +182,7 @@ async def test_a_snapshot_without_udev_sync_ends_before_udev(tank: PoolService) 
     assert udev.waiting == [] and udev.closed == []
     assert "quick" in [v.name for v in await tank.store.list_volumes("tank")]
     deleting = asyncio.create_task(tank.delete_volume("tank", "quick"))
-    for _ in range(200):
-        if udev.waiting:
-            break
-        await asyncio.sleep(0.01)
+    await udev.begun()
     assert udev.waiting == ["device_suspend tank-quick"] and not deleting.done()
     udev.done.set()
     await deleting
@@ -189,10 +190,7 @@ async def test_a_snapshot_without_udev_sync_ends_before_udev(tank: PoolService) 
     udev.waiting.clear()
     # Without the option it waits, as before.
     task = asyncio.create_task(tank.snapshot("tank", "origin", "synced"))
-    for _ in range(200):
-        if udev.waiting:
-            break
-        await asyncio.sleep(0.01)
+    await udev.begun()
     assert udev.waiting == ["device_suspend tank-origin"] and not task.done()
     udev.done.set()
     await task
