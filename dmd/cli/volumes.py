@@ -287,7 +287,8 @@ async def cmd_snapshot(c: Client, a: argparse.Namespace) -> None:
 
 
 async def cmd_resize(c: Client, a: argparse.Namespace) -> None:
-    options = {"shrink": Variant("b", True)} if a.shrink else {}
+    options = {flag: Variant("b", True) for flag in ("shrink", "filesystem")
+               if getattr(a, flag)}
     path = await _volume_path(c, a.pool, a.volume)
     (job,) = await c.call(path, VOLUME_INTERFACE, "Resize", "ta{sv}", [a.size, options],
                           mutating=True)
@@ -458,6 +459,9 @@ def register(verb: Callable[[str, Verb, str], argparse.ArgumentParser]) -> None:
     sp.add_argument("size", type=parse_size, metavar="SIZE", help="the new size")
     sp.add_argument("--shrink", action="store_true",
                     help="allow a smaller size (the data past the new end is lost)")
+    sp.add_argument("--filesystem", action="store_true",
+                    help="resize its ext4 or xfs with it (grown mounted or not; ext4 "
+                         "shrinks unmounted, checked first)")
     volume_args(verb("vol-delete", cmd_vol_simple, "delete a volume and its data"))
     volume_args(verb("activate", cmd_vol_simple, "make a volume's device"))
     volume_args(verb("deactivate", cmd_vol_simple,

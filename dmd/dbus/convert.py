@@ -145,7 +145,7 @@ OPTIONS: dict[str, dict[str, str]] = {
                      "key-description": "s", **KDF_OPTIONS,
                      "thin": "b", "stripes": "u", "stripe-size": "t"},
     "Snapshot": {"labels": "a{ss}", "activate": "b", "udev-sync": "b"},
-    "Resize": {"shrink": "b"},
+    "Resize": {"shrink": "b", "filesystem": "b"},
     "Destroy": {"force": "b"},
     "AddDevice": {"force": "b"},
     "OpenDevice": {"exclusive": "b"},

@@ -167,8 +167,9 @@ class VolumeHandlers:
         opts = options_in("Resize", options)
         job, _ = await self.pools.as_job("volume-resize", caller, lambda accept:
             self.pools.resize_volume(pool, volume, size_in(size, "size"),
-                                     shrink=opts.get("shrink", False), uuid=uuid, caller=caller,
-                                     accept=accept))
+                                     shrink=opts.get("shrink", False),
+                                     filesystem=opts.get("filesystem", False), uuid=uuid,
+                                     caller=caller, accept=accept))
         return job_path(job.id)
 
     async def Delete(self, caller: Caller, pool: str, volume: str, uuid: str,

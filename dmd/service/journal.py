@@ -93,6 +93,7 @@ class ThickResizeStep(enum.IntEnum):
     ZERO = 1  # the new segments are zeroed on the pool's devices next
     RECORD = 2  # the grown segments are recorded (reserved) next
     RELOAD = 3  # the device takes them next: recovery reloads the recorded table
+    FILESYSTEM = 4  # its filesystem grows next (Resize with `filesystem`): as RELOAD
 
 
 class VolumeDeleteStep(enum.IntEnum):
@@ -130,6 +131,7 @@ class VolumeResizeStep(enum.IntEnum):
 
     RELOAD = 1  # the device is reloaded at the new size next
     RECORD = 2  # the record takes the new size next
+    FILESYSTEM = 3  # its filesystem grows next (with `filesystem`): the size stays the device's
 
 
 class PoolGrowStep(enum.IntEnum):

@@ -24,6 +24,8 @@ import logging
 import os
 import re
 import shutil
+import stat
+import tempfile
 from collections.abc import Awaitable, Callable
 
 from dmd.service import errors
@@ -128,3 +130,141 @@ async def make_filesystem(open_device: Callable[[], Awaitable[int]], fstype: str
         raise errors.Failed(f"{command[0]} exited with status {status}: "
                             f"{last[-1] if last else 'no output'}")
     log.info("mkfs %s: %s made", label, fstype)
+
+
+# -- a filesystem that follows its volume's Resize ----------------------------
+# What the tools need to know, and the one way each is run: a descriptor of
+# the volume's device that dmd opened, seen by the tool as /dev/fd/N (as for
+# mkfs), through setpriv so the tool dies with dmd.
+RESIZABLE = ("ext4", "xfs")
+MOUNT_OPTIONS = "nosuid,nodev,noexec,nouuid"  # a snapshot's clone may be mounted too
+
+
+async def _run(tool: str, *args: str, fd: int | None = None) -> tuple[int, str]:
+    """Run *tool* with *args* (``{fd}`` in an argument becomes the
+    descriptor's number); its exit status and output."""
+    path, setpriv = shutil.which(tool), shutil.which("setpriv")
+    if setpriv is None:
+        raise errors.Failed("setpriv (util-linux) is not installed: filesystem tools are "
+                            "run through it")
+    if path is None:
+        raise errors.Failed(f"{tool} is not installed")
+    argv = [a.format(fd=fd) for a in args]
+    process = await asyncio.create_subprocess_exec(
+        setpriv, "--pdeathsig", "KILL", "--", path, *argv,
+        pass_fds=() if fd is None else (fd,), stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        output, _ = await process.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return process.returncode, output[-TAIL_BYTES:].decode(errors="replace")
+
+
+def _failed(tool: str, status: int, output: str, what: str) -> errors.Failed:
+    last = output.replace("\b", "").strip().splitlines()
+    return errors.Failed(f"{what}: {tool} exited with status {status}: "
+                         f"{last[-1] if last else 'no output'}")
+
+
+async def probe(fd: int) -> str | None:
+    """The filesystem on the device (blkid's TYPE, from the device itself,
+    never a cache), or None when blkid finds none."""
+    status, output = await _run("blkid", "-p", "-o", "value", "-s", "TYPE", "/dev/fd/{fd}",
+                                fd=fd)
+    if status == 2:  # nothing recognised
+        return None
+    if status != 0:
+        raise _failed("blkid", status, output, "probing the filesystem")
+    return output.strip() or None
+
+
+def mount_point(fd: int) -> str | None:
+    """Where the block device *fd* is mounted in dmd's mount namespace (the
+    first place listed), or None. Blocking (reads /proc): off the loop."""
+    st = os.fstat(fd)
+    if not stat.S_ISBLK(st.st_mode):
+        return None  # the simulator's devices are files nobody mounts
+    wanted = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) > 4 and fields[2] == wanted:
+                # mountinfo escapes space, tab, newline and backslash as \ooo
+                return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+    return None
+
+
+async def check_ext4(fd: int) -> None:
+    """A forced, read-only e2fsck: Failed when it finds anything to fix."""
+    status, output = await _run("e2fsck", "-f", "-n", "/dev/fd/{fd}", fd=fd)
+    if status != 0:
+        raise _failed("e2fsck", status, output,
+                      "the ext4 filesystem needs repair first (nothing was changed)")
+
+
+async def filesystem_bytes(fd: int, fstype: str) -> int:
+    """The filesystem's own size, as its superblock says."""
+    if fstype == "ext4":
+        status, output = await _run("dumpe2fs", "-h", "/dev/fd/{fd}", fd=fd)
+        keys = {"Block count": "count", "Block size": "size"}
+    else:
+        status, output = await _run("xfs_db", "-r", "-c", "sb 0", "-c", "print dblocks blocksize",
+                                    "/dev/fd/{fd}", fd=fd)
+        keys = {"dblocks": "count", "blocksize": "size"}
+    if status != 0:
+        raise _failed("dumpe2fs" if fstype == "ext4" else "xfs_db", status, output,
+                      "reading the filesystem's size")
+    found: dict[str, int] = {}
+    for line in output.splitlines():
+        key, sep, value = line.partition(":" if fstype == "ext4" else "=")
+        if sep and key.strip() in keys and value.strip().isdigit():
+            found[keys[key.strip()]] = int(value.strip())
+    if set(found) != {"count", "size"}:
+        raise errors.Failed(f"reading the {fstype} filesystem's size: not in the tool's output")
+    return found["count"] * found["size"]
+
+
+async def resize_ext4(fd: int, size_bytes: int, *, mounted: bool) -> None:
+    """Make the ext4 filesystem *size_bytes* (rounded down to its blocks).
+    Unmounted, resize2fs opens the device exclusively (a mount anywhere,
+    in any namespace, makes it fail before it writes) and is forced past
+    its own wish for a fresh e2fsck: check_ext4 was run just before."""
+    args = ["/dev/fd/{fd}", f"{size_bytes // 512}s"]
+    status, output = await _run("resize2fs", *(args if mounted else ["-f", *args]), fd=fd)
+    if status != 0:
+        raise _failed("resize2fs", status, output, "resizing the ext4 filesystem")
+
+
+async def grow_xfs(fd: int, mounted_at: str | None) -> None:
+    """xfs grows only mounted (xfs_growfs acts on a mount point): an
+    unmounted one is mounted for the while on a new directory in dmd's
+    temporary directory (its own under systemd: PrivateTmp, so nobody else
+    sees the mount), nosuid, nodev, noexec, grown to fill its device, and
+    unmounted."""
+    if mounted_at is not None:
+        status, output = await _run("xfs_growfs", "-d", mounted_at)
+        if status != 0:
+            raise _failed("xfs_growfs", status, output, "growing the xfs filesystem")
+        return
+    directory = await asyncio.to_thread(tempfile.mkdtemp, prefix="dmd-grow-")
+    try:
+        status, output = await _run("mount", "-t", "xfs", "-o", MOUNT_OPTIONS, "/dev/fd/{fd}",
+                                    directory, fd=fd)
+        if status != 0:
+            raise _failed("mount", status, output, "mounting the xfs filesystem to grow it")
+        try:
+            status, output = await _run("xfs_growfs", "-d", directory)
+            if status != 0:
+                raise _failed("xfs_growfs", status, output, "growing the xfs filesystem")
+        finally:
+            status, output = await _run("umount", directory)
+            if status != 0:
+                log.error("xfs grow: could not unmount %s: %s", directory, output.strip())
+    finally:
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(os.rmdir, directory)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid as uuidlib
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from dmd.service import errors
@@ -104,10 +105,12 @@ async def delete_thick(change: PoolChange, volume: VolumeRecord) -> None:
         await change.write(remove=volume.uuid)
 
 
-async def grow_thick(change: PoolChange, volume: VolumeRecord, size: int) -> VolumeRecord:
+async def grow_thick(change: PoolChange, volume: VolumeRecord, size: int, *,
+                     then: Callable[[Journal], Awaitable[None]] | None = None) -> VolumeRecord:
     """More segments (another run of stripes), recorded (reserved) before
     the device's table takes them; a crash between is finished by
-    reloading the recorded table."""
+    reloading the recorded table. *then*: the last step of the same intent
+    (its failure undoes the growth, unless it said no_way_back)."""
     assert volume.thick is not None
     pools, pool, thick = change.core, volume.pool, volume.thick
     record = await change.record()
@@ -140,6 +143,8 @@ async def grow_thick(change: PoolChange, volume: VolumeRecord, size: int) -> Vol
             await pools.devices.reload(volume_device(pool, volume.name),
                                       thick_table(record.layout, grown_thick),
                                       claim=pools.owner(pool))
+        if then is not None:
+            await then(journal)
     return grown
 
 

@@ -28,11 +28,12 @@ from dmd.service.journal import (
     Journal,
     PoolArgs,
     SnapshotStep,
+    ThickResizeStep,
     VolumeCreateStep,
     VolumeDeleteStep,
     VolumeResizeStep,
 )
-from dmd.service.pools import activation, content, crypt, thick
+from dmd.service.pools import activation, content, crypt, fsresize, thick
 from dmd.service.pools.core import (
     Accept,
     PoolChange,
@@ -291,8 +292,10 @@ async def finish_delete(pools: PoolCore, volume: VolumeRecord, start: int) -> No
 
 
 async def resize_volume(pools: PoolCore, pool: str, name: str, size_bytes: int, *,
-                        shrink: bool = False, uuid: str | None = None,
-                        caller: Caller = ROOT, accept: Accept = ignore) -> VolumeRecord:
+                        shrink: bool = False, filesystem: bool = False,
+                        uuid: str | None = None, caller: Caller = ROOT,
+                        accept: Accept = ignore) -> VolumeRecord:
+    """*filesystem*: its ext4 or xfs follows (dmd.service.pools.fsresize)."""
     size = check_size(size_bytes)
     async with pools.change(pool) as change:
         volume = await change.volume(name, uuid)
@@ -306,36 +309,74 @@ async def resize_volume(pools: PoolCore, pool: str, name: str, size_bytes: int, 
         if volume.encryption is not None and await crypt.cleartext_present(pools, pool, name):
             raise errors.Busy(f"volume {pool}/{name} is unlocked: Lock it to resize it "
                               "(its cleartext device takes the new size when unlocked)")
+        if volume.thick is not None and size < volume.size_bytes:
+            raise errors.InvalidArgument(f"{name!r} is a thick volume: it grows, "
+                                         "never shrinks")
+        follows = await fsresize.plan(pools, volume, size) if filesystem else None
         if volume.thick is not None:
-            if size < volume.size_bytes:
-                raise errors.InvalidArgument(f"{name!r} is a thick volume: it grows, "
-                                             "never shrinks")
             await change.accepted(volume, accept)
-            resized = await thick.grow_thick(change, volume, size) \
-                if size > volume.size_bytes else volume
+            resized = volume
+            if size > volume.size_bytes:
+                resized = await thick.grow_thick(change, volume, size, then=None if (
+                    follows is None) else lambda journal: follows.grow(
+                        pools, size, journal, ThickResizeStep.FILESYSTEM))
+            elif follows is not None:
+                await follows.grow(pools, size)  # a grow cut short before: finished
         else:
-            assert volume.thin_id is not None
             resized = replace(volume, size_bytes=size)
             await change.accepted(resized, accept)
-
-            async def follow_device(_: Journal) -> None:
-                await match_size(pools, resized)
-
-            async with change.intent("volume-resize", f"{pool}/{name}",
-                              PoolArgs(pool=pool, volume=resized.to_json(),
-                                       old_size=volume.size_bytes),
-                              roll_forward=follow_device) as journal:
-                if await pools.own_device(volume):
-                    await journal.mark(VolumeResizeStep.RELOAD)
-                    await pools.devices.reload(volume_device(pool, name),
-                                              thin_table(pool, volume.thin_id, size),
-                                              claim=pools.owner(pool))
-                    journal.no_way_back()  # the device has its size: the record follows
-                await journal.mark(VolumeResizeStep.RECORD)
-                await change.write(update=resized)
+            if follows is not None and size < volume.size_bytes:
+                await follows.shrink(pools, size)
+            try:
+                await _resize_thin(change, volume, resized, follows)
+            except BaseException:
+                if follows is not None and size < volume.size_bytes:
+                    await follows.restore(pools)
+                raise
     log.info("volume-resize %s/%s: %d -> %d bytes", pool, name, volume.size_bytes,
              resized.size_bytes)
     return resized
+
+
+async def _resize_thin(change: PoolChange, volume: VolumeRecord, resized: VolumeRecord,
+                       follows: fsresize.FilesystemResize | None) -> None:
+    """The device reloaded at the new size, then the record. Alone, the
+    resize rolls forward from the reload (the device's new end may be written
+    at once); with a filesystem growing after it, it is undone until the
+    filesystem grew (only the filesystem writes past the old end)."""
+    pools, pool, name, thin_id = change.core, volume.pool, volume.name, volume.thin_id
+    assert thin_id is not None
+    reloaded = False
+
+    async def follow_device(_: Journal) -> None:
+        await match_size(pools, resized)
+
+    async def undo(_: Journal) -> None:
+        await change.write(update=volume)
+        if reloaded:
+            await pools.devices.reload(volume_device(pool, name),
+                                      thin_table(pool, thin_id, volume.size_bytes),
+                                      claim=pools.owner(pool))
+
+    growing = follows is not None and resized.size_bytes >= volume.size_bytes
+    async with change.intent("volume-resize", f"{pool}/{name}",
+                             PoolArgs(pool=pool, volume=resized.to_json(),
+                                      old_size=volume.size_bytes),
+                             undo if growing else None,
+                             roll_forward=follow_device) as journal:
+        if await pools.own_device(volume):
+            await journal.mark(VolumeResizeStep.RELOAD)
+            await pools.devices.reload(volume_device(pool, name),
+                                      thin_table(pool, thin_id, resized.size_bytes),
+                                      claim=pools.owner(pool))
+            reloaded = True
+            if not growing:
+                journal.no_way_back()  # the device has its size: the record follows
+        await journal.mark(VolumeResizeStep.RECORD)
+        await change.write(update=resized)
+        if growing:
+            assert follows is not None
+            await follows.grow(pools, resized.size_bytes, journal, VolumeResizeStep.FILESYSTEM)
 
 
 async def match_size(pools: PoolCore, resized: VolumeRecord) -> str:
