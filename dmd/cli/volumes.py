@@ -305,6 +305,16 @@ async def cmd_vol_simple(c: Client, a: argparse.Namespace) -> None:
                    lambda p: p.get("DevicePath", ""))
 
 
+async def cmd_revert(c: Client, a: argparse.Namespace) -> None:
+    snapshot = await _volume_path(c, a.pool, a.volume)
+    origin = (await _props(c, snapshot, VOLUME_INTERFACE))["Origin"]
+    (job,) = await c.call(snapshot, VOLUME_INTERFACE, "Revert", "a{sv}", [{}], mutating=True)
+    await _run_job(c, a, job, origin if origin != "/" else None, VOLUME_INTERFACE,
+                   lambda p: f"{p.get('Name', '?')}: " + (
+                       "reverted at its next activation (it is open now)"
+                       if p.get("RevertScheduled") else "reverted"))
+
+
 async def cmd_cache_attach(c: Client, a: argparse.Namespace) -> None:
     options = {"mode": Variant("s", a.mode)}
     if a.block_size:
@@ -462,6 +472,9 @@ def register(verb: Callable[[str, Verb, str], argparse.ArgumentParser]) -> None:
     sp.add_argument("--filesystem", action="store_true",
                     help="resize its ext4 or xfs with it (grown mounted or not; ext4 "
                          "shrinks unmounted, checked first)")
+    volume_args(verb("revert", cmd_revert,
+                     "give a snapshot's origin the snapshot's data (VOLUME: the snapshot; "
+                     "scheduled while the origin is open)"))
     volume_args(verb("vol-delete", cmd_vol_simple, "delete a volume and its data"))
     volume_args(verb("activate", cmd_vol_simple, "make a volume's device"))
     volume_args(verb("deactivate", cmd_vol_simple,

@@ -146,6 +146,7 @@ OPTIONS: dict[str, dict[str, str]] = {
                      "thin": "b", "stripes": "u", "stripe-size": "t"},
     "Snapshot": {"labels": "a{ss}", "activate": "b", "udev-sync": "b"},
     "Resize": {"shrink": "b", "filesystem": "b"},
+    "Revert": {},
     "Destroy": {"force": "b"},
     "AddDevice": {"force": "b"},
     "OpenDevice": {"exclusive": "b"},

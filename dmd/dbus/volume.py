@@ -47,6 +47,7 @@ VOLUME_PROPERTIES: dict[str, str] = {
     "DevicePath": "s", "Encryption": "s", "Locked": "b", "LockedReason": "s",
     "KeyDescription": "s", "CleartextDevice": "o", "CleartextPath": "s",
     "Thin": "b", "Stripes": "u", "Cache": "s", "CacheDevice": "s",
+    "RevertScheduled": "b", "RevertSnapshot": "o",
 }
 
 
@@ -82,6 +83,10 @@ def volume_properties(volume: VolumeRecord, pool_uuid: str, state: str, used_byt
         "Stripes": volume.thick.stripes if volume.thick is not None else 1,
         "Cache": (volume.cache.mode or volume.cache.kind) if volume.cache is not None else "",
         "CacheDevice": volume.cache.device if volume.cache is not None else "",
+        "RevertScheduled": volume.revert is not None,
+        "RevertSnapshot": volume_path(volume.revert.snapshot_uuid) if (
+            volume.revert is not None and volume.revert.snapshot_uuid in known_uuids)
+        else NO_OBJECT,
     }
 
 
@@ -138,6 +143,10 @@ class VolumeInterface(CachedObject):
 
     @dbus_method()
     def Rename(self, name: Str, options: Options) -> None:
+        routed()
+
+    @dbus_method()
+    def Revert(self, options: Options) -> Path:
         routed()
 
     @dbus_method()
@@ -250,6 +259,13 @@ class VolumeHandlers:
         options_in("Rename", options)
         await self.pools.rename_volume(pool, volume, check_string(name, "name"), uuid=uuid,
                                        caller=caller)
+
+    async def Revert(self, caller: Caller, pool: str, volume: str, uuid: str,
+                     options: dict[str, Any]) -> str:
+        options_in("Revert", options)
+        job, _ = await self.pools.as_job("volume-revert", caller, lambda accept:
+            self.pools.revert(pool, volume, uuid=uuid, caller=caller, accept=accept))
+        return job_path(job.id)
 
     async def DetachCache(self, caller: Caller, pool: str, volume: str, uuid: str,
                           options: dict[str, Any]) -> str:

@@ -89,6 +89,25 @@ class SnapshotStep(enum.IntEnum):
     ACTIVATE = 6
 
 
+class RevertStep(enum.IntEnum):
+    """Revert (dmd.service.pools.revert): a copy of the snapshot taken (a
+    thin id of its own) and named by the origin's record (scheduled); then,
+    where the origin has no open device, applied: its record takes the copy
+    (from there on it rolls forward), its old thin id is deleted. A revert
+    applied later (``volume-revert-apply``) takes the steps from DEACTIVATE."""
+
+    SUSPEND = 1  # the snapshot's device is suspended next (if active)
+    MESSAGE = 2  # create_snap of the snapshot next
+    TRANSACTION = 3
+    RESUME = 4  # the snapshot resumes next (on every path)
+    RECORD = 5  # the origin's record names the copy next: scheduled
+    DEACTIVATE = 6  # the origin's device (not open) is removed next
+    SWITCH = 7  # the origin's record takes the copy next
+    DELETE = 8  # its old thin id is deleted next
+    COMMIT = 9
+    ACTIVATE = 10  # the origin's device is made again next (if it had one)
+
+
 class ThickResizeStep(enum.IntEnum):
     ZERO = 1  # the new segments are zeroed on the pool's devices next
     RECORD = 2  # the grown segments are recorded (reserved) next
@@ -211,6 +230,7 @@ class PoolArgs(IntentArgs):
     origin_uuid: str | None = None
     layout: str | None = None  # pool-create: the PoolLayout's JSON
     old_size: int = 0  # volume-resize-thick: bytes before, zeroed from there on
+    snapshot_uuid: str | None = None  # volume-revert: the snapshot copied
 
 
 # The marks recovery reads (it settles every other case from what the kernel

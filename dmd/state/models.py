@@ -101,6 +101,8 @@ volumes = Table(
     Column("thick_json", Text),
     # Revision 0008: VolumeRecord.cache as JSON; NULL without a cache.
     Column("cache_json", Text),
+    # Revision 0009: VolumeRecord.revert as JSON; NULL when none is scheduled.
+    Column("revert_json", Text),
     UniqueConstraint("pool_id", "name"),
     UniqueConstraint("pool_id", "thin_id"),
 )

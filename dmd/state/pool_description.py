@@ -33,6 +33,7 @@ from dmd.state.pool_records import (
     Encryption,
     PoolLayout,
     PoolRecord,
+    Revert,
     Segment,
     Thick,
     VolumeRecord,
@@ -125,6 +126,7 @@ class Description:
                 **({"encryption": v.encryption.to_json()} if v.encryption else {}),
                 **({"thick": v.thick.to_json()} if v.thick else {}),
                 **({"cache": v.cache.to_json()} if v.cache else {}),
+                **({"revert": v.revert.to_json()} if v.revert else {}),
             } for v in sorted(self.volumes, key=_volume_order)],
             **({"pending": self.pending} if self.pending is not None else {}),
         }
@@ -182,7 +184,8 @@ class Description:
                                          dict(v["labels"]), v["active"],
                                          encryption=Encryption.from_json(v.get("encryption")),
                                          thick=Thick.from_json(v.get("thick")),
-                                         cache=Cache.from_json(v.get("cache")))
+                                         cache=Cache.from_json(v.get("cache")),
+                                         revert=Revert.from_json(v.get("revert")))
                             for v in doc["volumes"])
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, DescriptionError):

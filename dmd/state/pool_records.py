@@ -163,6 +163,31 @@ class Cache:
 
 
 @dataclass(frozen=True, slots=True)
+class Revert:
+    """A revert scheduled: thin id *thin_id*, a copy of snapshot
+    *snapshot_uuid* made when Revert was called, becomes the volume's data
+    (and *size_bytes* and *encryption*, the snapshot's then, its size and
+    LUKS header) the next time the volume has no device."""
+
+    thin_id: int
+    snapshot_uuid: str
+    size_bytes: int
+    encryption: Encryption | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"thin_id": self.thin_id, "snapshot_uuid": self.snapshot_uuid,
+                "size_bytes": self.size_bytes,
+                "encryption": self.encryption.to_json() if self.encryption else None}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any] | None) -> Revert | None:
+        if doc is None:
+            return None
+        return cls(int(doc["thin_id"]), str(doc["snapshot_uuid"]), int(doc["size_bytes"]),
+                   Encryption.from_json(doc.get("encryption")))
+
+
+@dataclass(frozen=True, slots=True)
 class VolumeRecord:
     uuid: str
     pool: str  # the pool's name
@@ -177,6 +202,7 @@ class VolumeRecord:
     encryption: Encryption | None = None
     thick: Thick | None = None
     cache: Cache | None = None
+    revert: Revert | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The record as the journal keeps it in an intent (and a pool's
@@ -187,6 +213,7 @@ class VolumeRecord:
         raw["encryption"] = self.encryption.to_json() if self.encryption else None
         raw["thick"] = self.thick.to_json() if self.thick else None
         raw["cache"] = self.cache.to_json() if self.cache else None
+        raw["revert"] = self.revert.to_json() if self.revert else None
         return raw
 
     @classmethod
@@ -195,6 +222,7 @@ class VolumeRecord:
         fields["encryption"] = Encryption.from_json(fields.get("encryption"))
         fields["thick"] = Thick.from_json(fields.get("thick"))
         fields["cache"] = Cache.from_json(fields.get("cache"))
+        fields["revert"] = Revert.from_json(fields.get("revert"))
         return cls(**fields)
 
 
@@ -215,12 +243,14 @@ def volume_record(row: Row[Any], pool_name: str) -> VolumeRecord:
                         row.active, row.created_at,
                         Encryption.from_json(json.loads(row.encryption_json or "null")),
                         Thick.from_json(json.loads(row.thick_json or "null")),
-                        Cache.from_json(json.loads(row.cache_json or "null")))
+                        Cache.from_json(json.loads(row.cache_json or "null")),
+                        Revert.from_json(json.loads(row.revert_json or "null")))
 
 
 def volume_values(record: VolumeRecord) -> dict[str, Any]:
-    """The columns of *record* that an update may change."""
-    return {"name": record.name, "size_bytes": record.size_bytes,
+    """The columns of *record* that an update may change (its thin id: a
+    revert applied)."""
+    return {"name": record.name, "thin_id": record.thin_id, "size_bytes": record.size_bytes,
             "labels_json": json.dumps(record.labels), "active": record.active,
             "owner_uid": record.owner_uid,
             "encryption_json": (json.dumps(record.encryption.to_json())
@@ -228,4 +258,6 @@ def volume_values(record: VolumeRecord) -> dict[str, Any]:
             "thick_json": (json.dumps(record.thick.to_json())
                            if record.thick is not None else None),
             "cache_json": (json.dumps(record.cache.to_json())
-                           if record.cache is not None else None)}
+                           if record.cache is not None else None),
+            "revert_json": (json.dumps(record.revert.to_json())
+                            if record.revert is not None else None)}

@@ -47,7 +47,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # The newest revision in migrations/versions (a test keeps the two in step). A
 # database already there, or a new one, is opened without importing Alembic:
 # that import alone cost several seconds of every start in the lab VM.
-HEAD_REVISION = "0008"
+HEAD_REVISION = "0009"
 T = TypeVar("T")
 
 
@@ -572,7 +572,7 @@ class StateStore:
             if add is not None:
                 created = _now()
                 fresh = replace(add, pool=pool, created_at=created)
-                columns = {"uuid": add.uuid, "pool_id": row.id, "thin_id": add.thin_id,
+                columns = {"uuid": add.uuid, "pool_id": row.id,
                            "origin_uuid": add.origin_uuid, "created_at": _sql_time(created),
                            **volume_values(add)}
                 sql(f"INSERT INTO volumes ({', '.join(columns)}) "
@@ -583,10 +583,9 @@ class StateStore:
                            "WHERE uuid = ?", (*values.values(), update.uuid))
                 if done.rowcount != 1:
                     raise RecordNotFound(f"no record of volume {update.uuid}")
-                kept = sql("SELECT thin_id, origin_uuid, created_at FROM volumes "
+                kept = sql("SELECT origin_uuid, created_at FROM volumes "
                            "WHERE uuid = ?", (update.uuid,)).one()
-                edited = replace(update, pool=pool, thin_id=kept.thin_id,
-                                 origin_uuid=kept.origin_uuid,
+                edited = replace(update, pool=pool, origin_uuid=kept.origin_uuid,
                                  created_at=datetime.fromisoformat(kept.created_at))
             if remove is not None:
                 sql("DELETE FROM volumes WHERE uuid = ?", (remove,))
@@ -851,8 +850,8 @@ def _insert_volumes(connection: Connection, pool_id: int,
                     records: Sequence[VolumeRecord]) -> None:
     if records:
         connection.execute(insert(tables.volumes), [dict(
-            uuid=volume.uuid, pool_id=pool_id, thin_id=volume.thin_id,
-            origin_uuid=volume.origin_uuid, created_at=_now(), **volume_values(volume))
+            uuid=volume.uuid, pool_id=pool_id, origin_uuid=volume.origin_uuid,
+            created_at=_now(), **volume_values(volume))
             for volume in records])
 
 

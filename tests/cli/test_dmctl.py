@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -166,6 +167,20 @@ def test_pool_and_volume_verbs(dmd_session: Any) -> None:
     finally:
         os.close(node)
     assert "TYPE=ext4" in found and "LABEL=home" in found, found
+    ok(dmd_session, "snapshot", "tank", "home", "home.1")
+    assert ok(dmd_session, "resize", "tank", "home", "96M", "--filesystem") == "96.0M\n"
+    node = SimDM(dmd_session.sim).open_node("tank-home", os.O_RDONLY)
+    try:
+        found = subprocess.run(["dumpe2fs", "-h", f"/dev/fd/{node}"], pass_fds=(node,),
+                               capture_output=True, text=True).stdout
+    finally:
+        os.close(node)
+    count, size = (int(re.search(rf"^Block {what}:\s+(\d+)$", found, re.MULTILINE)[1])
+                   for what in ("count", "size"))  # type: ignore[index]
+    assert count * size == 96 << 20, found
+    assert ok(dmd_session, "revert", "tank", "home.1") == "home: reverted\n"
+    listed = {v["Name"]: v for v in json.loads(ok(dmd_session, "--json", "vols", "tank"))}
+    assert listed["home"]["Size"] == 64 << 20 and not listed["home"]["RevertScheduled"]
     bad = dmctl(dmd_session, "vol-create", "tank", "v", "lots")
     assert bad.returncode == 2 and "not a size" in bad.stderr
     job = ok(dmd_session, "pool-destroy", "tank", "--force", "--no-wait").strip()

@@ -111,7 +111,8 @@ def test_bash_completion(dmd_session: Any, tmp_path: Path) -> None:
     env = dict(dmd_session.env,
                PATH=f"{os.path.dirname(sys.executable)}:{dmd_session.env['PATH']}")
     assert complete(script, ["dmctl", "re"], env) == [
-        "reload", "resume", "rename", "remove", "remove-all-managed", "remove-key", "resize"]
+        "reload", "resume", "rename", "remove", "remove-all-managed", "remove-key", "resize",
+        "revert"]
     assert complete(script, ["dmctl", "remove", "--d"], env) == ["--deferred"]
     assert run_dmctl(dmd_session, "--session", "create", "comp-one", "--table",
                      "0 8 zero").returncode == 0

@@ -188,6 +188,30 @@ async def test_a_volume_is_renamed_and_keeps_its_object(client: Client,
     assert names == {"db": volume, "taken": other}
 
 
+async def test_a_volume_is_reverted_to_its_snapshot_over_the_bus(client: Client,
+                                                                 disks: list[str]) -> None:
+    pool, job = await create_pool(client, "tank", disks[:1])
+    await finished(client, job)
+    volume, job = await client.call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}",
+                                    ["v", GIB, {}])
+    await finished(client, job)
+    snap, job = await client.call(volume, VOLUME_INTERFACE, "Snapshot", "sa{sv}", ["v.1", {}])
+    await finished(client, job)
+    (job,) = await client.call(volume, VOLUME_INTERFACE, "Resize", "ta{sv}", [2 * GIB, {}])
+    await finished(client, job)
+    with pytest.raises(CallError) as no_origin:
+        await client.call(volume, VOLUME_INTERFACE, "Revert", "a{sv}", [{}])
+    assert no_origin.value.short == "NotFound"
+    (job,) = await client.call(snap, VOLUME_INTERFACE, "Revert", "a{sv}", [{}])
+    await finished(client, job)
+    assert (await props(client, job, JOB_INTERFACE))["Operation"] == "volume-revert"
+    v = await props(client, volume, VOLUME_INTERFACE)
+    assert (v["Name"], v["Size"], v["State"]) == ("v", GIB, "active")
+    assert (v["RevertScheduled"], v["RevertSnapshot"]) == (False, "/")
+    assert v["Device"] in await objects(client)
+    assert (await props(client, snap, VOLUME_INTERFACE))["Origin"] == volume
+
+
 async def test_a_quick_job_is_not_a_storm_of_progress_signals(
         client: Client, disks: list[str]) -> None:
     """A create's ten journal steps, over in a moment, are not ten

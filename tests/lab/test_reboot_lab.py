@@ -16,6 +16,9 @@ volumes boot (last there) and ``test_after_the_reboot`` in the next boot:
   recorded;
 - a volume renamed (and labelled) before the reboot comes back under its
   new name, with its data and labels;
+- a revert scheduled while its origin was open is applied as dmd starts
+  after the reboot: the origin reads its snapshot's data, its old thin id
+  is gone;
 - encrypted volumes: "sealed", whose key is a description in root's
   keyring, waits locked (and says for what) until the key is put there,
   then opens by itself with its data; "manual", whose key came as a
@@ -28,6 +31,7 @@ ran in this same boot.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -108,6 +112,21 @@ def test_before_the_reboot(stopped_dmd: SystemDmd, tmp_path: Path) -> None:
     assert not Path(f"/dev/mapper/{POOL}-old").exists()
     sums["renamed"] = checksum(f"/dev/mapper/{POOL}-renamed", SIZE)
     assert sums["renamed"] == written
+    # A revert scheduled while its origin is open (a mount, say).
+    rev = create_volume(pool, "rev", 32 * MIB)
+    sums["rev"] = write_pattern(f"/dev/mapper/{POOL}-rev", b"rev, then", SIZE)
+    rev_snap, job = snapshot(rev, "rev.1")
+    wait(job)
+    write_pattern(f"/dev/mapper/{POOL}-rev", b"rev, later", SIZE)
+    subprocess.run(["udevadm", "settle", "--timeout=30"], check=False)
+    rev_old = int(dmsetup("table", f"{POOL}-rev").split()[-1])
+    holder = os.open(f"/dev/mapper/{POOL}-rev", os.O_RDONLY)
+    try:
+        (job,) = call(rev_snap, VOLUME_INTERFACE, "Revert", "a{sv}", "0")
+        wait(job)
+    finally:
+        os.close(holder)
+    assert prop(rev, VOLUME_INTERFACE, "RevertScheduled") is True
     serial = keyring.add_user_key(SEALED_KEY, KEY)
     error, (_, job) = fd_call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", [
         "sealed", 32 * MIB, {"encryption": Variant("s", "luks2"),
@@ -120,7 +139,7 @@ def test_before_the_reboot(stopped_dmd: SystemDmd, tmp_path: Path) -> None:
         sums[name] = write_pattern(f"/dev/mapper/{POOL}-{name}-crypt", name.encode(), SIZE)
     record = {"boot_id": boot_id(), "disks": disks, "sums": sums, "pool": pool,
               "transaction_id": prop(pool, POOL_INTERFACE, "TransactionId"),
-              "thin_ids": sorted(kernel_thin_ids(POOL))}
+              "thin_ids": sorted(kernel_thin_ids(POOL)), "rev_old": rev_old}
     subprocess.run(["udevadm", "settle", "--timeout=30"], check=False)
     dmd.stop()  # as at a shutdown; the devices stay up until the kernel goes
     shutil.copytree(dmd.state_dir, KEPT / "state")
@@ -146,11 +165,19 @@ def test_after_the_reboot(stopped_dmd: SystemDmd) -> None:
         for name in ("one", "one.snap"):
             assert checksum(f"/dev/mapper/{POOL}-{name}", SIZE) == record["sums"][name], name
         assert not Path(f"/dev/mapper/{POOL}-two").exists()  # it was down: it stays down
-        assert prop(pool, POOL_INTERFACE, "TransactionId") == record["transaction_id"]
-        assert sorted(kernel_thin_ids(POOL)) == record["thin_ids"] == \
+        # The scheduled revert, applied at the start: one transaction, the
+        # origin's old thin id deleted (its copy was among the thin ids already).
+        assert prop(pool, POOL_INTERFACE, "TransactionId") == record["transaction_id"] + 1
+        assert record["rev_old"] in record["thin_ids"]
+        assert sorted(kernel_thin_ids(POOL)) == \
+            [t for t in record["thin_ids"] if t != record["rev_old"]] == \
             sorted(recorded_thin_ids(dmd.state_dir))
         volumes = {prop(path, VOLUME_INTERFACE, "Name"): path for path in volume_paths()}
-        assert sorted(volumes) == ["manual", "one", "one.snap", "renamed", "sealed", "two"]
+        assert sorted(volumes) == ["manual", "one", "one.snap", "renamed", "rev", "rev.1",
+                                   "sealed", "two"]
+        assert checksum(f"/dev/mapper/{POOL}-rev", SIZE) == record["sums"]["rev"]
+        assert checksum(f"/dev/mapper/{POOL}-rev.1", SIZE) == record["sums"]["rev"]
+        assert prop(volumes["rev"], VOLUME_INTERFACE, "RevertScheduled") is False
         assert checksum(f"/dev/mapper/{POOL}-renamed", SIZE) == record["sums"]["renamed"]
         assert not Path(f"/dev/mapper/{POOL}-old").exists()
         assert prop(volumes["renamed"], VOLUME_INTERFACE, "Labels") == {"role": "db"}
@@ -179,7 +206,7 @@ def test_after_the_reboot(stopped_dmd: SystemDmd) -> None:
         dmd.stop()
     finally:
         for name in ("sealed-crypt", "manual-crypt", "sealed", "manual", "one.snap", "one",
-                     "two", "renamed", "tpool", "tdata", "tmeta"):
+                     "two", "renamed", "rev", "rev.1", "tpool", "tdata", "tmeta"):
             subprocess.run(["dmsetup", "remove", f"{POOL}-{name}"], capture_output=True)
         for device in record["disks"].values():
             subprocess.run(["losetup", "-d", device], check=False)

@@ -16,7 +16,7 @@ from dmd.service.journal import (
     PoolArgs,
     VolumeActivateStep,
 )
-from dmd.service.pools import cache, crypt
+from dmd.service.pools import cache, crypt, revert
 from dmd.service.pools.core import (
     Accept,
     PoolCore,
@@ -42,10 +42,12 @@ async def set_active(pools: PoolCore, pool: str, name: str, active: bool, *,
         await pools.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
         if not active:
             pools.check_uncached(volume, "deactivating")
-        changed = replace(volume, active=active)
-        await change.accepted(changed, accept)
         device = volume_device(pool, name)
         present = await pools.own_device(volume)
+        if active and not present and volume.revert is not None:
+            volume = await revert.apply(change, volume)  # the data it is to show
+        changed = replace(volume, active=active)
+        await change.accepted(changed, accept)
 
         async def match(_: Journal) -> None:
             await match_device(pools, volume)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -58,6 +59,7 @@ from dmd.engine.targets import parse_status
 from dmd.engine.targets.thin import (
     MAX_THIN_ID,
     ThinPoolStatus,
+    delete,
     metadata_sectors,
     set_transaction_id,
 )
@@ -416,13 +418,15 @@ class PoolChange:
     async def describe_pending(self, operation: str, *,
                                transaction_from: int | None = None,
                                volume: VolumeRecord | None = None,
+                               thin_id: int | None = None,
                                layout: PoolLayout | None = None) -> None:
         """Before a step the kernel cannot take back: the description names
         the operation under way (a generation of its own), so that
         ImportPool, after a crash here and the loss of dmd's state, knows
         what the kernel may hold that the records do not
         (dmd.service.pools.importing): a message moving the transaction id
-        from *transaction_from* about *volume*, or the pool growing to
+        from *transaction_from* about *volume* (or about *thin_id* alone, a
+        revert's copy or the thin id it replaced), or the pool growing to
         *layout* (the description then says the pool is that: an import
         finishes the growth). Its failure fails the operation."""
         record = await self.record()
@@ -442,6 +446,8 @@ class PoolChange:
             pending.update(transaction_from=transaction_from,
                            volume={"uuid": volume.uuid} if operation == "volume-delete"
                            else volume.to_json())
+        if transaction_from is not None and thin_id is not None:
+            pending.update(transaction_from=transaction_from, thin_id=thin_id)
         try:
             await self.core.descriptions.write(record, await self.volumes(), pending)
         except (OSError, DescriptionError) as exc:
@@ -870,6 +876,17 @@ class PoolCore:
 
     async def send(self, pool: str, message: str) -> None:
         await self.devices.message(tpool(pool), 0, message, claim=self.owner(pool))
+
+    async def delete_thin(self, pool: str, thin_id: int, whose: str) -> None:
+        """Delete thin id *thin_id* (*whose*: for the log); one the pool no
+        longer has (ENODATA: deleted already, or never made) is fine."""
+        try:
+            await self.send(pool, delete(thin_id))
+        except errors.Kernel as exc:
+            if exc.errno != errno.ENODATA:
+                log.error("%s: could not delete thin id %d of pool %s: %s", whose, thin_id,
+                          pool, exc)
+                raise
 
     async def commit_tid(self, pool: str, current: int) -> int:
         await self.send(pool, set_transaction_id(current, current + 1))

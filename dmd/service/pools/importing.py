@@ -21,7 +21,7 @@ from dmd.engine.interface import Engine
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
 from dmd.service.journal import PoolArgs, PoolImportStep
-from dmd.service.pools import activation
+from dmd.service.pools import activation, revert
 from dmd.service.pools.core import Accept, PoolChange, PoolCore, Recover, ignore
 from dmd.service.pools.crypt import settle_at_start
 from dmd.service.pools.names import (
@@ -66,7 +66,9 @@ async def import_pool(pools: PoolCore, paths: list[str], *, caller: Caller = ROO
             pools.release(name)
             raise
         pools.descriptions.labelled[record.uuid] = record.layout.ids
-        if description.pending is not None and "volume" in description.pending:
+        if description.pending is not None and "thin_id" in description.pending:
+            await _settle_thin(pools, name, description.pending)
+        elif description.pending is not None and "volume" in description.pending:
             await _settle_pending(pools, name, description.pending, record.transaction_id,
                                   description.volumes)
         elif description.pending is not None:
@@ -78,6 +80,7 @@ async def import_pool(pools: PoolCore, paths: list[str], *, caller: Caller = ROO
             await pools.descriptions.repair(
                 record, list(description.volumes),
                 await pools.descriptions.read(record.layout.devices))
+        await revert.apply_scheduled(change)
         await activation.activate_recorded(pools, name)  # settled with the rest: the bus shows them
         # Encrypted volumes wait for their keys (the keyring's, or Unlock).
         await settle_at_start(pools, name)
@@ -127,6 +130,21 @@ async def _read(pools: PoolCore, paths: list[str]) -> tuple[Description, PoolRec
     moved = replace(layout, devices=tuple(by_id[uid] for uid in layout.ids))
     return description, replace(description.pool, layout=moved,
                                 generation=description.generation)
+
+
+async def _settle_thin(pools: PoolCore, name: str, pending: dict[str, Any]) -> None:
+    """A revert cut short names one thin id the description's records do
+    not: a copy of the snapshot not yet scheduled (taken back), or the thin
+    id the origin had before it took its copy (deleted)."""
+    operation, thin_id = pending.get("operation"), pending.get("thin_id")
+    if operation not in ("volume-revert", "volume-revert-apply") or \
+            not isinstance(thin_id, int) or thin_id < 0:
+        raise errors.Corrupt(f"pool {name!r}: its description names an operation this dmd "
+                             f"does not know ({operation!r}, thin id {thin_id!r})")
+    await pools.delete_thin(name, thin_id, f"pool-import {name}")
+    tid = await pools.commit_tid(name, await pools.kernel_tid(name))
+    await pools.record_change(name, transaction_id=tid)
+    log.info("pool-import %s: %s, cut short: thin id %d deleted", name, operation, thin_id)
 
 
 async def _settle_pending(pools: PoolCore, name: str, pending: dict[str, Any],

@@ -30,6 +30,7 @@ from dmd.service.pools import (
     importing,
     lifecycle,
     naming,
+    revert,
     space,
     thick,
     volumes,
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 # module that owns an operation says so.
 RECOVERY: dict[str, Recover] = {**lifecycle.RECOVERY, **space.RECOVERY, **importing.RECOVERY,
                                 **volumes.RECOVERY, **thick.RECOVERY, **activation.RECOVERY,
-                                **cache.RECOVERY, **naming.RECOVERY}
+                                **cache.RECOVERY, **naming.RECOVERY, **revert.RECOVERY}
 POOL_OPERATIONS = frozenset(RECOVERY)
 
 
@@ -73,6 +74,8 @@ async def recover_pools(pools: PoolCore, report: RecoveryReport) -> None:
             await check_description(pools, record)
             await _check_transaction_id(pools, record.name)
             if record.name not in pools.shown.refused:
+                async with pools.change(record.name) as change:
+                    await revert.apply_scheduled(change)
                 await activation.activate_recorded(pools, record.name)
                 await settle_at_start(pools, record.name)
         except (errors.ServiceError, OSError) as exc:

@@ -10,6 +10,7 @@ import functools
 
 from dmd.service.devices.operations import DeviceService
 from dmd.service.pools import activation, guard, lifecycle, naming, thick, volumes
+from dmd.service.pools import revert as reverting
 from dmd.service.pools.core import PoolCore, PoolState, check_size, layout, metadata_low
 from dmd.service.pools.tables import volume_uuid
 
@@ -36,5 +37,6 @@ class PoolService(PoolCore):
     set_active = activation.set_active
     set_labels = naming.set_labels
     rename_volume = naming.rename_volume
+    revert = reverting.revert
     activate_recorded = activation.activate_recorded
     match_device = activation.match_device

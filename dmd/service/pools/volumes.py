@@ -7,7 +7,6 @@ transaction id moved, then the record (see dmd.service.pools.core)."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import uuid as uuidlib
 from collections.abc import Mapping
@@ -19,7 +18,6 @@ from dmd.engine.interface import Engine
 from dmd.engine.targets.thin import (
     create_snap,
     create_thin,
-    delete,
 )
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
@@ -182,16 +180,13 @@ async def undo_thin(pools: PoolCore, pool: str, volume: VolumeRecord, *, recorde
 
 
 async def delete_thin(pools: PoolCore, pool: str, volume: VolumeRecord) -> None:
-    """Delete the volume's thin id; one the pool no longer has (ENODATA:
-    deleted already, or never made) is fine."""
+    """Delete the volume's thin id, and a scheduled revert's copy (one the
+    pool no longer has is fine)."""
     assert volume.thin_id is not None
-    try:
-        await pools.send(pool, delete(volume.thin_id))
-    except errors.Kernel as exc:
-        if exc.errno != errno.ENODATA:
-            log.error("volume %s/%s: could not delete thin id %d: %s", pool, volume.name,
-                      volume.thin_id, exc)
-            raise
+    await pools.delete_thin(pool, volume.thin_id, f"volume {pool}/{volume.name}")
+    if volume.revert is not None:
+        await pools.delete_thin(pool, volume.revert.thin_id,
+                                f"volume {pool}/{volume.name}'s revert")
 
 
 async def snapshot(pools: PoolCore, pool: str, origin: str, name: str, *,
@@ -248,7 +243,6 @@ async def delete_volume(pools: PoolCore, pool: str, name: str, *, uuid: str | No
             await thick.delete_thick(change, volume)
             log.info("volume-delete %s/%s: thick, its segments freed", pool, name)
             return
-        thin_id = volume.thin_id
         tid = await pools.kernel_tid(pool, await change.record())
         claim = pools.owner(pool)
 
@@ -269,7 +263,7 @@ async def delete_volume(pools: PoolCore, pool: str, name: str, *, uuid: str | No
             await change.describe_pending("volume-delete", transaction_from=tid,
                                         volume=volume)
             await journal.mark(VolumeDeleteStep.MESSAGE)
-            await pools.send(pool, delete(thin_id))
+            await delete_thin(pools, pool, volume)  # and a scheduled revert's copy
             await journal.mark(VolumeDeleteStep.TRANSACTION)
             await pools.commit_tid(pool, tid)
             await journal.mark(VolumeDeleteStep.RECORD)

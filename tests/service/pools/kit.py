@@ -82,7 +82,8 @@ async def assert_agree(pools: PoolService) -> dict[str, Any]:
         pool_state = await pools.pool_state(pool.name)
         assert pool_state.transaction_id == pool.transaction_id, now
         volumes = await pools.store.list_volumes(pool.name)
-        thin_ids = {v.thin_id for v in volumes if v.thin_id is not None}
+        thin_ids = {v.thin_id for v in volumes if v.thin_id is not None} | {
+            v.revert.thin_id for v in volumes if v.revert is not None}
         assert max(thin_ids, default=-1) < pool.next_thin_id
         [thins] = [t for t in now["thins"].values() if set(t) == thin_ids] or [None]
         assert thins is not None, f"pool thin ids {now['thins']} != records {volumes}"
@@ -113,7 +114,7 @@ def assert_disjoint(pool: PoolRecord, volumes: list[Any]) -> None:
 
 def _facts(description_or_records: Any) -> Any:
     return sorted((v.uuid, v.name, v.thin_id, v.size_bytes, v.origin_uuid, v.active,
-                   tuple(sorted(v.labels.items())), v.encryption, v.thick)
+                   tuple(sorted(v.labels.items())), v.encryption, v.thick, v.revert)
                   for v in description_or_records)
 
 
@@ -177,10 +178,11 @@ OPERATIONS: dict[str, Callable[[PoolService], Awaitable[Any]]] = {
     "volume-resize": lambda p: p.resize_volume("tank", "base", 2 * GIB),
     "volume-set-labels": lambda p: p.set_labels("tank", "base", {"owner": "backup"}),
     "volume-rename": lambda p: p.rename_volume("tank", "base", "renamed"),
+    "volume-revert": lambda p: p.revert("tank", "idle"),
 }
 STEPS = {"pool-create": 4, "volume-create": 4, "volume-snapshot": 6, "volume-delete": 4,
          "pool-destroy": 2, "pool-grow": 5, "volume-activate": 2, "volume-deactivate": 2,
-         "volume-resize": 2, "volume-set-labels": 1, "volume-rename": 2}
+         "volume-resize": 2, "volume-set-labels": 1, "volume-rename": 2, "volume-revert": 10}
 # Steps an operation does not take here: pool-grow's METADATA is for a pool
 # low on metadata (tests/service/pools/test_pool_space.py).
 SKIPPED = {("pool-grow", 2)}

@@ -201,7 +201,8 @@ class Boom(Exception):
 # Past these steps an operation rolls forward (the kernel cannot undo it).
 ROLLS_FORWARD = {("volume-delete", k) for k in (2, 3, 4)} | {
     ("pool-destroy", 1), ("pool-destroy", 2), ("pool-grow", 5), ("volume-activate", 2),
-    ("volume-deactivate", 2), ("volume-resize", 2)}
+    ("volume-deactivate", 2), ("volume-resize", 2)} | {
+    ("volume-revert", k) for k in (8, 9, 10)}
 
 
 def outcome(before: dict[str, Any], after: dict[str, Any], done: bool) -> None:
