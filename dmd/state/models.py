@@ -78,6 +78,8 @@ pools = Table(
     Column("generation", Integer, nullable=False, default=1, server_default="0"),
     # Revision 0005: PoolRecord.no_space_timeout.
     Column("no_space_timeout", Integer, nullable=False, default=60, server_default="60"),
+    # Revision 0010: PoolRecord.stopped (Pool.Stop).
+    Column("stopped", Boolean, nullable=False, default=False, server_default="0"),
 )
 
 # A volume of a pool (revision 0003); a thin one's thin id is unique in the

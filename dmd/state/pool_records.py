@@ -71,6 +71,8 @@ class PoolRecord:
     # on_full "queue": seconds writes wait for space before dmd makes them
     # fail (0: as long as the kernel's module-wide no_space_timeout allows).
     no_space_timeout: int = 60
+    # Pool.Stop: its devices removed, its records kept until Pool.Start.
+    stopped: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +236,7 @@ def pool_record(row: Row[Any]) -> PoolRecord:
                       row.low_water_percent, row.transaction_id, row.next_thin_id,
                       PoolLayout.from_json(row.layout_json),
                       datetime.fromisoformat(created) if isinstance(created, str) else created,
-                      row.generation, row.no_space_timeout)
+                      row.generation, row.no_space_timeout, bool(row.stopped))
 
 
 def volume_record(row: Row[Any], pool_name: str) -> VolumeRecord:

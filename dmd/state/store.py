@@ -47,7 +47,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # The newest revision in migrations/versions (a test keeps the two in step). A
 # database already there, or a new one, is opened without importing Alembic:
 # that import alone cost several seconds of every start in the lab VM.
-HEAD_REVISION = "0009"
+HEAD_REVISION = "0010"
 T = TypeVar("T")
 
 
@@ -542,7 +542,8 @@ class StateStore:
     def pool_change(self, pool: str, *, transaction_id: int | None = None,
                     next_thin_id: int | None = None, add: VolumeRecord | None = None,
                     update: VolumeRecord | None = None, remove: str | None = None,
-                    layout: PoolLayout | None = None) -> PoolRecord:
+                    layout: PoolLayout | None = None,
+                    stopped: bool | None = None) -> PoolRecord:
         """One transaction for what a pool operation records at its end: the
         pool's new transaction id (and next thin id) with the volume it
         added, changed or removed (by UUID), so the two never disagree.
@@ -562,11 +563,13 @@ class StateStore:
                 else transaction_id,
                 next_thin_id=now.next_thin_id if next_thin_id is None
                 else max(now.next_thin_id, next_thin_id),
-                layout=layout if layout is not None else now.layout)
+                layout=layout if layout is not None else now.layout,
+                stopped=now.stopped if stopped is None else stopped)
             sql("UPDATE pools SET generation = ?, transaction_id = ?, next_thin_id = ?, "
-                "layout_json = ? WHERE id = ?",
+                "layout_json = ?, stopped = ? WHERE id = ?",
                 (record.generation, record.transaction_id, record.next_thin_id,
-                 layout.to_json() if layout is not None else row.layout_json, row.id))
+                 layout.to_json() if layout is not None else row.layout_json,
+                 record.stopped, row.id))
             # What a read would now give, for the cache once committed.
             fresh = edited = None
             if add is not None:
@@ -817,17 +820,18 @@ class AsyncStateStore:
     async def pool_change(self, pool: str, *, transaction_id: int | None = None,
                           next_thin_id: int | None = None, add: VolumeRecord | None = None,
                           update: VolumeRecord | None = None, remove: str | None = None,
-                          layout: PoolLayout | None = None) -> PoolRecord:
+                          layout: PoolLayout | None = None,
+                          stopped: bool | None = None) -> PoolRecord:
         return await self._pool_write(pool, lambda: self.sync.pool_change(
             pool, transaction_id=transaction_id, next_thin_id=next_thin_id, add=add,
-            update=update, remove=remove, layout=layout))
+            update=update, remove=remove, layout=layout, stopped=stopped))
 
 
 # The columns of a pool's record (dmd.state.pool_records.pool_record), for raw
 # statements.
 _POOL_COLUMNS = ("id, name, uuid, owner_uid, block_sectors, on_full, low_water_percent, "
                  "transaction_id, next_thin_id, layout_json, created_at, generation, "
-                 "no_space_timeout")
+                 "no_space_timeout, stopped")
 
 
 def _pool_named(connection: Connection, name: str) -> Row[Any] | None:
@@ -843,7 +847,8 @@ def _pool_values(record: PoolRecord, generation: int) -> dict[str, Any]:
         block_sectors=record.block_sectors, on_full=record.on_full,
         low_water_percent=record.low_water_percent, no_space_timeout=record.no_space_timeout,
         transaction_id=record.transaction_id, next_thin_id=record.next_thin_id,
-        layout_json=record.layout.to_json(), created_at=_now(), generation=generation)
+        layout_json=record.layout.to_json(), created_at=_now(), generation=generation,
+        stopped=record.stopped)
 
 
 def _insert_volumes(connection: Connection, pool_id: int,

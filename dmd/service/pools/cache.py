@@ -174,6 +174,9 @@ async def _source(pools: PoolCore, source: str, force: bool, caller: Caller
     if volume.cache is not None or volume.encryption is not None:
         raise errors.InvalidArgument(f"volume {source} has a cache or is encrypted: a "
                                      "cache goes on a plain volume")
+    if volume.revert is not None:
+        raise errors.Busy(f"volume {source} has a revert scheduled: not a cache until "
+                          "it is applied")
     if not volume.active:
         raise errors.NotActive(f"volume {source} is not active")
     return mapper_path(volume_device(pool, name)), volume.size_bytes // 512, volume.uuid
@@ -191,6 +194,9 @@ async def attach(pools: PoolCore, pool: str, name: str, source: str, *,
         await pools.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
         if volume.cache is not None:
             raise errors.AlreadyExists(f"volume {pool}/{name} has a cache: DetachCache first")
+        if volume.revert is not None:
+            raise errors.Busy(f"volume {pool}/{name} has a revert scheduled: it is applied "
+                              "at its next activation, before a cache can go on it")
         device = volume_device(pool, name)
         if not volume.active or await pools.store.get_device(device) is None:
             raise errors.NotActive(f"volume {pool}/{name} is not active: Activate it first")
@@ -467,7 +473,16 @@ async def _finish_detach(pools: PoolCore, volume: VolumeRecord) -> None:
     await _record_table(pools, volume_device(volume.pool, volume.name),
                         await pools.volume_table(plain))
     await _remove_cache_devices(pools, volume)
-    await pools.record_change(volume.pool, update=replace(volume, cache=None))
+    await _record_cache(pools, volume, None)
+
+
+async def _record_cache(pools: PoolCore, volume: VolumeRecord, cache: Cache | None) -> None:
+    """The volume's record as it is now, with *cache*: only the cache is
+    this operation's to write (a record kept in an intent may be older than
+    another change since, a revert's thin id)."""
+    now = await pools.recorded(volume)
+    if now is not None:
+        await pools.record_change(volume.pool, update=replace(now, cache=cache))
 
 
 def _live_is_cache(lines: list[TargetLine]) -> bool:
@@ -500,7 +515,7 @@ async def recover(pools: PoolCore, operation: str, volume: VolumeRecord) -> str 
     if operation == "cache-attach":
         attached = volume
         if _live_is_cache(lines):
-            await pools.record_change(volume.pool, update=attached)
+            await _record_cache(pools, volume, volume.cache)
             return "done"
         await _remove_cache_devices(pools, attached)
         return "rolled_back"

@@ -344,7 +344,7 @@ class PoolChange:
     async def write(self, *, transaction_id: int | None = None,
                     next_thin_id: int | None = None, add: VolumeRecord | None = None,
                     update: VolumeRecord | None = None, remove: str | None = None,
-                    layout: PoolLayout | None = None) -> None:
+                    layout: PoolLayout | None = None, stopped: bool | None = None) -> None:
         """Record what the operation changed (one transaction: the store's
         ``pool_change``). The records in hand follow: the pool's as the store
         returns it, the volumes changed here as they were written (the pool's
@@ -352,7 +352,7 @@ class PoolChange:
         self._fresh()
         self._record = await self.core.record_change(
             self.pool, transaction_id=transaction_id, next_thin_id=next_thin_id, add=add,
-            update=update, remove=remove, layout=layout)
+            update=update, remove=remove, layout=layout, stopped=stopped)
         self._seen = self.core.writes[self.pool]
         if self._volumes is not None:
             volumes = [update if update is not None and v.uuid == update.uuid else v
@@ -866,13 +866,14 @@ class PoolCore:
     async def record_change(self, pool: str, *, transaction_id: int | None = None,
                             next_thin_id: int | None = None, add: VolumeRecord | None = None,
                             update: VolumeRecord | None = None, remove: str | None = None,
-                            layout: PoolLayout | None = None) -> PoolRecord:
+                            layout: PoolLayout | None = None,
+                            stopped: bool | None = None) -> PoolRecord:
         """The one writer of a pool's records (the store's ``pool_change``):
         the store counts it, so a change's records in hand are known to be
         current without reading them again."""
         return await self.store.pool_change(
             pool, transaction_id=transaction_id, next_thin_id=next_thin_id, add=add,
-            update=update, remove=remove, layout=layout)
+            update=update, remove=remove, layout=layout, stopped=stopped)
 
     async def send(self, pool: str, message: str) -> None:
         await self.devices.message(tpool(pool), 0, message, claim=self.owner(pool))

@@ -138,6 +138,7 @@ async def make_filesystem(open_device: Callable[[], Awaitable[int]], fstype: str
 # mkfs), through setpriv so the tool dies with dmd.
 RESIZABLE = ("ext4", "xfs")
 MOUNT_OPTIONS = "nosuid,nodev,noexec,nouuid"  # a snapshot's clone may be mounted too
+MOUNT_FAILED = 90  # the exit status grow_xfs's shell gives a failed mount
 
 
 async def _run(tool: str, *args: str, fd: int | None = None) -> tuple[int, str]:
@@ -242,9 +243,9 @@ async def resize_ext4(fd: int, size_bytes: int, *, mounted: bool) -> None:
 
 async def grow_xfs(fd: int, mounted_at: str | None) -> None:
     """xfs grows only mounted (xfs_growfs acts on a mount point): an
-    unmounted one is mounted for the while on a new directory in dmd's
-    temporary directory (its own under systemd: PrivateTmp, so nobody else
-    sees the mount), nosuid, nodev, noexec, grown to fill its device, and
+    unmounted one is mounted for the while, nosuid, nodev, noexec, in a
+    mount namespace of its own (nobody else sees it, and it goes with its
+    last process, whatever happens to dmd), grown to fill its device, and
     unmounted."""
     if mounted_at is not None:
         status, output = await _run("xfs_growfs", "-d", mounted_at)
@@ -253,18 +254,15 @@ async def grow_xfs(fd: int, mounted_at: str | None) -> None:
         return
     directory = await asyncio.to_thread(tempfile.mkdtemp, prefix="dmd-grow-")
     try:
-        status, output = await _run("mount", "-t", "xfs", "-o", MOUNT_OPTIONS, "/dev/fd/{fd}",
-                                    directory, fd=fd)
-        if status != 0:
+        status, output = await _run(
+            "unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+            f'mount -t xfs -o {MOUNT_OPTIONS} "$1" "$2" || exit {MOUNT_FAILED}; '
+            'xfs_growfs -d "$2"; status=$?; umount "$2"; exit $status',
+            "grow-xfs", "/dev/fd/{fd}", directory, fd=fd)
+        if status == MOUNT_FAILED:
             raise _failed("mount", status, output, "mounting the xfs filesystem to grow it")
-        try:
-            status, output = await _run("xfs_growfs", "-d", directory)
-            if status != 0:
-                raise _failed("xfs_growfs", status, output, "growing the xfs filesystem")
-        finally:
-            status, output = await _run("umount", directory)
-            if status != 0:
-                log.error("xfs grow: could not unmount %s: %s", directory, output.strip())
+        if status != 0:
+            raise _failed("xfs_growfs", status, output, "growing the xfs filesystem")
     finally:
         with contextlib.suppress(OSError):
             await asyncio.to_thread(os.rmdir, directory)

@@ -31,7 +31,10 @@ import logging
 import os
 from dataclasses import dataclass
 
+from dmd.engine import DmError, DmFlags
+from dmd.engine.interface import Engine
 from dmd.service import errors
+from dmd.service.auth import ROOT, Caller
 from dmd.service.journal import Journal
 from dmd.service.pools.core import PoolCore
 from dmd.service.pools.filesystems import (
@@ -43,6 +46,7 @@ from dmd.service.pools.filesystems import (
     probe,
     resize_ext4,
 )
+from dmd.service.pools.names import volume_device
 from dmd.state import VolumeRecord
 
 log = logging.getLogger(__name__)
@@ -77,7 +81,12 @@ class FilesystemResize:
                 else:
                     await grow_xfs(fd, self.mounted_at)
             except BaseException:
-                if journal is not None and not await self._fits(fd, self.volume.size_bytes):
+                # Only an unmounted ext4's superblock on the device is
+                # current: a mounted filesystem's (or xfs's, mounted for the
+                # grow) may lag its log, so the volume keeps its size.
+                if journal is not None and (
+                        self.mounted_at is not None or self.fstype != "ext4"
+                        or not await self._fits(fd, self.volume.size_bytes)):
                     journal.no_way_back()  # grown part way: the volume keeps its size
                     log.error("volume-resize %s: its %s grew part way; the volume keeps "
                               "%d bytes", self.subject, self.fstype, size)
@@ -98,14 +107,22 @@ class FilesystemResize:
 
     async def restore(self, pools: PoolCore) -> None:
         """After its volume failed to shrink: the filesystem back at the
-        volume's size (best effort: a smaller filesystem loses nothing)."""
+        volume's size, if the device still has it (best effort: a smaller
+        filesystem loses nothing; one larger than its device would)."""
+        device = volume_device(self.volume.pool, self.volume.name)
         try:
+            _, table = await pools.kernel(Engine.table_status, device,
+                                          DmFlags.DM_STATUS_TABLE)
+            if sum(line.length for line in table) * 512 < self.volume.size_bytes:
+                log.error("volume-resize %s: ext4 left at the smaller size its device has",
+                          self.subject)
+                return
             fd = await pools.open_node(self.volume, os.O_RDONLY)
             try:
                 await resize_ext4(fd, self.volume.size_bytes, mounted=False)
             finally:
                 os.close(fd)
-        except (errors.ServiceError, OSError) as exc:
+        except (errors.ServiceError, OSError, DmError) as exc:
             log.error("volume-resize %s: ext4 left smaller than its volume: %s",
                       self.subject, exc)
 
@@ -122,7 +139,8 @@ class FilesystemResize:
             return False  # unknown: taken as grown
 
 
-async def plan(pools: PoolCore, volume: VolumeRecord, size: int) -> FilesystemResize:
+async def plan(pools: PoolCore, volume: VolumeRecord, size: int,
+               caller: Caller = ROOT) -> FilesystemResize:
     """What resizing *volume*'s filesystem to *size* takes, or the named
     error that refuses it, with nothing changed."""
     subject = f"{volume.pool}/{volume.name}"
@@ -148,6 +166,12 @@ async def plan(pools: PoolCore, volume: VolumeRecord, size: int) -> FilesystemRe
             if mounted_at is not None:
                 raise errors.Busy(f"volume {subject} is mounted at {mounted_at}: unmount "
                                   "it to shrink its filesystem")
+        if mounted_at is None and fstype == "xfs" and caller.uid != 0:
+            # It would be mounted by root: the kernel reading a filesystem
+            # its owner made, which is root's to allow.
+            raise errors.NotAuthorized(f"volume {subject}: an unmounted xfs grows only "
+                                       "mounted, and only root has dmd mount one: mount it "
+                                       "and Resize")
         if mounted_at is None:
             await _not_held(pools, volume, subject)
             if fstype == "ext4":

@@ -49,6 +49,7 @@ async def import_pool(pools: PoolCore, paths: list[str], *, caller: Caller = ROO
                                        f"{known.name!r}, which dmd has already")
     await pools.free_devices(paths)
     description, record = await _read(pools, paths)
+    _check_thin_ids(description, record)
     name = record.name
     if await pools.store.get_pool(name) is not None:
         raise errors.AlreadyExists(f"a pool named {name!r} exists")
@@ -130,6 +131,25 @@ async def _read(pools: PoolCore, paths: list[str]) -> tuple[Description, PoolRec
     moved = replace(layout, devices=tuple(by_id[uid] for uid in layout.ids))
     return description, replace(description.pool, layout=moved,
                                 generation=description.generation)
+
+
+def _check_thin_ids(description: Description, record: PoolRecord) -> None:
+    """Corrupt unless every thin id the description names (its volumes',
+    their scheduled reverts', an operation's under way) is below the pool's
+    next thin id and names one thing only: an import deletes the thin id a
+    pending revert names, and a volume takes the one its revert names."""
+    named = [v.thin_id for v in description.volumes if v.thin_id is not None] + [
+        v.revert.thin_id for v in description.volumes if v.revert is not None]
+    pending = description.pending or {}
+    if "thin_id" in pending:
+        if pending.get("transaction_from") != record.transaction_id:
+            raise errors.Corrupt(f"pool {record.name!r}: its description's pending "
+                                 "operation moves another transaction id than its own")
+        named.append(pending["thin_id"])
+    if any(not isinstance(t, int) or not 0 <= t < record.next_thin_id for t in named) or \
+            len(set(named)) != len(named):
+        raise errors.Corrupt(f"pool {record.name!r}: its description names a thin id twice, "
+                             "or one past its next thin id")
 
 
 async def _settle_thin(pools: PoolCore, name: str, pending: dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
+from dmd.engine import DmError
 from dmd.engine.interface import Engine
 from dmd.engine.targets.thin import create_snap
 from dmd.service import errors
@@ -160,12 +161,21 @@ async def _apply_steps(change: PoolChange, volume: VolumeRecord, journal: Journa
     (nothing done) while its device is open."""
     assert volume.revert is not None and volume.thin_id is not None
     pools, pool, name = change.core, volume.pool, volume.name
+    if volume.cache is not None:
+        # Its -corig device would keep the old thin id open (never the case:
+        # Revert and AttachCache each refuse the other).
+        raise errors.Busy(f"volume {pool}/{name} has a cache: the revert stays scheduled")
     device = volume_device(pool, name)
     present = await pools.own_device(volume)
-    if present and (await pools.kernel(Engine.device_info, device)).open_count:
-        log.info("volume-revert %s/%s: its device is open; the revert stays scheduled",
-                 pool, name)
-        return None
+    if present:
+        try:
+            info = await pools.kernel(Engine.device_info, device)
+        except DmError as exc:
+            raise errors.from_engine(exc, device, "revert") from None
+        if info.open_count:
+            log.info("volume-revert %s/%s: its device is open; the revert stays scheduled",
+                     pool, name)
+            return None
     old = volume.thin_id
     reverted = replace(volume, thin_id=volume.revert.thin_id,
                        size_bytes=volume.revert.size_bytes,
@@ -255,9 +265,9 @@ async def apply_scheduled(change: PoolChange) -> None:
         if volume.revert is not None:
             try:
                 await apply(change, volume)
-            except errors.ServiceError as exc:
-                log.error("volume-revert %s/%s: not applied at start: %s", change.pool,
-                          volume.name, exc)
+            except Exception as exc:  # one volume's trouble holds up no other
+                log.error("volume-revert %s/%s: not applied at start (still scheduled): %s",
+                          change.pool, volume.name, exc)
 
 
 # -- after a crash (dmd.service.pools.recovery) -----------------------------
@@ -276,6 +286,8 @@ async def recover_schedule(pools: PoolCore, intent: IntentRecord, args: PoolArgs
         return "done"  # applied (or not) as dmd starts: apply_scheduled
     if now is not None and now.thin_id == args.thin_id:  # applied past its record
         assert volume.thin_id is not None
+        if not await _tid_is(pools, intent, args.transaction_from + 1):
+            return None
         await finish_apply(pools, now, volume.thin_id, args.transaction_from + 1)
         return "done"
     for snap in await pools.store.list_volumes(args.pool):
@@ -286,11 +298,7 @@ async def recover_schedule(pools: PoolCore, intent: IntentRecord, args: PoolArgs
                 if info.suspended:
                     await pools.devices.resume(volume_device(args.pool, snap.name),
                                                claim=pools.owner(args.pool))
-    tid = (await pools.pool_state(args.pool)).transaction_id
-    if tid not in (args.transaction_from, args.transaction_from + 1):
-        log.error("recovery: pool %s is at transaction id %s, expected %d or %d: it was "
-                  "changed outside dmd; %s left for an admin", args.pool, tid,
-                  args.transaction_from, args.transaction_from + 1, intent.device)
+    if not await _tid_is(pools, intent, args.transaction_from):
         return None
     await take_back(pools, args.pool, args.thin_id)
     return "rolled_back"
@@ -309,8 +317,23 @@ async def recover_apply(pools: PoolCore, intent: IntentRecord, args: PoolArgs,
     now = await pools.recorded(reverted)
     if now is None or now.thin_id != reverted.thin_id:
         return "rolled_back"
+    if not await _tid_is(pools, intent, args.transaction_from):
+        return None
     await finish_apply(pools, reverted, args.thin_id, args.transaction_from)
     return "done"
+
+
+async def _tid_is(pools: PoolCore, intent: IntentRecord, start: int) -> bool:
+    """Whether the pool is at the transaction id a step moved from, or the
+    next: any other means another manager changed it (left for an admin)."""
+    pool = PoolArgs.from_json(intent.args).pool
+    tid = (await pools.pool_state(pool)).transaction_id
+    if tid in (start, start + 1):
+        return True
+    log.error("recovery: pool %s is at transaction id %s, expected %d or %d: it was "
+              "changed outside dmd; %s left for an admin", pool, tid, start, start + 1,
+              intent.device)
+    return False
 
 
 RECOVERY: dict[str, Recover] = {"volume-revert": recover_schedule,

@@ -306,7 +306,7 @@ async def resize_volume(pools: PoolCore, pool: str, name: str, size_bytes: int, 
         if volume.thick is not None and size < volume.size_bytes:
             raise errors.InvalidArgument(f"{name!r} is a thick volume: it grows, "
                                          "never shrinks")
-        follows = await fsresize.plan(pools, volume, size) if filesystem else None
+        follows = await fsresize.plan(pools, volume, size, caller) if filesystem else None
         if volume.thick is not None:
             await change.accepted(volume, accept)
             resized = volume

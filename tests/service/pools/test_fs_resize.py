@@ -16,10 +16,18 @@ from typing import Any
 import pytest
 
 from dmd.service import errors
+from dmd.service.auth import Action, Caller
 from dmd.service.journal import VolumeResizeStep
 from dmd.service.pools.crypt import lock
 from dmd.service.pools.service import PoolService
-from tests.service.pools.kit import assert_agree, close, crash_at, open_pools, recovered
+from tests.service.pools.kit import (
+    DISKS,
+    assert_agree,
+    close,
+    crash_at,
+    open_pools,
+    recovered,
+)
 from tests.service.pools.test_thick_volumes import pool_with_room, table
 from tests.service.pools.test_volume_encryption import request
 
@@ -133,6 +141,21 @@ async def test_what_cannot_be_done_is_refused_with_nothing_changed(
     with pytest.raises(errors.Failed, match="resize2fs"):  # smaller than its data
         await ext4.resize_volume("tank", "v", 1 * MIB, shrink=True, filesystem=True)
     await unchanged(ext4, "tank-v", tmp_path, 64 * MIB, before)
+
+
+async def test_only_root_has_an_unmounted_xfs_mounted_to_grow_it(pools: PoolService) -> None:
+    class Allow:
+        async def authorize(self, caller: Caller, action: Action, device: str) -> None:
+            pass
+
+    pools.devices.authorizer = Allow()
+    await pools.create_pool("tank", DISKS[:2])
+    alice = Caller(uid=1001)
+    await pools.create_volume("tank", "x", 320 * MIB, filesystem="xfs", caller=alice)
+    before = await assert_agree(pools)
+    with pytest.raises(errors.NotAuthorized, match="only root"):
+        await pools.resize_volume("tank", "x", 400 * MIB, filesystem=True, caller=alice)
+    assert await assert_agree(pools) == before
 
 
 async def test_an_ext4_that_needs_repair_is_not_touched(ext4: PoolService,

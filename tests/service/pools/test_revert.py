@@ -199,3 +199,18 @@ async def test_a_cached_origin_is_busy(snapped: PoolService) -> None:
     with pytest.raises(errors.Busy, match="cache"):
         await snapped.revert("tank", "base.1")
     assert await assert_agree(snapped) == before
+
+
+async def test_a_scheduled_revert_and_a_cache_refuse_each_other(snapped: PoolService) -> None:
+    """A cache's -corig would keep the old thin id open under the revert."""
+    sim(snapped).add_disk(DISKS[2], 7, 40, 256 * 2048)
+    sim(snapped).open_device("tank-base")
+    await snapped.revert("tank", "base.1")
+    before = await assert_agree(snapped)
+    with pytest.raises(errors.Busy, match="revert scheduled"):
+        await cache.attach(snapped, "tank", "base", DISKS[2])
+    await snapped.create_volume("tank", "fast", 64 * MIB)
+    with pytest.raises(errors.Busy, match="revert scheduled"):
+        await cache.attach(snapped, "tank", "fast", "tank/base")  # as another's cache
+    await snapped.delete_volume("tank", "fast")
+    assert (await assert_agree(snapped))["volumes"] == before["volumes"]
