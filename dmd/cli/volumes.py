@@ -152,6 +152,20 @@ async def cmd_pool_destroy(c: Client, a: argparse.Namespace) -> None:
     await _run_job(c, a, job, None, None, lambda _: "")
 
 
+async def cmd_pool_stop_start(c: Client, a: argparse.Namespace) -> None:
+    path = await _pool_path(c, a.name)
+    options = {"devices": Variant("as", a.device)} if getattr(a, "device", None) else {}
+    member = "Stop" if a.command == "pool-stop" else "Start"
+    (job,) = await c.call(path, POOL_INTERFACE, member, "a{sv}", [options], mutating=True)
+    await _run_job(c, a, job, path, POOL_INTERFACE, lambda p: f"{a.name}: {p.get('State')}")
+
+
+async def cmd_pool_rename(c: Client, a: argparse.Namespace) -> None:
+    path = await _pool_path(c, a.name)
+    await c.call(path, POOL_INTERFACE, "Rename", "sa{sv}", [a.new_name, {}], mutating=True)
+    emit(a, {"object": path, "name": a.new_name}, a.new_name)
+
+
 async def cmd_pool_add(c: Client, a: argparse.Namespace) -> None:
     options = {"force": Variant("b", True)} if a.force else {}
     path = await _pool_path(c, a.name)
@@ -404,6 +418,17 @@ def register(verb: Callable[[str, Verb, str], argparse.ArgumentParser]) -> None:
     sp.add_argument("name", metavar="NAME", help="the pool's name")
     sp.add_argument("-f", "--force", action="store_true",
                     help="also when it has volumes (their data is lost)")
+    sp = no_wait(verb("pool-stop", cmd_pool_stop_start,
+                      "remove a pool's devices, keeping it (its disks may then move)"))
+    sp.add_argument("name", metavar="NAME", help="the pool's name")
+    sp = verb("pool-rename", cmd_pool_rename, "give a stopped pool another name")
+    sp.add_argument("name", metavar="NAME", help="the pool's name")
+    sp.add_argument("new_name", metavar="NEW", help="its new name")
+    sp = no_wait(verb("pool-start", cmd_pool_stop_start, "make a stopped pool's devices again"))
+    sp.add_argument("name", metavar="NAME", help="the pool's name")
+    sp.add_argument("--device", action="append", metavar="PATH",
+                    help="where a disk of the pool is now, if the disks moved (once per "
+                         "disk; each found by its label)")
     sp = no_wait(verb("vol-create", cmd_vol_create, "create a volume in a pool"))
     sp.add_argument("pool", metavar="POOL", help="the pool's name")
     sp.add_argument("name", metavar="NAME", help="the volume's name")

@@ -148,6 +148,8 @@ OPTIONS: dict[str, dict[str, str]] = {
     "Resize": {"shrink": "b", "filesystem": "b"},
     "Revert": {},
     "Destroy": {"force": "b"},
+    "Stop": {},
+    "Start": {"devices": "as"},
     "AddDevice": {"force": "b"},
     "OpenDevice": {"exclusive": "b"},
     "Unlock": {"key": "h"},

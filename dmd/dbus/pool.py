@@ -39,7 +39,8 @@ POOL_PROPERTIES: dict[str, str] = {
 
 def pool_properties(record: PoolRecord, state: PoolState, lifecycle: str,
                     refused: str = "") -> dict[str, Any]:
-    """*lifecycle*: "creating", "importing", "active" or "destroying";
+    """*lifecycle*: "creating", "importing", "active", "stopping", "stopped",
+    "starting" or "destroying";
     *refused*: why dmd refuses to change the pool ("" when it does not)."""
     return {
         "Name": record.name, "UUID": record.uuid, "Devices": list(record.layout.devices),
@@ -73,6 +74,18 @@ class PoolInterface(CachedObject):
 
     @dbus_method()
     def Destroy(self, options: Options) -> Path:
+        routed()
+
+    @dbus_method()
+    def Stop(self, options: Options) -> Path:
+        routed()
+
+    @dbus_method()
+    def Rename(self, name: Str, options: Options) -> None:
+        routed()
+
+    @dbus_method()
+    def Start(self, options: Options) -> Path:
         routed()
 
     @dbus_signal()
@@ -120,6 +133,25 @@ class PoolHandlers:
         job, _ = await self.pools.as_job("pool-grow", caller, lambda accept:
             self.pools.add_device(pool, check_string(device, "device"),
                                   force=opts.get("force", False), caller=caller, accept=accept))
+        return job_path(job.id)
+
+    async def Stop(self, caller: Caller, pool: str, options: dict[str, Any]) -> str:
+        options_in("Stop", options)
+        job, _ = await self.pools.as_job("pool-stop", caller, lambda accept:
+            self.pools.stop_pool(pool, caller=caller, accept=accept))
+        return job_path(job.id)
+
+    async def Rename(self, caller: Caller, pool: str, name: str,
+                     options: dict[str, Any]) -> None:
+        options_in("Rename", options)
+        await self.pools.rename_pool(pool, check_string(name, "name"), caller=caller)
+
+    async def Start(self, caller: Caller, pool: str, options: dict[str, Any]) -> str:
+        opts = options_in("Start", options)
+        devices = opts.get("devices")
+        paths = None if devices is None else [check_string(d, "a device") for d in devices]
+        job, _ = await self.pools.as_job("pool-start", caller, lambda accept:
+            self.pools.start_pool(pool, devices=paths, caller=caller, accept=accept))
         return job_path(job.id)
 
     async def Destroy(self, caller: Caller, pool: str, options: dict[str, Any]) -> str:

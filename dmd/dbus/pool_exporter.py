@@ -140,7 +140,7 @@ class PoolExporter:
         volumes not read yet); *records*: the pool's, as they are now (else
         read)."""
         record = records[0] if records is not None else await self.pools.store.get_pool(pool)
-        lifecycle = "active"
+        lifecycle = "stopped" if record is not None and record.stopped else "active"
         pending = self.pools.shown.pool_under_way(pool)
         if pending is not None:
             record, lifecycle = pending[0], pending[1]
@@ -155,9 +155,15 @@ class PoolExporter:
             paths.add(path)
             paths |= await self._refresh_volumes(
                 record, usage, records[1] if records is not None and pending is None else None)
-        for stale in self._paths_of_pool.get(pool, set()) - paths:
-            self._drop(stale)
+        stale = self._paths_of_pool.get(pool, set()) - paths
+        if stale:  # a pool renamed keeps its objects: they are its new name's now
+            stale -= set().union(*(p for name, p in self._paths_of_pool.items()
+                                   if name != pool))
+        for path in stale:
+            self._drop(path)
         self._paths_of_pool[pool] = paths
+        if not paths:
+            del self._paths_of_pool[pool]
 
     async def _refresh_volumes(self, pool: PoolRecord, usage: bool,
                                recorded: list[VolumeRecord] | None) -> set[str]:

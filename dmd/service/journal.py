@@ -175,6 +175,21 @@ class PoolImportStep(enum.IntEnum):
     RECORD = 3  # the pool and its volumes are recorded next
 
 
+class PoolRenameStep(enum.IntEnum):
+    RECORD = 1  # the pool's record takes the new name next (one transaction)
+
+
+class PoolStopStep(enum.IntEnum):
+    DEVICES = 1  # the pool's devices are removed next (volumes first)
+    RECORD = 2  # the pool is recorded stopped next
+
+
+class PoolStartStep(enum.IntEnum):
+    DEVICES = 1  # the metadata and data devices are made next
+    POOL = 2  # the thin-pool device is made next
+    RECORD = 3  # the pool is recorded started next
+
+
 class PoolDestroyStep(enum.IntEnum):
     DEVICES = 1  # the pool's devices are removed next
     RECORD = 2
@@ -231,6 +246,7 @@ class PoolArgs(IntentArgs):
     layout: str | None = None  # pool-create: the PoolLayout's JSON
     old_size: int = 0  # volume-resize-thick: bytes before, zeroed from there on
     snapshot_uuid: str | None = None  # volume-revert: the snapshot copied
+    new_name: str | None = None  # pool-rename
 
 
 # The marks recovery reads (it settles every other case from what the kernel

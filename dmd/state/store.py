@@ -496,6 +496,30 @@ class StateStore:
 
         self._after_commit(self._write(work))
 
+    def rename_pool(self, name: str, new_name: str) -> PoolRecord:
+        """Pool *name* is *new_name* from now on (its volumes follow: they
+        name their pool by its row); its generation moves on."""
+        def work(connection: Connection) -> tuple[Callable[[], None], PoolRecord]:
+            sql = connection.exec_driver_sql
+            try:
+                done = sql("UPDATE pools SET name = ?, generation = generation + 1 "
+                           "WHERE name = ?", (new_name, name))
+            except IntegrityError:
+                raise RecordExists(f"a pool named {new_name!r} is recorded already") from None
+            if done.rowcount != 1:
+                raise RecordNotFound(f"no record of a pool named {name!r}")
+            row = _pool_named(connection, new_name)
+            assert row is not None
+
+            def forget() -> None:
+                self._volumes.pop(name, None)
+                self._volumes.pop(new_name, None)
+            return forget, pool_record(row)
+
+        forget, record = self._write(work)
+        self._after_commit(forget)
+        return record
+
     def list_pools(self) -> list[PoolRecord]:
         with self._engine.connect() as connection:
             return [pool_record(r) for r in connection.execute(
@@ -816,6 +840,10 @@ class AsyncStateStore:
 
     async def list_volumes(self, pool: str | None = None) -> list[VolumeRecord]:
         return await self._run(self.sync.list_volumes, pool)
+
+    async def rename_pool(self, name: str, new_name: str) -> PoolRecord:
+        self.pool_writes[new_name] += 1  # records in hand under that name are stale
+        return await self._pool_write(name, lambda: self.sync.rename_pool(name, new_name))
 
     async def pool_change(self, pool: str, *, transaction_id: int | None = None,
                           next_thin_id: int | None = None, add: VolumeRecord | None = None,

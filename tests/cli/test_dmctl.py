@@ -181,6 +181,13 @@ def test_pool_and_volume_verbs(dmd_session: Any) -> None:
     assert ok(dmd_session, "revert", "tank", "home.1") == "home: reverted\n"
     listed = {v["Name"]: v for v in json.loads(ok(dmd_session, "--json", "vols", "tank"))}
     assert listed["home"]["Size"] == 64 << 20 and not listed["home"]["RevertScheduled"]
+    assert ok(dmd_session, "pool-stop", "tank") == "tank: stopped\n"
+    stopped = dmctl(dmd_session, "vol-create", "tank", "late", "1M")
+    assert stopped.returncode == 1 and "is stopped: Start it first" in stopped.stderr
+    assert ok(dmd_session, "pool-rename", "tank", "tank2") == "tank2\n"
+    assert ok(dmd_session, "pool-rename", "tank2", "tank") == "tank\n"
+    assert ok(dmd_session, "pool-start", "tank", "--device", "/dev/simdisk1") == \
+        "tank: active\n"
     bad = dmctl(dmd_session, "vol-create", "tank", "v", "lots")
     assert bad.returncode == 2 and "not a size" in bad.stderr
     job = ok(dmd_session, "pool-destroy", "tank", "--force", "--no-wait").strip()

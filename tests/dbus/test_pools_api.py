@@ -212,6 +212,36 @@ async def test_a_volume_is_reverted_to_its_snapshot_over_the_bus(client: Client,
     assert (await props(client, snap, VOLUME_INTERFACE))["Origin"] == volume
 
 
+async def test_a_pool_is_stopped_and_started_over_the_bus(client: Client,
+                                                          disks: list[str]) -> None:
+    pool, job = await create_pool(client, "tank", disks[:1])
+    await finished(client, job)
+    volume, job = await client.call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}",
+                                    ["v", GIB, {}])
+    await finished(client, job)
+    (job,) = await client.call(pool, POOL_INTERFACE, "Stop", "a{sv}", [{}])
+    await finished(client, job)
+    assert (await props(client, pool, POOL_INTERFACE))["State"] == "stopped"
+    v = await props(client, volume, VOLUME_INTERFACE)
+    assert (v["State"], v["Device"]) == ("inactive", "/")
+    with pytest.raises(CallError) as stopped:
+        await client.call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", ["w", GIB, {}])
+    assert stopped.value.short == "NotActive"
+    with pytest.raises(CallError) as bad:
+        await client.call(pool, POOL_INTERFACE, "Start", "a{sv}",
+                          [{"devices": Variant("as", ["/dev/nothing"])}])
+    assert bad.value.short == "InvalidArgument"
+    await client.call(pool, POOL_INTERFACE, "Rename", "sa{sv}", ["vault", {}])  # same objects
+    assert (await props(client, pool, POOL_INTERFACE))["Name"] == "vault"
+    assert (await props(client, volume, VOLUME_INTERFACE))["PoolName"] == "vault"
+    (job,) = await client.call(pool, POOL_INTERFACE, "Start", "a{sv}", [{}])
+    await finished(client, job)
+    assert (await props(client, pool, POOL_INTERFACE))["State"] == "active"
+    v = await props(client, volume, VOLUME_INTERFACE)
+    assert v["State"] == "active" and v["Device"] in await objects(client)
+    assert v["DevicePath"] == "/dev/mapper/vault-v"
+
+
 async def test_a_quick_job_is_not_a_storm_of_progress_signals(
         client: Client, disks: list[str]) -> None:
     """A create's ten journal steps, over in a moment, are not ten

@@ -483,6 +483,8 @@ class PoolCore:
         # Pool UUID -> why its disks are not its own (None: they are), as
         # found at start-up (recreate_guard).
         self.disks_checked: dict[str, str | None] = {}
+        # Pools stopped (Pool.Stop): refused every change but Start.
+        self.stopped: set[str] = set()
 
     async def as_job(self, operation: str, caller: Caller,
                      call: Callable[[Accept], Awaitable[Any]]) -> tuple[Job, Any]:
@@ -513,13 +515,15 @@ class PoolCore:
         accept(subject)
 
     @contextlib.asynccontextmanager
-    async def change(self, pool: str) -> AsyncIterator[PoolChange]:
+    async def change(self, pool: str, *, stopped: bool = False) -> AsyncIterator[PoolChange]:
         """One change at a time to a pool; described and settled however it
-        ends."""
+        ends. A stopped pool is refused (NotActive) unless *stopped*."""
         async with self.locks.hold(pool):
             if pool in self.shown.refused:
                 raise errors.Busy(f"pool {pool!r} is not changed by dmd: "
                                   f"{self.shown.refused[pool]}")
+            if pool in self.stopped and not stopped:
+                raise errors.NotActive(f"pool {pool!r} is stopped: Start it first")
             change = PoolChange(self, pool)
             try:
                 yield change
@@ -609,9 +613,11 @@ class PoolCore:
         return f"pool {pool!r}"
 
     async def start(self) -> None:
-        """Claim the names of every recorded pool."""
+        """Claim the names of every recorded pool; know the stopped ones."""
         for pool in await self.store.list_pools():
             self.claim(pool.name)
+            if pool.stopped:
+                self.stopped.add(pool.name)
 
     async def check_devices(self, record: PoolRecord) -> None:
         """Busy unless every path of the pool's layout still names the disk

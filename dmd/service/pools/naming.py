@@ -16,12 +16,26 @@ from dmd.engine.interface import Engine
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
 from dmd.service.devices.operations import check_labels
-from dmd.service.journal import Journal, PoolArgs, VolumeLabelsStep, VolumeRenameStep
+from dmd.service.journal import (
+    Journal,
+    PoolArgs,
+    PoolRenameStep,
+    VolumeLabelsStep,
+    VolumeRenameStep,
+)
 from dmd.service.pools import crypt
 from dmd.service.pools.core import PoolCore, Recover
-from dmd.service.pools.names import VolumeName, check_cleartext, cleartext_device, volume_device
+from dmd.service.pools.names import (
+    PoolName,
+    VolumeName,
+    check_cleartext,
+    claim_prefix,
+    cleartext_device,
+    in_pool,
+    volume_device,
+)
 from dmd.service.pools.tables import volume_uuid
-from dmd.state import IntentRecord, PoolRecord, VolumeRecord
+from dmd.state import IntentRecord, PoolRecord, RecordExists, VolumeRecord
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +114,54 @@ async def rename_volume(pools: PoolCore, pool: str, name: str, new_name: str, *,
     return renamed
 
 
+async def rename_pool(pools: PoolCore, pool: str, new_name: str, *,
+                      caller: Caller = ROOT) -> PoolRecord:
+    """Give a stopped pool another name: one record transaction, then its
+    description. Chosen: only while stopped (Pool.Stop), when none of its
+    devices has a name to change: Start makes them under the new one."""
+    new_name = PoolName(new_name)
+    async with pools.change(pool, stopped=True) as change:
+        record = await change.record()
+        await pools.check_authorized(caller, Action.POOL, pool, record.owner_uid)
+        if new_name == pool:
+            return record
+        if not record.stopped:
+            raise errors.Busy(f"pool {pool!r} is running: Stop it to rename it (its devices "
+                              "are made under the new name when it is started)")
+        if await pools.store.get_pool(new_name) is not None:
+            raise errors.AlreadyExists(f"a pool named {new_name!r} exists")
+        for volume in await change.volumes():
+            VolumeName(volume.name, new_name)  # its devices' names fit the kernel's bound
+        taken = [d.name for d in await pools.kernel(Engine.list_devices)
+                 if in_pool(d.name, claim_prefix(new_name))]
+        if taken:
+            raise errors.AlreadyExists(f"devices named {', '.join(sorted(taken))} exist: "
+                                       f"pool {new_name!r}'s would be named so")
+        async with change.intent("pool-rename", pool,
+                                 PoolArgs(pool=pool, new_name=new_name)) as journal:
+            await journal.mark(PoolRenameStep.RECORD)
+            try:  # the name's uniqueness is the database's (a create of it meanwhile)
+                renamed = await pools.store.rename_pool(pool, new_name)
+            except RecordExists:
+                raise errors.AlreadyExists(f"a pool named {new_name!r} exists") from None
+        pools.release(pool)
+        pools.claim(new_name)
+        pools.stopped.discard(pool)
+        pools.stopped.add(new_name)
+        change.describe_at_end = False  # its old name has no records now
+        await pools.describe(new_name)
+        await pools.settle(new_name)  # the bus shows it under its new name, same object
+    log.info("pool-rename %s: now %s", pool, new_name)
+    return renamed
+
+
+async def recover_pool_rename(pools: PoolCore, intent: IntentRecord, args: PoolArgs,
+                              record: PoolRecord | None) -> str | None:
+    """One record transaction: under which name the pool is recorded says."""
+    return "done" if record is None and args.new_name is not None and \
+        await pools.store.get_pool(args.new_name) is not None else "rolled_back"
+
+
 async def _kernel_name(pools: PoolCore, volume: VolumeRecord) -> str | None:
     """The name of the volume's device in the kernel (found by its DM UUID),
     or None when it has none."""
@@ -150,4 +212,5 @@ async def recover(pools: PoolCore, intent: IntentRecord, args: PoolArgs,
     return "done" if now is not None and now.labels == wanted.labels else "rolled_back"
 
 
-RECOVERY: dict[str, Recover] = {"volume-set-labels": recover, "volume-rename": recover_rename}
+RECOVERY: dict[str, Recover] = {"volume-set-labels": recover, "volume-rename": recover_rename,
+                                "pool-rename": recover_pool_rename}

@@ -32,6 +32,7 @@ from dmd.service.pools import (
     naming,
     revert,
     space,
+    stopping,
     thick,
     volumes,
 )
@@ -45,7 +46,8 @@ log = logging.getLogger(__name__)
 # module that owns an operation says so.
 RECOVERY: dict[str, Recover] = {**lifecycle.RECOVERY, **space.RECOVERY, **importing.RECOVERY,
                                 **volumes.RECOVERY, **thick.RECOVERY, **activation.RECOVERY,
-                                **cache.RECOVERY, **naming.RECOVERY, **revert.RECOVERY}
+                                **cache.RECOVERY, **naming.RECOVERY, **revert.RECOVERY,
+                                **stopping.RECOVERY}
 POOL_OPERATIONS = frozenset(RECOVERY)
 
 
@@ -70,6 +72,8 @@ async def recover_pools(pools: PoolCore, report: RecoveryReport) -> None:
         log.info("recovery: %s -> %s", label, state)
     await pools.start()
     for record in await pools.store.list_pools():
+        if record.stopped:
+            continue  # no device to check or make until Pool.Start (which checks)
         try:
             await check_description(pools, record)
             await _check_transaction_id(pools, record.name)

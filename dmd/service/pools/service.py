@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 
 from dmd.service.devices.operations import DeviceService
-from dmd.service.pools import activation, guard, lifecycle, naming, thick, volumes
+from dmd.service.pools import activation, guard, lifecycle, naming, stopping, thick, volumes
 from dmd.service.pools import revert as reverting
 from dmd.service.pools.core import PoolCore, PoolState, check_size, layout, metadata_low
 from dmd.service.pools.tables import volume_uuid
@@ -37,6 +37,9 @@ class PoolService(PoolCore):
     set_active = activation.set_active
     set_labels = naming.set_labels
     rename_volume = naming.rename_volume
+    rename_pool = naming.rename_pool
     revert = reverting.revert
+    stop_pool = stopping.stop_pool
+    start_pool = stopping.start_pool
     activate_recorded = activation.activate_recorded
     match_device = activation.match_device

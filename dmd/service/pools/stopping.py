@@ -1,0 +1,193 @@
+"""Stop and Start a pool without destroying it (stratisd's StopPool and
+StartPool): a stopped pool has no device in the kernel (its volumes', its
+own), its records and its description stay, and its disks can be moved
+(Start takes their new paths, found by their labels) or taken to another
+machine (ImportPool there: the description on them is whole).
+
+Stop removes the devices first, then records the pool stopped: refused,
+with nothing changed, while anything outside the pool holds one of its
+devices (a mount, an open descriptor, an unlocked volume's user); an
+unlocked encrypted volume is closed (its key forgotten: after Start it waits
+for its key, as after a reboot). Undone (the devices made again) if it fails
+before the record. Start makes the pool's devices from its records, checks
+the kernel's transaction id against them, records it started, then applies
+scheduled reverts and makes its active volumes' devices, as dmd's start does.
+While stopped, every change but Start is refused (NotActive), Destroy too.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+
+from dmd.engine import DmError
+from dmd.engine.interface import Engine
+from dmd.service import errors
+from dmd.service.auth import ROOT, Action, Caller
+from dmd.service.journal import Journal, PoolArgs, PoolStartStep, PoolStopStep
+from dmd.service.pools import activation, revert
+from dmd.service.pools.core import Accept, PoolCore, Recover, ignore
+from dmd.service.pools.crypt import settle_at_start
+from dmd.service.pools.names import PoolPart, claim_prefix, in_pool, pool_devices
+from dmd.state import IntentRecord, PoolLayout, PoolRecord
+
+log = logging.getLogger(__name__)
+
+
+def held_from_outside(engine: Engine, names: Sequence[str]) -> list[str]:
+    """Those of *names* (a pool's devices) that something other than the
+    pool's own devices holds open: a device's open count beyond the tables
+    of *names* that map it."""
+    infos = {name: engine.device_info(name) for name in names}
+    held: collections.Counter[tuple[int, int]] = collections.Counter()
+    for name in names:
+        held.update(engine.table_deps(name))
+    return [name for name, info in infos.items() if info.open_count > held[info.device]]
+
+
+async def stop_pool(pools: PoolCore, pool: str, *, caller: Caller = ROOT,
+                    accept: Accept = ignore) -> PoolRecord:
+    async with pools.change(pool) as change:
+        record = await change.record()
+        await pools.check_authorized(caller, Action.POOL, pool, record.owner_uid)
+        prefix = claim_prefix(pool)
+        names = [d.name for d in await pools.kernel(Engine.list_devices)
+                 if in_pool(d.name, prefix)]
+        try:
+            busy = await pools.kernel(held_from_outside, names)
+        except DmError as exc:  # one went meanwhile: ask again later
+            raise errors.Busy(f"pool {pool!r}: its devices changed meanwhile ({exc})") from None
+        if busy:
+            raise errors.Busy(f"pool {pool!r}: {', '.join(sorted(busy))} in use (mounted, "
+                              "open, or an unlocked volume's user): close them to stop it")
+
+        async def undo(_: Journal) -> None:
+            await _make_devices(pools, record)
+
+        async with change.intent("pool-stop", pool, PoolArgs(pool=pool), undo) as journal:
+            change.show(record, "stopping")
+            await change.accepted(record, accept)
+            await journal.mark(PoolStopStep.DEVICES)
+            await pools.remove_pool_devices(pool)  # volumes first (their users first)
+            for volume in await change.volumes():
+                pools.shown.stop_waiting(volume.uuid)
+            await journal.mark(PoolStopStep.RECORD)
+            await change.write(stopped=True)
+        pools.stopped.add(pool)
+    log.info("pool-stop %s: its devices removed, its records kept", pool)
+    return replace(record, stopped=True)
+
+
+async def _make_devices(pools: PoolCore, record: PoolRecord) -> None:
+    """The pool's devices made again where missing, then its active volumes'."""
+    present = {d.name for d in await pools.kernel(Engine.list_devices)}
+    missing = [part for part, name in zip((PoolPart.TMETA, PoolPart.TDATA, PoolPart.TPOOL),
+                                          pool_devices(record.name), strict=True)
+               if name not in present]
+    await pools.create_pool_devices(record, *missing)
+    await activation.activate_recorded(pools, record.name)
+    await settle_at_start(pools, record.name)
+
+
+async def start_pool(pools: PoolCore, pool: str, *, devices: Sequence[str] | None = None,
+                     caller: Caller = ROOT, accept: Accept = ignore) -> PoolRecord:
+    """*devices*: the pool's disks where they are now (each found by its
+    label), when they moved since the pool stopped."""
+    async with pools.change(pool, stopped=True) as change:
+        record = await change.record()
+        await pools.check_authorized(caller, Action.POOL, pool, record.owner_uid)
+        if not record.stopped:
+            raise errors.Busy(f"pool {pool!r} is not stopped")
+        if devices is not None:
+            record = replace(record, layout=await _moved(pools, record, devices))
+        await pools.check_devices(record)
+        present = {d.name for d in await pools.kernel(Engine.list_devices)}
+        taken = [name for name in present if in_pool(name, claim_prefix(pool))]
+        if taken:
+            raise errors.AlreadyExists(f"pool {pool!r}: {', '.join(sorted(taken))} exist in "
+                                       "the kernel: another tool made them")
+
+        async def undo(_: Journal) -> None:
+            await pools.remove_pool_devices(pool)
+
+        async with change.intent("pool-start", pool, PoolArgs(pool=pool), undo) as journal:
+            change.show(record, "starting")
+            await change.accepted(record, accept)
+            await journal.mark(PoolStartStep.DEVICES)
+            await pools.create_pool_devices(record, PoolPart.TMETA, PoolPart.TDATA)
+            await journal.mark(PoolStartStep.POOL)
+            await pools.create_pool_devices(record, PoolPart.TPOOL)
+            tid = (await pools.pool_state(pool, record)).transaction_id
+            if tid != record.transaction_id:
+                raise errors.Busy(f"pool {pool!r}: its metadata is at transaction id {tid}, "
+                                  f"its records at {record.transaction_id}: it was changed "
+                                  "without dmd while stopped; not started")
+            await journal.mark(PoolStartStep.RECORD)
+            await change.write(stopped=False, layout=record.layout)
+        pools.stopped.discard(pool)
+        await revert.apply_scheduled(change)
+        await activation.activate_recorded(pools, pool)
+        await settle_at_start(pools, pool)
+    log.info("pool-start %s: started", pool)
+    return replace(record, stopped=False)
+
+
+async def _moved(pools: PoolCore, record: PoolRecord, paths: Sequence[str]) -> PoolLayout:
+    """The pool's layout with its disks at *paths*: each path a free
+    block device whose label names this pool and one of its disks, every
+    disk found once."""
+    if not isinstance(paths, list | tuple) or len(set(paths)) != len(paths) or not paths:
+        raise errors.InvalidArgument("devices: the pool's disks, each once")
+    others = {p for other in await pools.store.list_pools() if other.name != record.name
+              for p in other.layout.devices}
+    mine = set(record.layout.devices)
+    for path in paths:
+        if path in others:
+            raise errors.Busy(f"{path} is a device of another pool")
+    # Its own old paths are "taken" by its record: checked as free otherwise.
+    await pools.free_devices([p for p in paths if p not in mine])
+    found: dict[str, str] = {}
+    for path in paths:
+        label, why = await pools.descriptions.read_label(path)
+        if label is None or label.pool_uuid != record.uuid or \
+                label.device_uuid not in record.layout.ids:
+            raise errors.InvalidArgument(f"{path} is not a disk of pool {record.name!r} "
+                                         f"({why or 'the label of another pool or disk'})")
+        found[label.device_uuid] = path
+    missing = len(set(record.layout.ids) - set(found))
+    if missing:
+        raise errors.InvalidArgument(f"pool {record.name!r} has {len(record.layout.ids)} "
+                                     f"disks; {missing} of them not among the devices given")
+    return replace(record.layout, devices=tuple(found[i] for i in record.layout.ids))
+
+
+# -- after a crash (dmd.service.pools.recovery) -----------------------------
+async def recover_stop(pools: PoolCore, intent: IntentRecord, args: PoolArgs,
+                       record: PoolRecord | None) -> str | None:
+    """Stopped once recorded (what is left is removed); else made again."""
+    if record is None:
+        return "rolled_back"
+    pools.claim(args.pool)
+    if record.stopped:
+        await pools.remove_pool_devices(args.pool)
+        return "done"
+    await _make_devices(pools, record)
+    return "rolled_back"
+
+
+async def recover_start(pools: PoolCore, intent: IntentRecord, args: PoolArgs,
+                        record: PoolRecord | None) -> str | None:
+    """Started once recorded (its volumes follow as dmd starts); else its
+    devices are removed again."""
+    if record is None:
+        return "rolled_back"
+    pools.claim(args.pool)
+    if not record.stopped:
+        return "done"
+    await pools.remove_pool_devices(args.pool)
+    return "rolled_back"
+
+
+RECOVERY: dict[str, Recover] = {"pool-stop": recover_stop, "pool-start": recover_start}
