@@ -159,6 +159,8 @@ async def _source(pools: PoolCore, source: str, force: bool, caller: Caller
         if source in taken:
             raise errors.Busy(f"{source} is the cache of volume {taken[source]}")
         [facts] = await pools.free_devices([source])
+        if facts.signature == "dmd_pool":  # a pool's disk (a stopped pool's, say): never
+            raise errors.Busy(f"{source} is a dmd pool's disk: ImportPool or Start it")
         if facts.signature and not force:
             raise errors.Busy(f"{source} carries a {facts.signature} signature; pass force "
                               "to overwrite it")

@@ -576,7 +576,9 @@ class PoolCore:
             record, volumes = known
         else:
             record = await self.store.get_pool(pool)
-        if record is None or pool in self.shown.refused:
+        if record is None or pool in self.shown.refused or record.stopped:
+            # A stopped pool's disks are checked by Start before anything is
+            # written to them (their paths may name other disks by now).
             return None
         if self.described_pending.pop(record.uuid, None) == record.generation:
             # The description there names an operation that has ended: the

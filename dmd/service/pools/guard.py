@@ -30,6 +30,18 @@ async def recreate_guard(pools: PoolCore, device: DeviceRecord) -> str | None:
     record = await pools.store.get_pool(pool) if pool is not None else None
     if record is None or not in_pool(device.name, claim_prefix(pool or "")):
         return None
+    if record.stopped:
+        # A Start cut short (its recovery removes them again): made over the
+        # disks Start checked, maybe at paths not recorded yet; each is
+        # checked again by its label, the pool never refused for that.
+        for line in device.table:
+            if line.target_type == "linear":
+                path = str(line.params).split()[0]
+                label, why = await pools.descriptions.read_label(path)
+                if label is None or label.pool_uuid != record.uuid:
+                    why = why or "the label of another pool"
+                    return f"{path} is no disk of stopped pool {record.name!r} now ({why})"
+        return None
     if record.uuid not in pools.disks_checked:
         try:
             await pools.check_devices(record)

@@ -7,6 +7,7 @@ with ImportPool."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
@@ -24,7 +25,7 @@ from dmd.service.journal import (
     VolumeRenameStep,
 )
 from dmd.service.pools import crypt
-from dmd.service.pools.core import PoolCore, Recover
+from dmd.service.pools.core import PoolChange, PoolCore, Recover
 from dmd.service.pools.names import (
     PoolName,
     VolumeName,
@@ -120,38 +121,57 @@ async def rename_pool(pools: PoolCore, pool: str, new_name: str, *,
     description. Chosen: only while stopped (Pool.Stop), when none of its
     devices has a name to change: Start makes them under the new one."""
     new_name = PoolName(new_name)
-    async with pools.change(pool, stopped=True) as change:
-        record = await change.record()
-        await pools.check_authorized(caller, Action.POOL, pool, record.owner_uid)
-        if new_name == pool:
-            return record
-        if not record.stopped:
-            raise errors.Busy(f"pool {pool!r} is running: Stop it to rename it (its devices "
-                              "are made under the new name when it is started)")
-        if await pools.store.get_pool(new_name) is not None:
-            raise errors.AlreadyExists(f"a pool named {new_name!r} exists")
-        for volume in await change.volumes():
-            VolumeName(volume.name, new_name)  # its devices' names fit the kernel's bound
-        taken = [d.name for d in await pools.kernel(Engine.list_devices)
-                 if in_pool(d.name, claim_prefix(new_name))]
-        if taken:
-            raise errors.AlreadyExists(f"devices named {', '.join(sorted(taken))} exist: "
-                                       f"pool {new_name!r}'s would be named so")
-        async with change.intent("pool-rename", pool,
-                                 PoolArgs(pool=pool, new_name=new_name)) as journal:
-            await journal.mark(PoolRenameStep.RECORD)
-            try:  # the name's uniqueness is the database's (a create of it meanwhile)
-                renamed = await pools.store.rename_pool(pool, new_name)
-            except RecordExists:
-                raise errors.AlreadyExists(f"a pool named {new_name!r} exists") from None
-        pools.release(pool)
-        pools.claim(new_name)
-        pools.stopped.discard(pool)
-        pools.stopped.add(new_name)
-        change.describe_at_end = False  # its old name has no records now
-        await pools.describe(new_name)
-        await pools.settle(new_name)  # the bus shows it under its new name, same object
+    async with contextlib.AsyncExitStack() as locks:
+        # Both names held, in one order for every rename (two renames the
+        # other way round never wait for each other): a create or an import
+        # of the new name meanwhile would otherwise race the record.
+        if new_name < pool:
+            await locks.enter_async_context(pools.locks.hold(new_name))
+        change = await locks.enter_async_context(pools.change(pool, stopped=True))
+        if new_name > pool:
+            await locks.enter_async_context(pools.locks.hold(new_name))
+        renamed = await _rename_stopped(pools, change, pool, new_name, caller)
     log.info("pool-rename %s: now %s", pool, new_name)
+    return renamed
+
+
+async def _rename_stopped(pools: PoolCore, change: PoolChange, pool: str, new_name: str,
+                          caller: Caller) -> PoolRecord:
+    record = await change.record()
+    await pools.check_authorized(caller, Action.POOL, pool, record.owner_uid)
+    if new_name == pool:
+        return record
+    if not record.stopped:
+        raise errors.Busy(f"pool {pool!r} is running: Stop it to rename it (its devices "
+                          "are made under the new name when it is started)")
+    if await pools.store.get_pool(new_name) is not None:
+        raise errors.AlreadyExists(f"a pool named {new_name!r} exists")
+    for volume in await change.volumes():
+        VolumeName(volume.name, new_name)  # its devices' names fit the kernel's bound
+        if volume.encryption is not None:
+            check_cleartext(new_name, volume.name)
+        # A cache is named by its path (/dev/mapper/POOL-VOLUME) in its
+        # user's record, maybe another pool's.
+        pools.check_uncached(volume, "renaming its pool")
+        await pools.check_not_a_cache(volume)
+    taken = [d.name for d in await pools.kernel(Engine.list_devices)
+             if in_pool(d.name, claim_prefix(new_name))]
+    if taken:
+        raise errors.AlreadyExists(f"devices named {', '.join(sorted(taken))} exist: "
+                                   f"pool {new_name!r}'s would be named so")
+    async with change.intent("pool-rename", pool,
+                             PoolArgs(pool=pool, new_name=new_name)) as journal:
+        await journal.mark(PoolRenameStep.RECORD)
+        try:  # the name's uniqueness is the database's (a create of it meanwhile)
+            renamed = await pools.store.rename_pool(pool, new_name)
+        except RecordExists:
+            raise errors.AlreadyExists(f"a pool named {new_name!r} exists") from None
+    pools.release(pool)
+    pools.claim(new_name)
+    pools.stopped.discard(pool)
+    pools.stopped.add(new_name)
+    change.describe_at_end = False  # stopped: its disks are described by Start
+    await pools.settle(new_name)  # the bus shows it under its new name, same object
     return renamed
 
 

@@ -196,7 +196,8 @@ class SpaceWatch:
     async def check(self, pool: str) -> Space:
         record = await self.pools.pool(pool)
         space = await self.read(pool, record)
-        if space.data_total == 0 or pool in self.pools.shown.refused:
+        if space.data_total == 0 or pool in self.pools.shown.refused or \
+                pool in self.pools.stopped:
             return space
         low_data = _free_percent(space.data_used, space.data_total) <= record.low_water_percent
         low_meta = metadata_low(space)

@@ -18,6 +18,7 @@ While stopped, every change but Start is refused (NotActive), Destroy too.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
@@ -30,8 +31,8 @@ from dmd.service.journal import Journal, PoolArgs, PoolStartStep, PoolStopStep
 from dmd.service.pools import activation, revert
 from dmd.service.pools.core import Accept, PoolCore, Recover, ignore
 from dmd.service.pools.crypt import settle_at_start
-from dmd.service.pools.names import PoolPart, claim_prefix, in_pool, pool_devices
-from dmd.state import IntentRecord, PoolLayout, PoolRecord
+from dmd.service.pools.names import PoolPart, VolumePart, claim_prefix, in_pool, pool_devices
+from dmd.state import IntentRecord, PoolLayout, PoolRecord, VolumeRecord
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ async def stop_pool(pools: PoolCore, pool: str, *, caller: Caller = ROOT,
         if busy:
             raise errors.Busy(f"pool {pool!r}: {', '.join(sorted(busy))} in use (mounted, "
                               "open, or an unlocked volume's user): close them to stop it")
+        await check_no_cache(pools, pool, await change.volumes(), "stopping")
 
         async def undo(_: Journal) -> None:
             await _make_devices(pools, record)
@@ -70,7 +72,7 @@ async def stop_pool(pools: PoolCore, pool: str, *, caller: Caller = ROOT,
             change.show(record, "stopping")
             await change.accepted(record, accept)
             await journal.mark(PoolStopStep.DEVICES)
-            await pools.remove_pool_devices(pool)  # volumes first (their users first)
+            await _remove_devices(pools, pool)
             for volume in await change.volumes():
                 pools.shown.stop_waiting(volume.uuid)
             await journal.mark(PoolStopStep.RECORD)
@@ -80,6 +82,30 @@ async def stop_pool(pools: PoolCore, pool: str, *, caller: Caller = ROOT,
     return replace(record, stopped=True)
 
 
+async def check_no_cache(pools: PoolCore, pool: str, volumes: Sequence[VolumeRecord],
+                         what: str) -> None:
+    """Busy if a volume of *pool* has a cache, or is another volume's: a
+    cache's devices are stacked on others, and a cache volume is named by
+    its path in its user's record."""
+    for volume in volumes:
+        pools.check_uncached(volume, what)
+        await pools.check_not_a_cache(volume)
+
+
+async def _remove_devices(pools: PoolCore, pool: str) -> None:
+    """The pool's devices removed, each once closed (udev's probe of a
+    device just made waited out): cleartext devices first (each holds its
+    volume), volumes, then the pool's own."""
+    names = [d.name for d in await pools.kernel(Engine.list_devices)]
+    internal = pool_devices(pool)
+    prefix = claim_prefix(pool)
+    ordered = sorted((n for n in names if in_pool(n, prefix) and n not in internal),
+                     key=lambda n: (not n.endswith(f"-{VolumePart.CRYPT}"), n))
+    for device in [*ordered, *(n for n in internal if n in names)]:
+        with contextlib.suppress(errors.NotFound):
+            await pools.remove_closed(device, pools.owner(pool))
+
+
 async def _make_devices(pools: PoolCore, record: PoolRecord) -> None:
     """The pool's devices made again where missing, then its active volumes'."""
     present = {d.name for d in await pools.kernel(Engine.list_devices)}
@@ -87,8 +113,17 @@ async def _make_devices(pools: PoolCore, record: PoolRecord) -> None:
                                           pool_devices(record.name), strict=True)
                if name not in present]
     await pools.create_pool_devices(record, *missing)
-    await activation.activate_recorded(pools, record.name)
-    await settle_at_start(pools, record.name)
+    await _volumes_up(pools, record.name)
+
+
+async def _volumes_up(pools: PoolCore, pool: str) -> None:
+    """Its active volumes' devices, as at dmd's start; a failure is logged,
+    and the encrypted volumes' keys are waited for all the same."""
+    try:
+        await activation.activate_recorded(pools, pool)
+    except Exception as exc:
+        log.error("pool %s: not every active volume has its device: %s", pool, exc)
+    await settle_at_start(pools, pool)
 
 
 async def start_pool(pools: PoolCore, pool: str, *, devices: Sequence[str] | None = None,
@@ -103,6 +138,7 @@ async def start_pool(pools: PoolCore, pool: str, *, devices: Sequence[str] | Non
         if devices is not None:
             record = replace(record, layout=await _moved(pools, record, devices))
         await pools.check_devices(record)
+        await _check_described(pools, record)
         present = {d.name for d in await pools.kernel(Engine.list_devices)}
         taken = [name for name in present if in_pool(name, claim_prefix(pool))]
         if taken:
@@ -128,10 +164,26 @@ async def start_pool(pools: PoolCore, pool: str, *, devices: Sequence[str] | Non
             await change.write(stopped=False, layout=record.layout)
         pools.stopped.discard(pool)
         await revert.apply_scheduled(change)
-        await activation.activate_recorded(pools, pool)
-        await settle_at_start(pools, pool)
+        await _volumes_up(pools, pool)
     log.info("pool-start %s: started", pool)
     return replace(record, stopped=False)
+
+
+async def _check_described(pools: PoolCore, record: PoolRecord) -> None:
+    """Busy unless the description on the disks is this dmd's, or older
+    (a stopped pool is not described): disks imported and changed by another
+    dmd meanwhile, or one naming an operation under way, are not started
+    over their newer state."""
+    found = await pools.descriptions.read(record.layout.devices)
+    newest = found.newest
+    if found.corrupt or newest is None:
+        raise errors.Busy(f"pool {record.name!r}: no whole description on its disks; "
+                          "not started")
+    if newest.generation > record.generation or newest.pool.uuid != record.uuid:
+        raise errors.Busy(f"pool {record.name!r}: its disks were changed elsewhere (their "
+                          f"description is at generation {newest.generation}, dmd's records "
+                          f"at {record.generation}); not started: forget it here and "
+                          "ImportPool them")
 
 
 async def _moved(pools: PoolCore, record: PoolRecord, paths: Sequence[str]) -> PoolLayout:

@@ -81,8 +81,7 @@ async def assert_agree(pools: PoolService) -> dict[str, Any]:
     for pool in await pools.store.list_pools():
         if pool.stopped:  # none of its devices is in the kernel; its records stay
             assert not [d for d in now["kernel"] if d.startswith(f"{pool.name}-")], now
-            await assert_described(pools, pool)
-            continue
+            continue  # nor is it described: Start checks its disks before it writes
         pool_state = await pools.pool_state(pool.name)
         assert pool_state.transaction_id == pool.transaction_id, now
         volumes = await pools.store.list_volumes(pool.name)
