@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from dmd.service.devices.recovery import recover
 from dmd.service.journal import PoolCreateStep, PoolGrowStep, PoolImportStep
 from dmd.service.pools.importing import import_pool
 from dmd.service.pools.recovery import recover_pools
+from dmd.state import Revert
 from dmd.state.pool_description import COPY_OFFSETS, HEADER_BYTES, read_device
 from tests.service.pools.kit import (
     DISKS,
@@ -336,3 +338,44 @@ def test_an_undone_create_or_grow_leaves_its_disk_free(tmp_path: Path) -> None:
             close(pools)
 
     asyncio.run(restart())
+
+
+@pytest.mark.parametrize("craft", ["revert-on-a-volumes-thin-id", "thin-id-past-next",
+                                   "pending-revert-on-a-volume"])
+async def test_a_description_naming_a_thin_id_twice_is_corrupt(tmp_path: Path,
+                                                              craft: str) -> None:
+    """A description is read from disks anyone may have written: one that
+    would have an import delete a volume's thin id (a pending revert's), or
+    give a volume another's data (a revert's copy), is refused, nothing
+    written."""
+    await make_pool(tmp_path)
+    reboot_and_lose_the_state(tmp_path)
+    pools = await recovered(tmp_path)
+    sim: SimDM = pools.kernel.engine  # type: ignore[assignment]
+    try:
+        found = read_device(DISKS[0], sim.read_disk(DISKS[0], 0, HEADER_BYTES)).newest
+        assert found is not None
+        record, volumes = replace(found.pool, generation=found.generation + 1), found.volumes
+        base = next(v for v in volumes if v.name == "base")
+        assert base.thin_id is not None
+        pending = None
+        if craft == "revert-on-a-volumes-thin-id":
+            other = next(v for v in volumes if v.name != "base")
+            volumes = tuple(replace(v, revert=Revert(other.thin_id or 0, other.uuid,
+                                                     v.size_bytes)) if v is base else v
+                            for v in volumes)
+        elif craft == "thin-id-past-next":
+            volumes = tuple(replace(v, revert=Revert(record.next_thin_id, v.uuid,
+                                                     v.size_bytes)) if v is base else v
+                            for v in volumes)
+        else:
+            pending = {"operation": "volume-revert", "thin_id": base.thin_id,
+                       "transaction_from": record.transaction_id}
+        await pools.descriptions.write(record, volumes, pending)
+        heads = {p: sim.read_disk(p, 0, HEADER_BYTES) for p in DISKS[:2]}
+        with pytest.raises(errors.Corrupt, match="thin id"):
+            await import_pool(pools, DISKS[:2])
+        assert {p: sim.read_disk(p, 0, HEADER_BYTES) for p in DISKS[:2]} == heads
+        assert sim.list_devices() == [] and await pools.store.list_pools() == []
+    finally:
+        close(pools)
