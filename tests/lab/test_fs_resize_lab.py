@@ -19,7 +19,7 @@ from test_pools_lab import call, create_pool, error_of, prop, wait
 
 from dmd.dbus.names import POOL_INTERFACE, VOLUME_INTERFACE
 
-pytestmark = [pytest.mark.kernel, pytest.mark.kernel_volumes]
+pytestmark = [pytest.mark.kernel, pytest.mark.kernel_volumes_late]
 
 MIB = 1 << 20
 SHRINK_FS = {"filesystem": Variant("b", True), "shrink": Variant("b", True)}

@@ -30,7 +30,7 @@ from test_pools_lab import (
 
 from dmd.dbus.names import MANAGER_INTERFACE, POOL_INTERFACE, ROOT_PATH, VOLUME_INTERFACE
 
-pytestmark = [pytest.mark.kernel, pytest.mark.kernel_volumes]
+pytestmark = [pytest.mark.kernel, pytest.mark.kernel_volumes_late]
 
 MIB = 1 << 20
 SIZE = 16 * MIB
@@ -83,16 +83,21 @@ def test_stop_move_the_disks_start_then_import_elsewhere(
     assert error_of(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}",
                     ["b", 32 * MIB, {}]) == "NotActive"
 
-    # The disks move: detached, and attached again past a loop device taking
-    # the first free number, in the other order.
+    # The disks move: detached, and attached again at other numbers (an old
+    # number next in line is taken by a small disk with no label first), in
+    # the other order.
     for loop in loops:
         losetup("-d", loop)
     spacer = tmp_path / "spacer.img"
     spacer.write_bytes(b"\0" * MIB)
-    spacer_loop = losetup("-f", "--show", str(spacer))
+    spacers: list[str] = []
     try:
-        moved = [losetup("-f", "--show", str(image)) for image in reversed(files)]
-        assert set(moved).isdisjoint(loops)
+        moved = []
+        for image in reversed(files):
+            while losetup("-f") in loops:  # an old number: taken by a spacer
+                spacers.append(losetup("-f", "--show", str(spacer)))
+            moved.append(losetup("-f", "--show", str(image)))
+        assert set(moved).isdisjoint(loops), (moved, loops)
         assert error_of(pool, POOL_INTERFACE, "Start", "a{sv}", [{}]) == "Busy"  # not there
         assert ours() == []
         # Renamed while stopped: the same object, its devices made under the new name.
@@ -127,4 +132,5 @@ def test_stop_move_the_disks_start_then_import_elsewhere(
             for pool_name in ("stp", "stq"):
                 subprocess.run(["dmsetup", "remove", f"{pool_name}-{name}"],
                                capture_output=True)
-        subprocess.run(["losetup", "-d", spacer_loop], check=False)
+        for loop in spacers:
+            subprocess.run(["losetup", "-d", loop], check=False)

@@ -26,7 +26,7 @@ from test_pools_lab import (
 
 from dmd.dbus.names import VOLUME_INTERFACE
 
-pytestmark = [pytest.mark.kernel, pytest.mark.kernel_volumes]
+pytestmark = [pytest.mark.kernel, pytest.mark.kernel_volumes_late]
 
 MIB = 1 << 20
 SIZE = 32 * MIB
