@@ -134,7 +134,7 @@ async def revert(pools: PoolCore, pool: str, name: str, *, uuid: str | None = No
             await change.write(transaction_id=tid + 1, update=scheduled)
             log.info("volume-revert %s/%s to %s: scheduled (thin id %d)", pool, origin.name,
                      name, thin_id)
-            reverted = await _apply_steps(change, scheduled, journal, progress)
+            reverted = await _apply_steps(change, scheduled, journal, progress, tid + 1)
         return reverted or scheduled
 
 
@@ -155,10 +155,17 @@ async def take_back(pools: PoolCore, pool: str, thin_id: int) -> None:
     await pools.record_change(pool, transaction_id=tid)
 
 
+def _reverted(volume: VolumeRecord) -> VolumeRecord:
+    """*volume* as its scheduled revert makes it."""
+    assert volume.revert is not None
+    return replace(volume, thin_id=volume.revert.thin_id, size_bytes=volume.revert.size_bytes,
+                   encryption=volume.revert.encryption, revert=None)
+
+
 async def _apply_steps(change: PoolChange, volume: VolumeRecord, journal: Journal,
-                       progress: _Progress) -> VolumeRecord | None:
-    """*volume*'s scheduled revert applied, as steps of *journal*; None
-    (nothing done) while its device is open."""
+                       progress: _Progress, tid: int) -> VolumeRecord | None:
+    """*volume*'s scheduled revert applied, as steps of *journal*, the pool
+    at transaction id *tid*; None (nothing done) while its device is open."""
     assert volume.revert is not None and volume.thin_id is not None
     pools, pool, name = change.core, volume.pool, volume.name
     if volume.cache is not None:
@@ -176,11 +183,7 @@ async def _apply_steps(change: PoolChange, volume: VolumeRecord, journal: Journa
             log.info("volume-revert %s/%s: its device is open; the revert stays scheduled",
                      pool, name)
             return None
-    old = volume.thin_id
-    reverted = replace(volume, thin_id=volume.revert.thin_id,
-                       size_bytes=volume.revert.size_bytes,
-                       encryption=volume.revert.encryption, revert=None)
-    tid = await pools.kernel_tid(pool, await change.record())
+    old, reverted = volume.thin_id, _reverted(volume)
     progress.applying = (reverted, old, tid)
     if present:
         await journal.mark(RevertStep.DEACTIVATE)
@@ -216,9 +219,7 @@ async def apply(change: PoolChange, volume: VolumeRecord) -> VolumeRecord:
     assert volume.thin_id is not None
     pools, pool = change.core, volume.pool
     progress = _Progress()
-    reverted = replace(volume, thin_id=volume.revert.thin_id,
-                       size_bytes=volume.revert.size_bytes,
-                       encryption=volume.revert.encryption, revert=None)
+    reverted = _reverted(volume)
     tid = await pools.kernel_tid(pool, await change.record())
 
     async def undo(_: Journal) -> None:
@@ -229,7 +230,7 @@ async def apply(change: PoolChange, volume: VolumeRecord) -> VolumeRecord:
                              PoolArgs(pool=pool, transaction_from=tid, thin_id=volume.thin_id,
                                       volume=reverted.to_json()),
                              undo, roll_forward=progress_finish(pools, progress)) as journal:
-        done = await _apply_steps(change, volume, journal, progress)
+        done = await _apply_steps(change, volume, journal, progress, tid)
     return done or volume
 
 
