@@ -66,6 +66,7 @@ def _read(device: str) -> str:
         os.close(fd)
 
 
+@pytest.mark.timeout(900)  # 120-330 s on the CI machine
 async def test_volumes_and_their_data_are_whole_after_every_kill(
         system_dmd: SystemDmd, disks: list[str]) -> None:
     rng = random.Random(SEED)

@@ -167,6 +167,7 @@ async def test_a_managed_device_changed_outside_is_flagged_drifted(
     assert dmsetup("table", T + "mine") == "0 64 error"
 
 
+@pytest.mark.timeout(900)  # 120-330 s on the CI machine
 async def test_storm_of_500_external_creates_then_removes(quiet_dmd: SystemDmd,
                                                           watcher: Watcher) -> None:
     """Another tool makes 500 devices as fast as the kernel takes them (raw

@@ -204,6 +204,7 @@ def pool(stopped_dmd: SystemDmd, loop_device: Callable[[int], str]) -> Iterator[
     yield stopped_dmd
 
 
+@pytest.mark.timeout(900)  # 120-330 s on the CI machine
 def test_sigkill_of_dmd_and_of_the_snapshotter_in_a_storm(pool: SystemDmd,
                                                          tmp_path: Path) -> None:
     dmd = pool

@@ -71,6 +71,7 @@ def snapshotter(system_dmd: SystemDmd, loop_device: Callable[[int], str],
         running.stop()
 
 
+@pytest.mark.timeout(900)  # 120-330 s on the CI machine
 def test_containerds_snapshotter_suite_passes(snapshotter: Snapshotter, tmp_path: Path) -> None:
     assert SUITE.exists(), f"{SUITE} is missing: lab/run builds it with tests/lab/containerd/build"
     start = time.monotonic()
