@@ -29,5 +29,5 @@ def test_a_hung_test_fails_alone_and_the_run_goes_on(tmp_path: Path) -> None:
 
 def test_the_project_sets_a_timeout() -> None:
     text = (ROOT / "pyproject.toml").read_text()
-    assert "\ntimeout = 300\n" in text
+    assert "\ntimeout = 240\n" in text
     assert '"pytest-timeout' in text

@@ -67,6 +67,7 @@ def _read(device: str) -> str:
 
 
 @pytest.mark.timeout(900)  # 120-330 s on the CI machine
+@pytest.mark.kernel_volumes_late  # the boots' balance: docs/kernel-lab.md
 async def test_volumes_and_their_data_are_whole_after_every_kill(
         system_dmd: SystemDmd, disks: list[str]) -> None:
     rng = random.Random(SEED)
