@@ -14,6 +14,7 @@ Standard library only, usable without the rest of dmd::
 from dmd.engine.blockdev import BlockDevice, NotABlockDevice
 from dmd.engine.dm import CONTROL_PATH, DM, dev_majors, mapper_path
 from dmd.engine.keys import carries_key, redact_table
+from dmd.engine.thintools import MetadataCheck, ThinToolError
 from dmd.engine.types import (
     MAX_DEVICE_SECTORS,
     Device,
@@ -44,10 +45,12 @@ __all__ = [
     "DmError",
     "DmFlags",
     "InvalidArgument",
+    "MetadataCheck",
     "NotABlockDevice",
     "Table",
     "TargetLine",
     "TargetVersion",
+    "ThinToolError",
     "UdevFlags",
     "UdevSync",
     "UdevTimeout",

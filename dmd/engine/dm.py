@@ -37,7 +37,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from dmd.engine import blockdev, ioctl, luks
+from dmd.engine import blockdev, ioctl, luks, thintools
 from dmd.engine.blockdev import BlockDevice
 from dmd.engine.ioctl import DM_IOCTL_SIZE, Command, Header
 from dmd.engine.keys import carries_key
@@ -311,6 +311,31 @@ class DM:
         info = self.device_info(id)
         luks.open_mapping(mapper_path(info.name), name, key)
         return self.device_info(name)
+
+    # -- a thin pool's metadata (dmd.engine.thintools) ------------------------
+    def _node(self, id: DevId | str, tool: str) -> str:
+        """The device's node; busy while anything holds it (an active pool
+        over it: the tools open it exclusively, and say so only in words)."""
+        info = self.device_info(id)
+        if info.open_count:
+            raise thintools.ThinToolError(
+                1, f"{tool}: {info.name}: Device or resource busy")
+        return mapper_path(info.name)
+
+    def thin_check(self, id: DevId | str) -> thintools.MetadataCheck:
+        """thin_check of the metadata on device *id* (no active pool over it)."""
+        return thintools.check(self._node(id, "thin_check"))
+
+    def thin_repair(self, source: DevId | str, dest: DevId | str, transaction_id: int,
+                    block_sectors: int, data_blocks: int) -> None:
+        """thin_repair of device *source*'s metadata into device *dest*."""
+        thintools.repair(self._node(source, "thin_repair"), self._node(dest, "thin_repair"),
+                         transaction_id,
+                         block_sectors, data_blocks)
+
+    def thin_ids(self, id: DevId | str) -> list[int]:
+        """The thin ids in the metadata on device *id*."""
+        return thintools.thin_ids(self._node(id, "thin_ls"))
 
     # -- per-device commands -----------------------------------------------
     def device_create(

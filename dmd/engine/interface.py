@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from dmd.engine.blockdev import BlockDevice
+from dmd.engine.thintools import MetadataCheck
 from dmd.engine.types import Device, DeviceInfo, DevId, DmFlags, TargetLine, TargetVersion
 from dmd.engine.udevsync import UdevWait
 
@@ -71,3 +72,9 @@ class Engine(Protocol):
                      ) -> tuple[DeviceInfo, list[TargetLine]]: ...
     def target_msg(self, id: DevId | str, sector: int | None, message: str
                    ) -> tuple[DeviceInfo, str | None]: ...
+
+    # -- a thin pool's metadata, on a device no active pool uses ----------------
+    def thin_check(self, id: DevId | str) -> MetadataCheck: ...
+    def thin_repair(self, source: DevId | str, dest: DevId | str, transaction_id: int,
+                    block_sectors: int, data_blocks: int) -> None: ...
+    def thin_ids(self, id: DevId | str) -> list[int]: ...

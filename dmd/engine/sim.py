@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from dmd.engine import luks
 from dmd.engine.blockdev import PROBE_BYTES, BlockDevice, NotABlockDevice, probe_signature
 from dmd.engine.keys import carries_key
+from dmd.engine.thintools import MetadataCheck, ThinToolError
 from dmd.engine.types import (
     Device,
     DeviceInfo,
@@ -672,7 +673,11 @@ class SimDM:
         block = int(args[2])
         if not (128 <= block <= 2 * 1024 * 1024 and block % 128 == 0):
             return False
-        return all(self._resolve(k, ref) is not None for ref in args[:2])
+        if not all(self._resolve(k, ref) is not None for ref in args[:2]):
+            return False
+        # pool_ctr fails on a superblock that fails its checksum
+        damage = k.pools.get(self._backing(k, args[0]) or "", {}).get("damage", {})
+        return not damage.get("superblock")
 
     def _pool_key(self, k: _Kernel, table: list[list[object]] | None) -> str | None:
         """The metadata key of the pool a thin-pool table drives."""
@@ -876,6 +881,78 @@ class SimDM:
         key = self._pool_key(k, table)
         if key is not None and key in k.pools and k.pools[key].get("low"):
             k.pools[key] = {**k.pools[key], "low": False}
+            k.dirty_pools.add(key)
+
+    # -- a thin pool's metadata (thin-provisioning-tools on a kernel) --------
+    # Damage is modelled, not bytes: a pool's metadata may carry {"damage":
+    # {"superblock": bool, "lost": [thin ids whose mappings are unreadable]}}
+    # (damage_metadata). A damaged superblock fails the pool's table load, as
+    # pool_ctr does; lost mappings load, and thin_check finds them.
+    def _metadata_key(self, k: _Kernel, id: DevId | str, tool: str) -> str:
+        dev = self._find(k, id, tool)
+        for other in k.devices.values():  # the tools open it O_EXCL
+            for line in other.live or []:
+                if line[2] == "thin-pool" and str(line[3]).split()[0] == \
+                        f"{SIM_MAJOR}:{dev.minor}":
+                    raise ThinToolError(1, f"{tool}: {dev.name}: Device or resource busy")
+        key = self._backing(k, f"/dev/mapper/{dev.name}")
+        assert key is not None
+        return key
+
+    def thin_check(self, id: DevId | str) -> MetadataCheck:
+        """As DM.thin_check."""
+        with self._locked() as k:
+            pool = k.pools.get(self._metadata_key(k, id, "thin_check"))
+        damage: dict[str, Any] = (pool.get("damage", {}) if pool is not None
+                                  else {"superblock": True})
+        if damage.get("superblock"):
+            return MetadataCheck(False, "superblock is corrupt; bad checksum in superblock")
+        if damage.get("lost"):
+            return MetadataCheck(False, "; ".join(
+                f"thin device {t} is missing mappings [0, -]" for t in damage["lost"]))
+        return MetadataCheck(True)
+
+    def thin_repair(self, source: DevId | str, dest: DevId | str, transaction_id: int,
+                    block_sectors: int, data_blocks: int) -> None:
+        """As DM.thin_repair: every thin whose mappings were readable, whole;
+        the figures given where the superblock was not readable."""
+        with self._locked(write=True) as k:
+            old = k.pools.get(self._metadata_key(k, source, "thin_repair"))
+            key = self._metadata_key(k, dest, "thin_repair")
+            if old is None:  # nothing of a pool to find: an empty one
+                new = {**_new_pool(), "tid": transaction_id, "blocks": data_blocks}
+            else:
+                new = _copy_pool(old)
+                damage = new.pop("damage", {})
+                for lost in damage.get("lost", []):
+                    if lost in new["thins"]:
+                        new["thins"].remove(lost)
+                        for block in new["maps"].pop(str(lost), {}).values():
+                            _unref(new, block)
+                if damage.get("superblock"):
+                    new["tid"] = transaction_id
+            k.pools[key] = new
+            k.dirty_pools.add(key)
+
+    def thin_ids(self, id: DevId | str) -> list[int]:
+        """As DM.thin_ids."""
+        with self._locked() as k:
+            pool = k.pools.get(self._metadata_key(k, id, "thin_ls"))
+        if pool is None or pool.get("damage", {}).get("superblock"):
+            raise ThinToolError(1, "bad checksum in superblock")
+        return sorted(pool["thins"])
+
+    def damage_metadata(self, path: str, offset: int, *, superblock: bool = False,
+                        lost: Sequence[int] = ()) -> None:
+        """For tests: the pool metadata at byte *offset* of disk *path* gets
+        a damaged superblock, or the mappings of thins *lost* unreadable (as
+        a block overwritten while the pool is down)."""
+        with self._locked(write=True) as k:
+            key = self._backing(k, path, offset // 512)
+            if key is None or key not in k.pools:
+                raise _fail(errno.ENOENT, "damage_metadata", path)
+            k.pools[key] = {**k.pools[key], "damage": {"superblock": superblock,
+                                                       "lost": sorted(lost)}}
             k.dirty_pools.add(key)
 
     def wipe(self, path: str, offset: int, length: int) -> None:

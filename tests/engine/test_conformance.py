@@ -25,7 +25,9 @@ from dmd.engine import (
     DmError,
     DmFlags,
     InvalidArgument,
+    MetadataCheck,
     TargetLine,
+    ThinToolError,
 )
 from dmd.engine.sim import SimDM
 from dmd.engine.udevsync import UdevSync, UdevWait
@@ -535,6 +537,57 @@ def test_pool_metadata_outlives_its_devices_until_wiped(engine: Engine,
     pool, _ = _thin_pool(engine, disk, wipe=True, backing=backing)
     assert _pool_status(engine, pool).transaction_id == 0
     engine.target_msg(pool, 0, thin.create_thin(5))
+
+
+def _damage_superblock(engine: Engine, backing: str) -> None:
+    """The pool's superblock (its metadata's first block) overwritten."""
+    if isinstance(engine, SimDM):
+        engine.damage_metadata(backing, 0, superblock=True)
+    else:
+        engine.write_disk(backing, 0, os.urandom(4096))
+
+
+def test_thin_tools_check_a_metadata_and_repair_it_into_another_device(
+        engine: Engine, disk: Callable[[int], str]) -> None:
+    """thin_check and thin_repair on the pool's metadata device, the pool
+    down: a whole metadata passes; a damaged superblock fails the check and
+    the pool's table load (pool_ctr), and thin_repair, given the figures the
+    superblock held, finds every thin in the rest and writes a metadata the
+    kernel opens."""
+    from dmd.engine.targets import thin
+    from dmd.engine.targets.thin import ThinPoolParams
+
+    pool, backing = _thin_pool(engine, disk)
+    for ident in (1, 2):
+        engine.target_msg(pool, 0, thin.create_thin(ident))
+    engine.target_msg(pool, 0, thin.set_transaction_id(0, 4))
+    with pytest.raises(ThinToolError, match="busy"):  # the pool holds it
+        engine.thin_check(f"{P}tmeta")
+    engine.device_remove(pool)
+    assert engine.thin_check(f"{P}tmeta") == MetadataCheck(True)
+    assert engine.thin_ids(f"{P}tmeta") == [1, 2]
+
+    _damage_superblock(engine, backing)
+    check = engine.thin_check(f"{P}tmeta")
+    assert not check.ok and "superblock" in check.report, check
+    params = ThinPoolParams(f"/dev/mapper/{P}tmeta", f"/dev/mapper/{P}tdata", 128, 0)
+    active(engine, pool)
+    line = [TargetLine(0, 122880, "thin-pool", params.to_params())]
+    assert errno_of(lambda: engine.table_load(pool, line)) == errno.EINVAL
+    engine.device_remove(pool)
+
+    spare = disk(8)
+    active(engine, f"{P}tspare", [TargetLine(0, 8192, "linear", f"{spare} 0")])
+    engine.wipe(spare, 0, 4096)
+    engine.thin_repair(f"{P}tmeta", f"{P}tspare", 4, 128, 960)
+    assert engine.thin_check(f"{P}tspare") == MetadataCheck(True)
+    assert engine.thin_ids(f"{P}tspare") == [1, 2]
+    params = ThinPoolParams(f"/dev/mapper/{P}tspare", f"/dev/mapper/{P}tdata", 128, 0)
+    active(engine, pool, [TargetLine(0, 122880, "thin-pool", params.to_params())])
+    assert _pool_status(engine, pool).transaction_id == 4
+    assert _msg_errno(engine, pool, thin.create_thin(2)) == errno.EEXIST
+    for name in (pool, f"{P}tspare", f"{P}tdata", f"{P}tmeta"):
+        engine.device_remove(name)
 
 
 def test_a_pool_never_takes_less_data_than_its_metadata_has(
