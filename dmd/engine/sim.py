@@ -645,6 +645,11 @@ class SimDM:
                 ok = self._striped_ok(k, args, line.length)
             elif line.target_type == "thin-pool":
                 ok = self._pool_params_ok(k, args)
+                # pool_ctr: a superblock overwritten fails sb_check (its
+                # block number is not where it lies)
+                damage = k.pools.get(self._backing(k, args[0]) or "", {}).get("damage", {})
+                if ok and damage.get("superblock"):
+                    raise _fail(errno.ENOTBLK, "DM_TABLE_LOAD", dev)
             elif line.target_type == "thin":
                 self._check_thin(k, args, dev)
             if not ok:
@@ -673,11 +678,7 @@ class SimDM:
         block = int(args[2])
         if not (128 <= block <= 2 * 1024 * 1024 and block % 128 == 0):
             return False
-        if not all(self._resolve(k, ref) is not None for ref in args[:2]):
-            return False
-        # pool_ctr fails on a superblock that fails its checksum
-        damage = k.pools.get(self._backing(k, args[0]) or "", {}).get("damage", {})
-        return not damage.get("superblock")
+        return all(self._resolve(k, ref) is not None for ref in args[:2])
 
     def _pool_key(self, k: _Kernel, table: list[list[object]] | None) -> str | None:
         """The metadata key of the pool a thin-pool table drives."""

@@ -118,6 +118,7 @@ class Description:
                             zip(p.layout.ids, p.layout.devices, p.layout.sizes, strict=True)],
                 "metadata": [[s.device, s.start, s.length] for s in p.layout.metadata],
                 "data": [[s.device, s.start, s.length] for s in p.layout.data],
+                "spare": [[s.device, s.start, s.length] for s in p.layout.spare],
             },
             "volumes": [{
                 "uuid": v.uuid, "name": v.name, "thin_id": v.thin_id,
@@ -174,7 +175,8 @@ class Description:
                                 tuple(d["size"] for d in devices),
                                 tuple(Segment(*s) for s in p["metadata"]),
                                 tuple(Segment(*s) for s in p["data"]),
-                                tuple(d["uuid"] for d in devices))
+                                tuple(d["uuid"] for d in devices),
+                                tuple(Segment(*s) for s in p.get("spare", [])))
             pool = PoolRecord(p["name"], p["uuid"], p["owner_uid"], p["block_sectors"],
                               p["on_full"], p["low_water_percent"], p["transaction_id"],
                               p["next_thin_id"], layout,

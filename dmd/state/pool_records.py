@@ -31,20 +31,26 @@ class PoolLayout:
     # The UUID each device's label carries (how a device is known whatever
     # its name); empty for a pool recorded before labels were written.
     ids: tuple[str, ...] = ()
+    # Room kept for a repair of the metadata (thin_repair writes the mended
+    # copy there, and the two swap: dmd.service.pools.repair); empty for a
+    # pool made without one.
+    spare: tuple[Segment, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps({
             "devices": list(self.devices), "sizes": list(self.sizes),
             "metadata": [[s.device, s.start, s.length] for s in self.metadata],
             "data": [[s.device, s.start, s.length] for s in self.data],
-            "ids": list(self.ids)})
+            "ids": list(self.ids),
+            "spare": [[s.device, s.start, s.length] for s in self.spare]})
 
     @classmethod
     def from_json(cls, raw: str) -> PoolLayout:
         doc = json.loads(raw)
         return cls(tuple(doc["devices"]), tuple(doc["sizes"]),
                    tuple(Segment(*s) for s in doc["metadata"]),
-                   tuple(Segment(*s) for s in doc["data"]), tuple(doc.get("ids", ())))
+                   tuple(Segment(*s) for s in doc["data"]), tuple(doc.get("ids", ())),
+                   tuple(Segment(*s) for s in doc.get("spare", ())))
 
     @property
     def data_sectors(self) -> int:
@@ -53,6 +59,10 @@ class PoolLayout:
     @property
     def metadata_sectors(self) -> int:
         return sum(s.length for s in self.metadata)
+
+    @property
+    def spare_sectors(self) -> int:
+        return sum(s.length for s in self.spare)
 
 
 @dataclass(frozen=True, slots=True)

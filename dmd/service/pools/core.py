@@ -180,14 +180,17 @@ def layout(devices: list[tuple[str, int]], block_sectors: int,
     of it and every other device, in whole data blocks; with *data_sectors*,
     only that much data (rounded down to whole blocks), the rest left free
     for the pool to grow into (dmd.service.pools.space). The metadata is sized
-    for all of it either way, unless *meta_sectors* says how much."""
+    for all of it either way, unless *meta_sectors* says how much. A spare
+    of the metadata's size follows it (LVM's "pmspare", for a repair), where
+    the first device has room for both and data after them."""
     usable = [(size // 512) - HEADER_SECTORS for _, size in devices]
     total = sum(usable)
     meta = metadata_sectors(total, block_sectors) if meta_sectors is None else meta_sectors
     if meta >= usable[0]:
         raise errors.InvalidArgument(
             f"{devices[0][0]} is too small for the pool's metadata ({meta * 512} bytes)")
-    data: list[Segment] = [Segment(0, HEADER_SECTORS + meta, usable[0] - meta)]
+    spare = meta if 2 * meta + block_sectors <= usable[0] else 0
+    data: list[Segment] = [Segment(0, HEADER_SECTORS + meta + spare, usable[0] - meta - spare)]
     data += [Segment(i, HEADER_SECTORS, n) for i, n in enumerate(usable) if i > 0]
     extra = sum(s.length for s in data) % block_sectors
     if data_sectors is not None:
@@ -201,7 +204,8 @@ def layout(devices: list[tuple[str, int]], block_sectors: int,
     if sum(s.length for s in data) < block_sectors:
         raise errors.InvalidArgument("the devices leave no room for data")
     return PoolLayout(tuple(p for p, _ in devices), tuple(s for _, s in devices),
-                      (Segment(0, HEADER_SECTORS, meta),), tuple(data))
+                      (Segment(0, HEADER_SECTORS, meta),), tuple(data),
+                      spare=(Segment(0, HEADER_SECTORS + meta, spare),) if spare else ())
 
 
 Accept = Callable[[Any], None]

@@ -237,7 +237,7 @@ async def add_device(pools: PoolCore, pool: str, path: str, *, force: bool = Fal
         new = len(plan.devices)
         metadata = (*plan.metadata, *([Segment(new, HEADER_SECTORS, meta)] if meta else []))
         with_metadata = PoolLayout((*plan.devices, path), (*plan.sizes, size), metadata,
-                                   plan.data, (*ids, str(uuidlib.uuid4())))
+                                   plan.data, (*ids, str(uuidlib.uuid4())), plan.spare)
         grown_layout = replace(with_metadata, data=(
             *plan.data, Segment(new, HEADER_SECTORS + meta, usable)))
         grown = replace(record, layout=grown_layout)

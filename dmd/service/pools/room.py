@@ -23,10 +23,10 @@ MIN_STRIPE_SECTORS, MAX_STRIPE_SECTORS = 8, 8192  # 4 KiB to 4 MiB
 def free_segments(layout: PoolLayout, sizes: tuple[int, ...] | None = None,
                   taken: Iterable[Segment] = ()) -> list[Segment]:
     """Every stretch of the pool's devices after their headers that neither
-    the pool's metadata and data nor the *taken* segments (thick volumes')
-    use, by device then offset."""
+    the pool's metadata, its spare and its data nor the *taken* segments
+    (thick volumes') use, by device then offset."""
     used: dict[int, list[Segment]] = {}
-    for seg in (*layout.metadata, *layout.data, *taken):
+    for seg in (*layout.metadata, *layout.spare, *layout.data, *taken):
         used.setdefault(seg.device, []).append(seg)
     free = []
     for index, size in enumerate(sizes or layout.sizes):
