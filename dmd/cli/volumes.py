@@ -153,9 +153,10 @@ async def cmd_pool_destroy(c: Client, a: argparse.Namespace) -> None:
 
 
 async def cmd_pool_stop_start(c: Client, a: argparse.Namespace) -> None:
+    """pool-stop, pool-start and pool-repair: a job on the pool."""
     path = await _pool_path(c, a.name)
     options = {"devices": Variant("as", a.device)} if getattr(a, "device", None) else {}
-    member = "Stop" if a.command == "pool-stop" else "Start"
+    member = {"pool-stop": "Stop", "pool-start": "Start", "pool-repair": "Repair"}[a.command]
     (job,) = await c.call(path, POOL_INTERFACE, member, "a{sv}", [options], mutating=True)
     await _run_job(c, a, job, path, POOL_INTERFACE, lambda p: f"{a.name}: {p.get('State')}")
 
@@ -429,6 +430,9 @@ def register(verb: Callable[[str, Verb, str], argparse.ArgumentParser]) -> None:
     sp.add_argument("--device", action="append", metavar="PATH",
                     help="where a disk of the pool is now, if the disks moved (once per "
                          "disk; each found by its label)")
+    sp = no_wait(verb("pool-repair", cmd_pool_stop_start,
+                      "mend a pool's damaged metadata into its spare area (thin_repair)"))
+    sp.add_argument("name", metavar="NAME", help="the pool's name")
     sp = no_wait(verb("vol-create", cmd_vol_create, "create a volume in a pool"))
     sp.add_argument("pool", metavar="POOL", help="the pool's name")
     sp.add_argument("name", metavar="NAME", help="the volume's name")

@@ -149,6 +149,7 @@ OPTIONS: dict[str, dict[str, str]] = {
     "Revert": {},
     "Destroy": {"force": "b"},
     "Stop": {},
+    "Repair": {},
     "Start": {"devices": "as"},
     "AddDevice": {"force": "b"},
     "OpenDevice": {"exclusive": "b"},

@@ -88,6 +88,10 @@ class PoolInterface(CachedObject):
     def Start(self, options: Options) -> Path:
         routed()
 
+    @dbus_method()
+    def Repair(self, options: Options) -> Path:
+        routed()
+
     @dbus_signal()
     def LowSpace(self, data_used: U64, data_total: U64, metadata_used: U64,
                  metadata_total: U64) -> Annotated[list[Any], DBusSignature("tttt")]:
@@ -152,6 +156,12 @@ class PoolHandlers:
         paths = None if devices is None else [check_string(d, "a device") for d in devices]
         job, _ = await self.pools.as_job("pool-start", caller, lambda accept:
             self.pools.start_pool(pool, devices=paths, caller=caller, accept=accept))
+        return job_path(job.id)
+
+    async def Repair(self, caller: Caller, pool: str, options: dict[str, Any]) -> str:
+        options_in("Repair", options)
+        job, _ = await self.pools.as_job("pool-repair", caller, lambda accept:
+            self.pools.repair_pool(pool, caller=caller, accept=accept))
         return job_path(job.id)
 
     async def Destroy(self, caller: Caller, pool: str, options: dict[str, Any]) -> str:

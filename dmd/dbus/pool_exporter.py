@@ -150,7 +150,7 @@ class PoolExporter:
                      else PoolState.inactive(record))
             path = pool_path(record.uuid)
             self._put(path, PoolInterface, pool_properties(record, state, lifecycle,
-                                                           self.pools.shown.refused.get(pool, "")))
+                                                           self._refused(pool)))
             self._pool_of_path[path] = pool
             paths.add(path)
             paths |= await self._refresh_volumes(
@@ -164,6 +164,14 @@ class PoolExporter:
         self._paths_of_pool[pool] = paths
         if not paths:
             del self._paths_of_pool[pool]
+
+    def _refused(self, pool: str) -> str:
+        """Why dmd refuses changes to *pool*: its disks, or its metadata."""
+        if pool in self.pools.shown.refused:
+            return self.pools.shown.refused[pool]
+        if pool in self.pools.damaged:
+            return f"its metadata is damaged ({self.pools.damaged[pool]}): Repair mends it"
+        return ""
 
     async def _refresh_volumes(self, pool: PoolRecord, usage: bool,
                                recorded: list[VolumeRecord] | None) -> set[str]:

@@ -314,12 +314,19 @@ class DM:
 
     # -- a thin pool's metadata (dmd.engine.thintools) ------------------------
     def _node(self, id: DevId | str, tool: str) -> str:
-        """The device's node; busy while anything holds it (an active pool
-        over it: the tools open it exclusively, and say so only in words)."""
+        """The device's node; busy while a device is stacked on it (an
+        active pool: the tools open it exclusively, and say so only in
+        words). Not its open count: udev's probe opens it for a moment after
+        each tool that wrote it."""
         info = self.device_info(id)
-        if info.open_count:
+        major, minor = info.device
+        try:
+            holders = os.listdir(f"/sys/dev/block/{major}:{minor}/holders")
+        except OSError:
+            holders = []
+        if holders:
             raise thintools.ThinToolError(
-                1, f"{tool}: {info.name}: Device or resource busy")
+                1, f"{tool}: {info.name}: Device or resource busy (held by {holders[0]})")
         return mapper_path(info.name)
 
     def thin_check(self, id: DevId | str) -> thintools.MetadataCheck:

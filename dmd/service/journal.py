@@ -179,6 +179,13 @@ class PoolRenameStep(enum.IntEnum):
     RECORD = 1  # the pool's record takes the new name next (one transaction)
 
 
+class PoolRepairStep(enum.IntEnum):
+    DEVICES = 1  # the pool's devices are removed next, its metadata device made
+    COPY = 2  # the spare's device is made and the mended copy written next
+    SWITCH = 3  # the records name the copy as the metadata next: no way back
+    DEVICES_UP = 4  # the pool's devices are made over the copy next
+
+
 class PoolStopStep(enum.IntEnum):
     DEVICES = 1  # the pool's devices are removed next (volumes first)
     RECORD = 2  # the pool is recorded stopped next

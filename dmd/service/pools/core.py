@@ -52,7 +52,15 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
-from dmd.engine import DevId, DmError, NotABlockDevice, TargetLine, UdevTimeout, UdevWait
+from dmd.engine import (
+    DevId,
+    DmError,
+    NotABlockDevice,
+    TargetLine,
+    ThinToolError,
+    UdevTimeout,
+    UdevWait,
+)
 from dmd.engine.blockdev import BlockDevice
 from dmd.engine.interface import Engine
 from dmd.engine.targets import parse_status
@@ -489,6 +497,10 @@ class PoolCore:
         self.disks_checked: dict[str, str | None] = {}
         # Pools stopped (Pool.Stop): refused every change but Start.
         self.stopped: set[str] = set()
+        # Pool name -> what thin_check found wrong with its metadata, when
+        # its thin-pool device was to be made (check_metadata); refused every
+        # change but Repair, Stop, Start and Destroy.
+        self.damaged: dict[str, str] = {}
 
     async def as_job(self, operation: str, caller: Caller,
                      call: Callable[[Accept], Awaitable[Any]]) -> tuple[Job, Any]:
@@ -519,13 +531,18 @@ class PoolCore:
         accept(subject)
 
     @contextlib.asynccontextmanager
-    async def change(self, pool: str, *, stopped: bool = False) -> AsyncIterator[PoolChange]:
+    async def change(self, pool: str, *, stopped: bool = False,
+                     damaged: bool = False) -> AsyncIterator[PoolChange]:
         """One change at a time to a pool; described and settled however it
-        ends. A stopped pool is refused (NotActive) unless *stopped*."""
+        ends. A stopped pool is refused (NotActive) unless *stopped*, one
+        whose metadata thin_check found damaged (Corrupt) unless *damaged*."""
         async with self.locks.hold(pool):
             if pool in self.shown.refused:
                 raise errors.Busy(f"pool {pool!r} is not changed by dmd: "
                                   f"{self.shown.refused[pool]}")
+            if pool in self.damaged and not damaged:
+                raise errors.Corrupt(f"pool {pool!r}: its metadata is damaged "
+                                     f"({self.damaged[pool]}): Repair mends it")
             if pool in self.stopped and not stopped:
                 raise errors.NotActive(f"pool {pool!r} is stopped: Start it first")
             change = PoolChange(self, pool)
@@ -748,6 +765,8 @@ class PoolCore:
         try:
             _, lines = await self.kernel(Engine.table_status, tpool(pool))
         except DmError:
+            if pool in self.damaged:
+                return replace(PoolState.inactive(record), mode="damaged")
             return PoolState.inactive(record)
         status = parse_status("thin-pool", lines[0].params)
         assert isinstance(status, ThinPoolStatus)
@@ -769,6 +788,25 @@ class PoolCore:
                          status.total_metadata_blocks * 4096, mode,
                          (min(1024, status.total_metadata_blocks // 4) if low is None else low)
                          * 4096)
+
+    async def check_metadata(self, record: PoolRecord) -> None:
+        """thin_check of the pool's metadata device (made, no thin-pool
+        device over it; dmd.service.pools.repair): Corrupt, and the pool
+        known damaged until a check passes, unless whole."""
+        pool = record.name
+        try:
+            found = await self.kernel.slow(Engine.thin_check,
+                                           pool_device(pool, PoolPart.TMETA))
+        except ThinToolError as exc:
+            raise errors.Failed(f"pool {pool!r}: its metadata could not be checked: "
+                                f"{exc}") from None
+        if found.ok:
+            self.damaged.pop(pool, None)
+            return
+        self.damaged[pool] = found.report
+        log.error("pool-check %s: metadata damaged: %s", pool, found.report)
+        raise errors.Corrupt(f"pool {pool!r}: its metadata is damaged ({found.report}): "
+                             "Repair mends it")
 
     async def kernel_tid(self, pool: str, record: PoolRecord | None = None) -> int:
         state = await self.pool_state(pool, record)
@@ -823,7 +861,8 @@ class PoolCore:
                           WIPE_BYTES)
 
     async def remove_pool_devices(self, pool: str) -> None:
-        """Remove the pool's devices, volumes first; each is tried."""
+        """Remove the pool's devices, volumes first; each is tried; then the
+        records of every device of the pool."""
         claim = self.owner(pool)
         names = [d.name for d in await self.kernel(Engine.list_devices)]
         internal = pool_devices(pool)
@@ -835,8 +874,10 @@ class PoolCore:
         for device in order:
             with contextlib.suppress(errors.NotFound):
                 await self.devices.remove(device, claim=claim)
+        # and the records of those the kernel did not have (start-up did
+        # not make them: a damaged pool's, say)
         for record in await self.store.list_devices():
-            if record.name in internal:
+            if record.name in internal or in_pool(record.name, prefix):
                 await self.store.remove_device(record.name)
 
     async def create_pool_devices(self, record: PoolRecord, *parts: PoolPart) -> None:

@@ -12,6 +12,7 @@ from dmd.service.pools.core import (
     PoolCore,
 )
 from dmd.service.pools.names import (
+    PoolPart,
     VolumePart,
     claim_prefix,
     in_pool,
@@ -52,6 +53,14 @@ async def recreate_guard(pools: PoolCore, device: DeviceRecord) -> str | None:
     if pools.disks_checked[record.uuid] is not None:
         return pools.disks_checked[record.uuid]
     split = parts(device.name)
+    if split == [record.name, PoolPart.TPOOL]:
+        # Over metadata no pool has open (after a reboot): checked first.
+        try:
+            await pools.check_metadata(record)
+        except (errors.Corrupt, errors.Failed) as exc:
+            return str(exc)
+    elif record.name in pools.damaged:
+        return f"pool {record.name!r} has no thin-pool device: its metadata is damaged"
     if len(split) == 2 or (len(split) == 3 and split[2] in (VolumePart.CMETA,
                                                              VolumePart.CDATA)):
         # A cache's areas, and the volume's device over them: over the

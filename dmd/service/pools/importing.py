@@ -213,6 +213,10 @@ async def _activate(change: PoolChange, record: PoolRecord, description: Descrip
         await change.accepted(record, accept)
         await journal.mark(PoolImportStep.DEVICES)
         await pools.create_pool_devices(record, PoolPart.TMETA, PoolPart.TDATA)
+        try:
+            await pools.check_metadata(record)
+        finally:  # an import refused is no damaged pool of this dmd's
+            pools.damaged.pop(name, None)
         await journal.mark(PoolImportStep.POOL)
         await pools.create_pool_devices(record, PoolPart.TPOOL)
         tid = (await pools.pool_state(name, record)).transaction_id

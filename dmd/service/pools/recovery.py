@@ -30,6 +30,7 @@ from dmd.service.pools import (
     importing,
     lifecycle,
     naming,
+    repair,
     revert,
     space,
     stopping,
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 RECOVERY: dict[str, Recover] = {**lifecycle.RECOVERY, **space.RECOVERY, **importing.RECOVERY,
                                 **volumes.RECOVERY, **thick.RECOVERY, **activation.RECOVERY,
                                 **cache.RECOVERY, **naming.RECOVERY, **revert.RECOVERY,
-                                **stopping.RECOVERY}
+                                **stopping.RECOVERY, **repair.RECOVERY}
 POOL_OPERATIONS = frozenset(RECOVERY)
 
 
@@ -74,6 +75,8 @@ async def recover_pools(pools: PoolCore, report: RecoveryReport) -> None:
     for record in await pools.store.list_pools():
         if record.stopped:
             continue  # no device to check or make until Pool.Start (which checks)
+        if record.name in pools.damaged:
+            continue  # its thin-pool device not made (recreate_guard): Repair first
         try:
             await check_description(pools, record)
             await _check_transaction_id(pools, record.name)

@@ -9,7 +9,16 @@ from __future__ import annotations
 import functools
 
 from dmd.service.devices.operations import DeviceService
-from dmd.service.pools import activation, guard, lifecycle, naming, stopping, thick, volumes
+from dmd.service.pools import (
+    activation,
+    guard,
+    lifecycle,
+    naming,
+    repair,
+    stopping,
+    thick,
+    volumes,
+)
 from dmd.service.pools import revert as reverting
 from dmd.service.pools.core import PoolCore, PoolState, check_size, layout, metadata_low
 from dmd.service.pools.tables import volume_uuid
@@ -41,5 +50,6 @@ class PoolService(PoolCore):
     revert = reverting.revert
     stop_pool = stopping.stop_pool
     start_pool = stopping.start_pool
+    repair_pool = repair.repair_pool
     activate_recorded = activation.activate_recorded
     match_device = activation.match_device

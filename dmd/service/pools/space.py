@@ -319,9 +319,14 @@ def what_to_do(record: PoolRecord, mode: str) -> str:
                 "device (AddDevice): dmd grows the metadata into it first and the pool "
                 "writes again")
     if mode in ("read-only", "needs-check"):
-        return ("the kernel stopped the pool's writes after a metadata error: stop the "
-                "volumes' users, and with the pool inactive check its metadata device with "
-                "thin_check (thin_repair mends it)")
+        return ("the kernel stopped the pool's writes after a metadata error: close its "
+                "volumes (unmount, stop their users), then Repair: thin_repair writes a "
+                "mended copy of the metadata into the pool's spare area")
+    if mode == "damaged":
+        return ("thin_check found the pool's metadata damaged, so dmd did not make its "
+                "thin-pool device and refuses changes (ChangesRefused says what it found): "
+                "Repair writes a mended copy into the pool's spare area; volumes whose "
+                "mappings it finds come back with their data")
     return ""
 
 

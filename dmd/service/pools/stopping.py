@@ -53,26 +53,17 @@ async def stop_pool(pools: PoolCore, pool: str, *, caller: Caller = ROOT,
     async with pools.change(pool) as change:
         record = await change.record()
         await pools.check_authorized(caller, Action.POOL, pool, record.owner_uid)
-        prefix = claim_prefix(pool)
-        names = [d.name for d in await pools.kernel(Engine.list_devices)
-                 if in_pool(d.name, prefix)]
-        try:
-            busy = await pools.kernel(held_from_outside, names)
-        except DmError as exc:  # one went meanwhile: ask again later
-            raise errors.Busy(f"pool {pool!r}: its devices changed meanwhile ({exc})") from None
-        if busy:
-            raise errors.Busy(f"pool {pool!r}: {', '.join(sorted(busy))} in use (mounted, "
-                              "open, or an unlocked volume's user): close them to stop it")
+        await check_not_held(pools, pool, "stop")
         await check_no_cache(pools, pool, await change.volumes(), "stopping")
 
         async def undo(_: Journal) -> None:
-            await _make_devices(pools, record)
+            await make_devices(pools, record)
 
         async with change.intent("pool-stop", pool, PoolArgs(pool=pool), undo) as journal:
             change.show(record, "stopping")
             await change.accepted(record, accept)
             await journal.mark(PoolStopStep.DEVICES)
-            await _remove_devices(pools, pool)
+            await remove_devices(pools, pool)
             for volume in await change.volumes():
                 pools.shown.stop_waiting(volume.uuid)
             await journal.mark(PoolStopStep.RECORD)
@@ -80,6 +71,20 @@ async def stop_pool(pools: PoolCore, pool: str, *, caller: Caller = ROOT,
         pools.stopped.add(pool)
     log.info("pool-stop %s: its devices removed, its records kept", pool)
     return replace(record, stopped=True)
+
+
+async def check_not_held(pools: PoolCore, pool: str, what: str) -> None:
+    """Busy while anything outside the pool holds one of its devices."""
+    prefix = claim_prefix(pool)
+    names = [d.name for d in await pools.kernel(Engine.list_devices)
+             if in_pool(d.name, prefix)]
+    try:
+        busy = await pools.kernel(held_from_outside, names)
+    except DmError as exc:  # one went meanwhile: ask again later
+        raise errors.Busy(f"pool {pool!r}: its devices changed meanwhile ({exc})") from None
+    if busy:
+        raise errors.Busy(f"pool {pool!r}: {', '.join(sorted(busy))} in use (mounted, "
+                          f"open, or an unlocked volume's user): close them to {what} it")
 
 
 async def check_no_cache(pools: PoolCore, pool: str, volumes: Sequence[VolumeRecord],
@@ -92,7 +97,7 @@ async def check_no_cache(pools: PoolCore, pool: str, volumes: Sequence[VolumeRec
         await pools.check_not_a_cache(volume)
 
 
-async def _remove_devices(pools: PoolCore, pool: str) -> None:
+async def remove_devices(pools: PoolCore, pool: str) -> None:
     """The pool's devices removed, each once closed (udev's probe of a
     device just made waited out): cleartext devices first (each holds its
     volume), volumes, then the pool's own."""
@@ -106,17 +111,25 @@ async def _remove_devices(pools: PoolCore, pool: str) -> None:
             await pools.remove_closed(device, pools.owner(pool))
 
 
-async def _make_devices(pools: PoolCore, record: PoolRecord) -> None:
-    """The pool's devices made again where missing, then its active volumes'."""
+async def make_devices(pools: PoolCore, record: PoolRecord) -> None:
+    """The pool's devices made again where missing, then its active
+    volumes'; a thin-pool device only over metadata thin_check finds whole
+    (else the pool is left damaged, with its metadata and data devices)."""
     present = {d.name for d in await pools.kernel(Engine.list_devices)}
-    missing = [part for part, name in zip((PoolPart.TMETA, PoolPart.TDATA, PoolPart.TPOOL),
-                                          pool_devices(record.name), strict=True)
+    tpool_name, tdata, tmeta = pool_devices(record.name)
+    missing = [part for part, name in ((PoolPart.TMETA, tmeta), (PoolPart.TDATA, tdata))
                if name not in present]
     await pools.create_pool_devices(record, *missing)
-    await _volumes_up(pools, record.name)
+    if tpool_name not in present:
+        try:
+            await pools.check_metadata(record)
+        except errors.Corrupt:
+            return
+        await pools.create_pool_devices(record, PoolPart.TPOOL)
+    await volumes_up(pools, record.name)
 
 
-async def _volumes_up(pools: PoolCore, pool: str) -> None:
+async def volumes_up(pools: PoolCore, pool: str) -> None:
     """Its active volumes' devices, as at dmd's start; a failure is logged,
     and the encrypted volumes' keys are waited for all the same."""
     try:
@@ -130,7 +143,7 @@ async def start_pool(pools: PoolCore, pool: str, *, devices: Sequence[str] | Non
                      caller: Caller = ROOT, accept: Accept = ignore) -> PoolRecord:
     """*devices*: the pool's disks where they are now (each found by its
     label), when they moved since the pool stopped."""
-    async with pools.change(pool, stopped=True) as change:
+    async with pools.change(pool, stopped=True, damaged=True) as change:
         record = await change.record()
         await pools.check_authorized(caller, Action.POOL, pool, record.owner_uid)
         if not record.stopped:
@@ -153,6 +166,7 @@ async def start_pool(pools: PoolCore, pool: str, *, devices: Sequence[str] | Non
             await change.accepted(record, accept)
             await journal.mark(PoolStartStep.DEVICES)
             await pools.create_pool_devices(record, PoolPart.TMETA, PoolPart.TDATA)
+            await pools.check_metadata(record)
             await journal.mark(PoolStartStep.POOL)
             await pools.create_pool_devices(record, PoolPart.TPOOL)
             tid = (await pools.pool_state(pool, record)).transaction_id
@@ -164,7 +178,7 @@ async def start_pool(pools: PoolCore, pool: str, *, devices: Sequence[str] | Non
             await change.write(stopped=False, layout=record.layout)
         pools.stopped.discard(pool)
         await revert.apply_scheduled(change)
-        await _volumes_up(pools, pool)
+        await volumes_up(pools, pool)
     log.info("pool-start %s: started", pool)
     return replace(record, stopped=False)
 
@@ -225,7 +239,7 @@ async def recover_stop(pools: PoolCore, intent: IntentRecord, args: PoolArgs,
     if record.stopped:
         await pools.remove_pool_devices(args.pool)
         return "done"
-    await _make_devices(pools, record)
+    await make_devices(pools, record)
     return "rolled_back"
 
 

@@ -221,8 +221,9 @@ def test_what_to_do_names_the_way_out() -> None:
     assert "wait up to 60 s" in what_to_do(record, "out-of-data-space")
     assert "AddDevice" in what_to_do(record, "out-of-data-space")
     assert "fail:" in what_to_do(replace(record, on_full="error"), "out-of-data-space")
-    assert "thin_check" in what_to_do(record, "needs-check")
-    assert "thin_check" in what_to_do(record, "read-only")
+    assert "then Repair" in what_to_do(record, "needs-check")
+    assert "then Repair" in what_to_do(record, "read-only")
+    assert "Repair writes a mended copy" in what_to_do(record, "damaged")
 
 
 async def test_a_request_during_a_check_makes_another_check(pools: PoolService) -> None:

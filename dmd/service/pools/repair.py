@@ -1,0 +1,202 @@
+"""A pool's metadata checked before the pool is made, and repaired.
+
+Whenever a pool's thin-pool device is made over metadata that no pool had
+open (dmd's start after a reboot, Pool.Start, ImportPool), ``thin_check``
+reads it first, as LVM does at each activation; a metadata found whole has
+its needs_check flag cleared. A damaged one leaves the pool without its
+thin-pool device, shown with Mode "damaged" and what thin_check said, and
+every change but Repair, Stop and Destroy refused (Corrupt).
+
+Repair (as LVM's ``lvconvert --repair``): the pool's devices are removed
+(Busy while anything outside the pool holds one), ``thin_repair`` writes a
+mended copy into the pool's spare metadata area (reserved at CreatePool;
+topped up from the room, or taken from it for a pool made without one),
+``thin_check`` passes it, and every thin id the records name must be in it
+(a volume whose thin id the repair could not find is named, and nothing
+changes). Then the records swap the two areas, the commit point: the
+metadata is the mended copy, and the damaged area is the next repair's
+spare. The pool's devices and its active volumes' are made again (a stopped
+pool stays stopped). A crash before the swap leaves the old metadata as it
+was; after it, recovery finishes the devices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import replace
+
+from dmd.engine import ThinToolError
+from dmd.engine.interface import Engine
+from dmd.service import errors
+from dmd.service.auth import ROOT, Action, Caller
+from dmd.service.journal import Journal, PoolArgs, PoolRepairStep
+from dmd.service.pools import stopping
+from dmd.service.pools.core import Accept, PoolCore, Recover, ignore
+from dmd.service.pools.names import PoolPart, join, pool_device
+from dmd.service.pools.room import carve
+from dmd.service.pools.tables import linear
+from dmd.state import IntentRecord, PoolLayout, PoolRecord, Segment, VolumeRecord
+
+log = logging.getLogger(__name__)
+
+SPARE = "tspare"  # the device over the spare area while a repair writes it
+# What the kernel says of a pool it stopped after a metadata error.
+KERNEL_FLAGGED = ("needs-check", "read-only")
+
+
+def spare_device(pool: str) -> str:
+    return join(pool, SPARE)
+
+
+def repaired_layout(layout: PoolLayout) -> PoolLayout:
+    """The layout after a repair: the metadata in the spare area (topped up
+    from the room to the metadata's size), the old metadata area the spare."""
+    spare = layout.spare
+    short = layout.metadata_sectors - layout.spare_sectors
+    if short > 0:
+        try:
+            spare = (*spare, *carve(layout, short))
+        except errors.InvalidArgument:
+            raise errors.InvalidArgument(
+                f"the pool has no room for a repaired copy of its metadata "
+                f"({layout.metadata_sectors * 512} bytes, {layout.spare_sectors * 512} of them "
+                "reserved): AddDevice before it is damaged, or stop it and copy its "
+                "metadata out with thin_repair yourself") from None
+    else:
+        # A spare larger than the metadata (grown since): only what is needed.
+        spare = _first(spare, layout.metadata_sectors)
+    return replace(layout, metadata=spare, spare=layout.metadata)
+
+
+def _first(segments: tuple[Segment, ...], sectors: int) -> tuple[Segment, ...]:
+    out: list[Segment] = []
+    for seg in segments:
+        if sectors <= 0:
+            break
+        out.append(replace(seg, length=min(seg.length, sectors)))
+        sectors -= out[-1].length
+    return tuple(out)
+
+
+async def repair_pool(pools: PoolCore, pool: str, *, caller: Caller = ROOT,
+                      accept: Accept = ignore) -> PoolRecord:
+    async with pools.change(pool, stopped=True, damaged=True) as change:
+        record = await change.record()
+        await pools.check_authorized(caller, Action.POOL, pool, record.owner_uid)
+        state = await pools.pool_state(pool, record)
+        if not (record.stopped or pool in pools.damaged or state.mode in KERNEL_FLAGGED):
+            raise errors.InvalidArgument(
+                f"pool {pool!r}: its metadata is not known to be damaged (Mode {state.mode}); "
+                "Stop it, and Repair checks it first")
+        volumes = await change.volumes()
+        await stopping.check_no_cache(pools, pool, volumes, "repairing")
+        await stopping.check_not_held(pools, pool, "repair")
+        present = {d.name for d in await pools.kernel(Engine.list_devices)}
+        if spare_device(pool) in present:
+            raise errors.AlreadyExists(f"a device named {spare_device(pool)} exists")
+        new_layout = repaired_layout(record.layout)
+        repaired = replace(record, layout=new_layout)
+        wanted = sorted({v.thin_id for v in volumes if v.thin_id is not None} |
+                        {v.revert.thin_id for v in volumes if v.revert is not None})
+
+        async def undo(_: Journal) -> None:
+            await _remove(pools, pool, spare_device(pool))
+            if record.stopped:
+                await pools.remove_pool_devices(pool)
+            else:  # as it was (a damaged pool: its metadata and data devices)
+                await stopping.make_devices(pools, record)
+
+        async def finish(_: Journal) -> None:
+            await _devices_up(pools, repaired)
+
+        async with change.intent("pool-repair", pool,
+                                 PoolArgs(pool=pool, layout=new_layout.to_json()),
+                                 undo, roll_forward=finish) as journal:
+            change.show(record, "repairing")
+            await change.accepted(record, accept)
+            await journal.mark(PoolRepairStep.DEVICES)
+            await stopping.remove_devices(pools, pool)
+            await pools.remove_pool_devices(pool)  # and the records of those not made
+            await pools.create_pool_devices(record, PoolPart.TMETA)
+            await journal.mark(PoolRepairStep.COPY)
+            await pools.devices.create(spare_device(pool), linear(new_layout,
+                                                                  new_layout.metadata),
+                                       claim=change.owner)
+            await pools.wipe_metadata(new_layout)
+            await _copy(pools, record, wanted, volumes)
+            await journal.mark(PoolRepairStep.SWITCH)
+            journal.no_way_back()
+            await change.write(layout=new_layout)
+            pools.damaged.pop(pool, None)
+            await journal.mark(PoolRepairStep.DEVICES_UP)
+            await _devices_up(pools, repaired)
+    log.info("pool-repair %s: metadata repaired into its spare area", pool)
+    return repaired
+
+
+async def _copy(pools: PoolCore, record: PoolRecord, wanted: list[int],
+                volumes: list[VolumeRecord]) -> None:
+    pool, spare = record.name, spare_device(record.name)
+    meta = pool_device(pool, PoolPart.TMETA)
+    try:
+        await pools.kernel.slow(Engine.thin_repair, meta, spare, record.transaction_id,
+                                record.block_sectors,
+                                record.layout.data_sectors // record.block_sectors)
+        found = await pools.kernel.slow(Engine.thin_check, spare)
+        if not found.ok:
+            raise errors.Failed(f"pool {pool!r}: the repaired copy fails thin_check "
+                                f"({found.report}); nothing changed")
+        ids = set(await pools.kernel.slow(Engine.thin_ids, spare))
+    except ThinToolError as exc:
+        raise errors.Failed(f"pool {pool!r}: the repair failed: {exc}; nothing changed") \
+            from None
+    lost = [v.name for v in volumes if v.thin_id is not None and v.thin_id not in ids]
+    if lost or not set(wanted) <= ids:
+        raise errors.Failed(f"pool {pool!r}: the repair found no mapping of "
+                            f"{', '.join(sorted(lost)) or 'a scheduled revert'}; nothing "
+                            "changed (the damaged metadata is as it was)")
+
+
+async def _devices_up(pools: PoolCore, record: PoolRecord) -> None:
+    """The spare device and the old metadata device removed, the old
+    metadata's superblock zeroed (it is the spare now: nothing may take it
+    for a pool), the pool's devices made over the new layout (a stopped
+    pool's: none)."""
+    pool = record.name
+    await _remove(pools, pool, spare_device(pool))
+    await _remove(pools, pool, pool_device(pool, PoolPart.TMETA))
+    await pools.wipe_metadata(replace(record.layout, metadata=record.layout.spare))
+    if not record.stopped:
+        await stopping.make_devices(pools, record)
+
+
+async def _remove(pools: PoolCore, pool: str, device: str) -> None:
+    with contextlib.suppress(errors.NotFound):
+        await pools.devices.remove(device, claim=pools.owner(pool))
+    if await pools.devices.store.get_device(device) is not None:
+        await pools.devices.store.remove_device(device)
+
+
+# -- after a crash (dmd.service.pools.recovery) -----------------------------
+async def recover_repair(pools: PoolCore, intent: IntentRecord, args: PoolArgs,
+                         record: PoolRecord | None) -> str | None:
+    """Once the records name the new metadata, its devices are made;
+    before, the spare device goes and the pool is as it was."""
+    if record is None:
+        return "rolled_back"
+    pools.claim(args.pool)
+    assert args.layout is not None
+    if record.layout == PoolLayout.from_json(args.layout):
+        await pools.remove_pool_devices(args.pool)
+        await _devices_up(pools, record)
+        return "done"
+    await _remove(pools, args.pool, spare_device(args.pool))
+    if record.stopped:
+        await pools.remove_pool_devices(args.pool)
+    else:
+        await stopping.make_devices(pools, record)
+    return "rolled_back"
+
+
+RECOVERY: dict[str, Recover] = {"pool-repair": recover_repair}
