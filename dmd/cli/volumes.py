@@ -433,6 +433,9 @@ def register(verb: Callable[[str, Verb, str], argparse.ArgumentParser]) -> None:
     sp = no_wait(verb("pool-repair", cmd_pool_stop_start,
                       "mend a pool's damaged metadata into its spare area (thin_repair)"))
     sp.add_argument("name", metavar="NAME", help="the pool's name")
+    sp.add_argument("--device", action="append", metavar="PATH",
+                    help="a stopped pool's disk where it is now, if the disks moved (once "
+                         "per disk; each found by its label)")
     sp = no_wait(verb("vol-create", cmd_vol_create, "create a volume in a pool"))
     sp.add_argument("pool", metavar="POOL", help="the pool's name")
     sp.add_argument("name", metavar="NAME", help="the volume's name")

@@ -149,7 +149,7 @@ OPTIONS: dict[str, dict[str, str]] = {
     "Revert": {},
     "Destroy": {"force": "b"},
     "Stop": {},
-    "Repair": {},
+    "Repair": {"devices": "as"},
     "Start": {"devices": "as"},
     "AddDevice": {"force": "b"},
     "OpenDevice": {"exclusive": "b"},

@@ -14,7 +14,7 @@ Standard library only, usable without the rest of dmd::
 from dmd.engine.blockdev import BlockDevice, NotABlockDevice
 from dmd.engine.dm import CONTROL_PATH, DM, dev_majors, mapper_path
 from dmd.engine.keys import carries_key, redact_table
-from dmd.engine.thintools import MetadataCheck, ThinToolError
+from dmd.engine.thintools import NOT_INSTALLED, MetadataCheck, ThinToolError
 from dmd.engine.types import (
     MAX_DEVICE_SECTORS,
     Device,
@@ -38,6 +38,7 @@ __all__ = [
     "CONTROL_PATH",
     "DM",
     "MAX_DEVICE_SECTORS",
+    "NOT_INSTALLED",
     "BlockDevice",
     "DevId",
     "Device",

@@ -22,6 +22,7 @@ import subprocess
 from dataclasses import dataclass
 
 TIMEOUT = 1800.0  # seconds: a 16 GiB metadata device read end to end, and more
+NOT_INSTALLED = 127  # a ThinToolError's status when the tool is not there
 REPORT_LINES = 20
 
 
@@ -44,7 +45,8 @@ class MetadataCheck:
 def _command(tool: str) -> list[str]:
     path, setpriv = shutil.which(tool), shutil.which("setpriv")
     if path is None:
-        raise ThinToolError(127, f"{tool} is not installed (thin-provisioning-tools)")
+        raise ThinToolError(NOT_INSTALLED,
+                            f"{tool} is not installed (thin-provisioning-tools)")
     return ([setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []) + [path]
 
 
@@ -70,7 +72,12 @@ def _words(done: subprocess.CompletedProcess[bytes]) -> str:
 def check(path: str) -> MetadataCheck:
     """thin_check of the metadata at *path* (a device no active pool uses);
     a metadata found whole has its needs_check flag cleared, so the kernel
-    lets the pool write again (what LVM does at each activation)."""
+    lets the pool write again (what LVM does at each activation). A device
+    that cannot be opened is a ThinToolError, not damage."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as exc:
+        raise ThinToolError(1, f"thin_check: {path}: {exc.strerror}") from None
     done = _run("thin_check", ["--clear-needs-check-flag", path])
     if done.returncode == 0:
         return MetadataCheck(True)
@@ -97,4 +104,7 @@ def thin_ids(path: str) -> list[int]:
     if done.returncode != 0:
         raise ThinToolError(done.returncode,
                             _words(done) or f"thin_ls exited with {done.returncode}")
-    return sorted(int(word) for word in done.stdout.decode().split())
+    words = done.stdout.decode(errors="replace").split()
+    if not all(word.isdigit() for word in words):
+        raise ThinToolError(1, f"thin_ls printed what is no thin id: {' '.join(words[:5])}")
+    return sorted(int(word) for word in words)

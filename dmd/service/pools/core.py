@@ -53,6 +53,7 @@ from types import MappingProxyType
 from typing import Any
 
 from dmd.engine import (
+    NOT_INSTALLED,
     DevId,
     DmError,
     NotABlockDevice,
@@ -586,10 +587,12 @@ class PoolCore:
                 f"the {PAYLOAD_ROOM} its devices keep for it (fewer or shorter labels, or "
                 "another pool)")
 
-    async def describe(self, pool: str, known: Records | None = None) -> Records | None:
+    async def describe(self, pool: str, known: Records | None = None, *,
+                       checked: bool = False) -> Records | None:
         """Bring the description on the pool's devices to the generation of
         its records (nothing to do if it is there); *known*: those records,
-        in hand. A failure is logged: the records stand, and the next change
+        in hand; *checked*: a stopped pool's disks were checked just now (a
+        repair). A failure is logged: the records stand, and the next change
         or start-up writes it again. Returns the records, where it holds them."""
         volumes: list[VolumeRecord] | None = None
         record: PoolRecord | None
@@ -597,7 +600,7 @@ class PoolCore:
             record, volumes = known
         else:
             record = await self.store.get_pool(pool)
-        if record is None or pool in self.shown.refused or record.stopped:
+        if record is None or pool in self.shown.refused or (record.stopped and not checked):
             # A stopped pool's disks are checked by Start before anything is
             # written to them (their paths may name other disks by now).
             return None
@@ -798,6 +801,11 @@ class PoolCore:
             found = await self.kernel.slow(Engine.thin_check,
                                            pool_device(pool, PoolPart.TMETA))
         except ThinToolError as exc:
+            if exc.status == NOT_INSTALLED:
+                # Without the tools, pools are made as before (not refused
+                # all at once at a boot): the kernel's own checks stand.
+                log.warning("pool-check %s: not checked: %s", pool, exc)
+                return
             raise errors.Failed(f"pool {pool!r}: its metadata could not be checked: "
                                 f"{exc}") from None
         if found.ok:

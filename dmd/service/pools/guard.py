@@ -59,7 +59,8 @@ async def recreate_guard(pools: PoolCore, device: DeviceRecord) -> str | None:
             await pools.check_metadata(record)
         except (errors.Corrupt, errors.Failed) as exc:
             return str(exc)
-    elif record.name in pools.damaged:
+    elif record.name in pools.damaged and any(line.target_type == "thin"
+                                              for line in device.table):
         return f"pool {record.name!r} has no thin-pool device: its metadata is damaged"
     if len(split) == 2 or (len(split) == 3 and split[2] in (VolumePart.CMETA,
                                                              VolumePart.CDATA)):

@@ -139,9 +139,13 @@ async def destroy_pool(pools: PoolCore, name: str, *, force: bool = False,
                        accept: Accept = ignore) -> None:
     """Remove the pool, its devices and records. Refused while it has
     volumes, unless *force* (then they go too, data and all)."""
-    async with pools.change(name) as change:
+    # A stopped pool is started first (its disks checked), but one whose
+    # Start found its metadata damaged: its disks are checked here instead.
+    async with pools.change(name, damaged=True, stopped=name in pools.damaged) as change:
         record = await change.record()
         await pools.check_authorized(caller, Action.POOL, name, record.owner_uid)
+        if record.stopped:
+            await pools.check_devices(record)
         volumes = await change.volumes()
         if volumes and not force:
             raise errors.Busy(f"pool {name!r} has {len(volumes)} volume(s); delete them "
@@ -199,6 +203,8 @@ async def destroy_records(pools: PoolCore, record: PoolRecord) -> None:
         await pools.record_change(record.name, remove=volume.uuid)
     if await pools.store.get_pool(record.name) is not None:
         await pools.store.remove_pool(record.name)
+    pools.damaged.pop(record.name, None)
+    pools.stopped.discard(record.name)
 
 
 async def add_device(pools: PoolCore, pool: str, path: str, *, force: bool = False,

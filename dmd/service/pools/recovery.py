@@ -75,10 +75,10 @@ async def recover_pools(pools: PoolCore, report: RecoveryReport) -> None:
     for record in await pools.store.list_pools():
         if record.stopped:
             continue  # no device to check or make until Pool.Start (which checks)
-        if record.name in pools.damaged:
-            continue  # its thin-pool device not made (recreate_guard): Repair first
         try:
             await check_description(pools, record)
+            if record.name in pools.damaged:
+                continue  # its thin-pool device not made (recreate_guard): Repair first
             await _check_transaction_id(pools, record.name)
             if record.name not in pools.shown.refused:
                 async with pools.change(record.name) as change:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+from collections.abc import Sequence
 from dataclasses import replace
 
 from dmd.engine import ThinToolError
@@ -31,8 +33,8 @@ from dmd.engine.interface import Engine
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
 from dmd.service.journal import Journal, PoolArgs, PoolRepairStep
-from dmd.service.pools import stopping
-from dmd.service.pools.core import Accept, PoolCore, Recover, ignore
+from dmd.service.pools import revert, stopping
+from dmd.service.pools.core import Accept, PoolChange, PoolCore, Recover, ignore
 from dmd.service.pools.names import PoolPart, join, pool_device
 from dmd.service.pools.room import carve
 from dmd.service.pools.tables import linear
@@ -40,29 +42,31 @@ from dmd.state import IntentRecord, PoolLayout, PoolRecord, Segment, VolumeRecor
 
 log = logging.getLogger(__name__)
 
-SPARE = "tspare"  # the device over the spare area while a repair writes it
 # What the kernel says of a pool it stopped after a metadata error.
 KERNEL_FLAGGED = ("needs-check", "read-only")
 
 
 def spare_device(pool: str) -> str:
-    return join(pool, SPARE)
+    """The device over the spare area while a repair writes it: a name no
+    volume's device can have ("tmeta" is no volume's name)."""
+    return join(pool, PoolPart.TMETA, "spare")
 
 
-def repaired_layout(layout: PoolLayout) -> PoolLayout:
+def repaired_layout(layout: PoolLayout, thick: tuple[Segment, ...]) -> PoolLayout:
     """The layout after a repair: the metadata in the spare area (topped up
-    from the room to the metadata's size), the old metadata area the spare."""
+    to the metadata's size from the room, never from the *thick* volumes'
+    segments), the old metadata area the spare."""
     spare = layout.spare
     short = layout.metadata_sectors - layout.spare_sectors
     if short > 0:
         try:
-            spare = (*spare, *carve(layout, short))
+            spare = (*spare, *carve(layout, short, thick))
         except errors.InvalidArgument:
             raise errors.InvalidArgument(
                 f"the pool has no room for a repaired copy of its metadata "
                 f"({layout.metadata_sectors * 512} bytes, {layout.spare_sectors * 512} of them "
-                "reserved): AddDevice before it is damaged, or stop it and copy its "
-                "metadata out with thin_repair yourself") from None
+                "reserved): delete a thick volume to make room, or stop the pool and copy "
+                "its metadata out with thin_repair yourself") from None
     else:
         # A spare larger than the metadata (grown since): only what is needed.
         spare = _first(spare, layout.metadata_sectors)
@@ -79,8 +83,9 @@ def _first(segments: tuple[Segment, ...], sectors: int) -> tuple[Segment, ...]:
     return tuple(out)
 
 
-async def repair_pool(pools: PoolCore, pool: str, *, caller: Caller = ROOT,
-                      accept: Accept = ignore) -> PoolRecord:
+async def repair_pool(pools: PoolCore, pool: str, *, devices: Sequence[str] | None = None,
+                      caller: Caller = ROOT, accept: Accept = ignore) -> PoolRecord:
+    """*devices*: a stopped pool's disks where they are now, as for Start."""
     async with pools.change(pool, stopped=True, damaged=True) as change:
         record = await change.record()
         await pools.check_authorized(caller, Action.POOL, pool, record.owner_uid)
@@ -88,14 +93,22 @@ async def repair_pool(pools: PoolCore, pool: str, *, caller: Caller = ROOT,
         if not (record.stopped or pool in pools.damaged or state.mode in KERNEL_FLAGGED):
             raise errors.InvalidArgument(
                 f"pool {pool!r}: its metadata is not known to be damaged (Mode {state.mode}); "
-                "Stop it, and Repair checks it first")
+                "to repair it anyway, Stop it first")
+        if devices is not None and not record.stopped:
+            raise errors.InvalidArgument("devices: for a stopped pool whose disks moved")
+        if record.stopped:
+            # Written to below: the disks Start would check, checked as Start does.
+            if devices is not None:
+                record = replace(record, layout=await stopping.moved(pools, record, devices))
+            await pools.check_devices(record)
+            await stopping.check_described(pools, record)
         volumes = await change.volumes()
         await stopping.check_no_cache(pools, pool, volumes, "repairing")
         await stopping.check_not_held(pools, pool, "repair")
         present = {d.name for d in await pools.kernel(Engine.list_devices)}
         if spare_device(pool) in present:
             raise errors.AlreadyExists(f"a device named {spare_device(pool)} exists")
-        new_layout = repaired_layout(record.layout)
+        new_layout = repaired_layout(record.layout, await pools.thick_segments(pool))
         repaired = replace(record, layout=new_layout)
         wanted = sorted({v.thin_id for v in volumes if v.thin_id is not None} |
                         {v.revert.thin_id for v in volumes if v.revert is not None})
@@ -108,7 +121,7 @@ async def repair_pool(pools: PoolCore, pool: str, *, caller: Caller = ROOT,
                 await stopping.make_devices(pools, record)
 
         async def finish(_: Journal) -> None:
-            await _devices_up(pools, repaired)
+            await _devices_up(pools, repaired, change)
 
         async with change.intent("pool-repair", pool,
                                  PoolArgs(pool=pool, layout=new_layout.to_json()),
@@ -125,12 +138,16 @@ async def repair_pool(pools: PoolCore, pool: str, *, caller: Caller = ROOT,
                                        claim=change.owner)
             await pools.wipe_metadata(new_layout)
             await _copy(pools, record, wanted, volumes)
+            # Both areas hold whole metadata now: the disks' description
+            # names the new one before the records do, so an import after a
+            # crash and a lost state finds it.
+            await change.describe_pending("pool-repair", layout=new_layout)
             await journal.mark(PoolRepairStep.SWITCH)
             journal.no_way_back()
             await change.write(layout=new_layout)
             pools.damaged.pop(pool, None)
             await journal.mark(PoolRepairStep.DEVICES_UP)
-            await _devices_up(pools, repaired)
+            await _devices_up(pools, repaired, change)
     log.info("pool-repair %s: metadata repaired into its spare area", pool)
     return repaired
 
@@ -148,7 +165,9 @@ async def _copy(pools: PoolCore, record: PoolRecord, wanted: list[int],
             raise errors.Failed(f"pool {pool!r}: the repaired copy fails thin_check "
                                 f"({found.report}); nothing changed")
         ids = set(await pools.kernel.slow(Engine.thin_ids, spare))
-    except ThinToolError as exc:
+        # on the disk before the records name it (thin_repair does not flush)
+        await pools.kernel.slow(_flush, spare)
+    except (ThinToolError, OSError) as exc:
         raise errors.Failed(f"pool {pool!r}: the repair failed: {exc}; nothing changed") \
             from None
     lost = [v.name for v in volumes if v.thin_id is not None and v.thin_id not in ids]
@@ -158,22 +177,40 @@ async def _copy(pools: PoolCore, record: PoolRecord, wanted: list[int],
                             "changed (the damaged metadata is as it was)")
 
 
-async def _devices_up(pools: PoolCore, record: PoolRecord) -> None:
+def _flush(engine: Engine, device: str) -> None:
+    fd = engine.open_node(device, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # a block device's fsync flushes its write cache
+    finally:
+        os.close(fd)
+
+
+async def _devices_up(pools: PoolCore, record: PoolRecord,
+                      change: PoolChange | None = None) -> None:
     """The spare device and the old metadata device removed, the old
     metadata's superblock zeroed (it is the spare now: nothing may take it
-    for a pool), the pool's devices made over the new layout (a stopped
-    pool's: none)."""
+    for a pool), the pool's devices made over the new layout, scheduled
+    reverts applied, then its active volumes' devices (a stopped pool's:
+    none; its description is written, its disks checked by the repair)."""
     pool = record.name
     await _remove(pools, pool, spare_device(pool))
     await _remove(pools, pool, pool_device(pool, PoolPart.TMETA))
     await pools.wipe_metadata(replace(record.layout, metadata=record.layout.spare))
-    if not record.stopped:
-        await stopping.make_devices(pools, record)
+    if record.stopped:
+        if change is not None:
+            await pools.describe(pool, checked=True)
+        return
+    await stopping.make_devices(pools, record, volumes=False)
+    if change is not None and pool not in pools.damaged:
+        await revert.apply_scheduled(change)
+    await stopping.volumes_up(pools, pool)
 
 
 async def _remove(pools: PoolCore, pool: str, device: str) -> None:
+    """*device* removed once closed (each tool that wrote it is followed by
+    udev's probe), and its record."""
     with contextlib.suppress(errors.NotFound):
-        await pools.devices.remove(device, claim=pools.owner(pool))
+        await pools.remove_closed(device, pools.owner(pool))
     if await pools.devices.store.get_device(device) is not None:
         await pools.devices.store.remove_device(device)
 

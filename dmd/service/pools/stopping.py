@@ -50,7 +50,7 @@ def held_from_outside(engine: Engine, names: Sequence[str]) -> list[str]:
 
 async def stop_pool(pools: PoolCore, pool: str, *, caller: Caller = ROOT,
                     accept: Accept = ignore) -> PoolRecord:
-    async with pools.change(pool) as change:
+    async with pools.change(pool, damaged=True) as change:
         record = await change.record()
         await pools.check_authorized(caller, Action.POOL, pool, record.owner_uid)
         await check_not_held(pools, pool, "stop")
@@ -111,10 +111,11 @@ async def remove_devices(pools: PoolCore, pool: str) -> None:
             await pools.remove_closed(device, pools.owner(pool))
 
 
-async def make_devices(pools: PoolCore, record: PoolRecord) -> None:
-    """The pool's devices made again where missing, then its active
-    volumes'; a thin-pool device only over metadata thin_check finds whole
-    (else the pool is left damaged, with its metadata and data devices)."""
+async def make_devices(pools: PoolCore, record: PoolRecord, *, volumes: bool = True) -> None:
+    """The pool's devices made again where missing, then (*volumes*) its
+    active volumes'; a thin-pool device only over metadata thin_check finds
+    whole (else the pool is left damaged, with its metadata and data
+    devices, or unchecked and without it when the check could not run)."""
     present = {d.name for d in await pools.kernel(Engine.list_devices)}
     tpool_name, tdata, tmeta = pool_devices(record.name)
     missing = [part for part, name in ((PoolPart.TMETA, tmeta), (PoolPart.TDATA, tdata))
@@ -123,10 +124,12 @@ async def make_devices(pools: PoolCore, record: PoolRecord) -> None:
     if tpool_name not in present:
         try:
             await pools.check_metadata(record)
-        except errors.Corrupt:
+        except (errors.Corrupt, errors.Failed) as exc:
+            log.error("pool %s: no thin-pool device made: %s", record.name, exc)
             return
         await pools.create_pool_devices(record, PoolPart.TPOOL)
-    await volumes_up(pools, record.name)
+    if volumes:
+        await volumes_up(pools, record.name)
 
 
 async def volumes_up(pools: PoolCore, pool: str) -> None:
@@ -149,9 +152,9 @@ async def start_pool(pools: PoolCore, pool: str, *, devices: Sequence[str] | Non
         if not record.stopped:
             raise errors.Busy(f"pool {pool!r} is not stopped")
         if devices is not None:
-            record = replace(record, layout=await _moved(pools, record, devices))
+            record = replace(record, layout=await moved(pools, record, devices))
         await pools.check_devices(record)
-        await _check_described(pools, record)
+        await check_described(pools, record)
         present = {d.name for d in await pools.kernel(Engine.list_devices)}
         taken = [name for name in present if in_pool(name, claim_prefix(pool))]
         if taken:
@@ -183,7 +186,7 @@ async def start_pool(pools: PoolCore, pool: str, *, devices: Sequence[str] | Non
     return replace(record, stopped=False)
 
 
-async def _check_described(pools: PoolCore, record: PoolRecord) -> None:
+async def check_described(pools: PoolCore, record: PoolRecord) -> None:
     """Busy unless the description on the disks is this dmd's, or older
     (a stopped pool is not described): disks imported and changed by another
     dmd meanwhile, or one naming an operation under way, are not started
@@ -200,7 +203,7 @@ async def _check_described(pools: PoolCore, record: PoolRecord) -> None:
                           "ImportPool them")
 
 
-async def _moved(pools: PoolCore, record: PoolRecord, paths: Sequence[str]) -> PoolLayout:
+async def moved(pools: PoolCore, record: PoolRecord, paths: Sequence[str]) -> PoolLayout:
     """The pool's layout with its disks at *paths*: each path a free
     block device whose label names this pool and one of its disks, every
     disk found once."""

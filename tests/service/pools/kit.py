@@ -104,7 +104,7 @@ async def assert_agree(pools: PoolService) -> dict[str, Any]:
 def assert_disjoint(pool: PoolRecord, volumes: list[Any]) -> None:
     """No two of the pool's metadata, data and thick volumes' segments share
     a sector, and none reaches into a device's header or past its end."""
-    pieces = [*pool.layout.metadata, *pool.layout.data,
+    pieces = [*pool.layout.metadata, *pool.layout.spare, *pool.layout.data,
               *(s for v in volumes if v.thick is not None for s in v.thick.segments)]
     for index, size in enumerate(pool.layout.sizes):
         mine = sorted((s for s in pieces if s.device == index), key=lambda s: s.start)

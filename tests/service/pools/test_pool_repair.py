@@ -8,6 +8,7 @@ metadata or the new, never neither."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from tests.service.pools.kit import (
     DISKS,
     GIB,
     assert_agree,
+    assert_disjoint,
     close,
     crash_at,
     open_pools,
@@ -200,3 +202,51 @@ async def _whole_either_way(pools: PoolService, before: PoolRecord, switched: bo
     await pools.start_pool("tank")
     assert "tank-a" in [d.name for d in sim(pools).list_devices()]
     await assert_agree(pools)  # the kernel's thin ids are the records'
+
+
+async def test_a_pool_without_a_spare_repairs_into_room_no_thick_volume_holds(
+        pools: PoolService) -> None:
+    """A pool made before spares (or whose metadata grew past its spare)
+    takes the copy's room from what is free, never from a thick volume."""
+    await pools.create_pool("tank", DISKS[:1], data_size=64 << 20)
+    record = await pools.pool("tank")
+    await pools.record_change("tank", layout=replace(record.layout, spare=()))
+    thick = await pools.create_volume("tank", "t", 32 << 20, thin=False)
+    await pools.create_volume("tank", "a", GIB)
+    await pools.stop_pool("tank")
+    damage(pools, await pools.pool("tank"))
+    repaired = await pools.repair_pool("tank")
+    volumes = await pools.store.list_volumes("tank")
+    assert_disjoint(repaired, volumes)
+    assert thick.thick is not None
+    assert not {s.start for s in repaired.layout.metadata} & {s.start for s in
+                                                              thick.thick.segments}
+    await pools.start_pool("tank")
+    await assert_agree(pools)
+
+
+async def test_a_stopped_pool_repaired_is_described_with_its_new_metadata(
+        stopped: PoolService) -> None:
+    """Its disks may go to another machine next: their description names
+    the mended copy (the old area's superblock is zeroed)."""
+    damage(stopped, await stopped.pool("tank"))
+    repaired = await stopped.repair_pool("tank")
+    found = await stopped.descriptions.read(repaired.layout.devices)
+    assert found.newest is not None
+    assert found.newest.pool.layout.metadata == repaired.layout.metadata
+    assert found.newest.generation == (await stopped.pool("tank")).generation
+
+
+async def test_a_damaged_pool_can_be_stopped_and_destroyed(tmp_path: Path) -> None:
+    pools = open_pools(tmp_path)
+    await pools.create_pool("tank", DISKS[:2])
+    await pools.create_volume("tank", "a", GIB)
+    await pools.stop_pool("tank")
+    damage(pools, await pools.pool("tank"), superblock=False, lost=(0,))
+    with pytest.raises(errors.Corrupt):
+        await pools.start_pool("tank")
+    with pytest.raises(errors.Failed, match="no mapping of a"):
+        await pools.repair_pool("tank")  # its one volume's thin id is gone
+    await pools.destroy_pool("tank", force=True)
+    assert await pools.store.get_pool("tank") is None and "tank" not in pools.damaged
+    close(pools)
