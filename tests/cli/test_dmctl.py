@@ -186,6 +186,11 @@ def test_pool_and_volume_verbs(dmd_session: Any) -> None:
     assert stopped.returncode == 1 and "is stopped: Start it first" in stopped.stderr
     assert ok(dmd_session, "pool-rename", "tank", "tank2") == "tank2\n"
     assert ok(dmd_session, "pool-rename", "tank2", "tank") == "tank\n"
+    SimDM(dmd_session.sim).damage_metadata("/dev/simdisk1", 4 << 20, superblock=True)
+    damaged = dmctl(dmd_session, "pool-start", "tank")
+    assert damaged.returncode == 1 and "metadata is damaged" in damaged.stderr
+    assert ok(dmd_session, "pool-repair", "tank", "--device", "/dev/simdisk1") == \
+        "tank: stopped\n"
     assert ok(dmd_session, "pool-start", "tank", "--device", "/dev/simdisk1") == \
         "tank: active\n"
     bad = dmctl(dmd_session, "vol-create", "tank", "v", "lots")

@@ -511,3 +511,33 @@ async def test_used_bytes_follow_writes_at_the_next_change_of_that_volume(
     await finished(client, job)
     assert (await props(client, volume, VOLUME_INTERFACE))["UsedBytes"] == 10 << 16
     assert (await props(client, snap, VOLUME_INTERFACE))["UsedBytes"] == 10 << 16
+
+
+async def test_a_damaged_pool_is_shown_and_repaired_over_the_bus(
+        client: Client, disks: list[str], dmd_session: Any) -> None:
+    pool, job = await create_pool(client, "tank", disks[:1])
+    await finished(client, job)
+    volume, job = await client.call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}",
+                                    ["v", GIB, {}])
+    await finished(client, job)
+    (job,) = await client.call(pool, POOL_INTERFACE, "Stop", "a{sv}", [{}])
+    await finished(client, job)
+    SimDM(dmd_session.sim).damage_metadata(disks[0], 4 << 20, superblock=True)  # after the header
+    (job,) = await client.call(pool, POOL_INTERFACE, "Start", "a{sv}", [{}])
+    end = await finished(client, job)
+    assert (end["State"], end["ErrorName"]) == ("failed", "Corrupt"), end
+    p = await props(client, pool, POOL_INTERFACE)
+    assert p["Mode"] == "damaged" and "Repair" in p["ModeHelp"]
+    assert "superblock" in p["ChangesRefused"]
+    with pytest.raises(CallError) as refused:
+        await client.call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", ["w", GIB, {}])
+    assert refused.value.short == "Corrupt"
+    (job,) = await client.call(pool, POOL_INTERFACE, "Repair", "a{sv}", [{}])
+    end = await finished(client, job)
+    assert (end["State"], end["Operation"]) == ("completed", "pool-repair"), end
+    assert end["Bytes"] == p["MetadataTotal"] > 0
+    (job,) = await client.call(pool, POOL_INTERFACE, "Start", "a{sv}", [{}])
+    await finished(client, job)
+    p = await props(client, pool, POOL_INTERFACE)
+    assert (p["Mode"], p["ChangesRefused"], p["State"]) == ("ok", "", "active")
+    assert (await props(client, volume, VOLUME_INTERFACE))["State"] == "active"

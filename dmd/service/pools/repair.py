@@ -32,6 +32,7 @@ from dmd.engine import ThinToolError
 from dmd.engine.interface import Engine
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
+from dmd.service.jobs import progress, work_bytes
 from dmd.service.journal import Journal, PoolArgs, PoolRepairStep
 from dmd.service.pools import revert, stopping
 from dmd.service.pools.core import Accept, PoolChange, PoolCore, Recover, ignore
@@ -156,10 +157,16 @@ async def _copy(pools: PoolCore, record: PoolRecord, wanted: list[int],
                 volumes: list[VolumeRecord]) -> None:
     pool, spare = record.name, spare_device(record.name)
     meta = pool_device(pool, PoolPart.TMETA)
+    # The job's size is the metadata read: thin_repair tells nothing on the
+    # way, so its Bytes are done when it ends (then the check of the copy).
+    size = record.layout.metadata_sectors * 512
+    work_bytes(0, size)
     try:
         await pools.kernel.slow(Engine.thin_repair, meta, spare, record.transaction_id,
                                 record.block_sectors,
                                 record.layout.data_sectors // record.block_sectors)
+        work_bytes(size, size)
+        progress(0.7)
         found = await pools.kernel.slow(Engine.thin_check, spare)
         if not found.ok:
             raise errors.Failed(f"pool {pool!r}: the repaired copy fails thin_check "
