@@ -38,6 +38,8 @@ def test_files_land_where_debian_looks(staged: Path) -> None:
         "usr/local/share/man/man8/dmctl.8",
         "usr/local/share/man/man8/dmd-snapshotter.8",
         "usr/local/share/bash-completion/completions/dmctl",
+        *(f"usr/local/share/cockpit/dmd/{name}" for name in (
+            "manifest.json", "index.html", "dmd.js", "dmd.css")),
     ]:
         assert (staged / path).is_file(), path
 

@@ -1,0 +1,89 @@
+"""dmd's Cockpit page in a real browser: Debian's cockpit-ws serving it from
+the repository (a local session: cockpit-bridge started by cockpit-ws, no
+login), the bridge on the test's private bus as its system bus, dmd --sim
+serving there, and Debian's chromium driven headless by Selenium through
+chromedriver. Screenshots go to .lab-results/cockpit/ (CI keeps them)."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[2]
+PACKAGE = PROJECT / "data" / "cockpit" / "dmd"
+COCKPIT_WS = Path("/usr/lib/cockpit/cockpit-ws")
+BRIDGE = Path("/usr/bin/cockpit-bridge")
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def cockpit(dmd_session: Any, tmp_path: Path) -> Iterator[str]:
+    """cockpit-ws on a free port, dmd's package found under XDG_DATA_HOME
+    (the repository's own files), the bridge's system bus the private one;
+    the page's URL."""
+    for needed in (COCKPIT_WS, BRIDGE, CHROMIUM, CHROMEDRIVER):
+        if not needed.exists():
+            pytest.fail(f"{needed} is missing: scripts/setup installs cockpit-ws, "
+                        "cockpit-bridge, chromium and chromium-driver")
+    data = tmp_path / "xdg"
+    (data / "cockpit").mkdir(parents=True)
+    (data / "cockpit" / "dmd").symlink_to(PACKAGE)
+    port = _free_port()
+    env = dict(dmd_session.env, XDG_DATA_HOME=str(data),
+               DBUS_SYSTEM_BUS_ADDRESS=dmd_session.address, XDG_CONFIG_DIRS=str(tmp_path))
+    log = (tmp_path / "cockpit-ws.log").open("wb")
+    ws = subprocess.Popen([str(COCKPIT_WS), f"--local-session={BRIDGE}", "--no-tls",
+                           "-a", "127.0.0.1", "-p", str(port)], env=env, stdout=log,
+                          stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            assert ws.poll() is None, (tmp_path / "cockpit-ws.log").read_text()
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/cockpit/@localhost/dmd/index.html"
+    finally:
+        ws.terminate()
+        ws.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture
+def browser(cockpit: str) -> Iterator[Any]:
+    """Headless chromium on the page, every signal of dmd reaching it."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="dmd-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--window-size=1280,1000",
+                f"--user-data-dir={profile}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)),
+                              options=options)
+    try:
+        driver.set_page_load_timeout(60)
+        driver.get(cockpit)
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)

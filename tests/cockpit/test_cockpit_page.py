@@ -1,0 +1,178 @@
+"""dmd's Cockpit page, driven in headless chromium as a person would: a pool
+made from the form, a volume with a filesystem (its job's progress shown,
+then its end), a snapshot, a change made beside the page with dmctl
+appearing without a reload, a refused change showing dmd's error, a delete;
+each main view's screenshot kept, and axe-core's accessibility rules passing
+on each (labels, roles, names)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from dmd.engine.sim import SimDM
+
+PROJECT = Path(__file__).resolve().parents[2]
+SHOTS = PROJECT / ".lab-results" / "cockpit"  # kept by CI
+AXE = PROJECT / ".cache" / "axe-4.14.1.min.js"  # scripts/setup fetches it
+WAIT = 30  # seconds
+
+
+@pytest.fixture
+def disks(dmd_session: Any) -> list[str]:
+    sim = SimDM(dmd_session.sim)
+    paths = [f"/dev/simdisk{i}" for i in (1, 2)]
+    for i, path in enumerate(paths, start=1):
+        sim.add_disk(path, 7, i, 4096 * 2048)
+    return paths
+
+
+def screenshot(driver: Any, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(SHOTS / f"{name}.png"))
+
+
+def until(driver: Any, check: Any, what: str) -> Any:
+    return WebDriverWait(driver, WAIT, poll_frequency=0.1).until(
+        lambda d: check(d), message=f"the page never showed {what}")
+
+
+def text(driver: Any) -> str:
+    return str(driver.find_element(By.TAG_NAME, "main").text)
+
+
+def pool_card(driver: Any, name: str) -> Any:
+    return driver.find_element(By.CSS_SELECTOR, f"article[data-pool='{name}']")
+
+
+def volume_names(driver: Any, pool: str) -> list[str]:
+    return list(driver.execute_script(
+        "return [...document.querySelectorAll(`article[data-pool='${arguments[0]}'] "
+        "tr[data-volume]`)].map(r => r.dataset.volume)", pool))
+
+
+def texts(driver: Any, selector: str) -> list[str]:
+    """The text of each element *selector* finds, read in one go (the page
+    redraws what it shows at each of dmd's signals: an element held across
+    calls may be gone)."""
+    return list(driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map(e => e.innerText)",
+        selector))
+
+
+def row_text(driver: Any, volume: str) -> str:
+    return "".join(texts(driver, f"tr[data-volume='{volume}']"))
+
+
+def job_text(driver: Any, what: str) -> str:
+    """The text of the newest job whose words start with *what*."""
+    return next((t for t in texts(driver, "li.job") if t.startswith(what)), "")
+
+
+def button(driver: Any, label: str) -> Any:
+    return driver.find_element(By.CSS_SELECTOR, f"button[aria-label='{label}']")
+
+
+def fill(form: Any, **fields: str) -> None:
+    for name, value in fields.items():
+        field = form.find_element(By.NAME, name)
+        field.clear()
+        field.send_keys(value)
+
+
+def accessible(driver: Any, view: str) -> None:
+    """axe-core's WCAG A/AA rules on the page as it is: no violation."""
+    if not AXE.exists():
+        pytest.fail(f"{AXE} is missing: scripts/setup fetches axe-core")
+    driver.execute_script(AXE.read_text())
+    result = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "axe.run(document, {runOnly: ['wcag2a', 'wcag2aa']})"
+        ".then(r => done(JSON.stringify(r.violations.map(v => ({id: v.id, help: v.help,"
+        " nodes: v.nodes.map(n => n.target.join(' '))})))))"
+        ".catch(e => done(JSON.stringify([{id: 'axe', help: String(e), nodes: []}])));")
+    violations = json.loads(result)
+    assert violations == [], f"{view}: {violations}"
+
+
+def test_pools_volumes_and_jobs_in_the_browser(browser: Any, dmd_session: Any,
+                                               disks: list[str]) -> None:
+    driver = browser
+    until(driver, lambda d: "Connected to dmd." in text(d), "its connection")
+    assert "No pool yet." in text(driver)
+    screenshot(driver, "empty")
+    accessible(driver, "the empty page")
+
+    # A pool from the form.
+    form = driver.find_element(By.ID, "new-pool")
+    fill(form, name="tank", devices=disks[0])
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    until(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "article[data-pool='tank']"),
+          "the new pool")
+    bars = driver.execute_script(
+        "return [...document.querySelectorAll(\"article[data-pool='tank'] [role=progressbar]\")]"
+        ".map(b => b.getAttribute('aria-label'))")
+    assert bars == ["Data of tank", "Metadata of tank"]
+    until(driver, lambda d: "active, ok" in texts(d, "article[data-pool='tank']")[0],
+          "the pool made")
+    card = texts(driver, "article[data-pool='tank']")[0]
+    assert "null" not in card and "undefined" not in card, card
+
+    # A volume with a filesystem: its job, then the volume.
+    form = pool_card(driver, "tank").find_element(By.CSS_SELECTOR, "form")
+    fill(form, name="home", size="1G")
+    form.find_element(By.CSS_SELECTOR, "select[name=filesystem] option[value=ext4]").click()
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    until(driver, lambda d: "home" in volume_names(d, "tank"), "the new volume")
+    until(driver, lambda d: "completed (100%)" in job_text(d, "volume-create home"),
+          "the volume's job, to its end")
+    assert "· 1 GiB" in job_text(driver, "volume-create home")  # its Bytes: mkfs's size
+    assert "1 GiB" in row_text(driver, "home") and "thin" in row_text(driver, "home")
+    until(driver, lambda d: "active" in row_text(d, "home"), "the volume active")
+
+    # A snapshot, named in the browser's prompt.
+    button(driver, "Snapshot home").click()
+    prompt = driver.switch_to.alert
+    prompt.send_keys("home.1")
+    prompt.accept()
+    until(driver, lambda d: "home.1" in volume_names(d, "tank"), "the snapshot")
+    assert "home" in row_text(driver, "home.1").split("\n")[0]  # its origin
+    shown = text(driver)
+    assert "null" not in shown and "undefined" not in shown and "NaN" not in shown, shown
+    screenshot(driver, "pool-with-volumes")
+    accessible(driver, "a pool with volumes")
+
+    # A change beside the page, by dmctl: shown at once, from dmd's signals
+    # alone (the page polls nothing).
+    made = subprocess.run([sys.executable, "-m", "dmd.cli.main", "--session", "vol-create",
+                           "tank", "beside", "1G"], env=dmd_session.env, capture_output=True,
+                          text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    until(driver, lambda d: "beside" in volume_names(d, "tank"), "a volume made by dmctl")
+
+    # A refused change: dmd's error, by name and message.
+    form = pool_card(driver, "tank").find_element(By.CSS_SELECTOR, "form")
+    fill(form, name="home", size="1G")
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    until(driver, lambda d: d.find_element(By.ID, "problem").is_displayed(), "the refusal")
+    problem = driver.find_element(By.ID, "problem").text
+    assert "AlreadyExists" in problem and "home" in problem, problem
+    screenshot(driver, "refused")
+    accessible(driver, "a refused change")
+    driver.find_element(By.ID, "problem-close").click()
+
+    # A delete, confirmed.
+    button(driver, "Delete beside").click()
+    driver.switch_to.alert.accept()
+    until(driver, lambda d: "beside" not in volume_names(d, "tank"), "the volume gone")
+    assert set(volume_names(driver, "tank")) == {"home", "home.1"}
+    until(driver, lambda d: "completed" in job_text(d, "volume-delete"), "the delete's job")
+    screenshot(driver, "jobs")
+    assert (SHOTS / "jobs.png").stat().st_size > 0
