@@ -10,6 +10,7 @@ import contextlib
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -43,9 +44,16 @@ def cockpit(dmd_session: Any, tmp_path: Path) -> Iterator[str]:
     data = tmp_path / "xdg"
     (data / "cockpit").mkdir(parents=True)
     (data / "cockpit" / "dmd").symlink_to(PACKAGE)
+    # The page runs dmctl (a passphrase goes to dmd through it): this
+    # checkout's, as scripts/install would put it on PATH.
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "dmctl").write_text(f"#!/bin/sh\nexec {sys.executable} -m dmd.cli.main \"$@\"\n")
+    (tools / "dmctl").chmod(0o755)
     port = _free_port()
     env = dict(dmd_session.env, XDG_DATA_HOME=str(data),
-               DBUS_SYSTEM_BUS_ADDRESS=dmd_session.address, XDG_CONFIG_DIRS=str(tmp_path))
+               DBUS_SYSTEM_BUS_ADDRESS=dmd_session.address, XDG_CONFIG_DIRS=str(tmp_path),
+               PATH=f"{tools}:{dmd_session.env['PATH']}")
     log = (tmp_path / "cockpit-ws.log").open("wb")
     ws = subprocess.Popen([str(COCKPIT_WS), f"--local-session={BRIDGE}", "--no-tls",
                            "-a", "127.0.0.1", "-p", str(port)], env=env, stdout=log,

@@ -2,8 +2,10 @@
 made from the form, a volume with a filesystem (its job's progress shown,
 then its end), a snapshot, a change made beside the page with dmctl
 appearing without a reload, a refused change showing dmd's error, a delete;
-each main view's screenshot kept, and axe-core's accessibility rules passing
-on each (labels, roles, names)."""
+an encrypted volume made with a passphrase typed in the page, locked, and
+unlocked in the page's dialog (a wrong passphrase refused); each main view's
+screenshot kept, and axe-core's accessibility rules passing on each
+(labels, roles, names)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ PROJECT = Path(__file__).resolve().parents[2]
 SHOTS = PROJECT / ".lab-results" / "cockpit"  # kept by CI
 AXE = PROJECT / ".cache" / "axe-4.14.1.min.js"  # scripts/setup fetches it
 WAIT = 30  # seconds
+PASSPHRASE = "correct horse battery staple"
 
 
 @pytest.fixture
@@ -168,11 +171,38 @@ def test_pools_volumes_and_jobs_in_the_browser(browser: Any, dmd_session: Any,
     accessible(driver, "a refused change")
     driver.find_element(By.ID, "problem-close").click()
 
+    # An encrypted volume: the passphrase typed in the page reaches dmd as a
+    # descriptor (through dmctl), never as a string; locked, then unlocked
+    # in the page's dialog, a wrong passphrase refused.
+    form = pool_card(driver, "tank").find_element(By.CSS_SELECTOR, "form")
+    fill(form, name="safe", size="64M", passphrase=PASSPHRASE)
+    form.find_element(By.NAME, "encrypt").click()
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    until(driver, lambda d: "encrypted" in row_text(d, "safe")
+          and "active" in row_text(d, "safe"), "the encrypted volume")
+    button(driver, "Lock safe").click()
+    until(driver, lambda d: "encrypted, locked" in row_text(d, "safe"), "it locked")
+    for passphrase in ("wrong horse", PASSPHRASE):
+        button(driver, "Unlock safe").click()
+        dialog = until(driver, lambda d: d.find_element(By.ID, "unlock").is_displayed()
+                       and d.find_element(By.ID, "unlock"), "the unlock dialog")
+        if passphrase != PASSPHRASE:
+            screenshot(driver, "unlock")
+            accessible(driver, "the unlock dialog")
+        fill(dialog, passphrase=passphrase)
+        dialog.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        if passphrase != PASSPHRASE:
+            until(driver, lambda d: "WrongKey" in d.find_element(By.ID, "problem").text,
+                  "the wrong passphrase refused")
+            driver.find_element(By.ID, "problem-close").click()
+    until(driver, lambda d: "locked" not in row_text(d, "safe"), "it unlocked")
+    assert PASSPHRASE not in dmd_session.log.read_text()
+
     # A delete, confirmed.
     button(driver, "Delete beside").click()
     driver.switch_to.alert.accept()
     until(driver, lambda d: "beside" not in volume_names(d, "tank"), "the volume gone")
-    assert set(volume_names(driver, "tank")) == {"home", "home.1"}
+    assert set(volume_names(driver, "tank")) == {"home", "home.1", "safe"}
     until(driver, lambda d: "completed" in job_text(d, "volume-delete"), "the delete's job")
     screenshot(driver, "jobs")
     assert (SHOTS / "jobs.png").stat().st_size > 0

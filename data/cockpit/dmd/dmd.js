@@ -98,6 +98,19 @@ function call(what, path, iface, method, signature, args) {
 
 const NO_OPTIONS = {};
 
+/* dmctl with a passphrase on its standard input (then closed): dmctl hands
+ * dmd a descriptor of it. Cockpit's bridge cannot pass a descriptor in a
+ * D-Bus call, and a key is never a string on the bus, in argv or in a log. */
+function dmctlWithKey(what, args, passphrase) {
+    const process = cockpit.spawn(["dmctl", ...args, "--key-file", "-"],
+                                  { superuser: "try", err: "message" });
+    process.input(passphrase);
+    return process.catch(error => {
+        showProblem(what, { message: (error.message || String(error)).trim() });
+        return null;
+    });
+}
+
 /* -- what the page shows --------------------------------------------------------- */
 
 function byName(a, b) {
@@ -125,6 +138,11 @@ function volumeRow(volume) {
                            type: "button", "aria-label": `Grow ${name}`, text: "Grow",
                            onclick: () => grow(volume)
                        }),
+                       volume.Encryption ? el("button", {
+                           type: "button", "aria-label": `${volume.Locked ? "Unlock" : "Lock"} ${name}`,
+                           text: volume.Locked ? "Unlock" : "Lock",
+                           onclick: () => volume.Locked ? unlock(volume) : lock(volume)
+                       }) : null,
                        origin ? el("button", {
                            type: "button", "aria-label": `Revert ${origin.Name} to ${name}`,
                            text: "Revert origin", onclick: () => revert(volume, origin)
@@ -158,6 +176,9 @@ function makeCard(path) {
                           el("option", { value: "ext4", text: "ext4" }),
                           el("option", { value: "xfs", text: "xfs" }))),
                     el("label", { class: "check" }, el("input", { type: "checkbox", name: "thick" }), " Thick"),
+                    el("label", { class: "check" }, el("input", { type: "checkbox", name: "encrypt" }), " Encrypt"),
+                    el("label", {}, "Passphrase ",
+                       el("input", { type: "password", name: "passphrase", autocomplete: "new-password" })),
                     el("button", { type: "submit", text: "Create volume" }));
     form.addEventListener("submit", event => createVolume(event, pools[path]));
     const data = el("div");
@@ -289,12 +310,31 @@ function createVolume(event, pool) {
         showProblem("Create volume", { message: `${form.size.value} is not a size (say 1G or 512M)` });
         return;
     }
+    const what = `Create volume ${form.name.value}`;
+    if (form.encrypt.checked) {
+        const passphrase = form.passphrase.value;
+        if (!passphrase) {
+            showProblem(what, { message: "an encrypted volume needs a passphrase" });
+            return;
+        }
+        form.passphrase.value = "";
+        const args = ["vol-create", pool.Name, form.name.value, String(size), "--encrypt", "--no-wait"];
+        if (form.filesystem.value)
+            args.push("--filesystem", form.filesystem.value);
+        if (form.thick.checked)
+            args.push("--thick");
+        dmctlWithKey(what, args, passphrase).then(out => {
+            if (out !== null)
+                form.reset();
+        });
+        return;
+    }
     const options = {};
     if (form.filesystem.value)
         options.filesystem = { t: "s", v: form.filesystem.value };
     if (form.thick.checked)
         options.thin = { t: "b", v: false };
-    call(`Create volume ${form.name.value}`, pool.path, IFACE.pool, "CreateVolume", "sta{sv}",
+    call(what, pool.path, IFACE.pool, "CreateVolume", "sta{sv}",
          [form.name.value, size, options]).then(reply => {
         if (reply)
             form.reset();
@@ -330,6 +370,27 @@ function remove(volume) {
         call(`Delete ${volume.Name}`, volume.path, IFACE.volume, "Delete", "a{sv}", [NO_OPTIONS]);
 }
 
+function lock(volume) {
+    call(`Lock ${volume.Name}`, volume.path, IFACE.volume, "Lock", "a{sv}", [NO_OPTIONS]);
+}
+
+/* The passphrase asked for in a dialog of the page's own (a prompt would
+ * show it as it is typed). */
+function unlock(volume) {
+    const dialog = $("unlock");
+    const form = $("unlock-form");
+    $("unlock-title").textContent = `Unlock ${volume.Name}`;
+    form.passphrase.value = "";
+    form.onsubmit = () => {
+        const passphrase = form.passphrase.value;
+        form.passphrase.value = "";
+        const pool = pools[volume.Pool];
+        dmctlWithKey(`Unlock ${volume.Name}`, ["unlock", pool ? pool.Name : "", volume.Name],
+                     passphrase);
+    };
+    dialog.showModal();
+}
+
 function poolJob(pool, method) {
     call(`${method} ${pool.Name}`, pool.path, IFACE.pool, method, "a{sv}", [NO_OPTIONS]);
 }
@@ -360,6 +421,10 @@ client.addEventListener("close", (event, options) => {
 $("new-pool").addEventListener("submit", createPool);
 $("problem-close").addEventListener("click", () => {
     $("problem").hidden = true;
+});
+$("unlock-cancel").addEventListener("click", () => {
+    $("unlock-form").passphrase.value = "";
+    $("unlock").close();
 });
 
 Promise.all([pools.wait(), volumes.wait(), jobs.wait()]).then(() => {
