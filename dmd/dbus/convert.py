@@ -150,6 +150,7 @@ OPTIONS: dict[str, dict[str, str]] = {
     "Destroy": {"force": "b"},
     "Stop": {},
     "Repair": {"devices": "as"},
+    "ListDisks": {},
     "Start": {"devices": "as"},
     "AddDevice": {"force": "b"},
     "OpenDevice": {"exclusive": "b"},

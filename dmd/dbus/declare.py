@@ -34,6 +34,8 @@ Labels = Annotated[dict[str, str], DBusSignature("a{ss}")]
 Deps = Annotated[list[list[int]], DBusSignature("a(uu)")]
 Targets = Annotated[list[list[Any]], DBusSignature("a(s(uuu))")]
 Names = Annotated[list[str], DBusSignature("as")]
+# Manager.ListDisks: (path, size in bytes, signature or "", why busy or "")
+Disks = Annotated[list[list[Any]], DBusSignature("a(stss)")]
 EventBody = Annotated[list[Any], DBusSignature("ua(ttss)")]
 TypedStatus = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
 StrList = Annotated[list[str], DBusSignature("as")]

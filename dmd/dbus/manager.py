@@ -17,6 +17,7 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 
 from dmd.dbus.convert import check_string, options_in, table_in
 from dmd.dbus.declare import (
+    Disks,
     Names,
     ObjectAndJob,
     Options,
@@ -67,6 +68,10 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_method()
     def ImportPool(self, devices: StrList, options: Options) -> ObjectAndJob:
+        routed()
+
+    @dbus_method()
+    def ListDisks(self, options: Options) -> Disks:
         routed()
 
     @dbus_property(access=PropertyAccess.READ)
@@ -128,6 +133,10 @@ class ManagerHandlers:
         job, record = await self.pools.as_job("pool-import", caller, lambda accept:
             import_pool(self.pools, paths, caller=caller, accept=accept))
         return [pool_path(record.uuid), job_path(job.id)]
+
+    async def ListDisks(self, caller: Caller, options: dict[str, Any]) -> list[Any]:
+        options_in("ListDisks", options)
+        return [[d.path, d.size_bytes, d.signature, d.busy] for d in await self.pools.disks()]
 
     async def GetPool(self, caller: Caller, name: str) -> str:
         record = await self.pools.pool(check_string(name, "name"))

@@ -99,6 +99,33 @@ def probe(path: str) -> BlockDevice:
     return BlockDevice(path, device, size, in_use, probe_signature(head))
 
 
+# Block devices no pool is made on: RAM disks, floppies and optical drives.
+NOT_DISKS = ("ram", "zram", "fd", "sr")
+
+
+def list_disks(sys_block: str = "/sys/class/block") -> list[str]:
+    """Paths of the block devices a pool could be made on, read from sysfs
+    alone (nothing is opened: a disk that hangs holds no thread here):
+    disks and partitions with a size, but device-mapper devices, RAM disks,
+    floppies and optical drives; loop devices only while bound to a file."""
+    found = []
+    try:
+        names = sorted(os.listdir(sys_block))
+    except OSError:
+        return []
+    for name in names:
+        if name.startswith(("dm-", *NOT_DISKS)):
+            continue
+        try:
+            with open(os.path.join(sys_block, name, "size")) as f:
+                sectors = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            continue
+        if sectors > 0:
+            found.append(f"/dev/{name}")
+    return found
+
+
 def read(path: str, offset: int, length: int) -> bytes:
     """*length* bytes of *path* from *offset* (fewer past its end)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

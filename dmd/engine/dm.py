@@ -267,6 +267,10 @@ class DM:
         was there before)."""
         blockdev.wipe(path, offset, length)
 
+    def disks(self) -> list[str]:
+        """Paths of the block devices a pool could be made on (blockdev.list_disks)."""
+        return blockdev.list_disks()
+
     def read_disk(self, path: str, offset: int, length: int) -> bytes:
         """*length* bytes of block device *path* from byte *offset* (a pool's
         label and description, in the header its layout reserves)."""

@@ -1080,6 +1080,11 @@ class SimDM:
             hit = self._resolve(k, path)
         return hit[0] if hit else None
 
+    def disks(self) -> list[str]:
+        """As DM.disks: the disks declared (add_disk)."""
+        with self._locked() as k:
+            return sorted(k.disks)
+
     def block_device(self, path: str) -> BlockDevice:
         with self._locked() as k:
             if path not in k.disks:

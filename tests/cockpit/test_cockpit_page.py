@@ -79,6 +79,10 @@ def job_text(driver: Any, what: str) -> str:
     return next((t for t in texts(driver, "li.job") if t.startswith(what)), "")
 
 
+def disk_box(driver: Any, path: str) -> Any:
+    return driver.find_element(By.CSS_SELECTOR, f"input[name=disk][value='{path}']")
+
+
 def button(driver: Any, label: str) -> Any:
     return driver.find_element(By.CSS_SELECTOR, f"button[aria-label='{label}']")
 
@@ -113,9 +117,12 @@ def test_pools_volumes_and_jobs_in_the_browser(browser: Any, dmd_session: Any,
     screenshot(driver, "empty")
     accessible(driver, "the empty page")
 
-    # A pool from the form.
+    # A pool from the form, its disk picked from those dmd lists.
+    until(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "input[name=disk]")) == 2,
+          "the disks")
     form = driver.find_element(By.ID, "new-pool")
-    fill(form, name="tank", devices=disks[0])
+    fill(form, name="tank")
+    disk_box(driver, disks[0]).click()
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     until(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "article[data-pool='tank']"),
           "the new pool")
@@ -126,6 +133,11 @@ def test_pools_volumes_and_jobs_in_the_browser(browser: Any, dmd_session: Any,
     until(driver, lambda d: "active, ok" in texts(d, "article[data-pool='tank']")[0],
           "the pool made")
     card = texts(driver, "article[data-pool='tank']")[0]
+    # the disk is the pool's now: listed, not to be picked
+    until(driver, lambda d: disk_box(d, disks[0]).get_attribute("disabled") is not None,
+          "the pool's disk taken")
+    assert "a device of pool tank" in "".join(texts(driver, "#disks li"))
+    assert disk_box(driver, disks[1]).get_attribute("disabled") is None
     assert "null" not in card and "undefined" not in card, card
 
     # A volume with a filesystem: its job, then the volume.

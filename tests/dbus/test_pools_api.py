@@ -513,6 +513,16 @@ async def test_used_bytes_follow_writes_at_the_next_change_of_that_volume(
     assert (await props(client, snap, VOLUME_INTERFACE))["UsedBytes"] == 10 << 16
 
 
+async def test_list_disks_says_what_a_pool_may_take(client: Client, disks: list[str]) -> None:
+    pool, job = await create_pool(client, "tank", disks[:1])
+    await finished(client, job)
+    (listed,) = await client.call(ROOT_PATH, MANAGER_INTERFACE, "ListDisks", "a{sv}", [{}])
+    found = {path: (size, signature, busy) for path, size, signature, busy in listed}
+    assert found[disks[0]] == (512 << 20, "dmd_pool", "a device of pool tank")
+    assert found[disks[1]] == (512 << 20, "", "")
+    assert found["/dev/simxfs"][1:] == ("xfs", "")
+
+
 async def test_a_damaged_pool_is_shown_and_repaired_over_the_bus(
         client: Client, disks: list[str], dmd_session: Any) -> None:
     pool, job = await create_pool(client, "tank", disks[:1])

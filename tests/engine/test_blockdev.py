@@ -3,9 +3,11 @@ pool's sizing rules (pure functions: no kernel needed)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from dmd.engine.blockdev import POOL_MAGIC, PROBE_BYTES, probe_signature
+from dmd.engine.blockdev import POOL_MAGIC, PROBE_BYTES, list_disks, probe_signature
 from dmd.engine.targets import thin
 
 
@@ -69,3 +71,17 @@ def test_messages_refuse_ids_out_of_range() -> None:
         thin.delete(-1)
     with pytest.raises(ValueError):
         thin.set_transaction_id(0, 1 << 64)
+
+
+def test_disks_are_listed_from_sysfs_alone(tmp_path: Path) -> None:
+    """Disks and partitions with a size, loop devices bound to a file; no
+    device-mapper device, RAM disk, floppy, optical drive or empty loop."""
+    for name, sectors in [("sda", 2048), ("sda1", 1024), ("loop0", 4096), ("loop1", 0),
+                          ("dm-0", 2048), ("ram0", 8192), ("zram0", 8192), ("sr0", 2048),
+                          ("fd0", 2880), ("nvme0n1", 8192), ("broken", None)]:
+        (tmp_path / name).mkdir()
+        if sectors is not None:
+            (tmp_path / name / "size").write_text(f"{sectors}\n")
+    assert list_disks(str(tmp_path)) == ["/dev/loop0", "/dev/nvme0n1", "/dev/sda",
+                                         "/dev/sda1"]
+    assert list_disks(str(tmp_path / "nothing")) == []

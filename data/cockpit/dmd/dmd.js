@@ -290,15 +290,54 @@ function render() {
 
 /* -- changes ---------------------------------------------------------------------- */
 
+/* The disks a pool may be made on, as dmd judges them now (Manager.ListDisks:
+ * no signal says a disk came or went, so asked again as pools change, and on
+ * request). */
+let disks = [];
+
+function loadDisks() {
+    client.call(ROOT, IFACE.manager, "ListDisks", [NO_OPTIONS], { type: "a{sv}" })
+            .then(([list]) => {
+                disks = list;
+                renderDisks();
+            })
+            .catch(error => showProblem("Look for disks", error));
+}
+
+function renderDisks() {
+    const form = $("new-pool");
+    const force = form.force.checked;
+    const chosen = new Set([...form.querySelectorAll("input[name=disk]:checked")].map(i => i.value));
+    $("disks").replaceChildren(...disks.map(([path, size, signature, busy], index) => {
+        const blocked = Boolean(busy || (signature && !force));
+        const why = busy || (signature ? `has a ${signature} signature` : "");
+        const id = `disk-${index}`;
+        return el("li", {},
+                  el("input", {
+                      type: "checkbox", name: "disk", value: path, id,
+                      disabled: blocked, checked: chosen.has(path) && !blocked
+                  }),
+                  el("label", { for: id, class: "check" }, `${path}, ${bytes(size)}`,
+                     why ? el("span", { class: "muted", text: ` (${why})` }) : null));
+    }));
+    $("no-disks").hidden = disks.length > 0;
+}
+
 function createPool(event) {
     event.preventDefault();
     const form = event.target;
-    const devices = form.devices.value.split(/[\s,]+/).filter(Boolean);
+    const devices = [...form.querySelectorAll("input[name=disk]:checked")].map(i => i.value);
+    if (!devices.length) {
+        showProblem(`Create pool ${form.name.value}`, { message: "choose one or more disks" });
+        return;
+    }
     const options = form.force.checked ? { force: { t: "b", v: true } } : NO_OPTIONS;
     call(`Create pool ${form.name.value}`, ROOT, IFACE.manager, "CreatePool", "sasa{sv}",
          [form.name.value, devices, options]).then(reply => {
-        if (reply)
+        if (reply) {
             form.reset();
+            renderDisks();
+        }
     });
 }
 
@@ -409,6 +448,19 @@ for (const proxies of [pools, volumes, jobs]) {
     for (const event of ["added", "changed", "removed"])
         proxies.addEventListener(event, render);
 }
+/* Asked again when a pool comes, goes, or moves from one state to another
+ * (its disks are taken once it is made, free once destroyed), not at each
+ * of its usage figures. */
+let poolStates = "";
+for (const event of ["added", "changed", "removed"]) {
+    pools.addEventListener(event, () => {
+        const now = Object.values(pools).map(p => `${p.path} ${p.State}`).sort().join("\n");
+        if (now !== poolStates) {
+            poolStates = now;
+            loadDisks();
+        }
+    });
+}
 
 client.addEventListener("owner", (event, owner) => {
     $("connection").textContent = owner ? "Connected to dmd." : "dmd is not running.";
@@ -419,6 +471,8 @@ client.addEventListener("close", (event, options) => {
 });
 
 $("new-pool").addEventListener("submit", createPool);
+$("new-pool").force.addEventListener("change", renderDisks);
+$("disks-refresh").addEventListener("click", loadDisks);
 $("problem-close").addEventListener("click", () => {
     $("problem").hidden = true;
 });
@@ -431,4 +485,5 @@ Promise.all([pools.wait(), volumes.wait(), jobs.wait()]).then(() => {
     $("app").removeAttribute("aria-busy");
     $("connection").textContent = "Connected to dmd.";
     render();
+    loadDisks();
 });

@@ -135,6 +135,16 @@ PROBE_WAITS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4)
 UDEV_KEPT = 256  # devices whose udev work is kept to wait for (keep_udev)
 
 @dataclass(frozen=True, slots=True)
+class Disk:
+    """A block device a pool could be made on (PoolCore.disks)."""
+
+    path: str
+    size_bytes: int
+    signature: str  # what is on it ("" none): CreatePool overwrites it only with force
+    busy: str  # why no pool can take it now ("" none)
+
+
+@dataclass(frozen=True, slots=True)
 class PoolState:
     """What the kernel says of a pool now (None where the pool is not active)."""
 
@@ -842,6 +852,27 @@ class PoolCore:
             if facts.in_use:
                 raise errors.Busy(f"{path} is in use (mounted, or held by another device)")
             found.append(facts)
+        return found
+
+    async def disks(self) -> list[Disk]:
+        """Every block device a pool could be made on, and what keeps each
+        from it now (for a client's picker: CreatePool checks again)."""
+        taken = {p: pool.name for pool in await self.store.list_pools()
+                 for p in pool.layout.devices}
+        found = []
+        for path in await self.kernel(Engine.disks):
+            try:
+                facts = await self.kernel(Engine.block_device, path)
+            except (NotABlockDevice, OSError):
+                continue  # gone meanwhile, or not to be opened: not offered
+            signature = facts.signature or ""
+            busy = (f"a device of pool {taken[path]}" if path in taken else
+                    "a disk of a dmd pool this dmd does not know (ImportPool it)"
+                    if signature == "dmd_pool" else
+                    "in use (mounted, or held by another device)" if facts.in_use else
+                    f"smaller than {MIN_DEVICE_BYTES} bytes"
+                    if facts.size_bytes < MIN_DEVICE_BYTES else "")
+            found.append(Disk(path, facts.size_bytes, signature, busy))
         return found
 
     async def check_free_devices(self, paths: list[str], force: bool) -> list[tuple[str, int]]:
