@@ -514,7 +514,7 @@ async def test_used_bytes_follow_writes_at_the_next_change_of_that_volume(
 
 
 async def test_list_disks_says_what_a_pool_may_take(client: Client, disks: list[str]) -> None:
-    pool, job = await create_pool(client, "tank", disks[:1])
+    _, job = await create_pool(client, "tank", disks[:1])
     await finished(client, job)
     (listed,) = await client.call(ROOT_PATH, MANAGER_INTERFACE, "ListDisks", "a{sv}", [{}])
     found = {path: (size, signature, busy) for path, size, signature, busy in listed}
