@@ -145,6 +145,16 @@ async def cmd_pools(c: Client, a: argparse.Namespace) -> None:
     emit(a, pools, "\n".join(rows) or "No pools")
 
 
+async def cmd_disks(c: Client, a: argparse.Namespace) -> None:
+    (listed,) = await c.call(ROOT_PATH, MANAGER_INTERFACE, "ListDisks", "a{sv}", [{}])
+    disks = [{"Path": p, "Size": size, "Signature": sig, "Busy": busy}
+             for p, size, sig, busy in listed]
+    rows = [f"{d['Path']}\t{human(d['Size'])}\t{d['Signature'] or '-'}\t"
+            f"{d['Busy'] or ('free (--force overwrites it)' if d['Signature'] else 'free')}"
+            for d in disks]
+    emit(a, disks, "\n".join(rows) or "No disks")
+
+
 async def cmd_pool_destroy(c: Client, a: argparse.Namespace) -> None:
     options = {"force": Variant("b", True)} if a.force else {}
     (job,) = await c.call(await _pool_path(c, a.name), POOL_INTERFACE, "Destroy", "a{sv}",
@@ -410,6 +420,7 @@ def register(verb: Callable[[str, Verb, str], argparse.ArgumentParser]) -> None:
     sp.add_argument("devices", nargs="+", metavar="DEVICE",
                     help="every device of the pool, by any name")
     verb("pools", cmd_pools, "list pools")
+    verb("disks", cmd_disks, "list the disks a pool could be made on, and why not")
     sp = no_wait(verb("pool-add", cmd_pool_add, "grow a pool's data over one more device"))
     sp.add_argument("name", metavar="NAME", help="the pool's name")
     sp.add_argument("device", metavar="DEVICE", help="the block device to add")

@@ -181,6 +181,8 @@ def test_pool_and_volume_verbs(dmd_session: Any) -> None:
     assert ok(dmd_session, "revert", "tank", "home.1") == "home: reverted\n"
     listed = {v["Name"]: v for v in json.loads(ok(dmd_session, "--json", "vols", "tank"))}
     assert listed["home"]["Size"] == 64 << 20 and not listed["home"]["RevertScheduled"]
+    disks = ok(dmd_session, "disks").splitlines()
+    assert "/dev/simdisk1\t1.0G\tdmd_pool\ta device of pool tank" in disks, disks
     assert ok(dmd_session, "pool-stop", "tank") == "tank: stopped\n"
     stopped = dmctl(dmd_session, "vol-create", "tank", "late", "1M")
     assert stopped.returncode == 1 and "is stopped: Start it first" in stopped.stderr
