@@ -33,6 +33,9 @@ def common_options(p: argparse.ArgumentParser, defaults: bool) -> None:
                    help="print JSON instead of text (one object per line for monitor)")
     p.add_argument("--timeout", type=float, default=default(120.0), metavar="SECONDS",
                    help="give up on a call after SECONDS (default: 120)")
+    p.add_argument("--interactive", action="store_true", default=default(False),
+                   help="let polkit ask for a password even when standard input is no "
+                        "terminal (a program that shows polkit's dialog runs dmctl)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -64,7 +67,7 @@ async def run_verb(args: argparse.Namespace) -> None:
     except Exception as exc:
         raise Failure(f"cannot connect to the {bus_label} bus: {exc}") from None
     try:
-        client = Client(bus, bus_label, args.timeout, sys.stdin.isatty())
+        client = Client(bus, bus_label, args.timeout, args.interactive or sys.stdin.isatty())
         await args.fn(client, args)
     finally:
         bus.disconnect()

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,14 @@ def _free_port() -> int:
     with contextlib.closing(socket.socket()) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 1).close()
+        return True
+    except OSError:
+        return False
 
 
 @pytest.fixture
@@ -60,38 +68,54 @@ def cockpit(dmd_session: Any, tmp_path: Path) -> Iterator[str]:
                           stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
+        while not _listening(port):
             assert ws.poll() is None, (tmp_path / "cockpit-ws.log").read_text()
+            assert time.monotonic() < deadline, "cockpit-ws did not listen in 20 s"
             time.sleep(0.1)
         yield f"http://127.0.0.1:{port}/cockpit/@localhost/dmd/index.html"
     finally:
         ws.terminate()
-        ws.wait(timeout=10)
+        try:
+            ws.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            ws.kill()
+            ws.wait()
         log.close()
 
 
 @pytest.fixture
-def browser(cockpit: str) -> Iterator[Any]:
-    """Headless chromium on the page, every signal of dmd reaching it."""
+def browser_at() -> Iterator[Callable[[str], Any]]:
+    """Headless chromium opened on a URL (``browser_at(url)``), quit at the end."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    opened: list[Any] = []
     profile = tempfile.mkdtemp(prefix="dmd-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--window-size=1280,1000",
-                f"--user-data-dir={profile}"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)),
-                              options=options)
-    try:
+
+    def open_at(url: str) -> Any:
+        options = webdriver.ChromeOptions()
+        options.binary_location = str(CHROMIUM)
+        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu",
+                    "--disable-dev-shm-usage", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", "--window-size=1280,1000", f"--user-data-dir={profile}"):
+            options.add_argument(arg)
+        driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)),
+                                  options=options)
+        opened.append(driver)
         driver.set_page_load_timeout(60)
-        driver.get(cockpit)
-        yield driver
+        driver.get(url)
+        return driver
+
+    try:
+        yield open_at
     finally:
-        driver.quit()
+        for driver in opened:
+            driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def browser(cockpit: str, browser_at: Callable[[str], Any]) -> Any:
+    """Headless chromium on the page, every signal of dmd reaching it."""
+    return browser_at(cockpit)

@@ -43,7 +43,13 @@ def screenshot(driver: Any, name: str) -> None:
 
 
 def until(driver: Any, check: Any, what: str) -> Any:
-    return WebDriverWait(driver, WAIT, poll_frequency=0.1).until(
+    """*check(driver)*, asked until true (an element gone, or not there yet,
+    as the page redraws or reloads: asked again)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    return WebDriverWait(driver, WAIT, poll_frequency=0.1,
+                         ignored_exceptions=(NoSuchElementException,
+                                             StaleElementReferenceException)).until(
         lambda d: check(d), message=f"the page never showed {what}")
 
 
@@ -77,6 +83,39 @@ def row_text(driver: Any, volume: str) -> str:
 def job_text(driver: Any, what: str) -> str:
     """The text of the newest job whose words start with *what*."""
     return next((t for t in texts(driver, "li.job") if t.startswith(what)), "")
+
+
+def cells(driver: Any, volume: str) -> list[str]:
+    """The texts of a volume's row, cell by cell ([] when it has none)."""
+    return list(driver.execute_script(
+        "const row = document.querySelector(`tr[data-volume='${arguments[0]}']`);"
+        "return row ? [...row.children].map(c => c.innerText.trim()) : []", volume))
+
+
+def press(driver: Any, label: str) -> None:
+    """Click the button named *label*, found again if a redraw replaced it."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    for _ in range(3):
+        try:
+            button(driver, label).click()
+            return
+        except StaleElementReferenceException:
+            continue
+    button(driver, label).click()
+
+
+def create_volume(driver: Any, pool: str, *, encrypt: bool = False, filesystem: str = "",
+                  **fields: str) -> Any:
+    form = pool_card(driver, pool).find_element(By.CSS_SELECTOR, "form")
+    fill(form, **fields)
+    if filesystem:
+        form.find_element(By.CSS_SELECTOR,
+                          f"select[name=filesystem] option[value={filesystem}]").click()
+    if encrypt:
+        form.find_element(By.NAME, "encrypt").click()
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    return form
 
 
 def disk_box(driver: Any, path: str) -> Any:
@@ -113,7 +152,7 @@ def test_pools_volumes_and_jobs_in_the_browser(browser: Any, dmd_session: Any,
                                                disks: list[str]) -> None:
     driver = browser
     until(driver, lambda d: "Connected to dmd." in text(d), "its connection")
-    assert "No pool yet." in text(driver)
+    until(driver, lambda d: d.find_element(By.ID, "no-pools").is_displayed(), "no pool")
     screenshot(driver, "empty")
     accessible(driver, "the empty page")
 
@@ -124,41 +163,39 @@ def test_pools_volumes_and_jobs_in_the_browser(browser: Any, dmd_session: Any,
     fill(form, name="tank")
     disk_box(driver, disks[0]).click()
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    until(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "article[data-pool='tank']"),
-          "the new pool")
+    until(driver, lambda d: texts(d, "article[data-pool='tank'] .mode") == ["active, ok"],
+          "the pool made")
     bars = driver.execute_script(
         "return [...document.querySelectorAll(\"article[data-pool='tank'] [role=progressbar]\")]"
         ".map(b => b.getAttribute('aria-label'))")
     assert bars == ["Data of tank", "Metadata of tank"]
-    until(driver, lambda d: "active, ok" in texts(d, "article[data-pool='tank']")[0],
-          "the pool made")
     card = texts(driver, "article[data-pool='tank']")[0]
+    assert "null" not in card and "undefined" not in card and "NaN" not in card, card
     # the disk is the pool's now: listed, not to be picked
     until(driver, lambda d: disk_box(d, disks[0]).get_attribute("disabled") is not None,
           "the pool's disk taken")
     assert "a device of pool tank" in "".join(texts(driver, "#disks li"))
     assert disk_box(driver, disks[1]).get_attribute("disabled") is None
-    assert "null" not in card and "undefined" not in card, card
 
     # A volume with a filesystem: its job, then the volume.
-    form = pool_card(driver, "tank").find_element(By.CSS_SELECTOR, "form")
-    fill(form, name="home", size="1G")
-    form.find_element(By.CSS_SELECTOR, "select[name=filesystem] option[value=ext4]").click()
-    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    until(driver, lambda d: "home" in volume_names(d, "tank"), "the new volume")
+    create_volume(driver, "tank", name="home", size="1G", filesystem="ext4")
+    until(driver, lambda d: cells(d, "home")[4:5] == ["active"], "the new volume active")
     until(driver, lambda d: "completed (100%)" in job_text(d, "volume-create home"),
           "the volume's job, to its end")
     assert "· 1 GiB" in job_text(driver, "volume-create home")  # its Bytes: mkfs's size
-    assert "1 GiB" in row_text(driver, "home") and "thin" in row_text(driver, "home")
-    until(driver, lambda d: "active" in row_text(d, "home"), "the volume active")
+    assert cells(driver, "home")[:6] == ["home", "1 GiB", "0 B", "—", "active", "thin"]
 
-    # A snapshot, named in the browser's prompt.
-    button(driver, "Snapshot home").click()
+    # A snapshot, named in the browser's prompt; its origin shown.
+    press(driver, "Snapshot home")
     prompt = driver.switch_to.alert
     prompt.send_keys("home.1")
     prompt.accept()
-    until(driver, lambda d: "home.1" in volume_names(d, "tank"), "the snapshot")
-    assert "home" in row_text(driver, "home.1").split("\n")[0]  # its origin
+    until(driver, lambda d: cells(d, "home.1")[3:5] == ["home", "active"], "the snapshot")
+    # Deactivated, then activated again.
+    press(driver, "Deactivate home.1")
+    until(driver, lambda d: cells(d, "home.1")[4:5] == ["inactive"], "it inactive")
+    press(driver, "Activate home.1")
+    until(driver, lambda d: cells(d, "home.1")[4:5] == ["active"], "it active again")
     shown = text(driver)
     assert "null" not in shown and "undefined" not in shown and "NaN" not in shown, shown
     screenshot(driver, "pool-with-volumes")
@@ -170,12 +207,10 @@ def test_pools_volumes_and_jobs_in_the_browser(browser: Any, dmd_session: Any,
                            "tank", "beside", "1G"], env=dmd_session.env, capture_output=True,
                           text=True, timeout=60)
     assert made.returncode == 0, made.stderr
-    until(driver, lambda d: "beside" in volume_names(d, "tank"), "a volume made by dmctl")
+    until(driver, lambda d: cells(d, "beside")[4:5] == ["active"], "a volume made by dmctl")
 
     # A refused change: dmd's error, by name and message.
-    form = pool_card(driver, "tank").find_element(By.CSS_SELECTOR, "form")
-    fill(form, name="home", size="1G")
-    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    create_volume(driver, "tank", name="home", size="1G")
     until(driver, lambda d: d.find_element(By.ID, "problem").is_displayed(), "the refusal")
     problem = driver.find_element(By.ID, "problem").text
     assert "AlreadyExists" in problem and "home" in problem, problem
@@ -186,35 +221,49 @@ def test_pools_volumes_and_jobs_in_the_browser(browser: Any, dmd_session: Any,
     # An encrypted volume: the passphrase typed in the page reaches dmd as a
     # descriptor (through dmctl), never as a string; locked, then unlocked
     # in the page's dialog, a wrong passphrase refused.
-    form = pool_card(driver, "tank").find_element(By.CSS_SELECTOR, "form")
-    fill(form, name="safe", size="64M", passphrase=PASSPHRASE)
-    form.find_element(By.NAME, "encrypt").click()
-    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    until(driver, lambda d: "encrypted" in row_text(d, "safe")
-          and "active" in row_text(d, "safe"), "the encrypted volume")
-    button(driver, "Lock safe").click()
-    until(driver, lambda d: "encrypted, locked" in row_text(d, "safe"), "it locked")
+    form = create_volume(driver, "tank", name="safe", size="64M", passphrase=PASSPHRASE,
+                         encrypt=True)
+    assert form.find_element(By.NAME, "passphrase").get_attribute("value") == ""
+    until(driver, lambda d: cells(d, "safe")[4:6] == ["active", "thin, encrypted"],
+          "the encrypted volume")
+    press(driver, "Lock safe")
+    until(driver, lambda d: cells(d, "safe")[5:6] == ["thin, encrypted, locked"], "it locked")
     for passphrase in ("wrong horse", PASSPHRASE):
-        button(driver, "Unlock safe").click()
-        dialog = until(driver, lambda d: d.find_element(By.ID, "unlock").is_displayed()
-                       and d.find_element(By.ID, "unlock"), "the unlock dialog")
+        press(driver, "Unlock safe")
+        until(driver, lambda d: d.find_element(By.ID, "unlock").is_displayed(), "the dialog")
         if passphrase != PASSPHRASE:
             screenshot(driver, "unlock")
             accessible(driver, "the unlock dialog")
+        dialog = driver.find_element(By.ID, "unlock")
         fill(dialog, passphrase=passphrase)
         dialog.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        assert dialog.find_element(By.NAME, "passphrase").get_attribute("value") == ""
         if passphrase != PASSPHRASE:
             until(driver, lambda d: "WrongKey" in d.find_element(By.ID, "problem").text,
                   "the wrong passphrase refused")
             driver.find_element(By.ID, "problem-close").click()
-    until(driver, lambda d: "locked" not in row_text(d, "safe"), "it unlocked")
+    until(driver, lambda d: cells(d, "safe")[5:6] == ["thin, encrypted"], "it unlocked")
     assert PASSPHRASE not in dmd_session.log.read_text()
 
-    # A delete, confirmed.
-    button(driver, "Delete beside").click()
+    # A delete, confirmed; its job names what it deleted.
+    press(driver, "Delete beside")
     driver.switch_to.alert.accept()
     until(driver, lambda d: "beside" not in volume_names(d, "tank"), "the volume gone")
     assert set(volume_names(driver, "tank")) == {"home", "home.1", "safe"}
-    until(driver, lambda d: "completed" in job_text(d, "volume-delete"), "the delete's job")
+    until(driver, lambda d: job_text(d, "volume-delete beside").startswith(
+        "volume-delete beside\ncompleted"), "the delete's job")
     screenshot(driver, "jobs")
     assert (SHOTS / "jobs.png").stat().st_size > 0
+
+
+def test_a_page_opened_before_dmd_starts_shows_it_once_it_does(
+        dmd_session: Any, cockpit: str, disks: list[str], browser_at: Any) -> None:
+    dmd_session.stop()
+    driver = browser_at(cockpit)
+    until(driver, lambda d: "dmd" in d.find_element(By.ID, "connection").text
+          and d.find_element(By.ID, "reload").is_displayed(), "that dmd is away")
+    assert driver.find_element(By.ID, "app").get_attribute("aria-busy") is None
+    dmd_session.start()
+    until(driver, lambda d: "Connected to dmd." in text(d), "dmd, once it started")
+    until(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "input[name=disk]")) == 2,
+          "the disks")
