@@ -224,6 +224,15 @@ def test_pools_volumes_and_jobs_in_the_browser(browser: Any, dmd_session: Any,
     form = create_volume(driver, "tank", name="safe", size="64M", passphrase=PASSPHRASE,
                          encrypt=True)
     assert form.find_element(By.NAME, "passphrase").get_attribute("value") == ""
+    # Its job while it runs (cryptsetup's key derivation alone takes about
+    # two seconds): shown running, with a progress bar below 100.
+    until(driver, lambda d: job_text(d, "volume-create safe").startswith(
+        "volume-create safe\nrunning"), "the job running")
+    assert int(driver.execute_script(
+        "const job = [...document.querySelectorAll('li.job')].find(j => "
+        "j.innerText.startsWith('volume-create safe'));"
+        "return job.querySelector('[role=progressbar]').getAttribute('aria-valuenow')")) < 100
+    screenshot(driver, "job-running")
     until(driver, lambda d: cells(d, "safe")[4:6] == ["active", "thin, encrypted"],
           "the encrypted volume")
     press(driver, "Lock safe")

@@ -125,7 +125,7 @@ LABELS_T = ("e", "s", "s")
 ARGS: dict[str, list[Any]] = {
     "CreateDevice": ["s", TABLE_T, OPTS_T], "GetDevice": ["s"], "ListTargets": [],
     "RemoveAllManaged": [OPTS_T], "CreatePool": ["s", ("a", "s"), OPTS_T], "GetPool": ["s"],
-    "ImportPool": [("a", "s"), OPTS_T],
+    "ImportPool": [("a", "s"), OPTS_T], "ListDisks": [OPTS_T],
     "LoadTable": [TABLE_T, OPTS_T], "ClearTable": [OPTS_T], "Reload": [TABLE_T, OPTS_T],
     "Suspend": [OPTS_T], "Resume": [OPTS_T], "Rename": ["s", OPTS_T],
     "SetUUID": ["s", OPTS_T], "Message": ["t", "s", OPTS_T], "GetStatus": [OPTS_T],
@@ -133,7 +133,7 @@ ARGS: dict[str, list[Any]] = {
     "Remove": [OPTS_T], "Adopt": [OPTS_T], "SetLabels": [LABELS_T, OPTS_T],
 }
 MANAGER_METHODS = ("CreateDevice", "GetDevice", "ListTargets", "RemoveAllManaged",
-                   "CreatePool", "GetPool", "ImportPool")
+                   "CreatePool", "GetPool", "ImportPool", "ListDisks")
 DEVICE_METHODS = tuple(m for m in ARGS if m not in MANAGER_METHODS)
 STANDARD_MEMBERS = {"Ping", "GetMachineId", "Introspect", "Get", "GetAll", "Set",
                     "GetManagedObjects"}
@@ -481,7 +481,7 @@ def option_calls(cheap: bool) -> st.SearchStrategy[Call]:
     other arguments valid: the options alone make the call wrong)."""
     def one(method: str) -> st.SearchStrategy[Call]:
         opts = bad_options(method, cheap)
-        if method == "RemoveAllManaged":
+        if method in ("RemoveAllManaged", "ListDisks"):
             return opts.map(lambda o: manager(method, "a{sv}", [o]))
         if method == "CreatePool":
             return opts.map(lambda o: manager(method, "sasa{sv}",
