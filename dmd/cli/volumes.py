@@ -166,6 +166,8 @@ async def cmd_pool_stop_start(c: Client, a: argparse.Namespace) -> None:
     """pool-stop, pool-start and pool-repair: a job on the pool."""
     path = await _pool_path(c, a.name)
     options = {"devices": Variant("as", a.device)} if getattr(a, "device", None) else {}
+    if getattr(a, "accept_loss", False):
+        options["accept-loss"] = Variant("b", True)
     member = {"pool-stop": "Stop", "pool-start": "Start", "pool-repair": "Repair"}[a.command]
     (job,) = await c.call(path, POOL_INTERFACE, member, "a{sv}", [options], mutating=True)
     await _run_job(c, a, job, path, POOL_INTERFACE, lambda p: f"{a.name}: {p.get('State')}")
@@ -447,6 +449,9 @@ def register(verb: Callable[[str, Verb, str], argparse.ArgumentParser]) -> None:
     sp.add_argument("--device", action="append", metavar="PATH",
                     help="a stopped pool's disk where it is now, if the disks moved (once "
                          "per disk; each found by its label)")
+    sp.add_argument("--accept-loss", action="store_true",
+                    help="forget the volumes whose mappings the repair cannot find, and keep "
+                         "the rest (else nothing changes and they are named)")
     sp = no_wait(verb("vol-create", cmd_vol_create, "create a volume in a pool"))
     sp.add_argument("pool", metavar="POOL", help="the pool's name")
     sp.add_argument("name", metavar="NAME", help="the volume's name")

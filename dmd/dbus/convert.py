@@ -149,7 +149,7 @@ OPTIONS: dict[str, dict[str, str]] = {
     "Revert": {},
     "Destroy": {"force": "b"},
     "Stop": {},
-    "Repair": {"devices": "as"},
+    "Repair": {"devices": "as", "accept-loss": "b"},
     "ListDisks": {},
     "Start": {"devices": "as"},
     "AddDevice": {"force": "b"},

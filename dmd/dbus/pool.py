@@ -163,7 +163,9 @@ class PoolHandlers:
         devices = opts.get("devices")
         paths = None if devices is None else [check_string(d, "a device") for d in devices]
         job, _ = await self.pools.as_job("pool-repair", caller, lambda accept:
-            self.pools.repair_pool(pool, devices=paths, caller=caller, accept=accept))
+            self.pools.repair_pool(pool, devices=paths,
+                                   accept_loss=opts.get("accept-loss", False),
+                                   caller=caller, accept=accept))
         return job_path(job.id)
 
     async def Destroy(self, caller: Caller, pool: str, options: dict[str, Any]) -> str:

@@ -254,6 +254,7 @@ class PoolArgs(IntentArgs):
     old_size: int = 0  # volume-resize-thick: bytes before, zeroed from there on
     snapshot_uuid: str | None = None  # volume-revert: the snapshot copied
     new_name: str | None = None  # pool-rename
+    accept_loss: bool = False  # pool-repair: volumes the repair lost are forgotten
 
 
 # The marks recovery reads (it settles every other case from what the kernel

@@ -85,8 +85,11 @@ def _first(segments: tuple[Segment, ...], sectors: int) -> tuple[Segment, ...]:
 
 
 async def repair_pool(pools: PoolCore, pool: str, *, devices: Sequence[str] | None = None,
-                      caller: Caller = ROOT, accept: Accept = ignore) -> PoolRecord:
-    """*devices*: a stopped pool's disks where they are now, as for Start."""
+                      accept_loss: bool = False, caller: Caller = ROOT,
+                      accept: Accept = ignore) -> PoolRecord:
+    """*devices*: a stopped pool's disks where they are now, as for Start;
+    *accept_loss*: volumes whose thin id the repair cannot find are
+    forgotten (else nothing changes, and they are named)."""
     async with pools.change(pool, stopped=True, damaged=True) as change:
         record = await change.record()
         await pools.check_authorized(caller, Action.POOL, pool, record.owner_uid)
@@ -125,7 +128,8 @@ async def repair_pool(pools: PoolCore, pool: str, *, devices: Sequence[str] | No
             await _devices_up(pools, repaired, change)
 
         async with change.intent("pool-repair", pool,
-                                 PoolArgs(pool=pool, layout=new_layout.to_json()),
+                                 PoolArgs(pool=pool, layout=new_layout.to_json(),
+                                          accept_loss=accept_loss),
                                  undo, roll_forward=finish) as journal:
             change.show(record, "repairing")
             await change.accepted(record, accept)
@@ -138,7 +142,7 @@ async def repair_pool(pools: PoolCore, pool: str, *, devices: Sequence[str] | No
                                                                   new_layout.metadata),
                                        claim=change.owner)
             await pools.wipe_metadata(new_layout)
-            await _copy(pools, record, wanted, volumes)
+            ids = await _copy(pools, record, wanted, volumes, accept_loss)
             # Both areas hold whole metadata now: the disks' description
             # names the new one before the records do, so an import after a
             # crash and a lost state finds it.
@@ -146,6 +150,7 @@ async def repair_pool(pools: PoolCore, pool: str, *, devices: Sequence[str] | No
             await journal.mark(PoolRepairStep.SWITCH)
             journal.no_way_back()
             await change.write(layout=new_layout)
+            await _forget_lost(pools, pool, ids)
             pools.damaged.pop(pool, None)
             await journal.mark(PoolRepairStep.DEVICES_UP)
             await _devices_up(pools, repaired, change)
@@ -154,7 +159,8 @@ async def repair_pool(pools: PoolCore, pool: str, *, devices: Sequence[str] | No
 
 
 async def _copy(pools: PoolCore, record: PoolRecord, wanted: list[int],
-                volumes: list[VolumeRecord]) -> None:
+                volumes: list[VolumeRecord], accept_loss: bool) -> set[int]:
+    """The mended copy written and checked; the thin ids it holds."""
     pool, spare = record.name, spare_device(record.name)
     meta = pool_device(pool, PoolPart.TMETA)
     # The job's size is the metadata read: thin_repair tells nothing on the
@@ -178,10 +184,26 @@ async def _copy(pools: PoolCore, record: PoolRecord, wanted: list[int],
         raise errors.Failed(f"pool {pool!r}: the repair failed: {exc}; nothing changed") \
             from None
     lost = [v.name for v in volumes if v.thin_id is not None and v.thin_id not in ids]
-    if lost or not set(wanted) <= ids:
+    if (lost or not set(wanted) <= ids) and not accept_loss:
         raise errors.Failed(f"pool {pool!r}: the repair found no mapping of "
                             f"{', '.join(sorted(lost)) or 'a scheduled revert'}; nothing "
-                            "changed (the damaged metadata is as it was)")
+                            "changed (the damaged metadata is as it was): Repair with "
+                            "accept-loss forgets them and keeps the rest")
+    if lost:
+        log.warning("pool-repair %s: no mapping found of %s: forgotten (accept-loss)",
+                    pool, ", ".join(sorted(lost)))
+    return ids
+
+
+async def _forget_lost(pools: PoolCore, pool: str, ids: set[int]) -> None:
+    """The records follow the repaired metadata (accept-loss): a volume
+    whose thin id it lacks is forgotten; a scheduled revert whose copy it
+    lacks is dropped (the volume keeps the data it has)."""
+    for volume in await pools.store.list_volumes(pool):
+        if volume.thin_id is not None and volume.thin_id not in ids:
+            await pools.record_change(pool, remove=volume.uuid)
+        elif volume.revert is not None and volume.revert.thin_id not in ids:
+            await pools.record_change(pool, update=replace(volume, revert=None))
 
 
 def _flush(engine: Engine, device: str) -> None:
@@ -233,6 +255,11 @@ async def recover_repair(pools: PoolCore, intent: IntentRecord, args: PoolArgs,
     assert args.layout is not None
     if record.layout == PoolLayout.from_json(args.layout):
         await pools.remove_pool_devices(args.pool)
+        if args.accept_loss:  # the forgetting may have been cut short
+            await pools.create_pool_devices(record, PoolPart.TMETA)
+            ids = set(await pools.kernel.slow(Engine.thin_ids,
+                                              pool_device(args.pool, PoolPart.TMETA)))
+            await _forget_lost(pools, args.pool, ids)
         await _devices_up(pools, record)
         return "done"
     await _remove(pools, args.pool, spare_device(args.pool))

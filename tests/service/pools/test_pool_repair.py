@@ -250,3 +250,51 @@ async def test_a_damaged_pool_can_be_stopped_and_destroyed(tmp_path: Path) -> No
     await pools.destroy_pool("tank", force=True)
     assert await pools.store.get_pool("tank") is None and "tank" not in pools.damaged
     close(pools)
+
+
+async def test_accept_loss_forgets_the_volumes_the_repair_lost_and_keeps_the_rest(
+        stopped: PoolService) -> None:
+    await stopped.start_pool("tank")
+    await stopped.create_volume("tank", "b", GIB)
+    await stopped.stop_pool("tank")
+    before = await stopped.pool("tank")
+    lost = next(v for v in await stopped.store.list_volumes("tank") if v.name == "a")
+    damage(stopped, before, superblock=False, lost=(lost.thin_id or 0,))
+    with pytest.raises(errors.Failed, match="accept-loss"):
+        await stopped.repair_pool("tank")
+    assert await stopped.pool("tank") == before
+    await stopped.repair_pool("tank", accept_loss=True)
+    assert sorted(v.name for v in await stopped.store.list_volumes("tank")) == ["a.1", "b"]
+    await stopped.start_pool("tank")
+    assert "tank-b" in [d.name for d in sim(stopped).list_devices()]
+    await assert_agree(stopped)
+
+
+def test_a_crash_after_the_swap_with_accept_loss_forgets_the_lost_at_recovery(
+        tmp_path: Path) -> None:
+    async def prepare() -> None:
+        pools = open_pools(tmp_path)
+        await pools.create_pool("tank", DISKS[:2])
+        await pools.create_volume("tank", "a", GIB)
+        await pools.create_volume("tank", "b", GIB)
+        await pools.stop_pool("tank")
+        record = await pools.pool("tank")
+        lost = next(v for v in await pools.store.list_volumes("tank") if v.name == "a")
+        damage(pools, record, superblock=False, lost=(lost.thin_id or 0,))
+        close(pools)
+
+    asyncio.run(prepare())
+    crash_at(tmp_path, "pool-repair", PoolRepairStep.DEVICES_UP,
+             lambda p: p.repair_pool("tank", accept_loss=True))
+
+    async def restart() -> None:
+        pools = await recovered(tmp_path)
+        try:
+            assert [v.name for v in await pools.store.list_volumes("tank")] == ["b"]
+            assert sorted(d.name for d in sim(pools).list_devices()) == []
+            await pools.start_pool("tank")
+            await assert_agree(pools)
+        finally:
+            close(pools)
+
+    asyncio.run(restart())
