@@ -276,3 +276,41 @@ def test_a_page_opened_before_dmd_starts_shows_it_once_it_does(
     until(driver, lambda d: "Connected to dmd." in text(d), "dmd, once it started")
     until(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "input[name=disk]")) == 2,
           "the disks")
+
+
+def test_grow_revert_stop_and_start_in_the_browser(browser: Any, dmd_session: Any,
+                                                   disks: list[str]) -> None:
+    """The page's other changes, each read back from what dmd then shows."""
+    driver = browser
+    dmctl = [sys.executable, "-m", "dmd.cli.main", "--session"]
+    for args in (["pool-create", "tank", disks[0]], ["vol-create", "tank", "v", "64M"],
+                 ["snapshot", "tank", "v", "v.1"]):
+        made = subprocess.run([*dmctl, *args], env=dmd_session.env, capture_output=True,
+                              text=True, timeout=60)
+        assert made.returncode == 0, made.stderr
+    until(driver, lambda d: cells(d, "v.1")[3:5] == ["v", "active"], "the snapshot")
+
+    # Grow: the new size asked in a prompt.
+    press(driver, "Grow v")
+    prompt = driver.switch_to.alert
+    prompt.send_keys("128M")
+    prompt.accept()
+    until(driver, lambda d: cells(d, "v")[1:2] == ["128 MiB"], "v grown")
+
+    # Revert v to its snapshot, confirmed: v takes v.1's size (64 MiB) back.
+    press(driver, "Revert v to v.1")
+    driver.switch_to.alert.accept()
+    until(driver, lambda d: cells(d, "v")[1:2] == ["64 MiB"], "v reverted")
+
+    # Stop, then Start: the pool's state in words, its volumes back.
+    press(driver, "Stop tank")
+    until(driver, lambda d: texts(d, "article[data-pool='tank'] .mode") == ["stopped, inactive"],
+          "the pool stopped")
+    assert cells(driver, "v")[4:5] == ["inactive"] and cells(driver, "v")[6] == ""
+    assert not driver.find_element(
+        By.CSS_SELECTOR, "article[data-pool='tank'] form").is_displayed()
+    press(driver, "Start tank")
+    until(driver, lambda d: texts(d, "article[data-pool='tank'] .mode") == ["active, ok"],
+          "the pool started")
+    until(driver, lambda d: cells(d, "v")[4:5] == ["active"], "v back")
+    accessible(driver, "a pool after a stop and a start")
