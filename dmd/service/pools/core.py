@@ -899,9 +899,11 @@ class PoolCore:
         await self.kernel(Engine.wipe, plan.devices[meta.device], meta.start * 512,
                           WIPE_BYTES)
 
-    async def remove_pool_devices(self, pool: str) -> None:
+    async def remove_pool_devices(self, pool: str, *, closed: bool = False) -> None:
         """Remove the pool's devices, volumes first; each is tried; then the
-        records of every device of the pool."""
+        records of every device of the pool. *closed*: each once closed
+        (udev's probe of a device just made or written waited out), Busy if
+        it stays open (Stop, Repair)."""
         claim = self.owner(pool)
         names = [d.name for d in await self.kernel(Engine.list_devices)]
         internal = pool_devices(pool)
@@ -912,7 +914,10 @@ class PoolCore:
         order += [n for n in internal if n in names]
         for device in order:
             with contextlib.suppress(errors.NotFound):
-                await self.devices.remove(device, claim=claim)
+                if closed:
+                    await self.remove_closed(device, claim)
+                else:
+                    await self.devices.remove(device, claim=claim)
         # and the records of those the kernel did not have (start-up did
         # not make them: a damaged pool's, say)
         for record in await self.store.list_devices():

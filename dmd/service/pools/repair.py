@@ -134,8 +134,7 @@ async def repair_pool(pools: PoolCore, pool: str, *, devices: Sequence[str] | No
             change.show(record, "repairing")
             await change.accepted(record, accept)
             await journal.mark(PoolRepairStep.DEVICES)
-            await stopping.remove_devices(pools, pool)
-            await pools.remove_pool_devices(pool)  # and the records of those not made
+            await pools.remove_pool_devices(pool, closed=True)
             await pools.create_pool_devices(record, PoolPart.TMETA)
             await journal.mark(PoolRepairStep.COPY)
             await pools.devices.create(spare_device(pool), linear(new_layout,

@@ -18,7 +18,6 @@ While stopped, every change but Start is refused (NotActive), Destroy too.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
@@ -31,7 +30,7 @@ from dmd.service.journal import Journal, PoolArgs, PoolStartStep, PoolStopStep
 from dmd.service.pools import activation, revert
 from dmd.service.pools.core import Accept, PoolCore, Recover, ignore
 from dmd.service.pools.crypt import settle_at_start
-from dmd.service.pools.names import PoolPart, VolumePart, claim_prefix, in_pool, pool_devices
+from dmd.service.pools.names import PoolPart, claim_prefix, in_pool, pool_devices
 from dmd.state import IntentRecord, PoolLayout, PoolRecord, VolumeRecord
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ async def stop_pool(pools: PoolCore, pool: str, *, caller: Caller = ROOT,
             change.show(record, "stopping")
             await change.accepted(record, accept)
             await journal.mark(PoolStopStep.DEVICES)
-            await remove_devices(pools, pool)
+            await pools.remove_pool_devices(pool, closed=True)
             for volume in await change.volumes():
                 pools.shown.stop_waiting(volume.uuid)
             await journal.mark(PoolStopStep.RECORD)
@@ -95,20 +94,6 @@ async def check_no_cache(pools: PoolCore, pool: str, volumes: Sequence[VolumeRec
     for volume in volumes:
         pools.check_uncached(volume, what)
         await pools.check_not_a_cache(volume)
-
-
-async def remove_devices(pools: PoolCore, pool: str) -> None:
-    """The pool's devices removed, each once closed (udev's probe of a
-    device just made waited out): cleartext devices first (each holds its
-    volume), volumes, then the pool's own."""
-    names = [d.name for d in await pools.kernel(Engine.list_devices)]
-    internal = pool_devices(pool)
-    prefix = claim_prefix(pool)
-    ordered = sorted((n for n in names if in_pool(n, prefix) and n not in internal),
-                     key=lambda n: (not n.endswith(f"-{VolumePart.CRYPT}"), n))
-    for device in [*ordered, *(n for n in internal if n in names)]:
-        with contextlib.suppress(errors.NotFound):
-            await pools.remove_closed(device, pools.owner(pool))
 
 
 async def make_devices(pools: PoolCore, record: PoolRecord, *, volumes: bool = True) -> None:
