@@ -136,7 +136,8 @@ class ManagerHandlers:
 
     async def ListDisks(self, caller: Caller, options: dict[str, Any]) -> list[Any]:
         options_in("ListDisks", options)
-        return [[d.path, d.size_bytes, d.signature, d.busy] for d in await self.pools.disks()]
+        return [[d.path, d.size_bytes, d.signature, d.busy]
+                for d in await self.pools.disks(caller)]
 
     async def GetPool(self, caller: Caller, name: str) -> str:
         record = await self.pools.pool(check_string(name, "name"))

@@ -12,6 +12,7 @@ filesystem, a device-mapper table or an md array holding the device makes
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -103,11 +104,20 @@ def probe(path: str) -> BlockDevice:
 NOT_DISKS = ("ram", "zram", "fd", "sr")
 
 
-def list_disks(sys_block: str = "/sys/class/block") -> list[str]:
-    """Paths of the block devices a pool could be made on, read from sysfs
-    alone (nothing is opened: a disk that hangs holds no thread here):
-    disks and partitions with a size, but device-mapper devices, RAM disks,
-    floppies and optical drives; loop devices only while bound to a file."""
+@dataclass(frozen=True, slots=True)
+class Disk:
+    """A block device a pool could be made on, as sysfs tells it."""
+
+    path: str
+    parent: str  # the whole disk's path for a partition, else ""
+    held: bool  # another device is stacked on it (device-mapper, md, ...)
+
+
+def list_disks(sys_block: str = "/sys/class/block") -> list[Disk]:
+    """The block devices a pool could be made on, read from sysfs alone
+    (nothing is opened: a disk that hangs holds no thread here): disks and
+    partitions with a size, but device-mapper devices, RAM disks, floppies
+    and optical drives; loop devices only while bound to a file."""
     found = []
     try:
         names = sorted(os.listdir(sys_block))
@@ -116,14 +126,115 @@ def list_disks(sys_block: str = "/sys/class/block") -> list[str]:
     for name in names:
         if name.startswith(("dm-", *NOT_DISKS)):
             continue
+        entry = os.path.join(sys_block, name)
         try:
-            with open(os.path.join(sys_block, name, "size")) as f:
+            with open(os.path.join(entry, "size")) as f:
                 sectors = int(f.read().strip() or 0)
         except (OSError, ValueError):
             continue
-        if sectors > 0:
-            found.append(f"/dev/{name}")
+        if sectors <= 0:
+            continue
+        parent = ""
+        if os.path.exists(os.path.join(entry, "partition")):
+            # /sys/class/block/sda1 -> .../block/sda/sda1: its disk is the folder above
+            parent = "/dev/" + os.path.basename(os.path.dirname(os.path.realpath(entry)))
+        try:
+            held = bool(os.listdir(os.path.join(entry, "holders")))
+        except OSError:
+            held = False
+        found.append(Disk(f"/dev/{name}", parent, held))
     return found
+
+
+def mounted_devices(mountinfo: str = "/proc/self/mountinfo",
+                    swaps: str = "/proc/swaps") -> set[tuple[int, int]]:
+    """(major, minor) of every block device mounted (in this mount
+    namespace) or used as swap: in use, without opening it."""
+    found: set[tuple[int, int]] = set()
+    try:
+        with open(mountinfo) as f:
+            for line in f:
+                major, _, minor = line.split()[2].partition(":")
+                if major.isdigit() and minor.isdigit():
+                    found.add((int(major), int(minor)))
+    except OSError:
+        pass
+    try:
+        with open(swaps) as f:
+            for line in f.readlines()[1:]:
+                with contextlib.suppress(OSError, IndexError):
+                    st = os.stat(line.split()[0])
+                    if stat.S_ISBLK(st.st_mode):
+                        found.add((os.major(st.st_rdev), os.minor(st.st_rdev)))
+    except OSError:
+        pass
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class DiskSurvey:
+    """What a pool's picker needs of a disk: its size and signature, its
+    whole disk (for a partition), whether anything uses it."""
+
+    path: str
+    parent: str
+    size_bytes: int
+    signature: str | None
+    in_use: bool
+
+
+def survey_disks(sys_block: str = "/sys/class/block") -> list[DiskSurvey]:
+    """Every disk list_disks finds, surveyed: in use when another device is
+    stacked on it, it is mounted or swap, or (a whole disk) one of its
+    partitions is; none is opened exclusively. One that cannot be read is
+    left out."""
+    disks = list_disks(sys_block)
+    mounted = mounted_devices()
+    used: dict[str, bool] = {}
+    numbers: dict[str, tuple[int, int]] = {}
+    for disk in disks:
+        try:
+            st = os.stat(disk.path)
+        except OSError:
+            continue
+        numbers[disk.path] = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        used[disk.path] = disk.held or numbers[disk.path] in mounted
+    for disk in disks:
+        if disk.parent and used.get(disk.path):
+            used[disk.parent] = True
+    found = []
+    for disk in disks:
+        if disk.path not in numbers:
+            continue
+        try:
+            facts = survey(disk.path, used[disk.path])
+        except (OSError, NotABlockDevice):
+            continue
+        found.append(DiskSurvey(disk.path, disk.parent, facts.size_bytes, facts.signature,
+                                facts.in_use))
+    return found
+
+
+def survey(path: str, in_use: bool) -> BlockDevice:
+    """Size and signature of block device *path*, opened without claiming
+    it (an exclusive open, even for a moment, makes another tool's mount or
+    activation fail with EBUSY); *in_use* as the caller found it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise NotABlockDevice(f"{path}: no such file") from None
+    if not stat.S_ISBLK(st.st_mode):
+        raise NotABlockDevice(f"{path} is not a block device")
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, BLKGETSIZE64, buf)
+        size = struct.unpack("=Q", buf)[0]
+        head = os.pread(fd, min(PROBE_BYTES, size), 0)
+    finally:
+        os.close(fd)
+    return BlockDevice(path, (os.major(st.st_rdev), os.minor(st.st_rdev)), size, in_use,
+                       probe_signature(head))
 
 
 def read(path: str, offset: int, length: int) -> bytes:

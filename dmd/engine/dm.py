@@ -267,9 +267,10 @@ class DM:
         was there before)."""
         blockdev.wipe(path, offset, length)
 
-    def disks(self) -> list[str]:
-        """Paths of the block devices a pool could be made on (blockdev.list_disks)."""
-        return blockdev.list_disks()
+    def disks(self) -> list[blockdev.DiskSurvey]:
+        """The block devices a pool could be made on, surveyed without an
+        exclusive open (blockdev.survey_disks)."""
+        return blockdev.survey_disks()
 
     def read_disk(self, path: str, offset: int, length: int) -> bytes:
         """*length* bytes of block device *path* from byte *offset* (a pool's

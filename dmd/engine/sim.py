@@ -46,7 +46,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dmd.engine import luks
-from dmd.engine.blockdev import PROBE_BYTES, BlockDevice, NotABlockDevice, probe_signature
+from dmd.engine.blockdev import (
+    PROBE_BYTES,
+    BlockDevice,
+    DiskSurvey,
+    NotABlockDevice,
+    probe_signature,
+)
 from dmd.engine.keys import carries_key
 from dmd.engine.thintools import MetadataCheck, ThinToolError
 from dmd.engine.types import (
@@ -1080,10 +1086,11 @@ class SimDM:
             hit = self._resolve(k, path)
         return hit[0] if hit else None
 
-    def disks(self) -> list[str]:
-        """As DM.disks: the disks declared (add_disk)."""
-        with self._locked() as k:
-            return sorted(k.disks)
+    def disks(self) -> list[DiskSurvey]:
+        """As DM.disks: the disks declared (add_disk), none a partition."""
+        return [DiskSurvey(path, "", facts.size_bytes, facts.signature, facts.in_use)
+                for path in sorted(self.snapshot()["disks"])
+                for facts in [self.block_device(path)]]
 
     def block_device(self, path: str) -> BlockDevice:
         with self._locked() as k:

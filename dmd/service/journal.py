@@ -183,7 +183,8 @@ class PoolRepairStep(enum.IntEnum):
     DEVICES = 1  # the pool's devices are removed next, its metadata device made
     COPY = 2  # the spare's device is made and the mended copy written next
     SWITCH = 3  # the records name the copy as the metadata next: no way back
-    DEVICES_UP = 4  # the pool's devices are made over the copy next
+    FORGET = 4  # (accept-loss) the volumes the copy lacks are forgotten next
+    DEVICES_UP = 5  # the pool's devices are made over the copy next
 
 
 class PoolStopStep(enum.IntEnum):

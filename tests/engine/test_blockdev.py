@@ -82,6 +82,24 @@ def test_disks_are_listed_from_sysfs_alone(tmp_path: Path) -> None:
         (tmp_path / name).mkdir()
         if sectors is not None:
             (tmp_path / name / "size").write_text(f"{sectors}\n")
-    assert list_disks(str(tmp_path)) == ["/dev/loop0", "/dev/nvme0n1", "/dev/sda",
-                                         "/dev/sda1"]
+    assert [d.path for d in list_disks(str(tmp_path))] == [
+        "/dev/loop0", "/dev/nvme0n1", "/dev/sda", "/dev/sda1"]
     assert list_disks(str(tmp_path / "nothing")) == []
+
+
+def test_a_partition_knows_its_disk_and_a_held_one_says_so(tmp_path: Path) -> None:
+    """sysfs's class folder links each device into the tree of disks: a
+    partition's folder lies in its disk's; holders/ lists what is stacked."""
+    tree, listed = tmp_path / "devices", tmp_path / "class"
+    for rel, sectors, holders in [("sda", 8192, []), ("sda/sda1", 4096, ["dm-0"])]:
+        (tree / rel / "holders").mkdir(parents=True)
+        (tree / rel / "size").write_text(f"{sectors}\n")
+        for holder in holders:
+            (tree / rel / "holders" / holder).touch()
+    (tree / "sda/sda1/partition").write_text("1\n")
+    listed.mkdir()
+    for name, rel in [("sda", "sda"), ("sda1", "sda/sda1")]:
+        (listed / name).symlink_to(tree / rel)
+    found = {d.path: d for d in list_disks(str(listed))}
+    assert (found["/dev/sda"].parent, found["/dev/sda"].held) == ("", False)
+    assert (found["/dev/sda1"].parent, found["/dev/sda1"].held) == ("/dev/sda", True)

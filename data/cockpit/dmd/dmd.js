@@ -416,7 +416,15 @@ function loadDisks() {
                 disks = list;
                 renderDisks();
             })
-            .catch(error => showProblem("Look for disks", error));
+            .catch(error => {
+                disks = [];
+                renderDisks();
+                /* the pool action is an administrator's: said where the
+                 * disks would be, not as an alarm at every page load */
+                $("no-disks").textContent = shortError(error.name) === "NotAuthorized"
+                    ? "Listing disks needs administrative access (see Cockpit's top bar)."
+                    : `No disks: ${error.message || error}`;
+            });
 }
 
 function renderDisks() {

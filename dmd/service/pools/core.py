@@ -74,7 +74,7 @@ from dmd.engine.targets.thin import (
 )
 from dmd.engine.types import MAX_DEVICE_SECTORS
 from dmd.service import errors
-from dmd.service.auth import Action, Caller
+from dmd.service.auth import ROOT, Action, Caller
 from dmd.service.devices.operations import DeviceService, udev_done
 from dmd.service.jobs import Job, Jobs, work_bytes
 from dmd.service.journal import (
@@ -506,6 +506,7 @@ class PoolCore:
         # Pool UUID -> why its disks are not its own (None: they are), as
         # found at start-up (recreate_guard).
         self.disks_checked: dict[str, str | None] = {}
+        self._disk_survey: asyncio.Future[list[Disk]] | None = None  # see disks
         # Pools stopped (Pool.Stop): refused every change but Start.
         self.stopped: set[str] = set()
         # Pool name -> what thin_check found wrong with its metadata, when
@@ -854,25 +855,44 @@ class PoolCore:
             found.append(facts)
         return found
 
-    async def disks(self) -> list[Disk]:
+    async def disks(self, caller: Caller = ROOT) -> list[Disk]:
         """Every block device a pool could be made on, and what keeps each
-        from it now (for a client's picker: CreatePool checks again)."""
-        taken = {p: pool.name for pool in await self.store.list_pools()
-                 for p in pool.layout.devices}
+        from it now (for a client's picker: CreatePool checks again). For
+        those who may make pools (it reads every disk's first bytes); calls
+        at the same time share one survey, on the slow workers, so no number
+        of them holds more than one thread (a disk that hangs a read)."""
+        await self.check_authorized(caller, Action.POOL, "disks")
+        if self._disk_survey is None or self._disk_survey.done():
+            self._disk_survey = asyncio.ensure_future(self._survey_disks())
+        return await asyncio.shield(self._disk_survey)
+
+    async def _survey_disks(self) -> list[Disk]:
+        surveyed = await self.kernel.slow(Engine.disks)
+        numbers = {s.path: await self.kernel(Engine.device_number, s.path) for s in surveyed}
+        # A pool's disk by its device number (a record may name it by another
+        # path), and a whole disk by the pool on one of its partitions.
+        taken: dict[tuple[int, int], str] = {}
+        for pool in await self.store.list_pools():
+            for path in pool.layout.devices:
+                number = await self.kernel(Engine.device_number, path)
+                if number is not None:
+                    taken[number] = pool.name
+        owners = {path: taken.get(number) if number is not None else None
+                  for path, number in numbers.items()}
+        parts_taken = {s.parent: owners[s.path] for s in surveyed
+                       if s.parent and owners[s.path] is not None}
         found = []
-        for path in await self.kernel(Engine.disks):
-            try:
-                facts = await self.kernel(Engine.block_device, path)
-            except (NotABlockDevice, OSError):
-                continue  # gone meanwhile, or not to be opened: not offered
-            signature = facts.signature or ""
-            busy = (f"a device of pool {taken[path]}" if path in taken else
+        for s in surveyed:
+            signature = s.signature or ""
+            busy = (f"a device of pool {owners[s.path]}" if owners[s.path] is not None else
+                    f"a partition of it is a device of pool {parts_taken[s.path]}"
+                    if s.path in parts_taken else
                     "a disk of a dmd pool this dmd does not know (ImportPool it)"
                     if signature == "dmd_pool" else
-                    "in use (mounted, or held by another device)" if facts.in_use else
+                    "in use (mounted, or held by another device)" if s.in_use else
                     f"smaller than {MIN_DEVICE_BYTES} bytes"
-                    if facts.size_bytes < MIN_DEVICE_BYTES else "")
-            found.append(Disk(path, facts.size_bytes, signature, busy))
+                    if s.size_bytes < MIN_DEVICE_BYTES else "")
+            found.append(Disk(s.path, s.size_bytes, signature, busy))
         return found
 
     async def check_free_devices(self, paths: list[str], force: bool) -> list[tuple[str, int]]:

@@ -124,7 +124,11 @@ async def repair_pool(pools: PoolCore, pool: str, *, devices: Sequence[str] | No
             else:  # as it was (a damaged pool: its metadata and data devices)
                 await stopping.make_devices(pools, record)
 
+        ids: set[int] = set()
+
         async def finish(_: Journal) -> None:
+            if accept_loss:
+                await _forget_lost(pools, pool, ids)
             await _devices_up(pools, repaired, change)
 
         async with change.intent("pool-repair", pool,
@@ -141,7 +145,7 @@ async def repair_pool(pools: PoolCore, pool: str, *, devices: Sequence[str] | No
                                                                   new_layout.metadata),
                                        claim=change.owner)
             await pools.wipe_metadata(new_layout)
-            ids = await _copy(pools, record, wanted, volumes, accept_loss)
+            ids |= await _copy(pools, record, wanted, volumes, accept_loss)
             # Both areas hold whole metadata now: the disks' description
             # names the new one before the records do, so an import after a
             # crash and a lost state finds it.
@@ -149,8 +153,10 @@ async def repair_pool(pools: PoolCore, pool: str, *, devices: Sequence[str] | No
             await journal.mark(PoolRepairStep.SWITCH)
             journal.no_way_back()
             await change.write(layout=new_layout)
-            await _forget_lost(pools, pool, ids)
             pools.damaged.pop(pool, None)
+            if accept_loss:
+                await journal.mark(PoolRepairStep.FORGET)
+                await _forget_lost(pools, pool, ids)
             await journal.mark(PoolRepairStep.DEVICES_UP)
             await _devices_up(pools, repaired, change)
     log.info("pool-repair %s: metadata repaired into its spare area", pool)
@@ -182,7 +188,7 @@ async def _copy(pools: PoolCore, record: PoolRecord, wanted: list[int],
     except (ThinToolError, OSError) as exc:
         raise errors.Failed(f"pool {pool!r}: the repair failed: {exc}; nothing changed") \
             from None
-    lost = [v.name for v in volumes if v.thin_id is not None and v.thin_id not in ids]
+    lost = [v.name for v in volumes if _lost(v, ids)]
     if (lost or not set(wanted) <= ids) and not accept_loss:
         raise errors.Failed(f"pool {pool!r}: the repair found no mapping of "
                             f"{', '.join(sorted(lost)) or 'a scheduled revert'}; nothing "
@@ -194,15 +200,27 @@ async def _copy(pools: PoolCore, record: PoolRecord, wanted: list[int],
     return ids
 
 
+def _lost(volume: VolumeRecord, ids: set[int]) -> bool:
+    """A thin volume the repaired metadata has nothing of: neither its thin
+    id nor a scheduled revert's copy (that one becomes its data when the
+    revert is applied, as the pool comes up)."""
+    return volume.thin_id is not None and volume.thin_id not in ids and (
+        volume.revert is None or volume.revert.thin_id not in ids)
+
+
 async def _forget_lost(pools: PoolCore, pool: str, ids: set[int]) -> None:
     """The records follow the repaired metadata (accept-loss): a volume
-    whose thin id it lacks is forgotten; a scheduled revert whose copy it
-    lacks is dropped (the volume keeps the data it has)."""
+    with nothing in it is forgotten; a scheduled revert whose copy it lacks
+    is dropped (the volume keeps the data it has). Each is logged."""
     for volume in await pools.store.list_volumes(pool):
-        if volume.thin_id is not None and volume.thin_id not in ids:
+        if _lost(volume, ids):
             await pools.record_change(pool, remove=volume.uuid)
+            log.warning("pool-repair %s: volume %s forgotten (its mappings were not found)",
+                        pool, volume.name)
         elif volume.revert is not None and volume.revert.thin_id not in ids:
             await pools.record_change(pool, update=replace(volume, revert=None))
+            log.warning("pool-repair %s: the revert scheduled for %s dropped (its copy's "
+                        "mappings were not found)", pool, volume.name)
 
 
 def _flush(engine: Engine, device: str) -> None:
@@ -256,10 +274,16 @@ async def recover_repair(pools: PoolCore, intent: IntentRecord, args: PoolArgs,
         await pools.remove_pool_devices(args.pool)
         if args.accept_loss:  # the forgetting may have been cut short
             await pools.create_pool_devices(record, PoolPart.TMETA)
-            ids = set(await pools.kernel.slow(Engine.thin_ids,
-                                              pool_device(args.pool, PoolPart.TMETA)))
+            try:
+                ids = set(await pools.kernel.slow(Engine.thin_ids,
+                                                  pool_device(args.pool, PoolPart.TMETA)))
+            except ThinToolError as exc:
+                raise errors.Failed(f"pool {args.pool!r}: its repaired metadata cannot be "
+                                    f"read: {exc}") from None
             await _forget_lost(pools, args.pool, ids)
         await _devices_up(pools, record)
+        if record.stopped:  # its disks were checked by the repair cut short
+            await pools.describe(args.pool, checked=True)
         return "done"
     await _remove(pools, args.pool, spare_device(args.pool))
     if record.stopped:
