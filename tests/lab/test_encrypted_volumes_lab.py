@@ -248,6 +248,7 @@ def cryptsetup_running(command: str) -> bool:
                           capture_output=True).returncode == 0
 
 
+@pytest.mark.kernel_volumes_last  # the boots' balance: docs/kernel-lab.md
 def test_kill_9_while_cryptsetup_runs(stopped_dmd: SystemDmd, disks: list[str]) -> None:
     """luksFormat and cryptsetup open take seconds (the PBKDF, on purpose):
     dmd is killed while each runs. The create is undone; the unlock leaves

@@ -339,6 +339,7 @@ CRASHES = [("volume-create", 2, False), ("volume-create", 4, True),
            ("volume-delete", 2, False)]
 
 
+@pytest.mark.kernel_volumes_last  # the boots' balance: docs/kernel-lab.md
 def test_sigkill_during_volume_create_and_delete(stopped_dmd: SystemDmd,
                                                  disks: list[str]) -> None:
     dmd = stopped_dmd
@@ -391,6 +392,7 @@ def header_bytes(device: str) -> str:
         return hashlib.sha256(f.read(4 * MIB)).hexdigest()
 
 
+@pytest.mark.kernel_volumes_last  # the boots' balance: docs/kernel-lab.md
 def test_import_after_a_crash_between_copies_the_state_lost_and_the_disks_renumbered(
         stopped_dmd: SystemDmd, tmp_path: Path) -> None:
     from dmd.state.pool_description import COPY_OFFSETS
