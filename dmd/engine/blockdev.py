@@ -73,15 +73,28 @@ def probe_signature(head: bytes) -> str | None:
     return None
 
 
-def probe(path: str) -> BlockDevice:
-    """Size, in-use state and signature of block device *path*."""
+def _block_device_number(path: str) -> tuple[int, int]:
+    """(major, minor) of *path*, NotABlockDevice unless it is one."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         raise NotABlockDevice(f"{path}: no such file") from None
     if not stat.S_ISBLK(st.st_mode):
         raise NotABlockDevice(f"{path} is not a block device")
-    device = (os.major(st.st_rdev), os.minor(st.st_rdev))
+    return os.major(st.st_rdev), os.minor(st.st_rdev)
+
+
+def _size_and_head(fd: int) -> tuple[int, bytes]:
+    """The device's size in bytes, and its first PROBE_BYTES (fewer if small)."""
+    buf = bytearray(8)
+    fcntl.ioctl(fd, BLKGETSIZE64, buf)
+    size = struct.unpack("=Q", buf)[0]
+    return size, os.pread(fd, min(PROBE_BYTES, size), 0)
+
+
+def probe(path: str) -> BlockDevice:
+    """Size, in-use state and signature of block device *path*."""
+    device = _block_device_number(path)
     in_use = False
     try:
         fd = os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
@@ -91,10 +104,7 @@ def probe(path: str) -> BlockDevice:
         in_use = True
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        buf = bytearray(8)
-        fcntl.ioctl(fd, BLKGETSIZE64, buf)
-        size = struct.unpack("=Q", buf)[0]
-        head = os.pread(fd, min(PROBE_BYTES, size), 0)
+        size, head = _size_and_head(fd)
     finally:
         os.close(fd)
     return BlockDevice(path, device, size, in_use, probe_signature(head))
@@ -162,10 +172,8 @@ def mounted_devices(mountinfo: str = "/proc/self/mountinfo",
     try:
         with open(swaps) as f:
             for line in f.readlines()[1:]:
-                with contextlib.suppress(OSError, IndexError):
-                    st = os.stat(line.split()[0])
-                    if stat.S_ISBLK(st.st_mode):
-                        found.add((os.major(st.st_rdev), os.minor(st.st_rdev)))
+                with contextlib.suppress(OSError, IndexError, NotABlockDevice):
+                    found.add(_block_device_number(line.split()[0]))
     except OSError:
         pass
     return found
@@ -177,6 +185,7 @@ class DiskSurvey:
     whole disk (for a partition), whether anything uses it."""
 
     path: str
+    device: tuple[int, int]
     parent: str
     size_bytes: int
     signature: str | None
@@ -194,10 +203,9 @@ def survey_disks(sys_block: str = "/sys/class/block") -> list[DiskSurvey]:
     numbers: dict[str, tuple[int, int]] = {}
     for disk in disks:
         try:
-            st = os.stat(disk.path)
-        except OSError:
+            numbers[disk.path] = _block_device_number(disk.path)
+        except (OSError, NotABlockDevice):
             continue
-        numbers[disk.path] = (os.major(st.st_rdev), os.minor(st.st_rdev))
         used[disk.path] = disk.held or numbers[disk.path] in mounted
     for disk in disks:
         if disk.parent and used.get(disk.path):
@@ -210,8 +218,8 @@ def survey_disks(sys_block: str = "/sys/class/block") -> list[DiskSurvey]:
             facts = survey(disk.path, used[disk.path])
         except (OSError, NotABlockDevice):
             continue
-        found.append(DiskSurvey(disk.path, disk.parent, facts.size_bytes, facts.signature,
-                                facts.in_use))
+        found.append(DiskSurvey(disk.path, facts.device, disk.parent, facts.size_bytes,
+                                facts.signature, facts.in_use))
     return found
 
 
@@ -219,22 +227,13 @@ def survey(path: str, in_use: bool) -> BlockDevice:
     """Size and signature of block device *path*, opened without claiming
     it (an exclusive open, even for a moment, makes another tool's mount or
     activation fail with EBUSY); *in_use* as the caller found it."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise NotABlockDevice(f"{path}: no such file") from None
-    if not stat.S_ISBLK(st.st_mode):
-        raise NotABlockDevice(f"{path} is not a block device")
+    device = _block_device_number(path)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
-        buf = bytearray(8)
-        fcntl.ioctl(fd, BLKGETSIZE64, buf)
-        size = struct.unpack("=Q", buf)[0]
-        head = os.pread(fd, min(PROBE_BYTES, size), 0)
+        size, head = _size_and_head(fd)
     finally:
         os.close(fd)
-    return BlockDevice(path, (os.major(st.st_rdev), os.minor(st.st_rdev)), size, in_use,
-                       probe_signature(head))
+    return BlockDevice(path, device, size, in_use, probe_signature(head))
 
 
 def read(path: str, offset: int, length: int) -> bytes:

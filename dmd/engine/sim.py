@@ -1088,7 +1088,8 @@ class SimDM:
 
     def disks(self) -> list[DiskSurvey]:
         """As DM.disks: the disks declared (add_disk), none a partition."""
-        return [DiskSurvey(path, "", facts.size_bytes, facts.signature, facts.in_use)
+        return [DiskSurvey(path, facts.device, "", facts.size_bytes, facts.signature,
+                           facts.in_use)
                 for path in sorted(self.snapshot()["disks"])
                 for facts in [self.block_device(path)]]
 

@@ -868,7 +868,6 @@ class PoolCore:
 
     async def _survey_disks(self) -> list[Disk]:
         surveyed = await self.kernel.slow(Engine.disks)
-        numbers = {s.path: await self.kernel(Engine.device_number, s.path) for s in surveyed}
         # A pool's disk by its device number (a record may name it by another
         # path), and a whole disk by the pool on one of its partitions.
         taken: dict[tuple[int, int], str] = {}
@@ -877,8 +876,7 @@ class PoolCore:
                 number = await self.kernel(Engine.device_number, path)
                 if number is not None:
                     taken[number] = pool.name
-        owners = {path: taken.get(number) if number is not None else None
-                  for path, number in numbers.items()}
+        owners = {s.path: taken.get(s.device) for s in surveyed}
         parts_taken = {s.parent: owners[s.path] for s in surveyed
                        if s.parent and owners[s.path] is not None}
         found = []
