@@ -27,6 +27,14 @@ GIB = 1 << 30
 DISKS = ["/dev/simdisk1", "/dev/simdisk2", "/dev/simdisk3"]
 
 
+def sim(pools: PoolService) -> SimDM:
+    """The simulator under *pools*: what a test pretends with (opens, writes,
+    damage to a pool's metadata)."""
+    engine = pools.kernel.engine
+    assert isinstance(engine, SimDM)
+    return engine
+
+
 def open_pools(tmp: Path, fault: Any = None) -> PoolService:
     engine = SimDM(tmp / "kernel.json")
     for i, path in enumerate(DISKS, start=1):

@@ -8,17 +8,10 @@ import asyncio
 
 import pytest
 
-from dmd.engine.sim import SimDM
 from dmd.service import errors
 from dmd.service.pools.core import PROBE_WAITS
 from dmd.service.pools.service import PoolService
-from tests.service.pools.kit import GIB
-
-
-def sim(pools: PoolService) -> SimDM:
-    engine = pools.kernel.engine
-    assert isinstance(engine, SimDM)
-    return engine
+from tests.service.pools.kit import GIB, sim
 
 
 async def closed_after(pools: PoolService, device: str, seconds: float) -> None:

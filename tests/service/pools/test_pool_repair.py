@@ -29,11 +29,8 @@ from tests.service.pools.kit import (
     crash_at,
     open_pools,
     recovered,
+    sim,
 )
-
-
-def sim(pools: PoolService) -> SimDM:
-    return pools.kernel.engine  # type: ignore[return-value]
 
 
 def damage(pools: PoolService, record: PoolRecord, *, superblock: bool = True,

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from dmd.engine import DmFlags
-from dmd.engine.sim import SimDM
 from dmd.service import errors
 from dmd.service.journal import PoolExtendStep, PoolGrowStep
 from dmd.service.pools.room import HEADER_SECTORS, free_segments
@@ -31,6 +30,9 @@ from tests.service.pools.kit import (
     recovered,
     state,
 )
+from tests.service.pools.kit import (
+    sim as sim_of,  # its tests call their simulator sim
+)
 
 BLOCK = 64 << 10
 
@@ -43,10 +45,6 @@ async def check(space: SpaceWatch, pool: str) -> Space:
     figures = await space.check(pool)
     await space.settled()
     return figures
-
-
-def sim_of(pools: PoolService) -> SimDM:
-    return pools.kernel.engine  # type: ignore[return-value]
 
 
 def watch(pools: PoolService) -> tuple[SpaceWatch, list[tuple[str, str, Space]]]:

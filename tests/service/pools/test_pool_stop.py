@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from dmd.engine.sim import SimDM
 from dmd.service import errors
 from dmd.service.journal import PoolStartStep
 from dmd.service.pools.crypt import lock
@@ -27,12 +26,9 @@ from tests.service.pools.kit import (
     crash_at,
     open_pools,
     recovered,
+    sim,
 )
 from tests.service.pools.test_volume_encryption import request
-
-
-def sim(pools: PoolService) -> SimDM:
-    return pools.kernel.engine  # type: ignore[return-value]
 
 
 def kernel_names(pools: PoolService) -> list[str]:

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from dmd.engine import DmFlags
-from dmd.engine.sim import SimDM
 from dmd.service import errors
 from dmd.service.auth import Action, Caller
 from dmd.service.pools import cache
@@ -31,13 +30,10 @@ from tests.service.pools.kit import (
     close,
     open_pools,
     recovered,
+    sim,
 )
 
 MIB = 1 << 20
-
-
-def sim(pools: PoolService) -> SimDM:
-    return pools.kernel.engine  # type: ignore[return-value]
 
 
 def mapped_thin(pools: PoolService, device: str) -> int:
