@@ -214,7 +214,7 @@ function volumeActions(volume) {
         if (volume.Encryption)
             specs.push(volume.Locked
                 ? [`Unlock ${name}`, "Unlock", null, () => unlock(here())]
-                : [`Lock ${name}`, "Lock", null, () => lock(here())]);
+                : [`Lock ${name}`, "Lock", null, () => volumeJob(here(), "Lock")]);
         specs.push([`Deactivate ${name}`, "Deactivate", "secondary", () => volumeJob(here(), "Deactivate")]);
     }
     if (origin)
@@ -541,12 +541,9 @@ function remove(volume) {
         call(`Delete ${volume.Name}`, volume.path, IFACE.volume, "Delete", "a{sv}", [NO_OPTIONS]);
 }
 
+/* A volume's method that takes options alone (Activate, Deactivate, Lock). */
 function volumeJob(volume, method) {
     call(`${method} ${volume.Name}`, volume.path, IFACE.volume, method, "a{sv}", [NO_OPTIONS]);
-}
-
-function lock(volume) {
-    call(`Lock ${volume.Name}`, volume.path, IFACE.volume, "Lock", "a{sv}", [NO_OPTIONS]);
 }
 
 /* The passphrase asked for in a dialog of the page's own (a prompt would
