@@ -15,6 +15,7 @@ import pytest
 
 from dmd.engine.sim import SimDM
 from dmd.service import errors
+from dmd.service.auth import Caller
 from dmd.service.devices.recovery import recover
 from dmd.service.journal import PoolRepairStep
 from dmd.service.pools.recovery import recover_pools
@@ -325,3 +326,19 @@ async def test_accept_loss_keeps_a_volume_whose_scheduled_revert_survived(
     a = next(v for v in await stopped.store.list_volumes("tank") if v.name == "a")
     assert a.revert is None and "tank-a" in [d.name for d in sim(stopped).list_devices()]
     await assert_agree(stopped)
+
+
+async def test_repair_refuses_another_uid_and_a_device_taking_the_spare_name(
+        stopped: PoolService) -> None:
+    """Another uid may not repair a pool it does not own; a device already
+    carrying the name the repair's spare device takes (another tool's) is
+    AlreadyExists; either way nothing changes."""
+    before = await stopped.pool("tank")
+    damage(stopped, before)
+    with pytest.raises(errors.NotAuthorized):
+        await stopped.repair_pool("tank", caller=Caller(uid=1000))
+    sim(stopped).device_create("tank-tmeta-spare")
+    with pytest.raises(errors.AlreadyExists, match="tank-tmeta-spare"):
+        await stopped.repair_pool("tank")
+    assert await stopped.pool("tank") == before
+    assert [d.name for d in sim(stopped).list_devices()] == ["tank-tmeta-spare"]
