@@ -314,3 +314,77 @@ def test_grow_revert_stop_and_start_in_the_browser(browser: Any, dmd_session: An
           "the pool started")
     until(driver, lambda d: cells(d, "v")[4:5] == ["active"], "v back")
     accessible(driver, "a pool after a stop and a start")
+
+
+def test_cancel_repair_and_destroy_in_the_browser(dmd_session: Any, cockpit: str,
+                                                  disks: list[str], browser_at: Any,
+                                                  tmp_path: Path) -> None:
+    """A job cancelled from its Cancel button (its volume undone); a pool
+    whose metadata was damaged while stopped: its Start failing with dmd's
+    reason, then Repair and Start from the page; a Destroy, its disk free
+    again."""
+    # dmd again, with a mkfs.xfs first on its PATH that never ends (a real
+    # one on the simulator's files takes a moment, too short to cancel).
+    pid_file = tmp_path / "mkfs.pid"
+    tools = tmp_path / "slow-mkfs"
+    tools.mkdir()
+    (tools / "mkfs.xfs").write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 120\n")
+    (tools / "mkfs.xfs").chmod(0o755)
+    dmd_session.stop()
+    dmd_session.env["PATH"] = f"{tools}:{dmd_session.env['PATH']}"
+    dmd_session.start()
+    made = subprocess.run([sys.executable, "-m", "dmd.cli.main", "--session", "pool-create",
+                           "tank", disks[0]], env=dmd_session.env, capture_output=True,
+                          text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    driver = browser_at(cockpit)
+    until(driver, lambda d: texts(d, "article[data-pool='tank'] .mode") == ["active, ok"],
+          "the pool")
+
+    # Cancel: offered while mkfs runs; the job ends cancelled, mkfs is
+    # stopped and the volume is gone.
+    create_volume(driver, "tank", name="slow", size="1G", filesystem="xfs")
+    until(driver, lambda d: pid_file.exists() and pid_file.read_text().strip(), "mkfs running")
+    until(driver, lambda d: button(d, "Cancel volume-create slow").is_displayed(),
+          "the job's Cancel")
+    screenshot(driver, "job-cancellable")
+    press(driver, "Cancel volume-create slow")
+    until(driver, lambda d: job_text(d, "volume-create slow").startswith(
+        "volume-create slow\ncancelled"), "the job cancelled")
+    until(driver, lambda d: "slow" not in volume_names(d, "tank"), "the volume undone")
+    mkfs = int(pid_file.read_text())
+    until(driver, lambda d: not Path(f"/proc/{mkfs}").exists(), "mkfs stopped")
+    assert not driver.find_elements(By.CSS_SELECTOR, "button[aria-label^='Cancel ']")
+
+    # Damaged while stopped: Start fails with dmd's reason, the pool's mode
+    # says it, Repair mends it, Start brings it back.
+    press(driver, "Stop tank")
+    until(driver, lambda d: texts(d, "article[data-pool='tank'] .mode") == ["stopped, inactive"],
+          "the pool stopped")
+    SimDM(dmd_session.sim).damage_metadata(disks[0], 4 << 20, superblock=True)
+    press(driver, "Start tank")
+    until(driver, lambda d: d.find_element(By.ID, "problem").is_displayed(), "Start refused")
+    problem = driver.find_element(By.ID, "problem").text
+    assert "Corrupt" in problem and "damaged" in problem, problem
+    driver.find_element(By.ID, "problem-close").click()
+    until(driver, lambda d: texts(d, "article[data-pool='tank'] .mode") == ["stopped, damaged"],
+          "the pool damaged")
+    card = texts(driver, "article[data-pool='tank']")[0]
+    assert "Changes refused:" in card and "thin_check" in card, card
+    screenshot(driver, "damaged")
+    accessible(driver, "a damaged pool")
+    press(driver, "Repair tank")
+    until(driver, lambda d: job_text(d, "pool-repair tank").startswith(
+        "pool-repair tank\ncompleted"), "the repair's job, to its end")
+    press(driver, "Start tank")
+    until(driver, lambda d: texts(d, "article[data-pool='tank'] .mode") == ["active, ok"],
+          "the pool started after its repair")
+
+    # Destroy, confirmed: the pool gone, its disk free to pick again.
+    press(driver, "Destroy tank")
+    driver.switch_to.alert.accept()
+    until(driver, lambda d: not d.find_elements(By.CSS_SELECTOR, "article[data-pool='tank']"),
+          "the pool destroyed")
+    until(driver, lambda d: disk_box(d, disks[0]).get_attribute("disabled") is None,
+          "its disk free again")
+    assert driver.find_element(By.ID, "no-pools").is_displayed()
