@@ -103,6 +103,7 @@ class Options:
     sync_interval: float = 60.0
     udev: bool = True
     udev_buffer: int = RECEIVE_BUFFER
+    stop_grace: float = 10.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
         "made in an SQLite database, and follows changes other tools make. Run it as "
         "root on the system bus (systemctl start dmd), or as anyone with --bus session "
         "--sim FILE.",
-        epilog="Signals: SIGTERM or SIGINT refuse new calls, let running ones finish and "
-        "exit 0; SIGUSR1 logs where every task is waiting. Exit status 1: dmd could not "
-        "start (the message says why) or lost its bus.")
+        epilog="Signals: SIGTERM or SIGINT refuse new calls, let running ones finish, "
+        "give running jobs --stop-grace seconds, cancel those that can still be undone, "
+        "wait for the rest and exit 0; SIGUSR1 logs where every task is waiting. Exit "
+        "status 1: dmd could not start (the message says why) or lost its bus.")
     parser.add_argument("--bus", choices=("system", "session"), default="system",
                         help="bus to serve on (default: system)")
     parser.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
@@ -137,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how often to read every device's status and table, for "
                              "what no event reports (a suspend or a table load by another "
                              "tool); 0: never (default: 600)")
+    parser.add_argument("--stop-grace", type=float, default=10.0, metavar="SECONDS",
+                        help="at SIGTERM, how long running jobs have to end before those "
+                             "that can still be undone are cancelled (default: 10)")
     parser.add_argument("--no-udev", action="store_true",
                         help="do not listen to udev (devices lose their udev properties; "
                              "kernel events and audits still follow other tools)")
@@ -161,11 +166,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
         else:
             # systemd's StateDirectory= tells us where it made the directory.
             state_dir = Path(os.environ.get("STATE_DIRECTORY", DEFAULT_STATE_DIR))
-    if args.audit_interval < 0 or args.sync_interval < 0:
-        parser.error("--audit-interval and --sync-interval must not be negative")
+    if args.audit_interval < 0 or args.sync_interval < 0 or args.stop_grace < 0:
+        parser.error("--audit-interval, --sync-interval and --stop-grace must not be "
+                     "negative")
     return Options(args.bus, state_dir, args.sim, args.log_level, args.sim_flush_delay,
                    args.udev_timeout, args.audit_interval, args.sync_interval,
-                   not args.no_udev, args.udev_buffer)
+                   not args.no_udev, args.udev_buffer, args.stop_grace)
 
 
 def open_engine(options: Options) -> Engine:
@@ -356,7 +362,7 @@ class Daemon:
             raise StartupError(f"lost the connection to the bus ({bus_loss(disconnected)})")
         log.info("stopping: finishing %d call(s) in flight", router.in_flight)
         await router.drain()
-        await pools.jobs.drain()
+        await pools.jobs.drain(self.options.stop_grace)
         space_timer.cancel()
         key_timer.cancel()
         await space.close()

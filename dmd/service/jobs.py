@@ -69,6 +69,7 @@ class Job:
     done_bytes: int = 0
     sized_since: float | None = None
     _cancel_requested: bool = field(default=False, repr=False)
+    _cancel_reason: str = field(default="cancelled", repr=False)
     _jobs: Jobs | None = field(default=None, repr=False)
 
 
@@ -114,7 +115,7 @@ def cancel_point(past_way_back: bool) -> None:
         # leave the operation half undone, its intent for recovery.
         job._cancel_requested = False
         job.cancellable = False
-        raise Cancelled(f"{job.operation}: cancelled")
+        raise Cancelled(f"{job.operation}: {job._cancel_reason}")
 
 
 def progress(fraction: float) -> None:
@@ -237,8 +238,21 @@ class Jobs:
             return bool(done)
         return True
 
-    async def drain(self) -> None:
-        """Wait for every running job (at shutdown)."""
+    async def drain(self, grace: float) -> None:
+        """At shutdown: every running job has *grace* seconds to end; then
+        those that can still be undone are cancelled (as Cancel would: a
+        mkfs of a large volume or a long write-back must not hold a stop
+        past systemd's patience, whose SIGKILL would leave the undo to the
+        next start), and the rest are awaited to their end."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()), timeout=grace)
+        for job_id in list(self._tasks):
+            job = self._jobs.get(job_id)
+            if job is not None and job.state is JobState.RUNNING and job.cancellable:
+                log.info("job %d (%s %s): cancelled, dmd is stopping", job.id,
+                         job.operation, getattr(job.subject, "name", ""))
+                job._cancel_reason = "cancelled: dmd is stopping"
+                job._cancel_requested = True
         while self._tasks:
             await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
 

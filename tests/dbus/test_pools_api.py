@@ -8,6 +8,7 @@ import asyncio
 import json
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from dbus_fast import Variant
 
 from dmd.dbus.names import (
     BUS_NAME,
+    DEVICE_INTERFACE,
     JOB_INTERFACE,
     MANAGER_INTERFACE,
     NO_OBJECT,
@@ -551,3 +553,59 @@ async def test_a_damaged_pool_is_shown_and_repaired_over_the_bus(
     p = await props(client, pool, POOL_INTERFACE)
     assert (p["Mode"], p["ChangesRefused"], p["State"]) == ("ok", "", "active")
     assert (await props(client, volume, VOLUME_INTERFACE))["State"] == "active"
+
+
+async def test_sigterm_gives_jobs_a_grace_then_cancels_those_that_can_be_undone(
+        dmd_session: Any, client: Client, disks: list[str], tmp_path: Path) -> None:
+    """A stop must not wait on a mkfs that never ends (systemd would kill dmd
+    and leave the undo to the next start): past --stop-grace, a job that can
+    still be undone is cancelled, and dmd exits 0, nothing left of it. A job
+    that ends within the grace is not cancelled."""
+    pid_file = tmp_path / "mkfs.pid"
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    # Hangs once told to (the file *hang*); else a moment, then the real one.
+    (tools / "mkfs.xfs").write_text(
+        f"#!/bin/sh\necho $$ > {pid_file}\n"
+        f"if [ -e {tools}/hang ]; then exec sleep 120; fi\n"
+        "sleep 1\nexec /usr/sbin/mkfs.xfs \"$@\"\n")
+    (tools / "mkfs.xfs").chmod(0o755)
+    dmd_session.stop()
+    dmd_session.env["PATH"] = f"{tools}:{dmd_session.env['PATH']}"
+    dmd_session.extra += ["--stop-grace", "3"]
+    dmd_session.start()
+    pool, job = await create_pool(client, "tank", disks)
+    await finished(client, job)
+
+    async def create(name: str) -> tuple[str, float]:
+        pid_file.unlink(missing_ok=True)
+        _, job = await client.call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}",
+                                   [name, 1 << 30, {"filesystem": Variant("s", "xfs")}])
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            await asyncio.sleep(0.02)
+        assert dmd_session.proc is not None
+        started = time.monotonic()
+        dmd_session.proc.terminate()
+        code = await asyncio.get_running_loop().run_in_executor(None, dmd_session.proc.wait, 30)
+        assert code == 0, dmd_session.log.read_text()
+        return str(job), time.monotonic() - started
+
+    _, took = await create("quick")  # mkfs ends within the grace: kept
+    assert took < 3, f"dmd took {took:.1f} s to stop"
+    (tools / "hang").touch()
+    dmd_session.start()
+    _, took = await create("stuck")
+    mkfs = int(pid_file.read_text())
+    assert 3 <= took < 15, f"dmd took {took:.1f} s to stop"
+    assert not Path(f"/proc/{mkfs}").exists(), "mkfs outlived dmd"
+    log = dmd_session.log.read_text()
+    assert "(volume-create stuck): cancelled, dmd is stopping" in log, log
+
+    (tools / "hang").unlink()
+    dmd_session.start()
+    names = {o[VOLUME_INTERFACE]["Name"] for o in (await objects(client)).values()
+             if VOLUME_INTERFACE in o}
+    assert names == {"quick"}
+    devices = {o[DEVICE_INTERFACE]["Name"] for o in (await objects(client)).values()
+               if DEVICE_INTERFACE in o}
+    assert not any("stuck" in d for d in devices), devices
