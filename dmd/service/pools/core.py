@@ -923,11 +923,16 @@ class PoolCore:
         (udev's probe of a device just made or written waited out), Busy if
         it stays open (Stop, Repair)."""
         claim = self.owner(pool)
-        names = [d.name for d in await self.kernel(Engine.list_devices)]
         internal = pool_devices(pool)
         prefix = claim_prefix(pool)
+        # dmd's devices only: every one it made or adopted has a record; a
+        # name that merely begins as the pool's (another tool's tank-x) is
+        # not the pool's to remove.
+        records = await self.store.list_devices()
+        ours = {r.name for r in records if r.name in internal or in_pool(r.name, prefix)}
+        names = [d.name for d in await self.kernel(Engine.list_devices) if d.name in ours]
         # Cleartext devices first: each holds its volume's device.
-        order = sorted((n for n in names if in_pool(n, prefix) and n not in internal),
+        order = sorted((n for n in names if n not in internal),
                        key=lambda n: (parts(n)[2:] != [VolumePart.CRYPT], n))
         order += [n for n in internal if n in names]
         for device in order:
@@ -939,7 +944,7 @@ class PoolCore:
         # and the records of those the kernel did not have (start-up did
         # not make them: a damaged pool's, say)
         for record in await self.store.list_devices():
-            if record.name in internal or in_pool(record.name, prefix):
+            if record.name in ours:
                 await self.store.remove_device(record.name)
 
     async def create_pool_devices(self, record: PoolRecord, *parts: PoolPart) -> None:

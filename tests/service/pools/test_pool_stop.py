@@ -82,6 +82,25 @@ async def test_stop_is_refused_while_a_device_is_held_from_outside(
     await running.stop_pool("tank")
 
 
+async def test_stop_and_destroy_leave_alone_a_device_named_like_the_pools(
+        running: PoolService) -> None:
+    """Another tool's device whose name begins as the pool's devices do
+    (tank-x, holding nothing of the pool): not dmd's, so neither Stop nor
+    Destroy removes it, and it never becomes one of dmd's records."""
+    sim(running).device_create("tank-x")  # another tool's
+    await running.stop_pool("tank")
+    assert kernel_names(running) == ["tank-x"]
+    # Start refuses while it is there (dmd could not tell it from its own).
+    with pytest.raises(errors.AlreadyExists, match="tank-x"):
+        await running.start_pool("tank")
+    sim(running).device_remove("tank-x")
+    await running.start_pool("tank")
+    sim(running).device_create("tank-y")  # another tool's, while the pool runs
+    await running.destroy_pool("tank", force=True)
+    assert kernel_names(running) == ["tank-y"]
+    assert "tank-y" not in {d.name for d in await running.store.list_devices()}
+
+
 def test_a_stopped_pool_stays_stopped_across_a_restart(tmp_path: Path) -> None:
     async def stop() -> None:
         pools = open_pools(tmp_path)
