@@ -9,7 +9,6 @@ screenshot kept, and axe-core's accessibility rules passing on each
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +16,25 @@ from typing import Any
 
 import pytest
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
 
 from dmd.engine.sim import SimDM
+from tests.cockpit.page import (
+    SHOTS,
+    accessible,
+    button,
+    cells,
+    create_volume,
+    disk_box,
+    fill,
+    job_text,
+    press,
+    screenshot,
+    text,
+    texts,
+    until,
+    volume_names,
+)
 
-PROJECT = Path(__file__).resolve().parents[2]
-SHOTS = PROJECT / ".lab-results" / "cockpit"  # kept by CI
-AXE = PROJECT / ".cache" / "axe-4.14.1.min.js"  # scripts/setup fetches it
-WAIT = 30  # seconds
 PASSPHRASE = "correct horse battery staple"
 
 
@@ -35,117 +45,6 @@ def disks(dmd_session: Any) -> list[str]:
     for i, path in enumerate(paths, start=1):
         sim.add_disk(path, 7, i, 4096 * 2048)
     return paths
-
-
-def screenshot(driver: Any, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    driver.save_screenshot(str(SHOTS / f"{name}.png"))
-
-
-def until(driver: Any, check: Any, what: str) -> Any:
-    """*check(driver)*, asked until true (an element gone, or not there yet,
-    as the page redraws or reloads: asked again)."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
-
-    return WebDriverWait(driver, WAIT, poll_frequency=0.1,
-                         ignored_exceptions=(NoSuchElementException,
-                                             StaleElementReferenceException)).until(
-        lambda d: check(d), message=f"the page never showed {what}")
-
-
-def text(driver: Any) -> str:
-    return str(driver.find_element(By.TAG_NAME, "main").text)
-
-
-def pool_card(driver: Any, name: str) -> Any:
-    return driver.find_element(By.CSS_SELECTOR, f"article[data-pool='{name}']")
-
-
-def volume_names(driver: Any, pool: str) -> list[str]:
-    return list(driver.execute_script(
-        "return [...document.querySelectorAll(`article[data-pool='${arguments[0]}'] "
-        "tr[data-volume]`)].map(r => r.dataset.volume)", pool))
-
-
-def texts(driver: Any, selector: str) -> list[str]:
-    """The text of each element *selector* finds, read in one go (the page
-    redraws what it shows at each of dmd's signals: an element held across
-    calls may be gone)."""
-    return list(driver.execute_script(
-        "return [...document.querySelectorAll(arguments[0])].map(e => e.innerText)",
-        selector))
-
-
-def row_text(driver: Any, volume: str) -> str:
-    return "".join(texts(driver, f"tr[data-volume='{volume}']"))
-
-
-def job_text(driver: Any, what: str) -> str:
-    """The text of the newest job whose words start with *what*."""
-    return next((t for t in texts(driver, "li.job") if t.startswith(what)), "")
-
-
-def cells(driver: Any, volume: str) -> list[str]:
-    """The texts of a volume's row, cell by cell ([] when it has none)."""
-    return list(driver.execute_script(
-        "const row = document.querySelector(`tr[data-volume='${arguments[0]}']`);"
-        "return row ? [...row.children].map(c => c.innerText.trim()) : []", volume))
-
-
-def press(driver: Any, label: str) -> None:
-    """Click the button named *label*, found again if a redraw replaced it."""
-    from selenium.common.exceptions import StaleElementReferenceException
-
-    for _ in range(3):
-        try:
-            button(driver, label).click()
-            return
-        except StaleElementReferenceException:
-            continue
-    button(driver, label).click()
-
-
-def create_volume(driver: Any, pool: str, *, encrypt: bool = False, filesystem: str = "",
-                  **fields: str) -> Any:
-    form = pool_card(driver, pool).find_element(By.CSS_SELECTOR, "form")
-    fill(form, **fields)
-    if filesystem:
-        form.find_element(By.CSS_SELECTOR,
-                          f"select[name=filesystem] option[value={filesystem}]").click()
-    if encrypt:
-        form.find_element(By.NAME, "encrypt").click()
-    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    return form
-
-
-def disk_box(driver: Any, path: str) -> Any:
-    return driver.find_element(By.CSS_SELECTOR, f"input[name=disk][value='{path}']")
-
-
-def button(driver: Any, label: str) -> Any:
-    return driver.find_element(By.CSS_SELECTOR, f"button[aria-label='{label}']")
-
-
-def fill(form: Any, **fields: str) -> None:
-    for name, value in fields.items():
-        field = form.find_element(By.NAME, name)
-        field.clear()
-        field.send_keys(value)
-
-
-def accessible(driver: Any, view: str) -> None:
-    """axe-core's WCAG A/AA rules on the page as it is: no violation."""
-    if not AXE.exists():
-        pytest.fail(f"{AXE} is missing: scripts/setup fetches axe-core")
-    driver.execute_script(AXE.read_text())
-    result = driver.execute_async_script(
-        "const done = arguments[arguments.length - 1];"
-        "axe.run(document, {runOnly: ['wcag2a', 'wcag2aa']})"
-        ".then(r => done(JSON.stringify(r.violations.map(v => ({id: v.id, help: v.help,"
-        " nodes: v.nodes.map(n => n.target.join(' '))})))))"
-        ".catch(e => done(JSON.stringify([{id: 'axe', help: String(e), nodes: []}])));")
-    violations = json.loads(result)
-    assert violations == [], f"{view}: {violations}"
 
 
 def test_pools_volumes_and_jobs_in_the_browser(browser: Any, dmd_session: Any,
