@@ -89,8 +89,13 @@ def serve_cockpit(tmp_path: Path, env: dict[str, str]) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def browsers(page_load_timeout: float = 60) -> Iterator[Callable[[str], Any]]:
-    """Headless chromium opened on a URL (``open_at(url)``), each quit at the end."""
+def browsers(emulated: bool = False) -> Iterator[Callable[[str], Any]]:
+    """Headless chromium opened on a URL (``open_at(url)``), each quit at
+    the end. *emulated*: in the lab's TCG guest, where a page takes minutes
+    to load: V8 without its JIT (code that writes code makes the emulator
+    translate it again and again), and ``open_at`` returns once the page is
+    asked for (the caller waits for what it needs to see; selenium's own
+    call would give up after 120 s)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -105,10 +110,13 @@ def browsers(page_load_timeout: float = 60) -> Iterator[Callable[[str], Any]]:
                     "--disable-background-networking", "--disable-component-update",
                     "--disable-sync", "--window-size=1280,1000", f"--user-data-dir={profile}"):
             options.add_argument(arg)
+        if emulated:
+            options.add_argument("--js-flags=--jitless")
+            options.page_load_strategy = "none"
         driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)),
                                   options=options)
         opened.append(driver)
-        driver.set_page_load_timeout(page_load_timeout)
+        driver.set_page_load_timeout(600 if emulated else 60)
         driver.get(url)
         return driver
 
