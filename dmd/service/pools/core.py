@@ -124,6 +124,9 @@ log = logging.getLogger(__name__)
 MIN_DEVICE_BYTES = 16 << 20
 DEFAULT_BLOCK_SECTORS = 128  # 64 KiB, LVM's default for thin pools
 WIPE_BYTES = 1 << 20  # of the metadata's start: the kernel then formats a new pool
+# The DM UUIDs of devices dmd makes (pool parts, volumes: see tables.py) and
+# of the cleartext devices cryptsetup opens for it.
+OWN_UUIDS = ("DMD-", "CRYPT-LUKS2-")
 EXTEND_PERCENT = 20  # LVM's thin_pool_autoextend_percent default
 METADATA_LOW_PERCENT = 20  # metadata free below this: extend it too
 UNDO_BUSY_WAITS = (*[0.2] * 25, None)  # seconds between tries of an undo's remove
@@ -917,20 +920,27 @@ class PoolCore:
         await self.kernel(Engine.wipe, plan.devices[meta.device], meta.start * 512,
                           WIPE_BYTES)
 
+    async def own_devices(self, pool: str) -> tuple[list[str], set[str]]:
+        """The pool's devices in the kernel, and the names of its device
+        records. The pool's: a name that begins as the pool's, and either a
+        record (dmd made or adopted it) or a UUID dmd or cryptsetup gives
+        (one made just before a crash, its record never written); not
+        another tool's ``tank-x``."""
+        prefix = claim_prefix(pool)
+        recorded = {r.name for r in await self.store.list_devices() if in_pool(r.name, prefix)}
+        present = [d.name for d in await self.kernel(Engine.list_devices)
+                   if in_pool(d.name, prefix)
+                   and (d.name in recorded or (d.uuid or "").startswith(OWN_UUIDS))]
+        return present, recorded
+
     async def remove_pool_devices(self, pool: str, *, closed: bool = False) -> None:
-        """Remove the pool's devices, volumes first; each is tried; then the
-        records of every device of the pool. *closed*: each once closed
-        (udev's probe of a device just made or written waited out), Busy if
-        it stays open (Stop, Repair)."""
+        """Remove the pool's devices (``own_devices``), volumes first; each is
+        tried; then the records of every device of the pool. *closed*: each
+        once closed (udev's probe of a device just made or written waited
+        out), Busy if it stays open (Stop, Repair)."""
         claim = self.owner(pool)
         internal = pool_devices(pool)
-        prefix = claim_prefix(pool)
-        # dmd's devices only: every one it made or adopted has a record; a
-        # name that merely begins as the pool's (another tool's tank-x) is
-        # not the pool's to remove.
-        records = await self.store.list_devices()
-        ours = {r.name for r in records if r.name in internal or in_pool(r.name, prefix)}
-        names = [d.name for d in await self.kernel(Engine.list_devices) if d.name in ours]
+        names, recorded = await self.own_devices(pool)
         # Cleartext devices first: each holds its volume's device.
         order = sorted((n for n in names if n not in internal),
                        key=lambda n: (parts(n)[2:] != [VolumePart.CRYPT], n))
@@ -944,7 +954,7 @@ class PoolCore:
         # and the records of those the kernel did not have (start-up did
         # not make them: a damaged pool's, say)
         for record in await self.store.list_devices():
-            if record.name in ours:
+            if record.name in recorded:
                 await self.store.remove_device(record.name)
 
     async def create_pool_devices(self, record: PoolRecord, *parts: PoolPart) -> None:

@@ -73,10 +73,10 @@ async def stop_pool(pools: PoolCore, pool: str, *, caller: Caller = ROOT,
 
 
 async def check_not_held(pools: PoolCore, pool: str, what: str) -> None:
-    """Busy while anything outside the pool holds one of its devices."""
-    prefix = claim_prefix(pool)
-    names = [d.name for d in await pools.kernel(Engine.list_devices)
-             if in_pool(d.name, prefix)]
+    """Busy while anything outside the pool holds one of its devices (the
+    ones Stop and Repair remove: another tool's ``tank-x`` on a volume is
+    outside)."""
+    names, _ = await pools.own_devices(pool)
     try:
         busy = await pools.kernel(held_from_outside, names)
     except DmError as exc:  # one went meanwhile: ask again later

@@ -101,6 +101,22 @@ async def test_stop_and_destroy_leave_alone_a_device_named_like_the_pools(
     assert "tank-y" not in {d.name for d in await running.store.list_devices()}
 
 
+async def test_another_tools_device_on_a_volume_makes_stop_busy_with_nothing_changed(
+        running: PoolService) -> None:
+    """tank-x, another tool's, maps tank-a: tank-a is held from outside
+    the pool, so Stop is Busy before it closes or removes anything (the
+    unlocked volume keeps its cleartext device and key)."""
+    before = await assert_agree(running)
+    sim(running).device_create("tank-x")
+    sim(running).table_load("tank-x", [(0, 2048, "linear", "/dev/mapper/tank-a 0")])
+    sim(running).device_suspend("tank-x")  # without DM_SUSPEND: a resume, the table live
+    with pytest.raises(errors.Busy, match="tank-a"):
+        await running.stop_pool("tank")
+    assert "tank-sealed-crypt" in kernel_names(running)
+    sim(running).device_remove("tank-x")
+    assert await assert_agree(running) == before
+
+
 def test_a_stopped_pool_stays_stopped_across_a_restart(tmp_path: Path) -> None:
     async def stop() -> None:
         pools = open_pools(tmp_path)
