@@ -361,8 +361,11 @@ class Daemon:
             stopping.cancel()
             raise StartupError(f"lost the connection to the bus ({bus_loss(disconnected)})")
         log.info("stopping: finishing %d call(s) in flight", router.in_flight)
+        # From now on the grace runs, also for calls still waiting for a pool
+        # that a running job holds.
+        pools.jobs.stop_after(self.options.stop_grace)
         await router.drain()
-        await pools.jobs.drain(self.options.stop_grace)
+        await pools.jobs.drain()
         space_timer.cancel()
         key_timer.cancel()
         await space.close()

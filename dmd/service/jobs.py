@@ -108,8 +108,11 @@ def cancel_point(past_way_back: bool) -> None:
     if job is None:
         return
     if past_way_back:
+        # Too late for a cancel asked before this step and not yet honoured:
+        # the operation rolls forward now, and ends as done.
         job.cancellable = False
-    elif job._cancel_requested:
+        job._cancel_requested = False
+    elif job._cancel_requested and job.cancellable:
         # Once: the undo that follows has steps of its own (a nested
         # device removal's journal), and a second Cancelled there would
         # leave the operation half undone, its intent for recovery.
@@ -146,6 +149,8 @@ class Jobs:
         self._jobs: dict[int, Job] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._starting: dict[int, int] = {}  # job id -> uid, until accepted
+        self._live: dict[int, Job] = {}  # every running job, accepted or not yet
+        self._stopping = False  # dmd is stopping and the grace is over
         self._listeners: list[JobListener] = []
         self._next = 1
 
@@ -175,6 +180,9 @@ class Jobs:
         job = Job(self._next, operation, started_by, time.time(), _jobs=self)
         self._next += 1
         self._starting[job.id] = started_by
+        self._live[job.id] = job
+        if self._stopping:
+            self._cancel_for_stop(job)
         accepted: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
         def accept(value: Any) -> None:
@@ -204,6 +212,7 @@ class Jobs:
             finally:
                 self._tasks.pop(job.id, None)
                 self._starting.pop(job.id, None)
+                self._live.pop(job.id, None)
             if not accepted.done():  # finished without accepting: accepted at its end
                 accept(job.result)
             job.finished_at = time.time()
@@ -238,21 +247,30 @@ class Jobs:
             return bool(done)
         return True
 
-    async def drain(self, grace: float) -> None:
-        """At shutdown: every running job has *grace* seconds to end; then
-        those that can still be undone are cancelled (as Cancel would: a
-        mkfs of a large volume or a long write-back must not hold a stop
-        past systemd's patience, whose SIGKILL would leave the undo to the
-        next start), and the rest are awaited to their end."""
-        if self._tasks:
-            await asyncio.wait(list(self._tasks.values()), timeout=grace)
-        for job_id in list(self._tasks):
-            job = self._jobs.get(job_id)
-            if job is not None and job.state is JobState.RUNNING and job.cancellable:
-                log.info("job %d (%s %s): cancelled, dmd is stopping", job.id,
-                         job.operation, getattr(job.subject, "name", ""))
-                job._cancel_reason = "cancelled: dmd is stopping"
-                job._cancel_requested = True
+    def stop_after(self, grace: float) -> None:
+        """dmd is stopping: *grace* seconds from now, every running job that
+        can still be undone is cancelled (as Cancel would), and so is each
+        started after then, at its first step (a call that waited for a pool
+        a hung job held). A mkfs of a large volume or a long write-back must
+        not hold a stop past systemd's patience, whose SIGKILL would leave
+        the undo to the next start. Honoured at each job's next step."""
+        asyncio.get_running_loop().call_later(grace, self._stop_now)
+
+    def _stop_now(self) -> None:
+        self._stopping = True
+        for job in list(self._live.values()):
+            self._cancel_for_stop(job)
+
+    @staticmethod
+    def _cancel_for_stop(job: Job) -> None:
+        if job.state is JobState.RUNNING and job.cancellable and not job._cancel_requested:
+            what = " ".join(filter(None, (job.operation, getattr(job.subject, "name", ""))))
+            log.info("job %d (%s): to be cancelled, dmd is stopping", job.id, what)
+            job._cancel_reason = "cancelled: dmd is stopping"
+            job._cancel_requested = True
+
+    async def drain(self) -> None:
+        """Wait for every running job (at shutdown: see stop_after)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
 

@@ -298,6 +298,7 @@ class Journal:
         the operation rolls forward, and ends as done even if a later step
         fails."""
         self.beyond_undo = True
+        cancel_point(past_way_back=True)  # the job says so at once, not at its next mark
 
     async def mark(self, step: enum.IntEnum) -> None:
         """Mark progress, then give the fault hook its chance to stop us here."""

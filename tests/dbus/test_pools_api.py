@@ -577,29 +577,43 @@ async def test_sigterm_gives_jobs_a_grace_then_cancels_those_that_can_be_undone(
     pool, job = await create_pool(client, "tank", disks)
     await finished(client, job)
 
-    async def create(name: str) -> tuple[str, float]:
+    async def create(name: str, also: str = "") -> tuple[str, float]:
+        """CreateVolume *name*, SIGTERM once its mkfs runs; with *also*, a
+        second CreateVolume waits for the pool meanwhile (the grace must not
+        wait for it)."""
         pid_file.unlink(missing_ok=True)
         _, job = await client.call(pool, POOL_INTERFACE, "CreateVolume", "sta{sv}",
                                    [name, 1 << 30, {"filesystem": Variant("s", "xfs")}])
         while not pid_file.exists() or not pid_file.read_text().strip():
             await asyncio.sleep(0.02)
+        if also:
+            waiting = asyncio.ensure_future(client.call(
+                pool, POOL_INTERFACE, "CreateVolume", "sta{sv}", [also, 1 << 30, {}]))
+            await asyncio.sleep(0.5)
+            assert not waiting.done()
         assert dmd_session.proc is not None
         started = time.monotonic()
         dmd_session.proc.terminate()
         code = await asyncio.get_running_loop().run_in_executor(None, dmd_session.proc.wait, 30)
         assert code == 0, dmd_session.log.read_text()
-        return str(job), time.monotonic() - started
+        took = time.monotonic() - started
+        if also:  # answered once it had the pool: refused, or its job cancelled
+            try:
+                await waiting
+            except CallError as exc:
+                assert "dmd is stopping" in str(exc), exc
+        return str(job), took
 
     _, took = await create("quick")  # mkfs ends within the grace: kept
     assert took < 3, f"dmd took {took:.1f} s to stop"
     (tools / "hang").touch()
     dmd_session.start()
-    _, took = await create("stuck")
+    _, took = await create("stuck", also="waiting")
     mkfs = int(pid_file.read_text())
     assert 3 <= took < 15, f"dmd took {took:.1f} s to stop"
     assert not Path(f"/proc/{mkfs}").exists(), "mkfs outlived dmd"
     log = dmd_session.log.read_text()
-    assert "(volume-create stuck): cancelled, dmd is stopping" in log, log
+    assert "(volume-create stuck): to be cancelled, dmd is stopping" in log, log
 
     (tools / "hang").unlink()
     dmd_session.start()

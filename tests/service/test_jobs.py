@@ -177,6 +177,63 @@ async def test_cancel_at_a_step_that_can_be_undone_and_not_after() -> None:
     assert job.state is JobState.COMPLETED
 
 
+async def test_a_cancel_not_honoured_before_the_way_back_is_dropped_there() -> None:
+    """Asked while the job worked between two steps, then the job crossed
+    its point of no return: it rolls forward and completes; a later step
+    (a nested operation's) does not raise the old cancel."""
+    jobs = Jobs()
+    step, go = asyncio.Event(), asyncio.Event()
+
+    async def body(accept: Callable[[Any], None]) -> None:
+        accept(None)
+        step.set()
+        await go.wait()
+        cancel_point(past_way_back=True)
+        cancel_point(past_way_back=False)
+
+    job, _ = await jobs.start("op", 0, body)
+    await step.wait()
+    jobs.cancel(job.id)
+    go.set()
+    await jobs.wait(job.id, 5)
+    assert job.state is JobState.COMPLETED, job.error_message
+
+
+async def test_at_a_stop_the_grace_then_a_cancel_for_running_and_later_jobs() -> None:
+    """stop_after(grace): a job that ends within it completes; one still
+    running after it is cancelled at its next step, and a job started after
+    it (a call that waited for a pool) at its first."""
+    jobs = Jobs()
+    quick_go, slow_go = asyncio.Event(), asyncio.Event()
+
+    def body(go: asyncio.Event, then_step: bool) -> Any:
+        async def run(accept: Callable[[Any], None]) -> None:
+            accept(None)
+            await go.wait()
+            if then_step:
+                cancel_point(past_way_back=False)
+        return run
+
+    quick, _ = await jobs.start("quick", 0, body(quick_go, True))
+    slow, _ = await jobs.start("slow", 0, body(slow_go, True))
+    jobs.stop_after(0.2)
+    quick_go.set()
+    await jobs.wait(quick.id, 5)
+    assert quick.state is JobState.COMPLETED
+    await asyncio.sleep(0.3)
+
+    async def late(accept: Callable[[Any], None]) -> None:
+        cancel_point(past_way_back=False)  # its first step, before it accepts
+        accept(None)
+
+    with pytest.raises(errors.ServiceError, match="dmd is stopping"):
+        await jobs.start("late", 0, late)
+    slow_go.set()
+    await jobs.drain()
+    assert slow.state is JobState.CANCELLED
+    assert slow.error_message == "slow: cancelled: dmd is stopping"
+
+
 async def test_finished_jobs_are_forgotten_after_their_retention() -> None:
     jobs = Jobs(retention=0.05)
 
