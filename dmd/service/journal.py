@@ -342,6 +342,9 @@ async def intent(store: IntentStore, fault: FaultHook | None, operation: str, de
     try:
         yield journal
     except BaseException:
+        # Its undo (or roll forward) runs to its end: a cancel asked now
+        # would stop it half done, the intent left for the next start.
+        cancel_point(past_way_back=True)
         if journal.beyond_undo:
             if roll_forward is not None:
                 try:

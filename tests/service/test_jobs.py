@@ -14,6 +14,7 @@ import pytest
 from dmd.service import errors
 from dmd.service.auth import ROOT
 from dmd.service.jobs import JobEvent, Jobs, JobState, cancel_point, work_bytes
+from dmd.service.journal import Journal, PoolArgs, PoolStopStep, intent
 from tests.service.pools.kit import DISKS, GIB, assert_agree, open_pools, state
 
 
@@ -232,6 +233,56 @@ async def test_at_a_stop_the_grace_then_a_cancel_for_running_and_later_jobs() ->
     await jobs.drain()
     assert slow.state is JobState.CANCELLED
     assert slow.error_message == "slow: cancelled: dmd is stopping"
+
+
+class MemoryIntents:
+    """An IntentStore in memory: each intent's end state."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, str] = {}
+
+    async def begin_intent(self, operation: str, device: str, args: dict[str, Any]) -> int:
+        self.states[len(self.states) + 1] = "pending"
+        return len(self.states)
+
+    async def advance_intent(self, intent_id: int, step: int) -> None:
+        pass
+
+    def advance_intent_soon(self, intent_id: int, step: int) -> asyncio.Future[None]:
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    async def finish_intent(self, intent_id: int, state: str) -> None:
+        self.states[intent_id] = state
+
+
+async def test_an_undo_runs_to_its_end_whatever_cancel_comes() -> None:
+    """Once the body failed, its undo is not cancellable: a Cancel (or a
+    stop's) asked meanwhile would have stopped it at its first nested step,
+    half undone, its intent left for the next start."""
+    jobs, store = Jobs(), MemoryIntents()
+    undoing, go = asyncio.Event(), asyncio.Event()
+
+    async def rollback(_: Journal) -> None:
+        undoing.set()
+        await go.wait()
+        async with intent(store, None, "inner", "d", PoolArgs(pool="tank")) as inner:
+            await inner.mark(PoolStopStep.DEVICES)  # a nested device removal's step
+
+    async def body(accept: Callable[[Any], None]) -> None:
+        accept(None)
+        async with intent(store, None, "outer", "d", PoolArgs(pool="tank"), rollback):
+            raise errors.Failed("mkfs.ext4 exited with status 1")
+
+    job, _ = await jobs.start("op", 0, body)
+    await undoing.wait()
+    with pytest.raises(errors.Busy):
+        jobs.cancel(job.id)
+    go.set()
+    await jobs.wait(job.id, 5)
+    assert (job.state, job.error_name) == (JobState.FAILED, "Failed"), job.error_message
+    assert store.states == {1: "rolled_back", 2: "done"}
 
 
 async def test_finished_jobs_are_forgotten_after_their_retention() -> None:

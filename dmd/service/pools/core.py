@@ -124,9 +124,9 @@ log = logging.getLogger(__name__)
 MIN_DEVICE_BYTES = 16 << 20
 DEFAULT_BLOCK_SECTORS = 128  # 64 KiB, LVM's default for thin pools
 WIPE_BYTES = 1 << 20  # of the metadata's start: the kernel then formats a new pool
-# The DM UUIDs of devices dmd makes (pool parts, volumes: see tables.py) and
-# of the cleartext devices cryptsetup opens for it.
-OWN_UUIDS = ("DMD-", "CRYPT-LUKS2-")
+# The DM UUIDs of devices dmd makes (pool parts, volumes: see tables.py), and
+# of the cleartext devices cryptsetup opens (for dmd, or anyone).
+DMD_UUID, CRYPT_UUID = "DMD-", "CRYPT-LUKS2-"
 EXTEND_PERCENT = 20  # LVM's thin_pool_autoextend_percent default
 METADATA_LOW_PERCENT = 20  # metadata free below this: extend it too
 UNDO_BUSY_WAITS = (*[0.2] * 25, None)  # seconds between tries of an undo's remove
@@ -928,9 +928,15 @@ class PoolCore:
         another tool's ``tank-x``."""
         prefix = claim_prefix(pool)
         recorded = {r.name for r in await self.store.list_devices() if in_pool(r.name, prefix)}
+        # cryptsetup's UUID alone does not make a device dmd's (a user's own
+        # mapping over a volume has one too): only under the cleartext name
+        # of one of the pool's encrypted volumes.
+        cleartexts = {cleartext_device(pool, v.name)
+                      for v in await self.store.list_volumes(pool) if v.encryption}
         present = [d.name for d in await self.kernel(Engine.list_devices)
                    if in_pool(d.name, prefix)
-                   and (d.name in recorded or (d.uuid or "").startswith(OWN_UUIDS))]
+                   and (d.name in recorded or (d.uuid or "").startswith(DMD_UUID)
+                        or (d.name in cleartexts and (d.uuid or "").startswith(CRYPT_UUID)))]
         return present, recorded
 
     async def remove_pool_devices(self, pool: str, *, closed: bool = False) -> None:

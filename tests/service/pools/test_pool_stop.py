@@ -107,14 +107,17 @@ async def test_another_tools_device_on_a_volume_makes_stop_busy_with_nothing_cha
     the pool, so Stop is Busy before it closes or removes anything (the
     unlocked volume keeps its cleartext device and key)."""
     before = await assert_agree(running)
-    sim(running).device_create("tank-x")
-    sim(running).table_load("tank-x", [(0, 2048, "linear", "/dev/mapper/tank-a 0")])
-    sim(running).device_suspend("tank-x")  # without DM_SUSPEND: a resume, the table live
-    with pytest.raises(errors.Busy, match="tank-a"):
-        await running.stop_pool("tank")
-    assert "tank-sealed-crypt" in kernel_names(running)
-    sim(running).device_remove("tank-x")
-    assert await assert_agree(running) == before
+    # A plain mapping, and a user's own LUKS mapping over the plain volume
+    # (cryptsetup's UUID, but not the cleartext name of an encrypted volume).
+    for name, uuid in (("tank-x", None), ("tank-z", "CRYPT-LUKS2-0123abcd-tank-z")):
+        sim(running).device_create(name, uuid)
+        sim(running).table_load(name, [(0, 2048, "linear", "/dev/mapper/tank-a 0")])
+        sim(running).device_suspend(name)  # without DM_SUSPEND: a resume, the table live
+        with pytest.raises(errors.Busy, match="tank-a"):
+            await running.stop_pool("tank")
+        assert "tank-sealed-crypt" in kernel_names(running)
+        sim(running).device_remove(name)
+        assert await assert_agree(running) == before
 
 
 def test_a_stopped_pool_stays_stopped_across_a_restart(tmp_path: Path) -> None:
