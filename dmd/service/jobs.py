@@ -148,7 +148,6 @@ class Jobs:
         self.retention = retention
         self._jobs: dict[int, Job] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
-        self._starting: dict[int, int] = {}  # job id -> uid, until accepted
         self._live: dict[int, Job] = {}  # every running job, accepted or not yet
         self._stopping = False  # dmd is stopping and the grace is over
         self._listeners: list[JobListener] = []
@@ -172,14 +171,12 @@ class Jobs:
         """Run *body(accept)* as a job; return (job, accepted value) once it
         accepts. If it fails first, its error is raised here."""
         if started_by != 0 and sum(
-                1 for j in self._jobs.values() if j.started_by == started_by
-                and j.state is JobState.RUNNING) + sum(
-                1 for t in self._starting.values() if t == started_by) >= MAX_RUNNING_PER_UID:
+                1 for j in self._live.values()
+                if j.started_by == started_by) >= MAX_RUNNING_PER_UID:
             raise errors.LimitExceeded(f"uid {started_by} has {MAX_RUNNING_PER_UID} jobs "
                                        "running; wait for one to end")
         job = Job(self._next, operation, started_by, time.time(), _jobs=self)
         self._next += 1
-        self._starting[job.id] = started_by
         self._live[job.id] = job
         if self._stopping:
             self._cancel_for_stop(job)
@@ -188,7 +185,6 @@ class Jobs:
         def accept(value: Any) -> None:
             if not accepted.done():
                 job.subject = value
-                self._starting.pop(job.id, None)
                 self._jobs[job.id] = job
                 self._tell(job, JobEvent.ADDED)
                 accepted.set_result(value)
@@ -211,7 +207,6 @@ class Jobs:
                     job.error_name, job.error_message = "Failed", f"{operation}: internal error"
             finally:
                 self._tasks.pop(job.id, None)
-                self._starting.pop(job.id, None)
                 self._live.pop(job.id, None)
             if not accepted.done():  # finished without accepting: accepted at its end
                 accept(job.result)

@@ -13,7 +13,7 @@ import pytest
 
 from dmd.service import errors
 from dmd.service.auth import ROOT
-from dmd.service.jobs import JobEvent, Jobs, JobState, cancel_point, work_bytes
+from dmd.service.jobs import Job, JobEvent, Jobs, JobState, cancel_point, work_bytes
 from dmd.service.journal import Journal, PoolArgs, PoolStopStep, intent
 from tests.service.pools.kit import DISKS, GIB, assert_agree, open_pools, state
 
@@ -142,27 +142,34 @@ async def test_failure_after_accepting_is_the_jobs_end() -> None:
     assert job.error_message == "the pool is busy"
 
 
-async def test_cancel_at_a_step_that_can_be_undone_and_not_after() -> None:
-    jobs = Jobs()
-    step = asyncio.Event()
-    go = asyncio.Event()
+async def cancelled_while_working(jobs: Jobs, *steps: bool) -> Job:
+    """A job cancelled while it works between two steps, which then takes
+    *steps* (each ``cancel_point(past_way_back=step)``); the job, ended."""
+    working, go = asyncio.Event(), asyncio.Event()
 
     async def body(accept: Callable[[Any], None]) -> None:
         accept(None)
-        step.set()
+        working.set()
         await go.wait()
-        cancel_point(past_way_back=False)
+        for past_way_back in steps:
+            cancel_point(past_way_back=past_way_back)
 
     job, _ = await jobs.start("op", 0, body)
-    await step.wait()
+    await working.wait()
     jobs.cancel(job.id)
     go.set()
     await jobs.wait(job.id, 5)
+    return job
+
+
+async def test_cancel_at_a_step_that_can_be_undone_and_not_after() -> None:
+    jobs = Jobs()
+    job = await cancelled_while_working(jobs, False)
     assert job.state is JobState.CANCELLED and job.error_name == "Cancelled"
     with pytest.raises(errors.InvalidArgument):
         jobs.cancel(job.id)  # it has ended
 
-    go.clear()
+    go = asyncio.Event()
 
     async def past(accept: Callable[[Any], None]) -> None:
         accept(None)
@@ -182,21 +189,7 @@ async def test_a_cancel_not_honoured_before_the_way_back_is_dropped_there() -> N
     """Asked while the job worked between two steps, then the job crossed
     its point of no return: it rolls forward and completes; a later step
     (a nested operation's) does not raise the old cancel."""
-    jobs = Jobs()
-    step, go = asyncio.Event(), asyncio.Event()
-
-    async def body(accept: Callable[[Any], None]) -> None:
-        accept(None)
-        step.set()
-        await go.wait()
-        cancel_point(past_way_back=True)
-        cancel_point(past_way_back=False)
-
-    job, _ = await jobs.start("op", 0, body)
-    await step.wait()
-    jobs.cancel(job.id)
-    go.set()
-    await jobs.wait(job.id, 5)
+    job = await cancelled_while_working(Jobs(), True, False)
     assert job.state is JobState.COMPLETED, job.error_message
 
 

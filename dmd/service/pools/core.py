@@ -85,6 +85,7 @@ from dmd.service.journal import (
 from dmd.service.locks import DeviceLocks
 from dmd.service.pools.descriptions import Descriptions
 from dmd.service.pools.names import (
+    CLEARTEXT_UUID_PREFIX,
     PoolPart,
     VolumePart,
     claim_prefix,
@@ -99,6 +100,7 @@ from dmd.service.pools.names import (
 )
 from dmd.service.pools.room import HEADER_SECTORS, thick_table
 from dmd.service.pools.tables import (
+    DMD_UUID_PREFIX,
     linear,
     part_table,
     pool_part_uuid,
@@ -124,9 +126,6 @@ log = logging.getLogger(__name__)
 MIN_DEVICE_BYTES = 16 << 20
 DEFAULT_BLOCK_SECTORS = 128  # 64 KiB, LVM's default for thin pools
 WIPE_BYTES = 1 << 20  # of the metadata's start: the kernel then formats a new pool
-# The DM UUIDs of devices dmd makes (pool parts, volumes: see tables.py), and
-# of the cleartext devices cryptsetup opens (for dmd, or anyone).
-DMD_UUID, CRYPT_UUID = "DMD-", "CRYPT-LUKS2-"
 EXTEND_PERCENT = 20  # LVM's thin_pool_autoextend_percent default
 METADATA_LOW_PERCENT = 20  # metadata free below this: extend it too
 UNDO_BUSY_WAITS = (*[0.2] * 25, None)  # seconds between tries of an undo's remove
@@ -935,8 +934,9 @@ class PoolCore:
                       for v in await self.store.list_volumes(pool) if v.encryption}
         present = [d.name for d in await self.kernel(Engine.list_devices)
                    if in_pool(d.name, prefix)
-                   and (d.name in recorded or (d.uuid or "").startswith(DMD_UUID)
-                        or (d.name in cleartexts and (d.uuid or "").startswith(CRYPT_UUID)))]
+                   and (d.name in recorded or (d.uuid or "").startswith(DMD_UUID_PREFIX)
+                        or (d.name in cleartexts
+                            and (d.uuid or "").startswith(CLEARTEXT_UUID_PREFIX)))]
         return present, recorded
 
     async def remove_pool_devices(self, pool: str, *, closed: bool = False) -> None:

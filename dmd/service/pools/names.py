@@ -166,7 +166,8 @@ def cleartext_device(pool: str, volume: str) -> str:
 # cryptsetup's DM UUID for a cleartext device, CRYPT-LUKS2-<32 hex>-NAME,
 # must fit the kernel's 128 characters: it bounds the name of an encrypted
 # volume's cleartext device.
-CLEARTEXT_NAME_MAX = 128 - len("CRYPT-LUKS2-") - 32 - 1
+CLEARTEXT_UUID_PREFIX = "CRYPT-LUKS2-"
+CLEARTEXT_NAME_MAX = 128 - len(CLEARTEXT_UUID_PREFIX) - 32 - 1
 
 
 def check_cleartext(pool: str, volume: str) -> None:
@@ -199,7 +200,7 @@ def legacy_name(name: object, what: str, pool: str | None = None) -> str:
 def cleartext_uuid(luks_uuid: str, device: str) -> str:
     """The DM UUID cryptsetup gives the cleartext device *device* of the LUKS2
     header with UUID *luks_uuid*."""
-    return f"CRYPT-LUKS2-{luks_uuid.replace('-', '')}-{device}"
+    return f"{CLEARTEXT_UUID_PREFIX}{luks_uuid.replace('-', '')}-{device}"
 
 
 def pool_of(device: str) -> str | None:

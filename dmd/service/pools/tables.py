@@ -40,9 +40,13 @@ def part_table(record: PoolRecord, part: PoolPart) -> list[TargetLine]:
     return linear(layout, layout.metadata if part is PoolPart.TMETA else layout.data)
 
 
+# What the DM UUID of every device dmd makes begins with.
+DMD_UUID_PREFIX = "DMD-"
+
+
 def pool_part_uuid(pool_uuid: str, part: PoolPart) -> str:
     """The device-mapper UUID of one of the pool's own devices."""
-    return f"DMD-POOL-{pool_uuid}-{part}"
+    return f"{DMD_UUID_PREFIX}POOL-{pool_uuid}-{part}"
 
 
 def thin_table(pool: str, thin_id: int, size_bytes: int) -> list[TargetLine]:
@@ -51,4 +55,4 @@ def thin_table(pool: str, thin_id: int, size_bytes: int) -> list[TargetLine]:
 
 def volume_uuid(uuid: str) -> str:
     """The device-mapper UUID of the device of the volume with UUID *uuid*."""
-    return f"DMD-VOL-{uuid}"
+    return f"{DMD_UUID_PREFIX}VOL-{uuid}"
