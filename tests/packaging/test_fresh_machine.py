@@ -30,6 +30,10 @@ def test_lab_finds_its_tools_with_a_minimal_path() -> None:
         assert found.get(helper) == str(VENV_BIN / helper), (helper, out.stdout)
     # vng really started its helper from that PATH (it printed qemu's command).
     assert "vng --dry-run: qemu-system-x86_64" in out.stdout, out.stdout
+    # A boot's kernel command line (which carries the guest's command) fits
+    # in the 2,048 bytes x86 keeps: a longer one hung the boot, silently.
+    sizes = re.findall(r"^lab: kernel command line (\d+) bytes", out.stdout, re.M)
+    assert len(sizes) == 1 and int(sizes[0]) < 2048, out.stdout
 
 
 def test_without_the_venv_on_path_vng_misses_its_helpers() -> None:
