@@ -148,11 +148,11 @@ class DeviceService:
             await self.authorizer.authorize(caller, action, device)
 
     async def _guard(self, operation: str, device: str, body: Callable[[], Awaitable[T]], *,
-                     renamed_to: str | None = None) -> T:
+                     renamed_to: str | None = None, settle: bool = True) -> T:
         """Run an operation body; map anything it raises into the taxonomy.
         Then, succeeded or not (a failed call may still have moved the
         kernel), let the settlers take in the device: under *renamed_to* if
-        the body succeeded."""
+        the body succeeded; not if *settle* is False (the caller settles it)."""
         succeeded = False
         try:
             result = await body()
@@ -163,8 +163,9 @@ class DeviceService:
         except (DmError, EngineInvalidArgument, TimeoutError) as exc:
             raise errors.from_engine(exc, device, operation) from None
         finally:
-            await self.events.settle(
-                [renamed_to if succeeded and renamed_to is not None else device])
+            if settle:
+                await self.events.settle(
+                    [renamed_to if succeeded and renamed_to is not None else device])
 
     # -- create ------------------------------------------------------------
     async def create(self, name: str, table: Sequence[Sequence[object]], *,
@@ -444,8 +445,10 @@ class DeviceService:
 
     # -- message -----------------------------------------------------------
     async def message(self, name: str, sector: int, text: str, *,
-                      caller: Caller = ROOT,
-                      claim: str | None = None) -> str:
+                      caller: Caller = ROOT, claim: str | None = None,
+                      settle: bool = True) -> str:
+        """*settle* False: returns without the bus showing the device's new
+        state; the caller settles it (``events.settle``) before it is done."""
         await self.authorize(caller, Action.MODIFY, name)
         self.check_claim(name, claim)
         async def body() -> str:
@@ -454,7 +457,7 @@ class DeviceService:
             self._publish(ChangeKind.CHANGED, name, info.device, "message")
             return out or ""
 
-        return await self._guard("message", name, body)
+        return await self._guard("message", name, body, settle=settle)
 
     # -- remove ------------------------------------------------------------
     async def holders(self, device: tuple[int, int]) -> list[str]:

@@ -310,6 +310,36 @@ async def test_an_operation_reads_its_pool_once_and_hands_it_down(pools: PoolSer
     await assert_agree(pools)
 
 
+async def test_an_operation_shows_its_thin_pool_device_once_at_its_end(
+        tank: PoolService) -> None:
+    """Create, snapshot and delete send the thin-pool two messages each
+    (the thin id's, the transaction id's); the bus is shown the device's new
+    state once, after the last of them, before the operation returns (each
+    showing reads the device again), and a message sent outside a change
+    is shown at once, as before."""
+    await tank.create_volume("tank", "base", GIB)
+    settled: list[tuple[str, int]] = []
+
+    async def settler(names: list[str]) -> None:
+        for name in names:
+            if name == "tank-tpool":
+                settled.append((name, await tank.kernel_tid("tank")))
+
+    tank.devices.events.add_settler(settler)
+    for operation in (lambda: tank.create_volume("tank", "v", GIB),
+                      lambda: tank.snapshot("tank", "base", "s"),
+                      lambda: tank.delete_volume("tank", "v")):
+        before = await tank.kernel_tid("tank")
+        settled.clear()
+        await operation()
+        after = await tank.kernel_tid("tank")
+        assert after == before + 1
+        assert settled == [("tank-tpool", after)], settled
+    settled.clear()
+    await tank.delete_thin("tank", 999, "nobody's")  # no such thin id: fine
+    assert len(settled) == 1, settled
+
+
 async def test_a_create_is_seven_transactions(tank: PoolService) -> None:
     """Its thin id, its intent begun and ended, its device's intent begun
     and ended, the device's record, the volume's record: its progress marks
