@@ -572,9 +572,8 @@ class PoolCore:
                 raise
             finally:
                 self._changing.discard(pool)
-                if pool in self._messaged:
-                    self._messaged.discard(pool)
-                    await self.devices.events.settle([tpool(pool)])
+                messaged = pool in self._messaged
+                self._messaged.discard(pool)
                 # The lock makes this operation the only one on the pool, so
                 # whatever is pending in it is this operation's.
                 self.shown.ended(pool)
@@ -588,6 +587,8 @@ class PoolCore:
                         self.keep_udev(change.udev)
                         change.udev = []
                 finally:
+                    if messaged:
+                        await self.devices.events.settle([tpool(pool)])
                     await self.settle(pool, records)
 
     @staticmethod
