@@ -310,6 +310,9 @@ class PoolChange:
         # Set by an operation past which its records must not be described
         # again (a destroy that has wiped its disks).
         self.describe_at_end = True
+        # A message changed the thin-pool device (PoolCore.send): the bus is
+        # shown it once, as the change ends.
+        self.messaged = False
         self._record: PoolRecord | None = None
         self._volumes: list[VolumeRecord] | None = None
         self._seen = core.writes[pool]  # the writes the records in hand include
@@ -515,10 +518,8 @@ class PoolCore:
         # its thin-pool device was to be made (check_metadata); refused every
         # change but Repair, Stop, Start and Destroy.
         self.damaged: dict[str, str] = {}
-        # Pools in change() now, and those whose thin-pool device a message
-        # changed there (send): settled once, as the change ends.
-        self._changing: set[str] = set()
-        self._messaged: set[str] = set()
+        # Pool name -> its change under way (change()), for send.
+        self._changes: dict[str, PoolChange] = {}
 
     async def as_job(self, operation: str, caller: Caller,
                      call: Callable[[Accept], Awaitable[Any]]) -> tuple[Job, Any]:
@@ -563,17 +564,14 @@ class PoolCore:
                                      f"({self.damaged[pool]}): Repair mends it")
             if pool in self.stopped and not stopped:
                 raise errors.NotActive(f"pool {pool!r} is stopped: Start it first")
-            change = PoolChange(self, pool)
-            self._changing.add(pool)
+            change = self._changes[pool] = PoolChange(self, pool)
             try:
                 yield change
             except BaseException:
                 change.give_up_udev()
                 raise
             finally:
-                self._changing.discard(pool)
-                messaged = pool in self._messaged
-                self._messaged.discard(pool)
+                del self._changes[pool]
                 # The lock makes this operation the only one on the pool, so
                 # whatever is pending in it is this operation's.
                 self.shown.ended(pool)
@@ -587,7 +585,7 @@ class PoolCore:
                         self.keep_udev(change.udev)
                         change.udev = []
                 finally:
-                    if messaged:
+                    if change.messaged:
                         await self.devices.events.settle([tpool(pool)])
                     await self.settle(pool, records)
 
@@ -1024,13 +1022,13 @@ class PoolCore:
     async def send(self, pool: str, message: str) -> None:
         """Within a change, the bus is shown the thin-pool device's new state
         once, as the change ends, not after each message (an operation sends
-        two or three, and each showing reads the device again: a quarter of
-        a Delete's time under emulation)."""
-        within = pool in self._changing
-        if within:
-            self._messaged.add(pool)
+        two, and each showing reads the device again: its status twice, its
+        record, its dependencies)."""
+        change = self._changes.get(pool)
+        if change is not None:
+            change.messaged = True
         await self.devices.message(tpool(pool), 0, message, claim=self.owner(pool),
-                                   settle=not within)
+                                   settle=change is None)
 
     async def delete_thin(self, pool: str, thin_id: int, whose: str) -> None:
         """Delete thin id *thin_id* (*whose*: for the log); one the pool no
