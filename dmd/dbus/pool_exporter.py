@@ -76,6 +76,7 @@ class PoolExporter:
         self._timer: asyncio.Task[None] | None = None
         self._refreshers: dict[str, Coalesced] = {}
         self._used: dict[str, int] = {}  # volume device -> mapped bytes, as last read
+        self._states: dict[str, PoolState] = {}  # pool -> its kernel state, as last read
         # Devices of a pool that changed while an operation held it (an
         # origin suspended and resumed, a volume made): read at its settle.
         self._touched: dict[str, set[str]] = {}
@@ -85,7 +86,7 @@ class PoolExporter:
         # publication of its progress due later (at most one)
         self._job_published: dict[str, float] = {}
         self._progress_due: dict[str, asyncio.TimerHandle] = {}
-        pools.add_settler(self._settled)
+        pools.add_settler(self._settled, begun=self._begun)
         pools.jobs.subscribe(self._on_job)
         inventory.subscribe(self._on_device)
 
@@ -133,12 +134,18 @@ class PoolExporter:
         # events and the timer.
         await self.refresh(pool, usage=False, records=records)
 
+    async def _begun(self, pool: str, records: Records | None) -> None:
+        # A change accepted, none of its work done: its subjects under way
+        # are new, the kernel's figures are as last read (its end reads them).
+        await self.refresh(pool, usage=False, records=records, kernel=False)
+
     async def refresh(self, pool: str, usage: bool = True,
-                      records: Records | None = None) -> None:
+                      records: Records | None = None, kernel: bool = True) -> None:
         """Make the pool's objects show what the service holds now; *usage*:
         read every active volume's mapped bytes again (else only of the
         volumes not read yet); *records*: the pool's, as they are now (else
-        read)."""
+        read); *kernel* False: nothing read from the kernel that was read
+        before (the pool's state, volumes' mapped bytes)."""
         record = records[0] if records is not None else await self.pools.store.get_pool(pool)
         lifecycle = "stopped" if record is not None and record.stopped else "active"
         pending = self.pools.shown.pool_under_way(pool)
@@ -146,15 +153,20 @@ class PoolExporter:
             record, lifecycle = pending[0], pending[1]
         paths: set[str] = set()
         if record is not None:
-            state = (await self.pools.pool_state(pool, record) if lifecycle != "creating"
-                     else PoolState.inactive(record))
+            if lifecycle == "creating":
+                state = PoolState.inactive(record)
+            elif not kernel and pool in self._states:
+                state = self._states[pool]
+            else:
+                state = self._states[pool] = await self.pools.pool_state(pool, record)
             path = pool_path(record.uuid)
             self._put(path, PoolInterface, pool_properties(record, state, lifecycle,
                                                            self._refused(pool)))
             self._pool_of_path[path] = pool
             paths.add(path)
             paths |= await self._refresh_volumes(
-                record, usage, records[1] if records is not None and pending is None else None)
+                record, usage, records[1] if records is not None and pending is None else None,
+                kernel)
         stale = self._paths_of_pool.get(pool, set()) - paths
         if stale:  # a pool renamed keeps its objects: they are its new name's now
             stale -= set().union(*(p for name, p in self._paths_of_pool.items()
@@ -164,6 +176,7 @@ class PoolExporter:
         self._paths_of_pool[pool] = paths
         if not paths:
             del self._paths_of_pool[pool]
+            self._states.pop(pool, None)
 
     def _refused(self, pool: str) -> str:
         """Why dmd refuses changes to *pool*: its disks, or its metadata."""
@@ -174,7 +187,7 @@ class PoolExporter:
         return ""
 
     async def _refresh_volumes(self, pool: PoolRecord, usage: bool,
-                               recorded: list[VolumeRecord] | None) -> set[str]:
+                               recorded: list[VolumeRecord] | None, kernel: bool) -> set[str]:
         if recorded is None:
             recorded = await self.pools.store.list_volumes(pool.name)
         volumes: dict[str, tuple[VolumeRecord, str]] = {
@@ -187,9 +200,9 @@ class PoolExporter:
         prefix = claim_prefix(pool.name)
         for gone in [d for d in self._used if in_pool(d, prefix) and d not in active]:
             del self._used[gone]
-        touched = self._touched.pop(pool.name, set())
+        touched = self._touched.pop(pool.name, set()) if kernel else set()
         unread = [d for d in active if usage or d not in self._used or d in touched]
-        if unread:
+        if unread and kernel:
             self._used.update(await self.pools.kernel(_used_bytes, unread))
         used = {d: self._used[d] for d in active if d in self._used}
         paths = set()

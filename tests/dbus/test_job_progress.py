@@ -19,7 +19,7 @@ from dmd.service.jobs import Jobs, progress
 
 def exporter_of(jobs: Jobs) -> tuple[PoolExporter, list[float]]:
     """A pool exporter over *jobs* alone; the Progress values it publishes."""
-    pools = SimpleNamespace(add_settler=lambda settler: None, jobs=jobs)
+    pools = SimpleNamespace(add_settler=lambda settler, begun=None: None, jobs=jobs)
     inventory = SimpleNamespace(subscribe=lambda listener: None)
     bus = SimpleNamespace(export=lambda path, obj: None)
     exporter = PoolExporter(bus, pools, inventory)  # type: ignore[arg-type]

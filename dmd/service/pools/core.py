@@ -72,7 +72,7 @@ from dmd.engine.targets.thin import (
     metadata_sectors,
     set_transaction_id,
 )
-from dmd.engine.types import MAX_DEVICE_SECTORS
+from dmd.engine.types import MAX_DEVICE_SECTORS, DmFlags
 from dmd.service import errors
 from dmd.service.auth import ROOT, Action, Caller
 from dmd.service.devices.operations import DeviceService, udev_done
@@ -233,6 +233,8 @@ Accept = Callable[[Any], None]
 # A pool's record and its volumes', as the store holds them now (a change's
 # records in hand, handed to whoever shows the change: no read again).
 Records = tuple[PoolRecord, list[VolumeRecord]]
+# Called with a pool's name and its records, if in hand (PoolCore.add_settler).
+Settler = Callable[[str, Records | None], Awaitable[None]]
 
 
 def ignore(_: Any) -> None:
@@ -310,6 +312,12 @@ class PoolChange:
         # Set by an operation past which its records must not be described
         # again (a destroy that has wiped its disks).
         self.describe_at_end = True
+        # Set by an operation whose description naming it under way
+        # (describe_pending) says already what its records are at its end:
+        # an import settles it to them (a delete past its way back). The
+        # description without it waits for the pool's next change, its
+        # Stop or dmd's next start: one description write fewer.
+        self.described_by_pending = False
         # A message changed the thin-pool device (PoolCore.send): the bus is
         # shown it once, as the change ends.
         self.messaged = False
@@ -432,7 +440,7 @@ class PoolChange:
     async def accepted(self, subject: Any, accept: Accept) -> None:
         """The request can no longer be refused: the bus shows the change
         begun, then its caller is answered."""
-        await self.core.settle(self.pool, self.known())
+        await self.core.show_begun(self.pool, self.known())
         accept(subject)
 
     def intent(self, operation: str, subject: str, args: PoolArgs,
@@ -499,7 +507,7 @@ class PoolCore:
         # Subjects mid-operation, shown while their records are not final:
         # uuid -> (volume, "creating" | "deleting"); name -> (pool, state).
         self.shown = Shown()
-        self._settlers: list[Callable[[str, Records | None], Awaitable[None]]] = []
+        self._settlers: list[tuple[Settler, Settler | None]] = []
         self.jobs = Jobs()
         self.descriptions = Descriptions(self.kernel, devices.fault)
         # Pool UUID -> the generation whose description names an operation
@@ -527,15 +535,26 @@ class PoolCore:
         Job: returns once it is accepted, with the job and its subject."""
         return await self.jobs.start(operation, caller.uid, call)
 
-    def add_settler(self, settler: Callable[[str, Records | None], Awaitable[None]]
-                    ) -> None:
-        """*settler(pool)* runs after every change to a pool or its volumes,
-        before the change's caller hears of it (the bus shows it then)."""
-        self._settlers.append(settler)
+    def add_settler(self, settler: Settler, *, begun: Settler | None = None) -> None:
+        """*settler(pool, records)* runs after every change to a pool or its
+        volumes, before the change's caller hears of it (the bus shows it
+        then). *begun*, if given, runs as a change is accepted, before any
+        of its work: then only its subjects under way (``PoolChange.show``)
+        are new, not the kernel's figures or the pool's space."""
+        self._settlers.append((settler, begun))
 
     async def settle(self, pool: str, records: Records | None = None) -> None:
         """Show a change (*records*: the pool's as they are now, if in hand)."""
-        for settler in list(self._settlers):
+        await self._run_settlers(pool, records, [s for s, _ in self._settlers])
+
+    async def show_begun(self, pool: str, records: Records | None = None) -> None:
+        """Show a change accepted, its subjects under way (see add_settler)."""
+        await self._run_settlers(pool, records, [b for _, b in self._settlers if b is not None])
+
+    @staticmethod
+    async def _run_settlers(pool: str, records: Records | None,
+                            settlers: list[Settler]) -> None:
+        for settler in settlers:
             try:
                 await settler(pool, records)
             except Exception:
@@ -544,10 +563,6 @@ class PoolCore:
     @staticmethod
     def device_uuid(volume: VolumeRecord) -> str:
         return volume_uuid(volume.uuid)
-
-    async def accepted(self, pool: str, subject: Any, accept: Accept) -> None:
-        await self.settle(pool)
-        accept(subject)
 
     @contextlib.asynccontextmanager
     async def change(self, pool: str, *, stopped: bool = False,
@@ -575,8 +590,9 @@ class PoolCore:
                 # The lock makes this operation the only one on the pool, so
                 # whatever is pending in it is this operation's.
                 self.shown.ended(pool)
-                records = (await self.describe(pool, change.known())
-                           if change.describe_at_end else None)
+                records = (None if not change.describe_at_end else change.known()
+                           if change.described_by_pending
+                           else await self.describe(pool, change.known()))
                 # udev worked on the change's nodes meanwhile.
                 try:
                     if change.udev_sync:
@@ -783,11 +799,17 @@ class PoolCore:
             target = DevId.uuid(volume_uuid(volume.uuid))
         return int(await self.kernel(Engine.open_node, target, flags))
 
-    async def pool_state(self, pool: str, record: PoolRecord | None = None) -> PoolState:
-        """*record*: the pool's, where it is not in the store (yet)."""
+    async def pool_state(self, pool: str, record: PoolRecord | None = None, *,
+                         commit: bool = True) -> PoolState:
+        """*record*: the pool's, where it is not in the store (yet).
+        *commit* False: the kernel does not commit the pool's metadata
+        first (DM_NOFLUSH; its used blocks are then as of its last commit,
+        at most a second old, while its transaction id and mode are exact):
+        a commit writes the metadata and flushes the data device."""
         record = record or await self.pool(pool)
         try:
-            _, lines = await self.kernel(Engine.table_status, tpool(pool))
+            _, lines = await self.kernel(Engine.table_status, tpool(pool),
+                                         DmFlags(0) if commit else DmFlags.DM_NOFLUSH)
         except DmError:
             if pool in self.damaged:
                 return replace(PoolState.inactive(record), mode="damaged")
@@ -838,7 +860,7 @@ class PoolCore:
                              "Repair mends it")
 
     async def kernel_tid(self, pool: str, record: PoolRecord | None = None) -> int:
-        state = await self.pool_state(pool, record)
+        state = await self.pool_state(pool, record, commit=False)
         if state.transaction_id is None:
             raise errors.Busy(f"pool {pool!r} is not active")
         return state.transaction_id

@@ -340,6 +340,52 @@ async def test_an_operation_shows_its_thin_pool_device_once_at_its_end(
     assert len(settled) == 1, settled
 
 
+async def test_a_change_accepted_reads_nothing_from_the_kernel_to_show_it(
+        tank: PoolService) -> None:
+    """As a change is accepted (its job answers its caller then), the bus
+    shows its subject under way with the pool's figures as last read: no
+    thin-pool status read, no mapped-bytes read and no space check before
+    the change's work; its end reads them, once for the bus and once for
+    the space check. The transaction id is read without a metadata commit."""
+    from types import SimpleNamespace
+
+    from dmd.dbus.pool_exporter import PoolExporter
+    from dmd.engine.types import DmFlags
+    from dmd.service.pools.space import SpaceWatch
+
+    await tank.create_volume("tank", "base", GIB)
+    await tank.create_volume("tank", "v", GIB)
+    bus = SimpleNamespace(export=lambda path, obj: None, unexport=lambda path, obj: None)
+    inventory = SimpleNamespace(get=lambda name: None, subscribe=lambda listener: None)
+    exporter = PoolExporter(bus, tank, inventory)  # type: ignore[arg-type]
+    space = SpaceWatch(tank)
+    await exporter.refresh("tank")
+    engine = tank.kernel.engine
+    reads: list[DmFlags] = []  # the thin-pool's status
+    used_bytes: list[str] = []  # a volume's (its mapped bytes)
+    status = engine.table_status
+
+    def counted(id: Any, flags: DmFlags = DmFlags(0)) -> Any:
+        if id == "tank-tpool":
+            reads.append(flags)
+        elif id in ("tank-base", "tank-v", "tank-s"):
+            used_bytes.append(id)
+        return status(id, flags)
+
+    engine.table_status = counted  # type: ignore[method-assign]
+    at_accept: list[tuple[list[DmFlags], int, bool]] = []
+    for operation in (lambda accept: tank.delete_volume("tank", "v", accept=accept),
+                      lambda accept: tank.snapshot("tank", "base", "s", accept=accept)):
+        reads.clear()
+        used_bytes.clear()
+        await operation(lambda _: at_accept.append(
+            (list(reads), len(used_bytes), bool(space._running))))
+        await space.settled()
+        # The transaction id (no commit), before the accept.
+        assert at_accept[-1] == ([DmFlags.DM_NOFLUSH], 0, False), at_accept
+        assert reads.count(DmFlags(0)) == 2, reads  # the bus's and the space check's
+
+
 async def test_a_create_is_seven_transactions(tank: PoolService) -> None:
     """Its thin id, its intent begun and ended, its device's intent begun
     and ended, the device's record, the volume's record: its progress marks
