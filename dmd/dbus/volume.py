@@ -183,23 +183,26 @@ class VolumeHandlers:
 
     async def Delete(self, caller: Caller, pool: str, volume: str, uuid: str,
                      options: dict[str, Any]) -> str:
-        options_in("Delete", options)
+        opts = options_in("Delete", options)
         job, _ = await self.pools.as_job("volume-delete", caller, lambda accept:
-            self.pools.delete_volume(pool, volume, uuid=uuid, caller=caller, accept=accept))
+            self.pools.delete_volume(pool, volume, uuid=uuid, caller=caller, accept=accept,
+                                     udev_sync=opts.get("udev-sync", True)))
         return job_path(job.id)
 
     async def Activate(self, caller: Caller, pool: str, volume: str, uuid: str,
                        options: dict[str, Any]) -> str:
-        options_in("Activate", options)
+        opts = options_in("Activate", options)
         job, _ = await self.pools.as_job("volume-activate", caller, lambda accept:
-            self.pools.set_active(pool, volume, True, uuid=uuid, caller=caller, accept=accept))
+            self.pools.set_active(pool, volume, True, uuid=uuid, caller=caller, accept=accept,
+                                  udev_sync=opts.get("udev-sync", True)))
         return job_path(job.id)
 
     async def Deactivate(self, caller: Caller, pool: str, volume: str, uuid: str,
                          options: dict[str, Any]) -> str:
-        options_in("Deactivate", options)
+        opts = options_in("Deactivate", options)
         job, _ = await self.pools.as_job("volume-deactivate", caller, lambda accept:
-            self.pools.set_active(pool, volume, False, uuid=uuid, caller=caller, accept=accept))
+            self.pools.set_active(pool, volume, False, uuid=uuid, caller=caller, accept=accept,
+                                  udev_sync=opts.get("udev-sync", True)))
         return job_path(job.id)
 
     async def OpenDevice(self, caller: Caller, pool: str, volume: str, uuid: str, mode: str,

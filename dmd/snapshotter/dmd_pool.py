@@ -172,9 +172,12 @@ class DmdPool:
     async def set_labels(self, path: str, labels: Mapping[str, str]) -> None:
         await self.call(path, VOLUME_INTERFACE, "SetLabels", "a{ss}a{sv}", [dict(labels), {}])
 
-    async def volume_job(self, path: str, member: str) -> None:
-        """Delete, Activate or Deactivate; until its job ends."""
-        await self.job_call(path, VOLUME_INTERFACE, member, "a{sv}", [{}])
+    async def volume_job(self, path: str, member: str, *, udev_sync: bool = True) -> None:
+        """Delete, Activate or Deactivate; until its job ends (*udev_sync*
+        False: not until udev's work on the device, as lvremove --noudevsync;
+        nothing here waits for a removed device's udev work)."""
+        await self.job_call(path, VOLUME_INTERFACE, member, "a{sv}",
+                            [{"udev-sync": Variant("b", udev_sync)}])
 
     # -- the mirror --------------------------------------------------------------
     async def start(self) -> None:

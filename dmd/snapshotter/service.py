@@ -286,7 +286,7 @@ class Snapshotter:
         touches no device (no suspend of it, no device to remove). One still
         in use (mounted: containerd commits some mounted) keeps its device."""
         try:
-            await self.pool.volume_job(volume.path, "Deactivate")
+            await self.pool.volume_job(volume.path, "Deactivate", udev_sync=False)
         except DmdError as exc:
             log.info("%s: its volume %s stays active (%s)", what, volume.name, exc)
 
@@ -307,7 +307,7 @@ class Snapshotter:
         """Delete the volume (dmd waits out a moment's open by udev's probe;
         one still open, mounted say, is Busy: FailedPrecondition)."""
         try:
-            await self.pool.volume_job(volume.path, "Delete")
+            await self.pool.volume_job(volume.path, "Delete", udev_sync=False)
         except DmdError as exc:
             raise from_dmd(exc, f"remove {name!r}") from None
 

@@ -101,12 +101,15 @@ async def test_pool_volume_snapshot_lifecycle(client: Client, disks: list[str]) 
     (job,) = await client.call(volume, VOLUME_INTERFACE, "Resize", "ta{sv}", [30 * GIB, {}])
     assert (await finished(client, job))["State"] == "completed"
     assert (await props(client, volume, VOLUME_INTERFACE))["Size"] == 30 * GIB
-    (job,) = await client.call(snap, VOLUME_INTERFACE, "Deactivate", "a{sv}", [{}])
+    # udev-sync false: done without waiting for udev's work on the removal
+    (job,) = await client.call(snap, VOLUME_INTERFACE, "Deactivate", "a{sv}",
+                               [{"udev-sync": Variant("b", False)}])
     assert (await finished(client, job))["State"] == "completed"
     s = await props(client, snap, VOLUME_INTERFACE)
     assert s["State"] == "inactive" and s["Device"] == NO_OBJECT and s["DevicePath"] == ""
 
-    (job,) = await client.call(volume, VOLUME_INTERFACE, "Delete", "a{sv}", [{}])
+    (job,) = await client.call(volume, VOLUME_INTERFACE, "Delete", "a{sv}",
+                               [{"udev-sync": Variant("b", True)}])
     end = await finished(client, job)
     assert end["State"] == "completed" and end["Result"] == NO_OBJECT
     everything = await objects(client)
@@ -285,6 +288,10 @@ async def test_bad_input_is_an_error_reply_and_changes_nothing(
          ["v", GIB, {"size": Variant("t", 1)}], "InvalidArgument"),
         (volume, VOLUME_INTERFACE, "Snapshot", "sa{sv}", ["taken", {}], "AlreadyExists"),
         (volume, VOLUME_INTERFACE, "Resize", "ta{sv}", [GIB // 2, {}], "InvalidArgument"),
+        (volume, VOLUME_INTERFACE, "Delete", "a{sv}", [{"udev-sync": Variant("s", "no")}],
+         "InvalidArgument"),
+        (volume, VOLUME_INTERFACE, "Deactivate", "a{sv}", [{"force": Variant("b", True)}],
+         "InvalidArgument"),
         (ROOT_PATH, MANAGER_INTERFACE, "GetPool", "s", ["nosuch"], "NotFound"),
         (ROOT_PATH, MANAGER_INTERFACE, "CreatePool", "sasa{sv}", ["other", disks[:1], {}],
          "Busy"),  # a device of tank

@@ -34,10 +34,12 @@ log = logging.getLogger(__name__)
 
 async def set_active(pools: PoolCore, pool: str, name: str, active: bool, *,
                      uuid: str | None = None, caller: Caller = ROOT,
-                     accept: Accept = ignore) -> VolumeRecord:
+                     accept: Accept = ignore, udev_sync: bool = True) -> VolumeRecord:
     """Activate (make its device) or deactivate (remove it; data and record
-    stay) a volume."""
+    stay) a volume. *udev_sync* False: done without waiting for udev's work
+    on the device (PoolChange.udev_sync)."""
     async with pools.change(pool) as change:
+        change.udev_sync = udev_sync
         volume = await change.volume(name, uuid)
         await pools.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
         if not active:
@@ -57,14 +59,16 @@ async def set_active(pools: PoolCore, pool: str, name: str, active: bool, *,
                           f"{pool}/{name}", PoolArgs(pool=pool, volume=volume.to_json()),
                           match, roll_forward=match) as journal:
             await journal.mark(VolumeActivateStep.DEVICE)
+            # udev's work on the device is waited for as the change ends
+            # (or not: udev_sync).
             if active and not present:
-                await activate(pools, volume)
+                await activate(pools, volume, change.udev)
                 if volume.encryption is not None and volume.encryption.unlocked:
                     pools.shown.wait(volume.uuid, "waiting for a key: Unlock with one")
             elif not active and present:
                 await crypt.close_cleartext(pools, pool, name)
                 pools.shown.stop_waiting(volume.uuid)
-                await pools.remove_closed(device, pools.owner(pool))
+                await pools.remove_closed(device, pools.owner(pool), change.udev)
             journal.no_way_back()  # the device is what it is to be: the record follows
             await journal.mark(VolumeActivateStep.RECORD)
             if changed != volume:

@@ -231,9 +231,13 @@ async def snapshot(pools: PoolCore, pool: str, origin: str, name: str, *,
 
 
 async def delete_volume(pools: PoolCore, pool: str, name: str, *, uuid: str | None = None,
-                        caller: Caller = ROOT, accept: Accept = ignore) -> None:
-    """Remove the volume's device, delete its thin id, drop its record."""
+                        caller: Caller = ROOT, accept: Accept = ignore,
+                        udev_sync: bool = True) -> None:
+    """Remove the volume's device, delete its thin id, drop its record.
+    *udev_sync* False: done without waiting for udev's work on the removed
+    device (PoolChange.udev_sync)."""
     async with pools.change(pool) as change:
+        change.udev_sync = udev_sync
         volume = await change.volume(name, uuid)
         await pools.check_authorized(caller, Action.VOLUME, f"{pool}/{name}", volume.owner_uid)
         pools.check_uncached(volume, "deleting")

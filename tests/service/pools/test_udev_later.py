@@ -194,3 +194,31 @@ async def test_a_snapshot_without_udev_sync_ends_before_udev(tank: PoolService) 
     assert udev.waiting == ["device_suspend tank-origin"] and not task.done()
     udev.done.set()
     await task
+
+
+async def test_a_delete_or_deactivate_without_udev_sync_ends_before_udev(
+        tank: PoolService) -> None:
+    """udev_sync False (lvremove --noudevsync): a delete or a deactivate is
+    done when the device is gone from the kernel and the records say so;
+    udev's work on the removal is kept, not waited for. Without it, both
+    wait, as before."""
+    for name in ("a", "b", "c", "d"):
+        await tank.create_volume("tank", name, GIB)
+    udev = SlowUdev(tank.kernel.engine)  # type: ignore[arg-type]
+    await asyncio.wait_for(tank.delete_volume("tank", "a", udev_sync=False), 10)
+    await asyncio.wait_for(tank.set_active("tank", "b", False, udev_sync=False), 10)
+    assert udev.waiting == [] and udev.closed == []
+    names = {v.name: v.active for v in await tank.store.list_volumes("tank")}
+    assert names == {"b": False, "c": True, "d": True}
+    for synced in (tank.delete_volume("tank", "c"), tank.set_active("tank", "d", False)):
+        task = asyncio.create_task(synced)
+        await udev.begun()
+        assert len(udev.waiting) == 1 and udev.waiting[0].startswith("device_remove"), \
+            udev.waiting
+        assert not task.done()
+        udev.done.set()
+        await task
+        udev.done.clear()
+        udev.waiting.clear()
+    udev.done.set()
+    await assert_agree(tank)
