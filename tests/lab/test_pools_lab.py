@@ -392,7 +392,7 @@ def header_bytes(device: str) -> str:
         return hashlib.sha256(f.read(4 * MIB)).hexdigest()
 
 
-@pytest.mark.kernel_volumes_last  # the boots' balance: docs/kernel-lab.md
+@pytest.mark.kernel_volumes_late  # the boots' balance: docs/kernel-lab.md
 def test_import_after_a_crash_between_copies_the_state_lost_and_the_disks_renumbered(
         stopped_dmd: SystemDmd, tmp_path: Path) -> None:
     from dmd.state.pool_description import COPY_OFFSETS

@@ -45,7 +45,7 @@ def resize(volume: str, size: int) -> None:
     wait(body[0])
 
 
-@pytest.mark.kernel_volumes_last  # the boots' balance: docs/kernel-lab.md
+@pytest.mark.kernel_volumes_late  # the boots' balance: docs/kernel-lab.md
 def test_striped_and_linear_thick_volumes(stopped_dmd: SystemDmd, disks: list[str]) -> None:
     dmd = stopped_dmd
     dmd.start()
