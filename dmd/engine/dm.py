@@ -399,8 +399,12 @@ class DM:
                 self._cleared.discard(info.device)
             if answer & DmFlags.DM_UEVENT_GENERATED:
                 name, device = info.name, info.device
+                # Named by no device: nothing waits for a removed node
+                # later, so a caller that keeps waits by device (one that
+                # goes on without udev) closes it at once, not holding its
+                # monitor socket.
                 wait = UdevWait(lambda ev: self.nodes.disappeared(name, device, ev), events,
-                                f"removing /dev/mapper/{name}", name)
+                                f"removing /dev/mapper/{name}")
                 events = None  # the wait's now
                 self.nodes.now_or_later(wait, later)
         finally:

@@ -312,12 +312,6 @@ class PoolChange:
         # Set by an operation past which its records must not be described
         # again (a destroy that has wiped its disks).
         self.describe_at_end = True
-        # Set by an operation whose description naming it under way
-        # (describe_pending) says already what its records are at its end:
-        # an import settles it to them (a delete past its way back). The
-        # description without it waits for the pool's next change, its
-        # Stop or dmd's next start: one description write fewer.
-        self.described_by_pending = False
         # A message changed the thin-pool device (PoolCore.send): the bus is
         # shown it once, as the change ends.
         self.messaged = False
@@ -590,9 +584,8 @@ class PoolCore:
                 # The lock makes this operation the only one on the pool, so
                 # whatever is pending in it is this operation's.
                 self.shown.ended(pool)
-                records = (None if not change.describe_at_end else change.known()
-                           if change.described_by_pending
-                           else await self.describe(pool, change.known()))
+                records = (await self.describe(pool, change.known())
+                           if change.describe_at_end else None)
                 # udev worked on the change's nodes meanwhile.
                 try:
                     if change.udev_sync:

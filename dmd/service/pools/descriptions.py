@@ -3,8 +3,7 @@ is dmd.state.pool_description), and deciding, at start-up, which of the
 database and the devices is right.
 
 The rule: SQLite's ``generation`` moves with every committed change; the
-description follows it at the end of every operation (a delete's excepted:
-PoolChange.described_by_pending). After a crash the
+description follows it at the end of every operation. After a crash the
 devices may be one generation behind (the description is rewritten) or, with
 a database restored from an old backup or a lost one, ahead (the devices
 win, and dmd says so in the log). A pool whose description no copy on any

@@ -66,10 +66,6 @@ async def stop_pool(pools: PoolCore, pool: str, *, caller: Caller = ROOT,
             for volume in await change.volumes():
                 pools.shown.stop_waiting(volume.uuid)
             await journal.mark(PoolStopStep.RECORD)
-            # A stopped pool is not described again until it starts: its
-            # disks say what it is now, not an operation under way (a delete
-            # leaves its description to the next change).
-            await pools.describe(pool, change.known())
             await change.write(stopped=True)
         pools.stopped.add(pool)
     log.info("pool-stop %s: its devices removed, its records kept", pool)

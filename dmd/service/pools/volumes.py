@@ -272,9 +272,6 @@ async def delete_volume(pools: PoolCore, pool: str, name: str, *, uuid: str | No
             await pools.commit_tid(pool, tid)
             await journal.mark(VolumeDeleteStep.RECORD)
             await change.write(transaction_id=tid + 1, remove=volume.uuid)
-            # An import finishes the delete its description names: the same
-            # records as these (importing._settle_pending).
-            change.described_by_pending = True
     log.info("volume-delete %s/%s: thin id %d deleted", pool, name, volume.thin_id)
 
 

@@ -131,10 +131,7 @@ def _facts(description_or_records: Any) -> Any:
 
 async def assert_described(pools: PoolService, pool: PoolRecord) -> Description:
     """Every device of *pool* carries its label and both copies of its
-    description, saying what the records say: at the records' generation,
-    or (a delete's: its closing description waits for the next change) the
-    generation before it, naming that delete under way, which an import
-    finishes into these very records."""
+    description at the records' generation, saying what the records say."""
     engine: SimDM = pools.kernel.engine  # type: ignore[assignment]
     volumes = await pools.store.list_volumes(pool.name)
     found = None
@@ -143,24 +140,13 @@ async def assert_described(pools: PoolService, pool: PoolRecord) -> Description:
         assert reading.label is not None, f"{path}: no label"
         assert (reading.label.pool_uuid, reading.label.device_uuid, reading.label.index) == \
             (pool.uuid, pool.layout.ids[index], index)
+        assert reading.stale(pool.generation) == (), (path, reading.copies, pool.generation)
         found = reading.newest
         assert found is not None
-        described_volumes, tid = found.volumes, found.pool.transaction_id
-        if found.pending is not None:
-            # What importing._settle_pending makes of it.
-            assert found.pending["operation"] == "volume-delete", found.pending
-            assert found.generation == pool.generation - 1, (found.generation, pool.generation)
-            assert found.pending["transaction_from"] == tid
-            deleted = found.pending["volume"]["uuid"]
-            assert deleted in {v.uuid for v in described_volumes}
-            described_volumes = tuple(v for v in described_volumes if v.uuid != deleted)
-            tid += 1
-        assert reading.stale(found.generation) == (), (path, reading.copies, pool.generation)
-        assert found.generation == pool.generation or found.pending is not None
-        assert tid == pool.transaction_id
+        assert found.pool.transaction_id == pool.transaction_id
         assert found.pool.next_thin_id == pool.next_thin_id
         assert found.pool.layout.data == pool.layout.data
-        assert _facts(described_volumes) == _facts(volumes)
+        assert _facts(found.volumes) == _facts(volumes)
     assert found is not None
     return found
 

@@ -103,52 +103,6 @@ async def test_a_pool_comes_back_from_its_devices_alone(tmp_path: Path) -> None:
         close(pools)
 
 
-async def test_a_delete_leaves_its_description_naming_it_which_an_import_finishes(
-        tmp_path: Path) -> None:
-    """A delete writes no description after its records (one durable
-    write fewer): the disks keep the one that names it under way, a
-    generation behind, until the pool's next change or Stop. An import then
-    (the state lost) finishes the delete into the very records dmd had;
-    the next change describes the pool at its records' generation."""
-    pools = await recovered(tmp_path)
-    try:
-        await pools.create_pool("tank", DISKS[:2])
-        await pools.create_volume("tank", "base", GIB)
-        await pools.snapshot("tank", "base", "gone", activate=False)
-        await pools.delete_volume("tank", "gone")
-        record = await pools.pool("tank")
-        sim = engine(tmp_path)
-        for path in DISKS[:2]:
-            newest = read_device(path, sim.read_disk(path, 0, HEADER_BYTES)).newest
-            assert newest is not None and newest.generation == record.generation - 1
-            assert newest.pending is not None and newest.pending["operation"] == "volume-delete"
-        before = await assert_agree(pools)
-    finally:
-        close(pools)
-    reboot_and_lose_the_state(tmp_path)
-    pools = await recovered(tmp_path)
-    try:
-        await import_pool(pools, DISKS[:2])
-        same_pool(before, await assert_agree(pools))
-        await pools.delete_volume("tank", "base")
-        await pools.create_volume("tank", "next", GIB)  # the next change: described whole
-        record = await pools.pool("tank")
-        for path in DISKS[:2]:
-            newest = read_device(path, sim.read_disk(path, 0, HEADER_BYTES)).newest
-            assert newest is not None and newest.pending is None
-            assert newest.generation == record.generation
-            assert [v.name for v in newest.volumes] == ["next"]
-        await pools.delete_volume("tank", "next")
-        await pools.stop_pool("tank")  # its disks describe it whole, stopped
-        record = await pools.pool("tank")
-        for path in DISKS[:2]:
-            newest = read_device(path, sim.read_disk(path, 0, HEADER_BYTES)).newest
-            assert newest is not None and newest.pending is None and newest.volumes == ()
-            assert newest.generation == record.generation - 1  # all but its stop
-    finally:
-        close(pools)
-
-
 async def test_a_pool_comes_back_from_devices_with_other_names(tmp_path: Path) -> None:
     before = await make_pool(tmp_path)
     reboot_and_lose_the_state(tmp_path)

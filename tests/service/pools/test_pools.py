@@ -381,7 +381,8 @@ async def test_a_change_accepted_reads_nothing_from_the_kernel_to_show_it(
         await operation(lambda _: at_accept.append(
             (list(reads), len(used_bytes), bool(space._running))))
         await space.settled()
-        # The transaction id (no commit), before the accept.
+        # The transaction id (no commit), before the accept; no mapped bytes
+        # (a snapshot's new volume, under way, was read at its accept before).
         assert at_accept[-1] == ([DmFlags.DM_NOFLUSH], 0, False), at_accept
         assert reads.count(DmFlags(0)) == 2, reads  # the bus's and the space check's
 
